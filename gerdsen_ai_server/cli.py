@@ -1,0 +1,110 @@
+"""The ``impetus`` command.
+
+    impetus --version
+    impetus serve [--model PATH_OR_ID] [--host H] [--port P] [--threads N] [--log-level L]
+
+``serve`` turns its options into ``IMPETUS_*`` environment variables (the same ones
+``gerdsen_ai_server.config.Settings`` reads), preloads OpenBLAS on Linux when it is installed,
+prints the base URL and replaces itself with Gunicorn running ``gunicorn_conf``.
+Nothing heavy is imported here: MLX is initialised only in the Gunicorn worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+GUNICORN_CONFIG = "python:gerdsen_ai_server.gunicorn_conf"
+WSGI_APP = "gerdsen_ai_server.app:create_app()"
+
+# option name -> environment variable read by Settings
+_SERVE_ENV = {
+    "model": "IMPETUS_DEFAULT_MODEL",
+    "host": "IMPETUS_HOST",
+    "port": "IMPETUS_PORT",
+    "threads": "IMPETUS_THREADS",
+    "log_level": "IMPETUS_LOG_LEVEL",
+}
+
+
+def base_url(host: str, port: int) -> str:
+    """The OpenAI base URL a client should use for a server bound to host:port."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"  # a wildcard bind is reachable on loopback
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    return f"http://{host}:{port}/v1"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="impetus", description="OpenAI-compatible LLM inference server over MLX.")
+    parser.add_argument("--version", action="version", version=f"impetus {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the API server (Gunicorn, one worker, gthread)")
+    serve.add_argument("--model", help="model to load at start: the embedded default id, a local folder or a .gguf file")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1, or IMPETUS_HOST)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8080, or IMPETUS_PORT)")
+    serve.add_argument("--threads", type=int, help="Gunicorn threads: one per open stream plus headroom (default 64)")
+    serve.add_argument("--log-level", help="debug, info, warning, error")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    for option, variable in _SERVE_ENV.items():
+        value = getattr(args, option)
+        if value is not None:
+            env[variable] = str(value)
+
+    # Validate the settings now, so a bad value fails here with a clear message rather than in
+    # a Gunicorn worker. Settings reads os.environ, so apply the overrides for the check.
+    from pydantic import ValidationError
+
+    from .config import Settings
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"impetus: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+    from .blas import preload_env
+
+    env = preload_env(env)
+    if env["IMPETUS_BLAS"] == "openblas":
+        blas = f"OpenBLAS ({env['LD_PRELOAD']})"
+    elif sys.platform.startswith("linux"):
+        blas = "reference BLAS (slow; install libopenblas0-pthread for 5-20x faster fp32 on CPU)"
+    else:
+        blas = "platform default"
+
+    print(f"impetus {__version__}: model {settings.default_model!r}, {settings.threads} threads, BLAS: {blas}")
+    print(f"impetus: serving the OpenAI API at {base_url(settings.host, settings.port)}", flush=True)
+
+    argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, WSGI_APP]
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+    return 0  # not reached
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    parser.print_help(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

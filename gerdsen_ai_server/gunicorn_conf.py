@@ -1,0 +1,92 @@
+"""Gunicorn configuration for Impetus, read from the same ``IMPETUS_*`` settings as the app.
+
+Used by ``impetus serve`` as ``-c python:gerdsen_ai_server.gunicorn_conf``; the repository's
+``gunicorn.conf.py`` re-exports it, so plain ``gunicorn`` run from the repository root picks it
+up too (``gunicorn -c gunicorn.conf.py``; the app is set below as ``wsgi_app``).
+
+Why these choices (docs/architecture.md has the measurements):
+
+* One worker process. The loaded models, the engine's queue and every Socket.IO session live in
+  that one process, and all MLX work runs on the engine's single OS thread. A second worker would
+  load a second copy of every model and split Socket.IO sessions between processes. Scale out with
+  more replicas (processes or pods) behind a sticky load balancer, not with more workers.
+
+* ``gthread``, not eventlet. Gunicorn >= 26 has no eventlet worker (removed after its 25.x
+  deprecation) and eventlet itself is deprecated upstream. Request threads only enqueue work and
+  read their own response queue; MLX releases the GIL while it computes, so with gthread and one
+  engine thread ``/health`` stayed at p99 < 10 ms (measured 5-7 ms) while 4 streams decoded on 2
+  cores. Flask-SocketIO runs in ``threading`` mode over simple-websocket on the same threads.
+
+* ``threads`` well above the stream cap. Every open SSE stream or WebSocket holds one thread for
+  its whole life (measured: 20 streams on 16 threads left ``/health`` waiting for seconds). The
+  engine refuses streams beyond IMPETUS_MAX_BATCH + IMPETUS_MAX_QUEUE with 503, so with the
+  default 64 threads a probe always finds a free one.
+
+* No ``preload_app``: MLX (and the engine thread) must be created in the worker, after fork;
+  a thread started in the master would not survive the fork.
+
+* ``timeout``: with gthread the worker's heartbeat comes from its main loop, not from request
+  threads, so a long generation or an open stream never trips it; it only restarts a worker whose
+  main loop is wedged (for example something holding the GIL for two minutes). The app factory
+  must therefore return quickly: the default model loads in the background (``/health/ready``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from gerdsen_ai_server.cli import WSGI_APP, base_url
+from gerdsen_ai_server.config import Settings
+
+_settings = Settings()
+
+
+def _bind_address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    return f"{host}:{port}"
+
+
+wsgi_app = WSGI_APP
+bind = [_bind_address(_settings.host, _settings.port)]
+workers = 1
+worker_class = "gthread"
+threads = _settings.threads
+timeout = 120
+graceful_timeout = 30  # let running generations finish (or be cancelled) on SIGTERM
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+loglevel = _settings.log_level
+proc_name = "impetus"
+# Gunicorn's control socket defaults to one fixed path per user ($XDG_RUNTIME_DIR or ~/.gunicorn),
+# which two servers on one machine (tests, replicas) would fight over. We do not use gunicornc.
+control_socket_disable = True
+
+
+def when_ready(server) -> None:  # type: ignore[no-untyped-def]
+    """Log the base URL once the sockets are bound (the real port, when IMPETUS_PORT=0)."""
+    host, port = _settings.host, _settings.port
+    for listener in getattr(server, "LISTENERS", []):
+        try:
+            address = listener.sock.getsockname()
+        except (AttributeError, OSError):
+            continue
+        if isinstance(address, tuple):
+            port = address[1]
+            break
+    server.log.info("Impetus %s: OpenAI API at %s", _version(), base_url(host, port))
+
+
+def _version() -> str:
+    from gerdsen_ai_server import __version__
+
+    return __version__
+
+
+def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
+    """Log which BLAS the worker's MLX actually got (see gerdsen_ai_server.blas)."""
+    from gerdsen_ai_server.blas import blas_in_use
+
+    if sys.platform.startswith("linux"):
+        worker.log.info("BLAS in use: %s", blas_in_use())

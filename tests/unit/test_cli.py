@@ -1,0 +1,104 @@
+"""The `impetus` command and the BLAS probe (no server is started here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gerdsen_ai_server import __version__, blas, cli
+
+
+def test_version_via_module() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gerdsen_ai_server.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"impetus {__version__}"
+
+
+def test_console_script_installed() -> None:
+    script = Path(sys.executable).parent / "impetus"
+    if not script.exists():
+        pytest.skip("console script not installed (run `make setup`)")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"impetus {__version__}"
+
+
+def test_serve_rejects_bad_port_before_exec() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gerdsen_ai_server.cli", "serve", "--port", "70000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "port" in result.stderr
+
+
+def test_find_openblas_returns_path_or_none() -> None:
+    found = blas.find_openblas()
+    assert found is None or (isinstance(found, Path) and found.is_file())
+
+
+def test_blas_in_use_is_known_value() -> None:
+    assert blas.blas_in_use() in ("openblas", "reference", "accelerate")
+
+
+def test_preload_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    lib = tmp_path / "libopenblas.so.0"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(blas, "find_openblas", lambda: lib)
+
+    env = blas.preload_env({"LD_PRELOAD": "/x/libfoo.so"})
+    assert env["LD_PRELOAD"] == f"{lib}:/x/libfoo.so"
+    assert env["IMPETUS_BLAS"] == "openblas"
+
+    env = blas.preload_env({"IMPETUS_NO_OPENBLAS": "1"})
+    assert "LD_PRELOAD" not in env
+    assert env["IMPETUS_BLAS"] == "reference"
+
+    already = {"LD_PRELOAD": "/usr/lib/x/openblas-pthread/libopenblas.so.0"}
+    assert blas.preload_env(already)["LD_PRELOAD"] == already["LD_PRELOAD"]
+
+    monkeypatch.setattr(blas, "find_openblas", lambda: None)
+    assert blas.preload_env({})["IMPETUS_BLAS"] == "reference"
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "url"),
+    [
+        ("127.0.0.1", 8080, "http://127.0.0.1:8080/v1"),
+        ("0.0.0.0", 9000, "http://127.0.0.1:9000/v1"),
+        ("::1", 8080, "http://[::1]:8080/v1"),
+        ("example.internal", 80, "http://example.internal:80/v1"),
+    ],
+)
+def test_base_url(host: str, port: int, url: str) -> None:
+    assert cli.base_url(host, port) == url
+
+
+def test_gunicorn_conf_is_one_gthread_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import gerdsen_ai_server.gunicorn_conf as conf
+
+    monkeypatch.delenv("IMPETUS_HOST", raising=False)
+    monkeypatch.setenv("IMPETUS_PORT", "8123")
+    monkeypatch.setenv("IMPETUS_THREADS", "32")
+    try:
+        conf = importlib.reload(conf)
+        assert conf.workers == 1
+        assert conf.worker_class == "gthread"
+        assert conf.threads == 32
+        assert conf.bind == ["127.0.0.1:8123"]
+        assert not getattr(conf, "preload_app", False)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(conf)
