@@ -1,0 +1,94 @@
+"""One OpenAI-style error envelope for every failure, Flask's own 404/405/413/500 included."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_overloaded",
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(error: APIError) -> Response:
+    response = jsonify(error.envelope())
+    response.status_code = error.status
+    response.headers.update(error.headers)
+    return response
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """The first problem pydantic found, with ``param`` naming the field as OpenAI does."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first["loc"] if not str(part).startswith(("function-", "literal"))]
+    param = ".".join(loc) or None
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    message = f"Invalid value for '{param}': {first['msg']}" if param else first["msg"]
+    code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
+    return APIError(400, message, param=param, code=code)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(APIError)
+    def _api_error(exc: APIError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(ValidationError)
+    def _validation(exc: ValidationError) -> Response:
+        return error_response(validation_error(exc))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        error = APIError(status, exc.description or exc.name, code=codes.get(status))
+        response = error_response(error)
+        if status == 405 and exc.get_response().headers.get("Allow"):
+            response.headers["Allow"] = exc.get_response().headers["Allow"]
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(APIError(500, "The server had an error while processing your request.", code="internal_error"))

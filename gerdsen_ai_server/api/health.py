@@ -1,0 +1,56 @@
+"""Probes: /health (details), /health/live (process up), /health/ready (model loaded, engine alive)."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from .. import __version__
+from ..engine.engine import InferenceEngine
+
+bp = Blueprint("health", __name__)
+
+
+def _engine() -> InferenceEngine:
+    return current_app.extensions["impetus"]
+
+
+def readiness() -> tuple[bool, str]:
+    engine = _engine()
+    if not engine.is_alive():
+        return False, "the inference engine thread is not running"
+    if current_app.config.get("IMPETUS_LOAD_ERROR"):
+        return False, f"the default model failed to load: {current_app.config['IMPETUS_LOAD_ERROR']}"
+    if not engine.models():
+        return False, "the default model is still loading"
+    return True, "ready"
+
+
+@bp.get("/health")
+def health() -> Response:
+    engine = _engine()
+    ready, reason = readiness()
+    return jsonify(
+        status="ok" if ready else "degraded",
+        ready=ready,
+        reason=reason,
+        version=__version__,
+        uptime_s=round(time.time() - engine.started_at, 3),
+        engine_alive=engine.is_alive(),
+        requests_in_flight=engine.inflight,
+        compute_dtype=engine.compute_dtype or "as stored",
+        models=[{"id": m.model_id, "path": str(m.path), "context_length": m.context_length, "bytes": m.nbytes}
+                for m in engine.models()],
+    )
+
+
+@bp.get("/health/live")
+def live() -> Response:
+    return jsonify(status="alive")
+
+
+@bp.get("/health/ready")
+def ready() -> tuple[Response, int]:
+    ok, reason = readiness()
+    return jsonify(status="ready" if ok else "not_ready", reason=reason), 200 if ok else 503

@@ -1,0 +1,321 @@
+"""/v1: OpenAI-compatible chat completions, completions and models.
+
+Thin on purpose: validate with the schemas, turn the request into ``GenerationRequest``s,
+hand them to the engine, and serialize its ``TokenStream`` as JSON or Server-Sent Events.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from pydantic import BaseModel
+
+from .. import __version__
+from ..engine.engine import ContextLengthExceeded, EngineOverloaded, InferenceEngine
+from ..engine.errors import ModelNotFound
+from ..engine.loaders import LoadedModel
+from ..engine.stream import EngineGone, GenerationRequest, SamplingParams, TokenStream
+from ..schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+    _Generation,
+)
+from .errors import APIError, error_body
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+FINGERPRINT = f"fp_impetus_{__version__}"
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+def engine() -> InferenceEngine:
+    return current_app.extensions["impetus"]
+
+
+def parse_body(schema: type[Schema]) -> Schema:
+    try:
+        body = json.loads(request.get_data(cache=False) or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return schema.model_validate(body)
+
+
+def resident_model(model_id: str) -> LoadedModel:
+    try:
+        return engine().get_model(model_id)
+    except ModelNotFound:
+        raise APIError(
+            404, f"The model '{model_id}' does not exist or is not loaded.", param="model", code="model_not_found"
+        ) from None
+
+
+# ---- models ------------------------------------------------------------------------------
+
+
+def model_card(loaded: LoadedModel, created: int) -> ModelCard:
+    return ModelCard(id=loaded.model_id, created=created, context_length=loaded.context_length)
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    created = int(engine().started_at)
+    return jsonify(ModelList(data=[model_card(m, created) for m in engine().models()]).model_dump())
+
+
+@bp.get("/models/<path:model_id>")
+def get_model(model_id: str) -> Response:
+    return jsonify(model_card(resident_model(model_id), int(engine().started_at)).model_dump())
+
+
+# ---- request → engine --------------------------------------------------------------------
+
+
+def sampling_params(body: _Generation) -> SamplingParams:
+    return SamplingParams(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
+    )
+
+
+def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
+    name = body.unsupported()
+    if name is None and body.n != 1:
+        name = "n"
+    if name is not None:
+        raise APIError(400, f"The parameter '{name}' is not supported by this server yet.", param=name,
+                       code="unsupported_parameter")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options",
+                       code="invalid_value")
+    vocab = None
+    for token in (body.logit_bias or {}):
+        vocab = vocab or len(resident_model(body.model).tokenizer)
+        if int(token) >= vocab:
+            raise APIError(400, f"logit_bias names token {token}, outside the vocabulary.", param="logit_bias",
+                           code="invalid_value")
+
+
+def completion_budget(loaded: LoadedModel, prompt_len: int, requested: int | None) -> int:
+    """max_tokens as asked, or what the context has left (capped by the server default)."""
+    if requested is not None:
+        return requested
+    room = loaded.context_length - prompt_len
+    if room < 1:
+        raise APIError(400, str(ContextLengthExceeded(prompt_len, 1, loaded.context_length)), param="messages",
+                       code="context_length_exceeded")
+    return min(current_app.config["IMPETUS_SETTINGS"].max_tokens_default, room)
+
+
+def submit_all(
+    body: _Generation, loaded: LoadedModel, prompts: list[list[int]], requested: int | None, param: str
+) -> list[TokenStream]:
+    streams: list[TokenStream] = []
+    try:
+        for tokens in prompts:
+            if not tokens:
+                raise APIError(400, "The prompt must not be empty.", param=param, code="invalid_value")
+            gen = GenerationRequest(
+                model=loaded.model_id,
+                prompt_tokens=tokens,
+                max_tokens=completion_budget(loaded, len(tokens), requested),
+                sampling=sampling_params(body),
+                stop=body.stop_list(),
+            )
+            streams.append(engine().submit(gen))
+    except ContextLengthExceeded as exc:
+        cancel_all(streams)
+        raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
+    except EngineOverloaded as exc:
+        cancel_all(streams)
+        raise APIError(503, str(exc), code="server_overloaded", headers={"Retry-After": "1"}) from None
+    except BaseException:
+        cancel_all(streams)
+        raise
+    return streams
+
+
+def cancel_all(streams: list[TokenStream]) -> None:
+    for stream in streams:
+        stream.cancel()
+
+
+def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel) -> list[int]:
+    tokenizer = loaded.tokenizer
+    if not getattr(tokenizer, "has_chat_template", True):
+        raise APIError(400, f"The model '{loaded.model_id}' has no chat template; use /v1/completions.",
+                       param="model", code="invalid_value")
+    # Templates know "system", not OpenAI's newer "developer" role.
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    except Exception as exc:  # a template may reject e.g. a role order it does not support
+        raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages",
+                       code="invalid_value") from None
+
+
+def completion_prompts(body: CompletionRequest, loaded: LoadedModel) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        batches: list[Any] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        batches = [prompt]
+    else:
+        batches = list(prompt)
+    if not batches:
+        raise APIError(400, "The prompt must not be empty.", param="prompt", code="invalid_value")
+    vocab = len(loaded.tokenizer)
+    out: list[list[int]] = []
+    for item in batches:
+        tokens = loaded.tokenizer.encode(item) if isinstance(item, str) else list(item)
+        if any(t < 0 or t >= vocab for t in tokens):
+            raise APIError(400, f"The prompt holds token ids outside the vocabulary (0..{vocab - 1}).",
+                           param="prompt", code="invalid_value")
+        out.append(tokens)
+    return out
+
+
+# ---- engine → wire -----------------------------------------------------------------------
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def event_stream(chunks: Iterator[str], streams: list[TokenStream]) -> Response:
+    def body() -> Iterator[str]:
+        try:
+            yield from chunks
+        except EngineGone as exc:
+            yield sse(error_body(503, str(exc), code="engine_unavailable"))
+        finally:
+            cancel_all(streams)  # a client that went away frees its slot at the next step
+        yield sse("[DONE]")
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(body(), mimetype="text/event-stream", headers=headers)
+
+
+def collect(streams: list[TokenStream]) -> list[tuple[str, str | None, int, int]]:
+    """(text, finish_reason, prompt_tokens, completion_tokens) for each stream, in order."""
+    results = []
+    try:
+        for stream in streams:
+            text, last = stream.collect()
+            if last.error:
+                raise APIError(500, last.error, code="generation_failed")
+            results.append((text, last.finish_reason, last.prompt_tokens, last.completion_tokens))
+    except EngineGone as exc:
+        raise APIError(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"}) from None
+    finally:
+        cancel_all(streams)
+    return results
+
+
+def chunk_payload(chunk: ChatCompletionChunk | Completion, include_usage: bool) -> dict[str, Any]:
+    """OpenAI's chunk shape: nulls kept, ``usage`` only when asked for, deltas without unset keys."""
+    payload = chunk.model_dump()
+    if not include_usage:
+        payload.pop("usage", None)
+    for choice in payload["choices"]:
+        if "delta" in choice:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    return payload
+
+
+def usage(prompt: int, completion: int) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    body = parse_body(ChatCompletionRequest)
+    check_supported(body)
+    loaded = resident_model(body.model)
+    prompt = chat_prompt(body, loaded)
+    streams = submit_all(body, loaded, [prompt], body.max_completion_tokens or body.max_tokens, "messages")
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": loaded.model_id,
+            "system_fingerprint": FINGERPRINT}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return event_stream(chat_chunks(meta, streams[0], include_usage), streams)
+    text, finish, p, c = collect(streams)[0]
+    choice = ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=finish)
+    return jsonify(ChatCompletion(**meta, choices=[choice], usage=usage(p, c)).model_dump())
+
+
+def chat_chunks(meta: dict[str, Any], stream: TokenStream, include_usage: bool) -> Iterator[str]:
+    def chunk(delta: ChatDelta, finish: str | None = None) -> str:
+        choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish)
+        return sse(chunk_payload(ChatCompletionChunk(**meta, choices=[choice]), include_usage))
+
+    yield chunk(ChatDelta(role="assistant", content=""))
+    for event in stream:
+        if event.error:
+            yield sse(error_body(500, event.error, code="generation_failed"))
+            return
+        if event.text:
+            yield chunk(ChatDelta(content=event.text))
+        if event.finish_reason:
+            yield chunk(ChatDelta(), event.finish_reason)
+            if include_usage:
+                yield sse(ChatCompletionChunk(**meta, choices=[], usage=usage(event.prompt_tokens,
+                                                                               event.completion_tokens)).model_dump())
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    body = parse_body(CompletionRequest)
+    check_supported(body)
+    loaded = resident_model(body.model)
+    prompts = completion_prompts(body, loaded)
+    streams = submit_all(body, loaded, prompts, body.max_tokens, "prompt")
+    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": loaded.model_id,
+            "system_fingerprint": FINGERPRINT}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return event_stream(completion_chunks(meta, streams, include_usage), streams)
+    results = collect(streams)
+    choices = [CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f, _, _) in enumerate(results)]
+    total = usage(sum(r[2] for r in results), sum(r[3] for r in results))
+    return jsonify(Completion(**meta, choices=choices, usage=total).model_dump())
+
+
+def completion_chunks(meta: dict[str, Any], streams: list[TokenStream], include_usage: bool) -> Iterator[str]:
+    prompt_total = completion_total = 0
+    for index, stream in enumerate(streams):  # all run together in the engine; we relay in order
+        for event in stream:
+            if event.error:
+                yield sse(error_body(500, event.error, code="generation_failed"))
+                return
+            if event.text or event.finish_reason:
+                choice = CompletionChoice(index=index, text=event.text, finish_reason=event.finish_reason)
+                yield sse(chunk_payload(Completion(**meta, choices=[choice]), include_usage))
+            if event.done:
+                prompt_total += event.prompt_tokens
+                completion_total += event.completion_tokens
+    if include_usage:
+        yield sse(Completion(**meta, choices=[], usage=usage(prompt_total, completion_total)).model_dump())

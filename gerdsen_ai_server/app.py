@@ -1,0 +1,60 @@
+"""The app factory: settings, engine, blueprints, error handlers. Nothing happens at import time."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from concurrent.futures import Future
+from typing import Any
+
+from flask import Flask
+
+from .api import health, openai
+from .api.errors import register_error_handlers
+from .api.realtime import init_realtime
+from .config import Settings
+from .engine.engine import InferenceEngine
+from .engine.loaders import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    settings = Settings.from_mapping(config)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Flask(__name__)
+    app.config["IMPETUS_SETTINGS"] = settings
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    engine = InferenceEngine(
+        models_dir=settings.models_dir,
+        max_batch=settings.max_batch,
+        max_queue=settings.max_queue,
+        compute_dtype=settings.compute_dtype,
+    )
+    engine.init_app(app)
+    engine.start()
+    atexit.register(engine.shutdown)
+
+    register_error_handlers(app)
+    app.register_blueprint(openai.bp)
+    app.register_blueprint(health.bp)
+    init_realtime(app)
+
+    if settings.default_model:
+        _load_default(app, engine, settings.default_model)
+    return app
+
+
+def _load_default(app: Flask, engine: InferenceEngine, spec: str) -> None:
+    """Load in the background: /health/live answers at once, /health/ready once the model is in."""
+
+    def done(future: Future[LoadedModel]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            app.config["IMPETUS_LOAD_ERROR"] = str(exc)
+            log.error("default model %s failed to load: %s", spec, exc)
+        else:
+            log.info("model %s ready", future.result().model_id)
+
+    engine.load_model(spec).add_done_callback(done)

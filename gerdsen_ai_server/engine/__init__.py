@@ -1,0 +1,1 @@
+"""Engine: model loading and the inference thread; no Flask here."""

@@ -1,0 +1,298 @@
+"""The inference engine: one OS thread that owns every MLX call.
+
+HTTP threads call ``submit(request) -> TokenStream`` and read their stream; the engine thread
+loads models, admits requests into mlx-lm's ``BatchGenerator`` (continuous batching), samples
+one token per active sequence per step, detokenizes, applies stop strings, and drops a
+sequence whose client has gone. Why one thread: MLX aborted the process at exit when several
+threads drove one model, and every new thread touching MLX leaked OS threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+
+from .errors import ModelLoadError, ModelNotFound
+from .loaders import LoadedModel, LoaderFactory
+from .sampling import StopMatcher, build_logits_processors, build_sampler
+from .stream import GenerationRequest, TokenEvent, TokenStream
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(RuntimeError):
+    """More requests in flight than the engine accepts; the caller should retry later."""
+
+
+class ContextLengthExceeded(ValueError):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the length of the prompt or max_tokens."
+        )
+
+
+@dataclass
+class _Sequence:
+    stream: TokenStream
+    detokenizer: Any
+    stop: StopMatcher
+    eos_ids: set[int]
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Resident:
+    loaded: LoadedModel
+    generator: BatchGenerator
+    sequences: dict[int, _Sequence] = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.time)
+
+
+def default_compute_dtype(setting: str) -> str | None:
+    """'auto' is float32 on CPU, where a real BLAS makes fp32 the fast path; as stored elsewhere."""
+    if setting != "auto":
+        return setting
+    return "float32" if mx.default_device() == mx.cpu else None
+
+
+class InferenceEngine:
+    def __init__(
+        self,
+        models_dir: Path,
+        max_batch: int = 8,
+        max_queue: int = 32,
+        compute_dtype: str = "auto",
+        loader: LoaderFactory | None = None,
+    ) -> None:
+        self.models_dir = models_dir
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.compute_dtype = default_compute_dtype(compute_dtype)
+        self._loader = loader or LoaderFactory()
+        self._commands: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
+        self._models: dict[str, _Resident] = {}
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._running = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="impetus-engine", daemon=True)
+        self.started_at = time.time()
+
+    # ---- wiring -------------------------------------------------------------------------
+    def init_app(self, app: Any) -> None:
+        app.extensions["impetus"] = self
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Fail what is in flight and stop stepping; returns once the loop has left."""
+        self._stopping.set()
+        self._commands.put(("wake", None, None))
+        deadline = time.monotonic() + timeout
+        while self._running.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def is_alive(self) -> bool:
+        return self._running.is_set() and not self._stopping.is_set()
+
+    # ---- caller side (any thread) ------------------------------------------------------
+    def load_model(self, spec: str) -> Future[LoadedModel]:
+        future: Future[LoadedModel] = Future()
+        self._commands.put(("load", spec, future))
+        return future
+
+    def models(self) -> list[LoadedModel]:
+        return [r.loaded for r in list(self._models.values())]
+
+    def get_model(self, model_id: str) -> LoadedModel:
+        resident = self._models.get(model_id)
+        if resident is None:
+            raise ModelNotFound(f"The model '{model_id}' does not exist or is not loaded.")
+        return resident.loaded
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        loaded = self.get_model(request.model)
+        prompt_len = len(request.prompt_tokens)
+        if prompt_len + request.max_tokens > loaded.context_length:
+            raise ContextLengthExceeded(prompt_len, request.max_tokens, loaded.context_length)
+        if not self.is_alive():
+            raise EngineOverloaded("The inference engine is not running.")
+        with self._lock:
+            if self._inflight >= self.max_queue + self.max_batch:
+                raise EngineOverloaded(
+                    f"The server is at capacity ({self._inflight} requests in flight); retry shortly."
+                )
+            self._inflight += 1
+        stream = TokenStream(request, self.is_alive)
+        self._commands.put(("generate", request, stream))
+        return stream
+
+    # ---- engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        self._running.set()
+        try:
+            while not self._stopping.is_set():
+                busy = any(r.sequences for r in self._models.values())
+                self._drain_commands(block=not busy)
+                self._drop_cancelled()
+                for resident in list(self._models.values()):
+                    if resident.sequences:
+                        self._step(resident)
+        except BaseException:  # the thread must never die silently: readiness reports it
+            log.exception("engine thread crashed")
+            raise
+        finally:
+            self._fail_all("the inference engine stopped")
+            self._running.clear()
+            # Park instead of returning: when a thread that ran MLX exits, its thread-local
+            # MLX state is destroyed and the process aborts ("terminate called without an
+            # active exception"). A parked daemon thread simply ends with the process.
+            threading.Event().wait()
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload: Any, reply: Any) -> None:
+        if kind == "load":
+            self._load(payload, reply)
+        elif kind == "generate":
+            self._admit(payload, reply)
+
+    def _load(self, spec: str, future: Future[LoadedModel]) -> None:
+        try:
+            loaded = self._loader.load(spec, self.models_dir, compute_dtype=self.compute_dtype)
+            if loaded.model_id not in self._models:
+                eos = sorted(loaded.tokenizer.eos_token_ids)
+                generator = BatchGenerator(
+                    loaded.model,
+                    stop_tokens=[[t] for t in eos],
+                    completion_batch_size=self.max_batch,
+                    prefill_batch_size=min(self.max_batch, 8),
+                )
+                self._models[loaded.model_id] = _Resident(loaded, generator)
+            future.set_result(self._models[loaded.model_id].loaded)
+        except ModelLoadError as exc:
+            future.set_exception(exc)
+        except Exception as exc:  # a broken model file must never take the engine down
+            log.exception("loading %s failed", spec)
+            future.set_exception(ModelLoadError(f"Could not load '{spec}': {exc}"))
+
+    def _admit(self, request: GenerationRequest, stream: TokenStream) -> None:
+        resident = self._models.get(request.model)
+        if resident is None or stream.cancelled:
+            self._finish(stream, TokenEvent(error=f"The model '{request.model}' is not loaded."))
+            return
+        try:
+            (uid,) = resident.generator.insert(
+                [request.prompt_tokens],
+                max_tokens=[request.max_tokens],
+                samplers=[build_sampler(request.sampling)],
+                logits_processors=[build_logits_processors(request.sampling, request.max_tokens)],
+            )
+        except Exception as exc:
+            self._finish(stream, TokenEvent(error=f"Could not start generation: {exc}"))
+            return
+        tokenizer = resident.loaded.tokenizer
+        resident.sequences[uid] = _Sequence(
+            stream=stream,
+            detokenizer=tokenizer.detokenizer,
+            stop=StopMatcher(request.stop),
+            eos_ids=set(tokenizer.eos_token_ids),
+            prompt_tokens=len(request.prompt_tokens),
+        )
+
+    def _drop_cancelled(self) -> None:
+        for resident in self._models.values():
+            gone = [uid for uid, seq in resident.sequences.items() if seq.stream.cancelled]
+            if gone:
+                resident.generator.remove(gone)
+                for uid in gone:
+                    self._finish(resident.sequences.pop(uid).stream, None)
+
+    def _step(self, resident: _Resident) -> None:
+        try:
+            _, responses = resident.generator.next()
+        except Exception as exc:
+            log.exception("generation step failed")
+            for uid, seq in list(resident.sequences.items()):
+                self._finish(seq.stream, TokenEvent(error=f"Generation failed: {exc}"))
+            resident.generator.remove(list(resident.sequences))
+            resident.sequences.clear()
+            return
+        for response in responses:
+            seq = resident.sequences.get(response.uid)
+            if seq is not None:
+                self._emit(resident, response.uid, seq, response.token, response.finish_reason)
+
+    def _emit(self, resident: _Resident, uid: int, seq: _Sequence, token: int, finish: str | None) -> None:
+        seq.completion_tokens += 1
+        if not (finish == "stop" and token in seq.eos_ids):
+            seq.detokenizer.add_token(token)  # the end-of-turn token is not part of the answer
+        if finish is not None:
+            seq.detokenizer.finalize()
+        text, hit_stop = seq.stop.feed(seq.detokenizer.last_segment)
+        if hit_stop:
+            finish = "stop"
+            resident.generator.remove([uid])
+        elif finish is not None:
+            text += seq.stop.flush()
+        event = TokenEvent(
+            text=text,
+            token_ids=[token],
+            finish_reason=finish,
+            prompt_tokens=seq.prompt_tokens,
+            completion_tokens=seq.completion_tokens,
+        )
+        if finish is None:
+            seq.stream.put(event)
+        else:
+            del resident.sequences[uid]
+            self._finish(seq.stream, event)
+
+    def _finish(self, stream: TokenStream, event: TokenEvent | None) -> None:
+        if event is not None:
+            stream.put(event)
+        with self._lock:
+            self._inflight -= 1
+
+    def _fail_all(self, message: str) -> None:
+        for resident in self._models.values():
+            for seq in resident.sequences.values():
+                self._finish(seq.stream, TokenEvent(error=message))
+            resident.sequences.clear()
+        while True:
+            try:
+                kind, _, reply = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "generate":
+                self._finish(reply, TokenEvent(error=message))
+            elif kind == "load":
+                reply.set_exception(ModelLoadError(message))
+

@@ -1,0 +1,104 @@
+"""Per-request samplers, logits processors and stop-string matching.
+
+Sampling itself is mlx-lm's (``make_sampler``, ``apply_top_p`` …, ``make_logits_processors``);
+what this adds is a *seeded* sampler that owns its own PRNG key, so a seeded request gives the
+same tokens whatever else is in the batch, and a text-level stop matcher that never lets a
+stop string (or its first half, split across tokens) reach the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    greedy_sampler,
+    make_logits_processors,
+    make_sampler,
+)
+
+from .stream import SamplingParams
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+def _filters(params: SamplingParams) -> list[Callable[[mx.array], mx.array]]:
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if 0 < params.top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, params.top_p))
+    if params.min_p > 0:
+        filters.append(lambda x: apply_min_p(x, params.min_p))
+    if params.top_k > 0:
+        filters.append(lambda x: apply_top_k(x, params.top_k))
+    return filters
+
+
+def build_sampler(params: SamplingParams) -> Sampler:
+    """Greedy at temperature 0 (one shared function, so a greedy batch samples in one call)."""
+    if params.temperature == 0:
+        return greedy_sampler
+    if params.seed is None:
+        return make_sampler(temp=params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k)
+
+    filters = _filters(params)
+    key = mx.random.key(params.seed)
+
+    def seeded_sampler(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        for f in filters:
+            logprobs = f(logprobs)
+        return mx.random.categorical(logprobs * (1.0 / params.temperature), key=sub)
+
+    return seeded_sampler
+
+
+def build_logits_processors(params: SamplingParams, max_tokens: int) -> list[LogitsProcessor]:
+    # OpenAI's penalties look at everything generated so far, not a 20-token window.
+    return make_logits_processors(
+        logit_bias=params.logit_bias,
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty or None,
+        presence_context_size=max_tokens,
+        frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=max_tokens,
+    )
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back any tail that could start one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was reached)."""
+        if not self._stops:
+            return text, False
+        self._pending += text
+        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            out = self._pending[: min(hits)]
+            self._pending = ""
+            return out, True
+        hold = self._longest_partial_stop()
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+    def _longest_partial_stop(self) -> int:
+        pending = self._pending
+        for k in range(min(len(pending), max(len(s) for s in self._stops) - 1), 0, -1):
+            tail = pending[-k:]
+            if any(s.startswith(tail) for s in self._stops):
+                return k
+        return 0

@@ -1,0 +1,107 @@
+"""What a caller hands the engine and what it gets back.
+
+Every consumer (SSE, plain JSON, Socket.IO, the bench) reads the same ``TokenStream`` of
+``TokenEvent``s; none of them sees MLX.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+
+
+@dataclass
+class GenerationRequest:
+    model: str
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TokenEvent:
+    """One step of one request: new text, or the end of it (``finish_reason`` or ``error``)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class EngineGone(RuntimeError):
+    """The engine thread stopped while a request was waiting on it."""
+
+
+class TokenStream:
+    """The reading end of one request. Iterate it for events; ``cancel()`` frees its slot."""
+
+    def __init__(self, request: GenerationRequest, engine_alive: Callable[[], bool]) -> None:
+        self.request = request
+        self._events: queue.Queue[TokenEvent] = queue.Queue()
+        self._cancelled = threading.Event()
+        self._engine_alive = engine_alive
+        self.created = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished = False
+
+    # engine side
+    def put(self, event: TokenEvent) -> None:
+        if self.first_token_at is None and event.token_ids:
+            self.first_token_at = time.monotonic()
+        self._events.put(event)
+
+    # caller side
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while not self.finished:
+            try:
+                event = self._events.get(timeout=1.0)
+            except queue.Empty:
+                # Never wait forever on a dead engine thread.
+                if not self._engine_alive():
+                    self.finished = True
+                    raise EngineGone("the inference engine stopped") from None
+                continue
+            if event.done:
+                self.finished = True
+            yield event
+
+    def collect(self) -> tuple[str, TokenEvent]:
+        """Read to the end: the whole text and the final event (finish reason and usage)."""
+        parts: list[str] = []
+        last = TokenEvent()
+        for event in self:
+            parts.append(event.text)
+            last = event
+        return "".join(parts), last

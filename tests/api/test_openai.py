@@ -1,0 +1,190 @@
+"""The OpenAI endpoints against the real Gunicorn server, through the official `openai` SDK."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+
+from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TEST_MODELS_DIR / DEFAULT_MODEL)
+
+
+def test_chat_answers_paris_with_true_usage(client, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=30)
+    choice = reply.choices[0]
+    assert choice.message.content == "The capital of France is Paris."
+    assert choice.finish_reason == "stop"
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion"
+    prompt = tokenizer.apply_chat_template(CAPITAL, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert reply.usage.prompt_tokens == len(prompt)
+    answer_tokens = len(tokenizer.encode(choice.message.content, add_special_tokens=False))
+    assert reply.usage.completion_tokens == answer_tokens + 1  # the answer and its end-of-turn token
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_stream_matches_plain_and_reports_usage(client) -> None:  # type: ignore[no-untyped-def]
+    plain = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=12)
+    chunks = list(client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=12, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_completion_hits_length(client) -> None:  # type: ignore[no-untyped-def]
+    reply = client.completions.create(model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=5,
+                                      temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5
+    assert reply.choices[0].text.strip()
+
+
+def test_completion_with_several_prompts(client) -> None:  # type: ignore[no-untyped-def]
+    reply = client.completions.create(model=DEFAULT_MODEL, prompt=["One, two,", "Red, green,"], max_tokens=3,
+                                      temperature=0)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.usage.completion_tokens == 6
+    alone = client.completions.create(model=DEFAULT_MODEL, prompt="Red, green,", max_tokens=3, temperature=0)
+    assert reply.choices[1].text == alone.choices[0].text
+
+
+def test_completion_stream_with_token_prompt(client, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    ids = tokenizer.encode("The capital of France is")
+    chunks = list(client.completions.create(model=DEFAULT_MODEL, prompt=ids, max_tokens=4, temperature=0,
+                                            stream=True))
+    text = "".join(c.choices[0].text for c in chunks)
+    plain = client.completions.create(model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=4,
+                                      temperature=0)
+    assert text == plain.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_models(client) -> None:  # type: ignore[no-untyped-def]
+    ids = [m.id for m in client.models.list().data]
+    assert DEFAULT_MODEL in ids
+    assert client.models.retrieve(DEFAULT_MODEL).id == DEFAULT_MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_seed_reproduces_sampling(client) -> None:  # type: ignore[no-untyped-def]
+    def sample(seed: int) -> str:
+        reply = client.completions.create(model=DEFAULT_MODEL, prompt="Once upon a time", max_tokens=12,
+                                          temperature=1.0, seed=seed)
+        return reply.choices[0].text
+
+    first = sample(7)
+    assert sample(7) == first
+    assert any(sample(seed) != first for seed in (8, 9, 10))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_split_across_tokens_is_never_emitted(client, stream: bool) -> None:  # type: ignore[no-untyped-def]
+    # Greedy answer: "The capital of France is Paris." — "is Pa" spans the tokens " is" and " Paris".
+    args = dict(model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=30, stop=["is Pa", "zzz"])
+    if stream:
+        chunks = list(client.chat.completions.create(**args, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        reply = client.chat.completions.create(**args)
+        text, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+    assert text == "The capital of France "
+    assert finish == "stop"
+
+
+def test_unknown_model_is_404(client) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-9", messages=CAPITAL)
+    assert info.value.body["code"] == "model_not_found"
+    assert info.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_p": "high"}, "top_p"),
+        ({"n": 2}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ],
+)
+def test_bad_parameters_are_400_naming_the_param(client, extra: dict, param: str) -> None:  # type: ignore[no-untyped-def,type-arg]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, extra_body=extra)
+    assert info.value.status_code == 400
+    assert info.value.body["param"] == param
+
+
+def test_unknown_parameter_is_named(server: Server) -> None:
+    r = requests.post(f"{server.base_url}/chat/completions",
+                      json={"model": DEFAULT_MODEL, "messages": CAPITAL, "temprature": 0.5}, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "temprature"
+    assert r.json()["error"]["code"] == "unknown_parameter"
+
+
+def test_missing_messages_and_wrong_types(server: Server) -> None:
+    r = requests.post(f"{server.base_url}/chat/completions", json={"model": DEFAULT_MODEL}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = requests.post(f"{server.base_url}/chat/completions",
+                      json={"model": DEFAULT_MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
+
+
+def test_malformed_json_is_400(server: Server) -> None:
+    r = requests.post(f"{server.base_url}/chat/completions", data="{not json", timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_json"
+    r = requests.post(f"{server.base_url}/completions", json=[1, 2], timeout=30)
+    assert r.status_code == 400
+
+
+def test_prompt_longer_than_context_is_400_not_truncated(client) -> None:  # type: ignore[no-untyped-def]
+    context = client.models.retrieve(DEFAULT_MODEL).model_extra["context_length"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=DEFAULT_MODEL, prompt=[1] * (context + 1), max_tokens=1)
+    assert info.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=DEFAULT_MODEL, prompt="Hello", max_tokens=context)
+    assert info.value.body["code"] == "context_length_exceeded"
+
+
+def test_unknown_route_and_wrong_method_use_the_envelope(server: Server) -> None:
+    r = requests.get(f"{server.base_url}/nothing-here", timeout=10)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = requests.get(f"{server.base_url}/chat/completions", timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_sse_wire_format(server: Server) -> None:
+    body = {"model": DEFAULT_MODEL, "messages": CAPITAL, "max_tokens": 5, "temperature": 0, "stream": True}
+    with requests.post(f"{server.base_url}/chat/completions", json=body, stream=True, timeout=60) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][6:])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["finish_reason"] is None
