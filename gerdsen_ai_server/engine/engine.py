@@ -53,6 +53,25 @@ class _Sequence:
 
 
 @dataclass
+class EngineStats:
+    """Counters read by /health, /metrics and the dashboard feed (plain ints: safe to read anywhere)."""
+
+    requests_in_flight: int = 0
+    active_sequences: int = 0
+    queued_sequences: int = 0
+    max_batch: int = 0
+    prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    requests_finished_total: int = 0
+    requests_failed_total: int = 0
+    requests_cancelled_total: int = 0
+    prompt_cache_hits_total: int = 0
+    prompt_cache_misses_total: int = 0
+    prompt_cache_bytes: int = 0
+    steps_total: int = 0
+
+
+@dataclass
 class _Resident:
     loaded: LoadedModel
     generator: BatchGenerator
@@ -87,6 +106,7 @@ class InferenceEngine:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._running = threading.Event()
+        self._stats = EngineStats(max_batch=max_batch)
         self._thread = threading.Thread(target=self._run, name="impetus-engine", daemon=True)
         self.started_at = time.time()
 
@@ -127,6 +147,12 @@ class InferenceEngine:
     def inflight(self) -> int:
         return self._inflight
 
+    def stats(self) -> EngineStats:
+        """A snapshot; the engine thread keeps the live counters current after every step."""
+        snapshot = EngineStats(**vars(self._stats))
+        snapshot.requests_in_flight = self._inflight
+        return snapshot
+
     def submit(self, request: GenerationRequest) -> TokenStream:
         loaded = self.get_model(request.model)
         prompt_len = len(request.prompt_tokens)
@@ -155,6 +181,12 @@ class InferenceEngine:
                 for resident in list(self._models.values()):
                     if resident.sequences:
                         self._step(resident)
+                self._stats.active_sequences = sum(
+                    len(r.generator._generation_batch) for r in self._models.values()  # noqa: SLF001
+                )
+                self._stats.queued_sequences = sum(len(r.sequences) for r in self._models.values()) - (
+                    self._stats.active_sequences
+                )
         except BaseException:  # the thread must never die silently: readiness reports it
             log.exception("engine thread crashed")
             raise
@@ -218,6 +250,7 @@ class InferenceEngine:
         except Exception as exc:
             self._finish(stream, TokenEvent(error=f"Could not start generation: {exc}"))
             return
+        self._stats.prompt_tokens_total += len(request.prompt_tokens)
         tokenizer = resident.loaded.tokenizer
         resident.sequences[uid] = _Sequence(
             stream=stream,
@@ -234,6 +267,7 @@ class InferenceEngine:
                 resident.generator.remove(gone)
                 for uid in gone:
                     self._finish(resident.sequences.pop(uid).stream, None)
+                self._stats.requests_cancelled_total += len(gone)
 
     def _step(self, resident: _Resident) -> None:
         try:
@@ -245,6 +279,8 @@ class InferenceEngine:
             resident.generator.remove(list(resident.sequences))
             resident.sequences.clear()
             return
+        self._stats.steps_total += 1
+        self._stats.generated_tokens_total += len(responses)
         for response in responses:
             seq = resident.sequences.get(response.uid)
             if seq is not None:
@@ -278,6 +314,10 @@ class InferenceEngine:
     def _finish(self, stream: TokenStream, event: TokenEvent | None) -> None:
         if event is not None:
             stream.put(event)
+            if event.error:
+                self._stats.requests_failed_total += 1
+            else:
+                self._stats.requests_finished_total += 1
         with self._lock:
             self._inflight -= 1
 
