@@ -54,8 +54,9 @@ openblas: | $(BIN)/python
 run: setup
 	$(BIN)/impetus serve $(ARGS)
 
+# The in-process engine tests run MLX in the pytest process itself: preload OpenBLAS there too.
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -31,6 +31,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         max_batch=settings.max_batch,
         max_queue=settings.max_queue,
         compute_dtype=settings.compute_dtype,
+        prompt_cache_bytes=settings.prompt_cache_bytes,
     )
     engine.init_app(app)
     engine.start()

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_tokens_default: int = Field(512, ge=1, description="max_tokens used when a request gives none.")
     max_queue: int = Field(32, ge=0, description="Requests waiting for the engine beyond the running batch; more get 503.")
     max_batch: int = Field(8, ge=1, description="Sequences decoded together in one engine step.")
+    prompt_cache_bytes: int = Field(
+        1 << 30, ge=0, description="Bytes of KV cache kept for reuse by later prompts sharing a prefix (0 disables)."
+    )
     log_level: str = Field("info", description="Gunicorn and application log level.")
 
     @classmethod

@@ -20,10 +20,11 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from .errors import ModelLoadError, ModelNotFound
 from .loaders import LoadedModel, LoaderFactory
-from .sampling import StopMatcher, build_logits_processors, build_sampler
+from .sampling import StopMatcher, build_logits_processors, build_sampler, guarded
 from .stream import GenerationRequest, TokenEvent, TokenStream
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class _Sequence:
     stop: StopMatcher
     eos_ids: set[int]
     prompt_tokens: int
+    errors: list[Exception]
     completion_tokens: int = 0
 
 
@@ -93,6 +95,7 @@ class InferenceEngine:
         max_batch: int = 8,
         max_queue: int = 32,
         compute_dtype: str = "auto",
+        prompt_cache_bytes: int = 1 << 30,
         loader: LoaderFactory | None = None,
     ) -> None:
         self.models_dir = models_dir
@@ -107,6 +110,9 @@ class InferenceEngine:
         self._stopping = threading.Event()
         self._running = threading.Event()
         self._stats = EngineStats(max_batch=max_batch)
+        # KV caches of finished sequences, keyed by model and token prefix (mlx-lm's own LRU trie).
+        self._prompt_cache = LRUPromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
+        self.prompt_cache_enabled = prompt_cache_bytes > 0
         self._thread = threading.Thread(target=self._run, name="impetus-engine", daemon=True)
         self.started_at = time.time()
 
@@ -220,14 +226,7 @@ class InferenceEngine:
         try:
             loaded = self._loader.load(spec, self.models_dir, compute_dtype=self.compute_dtype)
             if loaded.model_id not in self._models:
-                eos = sorted(loaded.tokenizer.eos_token_ids)
-                generator = BatchGenerator(
-                    loaded.model,
-                    stop_tokens=[[t] for t in eos],
-                    completion_batch_size=self.max_batch,
-                    prefill_batch_size=min(self.max_batch, 8),
-                )
-                self._models[loaded.model_id] = _Resident(loaded, generator)
+                self._models[loaded.model_id] = _Resident(loaded, self._new_generator(loaded))
             future.set_result(self._models[loaded.model_id].loaded)
         except ModelLoadError as exc:
             future.set_exception(exc)
@@ -235,17 +234,36 @@ class InferenceEngine:
             log.exception("loading %s failed", spec)
             future.set_exception(ModelLoadError(f"Could not load '{spec}': {exc}"))
 
+    def _new_generator(self, loaded: LoadedModel) -> BatchGenerator:
+        return BatchGenerator(
+            loaded.model,
+            stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=min(self.max_batch, 8),
+        )
+
     def _admit(self, request: GenerationRequest, stream: TokenStream) -> None:
         resident = self._models.get(request.model)
         if resident is None or stream.cancelled:
             self._finish(stream, TokenEvent(error=f"The model '{request.model}' is not loaded."))
             return
+        vocab = len(resident.loaded.tokenizer)
+        bad = [t for t in (request.sampling.logit_bias or {}) if not 0 <= t < vocab]
+        if bad:
+            self._finish(stream, TokenEvent(error=f"logit_bias names tokens outside the vocabulary: {bad}"))
+            return
+        prompt = request.prompt_tokens
+        errors: list[Exception] = []
+        processors = build_logits_processors(request.sampling, request.max_tokens) + request.logits_processors
+        cache, rest = self._cached_prefix(request.model, prompt)
         try:
             (uid,) = resident.generator.insert(
-                [request.prompt_tokens],
+                [rest],
                 max_tokens=[request.max_tokens],
+                caches=[cache],
+                all_tokens=[prompt[: len(prompt) - len(rest)]],
                 samplers=[build_sampler(request.sampling)],
-                logits_processors=[build_logits_processors(request.sampling, request.max_tokens)],
+                logits_processors=[guarded(processors, errors)],
             )
         except Exception as exc:
             self._finish(stream, TokenEvent(error=f"Could not start generation: {exc}"))
@@ -258,7 +276,31 @@ class InferenceEngine:
             stop=StopMatcher(request.stop),
             eos_ids=set(tokenizer.eos_token_ids),
             prompt_tokens=len(request.prompt_tokens),
+            errors=errors,
         )
+
+    def _cached_prefix(self, model_id: str, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
+        """The KV cache of the longest cached prefix of ``prompt`` and the tokens still to process."""
+        if not self.prompt_cache_enabled:
+            return None, prompt
+        cache, rest = self._prompt_cache.fetch_nearest_cache(model_id, prompt)
+        if cache is not None and not rest:
+            # The whole prompt is cached: step back one token so there is something to feed.
+            if not can_trim_prompt_cache(cache):
+                cache, rest = None, prompt
+            else:
+                trim_prompt_cache(cache, 1)
+                rest = prompt[-1:]
+        if cache is None:
+            self._stats.prompt_cache_misses_total += 1
+            return None, prompt
+        self._stats.prompt_cache_hits_total += 1
+        return cache, rest
+
+    def _remember(self, model_id: str, tokens: list[int], cache: list[Any] | None) -> None:
+        if self.prompt_cache_enabled and cache is not None and tokens:
+            self._prompt_cache.insert_cache(model_id, list(tokens), cache)
+            self._stats.prompt_cache_bytes = self._prompt_cache.nbytes
 
     def _drop_cancelled(self) -> None:
         for resident in self._models.values():
@@ -273,18 +315,27 @@ class InferenceEngine:
         try:
             _, responses = resident.generator.next()
         except Exception as exc:
+            # The batch's state is unknown after a failed step: fail its requests, start afresh.
             log.exception("generation step failed")
-            for uid, seq in list(resident.sequences.items()):
+            for seq in resident.sequences.values():
                 self._finish(seq.stream, TokenEvent(error=f"Generation failed: {exc}"))
-            resident.generator.remove(list(resident.sequences))
             resident.sequences.clear()
+            resident.generator.close()
+            resident.generator = self._new_generator(resident.loaded)
             return
         self._stats.steps_total += 1
         self._stats.generated_tokens_total += len(responses)
         for response in responses:
             seq = resident.sequences.get(response.uid)
+            if seq is not None and seq.errors:
+                resident.generator.remove([response.uid])
+                del resident.sequences[response.uid]
+                self._finish(seq.stream, TokenEvent(error=f"Generation failed: {seq.errors[0]}"))
+                continue
             if seq is not None:
                 self._emit(resident, response.uid, seq, response.token, response.finish_reason)
+            if response.finish_reason is not None:
+                self._remember(resident.loaded.model_id, response.all_tokens, response.prompt_cache)
 
     def _emit(self, resident: _Resident, uid: int, seq: _Sequence, token: int, finish: str | None) -> None:
         seq.completion_tokens += 1
@@ -295,7 +346,8 @@ class InferenceEngine:
         text, hit_stop = seq.stop.feed(seq.detokenizer.last_segment)
         if hit_stop:
             finish = "stop"
-            resident.generator.remove([uid])
+            for cache, tokens in resident.generator.remove([uid], return_prompt_caches=True).values():
+                self._remember(resident.loaded.model_id, tokens, cache)
         elif finish is not None:
             text += seq.stop.flush()
         event = TokenEvent(

@@ -57,6 +57,25 @@ def build_sampler(params: SamplingParams) -> Sampler:
     return seeded_sampler
 
 
+def guarded(processors: list[LogitsProcessor], errors: list[Exception]) -> list[LogitsProcessor]:
+    """Processors that record a failure instead of raising, so one bad request cannot fail the
+    whole batch's step; the engine ends that request alone when ``errors`` fills."""
+
+    def guard(processor: LogitsProcessor) -> LogitsProcessor:
+        def run(tokens: mx.array, logits: mx.array) -> mx.array:
+            if errors:
+                return logits
+            try:
+                return processor(tokens, logits)
+            except Exception as exc:
+                errors.append(exc)
+                return logits
+
+        return run
+
+    return [guard(p) for p in processors]
+
+
 def build_logits_processors(params: SamplingParams, max_tokens: int) -> list[LogitsProcessor]:
     # OpenAI's penalties look at everything generated so far, not a 20-token window.
     return make_logits_processors(

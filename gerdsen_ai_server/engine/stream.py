@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    # Extra (tokens, logits) -> logits functions, e.g. a grammar for structured output.
+    logits_processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

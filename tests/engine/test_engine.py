@@ -1,0 +1,159 @@
+"""The inference engine in-process, on the real embedded model and real MLX: batching,
+batch invariance, the prompt-prefix cache, backpressure, cancellation and fault isolation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from gerdsen_ai_server.engine.engine import EngineOverloaded, InferenceEngine
+from gerdsen_ai_server.engine.loaders import LoadedModel
+from gerdsen_ai_server.engine.stream import GenerationRequest, SamplingParams
+from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR
+
+GREEDY = SamplingParams(temperature=0)
+PROMPTS = ["Tell me about the sea.", "What is 2 + 2?", "Name three colours.", "Write a haiku about rain.",
+           "Who wrote Hamlet?", "Describe a cat.", "What is the capital of Spain?", "Give me a recipe for tea."]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[InferenceEngine]:
+    # One engine (one MLX thread) for the whole module: several MLX threads in a process is what we avoid.
+    eng = InferenceEngine(TEST_MODELS_DIR, max_batch=8, max_queue=4)
+    eng.start()
+    eng.load_model(DEFAULT_MODEL).result(timeout=300)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(engine: InferenceEngine) -> LoadedModel:
+    return engine.get_model(DEFAULT_MODEL)
+
+
+def chat(model: LoadedModel, text: str) -> list[int]:
+    return list(model.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+
+
+def request(model: LoadedModel, tokens: list[int], max_tokens: int = 24, sampling: SamplingParams = GREEDY,
+            **kw) -> GenerationRequest:  # type: ignore[no-untyped-def]
+    return GenerationRequest(model=model.model_id, prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, **kw)
+
+
+def tokens_of(stream) -> tuple[list[int], str]:  # type: ignore[no-untyped-def]
+    ids: list[int] = []
+    last = None
+    for event in stream:
+        ids += event.token_ids
+        last = event
+    assert last is not None and last.error is None, last
+    return ids, last.finish_reason
+
+
+def wait_idle(engine: InferenceEngine) -> None:
+    deadline = time.monotonic() + 30
+    while engine.inflight:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.9, top_p=0.95, seed=1234)],
+                         ids=["greedy", "seeded"])
+def test_batch_invariance(engine: InferenceEngine, model: LoadedModel, sampling: SamplingParams) -> None:
+    engine.prompt_cache_enabled = False
+    try:
+        alone = tokens_of(engine.submit(request(model, chat(model, PROMPTS[0]), sampling=sampling)))
+        streams = [engine.submit(request(model, chat(model, p), sampling=sampling)) for p in PROMPTS]
+        together = [tokens_of(s) for s in streams]
+    finally:
+        engine.prompt_cache_enabled = True
+    assert together[0] == alone
+    assert len({tuple(t[0]) for t in together}) > 1  # the others really were different sequences
+
+
+def test_prefix_cache_reuses_history_and_keeps_output(engine: InferenceEngine, model: LoadedModel) -> None:
+    history = [{"role": "user", "content": "Tell me about Paris."}]
+    first = chat(model, "Tell me about Paris.")
+    answer_ids, _ = tokens_of(engine.submit(request(model, first, max_tokens=40)))
+    answer = model.tokenizer.decode(answer_ids, skip_special_tokens=True)
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And about Rome?"}]
+    second = list(model.tokenizer.apply_chat_template(history, add_generation_prompt=True))
+
+    hits = engine.stats().prompt_cache_hits_total
+    warm = tokens_of(engine.submit(request(model, second)))
+    assert engine.stats().prompt_cache_hits_total == hits + 1
+    assert engine.stats().prompt_cache_bytes > 0
+
+    engine.prompt_cache_enabled = False
+    try:
+        cold = tokens_of(engine.submit(request(model, second)))
+    finally:
+        engine.prompt_cache_enabled = True
+    assert warm == cold
+
+
+def test_exact_repeat_hits_the_cache(engine: InferenceEngine, model: LoadedModel) -> None:
+    prompt = chat(model, "Say hello.")
+    first = tokens_of(engine.submit(request(model, prompt, max_tokens=8)))
+    hits = engine.stats().prompt_cache_hits_total
+    again = tokens_of(engine.submit(request(model, prompt, max_tokens=8)))
+    assert again == first
+    assert engine.stats().prompt_cache_hits_total == hits + 1
+
+
+def test_a_failing_request_fails_alone(engine: InferenceEngine, model: LoadedModel) -> None:
+    calls = 0
+
+    def explode(tokens, logits):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise ValueError("bad token id 10**9")
+        return logits
+
+    healthy = [engine.submit(request(model, chat(model, p), max_tokens=12)) for p in PROMPTS[:3]]
+    broken = engine.submit(request(model, chat(model, PROMPTS[3]), max_tokens=12, logits_processors=[explode]))
+    events = list(broken)
+    assert events[-1].error and "bad token id" in events[-1].error
+    for stream in healthy:
+        ids, finish = tokens_of(stream)
+        assert ids and finish in ("stop", "length")
+    # and the engine keeps serving
+    assert tokens_of(engine.submit(request(model, chat(model, PROMPTS[4]), max_tokens=4)))[0]
+
+
+def test_full_queue_is_refused_at_once(engine: InferenceEngine, model: LoadedModel) -> None:
+    wait_idle(engine)
+    capacity = engine.max_batch + engine.max_queue
+    streams = [engine.submit(request(model, chat(model, PROMPTS[i % 8]), max_tokens=200)) for i in range(capacity)]
+    started = time.monotonic()
+    with pytest.raises(EngineOverloaded):
+        engine.submit(request(model, chat(model, PROMPTS[0])))
+    assert time.monotonic() - started < 0.1
+    for stream in streams:
+        stream.cancel()
+    wait_idle(engine)
+    assert engine.stats().requests_in_flight == 0
+
+
+def test_cancel_frees_the_slot_within_a_step(engine: InferenceEngine, model: LoadedModel) -> None:
+    wait_idle(engine)
+    stream = engine.submit(request(model, chat(model, PROMPTS[0]), max_tokens=500))
+    seen = 0
+    for event in stream:
+        seen += len(event.token_ids)
+        if seen == 3:
+            break
+    steps = engine.stats().steps_total
+    stream.cancel()
+    wait_idle(engine)
+    assert engine.stats().steps_total - steps <= 3
+
+
+def test_context_overflow_is_refused(engine: InferenceEngine, model: LoadedModel) -> None:
+    from gerdsen_ai_server.engine.engine import ContextLengthExceeded
+
+    with pytest.raises(ContextLengthExceeded):
+        engine.submit(request(model, [1] * model.context_length, max_tokens=1))
