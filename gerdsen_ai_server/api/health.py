@@ -7,6 +7,7 @@ import time
 from flask import Blueprint, Response, current_app, jsonify
 
 from .. import __version__
+from ..blas import blas_in_use
 from ..engine.engine import InferenceEngine
 
 bp = Blueprint("health", __name__)
@@ -40,6 +41,8 @@ def health() -> Response:
         engine_alive=engine.is_alive(),
         requests_in_flight=engine.inflight,
         compute_dtype=engine.compute_dtype or "as stored",
+        blas=blas_in_use(),
+        prompt_cache_enabled=engine.prompt_cache_enabled,
         models=[{"id": m.model_id, "path": str(m.path), "context_length": m.context_length, "bytes": m.nbytes}
                 for m in engine.models()],
     )

@@ -132,4 +132,7 @@ def test_health_reports_version_uptime_and_models(server: Server) -> None:
     assert body["status"] == "ok" and body["ready"] is True
     assert body["version"] and body["uptime_s"] > 0
     assert [m["id"] for m in body["models"]] == [DEFAULT_MODEL]
+    # `make test` installs OpenBLAS on Linux and `impetus serve` preloads it; fp32 is then the fast path.
+    assert body["blas"] in ("openblas", "reference", "accelerate")
+    assert body["compute_dtype"] in ("float32", "as stored")
     assert requests.get(f"{server.url}/health/ready", timeout=10).status_code == 200
