@@ -40,6 +40,6 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Gunicorn and application log level.")
 
     @classmethod
-    def from_mapping(cls, overrides: dict[str, Any] | None = None) -> "Settings":
+    def from_mapping(cls, overrides: dict[str, Any] | None = None) -> Settings:
         """Environment first, then explicit overrides (as the app factory's ``config`` argument)."""
         return cls(**(overrides or {}))
