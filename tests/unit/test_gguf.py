@@ -156,3 +156,21 @@ def test_incomplete_output_folder_is_replaced(tmp_path: Path, default_gguf: Path
     assert convert_gguf_to_mlx(default_gguf, out) == out
     assert gguf.is_converted(out)
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_two_processes_convert_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from gerdsen_ai_server.default_model import ensure_default_model;"
+        "print(ensure_default_model(Path(sys.argv[1])))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=root, stdout=subprocess.PIPE)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0].decode().strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outputs == [str(tmp_path / DEFAULT_MODEL_ID)] * 2
+    assert gguf.is_converted(tmp_path / DEFAULT_MODEL_ID)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{DEFAULT_MODEL_ID}.lock", DEFAULT_MODEL_ID]
