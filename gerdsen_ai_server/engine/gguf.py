@@ -362,16 +362,22 @@ def convert_gguf_to_mlx(gguf_path: Path, out_dir: Path) -> Path:
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
     header = read_gguf_header(gguf_path)
     _check_supported(header, gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir.with_name(f".{out_dir.name}.lock")):
-        if not is_converted(out_dir):  # the previous lock holder may have done it
-            _convert_locked(gguf_path, header, out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(out_dir.with_name(f".{out_dir.name}.lock")):
+            if not is_converted(out_dir):  # the previous lock holder may have done it
+                _convert_locked(gguf_path, header, out_dir)
+    except OSError as exc:  # read-only or full models dir
+        raise ModelLoadError(f"cannot write converted model to {out_dir}: {exc}") from exc
     return out_dir
 
 
 def _convert_locked(gguf_path: Path, header: GGUFHeader, out_dir: Path) -> None:
     import mlx.core as mx
 
+    # Under the lock, staging folders of our name belong to killed conversions.
+    for leftover in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         weights = _convert_weights(_load_tensors(gguf_path, staging), header.metadata)
@@ -379,6 +385,7 @@ def _convert_locked(gguf_path: Path, header: GGUFHeader, out_dir: Path) -> None:
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         _write_tokenizer(header.metadata, staging)
+        _fsync_files(staging)  # the rename must not publish files still in the page cache only
         staging.chmod(0o755)  # mkdtemp makes it 0700; others (the server user) must read it
         _move_into_place(staging, out_dir)
     except ModelLoadError:
@@ -387,6 +394,12 @@ def _convert_locked(gguf_path: Path, header: GGUFHeader, out_dir: Path) -> None:
         raise ModelLoadError(f"cannot convert {gguf_path}: {type(exc).__name__}: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync_files(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
