@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 from concurrent.futures import Future
 from typing import Any
 
 from flask import Flask
 
-from .api import health, openai
+from .api import health, models, openai
 from .api.errors import register_error_handlers
 from .api.realtime import init_realtime
 from .config import Settings
@@ -32,6 +33,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         max_queue=settings.max_queue,
         compute_dtype=settings.compute_dtype,
         prompt_cache_bytes=settings.prompt_cache_bytes,
+        memory_budget=settings.memory_budget_bytes(),
+        keep_alive=settings.keep_alive_seconds(),
     )
     engine.init_app(app)
     engine.start()
@@ -40,6 +43,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     register_error_handlers(app)
     app.register_blueprint(openai.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(models.bp)
     init_realtime(app)
 
     if settings.default_model:
@@ -58,4 +62,4 @@ def _load_default(app: Flask, engine: InferenceEngine, spec: str) -> None:
         else:
             log.info("model %s ready", future.result().model_id)
 
-    engine.load_model(spec).add_done_callback(done)
+    engine.load_model(spec, keep_alive=math.inf, pinned=True).add_done_callback(done)

@@ -5,6 +5,7 @@ One pydantic-settings class; ``docs/configuration.md`` documents each field.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,24 @@ class Settings(BaseSettings):
     prompt_cache_bytes: int = Field(
         1 << 30, ge=0, description="Bytes of KV cache kept for reuse by later prompts sharing a prefix (0 disables)."
     )
+    memory_budget: int = Field(
+        0, ge=0, description="Bytes resident models may take; 0 means 60% of this machine's RAM."
+    )
+    keep_alive: float = Field(
+        300.0, description="Seconds an idle model stays loaded (negative: forever; the default model is always kept)."
+    )
+    autoload: bool = Field(True, description="Load a local model on demand when a request names one not resident.")
     log_level: str = Field("info", description="Gunicorn and application log level.")
+
+    def memory_budget_bytes(self) -> int:
+        if self.memory_budget:
+            return self.memory_budget
+        import psutil
+
+        return int(psutil.virtual_memory().total * 0.6)
+
+    def keep_alive_seconds(self) -> float:
+        return math.inf if self.keep_alive < 0 else self.keep_alive
 
     @classmethod
     def from_mapping(cls, overrides: dict[str, Any] | None = None) -> Settings:

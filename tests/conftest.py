@@ -64,8 +64,12 @@ def start_server(tmp: Path, *, wait_ready: bool = True, **env: str) -> Server:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
         try:
-            if requests.get(server.url + path, timeout=2).status_code == 200:
+            r = requests.get(server.url + path, timeout=2)
+            if r.status_code == 200:
                 return server
+            if "failed to load" in r.json().get("reason", ""):
+                stop_server(server)
+                raise RuntimeError(f"server's default model failed to load:\n{server.log()}")
         except requests.ConnectionError:
             pass
         time.sleep(0.2)

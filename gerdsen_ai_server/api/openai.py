@@ -17,7 +17,6 @@ from pydantic import BaseModel
 
 from .. import __version__
 from ..engine.engine import ContextLengthExceeded, EngineOverloaded, InferenceEngine
-from ..engine.errors import ModelNotFound
 from ..engine.loaders import LoadedModel
 from ..engine.stream import EngineGone, GenerationRequest, SamplingParams, TokenStream
 from ..schemas.openai import (
@@ -57,13 +56,23 @@ def parse_body(schema: type[Schema]) -> Schema:
     return schema.model_validate(body)
 
 
-def resident_model(model_id: str) -> LoadedModel:
+def resident_model(model_id: str, keep_alive: float | None = None) -> LoadedModel:
+    """The resident model, loading a local one on demand when IMPETUS_AUTOLOAD allows."""
+    from .models import load  # models.py imports this module's helpers
+
+    resident = engine().registry.get(model_id)
+    if resident is not None and keep_alive is None:
+        return resident.loaded
+    if resident is None and not current_app.config["IMPETUS_SETTINGS"].autoload:
+        raise APIError(404, f"The model '{model_id}' is not loaded (IMPETUS_AUTOLOAD is off).", param="model",
+                       code="model_not_found")
     try:
-        return engine().get_model(model_id)
-    except ModelNotFound:
-        raise APIError(
-            404, f"The model '{model_id}' does not exist or is not loaded.", param="model", code="model_not_found"
-        ) from None
+        return load(model_id, keep_alive).loaded
+    except APIError as exc:
+        if exc.status == 404:
+            raise APIError(404, f"The model '{model_id}' does not exist or is not loaded.", param="model",
+                           code="model_not_found") from None
+        raise
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -81,7 +90,11 @@ def list_models() -> Response:
 
 @bp.get("/models/<path:model_id>")
 def get_model(model_id: str) -> Response:
-    return jsonify(model_card(resident_model(model_id), int(engine().started_at)).model_dump())
+    resident = engine().registry.get(model_id)
+    if resident is None:
+        raise APIError(404, f"The model '{model_id}' does not exist or is not loaded.", param="model",
+                       code="model_not_found")
+    return jsonify(model_card(resident.loaded, int(engine().started_at)).model_dump())
 
 
 # ---- request → engine --------------------------------------------------------------------
@@ -254,7 +267,7 @@ def usage(prompt: int, completion: int) -> Usage:
 def chat_completions() -> Response:
     body = parse_body(ChatCompletionRequest)
     check_supported(body)
-    loaded = resident_model(body.model)
+    loaded = resident_model(body.model, body.keep_alive)
     prompt = chat_prompt(body, loaded)
     streams = submit_all(body, loaded, [prompt], body.max_completion_tokens or body.max_tokens, "messages")
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": loaded.model_id,
@@ -290,7 +303,7 @@ def chat_chunks(meta: dict[str, Any], stream: TokenStream, include_usage: bool) 
 def completions() -> Response:
     body = parse_body(CompletionRequest)
     check_supported(body)
-    loaded = resident_model(body.model)
+    loaded = resident_model(body.model, body.keep_alive)
     prompts = completion_prompts(body, loaded)
     streams = submit_all(body, loaded, prompts, body.max_tokens, "prompt")
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": loaded.model_id,

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
+from ..events import EventBus
 from .errors import ModelLoadError, ModelNotFound
 from .loaders import LoadedModel, LoaderFactory
+from .registry import ModelRegistry, Resident
 from .sampling import StopMatcher, build_logits_processors, build_sampler, guarded
 from .stream import GenerationRequest, TokenEvent, TokenStream
 
@@ -73,14 +75,6 @@ class EngineStats:
     steps_total: int = 0
 
 
-@dataclass
-class _Resident:
-    loaded: LoadedModel
-    generator: BatchGenerator
-    sequences: dict[int, _Sequence] = field(default_factory=dict)
-    loaded_at: float = field(default_factory=time.time)
-
-
 def default_compute_dtype(setting: str) -> str | None:
     """'auto' is float32 on CPU, where a real BLAS makes fp32 the fast path; as stored elsewhere."""
     if setting != "auto":
@@ -96,15 +90,26 @@ class InferenceEngine:
         max_queue: int = 32,
         compute_dtype: str = "auto",
         prompt_cache_bytes: int = 1 << 30,
+        memory_budget: int = 8 << 30,
+        keep_alive: float = 300.0,
         loader: LoaderFactory | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.models_dir = models_dir
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.compute_dtype = default_compute_dtype(compute_dtype)
-        self._loader = loader or LoaderFactory()
+        self.events = events or EventBus()
+        self.registry = ModelRegistry(
+            loader=loader or LoaderFactory(),
+            models_dir=models_dir,
+            compute_dtype=self.compute_dtype,
+            budget_bytes=memory_budget,
+            keep_alive=keep_alive,
+            make_generator=self._new_generator,
+            events=self.events,
+        )
         self._commands: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
-        self._models: dict[str, _Resident] = {}
         self._inflight = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -135,16 +140,25 @@ class InferenceEngine:
         return self._running.is_set() and not self._stopping.is_set()
 
     # ---- caller side (any thread) ------------------------------------------------------
-    def load_model(self, spec: str) -> Future[LoadedModel]:
+    def load_model(self, spec: str, keep_alive: float | None = None, pinned: bool = False) -> Future[LoadedModel]:
+        """Load on the engine thread (``keep_alive``: idle seconds, None for the server default, inf to keep)."""
         future: Future[LoadedModel] = Future()
-        self._commands.put(("load", spec, future))
+        self._commands.put(("load", (spec, keep_alive, pinned), future))
+        return future
+
+    def unload_model(self, model_id: str) -> Future[None]:
+        future: Future[None] = Future()
+        self._commands.put(("unload", model_id, future))
         return future
 
     def models(self) -> list[LoadedModel]:
-        return [r.loaded for r in list(self._models.values())]
+        return [r.loaded for r in list(self.registry.residents.values())]
+
+    def residents(self) -> list[Resident]:
+        return list(self.registry.residents.values())
 
     def get_model(self, model_id: str) -> LoadedModel:
-        resident = self._models.get(model_id)
+        resident = self.registry.get(model_id)
         if resident is None:
             raise ModelNotFound(f"The model '{model_id}' does not exist or is not loaded.")
         return resident.loaded
@@ -181,16 +195,17 @@ class InferenceEngine:
         self._running.set()
         try:
             while not self._stopping.is_set():
-                busy = any(r.sequences for r in self._models.values())
+                busy = any(r.sequences for r in self.registry.residents.values())
                 self._drain_commands(block=not busy)
                 self._drop_cancelled()
-                for resident in list(self._models.values()):
+                self.registry.expire_idle()
+                for resident in list(self.registry.residents.values()):
                     if resident.sequences:
                         self._step(resident)
                 self._stats.active_sequences = sum(
-                    len(r.generator._generation_batch) for r in self._models.values()  # noqa: SLF001
+                    len(r.generator._generation_batch) for r in self.registry.residents.values()  # noqa: SLF001
                 )
-                self._stats.queued_sequences = sum(len(r.sequences) for r in self._models.values()) - (
+                self._stats.queued_sequences = sum(len(r.sequences) for r in self.registry.residents.values()) - (
                     self._stats.active_sequences
                 )
         except BaseException:  # the thread must never die silently: readiness reports it
@@ -219,15 +234,19 @@ class InferenceEngine:
     def _handle(self, kind: str, payload: Any, reply: Any) -> None:
         if kind == "load":
             self._load(payload, reply)
+        elif kind == "unload":
+            try:
+                self.registry.unload(payload)
+                reply.set_result(None)
+            except ModelLoadError as exc:
+                reply.set_exception(exc)
         elif kind == "generate":
             self._admit(payload, reply)
 
-    def _load(self, spec: str, future: Future[LoadedModel]) -> None:
+    def _load(self, payload: tuple[str, float | None, bool], future: Future[LoadedModel]) -> None:
+        spec, keep_alive, pinned = payload
         try:
-            loaded = self._loader.load(spec, self.models_dir, compute_dtype=self.compute_dtype)
-            if loaded.model_id not in self._models:
-                self._models[loaded.model_id] = _Resident(loaded, self._new_generator(loaded))
-            future.set_result(self._models[loaded.model_id].loaded)
+            future.set_result(self.registry.load(spec, keep_alive=keep_alive, pinned=pinned).loaded)
         except ModelLoadError as exc:
             future.set_exception(exc)
         except Exception as exc:  # a broken model file must never take the engine down
@@ -243,7 +262,7 @@ class InferenceEngine:
         )
 
     def _admit(self, request: GenerationRequest, stream: TokenStream) -> None:
-        resident = self._models.get(request.model)
+        resident = self.registry.get(request.model)
         if resident is None or stream.cancelled:
             self._finish(stream, TokenEvent(error=f"The model '{request.model}' is not loaded."))
             return
@@ -268,6 +287,7 @@ class InferenceEngine:
         except Exception as exc:
             self._finish(stream, TokenEvent(error=f"Could not start generation: {exc}"))
             return
+        self.registry.touch(resident)
         self._stats.prompt_tokens_total += len(request.prompt_tokens)
         tokenizer = resident.loaded.tokenizer
         resident.sequences[uid] = _Sequence(
@@ -303,7 +323,7 @@ class InferenceEngine:
             self._stats.prompt_cache_bytes = self._prompt_cache.nbytes
 
     def _drop_cancelled(self) -> None:
-        for resident in self._models.values():
+        for resident in self.registry.residents.values():
             gone = [uid for uid, seq in resident.sequences.items() if seq.stream.cancelled]
             if gone:
                 resident.generator.remove(gone)
@@ -311,7 +331,7 @@ class InferenceEngine:
                     self._finish(resident.sequences.pop(uid).stream, None)
                 self._stats.requests_cancelled_total += len(gone)
 
-    def _step(self, resident: _Resident) -> None:
+    def _step(self, resident: Resident) -> None:
         try:
             _, responses = resident.generator.next()
         except Exception as exc:
@@ -337,7 +357,7 @@ class InferenceEngine:
             if response.finish_reason is not None:
                 self._remember(resident.loaded.model_id, response.all_tokens, response.prompt_cache)
 
-    def _emit(self, resident: _Resident, uid: int, seq: _Sequence, token: int, finish: str | None) -> None:
+    def _emit(self, resident: Resident, uid: int, seq: _Sequence, token: int, finish: str | None) -> None:
         seq.completion_tokens += 1
         if not (finish == "stop" and token in seq.eos_ids):
             seq.detokenizer.add_token(token)  # the end-of-turn token is not part of the answer
@@ -361,6 +381,7 @@ class InferenceEngine:
             seq.stream.put(event)
         else:
             del resident.sequences[uid]
+            self.registry.touch(resident)  # keep-alive counts from the last answer
             self._finish(seq.stream, event)
 
     def _finish(self, stream: TokenStream, event: TokenEvent | None) -> None:
@@ -374,7 +395,7 @@ class InferenceEngine:
             self._inflight -= 1
 
     def _fail_all(self, message: str) -> None:
-        for resident in self._models.values():
+        for resident in self.registry.residents.values():
             for seq in resident.sequences.values():
                 self._finish(seq.stream, TokenEvent(error=message))
             resident.sequences.clear()

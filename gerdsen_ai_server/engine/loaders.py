@@ -102,7 +102,9 @@ class LoaderFactory:
 
     @staticmethod
     def _locate(spec: str, models_dir: Path) -> Path:
-        candidates = [Path(spec).expanduser(), models_dir / spec, models_dir / spec.lower()]
+        # Pulled models live in ``org--name`` folders, as the Hugging Face cache names them.
+        candidates = [Path(spec).expanduser(), models_dir / spec, models_dir / spec.lower(),
+                      models_dir / spec.replace("/", "--")]
         for candidate in candidates:
             if candidate.exists():
                 return candidate

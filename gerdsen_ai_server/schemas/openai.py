@@ -60,6 +60,8 @@ class _Generation(_Request):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    # Ollama's: seconds the model stays loaded after this request (negative: keep it loaded).
+    keep_alive: float | None = None
 
     @field_validator("stop")
     @classmethod

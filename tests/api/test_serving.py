@@ -108,7 +108,8 @@ def test_health_stays_fast_while_four_streams_generate(server: Server) -> None:
 
 
 def test_probes_before_the_model_is_ready(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, wait_ready=False, IMPETUS_DEFAULT_MODEL=str(tmp_path / "missing-model"))
+    srv = start_server(tmp_path, wait_ready=False, IMPETUS_DEFAULT_MODEL=str(tmp_path / "missing-model"),
+                       IMPETUS_AUTOLOAD="false")
     try:
         assert requests.get(f"{srv.url}/health/live", timeout=10).status_code == 200
         deadline = time.monotonic() + 30

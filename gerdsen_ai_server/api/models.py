@@ -1,0 +1,122 @@
+"""/api/models: local and resident models, load and unload (the registry, over HTTP)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from ..default_model import DEFAULT_MODEL_ID
+from ..engine.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
+from ..engine.registry import ModelBusy, OverBudget, Resident
+from ..schemas.registry import LoadRequest, ModelInfo, ModelsOverview, UnloadRequest
+from .errors import APIError
+from .openai import engine, parse_body
+
+bp = Blueprint("models", __name__, url_prefix="/api/models")
+LOAD_TIMEOUT_S = 600
+
+
+def model_error(exc: ModelLoadError) -> APIError:
+    """Registry failures as HTTP: missing 404, unconvertible 422, no room 422, busy 409."""
+    if isinstance(exc, ModelNotFound):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, UnsupportedModelFormat):
+        return APIError(422, str(exc), param="model", code="unsupported_model_format")
+    if isinstance(exc, OverBudget):
+        return APIError(422, str(exc), param="model", code="insufficient_memory")
+    if isinstance(exc, ModelBusy):
+        return APIError(409, str(exc), param="model", code="model_busy")
+    return APIError(422, str(exc), param="model", code="model_load_failed")
+
+
+def load(spec: str, keep_alive: float | None = None) -> Resident:
+    """Load (or touch) ``spec`` on the engine thread and wait for it; keep_alive None is the default."""
+    if keep_alive is not None and keep_alive < 0:
+        keep_alive = math.inf  # Ollama's convention: negative keeps the model loaded
+    try:
+        engine().load_model(spec, keep_alive=keep_alive).result(timeout=LOAD_TIMEOUT_S)
+    except ModelLoadError as exc:
+        raise model_error(exc) from None
+    resident = engine().registry.get(engine().registry.canonical_id(spec))
+    if resident is None:  # evicted between loading and now: vanishingly rare, but say so
+        raise APIError(503, f"The model '{spec}' was unloaded again before it could be used.", code="model_evicted")
+    return resident
+
+
+def resident_info(resident: Resident) -> ModelInfo:
+    loaded = resident.loaded
+    return ModelInfo(
+        id=loaded.model_id, state="resident", format="mlx", path=str(loaded.path),
+        size_bytes=folder_bytes(loaded.path), memory_bytes=loaded.nbytes, context_length=loaded.context_length,
+        busy=resident.busy, pinned=resident.pinned,
+        keep_alive=None if math.isinf(resident.keep_alive) else resident.keep_alive,
+        idle_seconds=round(time.monotonic() - resident.last_used, 3),
+    )
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def local_models() -> list[ModelInfo]:
+    """What the models dir holds (pulled folders are named ``org--name`` for ``org/name``)."""
+    registry = engine().registry
+    found: dict[str, ModelInfo] = {}
+    models_dir = Path(registry.models_dir)
+    for path in sorted(models_dir.iterdir()) if models_dir.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        model_id = path.name.replace("--", "/")
+        try:
+            fmt = registry.loader.detect(path)
+            found[model_id] = ModelInfo(id=model_id, state="local", format=fmt, path=str(path),
+                                        size_bytes=folder_bytes(path))
+        except ModelLoadError as exc:
+            found[model_id] = ModelInfo(id=model_id, state="local", path=str(path), error=str(exc))
+    found.setdefault(DEFAULT_MODEL_ID, ModelInfo(id=DEFAULT_MODEL_ID, state="local", format="gguf"))
+    return list(found.values())
+
+
+@bp.get("")
+def list_models() -> Response:
+    registry = engine().registry
+    residents = {r.loaded.model_id: resident_info(r) for r in engine().residents()}
+    local = [m for m in local_models() if m.id not in residents]
+    overview = ModelsOverview(data=[*residents.values(), *local], memory_budget_bytes=registry.budget_bytes,
+                              memory_used_bytes=registry.used_bytes())
+    return jsonify(overview.model_dump())
+
+
+@bp.get("/<path:model_id>")
+def get_model(model_id: str) -> Response:
+    resident = engine().registry.get(model_id)
+    if resident is not None:
+        return jsonify(resident_info(resident).model_dump())
+    for info in local_models():
+        if info.id == model_id:
+            return jsonify(info.model_dump())
+    raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+
+
+@bp.post("/load")
+def load_model() -> Response:
+    body = parse_body(LoadRequest)
+    return jsonify(resident_info(load(body.model, body.keep_alive)).model_dump())
+
+
+@bp.post("/unload")
+def unload_model() -> Response:
+    body = parse_body(UnloadRequest)
+    model_id = engine().registry.canonical_id(body.model)
+    if engine().registry.get(model_id) is None:
+        raise APIError(404, f"The model '{body.model}' is not loaded.", param="model", code="model_not_found")
+    try:
+        engine().unload_model(model_id).result(timeout=60)
+    except ModelLoadError as exc:
+        raise model_error(exc) from None
+    if model_id == current_app.config["IMPETUS_SETTINGS"].default_model:
+        current_app.logger.warning("the default model was unloaded: /health/ready reports not ready")
+    return jsonify({"id": model_id, "state": "unloaded"})

@@ -1,0 +1,181 @@
+"""Resident models under a memory budget.
+
+Runs on the engine thread (loading is MLX work). Models are admitted only if their estimated
+size fits the budget, evicting least-recently-used idle models first; a model that is
+generating is never evicted; idle models unload after their keep-alive; the default model is
+pinned so readiness never flips because of idleness.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from ..events import EventBus
+from .errors import ModelLoadError
+from .loaders import LoadedModel, LoaderFactory
+
+log = logging.getLogger(__name__)
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class ModelBusy(ModelLoadError):
+    """The model is generating and cannot be unloaded now."""
+
+
+class OverBudget(ModelLoadError):
+    """The model does not fit the memory budget even after evicting every idle model."""
+
+
+@dataclass
+class Resident:
+    loaded: LoadedModel
+    generator: Any
+    keep_alive: float  # seconds idle before unloading; math.inf keeps it
+    pinned: bool = False
+    sequences: dict[int, Any] = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.sequences)
+
+
+def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
+    """Memory the weights will take once loaded, from the safetensors headers alone.
+
+    Quantized weights that will be dequantized to float32 count at 4 bytes per parameter
+    (each scale stands for ``group_size`` parameters, whatever the layer's bit width).
+    """
+    config = json.loads((path / "config.json").read_text())
+    group_size = (config.get("quantization") or {}).get("group_size", 64)
+    tensors: dict[str, tuple[str, int]] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with file.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                tensors[name] = (info["dtype"], math.prod(info["shape"]))
+    total = 0
+    for name, (dtype, count) in tensors.items():
+        stored = count * _DTYPE_BYTES.get(dtype, 4)
+        if compute_dtype != "float32":
+            total += stored
+        elif name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] + ".weight" in tensors:
+            continue  # folded into the weights when dequantized
+        elif dtype == "U32" and (scales := tensors.get(name.rsplit(".", 1)[0] + ".scales")):
+            total += scales[1] * group_size * 4  # one fp32 parameter per quantized element
+        else:
+            total += count * 4
+    return total
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        *,
+        loader: LoaderFactory,
+        models_dir: Path,
+        compute_dtype: str | None,
+        budget_bytes: int,
+        keep_alive: float,
+        make_generator: Callable[[LoadedModel], Any],
+        events: EventBus,
+    ) -> None:
+        self.loader = loader
+        self.models_dir = models_dir
+        self.compute_dtype = compute_dtype
+        self.budget_bytes = budget_bytes
+        self.keep_alive = keep_alive
+        self._make_generator = make_generator
+        self._events = events
+        self.residents: dict[str, Resident] = {}
+
+    def get(self, model_id: str) -> Resident | None:
+        return self.residents.get(model_id)
+
+    def used_bytes(self) -> int:
+        return sum(r.loaded.nbytes for r in self.residents.values())
+
+    def canonical_id(self, spec: str) -> str:
+        """A filesystem path is known by its folder name; an id (``org/name`` included) by itself."""
+        path = Path(spec).expanduser()
+        return path.name if path.is_absolute() or spec.startswith(".") else spec
+
+    def load(self, spec: str, *, keep_alive: float | None = None, pinned: bool = False) -> Resident:
+        """Load ``spec`` unless resident; ``keep_alive=None`` means the server default."""
+        model_id = self.canonical_id(spec)
+        resident = self.residents.get(model_id)
+        if resident is not None:
+            self.touch(resident, keep_alive)
+            resident.pinned = resident.pinned or pinned
+            return resident
+        keep = self.keep_alive if keep_alive is None else keep_alive
+        path = self.loader.resolve(spec, self.models_dir)
+        need = estimate_bytes(path, self.compute_dtype)
+        self._make_room(need, model_id)
+        self._events.publish("model_event", event="loading", model=model_id, bytes=need)
+        started = time.monotonic()
+        try:
+            loaded = self.loader.load(str(path), self.models_dir, compute_dtype=self.compute_dtype)
+        except ModelLoadError as exc:
+            self._events.publish("model_event", event="failed", model=model_id, error=str(exc))
+            raise
+        loaded.model_id = model_id
+        resident = Resident(loaded, self._make_generator(loaded), keep_alive=keep, pinned=pinned)
+        self.residents[model_id] = resident
+        log.info("loaded %s (%.0f MB) in %.1f s", model_id, loaded.nbytes / 1e6, time.monotonic() - started)
+        self._events.publish("model_event", event="loaded", model=model_id, bytes=loaded.nbytes,
+                             seconds=round(time.monotonic() - started, 3))
+        return resident
+
+    def touch(self, resident: Resident, keep_alive: float | None = None) -> None:
+        resident.last_used = time.monotonic()
+        if keep_alive is not None:
+            resident.keep_alive = keep_alive
+
+    def unload(self, model_id: str, reason: str = "unloaded") -> None:
+        resident = self.residents.get(model_id)
+        if resident is None:
+            return
+        if resident.busy:
+            raise ModelBusy(f"The model '{model_id}' is generating ({len(resident.sequences)} requests); "
+                            "unload it when they finish.")
+        del self.residents[model_id]
+        resident.generator.close()
+        del resident
+        mx.clear_cache()  # hand the freed buffers back rather than keeping them cached
+        self._events.publish("model_event", event=reason, model=model_id)
+
+    def expire_idle(self) -> None:
+        now = time.monotonic()
+        for model_id, resident in list(self.residents.items()):
+            if not resident.pinned and not resident.busy and now - resident.last_used >= resident.keep_alive:
+                self.unload(model_id, reason="expired")
+
+    def _make_room(self, need: int, model_id: str) -> None:
+        if need > self.budget_bytes:
+            raise OverBudget(f"The model '{model_id}' needs about {need / 2**30:.2f} GiB, more than the whole "
+                             f"memory budget ({self.budget_bytes / 2**30:.2f} GiB, IMPETUS_MEMORY_BUDGET).")
+        idle = sorted((r for r in self.residents.values() if not r.busy and not r.pinned),
+                      key=lambda r: r.last_used)
+        while self.used_bytes() + need > self.budget_bytes:
+            if not idle:
+                raise OverBudget(
+                    f"The model '{model_id}' needs about {need / 2**30:.2f} GiB; "
+                    f"{self.used_bytes() / 2**30:.2f} of {self.budget_bytes / 2**30:.2f} GiB are held by models "
+                    "that are generating or pinned. Unload one or raise IMPETUS_MEMORY_BUDGET.")
+            self.unload(idle.pop(0).loaded.model_id, reason="evicted")

@@ -1,0 +1,183 @@
+"""/api/models and the registry behind it, on a real server with models the test builds."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server
+from tests.tiny_models import build_tiny_llama, weights_bytes
+
+DEFAULT_FP32_BYTES = 538_060_032  # SmolLM2-135M dequantized to float32 (its parameters' nbytes)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    default = TEST_MODELS_DIR / DEFAULT_MODEL
+    if not default.exists():  # the session server converts it; make sure it exists for copying
+        from gerdsen_ai_server.default_model import ensure_default_model
+
+        ensure_default_model(TEST_MODELS_DIR)
+    shutil.copytree(default, root / DEFAULT_MODEL)
+    for seed, name in enumerate(("tiny-a", "tiny-b", "org--tiny-c")):
+        build_tiny_llama(root / name, default, seed=seed)
+    build_tiny_llama(root / "big", default, hidden=256, layers=4)
+    (root / "exported-onnx").mkdir()
+    (root / "exported-onnx" / "model.onnx").write_bytes(b"\x08\x07")
+    broken = root / "broken"
+    shutil.copytree(root / "tiny-a", broken)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    return root
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Server]:
+    # Room for the default model and exactly one tiny model, not two; the big one never fits.
+    budget = DEFAULT_FP32_BYTES + int(weights_bytes(models_dir / "tiny-a") * 1.5)
+    server = start_server(tmp_path_factory.mktemp("registry"), IMPETUS_MODELS_DIR=str(models_dir),
+                          IMPETUS_MEMORY_BUDGET=str(budget), IMPETUS_KEEP_ALIVE="300")
+    yield server
+    stop_server(server)
+
+
+def listing(srv: Server) -> dict[str, dict]:  # type: ignore[type-arg]
+    body = requests.get(f"{srv.url}/api/models", timeout=30).json()
+    return {m["id"]: m for m in body["data"]}
+
+
+def resident(srv: Server) -> set[str]:
+    return {k for k, v in listing(srv).items() if v["state"] == "resident"}
+
+
+def chat(srv: Server, model: str, max_tokens: int = 3) -> requests.Response:
+    return requests.post(f"{srv.base_url}/chat/completions", timeout=120, json={
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "temperature": 0})
+
+
+def unload_all_tiny(srv: Server) -> None:
+    for model in resident(srv) - {DEFAULT_MODEL}:
+        requests.post(f"{srv.url}/api/models/unload", json={"model": model}, timeout=60)
+
+
+def test_listing_shows_resident_and_local_models(srv: Server) -> None:
+    models = listing(srv)
+    assert models[DEFAULT_MODEL]["state"] == "resident" and models[DEFAULT_MODEL]["pinned"] is True
+    assert models[DEFAULT_MODEL]["memory_bytes"] == DEFAULT_FP32_BYTES
+    assert models["tiny-a"]["state"] == "local" and models["tiny-a"]["format"] == "mlx"
+    assert models["org/tiny-c"]["state"] == "local"
+    assert "ONNX" in models["exported-onnx"]["error"]
+    body = requests.get(f"{srv.url}/api/models", timeout=30).json()
+    assert body["memory_used_bytes"] == DEFAULT_FP32_BYTES
+    assert requests.get(f"{srv.url}/api/models/tiny-a", timeout=30).json()["state"] == "local"
+    assert requests.get(f"{srv.url}/api/models/nope", timeout=30).status_code == 404
+
+
+def test_load_generate_unload(srv: Server) -> None:
+    r = requests.post(f"{srv.url}/api/models/load", json={"model": "tiny-a"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "resident" and r.json()["keep_alive"] == 300
+    assert chat(srv, "tiny-a").json()["usage"]["completion_tokens"] >= 1
+    assert "tiny-a" in [m["id"] for m in requests.get(f"{srv.base_url}/models", timeout=30).json()["data"]]
+    r = requests.post(f"{srv.url}/api/models/unload", json={"model": "tiny-a"}, timeout=60)
+    assert r.status_code == 200
+    assert "tiny-a" not in resident(srv)
+    assert requests.post(f"{srv.url}/api/models/unload", json={"model": "tiny-a"}, timeout=60).status_code == 404
+
+
+def test_request_naming_a_local_model_loads_it_on_demand_even_with_a_slash(srv: Server) -> None:
+    unload_all_tiny(srv)
+    r = chat(srv, "org/tiny-c")
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "org/tiny-c"
+    assert "org/tiny-c" in resident(srv)
+
+
+def test_lru_idle_model_is_evicted_to_make_room(srv: Server) -> None:
+    unload_all_tiny(srv)
+    assert chat(srv, "tiny-a").status_code == 200
+    assert chat(srv, "tiny-b").status_code == 200  # does not fit beside tiny-a: tiny-a goes
+    assert resident(srv) == {DEFAULT_MODEL, "tiny-b"}
+
+
+def test_a_generating_model_is_never_evicted(srv: Server) -> None:
+    unload_all_tiny(srv)
+    assert chat(srv, "tiny-a").status_code == 200
+    body = {"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
+    with requests.post(f"{srv.base_url}/chat/completions", json=body, stream=True, timeout=120) as stream:
+        lines = stream.iter_lines()
+        next(lines)
+        r = requests.post(f"{srv.url}/api/models/load", json={"model": "tiny-b"}, timeout=120)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "insufficient_memory"
+        r = requests.post(f"{srv.url}/api/models/unload", json={"model": "tiny-a"}, timeout=60)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "model_busy"
+    deadline = time.monotonic() + 30
+    while requests.post(f"{srv.url}/api/models/unload", json={"model": "tiny-a"}, timeout=60).status_code != 200:
+        assert time.monotonic() < deadline  # once the client is gone the model is idle again
+        time.sleep(0.2)
+
+
+def test_model_larger_than_budget_is_refused(srv: Server) -> None:
+    r = requests.post(f"{srv.url}/api/models/load", json={"model": "big"}, timeout=120)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "insufficient_memory"
+    assert "IMPETUS_MEMORY_BUDGET" in r.json()["error"]["message"]
+
+
+def test_keep_alive_unloads_an_idle_model(srv: Server) -> None:
+    unload_all_tiny(srv)
+    r = requests.post(f"{srv.url}/api/models/load", json={"model": "tiny-a", "keep_alive": 1}, timeout=120)
+    assert r.json()["keep_alive"] == 1
+    deadline = time.monotonic() + 15
+    while "tiny-a" in resident(srv):
+        assert time.monotonic() < deadline
+        time.sleep(0.25)
+    assert DEFAULT_MODEL in resident(srv)  # pinned: never expires
+
+
+def test_per_request_keep_alive(srv: Server) -> None:
+    unload_all_tiny(srv)
+    r = requests.post(f"{srv.base_url}/completions", timeout=120, json={
+        "model": "tiny-b", "prompt": "hi", "max_tokens": 2, "keep_alive": -1})
+    assert r.status_code == 200, r.text
+    assert listing(srv)["tiny-b"]["keep_alive"] is None  # kept loaded
+
+
+def test_concurrent_loads_of_one_model_load_it_once(srv: Server) -> None:
+    unload_all_tiny(srv)
+    before = srv.log().count("loaded tiny-a (")
+    results: list[int] = []
+
+    def load() -> None:
+        results.append(requests.post(f"{srv.url}/api/models/load", json={"model": "tiny-a"}, timeout=120).status_code)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 4
+    assert srv.log().count("loaded tiny-a (") == before + 1
+
+
+@pytest.mark.parametrize(("model", "status", "code"), [
+    ("exported-onnx", 422, "unsupported_model_format"),
+    ("broken", 422, "model_load_failed"),
+    ("no-such-model", 404, "model_not_found"),
+])
+def test_load_errors_are_clear_and_the_server_keeps_serving(srv: Server, model: str, status: int, code: str) -> None:
+    r = requests.post(f"{srv.url}/api/models/load", json={"model": model}, timeout=120)
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    assert chat(srv, DEFAULT_MODEL).status_code == 200
+
+
+def test_load_body_is_validated(srv: Server) -> None:
+    r = requests.post(f"{srv.url}/api/models/load", json={"model": ""}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = requests.post(f"{srv.url}/api/models/load", json={"model": "tiny-a", "warp": 9}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "warp"
