@@ -137,3 +137,23 @@ def test_health_reports_version_uptime_and_models(server: Server) -> None:
     assert body["blas"] in ("openblas", "reference", "accelerate")
     assert body["compute_dtype"] in ("float32", "as stored")
     assert requests.get(f"{server.url}/health/ready", timeout=10).status_code == 200
+
+
+def test_full_server_answers_503_with_retry_after_at_once(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, IMPETUS_MAX_BATCH="1", IMPETUS_MAX_QUEUE="0")
+    try:
+        body = {**LONG, "max_tokens": 400, "stream": True}
+        with requests.post(f"{srv.base_url}/chat/completions", json=body, stream=True, timeout=120) as r:
+            next(r.iter_lines())
+            started = time.monotonic()
+            refused = requests.post(f"{srv.base_url}/chat/completions", json={**LONG, "max_tokens": 5}, timeout=30)
+            elapsed = time.monotonic() - started
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["code"] == "server_overloaded"
+        assert elapsed < 2.0
+        wait_idle(srv)
+        assert requests.post(f"{srv.base_url}/chat/completions", json={**LONG, "max_tokens": 3},
+                             timeout=60).status_code == 200
+    finally:
+        stop_server(srv)
