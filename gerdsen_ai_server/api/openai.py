@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 from .. import __version__
 from ..engine.engine import ContextLengthExceeded, EngineOverloaded, InferenceEngine
 from ..engine.loaders import LoadedModel
-from ..engine.stream import EngineGone, GenerationRequest, SamplingParams, TokenStream
+from ..engine.stream import EngineGone, GenerationRequest, SamplingParams, TokenEvent, TokenLogprob, TokenStream
 from ..schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -27,6 +28,7 @@ from ..schemas.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -36,6 +38,7 @@ from ..schemas.openai import (
     _Generation,
 )
 from .errors import APIError, error_body
+from .logprobs import chat_logprobs, completion_logprobs
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 FINGERPRINT = f"fp_impetus_{__version__}"
@@ -100,13 +103,14 @@ def get_model(model_id: str) -> Response:
 # ---- request → engine --------------------------------------------------------------------
 
 
-def sampling_params(body: _Generation) -> SamplingParams:
+def sampling_params(body: _Generation, choice: int = 0) -> SamplingParams:
     return SamplingParams(
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         min_p=body.min_p,
-        seed=body.seed,
+        # n > 1 with a seed: each choice reproducible, and different from the others.
+        seed=None if body.seed is None else body.seed + choice,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
@@ -116,11 +120,11 @@ def sampling_params(body: _Generation) -> SamplingParams:
 
 def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
     name = body.unsupported()
-    if name is None and body.n != 1:
-        name = "n"
     if name is not None:
         raise APIError(400, f"The parameter '{name}' is not supported by this server yet.", param=name,
                        code="unsupported_parameter")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs", code="invalid_value")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options",
                        code="invalid_value")
@@ -144,21 +148,31 @@ def completion_budget(loaded: LoadedModel, prompt_len: int, requested: int | Non
 
 
 def submit_all(
-    body: _Generation, loaded: LoadedModel, prompts: list[list[int]], requested: int | None, param: str
+    body: ChatCompletionRequest | CompletionRequest, loaded: LoadedModel, prompts: list[list[int]],
+    requested: int | None, param: str,
 ) -> list[TokenStream]:
+    """One engine request per prompt and choice (``n``), in choice-index order."""
+    capacity = engine().max_batch + engine().max_queue
+    if len(prompts) * body.n > capacity:
+        raise APIError(400, f"This request asks for {len(prompts) * body.n} sequences; this server runs at most "
+                       f"{capacity} at once (IMPETUS_MAX_BATCH + IMPETUS_MAX_QUEUE).", param="n", code="invalid_value")
     streams: list[TokenStream] = []
     try:
         for tokens in prompts:
             if not tokens:
                 raise APIError(400, "The prompt must not be empty.", param=param, code="invalid_value")
-            gen = GenerationRequest(
-                model=loaded.model_id,
-                prompt_tokens=tokens,
-                max_tokens=completion_budget(loaded, len(tokens), requested),
-                sampling=sampling_params(body),
-                stop=body.stop_list(),
-            )
-            streams.append(engine().submit(gen))
+            max_tokens = completion_budget(loaded, len(tokens), requested)
+            for choice in range(body.n):
+                gen = GenerationRequest(
+                    model=loaded.model_id,
+                    prompt_tokens=tokens,
+                    max_tokens=max_tokens,
+                    sampling=sampling_params(body, choice),
+                    stop=body.stop_list(),
+                    logprobs=body.logprob_count(),
+                    strip_leading_space=isinstance(body, ChatCompletionRequest),
+                )
+                streams.append(engine().submit(gen))
     except ContextLengthExceeded as exc:
         cancel_all(streams)
         raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
@@ -214,6 +228,16 @@ def completion_prompts(body: CompletionRequest, loaded: LoadedModel) -> list[lis
 # ---- engine → wire -----------------------------------------------------------------------
 
 
+@dataclass
+class Finished:
+    """One choice read to its end."""
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+    logprobs: list[TokenLogprob]
+
+
 def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -232,15 +256,21 @@ def event_stream(chunks: Iterator[str], streams: list[TokenStream]) -> Response:
     return Response(body(), mimetype="text/event-stream", headers=headers)
 
 
-def collect(streams: list[TokenStream]) -> list[tuple[str, str | None, int, int]]:
-    """(text, finish_reason, prompt_tokens, completion_tokens) for each stream, in order."""
+def collect(streams: list[TokenStream]) -> list[Finished]:
     results = []
     try:
         for stream in streams:
-            text, last = stream.collect()
+            parts: list[str] = []
+            logprobs: list[TokenLogprob] = []
+            last = None
+            for event in stream:
+                parts.append(event.text)
+                logprobs += event.logprobs
+                last = event
+            assert last is not None
             if last.error:
                 raise APIError(500, last.error, code="generation_failed")
-            results.append((text, last.finish_reason, last.prompt_tokens, last.completion_tokens))
+            results.append(Finished("".join(parts), last.finish_reason, last.completion_tokens, logprobs))
     except EngineGone as exc:
         raise APIError(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"}) from None
     finally:
@@ -263,6 +293,19 @@ def usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+def request_meta(prefix: str, loaded: LoadedModel) -> dict[str, Any]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": loaded.model_id,
+            "system_fingerprint": FINGERPRINT}
+
+
+def relay(streams: list[TokenStream]) -> Iterator[tuple[int, TokenEvent]]:
+    """Every stream's events, tagged with the choice index. All run together in the engine's
+    batch; we relay them in order, so later choices arrive from their buffer at once."""
+    for index, stream in enumerate(streams):
+        for event in stream:
+            yield index, event
+
+
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
     body = parse_body(ChatCompletionRequest)
@@ -270,33 +313,43 @@ def chat_completions() -> Response:
     loaded = resident_model(body.model, body.keep_alive)
     prompt = chat_prompt(body, loaded)
     streams = submit_all(body, loaded, [prompt], body.max_completion_tokens or body.max_tokens, "messages")
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": loaded.model_id,
-            "system_fingerprint": FINGERPRINT}
+    meta = request_meta("chatcmpl", loaded)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(chat_chunks(meta, streams[0], include_usage), streams)
-    text, finish, p, c = collect(streams)[0]
-    choice = ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=finish)
-    return jsonify(ChatCompletion(**meta, choices=[choice], usage=usage(p, c)).model_dump())
+        return event_stream(chat_chunks(meta, streams, len(prompt), include_usage, body.logprobs, loaded), streams)
+    results = collect(streams)
+    choices = [
+        ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
+                   logprobs=chat_logprobs(r.logprobs, loaded.tokenizer) if body.logprobs else None)
+        for i, r in enumerate(results)
+    ]
+    total = usage(len(prompt), sum(r.completion_tokens for r in results))
+    return jsonify(ChatCompletion(**meta, choices=choices, usage=total).model_dump())
 
 
-def chat_chunks(meta: dict[str, Any], stream: TokenStream, include_usage: bool) -> Iterator[str]:
-    def chunk(delta: ChatDelta, finish: str | None = None) -> str:
-        choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish)
+def chat_chunks(meta: dict[str, Any], streams: list[TokenStream], prompt_tokens: int, include_usage: bool,
+                logprobs: bool, loaded: LoadedModel) -> Iterator[str]:
+    def chunk(index: int, delta: ChatDelta, finish: str | None = None, lp: ChatLogprobs | None = None) -> str:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=lp)
         return sse(chunk_payload(ChatCompletionChunk(**meta, choices=[choice]), include_usage))
 
-    yield chunk(ChatDelta(role="assistant", content=""))
-    for event in stream:
+    completion_tokens = 0
+    started: set[int] = set()
+    for index, event in relay(streams):
+        if index not in started:
+            started.add(index)
+            yield chunk(index, ChatDelta(role="assistant", content=""))
         if event.error:
             yield sse(error_body(500, event.error, code="generation_failed"))
             return
-        if event.text:
-            yield chunk(ChatDelta(content=event.text))
+        if event.text or (logprobs and event.logprobs):
+            lp = chat_logprobs(event.logprobs, loaded.tokenizer) if logprobs else None
+            yield chunk(index, ChatDelta(content=event.text), lp=lp)
         if event.finish_reason:
-            yield chunk(ChatDelta(), event.finish_reason)
-            if include_usage:
-                yield sse(ChatCompletionChunk(**meta, choices=[], usage=usage(event.prompt_tokens,
-                                                                               event.completion_tokens)).model_dump())
+            completion_tokens += event.completion_tokens
+            yield chunk(index, ChatDelta(), event.finish_reason)
+    if include_usage:
+        yield sse(ChatCompletionChunk(**meta, choices=[], usage=usage(prompt_tokens, completion_tokens)).model_dump())
 
 
 @bp.post("/completions")
@@ -306,29 +359,39 @@ def completions() -> Response:
     loaded = resident_model(body.model, body.keep_alive)
     prompts = completion_prompts(body, loaded)
     streams = submit_all(body, loaded, prompts, body.max_tokens, "prompt")
-    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": loaded.model_id,
-            "system_fingerprint": FINGERPRINT}
+    meta = request_meta("cmpl", loaded)
+    prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(completion_chunks(meta, streams, include_usage), streams)
+        return event_stream(completion_chunks(meta, streams, prompt_tokens, include_usage, body, loaded), streams)
     results = collect(streams)
-    choices = [CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f, _, _) in enumerate(results)]
-    total = usage(sum(r[2] for r in results), sum(r[3] for r in results))
+    top = bool(body.logprobs)
+    choices = [
+        CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason,
+                         logprobs=None if body.logprobs is None else completion_logprobs(r.logprobs, loaded.tokenizer,
+                                                                                         0, top))
+        for i, r in enumerate(results)
+    ]
+    total = usage(prompt_tokens, sum(r.completion_tokens for r in results))
     return jsonify(Completion(**meta, choices=choices, usage=total).model_dump())
 
 
-def completion_chunks(meta: dict[str, Any], streams: list[TokenStream], include_usage: bool) -> Iterator[str]:
-    prompt_total = completion_total = 0
-    for index, stream in enumerate(streams):  # all run together in the engine; we relay in order
-        for event in stream:
-            if event.error:
-                yield sse(error_body(500, event.error, code="generation_failed"))
-                return
-            if event.text or event.finish_reason:
-                choice = CompletionChoice(index=index, text=event.text, finish_reason=event.finish_reason)
-                yield sse(chunk_payload(Completion(**meta, choices=[choice]), include_usage))
-            if event.done:
-                prompt_total += event.prompt_tokens
-                completion_total += event.completion_tokens
+def completion_chunks(meta: dict[str, Any], streams: list[TokenStream], prompt_tokens: int, include_usage: bool,
+                      body: CompletionRequest, loaded: LoadedModel) -> Iterator[str]:
+    completion_tokens = 0
+    offsets = [0] * len(streams)
+    for index, event in relay(streams):
+        if event.error:
+            yield sse(error_body(500, event.error, code="generation_failed"))
+            return
+        if event.text or event.finish_reason or (body.logprobs is not None and event.logprobs):
+            lp = None
+            if body.logprobs is not None:
+                lp = completion_logprobs(event.logprobs, loaded.tokenizer, offsets[index], bool(body.logprobs))
+            offsets[index] += len(event.text)
+            choice = CompletionChoice(index=index, text=event.text, finish_reason=event.finish_reason, logprobs=lp)
+            yield sse(chunk_payload(Completion(**meta, choices=[choice]), include_usage))
+        if event.done:
+            completion_tokens += event.completion_tokens
     if include_usage:
-        yield sse(Completion(**meta, choices=[], usage=usage(prompt_total, completion_total)).model_dump())
+        yield sse(Completion(**meta, choices=[], usage=usage(prompt_tokens, completion_tokens)).model_dump())

@@ -26,7 +26,7 @@ from ..events import EventBus
 from .errors import ModelLoadError, ModelNotFound
 from .loaders import LoadedModel, LoaderFactory
 from .registry import ModelRegistry, Resident
-from .sampling import StopMatcher, build_logits_processors, build_sampler, guarded
+from .sampling import StopMatcher, build_logits_processors, build_sampler, guarded, token_logprob
 from .stream import GenerationRequest, TokenEvent, TokenStream
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class _Sequence:
     eos_ids: set[int]
     prompt_tokens: int
     errors: list[Exception]
+    logprobs: int | None = None
     completion_tokens: int = 0
 
 
@@ -73,6 +74,17 @@ class EngineStats:
     prompt_cache_misses_total: int = 0
     prompt_cache_bytes: int = 0
     steps_total: int = 0
+
+
+def make_detokenizer(tokenizer: Any, strip_leading_space: bool) -> Any:
+    detokenizer = tokenizer.detokenizer
+    if not strip_leading_space and hasattr(detokenizer, "_maybe_trim_space"):
+        # The BPE detokenizer trims only while its text is empty: start it with a sentinel
+        # character that ``last_segment`` (which reads from ``offset``) never returns.
+        detokenizer.text, detokenizer.offset = "\x00", 1
+    elif not strip_leading_space and hasattr(detokenizer, "trim_space"):
+        detokenizer.trim_space = False  # SentencePiece models
+    return detokenizer
 
 
 def default_compute_dtype(setting: str) -> str | None:
@@ -292,11 +304,12 @@ class InferenceEngine:
         tokenizer = resident.loaded.tokenizer
         resident.sequences[uid] = _Sequence(
             stream=stream,
-            detokenizer=tokenizer.detokenizer,
+            detokenizer=make_detokenizer(tokenizer, request.strip_leading_space),
             stop=StopMatcher(request.stop),
             eos_ids=set(tokenizer.eos_token_ids),
             prompt_tokens=len(request.prompt_tokens),
             errors=errors,
+            logprobs=request.logprobs,
         )
 
     def _cached_prefix(self, model_id: str, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
@@ -353,14 +366,18 @@ class InferenceEngine:
                 self._finish(seq.stream, TokenEvent(error=f"Generation failed: {seq.errors[0]}"))
                 continue
             if seq is not None:
-                self._emit(resident, response.uid, seq, response.token, response.finish_reason)
+                self._emit(resident, response.uid, seq, response)
             if response.finish_reason is not None:
                 self._remember(resident.loaded.model_id, response.all_tokens, response.prompt_cache)
 
-    def _emit(self, resident: Resident, uid: int, seq: _Sequence, token: int, finish: str | None) -> None:
+    def _emit(self, resident: Resident, uid: int, seq: _Sequence, response: Any) -> None:
+        token, finish = response.token, response.finish_reason
         seq.completion_tokens += 1
+        logprobs = []
         if not (finish == "stop" and token in seq.eos_ids):
             seq.detokenizer.add_token(token)  # the end-of-turn token is not part of the answer
+            if seq.logprobs is not None:
+                logprobs.append(token_logprob(response.logprobs, token, seq.logprobs))
         if finish is not None:
             seq.detokenizer.finalize()
         text, hit_stop = seq.stop.feed(seq.detokenizer.last_segment)
@@ -376,6 +393,7 @@ class InferenceEngine:
             finish_reason=finish,
             prompt_tokens=seq.prompt_tokens,
             completion_tokens=seq.completion_tokens,
+            logprobs=logprobs,
         )
         if finish is None:
             seq.stream.put(event)

@@ -20,7 +20,7 @@ from mlx_lm.sample_utils import (
     make_sampler,
 )
 
-from .stream import SamplingParams
+from .stream import SamplingParams, TokenLogprob
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -121,3 +121,14 @@ class StopMatcher:
             if any(s.startswith(tail) for s in self._stops):
                 return k
         return 0
+
+
+def token_logprob(logprobs: mx.array, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-probability and the ``top`` most likely tokens' (engine thread only)."""
+    alternatives: list[tuple[int, float]] = []
+    if top > 0:
+        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+        values = logprobs[ids]
+        order = mx.argsort(-values)
+        alternatives = list(zip(ids[order].tolist(), values[order].tolist(), strict=True))
+    return TokenLogprob(token, logprobs[token].item(), alternatives)

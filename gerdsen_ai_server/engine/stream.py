@@ -35,9 +35,21 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    # mlx-lm's detokenizers drop the first token's leading space (right for chat answers); a text
+    # completion keeps it, so that prompt + completion reads as the model wrote it.
+    strip_leading_space: bool = True
+    # None: no log-probabilities; 0: the chosen token's; k: also the k most likely alternatives.
+    logprobs: int | None = None
     # Extra (tokens, logits) -> logits functions, e.g. a grammar for structured output.
     logits_processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -50,6 +62,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def done(self) -> bool:

@@ -124,7 +124,9 @@ def test_unknown_model_is_404(client) -> None:  # type: ignore[no-untyped-def]
         ({"temperature": 3}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"top_p": "high"}, "top_p"),
-        ({"n": 2}, "n"),
+        ({"n": 1000}, "n"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -188,3 +190,49 @@ def test_sse_wire_format(server: Server) -> None:
     assert lines[-1] == "data: [DONE]"
     first = json.loads(lines[0][6:])
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["finish_reason"] is None
+
+
+def test_chat_logprobs_match_the_tokens(client, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=30,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert entry.top_logprobs[0].token == entry.token
+        assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-5
+        assert bytes(entry.bytes).decode() == entry.token
+
+
+def test_chat_logprobs_stream(client) -> None:  # type: ignore[no-untyped-def]
+    chunks = list(client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=30,
+                                                 logprobs=True, stream=True))
+    tokens = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert "".join(tokens) == "The capital of France is Paris."
+
+
+def test_completion_logprobs_shape(client) -> None:  # type: ignore[no-untyped-def]
+    reply = client.completions.create(model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=4,
+                                      temperature=0, logprobs=2)
+    lp = reply.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert "".join(lp.tokens) == reply.choices[0].text
+    assert lp.text_offset[0] == 0 and all(len(t) == 2 for t in lp.top_logprobs)
+
+
+def test_n_choices(client) -> None:  # type: ignore[no-untyped-def]
+    reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=3, seed=11,
+                                           temperature=1.0)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert len({c.message.content for c in reply.choices}) > 1
+    again = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=3, seed=11,
+                                           temperature=1.0)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    one = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=1, seed=11,
+                                         temperature=1.0)
+    assert reply.usage.prompt_tokens == one.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=2,
+                                                 temperature=0, stream=True))
+    finished = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finished == [0, 1]
