@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from .. import __version__
 from ..engine.engine import ContextLengthExceeded, EngineOverloaded, InferenceEngine
+from ..engine.grammar import GrammarError, GrammarProcessor, compile_json_schema
 from ..engine.loaders import LoadedModel
 from ..engine.stream import EngineGone, GenerationRequest, SamplingParams, TokenEvent, TokenLogprob, TokenStream
 from ..schemas.openai import (
@@ -147,9 +148,22 @@ def completion_budget(loaded: LoadedModel, prompt_len: int, requested: int | Non
     return min(current_app.config["IMPETUS_SETTINGS"].max_tokens_default, room)
 
 
+def constraint_factory(body: ChatCompletionRequest, loaded: LoadedModel) -> Callable[[], list[Any]]:
+    """A new grammar processor per choice when ``response_format`` asks for JSON."""
+    schema = body.json_schema()
+    if schema is None:
+        return list
+    try:
+        grammar = compile_json_schema(loaded.tokenizer, schema)
+    except GrammarError as exc:
+        raise APIError(400, f"Invalid JSON schema in response_format: {exc}", param="response_format",
+                       code="invalid_value") from None
+    return lambda: [GrammarProcessor(loaded.tokenizer, grammar)]
+
+
 def submit_all(
     body: ChatCompletionRequest | CompletionRequest, loaded: LoadedModel, prompts: list[list[int]],
-    requested: int | None, param: str,
+    requested: int | None, param: str, processors: Callable[[], list[Any]] = list,
 ) -> list[TokenStream]:
     """One engine request per prompt and choice (``n``), in choice-index order."""
     capacity = engine().max_batch + engine().max_queue
@@ -171,6 +185,7 @@ def submit_all(
                     stop=body.stop_list(),
                     logprobs=body.logprob_count(),
                     strip_leading_space=isinstance(body, ChatCompletionRequest),
+                    logits_processors=processors(),
                 )
                 streams.append(engine().submit(gen))
     except ContextLengthExceeded as exc:
@@ -312,7 +327,9 @@ def chat_completions() -> Response:
     check_supported(body)
     loaded = resident_model(body.model, body.keep_alive)
     prompt = chat_prompt(body, loaded)
-    streams = submit_all(body, loaded, [prompt], body.max_completion_tokens or body.max_tokens, "messages")
+    processors = constraint_factory(body, loaded)
+    streams = submit_all(body, loaded, [prompt], body.max_completion_tokens or body.max_tokens, "messages",
+                         processors)
     meta = request_meta("chatcmpl", loaded)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

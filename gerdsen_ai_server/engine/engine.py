@@ -294,7 +294,7 @@ class InferenceEngine:
                 caches=[cache],
                 all_tokens=[prompt[: len(prompt) - len(rest)]],
                 samplers=[build_sampler(request.sampling)],
-                logits_processors=[guarded(processors, errors)],
+                logits_processors=[guarded(processors, errors, len(prompt))],
             )
         except Exception as exc:
             self._finish(stream, TokenEvent(error=f"Could not start generation: {exc}"))

@@ -57,16 +57,17 @@ def build_sampler(params: SamplingParams) -> Sampler:
     return seeded_sampler
 
 
-def guarded(processors: list[LogitsProcessor], errors: list[Exception]) -> list[LogitsProcessor]:
-    """Processors that record a failure instead of raising, so one bad request cannot fail the
-    whole batch's step; the engine ends that request alone when ``errors`` fills."""
+def guarded(processors: list[LogitsProcessor], errors: list[Exception], prompt_len: int) -> list[LogitsProcessor]:
+    """Processors that see only the generated tokens (mlx-lm hands them the prompt too; penalties,
+    like vLLM's, count the output only) and that record a failure instead of raising, so one bad
+    request cannot fail the whole batch's step: the engine ends that request alone."""
 
     def guard(processor: LogitsProcessor) -> LogitsProcessor:
         def run(tokens: mx.array, logits: mx.array) -> mx.array:
             if errors:
                 return logits
             try:
-                return processor(tokens, logits)
+                return processor(tokens[prompt_len:], logits)
             except Exception as exc:
                 errors.append(exc)
                 return logits

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 
@@ -34,6 +34,26 @@ class ChatMessage(_Request):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return self
 
 
 class StreamOptions(_Request):
@@ -99,7 +119,7 @@ class ChatCompletionRequest(_Generation):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     functions: list[Any] | None = None
     function_call: Any = None
 
@@ -110,9 +130,17 @@ class ChatCompletionRequest(_Generation):
         for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"):
             if getattr(self, name) is not None:
                 return name
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            return "response_format"
         return None
+
+    def json_schema(self) -> dict[str, Any] | None:
+        """The schema the output must follow, or None for free text."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return {"type": "object"}
+        assert fmt.json_schema is not None  # checked by ResponseFormat
+        return fmt.json_schema.schema_
 
 
 PromptType = str | list[str] | list[int] | list[list[int]]

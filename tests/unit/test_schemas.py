@@ -43,8 +43,10 @@ def test_known_but_unsupported_options_are_reported() -> None:
     assert ChatCompletionRequest(model="m", messages=MESSAGES, tools=[{}]).unsupported() == "tools"  # type: ignore[arg-type]
     assert ChatCompletionRequest(model="m", messages=MESSAGES, logprobs=True, top_logprobs=2).logprob_count() == 2  # type: ignore[arg-type]
     assert ChatCompletionRequest(model="m", messages=MESSAGES).logprob_count() is None  # type: ignore[arg-type]
-    assert ChatCompletionRequest(model="m", messages=MESSAGES, response_format={"type": "json_object"}).unsupported() == "response_format"  # type: ignore[arg-type]
-    assert ChatCompletionRequest(model="m", messages=MESSAGES, response_format={"type": "text"}).unsupported() is None  # type: ignore[arg-type]
+    assert ChatCompletionRequest(model="m", messages=MESSAGES, response_format={"type": "json_object"}).json_schema() == {"type": "object"}  # type: ignore[arg-type]
+    assert ChatCompletionRequest(model="m", messages=MESSAGES, response_format={"type": "text"}).json_schema() is None  # type: ignore[arg-type]
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "integer"}}}
+    assert ChatCompletionRequest(model="m", messages=MESSAGES, response_format=fmt).json_schema() == {"type": "integer"}  # type: ignore[arg-type]
     assert CompletionRequest(model="m", prompt="x", echo=True).unsupported() == "echo"
 
 
