@@ -18,18 +18,11 @@ from pydantic import BaseModel
 
 from .. import __version__
 from ..engine.engine import ContextLengthExceeded, EngineOverloaded, InferenceEngine
-from ..engine.grammar import GrammarError, GrammarProcessor, compile_json_schema
 from ..engine.loaders import LoadedModel
 from ..engine.stream import EngineGone, GenerationRequest, SamplingParams, TokenEvent, TokenLogprob, TokenStream
 from ..schemas.openai import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatDelta,
-    ChatLogprobs,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -39,7 +32,7 @@ from ..schemas.openai import (
     _Generation,
 )
 from .errors import APIError, error_body
-from .logprobs import chat_logprobs, completion_logprobs
+from .logprobs import completion_logprobs
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 FINGERPRINT = f"fp_impetus_{__version__}"
@@ -148,19 +141,6 @@ def completion_budget(loaded: LoadedModel, prompt_len: int, requested: int | Non
     return min(current_app.config["IMPETUS_SETTINGS"].max_tokens_default, room)
 
 
-def constraint_factory(body: ChatCompletionRequest, loaded: LoadedModel) -> Callable[[], list[Any]]:
-    """A new grammar processor per choice when ``response_format`` asks for JSON."""
-    schema = body.json_schema()
-    if schema is None:
-        return list
-    try:
-        grammar = compile_json_schema(loaded.tokenizer, schema)
-    except GrammarError as exc:
-        raise APIError(400, f"Invalid JSON schema in response_format: {exc}", param="response_format",
-                       code="invalid_value") from None
-    return lambda: [GrammarProcessor(loaded.tokenizer, grammar)]
-
-
 def submit_all(
     body: ChatCompletionRequest | CompletionRequest, loaded: LoadedModel, prompts: list[list[int]],
     requested: int | None, param: str, processors: Callable[[], list[Any]] = list,
@@ -203,20 +183,6 @@ def submit_all(
 def cancel_all(streams: list[TokenStream]) -> None:
     for stream in streams:
         stream.cancel()
-
-
-def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel) -> list[int]:
-    tokenizer = loaded.tokenizer
-    if not getattr(tokenizer, "has_chat_template", True):
-        raise APIError(400, f"The model '{loaded.model_id}' has no chat template; use /v1/completions.",
-                       param="model", code="invalid_value")
-    # Templates know "system", not OpenAI's newer "developer" role.
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    except Exception as exc:  # a template may reject e.g. a role order it does not support
-        raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages",
-                       code="invalid_value") from None
 
 
 def completion_prompts(body: CompletionRequest, loaded: LoadedModel) -> list[list[int]]:
@@ -319,54 +285,6 @@ def relay(streams: list[TokenStream]) -> Iterator[tuple[int, TokenEvent]]:
     for index, stream in enumerate(streams):
         for event in stream:
             yield index, event
-
-
-@bp.post("/chat/completions")
-def chat_completions() -> Response:
-    body = parse_body(ChatCompletionRequest)
-    check_supported(body)
-    loaded = resident_model(body.model, body.keep_alive)
-    prompt = chat_prompt(body, loaded)
-    processors = constraint_factory(body, loaded)
-    streams = submit_all(body, loaded, [prompt], body.max_completion_tokens or body.max_tokens, "messages",
-                         processors)
-    meta = request_meta("chatcmpl", loaded)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(chat_chunks(meta, streams, len(prompt), include_usage, body.logprobs, loaded), streams)
-    results = collect(streams)
-    choices = [
-        ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                   logprobs=chat_logprobs(r.logprobs, loaded.tokenizer) if body.logprobs else None)
-        for i, r in enumerate(results)
-    ]
-    total = usage(len(prompt), sum(r.completion_tokens for r in results))
-    return jsonify(ChatCompletion(**meta, choices=choices, usage=total).model_dump())
-
-
-def chat_chunks(meta: dict[str, Any], streams: list[TokenStream], prompt_tokens: int, include_usage: bool,
-                logprobs: bool, loaded: LoadedModel) -> Iterator[str]:
-    def chunk(index: int, delta: ChatDelta, finish: str | None = None, lp: ChatLogprobs | None = None) -> str:
-        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=lp)
-        return sse(chunk_payload(ChatCompletionChunk(**meta, choices=[choice]), include_usage))
-
-    completion_tokens = 0
-    started: set[int] = set()
-    for index, event in relay(streams):
-        if index not in started:
-            started.add(index)
-            yield chunk(index, ChatDelta(role="assistant", content=""))
-        if event.error:
-            yield sse(error_body(500, event.error, code="generation_failed"))
-            return
-        if event.text or (logprobs and event.logprobs):
-            lp = chat_logprobs(event.logprobs, loaded.tokenizer) if logprobs else None
-            yield chunk(index, ChatDelta(content=event.text), lp=lp)
-        if event.finish_reason:
-            completion_tokens += event.completion_tokens
-            yield chunk(index, ChatDelta(), event.finish_reason)
-    if include_usage:
-        yield sse(ChatCompletionChunk(**meta, choices=[], usage=usage(prompt_tokens, completion_tokens)).model_dump())
 
 
 @bp.post("/completions")

@@ -129,7 +129,8 @@ def test_unknown_model_is_404(client) -> None:  # type: ignore[no-untyped-def]
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools.0.function.name"),
     ],
 )
 def test_bad_parameters_are_400_naming_the_param(client, extra: dict, param: str) -> None:  # type: ignore[no-untyped-def,type-arg]
@@ -277,3 +278,66 @@ def test_bad_schema_is_400(client) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, response_format={"type": "json_schema"})
     assert info.value.body["param"].startswith("response_format")
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_named_tool_choice_returns_a_valid_call(client, stream: bool) -> None:  # type: ignore[no-untyped-def]
+    args = dict(model=DEFAULT_MODEL, messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=60,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    if stream:
+        chunks = list(client.chat.completions.create(**args, stream=True))
+        calls = [tc for c in chunks if c.choices and c.choices[0].delta.tool_calls for tc in c.choices[0].delta.tool_calls]
+        finish = chunks[-1].choices[0].finish_reason
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    else:
+        reply = client.chat.completions.create(**args)
+        calls, finish = reply.choices[0].message.tool_calls, reply.choices[0].finish_reason
+        assert reply.choices[0].message.content is None
+    assert finish == "tool_calls" and len(calls) == 1
+    assert calls[0].function.name == "get_weather" and calls[0].id.startswith("call_")
+    arguments = json.loads(calls[0].function.arguments)
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("C", "F")
+
+
+def test_required_tool_choice_and_the_round_trip(client) -> None:  # type: ignore[no-untyped-def]
+    reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=ASK, tools=[WEATHER, TIME], temperature=0,
+                                           max_tokens=60, tool_choice="required")
+    call = reply.choices[0].message.tool_calls[0]
+    assert call.function.name in ("get_weather", "get_time")
+    follow_up = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "unit": "C"}'},
+    ]
+    answer = client.chat.completions.create(model=DEFAULT_MODEL, messages=follow_up, tools=[WEATHER, TIME],
+                                            tool_choice="none", temperature=0, max_tokens=20)
+    assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
+
+
+def test_auto_tool_calls_are_parsed_from_markers() -> None:
+    from gerdsen_ai_server.api.tools import ToolCallSplitter, ToolPlan
+
+    splitter = ToolCallSplitter(ToolPlan("auto"))
+    pieces = ['Let me check. <tool', '_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_c',
+              'all> and <tool_call>not json</tool_call>', ' done']
+    content = "".join(splitter.feed(p) for p in pieces) + splitter.feed("", final=True)
+    assert content == "Let me check.  and <tool_call>not json</tool_call> done"
+    assert [c.function.name for c in splitter.calls] == ["get_weather"]
+    assert json.loads(splitter.calls[0].function.arguments) == {"city": "Paris"}
+
+
+def test_tool_choice_errors(client) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=ASK, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert info.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=ASK, tool_choice="required")
+    assert info.value.body["param"] == "tool_choice"

@@ -40,7 +40,7 @@ def test_errors_name_the_param(body: dict, param: str, code: str) -> None:  # ty
 
 
 def test_known_but_unsupported_options_are_reported() -> None:
-    assert ChatCompletionRequest(model="m", messages=MESSAGES, tools=[{}]).unsupported() == "tools"  # type: ignore[arg-type]
+    assert ChatCompletionRequest(model="m", messages=MESSAGES, functions=[{}]).unsupported() == "functions"  # type: ignore[arg-type]
     assert ChatCompletionRequest(model="m", messages=MESSAGES, logprobs=True, top_logprobs=2).logprob_count() == 2  # type: ignore[arg-type]
     assert ChatCompletionRequest(model="m", messages=MESSAGES).logprob_count() is None  # type: ignore[arg-type]
     assert ChatCompletionRequest(model="m", messages=MESSAGES, response_format={"type": "json_object"}).json_schema() == {"type": "object"}  # type: ignore[arg-type]

@@ -1,0 +1,137 @@
+"""POST /v1/chat/completions: messages (and tools) into a prompt, the engine's streams into
+chat completions — plain JSON or Server-Sent Events — with tool calls and JSON-constrained output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Response, jsonify
+
+from ..engine.grammar import GrammarError, GrammarProcessor, compile_json_schema
+from ..engine.loaders import LoadedModel
+from ..engine.stream import TokenStream
+from ..schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    DeltaToolCall,
+    ToolCall,
+)
+from .errors import APIError, error_body
+from .logprobs import chat_logprobs
+from .openai import (
+    bp,
+    check_supported,
+    chunk_payload,
+    collect,
+    event_stream,
+    parse_body,
+    relay,
+    request_meta,
+    resident_model,
+    sse,
+    submit_all,
+    usage,
+)
+from .tools import ToolCallSplitter, ToolPlan, plan_tools, split_answer, template_messages
+
+
+def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> list[int]:
+    tokenizer = loaded.tokenizer
+    if not getattr(tokenizer, "has_chat_template", True):
+        raise APIError(400, f"The model '{loaded.model_id}' has no chat template; use /v1/completions.",
+                       param="model", code="invalid_value")
+    messages, extra = template_messages(body, plan, tokenizer)
+    try:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra))
+    except Exception as exc:  # a template may reject e.g. a role order it does not support
+        raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages",
+                       code="invalid_value") from None
+
+
+def constraint_factory(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> Callable[[], list[Any]]:
+    """A new grammar processor per choice when the output must be a tool call or follow a schema."""
+    schema, param = (plan.schema, "tools") if plan.schema is not None else (body.json_schema(), "response_format")
+    if schema is None:
+        return list
+    try:
+        grammar = compile_json_schema(loaded.tokenizer, schema)
+    except GrammarError as exc:
+        raise APIError(400, f"Invalid JSON schema in {param}: {exc}", param=param, code="invalid_value") from None
+    return lambda: [GrammarProcessor(loaded.tokenizer, grammar)]
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    body = parse_body(ChatCompletionRequest)
+    check_supported(body)
+    loaded = resident_model(body.model, body.keep_alive)
+    plan = plan_tools(body, loaded.tokenizer)
+    prompt = chat_prompt(body, loaded, plan)
+    processors = constraint_factory(body, loaded, plan)
+    streams = submit_all(body, loaded, [prompt], body.max_completion_tokens or body.max_tokens, "messages",
+                         processors)
+    meta = request_meta("chatcmpl", loaded)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = chat_chunks(meta, streams, len(prompt), include_usage, body.logprobs, loaded, plan)
+        return event_stream(chunks, streams)
+    choices = []
+    results = collect(streams)
+    for i, r in enumerate(results):
+        content, calls = split_answer(plan, r.text)
+        choices.append(ChatChoice(
+            index=i, message=AssistantMessage(content=content, tool_calls=calls or None),
+            finish_reason="tool_calls" if calls else r.finish_reason,
+            logprobs=chat_logprobs(r.logprobs, loaded.tokenizer) if body.logprobs else None,
+        ))
+    total = usage(len(prompt), sum(r.completion_tokens for r in results))
+    return jsonify(ChatCompletion(**meta, choices=choices, usage=total).model_dump())
+
+
+def chat_chunks(meta: dict[str, Any], streams: list[TokenStream], prompt_tokens: int, include_usage: bool,
+                logprobs: bool, loaded: LoadedModel, plan: ToolPlan) -> Iterator[str]:
+    def chunk(index: int, delta: ChatDelta, finish: str | None = None, lp: ChatLogprobs | None = None) -> str:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=lp)
+        return sse(chunk_payload(ChatCompletionChunk(**meta, choices=[choice]), include_usage))
+
+    def call_deltas(calls: list[ToolCall]) -> ChatDelta:
+        return ChatDelta(tool_calls=[DeltaToolCall(index=n, **c.model_dump()) for n, c in enumerate(calls)])
+
+    completion_tokens = 0
+    started: set[int] = set()
+    splitter = ToolCallSplitter(plan)
+    forced_text: list[str] = []
+    for index, event in relay(streams):
+        if index not in started:
+            started.add(index)
+            splitter = ToolCallSplitter(plan)
+            forced_text = []
+            yield chunk(index, ChatDelta(role="assistant", content=""))
+        if event.error:
+            yield sse(error_body(500, event.error, code="generation_failed"))
+            return
+        if plan.mode == "forced":
+            forced_text.append(event.text)  # one call, sent whole once it is complete
+            text = ""
+        elif plan.mode == "auto":
+            text = splitter.feed(event.text, final=event.done)
+        else:
+            text = event.text
+        if text or (logprobs and event.logprobs):
+            lp = chat_logprobs(event.logprobs, loaded.tokenizer) if logprobs else None
+            yield chunk(index, ChatDelta(content=text), lp=lp)
+        if event.finish_reason:
+            completion_tokens += event.completion_tokens
+            calls = split_answer(plan, "".join(forced_text))[1] if plan.mode == "forced" else splitter.calls
+            if calls:
+                yield chunk(index, call_deltas(calls))
+            yield chunk(index, ChatDelta(), "tool_calls" if calls else event.finish_reason)
+    if include_usage:
+        yield sse(ChatCompletionChunk(**meta, choices=[], usage=usage(prompt_tokens, completion_tokens)).model_dump())

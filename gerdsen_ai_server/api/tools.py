@@ -1,0 +1,176 @@
+"""Tool calling: tools into the prompt, tool calls out of the generated text.
+
+* ``tool_choice`` ``required`` or a named function: the output is constrained (llguidance) to a
+  JSON call of an offered function, so any model returns a valid call.
+* ``auto``: the model decides; calls are found between the tokenizer's tool-call markers and
+  parsed by mlx-lm's parser for that model family. Models whose chat template knows no tools get
+  the functions and the ``<tool_call>{json}</tool_call>`` convention in a system message.
+* ``none`` (or no tools): plain chat.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mlx_lm.tool_parsers.json_tools import parse_tool_call as parse_json_call
+
+from ..schemas.openai import ChatCompletionRequest, FunctionCall, NamedToolChoice, ToolCall
+from .errors import APIError
+
+START, END = "<tool_call>", "</tool_call>"
+
+
+@dataclass
+class ToolPlan:
+    mode: Literal["none", "auto", "forced"]
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    start: str = START
+    end: str = END
+    parser: Any = parse_json_call
+    schema: dict[str, Any] | None = None  # what a forced call must match
+
+
+def plan_tools(body: ChatCompletionRequest, tokenizer: Any) -> ToolPlan:
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools.", param="tool_choice", code="invalid_value")
+        return ToolPlan("none")
+    tools = [t.model_dump(exclude_none=True) for t in body.tools]
+    if choice == "none":
+        return ToolPlan("none")
+    plan = ToolPlan("auto", tools)
+    if getattr(tokenizer, "has_tool_calling", False):
+        plan.start, plan.end, plan.parser = tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser
+    if choice in (None, "auto"):
+        return plan
+    offered = {t.function.name: t.function for t in body.tools}
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in offered:
+            raise APIError(400, f"tool_choice names '{choice.function.name}', which is not among the tools.",
+                           param="tool_choice", code="invalid_value")
+        offered = {choice.function.name: offered[choice.function.name]}
+    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": fn.parameters},
+              "required": ["name", "arguments"], "additionalProperties": False} for name, fn in offered.items()]
+    plan.mode, plan.schema = "forced", calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return plan
+
+
+def template_messages(body: ChatCompletionRequest, plan: ToolPlan, tokenizer: Any) -> tuple[list[dict[str, Any]],
+                                                                                          dict[str, Any]]:
+    """Messages and extra template arguments for ``apply_chat_template``."""
+    native = plan.mode != "none" and "tools" in str(getattr(tokenizer, "chat_template", "") or "")
+    messages: list[dict[str, Any]] = []
+    for m in body.messages:
+        # Templates know "system", not OpenAI's newer "developer" role.
+        message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)} for c in m.tool_calls]
+            if native:
+                message["tool_calls"] = [{"type": "function", "id": c.id, "function": call}
+                                         for c, call in zip(m.tool_calls, calls, strict=True)]
+            else:
+                message["content"] += "".join(f"{plan.start}{json.dumps(call)}{plan.end}" for call in calls)
+        if m.role == "tool":
+            if native:
+                message["tool_call_id"] = m.tool_call_id
+            else:
+                message = {"role": "user", "content": f"Result of tool call {m.tool_call_id or ''}: {m.text()}"}
+        messages.append(message)
+    if native:
+        return messages, {"tools": plan.tools}
+    if plan.mode != "none":
+        instructions = (
+            "You can call these functions. To call one, answer with "
+            f'{plan.start}{{"name": <function name>, "arguments": <arguments object>}}{plan.end} '
+            "and nothing else.\nFunctions:\n" + "\n".join(json.dumps(t["function"]) for t in plan.tools)
+        )
+        if messages and messages[0]["role"] == "system":
+            messages[0]["content"] += "\n\n" + instructions
+        else:
+            messages.insert(0, {"role": "system", "content": instructions})
+    return messages, {}
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise APIError(400, "A tool call's arguments must be a JSON string.", param="messages",
+                       code="invalid_value") from None
+
+
+def make_call(parsed: dict[str, Any]) -> ToolCall:
+    arguments = parsed.get("arguments", {})
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
+        name=str(parsed["name"]), arguments=arguments if isinstance(arguments, str) else json.dumps(arguments)))
+
+
+def forced_calls(text: str) -> list[ToolCall]:
+    """The constrained output is exactly one JSON call (unless max_tokens cut it)."""
+    try:
+        return [make_call(json.loads(text))]
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+class ToolCallSplitter:
+    """Splits streamed text into content and tool-call texts between the start and end markers,
+    holding back any tail that could be the start of a marker."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self._buffer = ""
+        self._inside = False
+        self.calls: list[ToolCall] = []
+
+    def feed(self, text: str, final: bool = False) -> str:
+        self._buffer += text
+        out = []
+        while True:
+            marker = self.plan.end if self._inside else self.plan.start
+            at = self._buffer.find(marker)
+            if at < 0:
+                break
+            if self._inside:
+                if not self._parse(self._buffer[:at]):  # not a call after all: nothing is lost
+                    out.append(self.plan.start + self._buffer[:at] + self.plan.end)
+            else:
+                out.append(self._buffer[:at])
+            self._buffer, self._inside = self._buffer[at + len(marker):], not self._inside
+        if final:
+            if self._inside and not self._parse(self._buffer):  # cut by max_tokens
+                out.append(self.plan.start + self._buffer)
+            elif not self._inside:
+                out.append(self._buffer)
+            self._buffer = ""
+        elif not self._inside:
+            keep = next((k for k in range(min(len(self._buffer), len(self.plan.start) - 1), 0, -1)
+                         if self.plan.start.startswith(self._buffer[-k:])), 0)
+            out.append(self._buffer[: len(self._buffer) - keep])
+            self._buffer = self._buffer[len(self._buffer) - keep:]
+        return "".join(out)
+
+    def _parse(self, text: str) -> bool:
+        try:
+            parsed = self.plan.parser(text, self.plan.tools)
+        except (ValueError, KeyError, TypeError):
+            return False
+        items = [i for i in (parsed if isinstance(parsed, list) else [parsed]) if isinstance(i, dict) and "name" in i]
+        self.calls += [make_call(item) for item in items]
+        return bool(items)
+
+
+def split_answer(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]]:
+    """Content and tool calls of a whole answer."""
+    if plan.mode == "forced":
+        calls = forced_calls(text)
+        return (None if calls else text), calls
+    if plan.mode == "none":
+        return text, []
+    splitter = ToolCallSplitter(plan)
+    content = splitter.feed(text, final=True)
+    return (content or None) if splitter.calls else content, splitter.calls
