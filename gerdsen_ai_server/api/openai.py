@@ -26,6 +26,7 @@ from ..schemas.openai import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     Usage,
@@ -185,8 +186,9 @@ def cancel_all(streams: list[TokenStream]) -> None:
         stream.cancel()
 
 
-def completion_prompts(body: CompletionRequest, loaded: LoadedModel) -> list[list[int]]:
-    prompt = body.prompt
+def completion_prompts(body: CompletionRequest | EmbeddingRequest, loaded: LoadedModel) -> list[list[int]]:
+    prompt = body.prompt if isinstance(body, CompletionRequest) else body.input
+    param = "prompt" if isinstance(body, CompletionRequest) else "input"
     if isinstance(prompt, str):
         batches: list[Any] = [prompt]
     elif prompt and all(isinstance(p, int) for p in prompt):
@@ -194,14 +196,14 @@ def completion_prompts(body: CompletionRequest, loaded: LoadedModel) -> list[lis
     else:
         batches = list(prompt)
     if not batches:
-        raise APIError(400, "The prompt must not be empty.", param="prompt", code="invalid_value")
+        raise APIError(400, f"The {param} must not be empty.", param=param, code="invalid_value")
     vocab = len(loaded.tokenizer)
     out: list[list[int]] = []
     for item in batches:
         tokens = loaded.tokenizer.encode(item) if isinstance(item, str) else list(item)
         if any(t < 0 or t >= vocab for t in tokens):
-            raise APIError(400, f"The prompt holds token ids outside the vocabulary (0..{vocab - 1}).",
-                           param="prompt", code="invalid_value")
+            raise APIError(400, f"The {param} holds token ids outside the vocabulary (0..{vocab - 1}).",
+                           param=param, code="invalid_value")
         out.append(tokens)
     return out
 

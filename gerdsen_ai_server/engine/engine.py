@@ -23,6 +23,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from ..events import EventBus
+from .embeddings import embed
 from .errors import ModelLoadError, ModelNotFound
 from .loaders import LoadedModel, LoaderFactory
 from .registry import ModelRegistry, Resident
@@ -163,6 +164,12 @@ class InferenceEngine:
         self._commands.put(("unload", model_id, future))
         return future
 
+    def embed(self, model_id: str, inputs: list[list[int]]) -> Future[list[list[float]]]:
+        """Pooled, normalised hidden states of each input, computed on the engine thread."""
+        future: Future[list[list[float]]] = Future()
+        self._commands.put(("embed", (model_id, inputs), future))
+        return future
+
     def models(self) -> list[LoadedModel]:
         return [r.loaded for r in list(self.registry.residents.values())]
 
@@ -254,6 +261,16 @@ class InferenceEngine:
                 reply.set_exception(exc)
         elif kind == "generate":
             self._admit(payload, reply)
+        elif kind == "embed":
+            model_id, inputs = payload
+            resident = self.registry.get(model_id)
+            try:
+                if resident is None:
+                    raise ModelNotFound(f"The model '{model_id}' is not loaded.")
+                reply.set_result(embed(resident.loaded.model, inputs))
+                self.registry.touch(resident)
+            except Exception as exc:  # a bad input fails its request, never the engine
+                reply.set_exception(exc)
 
     def _load(self, payload: tuple[str, float | None, bool], future: Future[LoadedModel]) -> None:
         spec, keep_alive, pinned = payload

@@ -200,6 +200,14 @@ class CompletionRequest(_Generation):
         return None
 
 
+class EmbeddingRequest(_Request):
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
 # ---- responses ----------------------------------------------------------------------------
 
 
@@ -304,8 +312,29 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "impetus"
     context_length: int | None = None
+    # What the model serves here; "embeddings" come from its mean-pooled, normalised hidden states.
+    capabilities: list[str] = Field(default_factory=lambda: ["chat.completions", "completions", "embeddings"])
+    embedding_method: str = "mean-pooled final hidden state, L2-normalised"
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

@@ -341,3 +341,29 @@ def test_tool_choice_errors(client) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=DEFAULT_MODEL, messages=ASK, tool_choice="required")
     assert info.value.body["param"] == "tool_choice"
+
+
+def test_embeddings(client) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    texts = ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly revenue rose by 4%."]
+    reply = client.embeddings.create(model=DEFAULT_MODEL, input=texts)
+    vectors = np.array([d.embedding for d in reply.data])
+    assert [d.index for d in reply.data] == [0, 1, 2] and vectors.shape == (3, 576)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    similar, unrelated = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
+    assert similar > unrelated
+    assert reply.usage.prompt_tokens == reply.usage.total_tokens > 10
+    b64 = client.embeddings.create(model=DEFAULT_MODEL, input=texts[0], encoding_format="base64")
+    import base64
+
+    decoded = np.frombuffer(base64.b64decode(b64.data[0].embedding), dtype="<f4")
+    assert np.allclose(decoded, vectors[0], atol=1e-6)
+    ids = client.embeddings.create(model=DEFAULT_MODEL, input=[[1, 2, 3], [4, 5]])
+    assert len(ids.data) == 2
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=DEFAULT_MODEL, input="x", dimensions=8)
+    assert info.value.body["param"] == "dimensions"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=DEFAULT_MODEL, input=[])
+    assert info.value.body["param"] == "input"
