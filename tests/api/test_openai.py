@@ -367,3 +367,20 @@ def test_embeddings(client) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model=DEFAULT_MODEL, input=[])
     assert info.value.body["param"] == "input"
+
+
+def test_sampling_extensions_take_effect(client, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    def complete(**kw) -> str:  # type: ignore[no-untyped-def]
+        return client.completions.create(model=DEFAULT_MODEL, prompt="One, two, three, four,", max_tokens=12,
+                                         **kw).choices[0].text
+
+    greedy = complete(temperature=0)
+    assert complete(temperature=1.0, seed=5, extra_body={"top_k": 1}) == greedy  # top-1 sampling is greedy
+    assert complete(temperature=1.0, seed=5, extra_body={"min_p": 1.0}) == greedy
+    token = tokenizer.encode(" banana")[0]
+    forced = client.completions.create(model=DEFAULT_MODEL, prompt="Hi", max_tokens=4, temperature=0,
+                                       logit_bias={str(token): 100})
+    assert forced.choices[0].text == tokenizer.decode([token] * 4)
+    assert complete(temperature=0, frequency_penalty=2.0) != greedy
+    assert complete(temperature=0, presence_penalty=2.0) != greedy
+    assert complete(temperature=0, extra_body={"repetition_penalty": 1.5}) != greedy
