@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from .api import chat, embeddings, health, models, openai  # noqa: F401  (chat, embeddings: routes on openai.bp)
+from .api import anthropic, chat, embeddings, health, models, openai  # noqa: F401  (chat, embeddings: routes on openai.bp)
 from .api.errors import register_error_handlers
 from .api.realtime import init_realtime
 from .config import Settings
@@ -42,6 +42,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     register_error_handlers(app)
     app.register_blueprint(openai.bp)  # with /v1/chat/completions, which api/chat.py adds to it
+    app.register_blueprint(anthropic.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(models.bp)
     init_realtime(app)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mlx_lm.tool_parsers.json_tools import parse_tool_call as parse_json_call
 
+from ..engine.stream import TokenEvent
 from ..schemas.openai import ChatCompletionRequest, FunctionCall, NamedToolChoice, ToolCall
 from .errors import APIError
 
@@ -174,3 +176,24 @@ def split_answer(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]]
     splitter = ToolCallSplitter(plan)
     content = splitter.feed(text, final=True)
     return (content or None) if splitter.calls else content, splitter.calls
+
+
+def answer_parts(plan: ToolPlan, events: Iterable[TokenEvent]) -> Iterator[tuple[str, Any]]:
+    """A choice's events as ``("text", str)`` while it streams, then ``("end", (calls, last_event))``
+    or ``("error", message)``: what every API shape (chat, Anthropic, Responses) renders."""
+    splitter = ToolCallSplitter(plan)
+    forced: list[str] = []
+    for event in events:
+        if event.error:
+            yield "error", event.error
+            return
+        if plan.mode == "forced":
+            forced.append(event.text)  # one call, sent whole once it is complete
+        elif plan.mode == "auto":
+            if text := splitter.feed(event.text, final=event.done):
+                yield "text", text
+        elif event.text:
+            yield "text", event.text
+        if event.done:
+            calls = split_answer(plan, "".join(forced))[1] if plan.mode == "forced" else splitter.calls
+            yield "end", (calls, event)

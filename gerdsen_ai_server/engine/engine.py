@@ -408,6 +408,7 @@ class InferenceEngine:
             text=text,
             token_ids=[token],
             finish_reason=finish,
+            stop_sequence=hit_stop,
             prompt_tokens=seq.prompt_tokens,
             completion_tokens=seq.completion_tokens,
             logprobs=logprobs,

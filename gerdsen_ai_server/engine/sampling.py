@@ -96,20 +96,21 @@ class StopMatcher:
         self._stops = [s for s in stops if s]
         self._pending = ""
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was reached)."""
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Returns (text safe to emit, the stop string reached or None)."""
         if not self._stops:
-            return text, False
+            return text, None
         self._pending += text
-        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
         if hits:
-            out = self._pending[: min(hits)]
+            at, stop = min(hits)
+            out = self._pending[:at]
             self._pending = ""
-            return out, True
+            return out, stop
         hold = self._longest_partial_stop()
         cut = len(self._pending) - hold
         out, self._pending = self._pending[:cut], self._pending[cut:]
-        return out, False
+        return out, None
 
     def flush(self) -> str:
         out, self._pending = self._pending, ""

@@ -59,6 +59,7 @@ class TokenEvent:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_sequence: str | None = None  # which stop string ended it, when one did
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None

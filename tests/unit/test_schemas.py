@@ -55,24 +55,24 @@ def test_prompt_shapes() -> None:
         assert CompletionRequest(model="m", prompt=prompt).prompt == prompt
 
 
-def stream_through(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:
+def stream_through(matcher: StopMatcher, pieces: list[str]) -> tuple[str, str | None]:
     out = ""
     for piece in pieces:
         text, hit = matcher.feed(piece)
         out += text
         if hit:
-            return out, True
-    return out + matcher.flush(), False
+            return out, hit
+    return out + matcher.flush(), None
 
 
 def test_stop_matcher_across_pieces() -> None:
-    assert stream_through(StopMatcher(["END"]), ["abc E", "N", "D tail"]) == ("abc ", True)
-    assert stream_through(StopMatcher(["END"]), ["abc E", "N", "x"]) == ("abc ENx", False)
-    assert stream_through(StopMatcher(["xy", "abcd"]), ["ab", "cxy"]) == ("abc", True)
-    assert stream_through(StopMatcher([]), ["a", "b"]) == ("ab", False)
+    assert stream_through(StopMatcher(["END"]), ["abc E", "N", "D tail"]) == ("abc ", "END")
+    assert stream_through(StopMatcher(["END"]), ["abc E", "N", "x"]) == ("abc ENx", None)
+    assert stream_through(StopMatcher(["xy", "abcd"]), ["ab", "cxy"]) == ("abc", "xy")
+    assert stream_through(StopMatcher([]), ["a", "b"]) == ("ab", None)
 
 
 def test_stop_matcher_holds_back_only_possible_prefixes() -> None:
     matcher = StopMatcher(["</s>"])
-    assert matcher.feed("hello <") == ("hello ", False)
-    assert matcher.feed("b>") == ("<b>", False)
+    assert matcher.feed("hello <") == ("hello ", None)
+    assert matcher.feed("b>") == ("<b>", None)

@@ -1,0 +1,180 @@
+"""Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens) as a translation layer:
+the request becomes an OpenAI chat request and runs on the same engine path (prompt, tools,
+constrained decoding, streams); the answer is rendered in Anthropic's shapes and events."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+from pydantic import ValidationError
+
+from ..schemas.anthropic import CountTokensRequest, Message, MessageResponse, MessagesRequest, Usage
+from ..schemas.openai import ChatCompletionRequest, ToolCall
+from .chat import chat_prompt, constraint_factory
+from .errors import APIError, validation_error
+from .openai import cancel_all, parse_body, resident_model, submit_all
+from .tools import ToolPlan, answer_parts, plan_tools
+
+bp = Blueprint("anthropic", __name__, url_prefix="/v1")
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
+                429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_error(error: APIError) -> Response:
+    kind = _ERROR_TYPES.get(error.status, "api_error")
+    response = jsonify({"type": "error", "error": {"type": kind, "message": error.message}})
+    response.status_code = error.status
+    response.headers.update(error.headers)
+    return response
+
+
+@bp.errorhandler(APIError)
+def _api_error(exc: APIError) -> Response:
+    return anthropic_error(exc)
+
+
+@bp.errorhandler(ValidationError)
+def _validation(exc: ValidationError) -> Response:
+    return anthropic_error(validation_error(exc))
+
+
+def to_openai_messages(system: str | None, messages: list[Message]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for message in messages:
+        if isinstance(message.content, str):
+            out.append({"role": message.role, "content": message.content})
+            continue
+        text = "".join(b.text for b in message.content if b.type == "text")
+        calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
+                 for b in message.content if b.type == "tool_use"]
+        results = [{"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text()}
+                   for b in message.content if b.type == "tool_result"]
+        out += results  # tool results answer the previous assistant turn, before any new text
+        if text or calls or not results:
+            out.append({"role": message.role, "content": text, **({"tool_calls": calls} if calls else {})})
+    return out
+
+
+def to_openai(body: MessagesRequest | CountTokensRequest) -> ChatCompletionRequest:
+    request: dict[str, Any] = {"model": body.model, "messages": to_openai_messages(body.system_text(), body.messages)}
+    if body.tools:
+        request["tools"] = [{"type": "function", "function": {
+            "name": t.name, **({"description": t.description} if t.description else {}), "parameters": t.input_schema,
+        }} for t in body.tools]
+    choice = body.tool_choice
+    if choice is not None:
+        if choice.type == "tool":
+            if not choice.name:
+                raise APIError(400, "tool_choice of type 'tool' needs a name.", param="tool_choice")
+            request["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        else:
+            request["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+    if isinstance(body, MessagesRequest):
+        request.update(max_tokens=body.max_tokens, temperature=body.temperature, stream=body.stream)
+        if body.top_p is not None:
+            request["top_p"] = body.top_p
+        if body.top_k:
+            request["top_k"] = body.top_k
+        if body.stop_sequences:
+            request["stop"] = body.stop_sequences
+    return ChatCompletionRequest.model_validate(request)
+
+
+def stop_reason(calls: list[ToolCall], finish: str | None, stop_sequence: str | None) -> str:
+    if calls:
+        return "tool_use"
+    if finish == "length":
+        return "max_tokens"
+    return "stop_sequence" if stop_sequence else "end_turn"
+
+
+def tool_use_block(call: ToolCall) -> dict[str, Any]:
+    return {"type": "tool_use", "id": call.id.replace("call_", "toolu_", 1), "name": call.function.name,
+            "input": json.loads(call.function.arguments)}
+
+
+@bp.post("/messages")
+def messages() -> Response:
+    body = parse_body(MessagesRequest)
+    chat = to_openai(body)
+    loaded = resident_model(chat.model)
+    plan = plan_tools(chat, loaded.tokenizer)
+    prompt = chat_prompt(chat, loaded, plan)
+    streams = submit_all(chat, loaded, [prompt], chat.max_tokens, "messages", constraint_factory(chat, loaded, plan))
+    message_id = f"msg_{uuid.uuid4().hex[:24]}"
+    if body.stream:
+        return Response(stream_events(message_id, loaded.model_id, len(prompt), plan, streams),
+                        mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    text: list[str] = []
+    try:
+        for kind, value in answer_parts(plan, streams[0]):
+            if kind == "error":
+                raise APIError(500, value, code="generation_failed")
+            if kind == "text":
+                text.append(value)
+            else:
+                calls, last = value
+    finally:
+        cancel_all(streams)
+    content = ([{"type": "text", "text": "".join(text)}] if text else []) + [tool_use_block(c) for c in calls]
+    return jsonify(MessageResponse(
+        id=message_id, model=loaded.model_id, content=content,
+        stop_reason=stop_reason(calls, last.finish_reason, last.stop_sequence), stop_sequence=last.stop_sequence,
+        usage=Usage(input_tokens=len(prompt), output_tokens=last.completion_tokens),
+    ).model_dump())
+
+
+def event(kind: str, payload: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload})}\n\n"
+
+
+def stream_events(message_id: str, model: str, prompt_tokens: int, plan: ToolPlan, streams: list[Any]) -> Iterator[str]:
+    """Anthropic's event sequence: message_start, content blocks (start / deltas / stop),
+    message_delta with the stop reason and usage, message_stop."""
+    try:
+        yield event("message_start", {"message": {
+            "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
+        index, text_open = 0, False
+        for kind, value in answer_parts(plan, streams[0]):
+            if kind == "error":
+                yield event("error", {"error": {"type": "api_error", "message": value}})
+                return
+            if kind == "text":
+                if not text_open:
+                    yield event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
+                    text_open = True
+                yield event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": value}})
+                continue
+            calls, last = value
+            if text_open:
+                yield event("content_block_stop", {"index": index})
+                index += 1
+            for call in calls:
+                block = tool_use_block(call)
+                yield event("content_block_start", {"index": index, "content_block": {**block, "input": {}}})
+                yield event("content_block_delta", {"index": index, "delta": {
+                    "type": "input_json_delta", "partial_json": call.function.arguments}})
+                yield event("content_block_stop", {"index": index})
+                index += 1
+            yield event("message_delta", {
+                "delta": {"stop_reason": stop_reason(calls, last.finish_reason, last.stop_sequence),
+                          "stop_sequence": last.stop_sequence},
+                "usage": {"output_tokens": last.completion_tokens}})
+            yield event("message_stop", {})
+    finally:
+        cancel_all(streams)  # a client that went away frees its slot
+
+
+@bp.post("/messages/count_tokens")
+def count_tokens() -> Response:
+    body = parse_body(CountTokensRequest)
+    chat = to_openai(body)
+    loaded = resident_model(chat.model)
+    return jsonify({"input_tokens": len(chat_prompt(chat, loaded, plan_tools(chat, loaded.tokenizer)))})
