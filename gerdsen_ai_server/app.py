@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from .api import anthropic, chat, embeddings, health, models, openai  # noqa: F401  (chat, embeddings: routes on openai.bp)
+from .api import anthropic, chat, embeddings, health, models, openai, responses  # noqa: F401  (on openai.bp)
 from .api.errors import register_error_handlers
 from .api.realtime import init_realtime
 from .config import Settings

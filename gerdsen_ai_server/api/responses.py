@@ -1,0 +1,183 @@
+"""OpenAI's Responses API (/v1/responses), stateless, as a translation layer over the chat path:
+input items become chat messages, the answer becomes output items and Responses stream events.
+Responses are not stored: ``previous_response_id`` is a clear 400, and ``store`` is reported false."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, jsonify
+
+from ..schemas.openai import ChatCompletionRequest, ToolCall
+from ..schemas.responses import FunctionCallItem, FunctionCallOutputItem, ResponsesRequest
+from .chat import chat_prompt, constraint_factory
+from .errors import APIError
+from .openai import bp, cancel_all, parse_body, resident_model, submit_all
+from .tools import ToolPlan, answer_parts, plan_tools
+
+
+def to_openai(body: ResponsesRequest) -> ChatCompletionRequest:
+    if body.previous_response_id is not None:
+        raise APIError(400, "This server does not store responses; send the whole conversation as input instead "
+                       "of previous_response_id.", param="previous_response_id", code="unsupported_parameter")
+    messages: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    for item in items:
+        if isinstance(item, dict):
+            messages.append(item)
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+            if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+                messages[-1].setdefault("tool_calls", []).append(call)  # parallel calls share one turn
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutputItem):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        else:
+            messages.append({"role": item.role, "content": item.text()})
+    request: dict[str, Any] = {"model": body.model, "messages": messages, "stream": body.stream}
+    for ours, theirs in (("max_tokens", body.max_output_tokens), ("temperature", body.temperature),
+                         ("top_p", body.top_p), ("parallel_tool_calls", body.parallel_tool_calls)):
+        if theirs is not None:
+            request[ours] = theirs
+    if body.tools:
+        request["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type", "strict"}, exclude_none=True)}
+                            for t in body.tools]
+    if body.tool_choice is not None:
+        choice = body.tool_choice
+        request["tool_choice"] = choice if isinstance(choice, str) else {"type": "function",
+                                                                          "function": {"name": choice.name}}
+    fmt = body.text.format if body.text else None
+    if fmt is not None and fmt.type == "json_schema":
+        if fmt.schema_ is None:
+            raise APIError(400, "text.format of type json_schema needs a schema.", param="text.format.schema")
+        request["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": fmt.name or "output", "schema": fmt.schema_, "strict": fmt.strict}}
+    elif fmt is not None and fmt.type == "json_object":
+        request["response_format"] = {"type": "json_object"}
+    return ChatCompletionRequest.model_validate(request)
+
+
+class Rendering:
+    """Builds the response object and its output items as the answer arrives."""
+
+    def __init__(self, body: ResponsesRequest, model: str, prompt_tokens: int) -> None:
+        self.body, self.model, self.prompt_tokens = body, model, prompt_tokens
+        self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
+        self.message_id = f"msg_{uuid.uuid4().hex[:24]}"
+        self.text: list[str] = []
+
+    def message_item(self, status: str = "completed") -> dict[str, Any]:
+        content = [{"type": "output_text", "text": "".join(self.text), "annotations": []}] if status == "completed" else []
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def call_item(call: ToolCall, arguments: str | None = None) -> dict[str, Any]:
+        return {"type": "function_call", "id": f"fc_{call.id.removeprefix('call_')}", "call_id": call.id,
+                "name": call.function.name, "arguments": call.function.arguments if arguments is None else arguments,
+                "status": "completed"}
+
+    def response(self, status: str, output: list[dict[str, Any]], completion_tokens: int = 0,
+                 finish: str | None = None) -> dict[str, Any]:
+        body = self.body
+        incomplete = status == "incomplete"
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
+            "output": output, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+            "temperature": body.temperature, "top_p": body.top_p,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "tool_choice": (body.tool_choice if isinstance(body.tool_choice, str) or body.tool_choice is None
+                            else body.tool_choice.model_dump()) or "auto",
+            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+            "text": body.text.model_dump(by_alias=True, exclude_none=True) if body.text else {"format": {"type": "text"}},
+            "store": False, "metadata": body.metadata or {}, "previous_response_id": None, "user": body.user,
+            "usage": {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": self.prompt_tokens + completion_tokens},
+        }
+
+    def final(self, calls: list[ToolCall], last: Any) -> dict[str, Any]:
+        output = ([self.message_item()] if self.text else []) + [self.call_item(c) for c in calls]
+        status = "incomplete" if last.finish_reason == "length" and not calls else "completed"
+        return self.response(status, output, last.completion_tokens)
+
+
+@bp.post("/responses")
+def responses() -> Response:
+    body = parse_body(ResponsesRequest)
+    chat = to_openai(body)
+    loaded = resident_model(chat.model)
+    plan = plan_tools(chat, loaded.tokenizer)
+    prompt = chat_prompt(chat, loaded, plan)
+    streams = submit_all(chat, loaded, [prompt], chat.max_tokens, "input", constraint_factory(chat, loaded, plan))
+    rendering = Rendering(body, loaded.model_id, len(prompt))
+    if body.stream:
+        return Response(stream_events(rendering, plan, streams), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        for kind, value in answer_parts(plan, streams[0]):
+            if kind == "error":
+                raise APIError(500, value, code="generation_failed")
+            if kind == "text":
+                rendering.text.append(value)
+            else:
+                calls, last = value
+    finally:
+        cancel_all(streams)
+    return jsonify(rendering.final(calls, last))
+
+
+def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any]) -> Iterator[str]:
+    sequence = 0
+
+    def event(kind: str, **payload: Any) -> str:
+        nonlocal sequence
+        sequence += 1
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': sequence - 1, **payload})}\n\n"
+
+    try:
+        yield event("response.created", response=r.response("in_progress", []))
+        yield event("response.in_progress", response=r.response("in_progress", []))
+        where = {"item_id": r.message_id, "output_index": 0, "content_index": 0}
+        index = 0
+        for kind, value in answer_parts(plan, streams[0]):
+            if kind == "error":
+                yield event("error", code="generation_failed", message=value, param=None)
+                return
+            if kind == "text":
+                if not r.text:
+                    yield event("response.output_item.added", output_index=0, item=r.message_item("in_progress"))
+                    yield event("response.content_part.added", **where,
+                                part={"type": "output_text", "text": "", "annotations": []})
+                r.text.append(value)
+                yield event("response.output_text.delta", **where, delta=value, logprobs=[])
+                continue
+            calls, last = value
+            if r.text:
+                text = "".join(r.text)
+                yield event("response.output_text.done", **where, text=text, logprobs=[])
+                yield event("response.content_part.done", **where,
+                            part={"type": "output_text", "text": text, "annotations": []})
+                yield event("response.output_item.done", output_index=0, item=r.message_item())
+                index = 1
+            for call in calls:
+                item = r.call_item(call)
+                yield event("response.output_item.added", output_index=index, item={**r.call_item(call, ""),
+                                                                                    "status": "in_progress"})
+                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                            delta=item["arguments"])
+                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                            arguments=item["arguments"])
+                yield event("response.output_item.done", output_index=index, item=item)
+                index += 1
+            final = r.final(calls, last)
+            yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
+                        response=final)
+    finally:
+        cancel_all(streams)
