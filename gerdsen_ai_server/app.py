@@ -5,6 +5,8 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import os
+import signal
 from concurrent.futures import Future
 from typing import Any
 
@@ -35,6 +37,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         prompt_cache_bytes=settings.prompt_cache_bytes,
         memory_budget=settings.memory_budget_bytes(),
         keep_alive=settings.keep_alive_seconds(),
+        on_crash=_exit_worker,
+        crash_after_steps=settings.fault_engine_crash_after_steps,
     )
     engine.init_app(app)
     engine.start()
@@ -50,6 +54,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if settings.default_model:
         _load_default(app, engine, settings.default_model)
     return app
+
+
+def _exit_worker() -> None:
+    """The engine thread died: stop this worker (SIGTERM, Gunicorn's graceful path) so the master
+    starts a fresh one, instead of serving nothing but errors. Readiness is already 503."""
+    log.critical("inference engine died; restarting this worker")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _load_default(app: Flask, engine: InferenceEngine, spec: str) -> None:

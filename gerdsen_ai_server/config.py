@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         300.0, description="Seconds an idle model stays loaded (negative: forever; the default model is always kept)."
     )
     autoload: bool = Field(True, description="Load a local model on demand when a request names one not resident.")
+    fault_engine_crash_after_steps: int = Field(
+        0, ge=0, description="Testing only: kill the engine thread after this many decode steps (0: never)."
+    )
     log_level: str = Field("info", description="Gunicorn and application log level.")
 
     def memory_budget_bytes(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from flask import Blueprint, Response, current_app, jsonify
@@ -37,6 +38,7 @@ def health() -> Response:
         ready=ready,
         reason=reason,
         version=__version__,
+        pid=os.getpid(),
         uptime_s=round(time.time() - engine.started_at, 3),
         engine_alive=engine.is_alive(),
         requests_in_flight=engine.inflight,

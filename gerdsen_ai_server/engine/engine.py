@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,8 @@ class InferenceEngine:
         keep_alive: float = 300.0,
         loader: LoaderFactory | None = None,
         events: EventBus | None = None,
+        on_crash: Callable[[], None] | None = None,
+        crash_after_steps: int = 0,
     ) -> None:
         self.models_dir = models_dir
         self.max_batch = max_batch
@@ -131,6 +134,10 @@ class InferenceEngine:
         # KV caches of finished sequences, keyed by model and token prefix (mlx-lm's own LRU trie).
         self._prompt_cache = LRUPromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
         self.prompt_cache_enabled = prompt_cache_bytes > 0
+        # Called if the engine thread dies: the app makes the worker exit so Gunicorn replaces it
+        # rather than leaving a process that can only answer errors.
+        self._on_crash = on_crash
+        self._crash_after_steps = crash_after_steps  # fault injection for the reliability tests
         self._thread = threading.Thread(target=self._run, name="impetus-engine", daemon=True)
         self.started_at = time.time()
 
@@ -221,6 +228,8 @@ class InferenceEngine:
                 for resident in list(self.registry.residents.values()):
                     if resident.sequences:
                         self._step(resident)
+                if self._crash_after_steps and self._stats.steps_total >= self._crash_after_steps:
+                    raise RuntimeError(f"injected fault: engine crash after {self._crash_after_steps} steps")
                 self._stats.active_sequences = sum(
                     len(r.generator._generation_batch) for r in self.registry.residents.values()  # noqa: SLF001
                 )
@@ -229,10 +238,14 @@ class InferenceEngine:
                 )
         except BaseException:  # the thread must never die silently: readiness reports it
             log.exception("engine thread crashed")
-            raise
+            crashed = True
+        else:
+            crashed = False
         finally:
             self._fail_all("the inference engine stopped")
             self._running.clear()
+            if crashed and self._on_crash is not None:
+                self._on_crash()
             # Park instead of returning: when a thread that ran MLX exits, its thread-local
             # MLX state is destroyed and the process aborts ("terminate called without an
             # active exception"). A parked daemon thread simply ends with the process.
