@@ -17,7 +17,7 @@ OPENBLAS_TRY := $(VENV)/.openblas-tried
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup openblas run test lint bench clean
+.PHONY: setup openblas run test lint bench soak clean
 
 setup: $(STAMP) openblas
 
@@ -60,6 +60,10 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Ten minutes of mixed traffic against the real server; writes docs/reliability.md.
+soak: setup
+	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m bench.soak --write $(ARGS)
 
 bench:
 	@echo "make bench: not implemented yet (bench/ will compare against python -m mlx_lm.server)."

@@ -36,7 +36,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(32, ge=0, description="Requests waiting for the engine beyond the running batch; more get 503.")
     max_batch: int = Field(8, ge=1, description="Sequences decoded together in one engine step.")
     prompt_cache_bytes: int = Field(
-        1 << 30, ge=0, description="Bytes of KV cache kept for reuse by later prompts sharing a prefix (0 disables)."
+        256 << 20, ge=0, description="Bytes of KV cache kept for reuse by later prompts sharing a prefix (0 disables)."
+    )
+    mlx_cache_limit: int = Field(
+        512 << 20, ge=0,
+        description="Bytes of freed buffers MLX may keep for reuse (mx.set_cache_limit); bounds RSS growth.",
     )
     memory_budget: int = Field(
         0, ge=0, description="Bytes resident models may take; 0 means 60% of this machine's RAM."

@@ -110,6 +110,7 @@ class InferenceEngine:
         events: EventBus | None = None,
         on_crash: Callable[[], None] | None = None,
         crash_after_steps: int = 0,
+        mlx_cache_limit: int | None = None,
     ) -> None:
         self.models_dir = models_dir
         self.max_batch = max_batch
@@ -138,6 +139,7 @@ class InferenceEngine:
         # rather than leaving a process that can only answer errors.
         self._on_crash = on_crash
         self._crash_after_steps = crash_after_steps  # fault injection for the reliability tests
+        self._mlx_cache_limit = mlx_cache_limit
         self._thread = threading.Thread(target=self._run, name="impetus-engine", daemon=True)
         self.started_at = time.time()
 
@@ -218,6 +220,10 @@ class InferenceEngine:
 
     # ---- engine thread ------------------------------------------------------------------
     def _run(self) -> None:
+        if self._mlx_cache_limit is not None:
+            # MLX keeps freed buffers for reuse, by default up to its whole memory limit: bound it
+            # so a long-running server's RSS settles instead of creeping up.
+            mx.set_cache_limit(self._mlx_cache_limit)
         self._running.set()
         try:
             while not self._stopping.is_set():
@@ -362,6 +368,9 @@ class InferenceEngine:
 
     def _remember(self, model_id: str, tokens: list[int], cache: list[Any] | None) -> None:
         if self.prompt_cache_enabled and cache is not None and tokens:
+            # The extracted cache is a lazy slice of the whole batch's KV buffers: evaluate it now,
+            # or the LRU would keep every batch buffer it was cut from alive (measured: +50 MB a request).
+            mx.eval([c.state for c in cache])
             self._prompt_cache.insert_cache(model_id, list(tokens), cache)
             self._stats.prompt_cache_bytes = self._prompt_cache.nbytes
 

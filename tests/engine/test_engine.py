@@ -157,3 +157,21 @@ def test_context_overflow_is_refused(engine: InferenceEngine, model: LoadedModel
 
     with pytest.raises(ContextLengthExceeded):
         engine.submit(request(model, [1] * model.context_length, max_tokens=1))
+
+
+def test_prompt_cache_holds_only_what_it_counts(engine: InferenceEngine, model: LoadedModel) -> None:
+    import mlx.core as mx
+
+    def wave(n: int) -> None:  # a batch of 8; each finished sequence's KV is cut from the batch's buffers
+        streams = [engine.submit(request(model, chat(model, f"{p} ({n})"), max_tokens=16)) for p in PROMPTS]
+        for stream in streams:
+            tokens_of(stream)
+        wait_idle(engine)
+
+    wave(0)  # warm-up: first-use allocations
+    before_active, before_cached = mx.get_active_memory(), engine.stats().prompt_cache_bytes
+    for n in range(1, 4):
+        wave(n)
+    grown = mx.get_active_memory() - before_active
+    cached = engine.stats().prompt_cache_bytes - before_cached
+    assert grown < cached + (32 << 20), (grown >> 20, cached >> 20)
