@@ -45,6 +45,8 @@ def health() -> Response:
         compute_dtype=engine.compute_dtype or "as stored",
         blas=blas_in_use(),
         prompt_cache_enabled=engine.prompt_cache_enabled,
+        prompt_cache_bytes=engine.stats().prompt_cache_bytes,
+        prompt_cache_limit_bytes=current_app.config["IMPETUS_SETTINGS"].prompt_cache_bytes,
         models=[{"id": m.model_id, "path": str(m.path), "context_length": m.context_length, "bytes": m.nbytes}
                 for m in engine.models()],
     )
