@@ -14,6 +14,7 @@ from flask import Flask
 
 from .api import anthropic, chat, embeddings, health, models, openai, responses  # noqa: F401  (on openai.bp)
 from .api.errors import register_error_handlers
+from .api.pulls import init_pulls
 from .api.realtime import init_realtime
 from .config import Settings
 from .engine.engine import InferenceEngine
@@ -49,6 +50,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(anthropic.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(models.bp)
+    init_pulls(app)  # /api/models/pull, /pulls, /discover, DELETE /api/models/<id>
     init_realtime(app)
 
     if settings.default_model:

@@ -2,6 +2,7 @@
 
     impetus --version
     impetus serve [--model PATH_OR_ID] [--host H] [--port P] [--threads N] [--log-level L]
+    impetus pull ORG/NAME | impetus list | impetus rm ID      (cli_models.py)
 
 ``serve`` turns its options into ``IMPETUS_*`` environment variables (the same ones
 ``gerdsen_ai_server.config.Settings`` reads), preloads OpenBLAS on Linux when it is installed,
@@ -16,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, cli_models
 
 GUNICORN_CONFIG = "python:gerdsen_ai_server.gunicorn_conf"
 WSGI_APP = "gerdsen_ai_server.app:create_app()"
@@ -51,6 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (default 8080, or IMPETUS_PORT)")
     serve.add_argument("--threads", type=int, help="Gunicorn threads: one per open stream plus headroom (default 64)")
     serve.add_argument("--log-level", help="debug, info, warning, error")
+    cli_models.add_parsers(sub)
     return parser
 
 
@@ -102,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if (status := cli_models.run(args)) is not None:
+        return status
     parser.print_help(sys.stderr)
     return 2
 

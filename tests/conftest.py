@@ -70,7 +70,7 @@ def start_server(tmp: Path, *, wait_ready: bool = True, **env: str) -> Server:
             if "failed to load" in r.json().get("reason", ""):
                 stop_server(server)
                 raise RuntimeError(f"server's default model failed to load:\n{server.log()}")
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # a busy machine answers late: ask again
             pass
         time.sleep(0.2)
     stop_server(server)

@@ -1,0 +1,155 @@
+"""/api/models: pull from the Hugging Face hub (background, with progress), delete, discover.
+
+    POST   /api/models/pull            {"model": "org/name"} -> 202 and the pull's state
+    GET    /api/models/pulls           every pull this process knows
+    GET    /api/models/pulls/<id>      one pull's state (bytes_done / bytes_total, status)
+    DELETE /api/models/pulls/<id>      cancel it (partial files stay: pulling again continues them)
+    DELETE /api/models/<model id>      delete a local model; 409 while it is loaded
+    GET    /api/models/discover?q=     curated catalogue, or a live hub search, each flagged ``fits``
+
+Progress also goes out as ``pull_progress`` events on the engine's event bus.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from huggingface_hub import ModelInfo
+
+from .. import catalogue, hub, local_models
+from ..engine.errors import ModelNotFound
+from ..pull_manager import PullManager
+from ..schemas.models import (
+    DiscoveredModel,
+    DiscoverResponse,
+    ModelDeleted,
+    PullList,
+    PullRequest,
+    PullStatus,
+)
+from .errors import APIError
+from .openai import engine, parse_body
+
+bp = Blueprint("pulls", __name__, url_prefix="/api/models")
+EXTENSION = "impetus_pulls"
+
+
+def init_pulls(app: Flask) -> None:
+    """The PullManager (after the engine: pulls publish on its event bus) and the routes."""
+    settings = app.config["IMPETUS_SETTINGS"]
+    app.extensions[EXTENSION] = PullManager(Path(settings.models_dir), app.extensions["impetus"].events)
+    app.register_blueprint(bp)
+
+
+def pulls() -> PullManager:
+    return current_app.extensions[EXTENSION]
+
+
+def _status(state: dict) -> dict:  # type: ignore[type-arg]
+    return PullStatus.model_validate(state).model_dump()
+
+
+@bp.post("/pull")
+def start_pull() -> tuple[Response, int]:
+    body = parse_body(PullRequest)
+    try:
+        state = pulls().start(body.model, revision=body.revision, gguf=body.gguf)
+    except hub.PullError as exc:
+        raise APIError(400, str(exc), param="model", code="invalid_value") from None
+    response = jsonify(_status(state))
+    response.headers["Location"] = f"{bp.url_prefix}/pulls/{state['id']}"
+    return response, 202
+
+
+@bp.get("/pulls")
+def list_pulls() -> Response:
+    return jsonify(PullList.model_validate({"data": pulls().list()}).model_dump())
+
+
+def _pull_or_404(state: dict | None, pull_id: str) -> dict:  # type: ignore[type-arg]
+    if state is None:
+        raise APIError(404, f"No pull with id '{pull_id}'.", param="id", code="pull_not_found")
+    return state
+
+
+@bp.get("/pulls/<pull_id>")
+def get_pull(pull_id: str) -> Response:
+    return jsonify(_status(_pull_or_404(pulls().get(pull_id), pull_id)))
+
+
+@bp.delete("/pulls/<pull_id>")
+def cancel_pull(pull_id: str) -> Response:
+    return jsonify(_status(_pull_or_404(pulls().cancel(pull_id), pull_id)))
+
+
+@bp.delete("/<path:model_id>")
+def delete_model(model_id: str) -> Response:
+    models_dir = Path(current_app.config["IMPETUS_SETTINGS"].models_dir)
+    try:
+        path = local_models.find(models_dir, model_id)
+    except ModelNotFound:
+        raise APIError(404, f"The model '{model_id}' is not in the models dir.", param="model",
+                       code="model_not_found") from None
+    resolved = path.resolve()
+    loaded = [m.model_id for m in engine().models()
+              if m.model_id == model_id or m.path.resolve() == resolved or resolved in m.path.resolve().parents]
+    if loaded:
+        raise APIError(409, f"The model '{model_id}' is loaded; unload it first (POST /api/models/unload).",
+                       param="model", code="model_loaded")
+    if local_models.model_id(path) in pulls().active_repos():
+        raise APIError(409, f"The model '{model_id}' is being pulled; cancel the pull first.", param="model",
+                       code="pull_in_progress")
+    local_models.remove(models_dir, model_id)
+    engine().events.publish("model_event", event="deleted", model=model_id)
+    return jsonify(ModelDeleted(id=model_id).model_dump())
+
+
+@bp.get("/discover")
+def discover() -> Response:
+    query = (request.args.get("q") or "").strip() or None
+    author = request.args.get("author", "mlx-community") or None
+    try:
+        limit = min(max(int(request.args.get("limit", "20")), 1), 100)
+    except ValueError:
+        raise APIError(400, "Invalid value for 'limit': expected an integer.", param="limit",
+                       code="invalid_value") from None
+    registry = engine().registry
+    budget, dtype = registry.budget_bytes, registry.compute_dtype
+    models_dir = Path(current_app.config["IMPETUS_SETTINGS"].models_dir)
+    hub_error = None
+    if query:
+        try:
+            found = hub.search(query, author=author, limit=limit)
+        except hub.PullError as exc:
+            hub_error = str(exc)
+        else:
+            data = [_hub_entry(info, dtype, budget, models_dir) for info in found]
+            return _discovered("hub", query, budget, data, None)
+    data = []
+    for model in catalogue.search_catalogue(query)[:limit]:
+        entry = DiscoveredModel.model_validate(catalogue.describe(model, dtype, budget))
+        entry.local = (models_dir / hub.folder_name(model.id)).is_dir()
+        data.append(entry)
+    return _discovered("catalogue", query, budget, data, hub_error)
+
+
+def _hub_entry(info: ModelInfo, dtype: str | None, budget: int, models_dir: Path) -> DiscoveredModel:
+    repo_id = info.id
+    summary = info.safetensors
+    parameters, size = catalogue.from_safetensors_info(repo_id, summary.parameters if summary else None)
+    curated = next((m for m in catalogue.CATALOGUE if m.id == repo_id), None)
+    memory = catalogue.memory_bytes(parameters, size, dtype)
+    return DiscoveredModel(
+        id=repo_id, source="hub", description=curated.description if curated else None,
+        parameters=parameters, quantization=catalogue.quantization_from_name(repo_id), size_bytes=size,
+        memory_bytes=memory, fits=None if memory is None else memory <= budget,
+        downloads=info.downloads, local=(models_dir / hub.folder_name(repo_id)).is_dir(),
+    )
+
+
+def _discovered(source: str, query: str | None, budget: int, data: list[DiscoveredModel],
+                hub_error: str | None) -> Response:
+    body = DiscoverResponse.model_validate({"source": source, "query": query, "memory_budget_bytes": budget,
+                                            "hub_error": hub_error, "data": data})
+    return jsonify(body.model_dump())
