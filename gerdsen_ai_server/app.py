@@ -40,6 +40,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         keep_alive=settings.keep_alive_seconds(),
         on_crash=_exit_worker,
         crash_after_steps=settings.fault_engine_crash_after_steps,
+        mlx_cache_limit=settings.mlx_cache_limit,
     )
     engine.init_app(app)
     engine.start()

@@ -14,9 +14,9 @@ from pydantic import ValidationError
 
 from ..schemas.anthropic import CountTokensRequest, Message, MessageResponse, MessagesRequest, Usage
 from ..schemas.openai import ChatCompletionRequest, ToolCall
-from .chat import chat_prompt, constraint_factory
+from .chat import chat_prompt, collect_answer, start_chat
 from .errors import APIError, validation_error
-from .openai import cancel_all, parse_body, resident_model, submit_all
+from .openai import SSE_HEADERS, cancel_all, parse_body, resident_model
 from .tools import ToolPlan, answer_parts, plan_tools
 
 bp = Blueprint("anthropic", __name__, url_prefix="/v1")
@@ -102,31 +102,18 @@ def tool_use_block(call: ToolCall) -> dict[str, Any]:
 @bp.post("/messages")
 def messages() -> Response:
     body = parse_body(MessagesRequest)
-    chat = to_openai(body)
-    loaded = resident_model(chat.model)
-    plan = plan_tools(chat, loaded.tokenizer)
-    prompt = chat_prompt(chat, loaded, plan)
-    streams = submit_all(chat, loaded, [prompt], chat.max_tokens, "messages", constraint_factory(chat, loaded, plan))
+    started = start_chat(to_openai(body), "messages")
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
+    model, prompt_tokens = started.loaded.model_id, len(started.prompt)
     if body.stream:
-        return Response(stream_events(message_id, loaded.model_id, len(prompt), plan, streams),
-                        mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    text: list[str] = []
-    try:
-        for kind, value in answer_parts(plan, streams[0]):
-            if kind == "error":
-                raise APIError(500, value, code="generation_failed")
-            if kind == "text":
-                text.append(value)
-            else:
-                calls, last = value
-    finally:
-        cancel_all(streams)
-    content = ([{"type": "text", "text": "".join(text)}] if text else []) + [tool_use_block(c) for c in calls]
+        return Response(stream_events(message_id, model, prompt_tokens, started.plan, started.streams),
+                        mimetype="text/event-stream", headers=SSE_HEADERS)
+    text, calls, last = collect_answer(started)
+    content = ([{"type": "text", "text": text}] if text else []) + [tool_use_block(c) for c in calls]
     return jsonify(MessageResponse(
-        id=message_id, model=loaded.model_id, content=content,
+        id=message_id, model=model, content=content,
         stop_reason=stop_reason(calls, last.finish_reason, last.stop_sequence), stop_sequence=last.stop_sequence,
-        usage=Usage(input_tokens=len(prompt), output_tokens=last.completion_tokens),
+        usage=Usage(input_tokens=prompt_tokens, output_tokens=last.completion_tokens),
     ).model_dump())
 
 

@@ -4,13 +4,14 @@ chat completions — plain JSON or Server-Sent Events — with tool calls and JS
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Response, jsonify
 
 from ..engine.grammar import GrammarError, GrammarProcessor, compile_json_schema
 from ..engine.loaders import LoadedModel
-from ..engine.stream import TokenStream
+from ..engine.stream import TokenEvent, TokenStream
 from ..schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -27,6 +28,7 @@ from .errors import APIError, error_body
 from .logprobs import chat_logprobs
 from .openai import (
     bp,
+    cancel_all,
     check_supported,
     chunk_payload,
     collect,
@@ -39,7 +41,7 @@ from .openai import (
     submit_all,
     usage,
 )
-from .tools import ToolCallSplitter, ToolPlan, plan_tools, split_answer, template_messages
+from .tools import ToolCallSplitter, ToolPlan, answer_parts, plan_tools, split_answer, template_messages
 
 
 def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> list[int]:
@@ -67,16 +69,47 @@ def constraint_factory(body: ChatCompletionRequest, loaded: LoadedModel, plan: T
     return lambda: [GrammarProcessor(loaded.tokenizer, grammar)]
 
 
+@dataclass
+class Started:
+    loaded: LoadedModel
+    plan: ToolPlan
+    prompt: list[int]
+    streams: list[TokenStream]
+
+
+def start_chat(chat: ChatCompletionRequest, param: str) -> Started:
+    """Validate, build the prompt and submit: the one path every chat-shaped API (OpenAI chat,
+    Anthropic Messages, Responses) takes into the engine."""
+    check_supported(chat)
+    loaded = resident_model(chat.model, chat.keep_alive)
+    plan = plan_tools(chat, loaded.tokenizer)
+    prompt = chat_prompt(chat, loaded, plan)
+    streams = submit_all(chat, loaded, [prompt], chat.max_completion_tokens or chat.max_tokens, param,
+                         constraint_factory(chat, loaded, plan))
+    return Started(loaded, plan, prompt, streams)
+
+
+def collect_answer(started: Started) -> tuple[str, list[ToolCall], TokenEvent]:
+    """The first choice read to its end: its text, tool calls and final event."""
+    text: list[str] = []
+    try:
+        for kind, value in answer_parts(started.plan, started.streams[0]):
+            if kind == "error":
+                raise APIError(500, value, code="generation_failed")
+            if kind == "text":
+                text.append(value)
+            else:
+                calls, last = value
+    finally:
+        cancel_all(started.streams)
+    return "".join(text), calls, last
+
+
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
     body = parse_body(ChatCompletionRequest)
-    check_supported(body)
-    loaded = resident_model(body.model, body.keep_alive)
-    plan = plan_tools(body, loaded.tokenizer)
-    prompt = chat_prompt(body, loaded, plan)
-    processors = constraint_factory(body, loaded, plan)
-    streams = submit_all(body, loaded, [prompt], body.max_completion_tokens or body.max_tokens, "messages",
-                         processors)
+    started = start_chat(body, "messages")
+    loaded, plan, prompt, streams = started.loaded, started.plan, started.prompt, started.streams
     meta = request_meta("chatcmpl", loaded)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -225,6 +225,9 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of streams
+
+
 def event_stream(chunks: Iterator[str], streams: list[TokenStream]) -> Response:
     def body() -> Iterator[str]:
         try:
@@ -235,8 +238,7 @@ def event_stream(chunks: Iterator[str], streams: list[TokenStream]) -> Response:
             cancel_all(streams)  # a client that went away frees its slot at the next step
         yield sse("[DONE]")
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(body(), mimetype="text/event-stream", headers=headers)
+    return Response(body(), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
 def collect(streams: list[TokenStream]) -> list[Finished]:

@@ -14,10 +14,10 @@ from flask import Response, jsonify
 
 from ..schemas.openai import ChatCompletionRequest, ToolCall
 from ..schemas.responses import FunctionCallItem, FunctionCallOutputItem, ResponsesRequest
-from .chat import chat_prompt, constraint_factory
+from .chat import collect_answer, start_chat
 from .errors import APIError
-from .openai import bp, cancel_all, parse_body, resident_model, submit_all
-from .tools import ToolPlan, answer_parts, plan_tools
+from .openai import SSE_HEADERS, bp, cancel_all, parse_body
+from .tools import ToolPlan, answer_parts
 
 
 def to_openai(body: ResponsesRequest) -> ChatCompletionRequest:
@@ -111,25 +111,14 @@ class Rendering:
 @bp.post("/responses")
 def responses() -> Response:
     body = parse_body(ResponsesRequest)
-    chat = to_openai(body)
-    loaded = resident_model(chat.model)
-    plan = plan_tools(chat, loaded.tokenizer)
-    prompt = chat_prompt(chat, loaded, plan)
-    streams = submit_all(chat, loaded, [prompt], chat.max_tokens, "input", constraint_factory(chat, loaded, plan))
-    rendering = Rendering(body, loaded.model_id, len(prompt))
+    started = start_chat(to_openai(body), "input")
+    rendering = Rendering(body, started.loaded.model_id, len(started.prompt))
     if body.stream:
-        return Response(stream_events(rendering, plan, streams), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    try:
-        for kind, value in answer_parts(plan, streams[0]):
-            if kind == "error":
-                raise APIError(500, value, code="generation_failed")
-            if kind == "text":
-                rendering.text.append(value)
-            else:
-                calls, last = value
-    finally:
-        cancel_all(streams)
+        return Response(stream_events(rendering, started.plan, started.streams), mimetype="text/event-stream",
+                        headers=SSE_HEADERS)
+    text, calls, last = collect_answer(started)
+    if text:
+        rendering.text.append(text)
     return jsonify(rendering.final(calls, last))
 
 
