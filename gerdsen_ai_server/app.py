@@ -19,13 +19,16 @@ from .api.realtime import init_realtime
 from .config import Settings
 from .engine.engine import InferenceEngine
 from .engine.loaders import LoadedModel
+from .request_log import configure_logging, init_request_log
+from .security import init_security
+from .shutdown import init_shutdown
 
 log = logging.getLogger(__name__)
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     settings = Settings.from_mapping(config)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     app = Flask(__name__)
     app.config["IMPETUS_SETTINGS"] = settings
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -47,12 +50,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     atexit.register(engine.shutdown)
 
     register_error_handlers(app)
+    init_request_log(app)  # first: every later hook and error already has the request id
+    init_security(app, settings)  # size limit, API keys, rate limits
     app.register_blueprint(openai.bp)  # with /v1/chat/completions, which api/chat.py adds to it
     app.register_blueprint(anthropic.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(models.bp)
     init_pulls(app)  # /api/models/pull, /pulls, /discover, DELETE /api/models/<id>
     init_realtime(app)
+    init_shutdown(app)  # SIGTERM: not ready, finish running requests (gunicorn_conf installs it)
 
     if settings.default_model:
         _load_default(app, engine, settings.default_model)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,6 +53,35 @@ class Settings(BaseSettings):
         0, ge=0, description="Testing only: kill the engine thread after this many decode steps (0: never)."
     )
     log_level: str = Field("info", description="Gunicorn and application log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'json': one JSON object per log line, with request id, route, status and duration."
+    )
+    # ---- production hardening (security.py, request_log.py, shutdown.py)
+    api_keys: str = Field(
+        "", description="Comma-separated API keys; when any key is set, requests need 'Authorization: Bearer KEY'."
+    )
+    api_key_file: Path | None = Field(None, description="File of API keys, one per line ('#' starts a comment).")
+    protect_health: bool = Field(
+        False, description="Require the key for /health and /metrics too (/health/live and /health/ready stay open)."
+    )
+    rate_limit: str = Field(
+        "",
+        description="Requests per API key (or per client IP without one), e.g. '60/minute' or '10/second;500/hour'; "
+        "empty: no limit.",
+    )
+    redis_url: str = Field(
+        "", description="Redis URL for rate-limit counters shared by replicas; empty: in-process memory."
+    )
+    cors_origins: str = Field(
+        "", description="Comma-separated origins browsers may call the API from ('*' for any); empty: none."
+    )
+    max_request_bytes: int = Field(8 << 20, ge=1024, description="Largest request body accepted; larger gets 413.")
+    max_tokens_limit: int = Field(
+        32768, ge=1, description="Largest max_tokens a request may ask for (the model's context bounds it too)."
+    )
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM; readiness is 503 meanwhile."
+    )
 
     def memory_budget_bytes(self) -> int:
         if self.memory_budget:
@@ -63,6 +92,26 @@ class Settings(BaseSettings):
 
     def keep_alive_seconds(self) -> float:
         return math.inf if self.keep_alive < 0 else self.keep_alive
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        if value.strip():
+            from limits import parse_many
+
+            parse_many(value)  # ValueError: "couldn't parse rate limit string ..."
+        return value.strip()
+
+    def api_key_list(self) -> list[str]:
+        """Every configured key: IMPETUS_API_KEYS and the lines of IMPETUS_API_KEY_FILE."""
+        keys = [k.strip() for k in self.api_keys.split(",")]
+        if self.api_key_file is not None:
+            lines = self.api_key_file.read_text(encoding="utf-8").splitlines()
+            keys += [line.strip() for line in lines if not line.lstrip().startswith("#")]
+        return [k for k in keys if k]
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @classmethod
     def from_mapping(cls, overrides: dict[str, Any] | None = None) -> Settings:

@@ -33,7 +33,10 @@ Why these choices (docs/architecture.md has the measurements):
 
 from __future__ import annotations
 
+import math
 import sys
+
+from gunicorn.glogging import Logger as _GunicornLogger
 
 from gerdsen_ai_server.cli import WSGI_APP, base_url
 from gerdsen_ai_server.config import Settings
@@ -53,11 +56,13 @@ workers = 1
 worker_class = "gthread"
 threads = _settings.threads
 timeout = 120
-graceful_timeout = 30  # let running generations finish (or be cancelled) on SIGTERM
+# SIGTERM: the app drains for up to IMPETUS_SHUTDOWN_GRACE (shutdown.py), then Gunicorn closes what is left.
+graceful_timeout = math.ceil(_settings.shutdown_grace) + 10
 keepalive = 5
-accesslog = "-"
+accesslog = None  # the app logs each request, with its id, route and duration (request_log.py)
 errorlog = "-"
 loglevel = _settings.log_level
+logger_class = "gerdsen_ai_server.gunicorn_conf.JsonLogger" if _settings.log_format == "json" else "gunicorn.glogging.Logger"
 proc_name = "impetus"
 # Gunicorn's control socket defaults to one fixed path per user ($XDG_RUNTIME_DIR or ~/.gunicorn),
 # which two servers on one machine (tests, replicas) would fight over. We do not use gunicornc.
@@ -85,8 +90,29 @@ def _version() -> str:
 
 
 def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
-    """Log which BLAS the worker's MLX actually got (see gerdsen_ai_server.blas)."""
+    """Log which BLAS the worker's MLX actually got (see gerdsen_ai_server.blas); make SIGTERM drain."""
     from gerdsen_ai_server.blas import blas_in_use
+    from gerdsen_ai_server.shutdown import install_sigterm_drain
 
     if sys.platform.startswith("linux"):
         worker.log.info("BLAS in use: %s", blas_in_use())
+    install_sigterm_drain(worker, _settings.shutdown_grace)
+
+
+def worker_int(worker) -> None:  # type: ignore[no-untyped-def]
+    """SIGINT / SIGQUIT: Gunicorn's quick exit, no drain; running streams are cut."""
+    worker.log.warning("worker interrupted: quick shutdown, running requests are cut")
+
+
+def worker_abort(worker) -> None:  # type: ignore[no-untyped-def]
+    """SIGABRT: the master found the worker's main loop wedged past ``timeout``."""
+    worker.log.error("worker timed out (no heartbeat for %s s): aborting it", timeout)
+
+
+class JsonLogger(_GunicornLogger):
+    """Gunicorn's own lines (start, bind, worker exits) as JSON too, with IMPETUS_LOG_FORMAT=json."""
+
+    def _set_handler(self, log, output, fmt, stream=None):  # type: ignore[no-untyped-def]
+        from gerdsen_ai_server.request_log import JsonFormatter
+
+        super()._set_handler(log, output, JsonFormatter(), stream)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,15 @@ def _default(field) -> str:  # type: ignore[no-untyped-def]
 
 
 def _type(field) -> str:  # type: ignore[no-untyped-def]
-    annotation = field.annotation
+    return _type_name(field.annotation)
+
+
+def _type_name(annotation) -> str:  # type: ignore[no-untyped-def]
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return " or ".join(f"`{a}`" for a in args)
+    if len(args) == 1 and len(typing.get_args(annotation)) == 2:  # X | None
+        return _type_name(args[0]) + " (optional)"
     name = getattr(annotation, "__name__", None) or str(annotation)
     return {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "Path": "path"}.get(name, name)
 

@@ -20,6 +20,9 @@ def _engine() -> InferenceEngine:
 
 def readiness() -> tuple[bool, str]:
     engine = _engine()
+    drain = current_app.extensions.get("impetus_drain")
+    if drain is not None and drain.draining.is_set():
+        return False, "the server is shutting down"
     if not engine.is_alive():
         return False, "the inference engine thread is not running"
     if current_app.config.get("IMPETUS_LOAD_ERROR"):

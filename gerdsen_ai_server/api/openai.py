@@ -133,13 +133,17 @@ def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
 
 def completion_budget(loaded: LoadedModel, prompt_len: int, requested: int | None) -> int:
     """max_tokens as asked, or what the context has left (capped by the server default)."""
+    limit = current_app.config["IMPETUS_SETTINGS"].max_tokens_limit
     if requested is not None:
+        if requested > limit:
+            raise APIError(400, f"max_tokens is {requested}, but this server allows at most {limit} "
+                           "(IMPETUS_MAX_TOKENS_LIMIT).", param="max_tokens", code="invalid_value")
         return requested
     room = loaded.context_length - prompt_len
     if room < 1:
         raise APIError(400, str(ContextLengthExceeded(prompt_len, 1, loaded.context_length)), param="messages",
                        code="context_length_exceeded")
-    return min(current_app.config["IMPETUS_SETTINGS"].max_tokens_default, room)
+    return min(current_app.config["IMPETUS_SETTINGS"].max_tokens_default, room, limit)
 
 
 def submit_all(

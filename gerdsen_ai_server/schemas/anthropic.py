@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .openai import MAX_MESSAGES
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -72,7 +74,7 @@ class ToolChoice(_Request):
 class MessagesRequest(_Request):
     model: str = Field(min_length=1)
     max_tokens: int = Field(ge=1)
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     system: str | list[TextBlock] | None = None
     temperature: float = Field(1.0, ge=0.0, le=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -92,7 +94,7 @@ class MessagesRequest(_Request):
 
 class CountTokensRequest(_Request):
     model: str = Field(min_length=1)
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     system: str | list[TextBlock] | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: ToolChoice | None = None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from .openai import MAX_MESSAGES
 
 
 class _Request(BaseModel):
@@ -75,7 +77,8 @@ class TextConfig(_Request):
 
 class ResponsesRequest(_Request):
     model: str = Field(min_length=1)
-    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem]
+    input: str | Annotated[list[InputMessage | FunctionCallItem | FunctionCallOutputItem],
+                           Field(max_length=MAX_MESSAGES)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)

@@ -1,0 +1,118 @@
+"""Hand-written hostile requests against the shared real server: each gets a clear 4xx in the OpenAI
+envelope (never a 5xx), and the server keeps answering. Generated ones: test_openapi.py (schemathesis)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import DEFAULT_MODEL, Server
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chat(server: Server, body: Any = None, *, data: bytes | None = None, **headers: str) -> requests.Response:
+    if data is None:
+        data = json.dumps(body).encode()
+    return requests.post(f"{server.base_url}/chat/completions", data=data, timeout=60,
+                         headers={"Content-Type": "application/json", **headers})
+
+
+def envelope(r: requests.Response, status: int, *, param: str | None = None, code: str | None = None) -> None:
+    assert r.status_code == status, r.text[:300]
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+
+
+@pytest.mark.parametrize("data", [b"{", b"{'model': 1}", b"", b"null", b"[]", b'"text"', b"\xff\xfe\xfa{}",
+                                  b'{"model": "m", "messages": [}', b"{" * 10_000])
+def test_malformed_json_and_invalid_utf8(server: Server, data: bytes) -> None:
+    envelope(chat(server, data=data), 400, code="invalid_json")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("messages", "hi"), ("messages", [{"role": "wizard", "content": "hi"}]), ("temperature", "hot"),
+    ("max_tokens", "five"), ("max_tokens", 2.5), ("stream", "maybe"), ("n", [1]), ("stop", 5), ("model", 7),
+    ("logit_bias", {"x": 1}), ("seed", "one"),
+])
+def test_wrong_types_name_the_field(server: Server, field: str, value: Any) -> None:
+    body = {"model": DEFAULT_MODEL, "messages": MESSAGES, "max_tokens": 1, field: value}
+    r = chat(server, body)
+    envelope(r, 400)
+    assert r.json()["error"]["param"].split(".")[0] == field
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_tokens", 10**30), ("max_tokens", 2**63), ("max_tokens", 40_000), ("max_tokens", -1), ("max_tokens", 0),
+    ("temperature", 1e308), ("temperature", -1e-9), ("seed", 2**80), ("n", 10**9), ("top_logprobs", 10**6),
+    ("presence_penalty", 1e300), ("top_p", 0),
+])
+def test_huge_and_negative_numbers(server: Server, field: str, value: Any) -> None:
+    body = {"model": DEFAULT_MODEL, "messages": MESSAGES, "max_tokens": 1, "logprobs": True, field: value}
+    envelope(chat(server, body), 400, param=field)
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_numbers(server: Server, literal: bytes) -> None:
+    data = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": %s}' % (
+        DEFAULT_MODEL.encode(), literal)
+    assert chat(server, data=data).status_code == 400
+
+
+def test_max_tokens_beyond_the_context_is_context_length_exceeded(server: Server) -> None:
+    r = chat(server, {"model": DEFAULT_MODEL, "messages": MESSAGES, "max_tokens": 30_000})
+    envelope(r, 400, code="context_length_exceeded")
+
+
+def test_empty_messages_and_empty_content(server: Server) -> None:
+    envelope(chat(server, {"model": DEFAULT_MODEL, "messages": []}), 400, param="messages")
+    r = chat(server, {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": ""}], "max_tokens": 1})
+    assert r.status_code == 200, r.text
+
+
+def test_too_many_messages(server: Server) -> None:
+    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "a"}] * 2049, "max_tokens": 1}
+    envelope(chat(server, body), 400, param="messages")
+
+
+def test_a_10_mb_message_is_413(server: Server) -> None:
+    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "x" * 10_000_000}]}
+    envelope(chat(server, body), 413, code="request_too_large")
+    assert requests.get(server.url + "/health/ready", timeout=10).status_code == 200
+
+
+def test_a_long_message_over_the_context_is_400(server: Server) -> None:
+    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "word " * 50_000}], "max_tokens": 1}
+    envelope(chat(server, body), 400, code="context_length_exceeded")
+
+
+def test_nul_bytes_and_odd_unicode_are_just_text(server: Server) -> None:
+    for content in ("a\x00b", "\x00" * 50, "\u202e\ufeff\U0001f600", "\ud800"):
+        r = chat(server, {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": content}],
+                          "max_tokens": 1})
+        assert r.status_code in (200, 400), (content, r.text[:200])
+    r = chat(server, {"model": "bad\x00model", "messages": MESSAGES})
+    envelope(r, 404, param="model")
+
+
+def test_too_many_stop_strings(server: Server) -> None:
+    envelope(chat(server, {"model": DEFAULT_MODEL, "messages": MESSAGES, "stop": ["a"] * 5}), 400, param="stop")
+
+
+def test_wrong_method_and_unknown_route(server: Server) -> None:
+    r = requests.get(f"{server.base_url}/chat/completions", timeout=10)
+    envelope(r, 405, code="method_not_allowed")
+    assert "POST" in r.headers["Allow"]
+    envelope(requests.get(f"{server.base_url}/nope", timeout=10), 404, code="not_found")
+
+
+def test_the_server_still_answers_afterwards(server: Server) -> None:
+    r = chat(server, {"model": DEFAULT_MODEL, "messages": MESSAGES, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None

@@ -1,0 +1,145 @@
+"""Everything a public deployment turns on, on one real Gunicorn server: keys from the environment and
+a key file (the official SDKs with a key, 401 in the envelope without one, probes open), a rate limit
+hit and recovered, CORS for one origin, security headers, request ids and JSON logs that hold no
+prompt and no key. (Every branch, in-process: tests/unit/test_security_hooks.py.)"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from tests.conftest import DEFAULT_MODEL, Server, start_server, stop_server
+
+ENV_KEY = "sk-impetus-env-0123456789"
+FILE_KEY = "sk-impetus-file-abcdef"
+RATE_KEY = "sk-impetus-rate"  # only the rate-limit test spends this key's budget
+ORIGIN = "https://app.example"
+AUTH = {"Authorization": f"Bearer {FILE_KEY}"}
+CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("secured")
+    key_file = tmp / "keys.txt"
+    key_file.write_text(f"# one key per line\n{FILE_KEY}\n")
+    srv = start_server(tmp, IMPETUS_API_KEYS=f"{ENV_KEY},{RATE_KEY}", IMPETUS_API_KEY_FILE=str(key_file),
+                       IMPETUS_RATE_LIMIT="5/2 second", IMPETUS_CORS_ORIGINS=ORIGIN, IMPETUS_LOG_FORMAT="json")
+    yield srv
+    stop_server(srv)
+
+
+def test_requests_without_a_valid_key_get_401(secured: Server) -> None:
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Bearer {ENV_KEY[:-1]}"}):
+        r = requests.post(f"{secured.base_url}/chat/completions", json=CHAT, headers=headers, timeout=10)
+        assert r.status_code == 401, headers
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_probes_stay_open(secured: Server) -> None:
+    for path in ("/health/live", "/health/ready", "/health"):
+        assert requests.get(secured.url + path, timeout=10).status_code == 200
+
+
+def test_openai_sdk_with_a_key_from_the_environment_or_the_file(secured: Server) -> None:
+    from openai import AuthenticationError, OpenAI
+
+    for key in (ENV_KEY, FILE_KEY):
+        client = OpenAI(base_url=secured.base_url, api_key=key, max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=2)
+        assert reply.choices[0].message.content is not None
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=secured.base_url, api_key="sk-wrong", max_retries=0).models.list()
+
+
+def test_anthropic_sdk_sends_its_key_as_x_api_key(secured: Server) -> None:
+    from anthropic import Anthropic
+
+    client = Anthropic(base_url=secured.url, api_key=ENV_KEY, max_retries=0, timeout=60)
+    reply = client.messages.create(model=DEFAULT_MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert reply.usage.output_tokens >= 1
+
+
+def test_rate_limit_is_hit_then_recovers(secured: Server) -> None:
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {RATE_KEY}"
+    url = f"{secured.base_url}/models"
+    statuses = [session.get(url, timeout=10) for _ in range(7)]
+    assert [r.status_code for r in statuses].count(429) >= 1  # 5 per window; a window may turn over once
+    limited = next(r for r in statuses if r.status_code == 429)
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert limited.headers["x-ratelimit-limit-requests"] == "5"
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    wait = int(limited.headers["Retry-After"])
+    assert 1 <= wait <= 2
+    assert requests.get(secured.url + "/health/ready", timeout=10).status_code == 200  # probes are never limited
+    time.sleep(wait)
+    r = session.get(url, timeout=10)
+    assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == "4"
+
+
+def test_security_headers_on_every_response(secured: Server) -> None:
+    responses = [
+        requests.get(secured.url + "/health/live", timeout=10),
+        requests.get(f"{secured.base_url}/models", timeout=10),  # 401
+        requests.get(f"{secured.base_url}/nope", headers=AUTH, timeout=10),  # 404
+        requests.post(f"{secured.base_url}/chat/completions", data=b"{", headers=AUTH, timeout=10),  # 400
+    ]
+    assert [r.status_code for r in responses] == [200, 401, 404, 400]
+    for r in responses:
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert r.headers["X-Frame-Options"] == "DENY"
+        assert r.headers["Referrer-Policy"] == "no-referrer"
+        assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+
+
+def test_cors_answers_only_the_configured_origin(secured: Server) -> None:
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-lang"}
+    r = requests.options(f"{secured.base_url}/chat/completions", headers=preflight, timeout=10)
+    assert r.status_code == 200  # no key needed for a preflight
+    assert r.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "authorization" in r.headers["Access-Control-Allow-Headers"].lower()
+    assert "POST" in r.headers["Access-Control-Allow-Methods"]
+    r = requests.get(f"{secured.base_url}/models", headers={**AUTH, "Origin": ORIGIN}, timeout=10)
+    assert r.headers["Access-Control-Allow-Origin"] == ORIGIN
+    exposed = r.headers["Access-Control-Expose-Headers"].lower()
+    assert "x-request-id" in exposed and "x-ratelimit-remaining-requests" in exposed
+    r = requests.get(f"{secured.base_url}/models", headers={**AUTH, "Origin": "https://evil.example"}, timeout=10)
+    assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_request_ids_are_honoured_or_made_and_logged_without_prompts(secured: Server) -> None:
+    given = "trace-7f3a.b_9:1"
+    secret_prompt = "zebra-marmalade-42 is my secret prompt"
+    body = {**CHAT, "messages": [{"role": "user", "content": secret_prompt}]}
+    r = requests.post(f"{secured.base_url}/chat/completions", json=body, timeout=60,
+                      headers={**AUTH, "X-Request-ID": given})
+    assert r.status_code == 200 and r.headers["X-Request-ID"] == given
+    made = requests.get(f"{secured.base_url}/models", headers={**AUTH, "X-Request-ID": "no spaces allowed"},
+                        timeout=10).headers["X-Request-ID"]
+    assert len(made) == 32 and made != "no spaces allowed"
+    assert requests.get(f"{secured.base_url}/models", timeout=10).headers["X-Request-ID"]  # on a 401 too
+
+    deadline = time.monotonic() + 10  # the line is written when the response closes
+    while time.monotonic() < deadline:
+        lines = [json.loads(line) for line in secured.log().splitlines() if line.startswith("{")]
+        ours = [line for line in lines if line.get("request_id") == given and line["logger"] == "impetus.access"]
+        if ours:
+            break
+        time.sleep(0.2)
+    assert ours, secured.log()[-2000:]
+    line = ours[0]
+    assert (line["method"], line["route"], line["status"]) == ("POST", "/v1/chat/completions", 200)
+    assert line["duration_ms"] > 0 and line["level"] == "info" and len(line["key_id"]) == 16
+    assert any(entry["logger"].startswith("gunicorn") for entry in lines)  # Gunicorn's own lines are JSON too
+    log = secured.log()
+    assert "zebra-marmalade" not in log
+    assert ENV_KEY not in log and FILE_KEY not in log and RATE_KEY not in log

@@ -1,0 +1,57 @@
+"""SIGTERM during a stream: readiness turns 503 at once and new work is refused, the stream runs to
+``[DONE]``, then the server exits 0 (gerdsen_ai_server/shutdown.py)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from tests.conftest import DEFAULT_MODEL, start_server, stop_server
+
+
+def test_sigterm_drains_a_running_stream_then_exits_zero(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, IMPETUS_SHUTDOWN_GRACE="60", IMPETUS_LOG_FORMAT="text")
+    try:
+        body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Count from one to fifty."}],
+                "max_tokens": 48, "temperature": 0, "stream": True}
+        lines: list[str] = []
+        first_chunk = threading.Event()
+
+        def read_stream() -> None:
+            with requests.post(f"{srv.base_url}/chat/completions", json=body, stream=True, timeout=120) as r:
+                for line in r.iter_lines(decode_unicode=True):
+                    if line:
+                        lines.append(line)
+                        first_chunk.set()
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        assert first_chunk.wait(60)
+        srv.process.send_signal(signal.SIGTERM)  # the master, as an orchestrator would
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ready = requests.get(srv.url + "/health/ready", timeout=5)
+            if ready.status_code == 503:
+                break
+            time.sleep(0.05)
+        assert ready.status_code == 503 and ready.json()["reason"] == "the server is shutting down"
+        assert reader.is_alive(), "the stream should still be running (make max_tokens larger)"
+        refused = requests.post(f"{srv.base_url}/chat/completions", timeout=10,
+                                json={**body, "stream": False, "max_tokens": 1})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
+        assert refused.headers["Retry-After"] == "1"
+
+        reader.join(60)
+        assert not reader.is_alive()
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+        assert srv.process.wait(30) == 0
+        assert "requests finished" in srv.log()
+    finally:
+        stop_server(srv)
