@@ -13,6 +13,7 @@ from typing import Any
 from flask import Flask
 
 from .api import anthropic, chat, embeddings, health, models, openai, responses  # noqa: F401  (on openai.bp)
+from .api.docs import bp as docs_bp
 from .api.errors import register_error_handlers
 from .api.pulls import init_pulls
 from .api.realtime import init_realtime
@@ -58,6 +59,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(models.bp)
     init_pulls(app)  # /api/models/pull, /pulls, /discover, DELETE /api/models/<id>
     init_realtime(app)
+    app.register_blueprint(docs_bp)  # /openapi.json, /docs
     init_shutdown(app)  # SIGTERM: not ready, finish running requests (gunicorn_conf installs it)
 
     if settings.default_model:

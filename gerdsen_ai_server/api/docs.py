@@ -1,0 +1,244 @@
+"""/openapi.json (OpenAPI 3.1, built by apispec from the pydantic schemas) and /docs (Swagger UI).
+
+The wire schemas are the pydantic models in ``schemas/``: ``models_json_schema`` turns them into
+JSON Schema (2020-12, which OpenAPI 3.1 uses as is) and each becomes a component, so the spec and
+the validation cannot drift apart. Swagger UI's files come from the ``flask-swagger-ui`` wheel and
+are served from here: no CDN, and the page's script is a file so the CSP needs no inline script.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from apispec import APISpec
+from flask import Blueprint, Response, abort, current_app, jsonify, send_from_directory
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from .. import __version__
+from ..schemas import anthropic, openai, registry, responses
+
+bp = Blueprint("docs", __name__)
+
+DESCRIPTION = """\
+An OpenAI-compatible (and Anthropic Messages-compatible) inference server. Point the `openai` SDK at
+`http://HOST:PORT/v1`.
+
+**Authentication.** When the server has API keys (`IMPETUS_API_KEYS` / `IMPETUS_API_KEY_FILE`), send
+`Authorization: Bearer KEY` (Anthropic clients may send `x-api-key: KEY`). A missing or wrong key gets
+401 with `code: invalid_api_key` and `WWW-Authenticate: Bearer`. `/health/live` and `/health/ready` are
+always open; `/health` and `/metrics` unless `IMPETUS_PROTECT_HEALTH=true`; this document and `/docs` are open.
+
+**Rate limits.** With `IMPETUS_RATE_LIMIT` (e.g. `60/minute`) each key (or client address, without a
+valid key) has one budget across the API. Responses carry `x-ratelimit-limit-requests`,
+`x-ratelimit-remaining-requests` and `x-ratelimit-reset-requests` (e.g. `12s`); past the limit the
+answer is 429 with `code: rate_limit_exceeded` and `Retry-After` in seconds. Probes are never limited.
+
+**Errors.** Every failure has one shape, `{"error": {"message", "type", "param", "code"}}` (Anthropic's
+own shape on `/v1/messages`): 400 invalid request (`param` names the field; `context_length_exceeded`
+when prompt + `max_tokens` exceed the model's context), 401 bad key, 404 unknown model or route,
+405 wrong method, 413 body over `IMPETUS_MAX_REQUEST_BYTES`, 429 rate limit, 500 server error,
+503 queue full or shutting down (with `Retry-After`).
+
+**Request ids.** Send `X-Request-ID` (letters, digits and `._:+=/-`, up to 128) or get one; every
+response carries it and the server's log lines name it.
+"""
+
+ERROR_STATUSES = {
+    "400": "Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context.",
+    "401": "Missing or wrong API key (`invalid_api_key`).",
+    "404": "Unknown model or route.",
+    "413": "Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`).",
+    "429": "Rate limit reached (`rate_limit_exceeded`); see Retry-After.",
+    "500": "Server error.",
+    "503": "Queue full, engine unavailable or shutting down; see Retry-After.",
+}
+RATE_HEADERS = {
+    "x-ratelimit-limit-requests": {"description": "Requests allowed per window.", "schema": {"type": "string"}},
+    "x-ratelimit-remaining-requests": {"description": "Requests left in this window.", "schema": {"type": "string"}},
+    "x-ratelimit-reset-requests": {"description": "Time until the window resets, e.g. `12s`.",
+                                   "schema": {"type": "string"}},
+    "X-Request-ID": {"description": "This request's id (the client's, if valid).", "schema": {"type": "string"}},
+}
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+    }},
+}
+ANTHROPIC_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {"type": {"const": "error"}, "error": {
+        "type": "object", "required": ["type", "message"],
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+    }},
+}
+OPEN_OBJECT = {"type": "object", "additionalProperties": True}
+# With `stream: true`. The schema describes one event, as OpenAPI 3.2's itemSchema does for SSE.
+SSE = {"text/event-stream": {"schema": {
+    "type": "object",
+    "description": "Server-Sent Events: `data:` JSON chunks (and `event:` names on the Anthropic and Responses "
+                   "APIs); the OpenAI APIs end with `data: [DONE]`.",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}},
+}}}
+
+# (path, method, tag, summary, request model, response model or JSON schema, streams, secured)
+Operation = tuple[str, str, str, str, type[BaseModel] | None, type[BaseModel] | dict[str, Any], bool, bool]
+OPERATIONS: list[Operation] = [
+    ("/v1/chat/completions", "post", "OpenAI", "Create a chat completion",
+     openai.ChatCompletionRequest, openai.ChatCompletion, True, True),
+    ("/v1/completions", "post", "OpenAI", "Create a text completion",
+     openai.CompletionRequest, openai.Completion, True, True),
+    ("/v1/embeddings", "post", "OpenAI", "Embed text (mean-pooled hidden states of a language model)",
+     openai.EmbeddingRequest, openai.EmbeddingList, False, True),
+    ("/v1/models", "get", "OpenAI", "List the loaded models", None, openai.ModelList, False, True),
+    ("/v1/models/{model_id}", "get", "OpenAI", "Describe a loaded model", None, openai.ModelCard, False, True),
+    ("/v1/responses", "post", "OpenAI", "Create a response (stateless Responses API)",
+     responses.ResponsesRequest, OPEN_OBJECT, True, True),
+    ("/v1/messages", "post", "Anthropic", "Create a message (Anthropic Messages API)",
+     anthropic.MessagesRequest, anthropic.MessageResponse, True, True),
+    ("/v1/messages/count_tokens", "post", "Anthropic", "Count a message's input tokens",
+     anthropic.CountTokensRequest,
+     {"type": "object", "required": ["input_tokens"], "properties": {"input_tokens": {"type": "integer"}}},
+     False, True),
+    ("/api/models", "get", "Models", "Resident and local models, with the memory budget",
+     None, registry.ModelsOverview, False, True),
+    ("/api/models/{model_id}", "get", "Models", "Describe a resident or local model",
+     None, registry.ModelInfo, False, True),
+    ("/api/models/load", "post", "Models", "Load a model (or refresh its keep-alive)",
+     registry.LoadRequest, registry.ModelInfo, False, True),
+    ("/api/models/unload", "post", "Models", "Unload a resident model",
+     registry.UnloadRequest, OPEN_OBJECT, False, True),
+    ("/health", "get", "Health", "Details: readiness, engine, models", None, OPEN_OBJECT, False, False),
+    ("/health/live", "get", "Health", "Liveness probe (always open)", None, OPEN_OBJECT, False, False),
+]
+
+
+def _response_schemas(models: list[tuple[type[BaseModel], str]]) -> tuple[dict[Any, Any], dict[str, Any]]:
+    refs, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    return refs, top.get("$defs", {})
+
+
+def build_spec() -> dict[str, Any]:
+    spec = APISpec(title="Impetus", version=__version__, openapi_version="3.1.0",
+                   info={"description": DESCRIPTION, "license": {"name": "See the repository"}})
+    spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer",
+                                                   "description": "One of the server's API keys."})
+    spec.components.schema("Error", ERROR_SCHEMA)
+    spec.components.schema("AnthropicError", ANTHROPIC_ERROR_SCHEMA)
+
+    wanted: list[tuple[type[BaseModel], str]] = []
+    for _, _, _, _, request_model, response_model, _, _ in OPERATIONS:
+        if request_model is not None:
+            wanted.append((request_model, "validation"))
+        if isinstance(response_model, type):
+            wanted.append((response_model, "serialization"))
+    refs, defs = _response_schemas(wanted)
+    for name, schema in defs.items():
+        spec.components.schema(name, schema)
+
+    for path, method, tag, summary, request_model, response_model, streams, secured in OPERATIONS:
+        anthropic_api = path.startswith("/v1/messages")
+        error_ref = {"$ref": "#/components/schemas/" + ("AnthropicError" if anthropic_api else "Error")}
+        body = refs[(response_model, "serialization")] if isinstance(response_model, type) else response_model
+        content: dict[str, Any] = {"application/json": {"schema": body}}
+        if streams:
+            content.update(SSE)
+        operation: dict[str, Any] = {
+            "tags": [tag], "summary": summary, "operationId": f"{method}_{path.strip('/').replace('/', '_')}",
+            "responses": {"200": {"description": "OK", "content": content, "headers": RATE_HEADERS}},
+        }
+        for status, text in ERROR_STATUSES.items():
+            if status == "401" and not secured:
+                continue
+            headers = {"Retry-After": {"schema": {"type": "string"}}} if status in ("429", "503") else {}
+            operation["responses"][status] = {"description": text, "headers": headers,
+                                              "content": {"application/json": {"schema": error_ref}}}
+        if "{model_id}" in path:
+            operation["parameters"] = [{"name": "model_id", "in": "path", "required": True,
+                                        "schema": {"type": "string"}}]
+        if request_model is not None:
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": refs[(request_model, "validation")]}}}
+        if secured:
+            operation["security"] = [{"bearerAuth": []}]
+        spec.path(path=path, operations={method: operation})
+
+    spec.path(path="/health/ready", operations={"get": {
+        "tags": ["Health"], "summary": "Readiness probe (always open): 503 while loading or shutting down",
+        "operationId": "get_health_ready",
+        "responses": {
+            "200": {"description": "Ready", "content": {"application/json": {"schema": OPEN_OBJECT}}},
+            "503": {"description": "Not ready (loading, engine down or shutting down)",
+                    "content": {"application/json": {"schema": OPEN_OBJECT}}},
+        },
+    }})
+    return spec.to_dict()
+
+
+@cache
+def _spec() -> dict[str, Any]:
+    return build_spec()
+
+
+def swagger_ui_dir() -> Path:
+    import flask_swagger_ui
+
+    return Path(flask_swagger_ui.__file__).parent / "dist"
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Impetus API</title>
+  <link rel="stylesheet" href="/docs/swagger-ui.css">
+  <link rel="icon" type="image/png" href="/docs/favicon-32x32.png">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/swagger-ui-bundle.js"></script>
+  <script src="/docs/init.js"></script>
+</body>
+</html>
+"""
+INIT_JS = """window.ui = SwaggerUIBundle({
+  url: "/openapi.json",
+  dom_id: "#swagger-ui",
+  deepLinking: true,
+  presets: [SwaggerUIBundle.presets.apis],
+  layout: "BaseLayout",
+});
+"""
+ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favicon-16x16.png"}
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return jsonify(_spec())
+
+
+@bp.get("/docs")
+def docs_page() -> Response:
+    return Response(PAGE, mimetype="text/html")
+
+
+@bp.get("/docs/init.js")
+def docs_init() -> Response:
+    return Response(INIT_JS, mimetype="text/javascript")
+
+
+@bp.get("/docs/<name>")
+def docs_asset(name: str) -> Response:
+    if name not in ASSETS:
+        abort(404)
+    response = send_from_directory(swagger_ui_dir(), name, max_age=3600)
+    current_app.logger.debug("served docs asset %s", name)
+    return response
