@@ -86,3 +86,19 @@ def test_errors_use_anthropic_shape(claude: anthropic.Anthropic, server: Server)
     assert "max_tokens" in r.json()["error"]["message"]
     r = requests.post(f"{server.url}/v1/messages", data="{", timeout=30, headers={"content-type": "application/json"})
     assert r.status_code == 400 and json.loads(r.text)["type"] == "error"
+
+
+def test_x_api_key_auth(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import start_server, stop_server
+
+    srv = start_server(tmp_path, IMPETUS_API_KEYS="sk-impetus-test")
+    try:
+        good = anthropic.Anthropic(base_url=srv.url, api_key="sk-impetus-test", max_retries=0, timeout=120)
+        reply = good.messages.create(model=DEFAULT_MODEL, max_tokens=3, extra_body=GREEDY, messages=CAPITAL)
+        assert reply.usage.output_tokens == 3
+        bad = anthropic.Anthropic(base_url=srv.url, api_key="sk-wrong", max_retries=0, timeout=120)
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            bad.messages.create(model=DEFAULT_MODEL, max_tokens=3, messages=CAPITAL)
+        assert info.value.status_code == 401
+    finally:
+        stop_server(srv)
