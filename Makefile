@@ -65,8 +65,11 @@ lint: setup
 soak: setup
 	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m bench.soak --write $(ARGS)
 
-bench:
-	@echo "make bench: not implemented yet (bench/ will compare against python -m mlx_lm.server)."
+# Side by side on one bench model: our server, python -m mlx_lm.server (as shipped and with
+# OpenBLAS) and raw in-process mlx-lm; prints the tables and writes docs/performance.md.
+# ARGS='--quick' for a ~2-minute smoke run; each run sets its own LD_PRELOAD (bench/run.py).
+bench: setup
+	IMPETUS_BENCH_COMMAND="make bench$(if $(ARGS), ARGS='$(ARGS)')" $(BIN)/python -m bench.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -3,6 +3,7 @@
     impetus --version
     impetus serve [--model PATH_OR_ID] [--host H] [--port P] [--threads N] [--log-level L]
     impetus pull ORG/NAME | impetus list | impetus rm ID      (cli_models.py)
+    impetus bench [--quick] [--streams 1,4,8,16] [...]        (bench/run.py, from a source checkout)
 
 ``serve`` turns its options into ``IMPETUS_*`` environment variables (the same ones
 ``gerdsen_ai_server.config.Settings`` reads), preloads OpenBLAS on Linux when it is installed,
@@ -16,6 +17,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__, cli_models
 
@@ -53,7 +55,25 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="Gunicorn threads: one per open stream plus headroom (default 64)")
     serve.add_argument("--log-level", help="debug, info, warning, error")
     cli_models.add_parsers(sub)
+    # Its options are bench.run's own (main() hands them over unparsed): see `impetus bench --help`.
+    sub.add_parser("bench", add_help=False,
+                   help="side-by-side benchmark against python -m mlx_lm.server (same as make bench)")
     return parser
+
+
+def _bench(argv: list[str]) -> int:
+    """Run ``python -m bench.run`` with ``argv``; bench/ lives in the source tree, not the wheel."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "run.py").is_file():
+        print("impetus bench: the benchmark runs from a source checkout (bench/ is not installed with the "
+              "package); clone the repository and run `make bench`.", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    os.environ.setdefault("IMPETUS_BENCH_COMMAND", " ".join(["impetus", "bench", *argv]))
+    from bench.run import main as bench_main
+
+    return bench_main(argv)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -100,6 +120,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":

@@ -1,0 +1,207 @@
+"""The benchmark model: a random-weight mlx-lm llama, built once into a cache folder.
+
+    python -m bench.model [--tiny] [--out build/bench-model]
+
+Hidden 512, 8 layers, 8 heads, intermediate 1408 (the model of ``shared/FACTS.md`` and issue 3),
+stored in **bfloat16** like real checkpoints, as a standard MLX folder (config.json,
+model.safetensors, tokenizer files) that ``mlx_lm.load``, ``python -m mlx_lm.server`` and our
+server all load. Weights come from a fixed seed, so every build is identical.
+
+Text is real tokens: the tokenizer is SmolLM2's (taken from the converted default model), cut to
+its first ``vocab`` ids. SmolLM2's ids follow its BPE merge order, so keeping the ids below the
+cut and the merges whose parts and result are all kept is a valid, smaller BPE tokenizer; any
+text still encodes (byte-level fallback), only into more tokens. A 2,048 vocabulary keeps the
+output projection (hidden x vocab) from dwarfing the 8 transformer layers, so the bench measures
+the layers and the engine, as FACTS.md's figures (same shape, vocab 2048) do.
+
+Benchmarks need generations that never end early, and there is no ``ignore_eos`` in the OpenAI
+API: the embedding rows of the end tokens are zero, so with tied embeddings their logit is
+exactly 0 while the largest of the other 2,000+ random logits is positive, and greedy decoding
+never picks them. Every request runs to ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_VERSION = 1  # bump when the recipe changes: cached folders of an older recipe are rebuilt
+STAMP = "bench-model.json"
+TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class Spec:
+    hidden: int = 512
+    layers: int = 8
+    heads: int = 8
+    kv_heads: int = 8
+    intermediate: int = 1408
+    vocab: int = 2048
+    context: int = 4096
+    dtype: str = "bfloat16"
+    seed: int = 0
+
+
+BENCH = Spec()
+TINY = Spec(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, vocab=1024, context=2048)
+
+
+def default_models_dir() -> Path:
+    """Where the embedded default model is converted (its tokenizer is ours)."""
+    env = os.environ.get("IMPETUS_MODELS_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "impetus" / "models"
+
+
+def default_out(spec: Spec) -> Path:
+    name = "bench-model" if spec == BENCH else "bench-model-tiny" if spec == TINY else "bench-model-custom"
+    return ROOT / "build" / name
+
+
+def _stamp(spec: Spec) -> dict[str, object]:
+    return {"version": BUILD_VERSION, **asdict(spec)}
+
+
+def is_built(folder: Path, spec: Spec) -> bool:
+    try:
+        return json.loads((folder / STAMP).read_text()) == _stamp(spec) and (folder / "model.safetensors").is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _staging(out: Path) -> Path:
+    """A fresh sibling folder to build in; renamed onto ``out`` when complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging.chmod(0o755)
+    return staging
+
+
+def cut_tokenizer(tokenizer_json: dict, vocab: int) -> dict:
+    """SmolLM2's byte-level BPE tokenizer limited to its first ``vocab`` ids."""
+    tok = json.loads(json.dumps(tokenizer_json))  # deep copy
+    model = tok["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"expected a BPE tokenizer, got {model.get('type')!r}")
+    kept = {t: i for t, i in model["vocab"].items() if i < vocab}
+    if len(kept) != vocab:
+        raise ValueError(f"the tokenizer's ids are not dense below {vocab}")
+    merges = []
+    for merge in model["merges"]:
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        if a in kept and b in kept and a + b in kept:
+            merges.append(merge)
+    model["vocab"], model["merges"] = kept, merges
+    tok["added_tokens"] = [t for t in tok.get("added_tokens", []) if t["id"] < vocab]
+    return tok
+
+
+def build(out: Path, spec: Spec = BENCH, models_dir: Path | None = None, *, quiet: bool = False) -> Path:
+    """Build the model into ``out`` unless a folder of the same recipe is already there."""
+    out = Path(out)
+    if is_built(out, spec):
+        return out
+    sys.path.insert(0, str(ROOT))
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    from gerdsen_ai_server.default_model import ensure_default_model
+
+    source = ensure_default_model(models_dir or default_models_dir())
+    tokenizer = cut_tokenizer(json.loads((source / "tokenizer.json").read_text()), spec.vocab)
+    eos_ids = sorted({t["id"] for t in tokenizer["added_tokens"] if t["content"] in ("<|endoftext|>", "<|im_end|>")})
+
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": spec.hidden, "num_hidden_layers": spec.layers, "intermediate_size": spec.intermediate,
+        "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads, "rms_norm_eps": 1e-5,
+        "vocab_size": spec.vocab, "max_position_embeddings": spec.context, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": spec.dtype,
+    }
+    mx.random.seed(spec.seed)
+    model = Model(ModelArgs.from_dict(config))
+    embed = model.model.embed_tokens
+    weight = embed.weight
+    weight[mx.array(eos_ids)] = 0.0  # logit exactly 0: greedy decoding never ends a generation
+    embed.weight = weight
+    model.set_dtype(getattr(mx, spec.dtype))
+    weights = dict(tree_flatten(model.parameters()))
+
+    staging = _staging(out)
+    try:
+        mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        (staging / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+        for name in TOKENIZER_CONFIG_FILES:
+            if (source / name).exists():
+                shutil.copy(source / name, staging / name)
+        (staging / STAMP).write_text(json.dumps(_stamp(spec)))
+        if out.exists():  # an older recipe (or a half-built folder from a killed run)
+            shutil.rmtree(out)
+        try:
+            staging.rename(out)
+        except OSError:  # another process published it first
+            if not is_built(out, spec):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not quiet:
+        params = sum(v.size for v in weights.values())
+        print(f"bench model: {params / 1e6:.1f} M parameters, {spec.dtype}, vocab {spec.vocab} -> {out}")
+    return out
+
+
+def fp32_copy(folder: Path, out: Path | None = None) -> Path:
+    """The same weights upcast to float32 (what our server computes in on CPU), for an engine-to-engine run."""
+    folder = Path(folder)
+    out = Path(out) if out else folder.with_name(folder.name + "-fp32")
+    stamp = json.loads((folder / STAMP).read_text())
+    stamp["copy_of"] = str(folder)
+    stamp["dtype"] = "float32"
+    try:
+        if json.loads((out / STAMP).read_text()) == stamp:
+            return out
+    except (OSError, ValueError):
+        pass
+    import mlx.core as mx
+
+    weights = {k: v.astype(mx.float32) for k, v in mx.load(str(folder / "model.safetensors")).items()}
+    staging = _staging(out)
+    try:
+        mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
+        config = json.loads((folder / "config.json").read_text())
+        config["torch_dtype"] = "float32"
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        for name in ("tokenizer.json", *TOKENIZER_CONFIG_FILES):
+            if (folder / name).exists():
+                shutil.copy(folder / name, staging / name)
+        (staging / STAMP).write_text(json.dumps(stamp))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer hidden-64 model for tests")
+    parser.add_argument("--out", type=Path, help="folder to build into (default build/bench-model[-tiny])")
+    parser.add_argument("--models-dir", type=Path, help="where the default model (the tokenizer's source) lives")
+    args = parser.parse_args(argv)
+    spec = TINY if args.tiny else BENCH
+    print(build(args.out or default_out(spec), spec, args.models_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The side-by-side benchmark runs end to end (tiny mode) and its pieces do what they say.
+
+This proves the bench works, not speed: `make bench` measures speed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import client
+from bench.model import TINY, cut_tokenizer
+from bench.run import BEGIN, END, summarize_profile, thread_names, write_doc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(180)
+def test_tiny_bench_end_to_end(converted_default: Path, tmp_path: Path) -> None:
+    out = tmp_path / "performance.md"
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "gerdsen_ai_server.cli", "bench", "--tiny", "--no-profile",
+         "--model-dir", str(tmp_path / "bench-model"), "--models-dir", str(converted_default.parent),
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=170,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert time.monotonic() - start < 120  # typically ~10 s
+
+    doc = out.read_text()
+    assert doc.startswith("# Performance") and BEGIN in doc and END in doc
+    for heading in ("### Raw in-process mlx-lm", "### Servers, same streaming client",
+                    "### Multi-turn chat", "### Targets (issue 3)"):
+        assert heading in doc, heading
+    assert "| bf16 as stored, reference BLAS |" in doc
+    assert "| ours (impetus serve) | 1 |" in doc and "| ours (impetus serve) | 2 |" in doc
+    assert "| 1/1 |" in doc and "| 2/2 |" in doc  # every request answered
+    assert "one stream: ours / raw in-process decode" in doc
+    assert "mlx_lm.server" not in doc.split("### Servers", 1)[1].split("### Targets", 1)[0]  # --tiny skips it
+    assert result.stdout.count("### Servers") == 1  # the table is printed too
+
+    # The model is a standard MLX folder in bfloat16 that never ends a generation early.
+    config = json.loads((tmp_path / "bench-model" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["hidden_size"] == TINY.hidden
+
+
+def test_cut_tokenizer_is_a_valid_smaller_bpe(converted_default: Path) -> None:
+    from tokenizers import Tokenizer
+
+    full = json.loads((converted_default / "tokenizer.json").read_text())
+    cut = cut_tokenizer(full, 512)
+    assert len(cut["model"]["vocab"]) == 512
+    assert all(t["id"] < 512 for t in cut["added_tokens"])
+    tok = Tokenizer.from_str(json.dumps(cut))
+    text = "The harbour light, 42 ways: café!"
+    ids = tok.encode(text).ids
+    assert max(ids) < 512
+    assert tok.decode(ids) == text
+
+
+def test_percentile() -> None:
+    assert client.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert client.percentile([1.0, 2.0], 0.99) == pytest.approx(1.99)
+    assert client.percentile([], 0.5) != client.percentile([], 0.5)  # NaN
+
+
+def test_level_result_counts_only_ok_requests() -> None:
+    ok = client.Result(ok=True, ttft=0.1, total=1.1, tokens=11)
+    bad = client.Result(ok=False, error="HTTP 503")
+    level = client.LevelResult(streams=2, wall=2.0, results=[ok, bad])
+    assert level.tokens == 11 and level.aggregate_tps == 5.5
+    assert level.errors == ["HTTP 503"]
+    assert ok.decode_tps == pytest.approx(10.0)
+
+
+def test_profile_summary_buckets_the_engine_thread() -> None:
+    raw = "\n".join([
+        "thread (11): impetus-engine;Thread.run (threading.py:982);InferenceEngine._run (engine.py:1);"
+        "InferenceEngine._step (engine.py:2);BatchGenerator.next (mlx_lm/generate.py:1);"
+        "GenerationBatch._step (mlx_lm/generate.py:1434) 70",
+        "thread (11): impetus-engine;Thread.run (threading.py:982);InferenceEngine._run (engine.py:1);"
+        "InferenceEngine._emit (engine.py:3) 20",
+        "thread (11): impetus-engine;Thread.run (threading.py:982);InferenceEngine._run (engine.py:1);"
+        "InferenceEngine._drain_commands (engine.py:4);Queue.get (queue.py:180) 10",
+        "thread (12): ThreadPoolExecutor-0_0;Thread.run (threading.py:982);Queue.get (queue.py:180) 100",
+    ])
+    summary = summarize_profile(raw)
+    assert summary["engine_samples"] == 100
+    buckets = dict(summary["buckets"])
+    assert buckets["decode: waiting on MLX compute (mx.eval / tolist in GenerationBatch._step)"] == 70
+    assert buckets["per-token output: detokenize, stop strings, stream put (_emit)"] == 20
+    assert buckets["idle: waiting for work (command queue)"] == 10
+    assert thread_names(raw) == {11: "impetus-engine", 12: "ThreadPoolExecutor-0_0"}
+
+
+def test_write_doc_keeps_text_outside_the_markers(tmp_path: Path) -> None:
+    path = tmp_path / "performance.md"
+    write_doc(path, "first")
+    assert "first" in path.read_text()
+    path.write_text("# Mine\n\nnotes above\n\n" + path.read_text().split("## Latest run\n\n", 1)[1] + "\nnotes below\n")
+    write_doc(path, "second")
+    text = path.read_text()
+    assert "second" in text and "first" not in text
+    assert text.startswith("# Mine") and "notes below" in text
