@@ -129,6 +129,13 @@ def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
         if int(token) >= vocab:
             raise APIError(400, f"logit_bias names token {token}, outside the vocabulary.", param="logit_bias",
                            code="invalid_value")
+    if body.top_k:
+        # mlx-lm refuses top_k >= vocabulary inside the engine's batched step (and that failure used to
+        # break every later request): refuse it here, as a 400.
+        vocab = vocab or len(resident_model(body.model).tokenizer)
+        if body.top_k >= vocab:
+            raise APIError(400, f"top_k is {body.top_k}, but the model's vocabulary has {vocab} tokens; use a "
+                           "smaller value, or 0 for no top-k filtering.", param="top_k", code="invalid_value")
 
 
 def completion_budget(loaded: LoadedModel, prompt_len: int, requested: int | None) -> int:

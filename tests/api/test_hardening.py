@@ -116,3 +116,14 @@ def test_wrong_method_and_unknown_route(server: Server) -> None:
 def test_the_server_still_answers_afterwards(server: Server) -> None:
     r = chat(server, {"model": DEFAULT_MODEL, "messages": MESSAGES, "max_tokens": 2})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+@pytest.mark.parametrize("top_k", [49152, 10**6])
+def test_top_k_beyond_the_vocabulary_is_400_and_harms_nobody(server: Server, top_k: int) -> None:
+    for stream in (False, True):
+        body = {"model": DEFAULT_MODEL, "messages": MESSAGES, "max_tokens": 1, "top_k": top_k, "stream": stream}
+        envelope(chat(server, body), 400, param="top_k")
+    r = requests.post(f"{server.url}/v1/messages", timeout=60, json={
+        "model": DEFAULT_MODEL, "max_tokens": 1, "top_k": top_k, "messages": MESSAGES})
+    assert r.status_code == 400 and r.json()["type"] == "error"
+    test_the_server_still_answers_afterwards(server)
