@@ -394,6 +394,10 @@ class InferenceEngine:
             resident.sequences.clear()
             resident.generator.close()
             resident.generator = self._new_generator(resident.loaded)
+            # mlx-lm's compiled samplers thread MLX's global random state through the graph; a
+            # step that raised inside one leaves that state unevaluable ("eval an array without a
+            # primitive") for every later request: give it a fresh state.
+            mx.random.seed(time.time_ns() % (1 << 32))
             return
         self._stats.steps_total += 1
         self._stats.generated_tokens_total += len(responses)

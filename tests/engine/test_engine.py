@@ -175,3 +175,16 @@ def test_prompt_cache_holds_only_what_it_counts(engine: InferenceEngine, model: 
     grown = mx.get_active_memory() - before_active
     cached = engine.stats().prompt_cache_bytes - before_cached
     assert grown < cached + (32 << 20), (grown >> 20, cached >> 20)
+
+
+def test_a_failed_batch_step_does_not_poison_later_requests(engine: InferenceEngine, model: LoadedModel) -> None:
+    wait_idle(engine)
+    # top_k beyond the vocabulary makes mlx-lm's compiled sampler raise inside the batched step
+    # (the API refuses it with a 400; the engine must survive it anyway).
+    bad = engine.submit(request(model, chat(model, PROMPTS[0]), max_tokens=4,
+                                sampling=SamplingParams(temperature=1.0, top_k=10**7)))
+    assert list(bad)[-1].error
+    for sampling in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5), GREEDY):
+        ids, finish = tokens_of(engine.submit(request(model, chat(model, PROMPTS[1]), max_tokens=4,
+                                                      sampling=sampling)))
+        assert ids and finish in ("stop", "length")
