@@ -17,7 +17,7 @@ OPENBLAS_TRY := $(VENV)/.openblas-tried
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup openblas run test lint bench soak clean
+.PHONY: setup openblas run test lint bench soak clean dashboard dashboard-if-node chromium
 
 setup: $(STAMP) openblas
 
@@ -51,11 +51,53 @@ openblas: | $(BIN)/python
 	  ls $(OPENBLAS) >/dev/null 2>&1 || echo "Note: OpenBLAS (libopenblas0-pthread) is not installed; MLX will use the slow reference BLAS on CPU."; \
 	fi
 
-run: setup
+# The dashboard (impetus-dashboard/: React + TypeScript + Vite), served by the server at /. pnpm at a
+# pinned version comes from the npm registry into .tools/ (no global install, no corepack download).
+PNPM_VERSION := 12.21.0
+PNPM         := .tools/node_modules/.bin/pnpm
+DASH         := impetus-dashboard
+DASH_DEPS    := $(DASH)/node_modules/.modules.yaml
+DASH_SOURCES := $(shell find $(DASH)/src $(DASH)/public -type f 2>/dev/null) \
+                $(addprefix $(DASH)/,index.html package.json pnpm-lock.yaml tsconfig.json vite.config.ts)
+CHROMIUM_TRY := $(VENV)/.chromium-tried
+
+$(PNPM):
+	npm install --prefix .tools --no-save --no-package-lock --no-audit --no-fund pnpm@$(PNPM_VERSION)
+
+$(DASH_DEPS): $(PNPM) $(DASH)/package.json $(DASH)/pnpm-lock.yaml
+	$(PNPM) --dir $(DASH) install --frozen-lockfile
+	@touch $@
+
+$(DASH)/dist/index.html: $(DASH_DEPS) $(DASH_SOURCES)
+	$(PNPM) --dir $(DASH) run build
+
+dashboard: $(DASH)/dist/index.html
+
+# make run builds the dashboard when Node.js is there; without it the API still serves (and / says why).
+dashboard-if-node:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory dashboard; \
+	elif [ ! -f $(DASH)/dist/index.html ]; then echo "Note: no Node.js/npm: the dashboard is not built; the API works."; fi
+
+# Debian's Chromium for the dashboard's browser tests (Playwright drives it; it downloads no browser
+# of its own). Like OpenBLAS: once, if we may; never fail setup over it (the tests then skip, saying why).
+chromium: | $(BIN)/python
+	@if [ "$$(uname -s)" = Linux ] && ! [ -x /usr/bin/chromium ] && [ ! -e $(CHROMIUM_TRY) ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+	  if [ "$$SUDO" != no ]; then \
+	    touch $(CHROMIUM_TRY); \
+	    echo "Installing Chromium (apt-get install chromium) for the dashboard's browser tests..."; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null \
+	      || echo "Chromium install failed (continuing: the browser tests will skip)."; \
+	  fi; \
+	fi
+
+run: setup dashboard-if-node
 	$(BIN)/impetus serve $(ARGS)
 
 # The in-process engine tests run MLX in the pytest process itself: preload OpenBLAS there too.
-test: setup
+test: setup dashboard chromium
+	$(PNPM) --dir $(DASH) exec vitest run
 	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
@@ -72,5 +114,5 @@ bench: setup
 	IMPETUS_BENCH_COMMAND="make bench$(if $(ARGS), ARGS='$(ARGS)')" $(BIN)/python -m bench.run $(ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .tools $(DASH)/node_modules $(DASH)/dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

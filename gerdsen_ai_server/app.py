@@ -12,7 +12,8 @@ from typing import Any
 
 from flask import Flask
 
-from .api import anthropic, chat, embeddings, health, models, openai, responses  # noqa: F401  (on openai.bp)
+from .api import anthropic, chat, embeddings, health, models, openai, responses, server_config  # noqa: F401  (on openai.bp)
+from .api.dashboard import init_dashboard
 from .api.docs import bp as docs_bp
 from .api.errors import register_error_handlers
 from .api.pulls import init_pulls
@@ -52,11 +53,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     register_error_handlers(app)
     init_request_log(app)  # first: every later hook and error already has the request id
+    init_dashboard(app, settings.dashboard_path())  # before security: the page loads without a key, then asks
     init_security(app, settings)  # size limit, API keys, rate limits
     app.register_blueprint(openai.bp)  # with /v1/chat/completions, which api/chat.py adds to it
     app.register_blueprint(anthropic.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(models.bp)
+    app.register_blueprint(server_config.bp)  # /api/config, for the dashboard
     init_pulls(app)  # /api/models/pull, /pulls, /discover, DELETE /api/models/<id>
     init_realtime(app)
     app.register_blueprint(docs_bp)  # /openapi.json, /docs

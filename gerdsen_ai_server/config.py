@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535, description="Port Gunicorn binds to.")
     threads: int = Field(64, ge=4, description="Gunicorn gthread threads: one per open stream, plus headroom.")
     models_dir: Path = Field(default_factory=_default_models_dir, description="Where local models and converted models live.")
+    dashboard_dir: Path | None = Field(
+        None, description="The dashboard's build served at / (index.html and assets/); unset: impetus-dashboard/dist of this checkout."
+    )
     default_model: str = Field(
         "smollm2-135m-instruct",
         description="Model loaded at start: the embedded default id, a local folder or a .gguf file.",
@@ -89,6 +92,11 @@ class Settings(BaseSettings):
         import psutil
 
         return int(psutil.virtual_memory().total * 0.6)
+
+    def dashboard_path(self) -> Path:
+        if self.dashboard_dir is not None:
+            return self.dashboard_dir
+        return Path(__file__).resolve().parent.parent / "impetus-dashboard" / "dist"
 
     def keep_alive_seconds(self) -> float:
         return math.inf if self.keep_alive < 0 else self.keep_alive

@@ -1,0 +1,22 @@
+/// <reference types="vitest/config" />
+import react from "@vitejs/plugin-react";
+import { defineConfig } from "vite";
+
+// `pnpm dev` proxies the API to a server started with `make run` (IMPETUS_URL to point elsewhere).
+const api = process.env.IMPETUS_URL ?? "http://127.0.0.1:8080";
+
+export default defineConfig({
+  plugins: [react()],
+  base: "/",
+  build: { outDir: "dist", chunkSizeWarningLimit: 1500, reportCompressedSize: false },
+  server: {
+    proxy: Object.fromEntries(
+      ["/v1", "/api", "/health", "/metrics", "/openapi.json", "/docs"].map((p) => [p, api]),
+    ),
+  },
+  test: {
+    environment: "happy-dom",
+    setupFiles: ["./src/test/setup.ts"],
+    include: ["src/**/*.test.{ts,tsx}"],
+  },
+});
