@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", help="batch_generate sizes (default 4,8,16)")
     p.add_argument("--max-tokens", type=int, help="output tokens per request (default 64)")
     p.add_argument("--requests-per-stream", type=int, help="requests each stream sends, back to back (default 2)")
+    p.add_argument("--min-requests", type=int, help="at least this many requests a level (default 4)")
     p.add_argument("--prompt-words", type=int, default=12, help="words per completion prompt (~2.7 tokens each)")
     p.add_argument("--history-tokens", type=int, help="multi-turn history length (default 1000)")
     p.add_argument("--chat-reps", type=int, help="cold/warm pairs on our server, each on its own history (default 3; "
@@ -96,19 +97,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     if args.tiny:
         defaults = dict(streams="1,2", batches="2", max_tokens=8, requests_per_stream=1, history_tokens=150,
-                        chat_reps=1, raw_repeats=1)
+                        chat_reps=1, raw_repeats=1, min_requests=1)
         args.skip_mlx_server = True
         args.profile = False if args.profile is None else args.profile
         if args.out is None:
             args.no_write = True
     elif args.quick:
         defaults = dict(streams="1,8", batches="8", max_tokens=32, requests_per_stream=1, history_tokens=1000,
-                        chat_reps=1, raw_repeats=1)
+                        chat_reps=1, raw_repeats=1, min_requests=4)
         args.skip_mlx_openblas = True
         args.profile = False if args.profile is None else args.profile
     else:
         defaults = dict(streams="1,4,8,16", batches="4,8,16", max_tokens=64, requests_per_stream=2,
-                        history_tokens=1000, chat_reps=3, raw_repeats=2)
+                        history_tokens=1000, chat_reps=3, raw_repeats=2, min_requests=4)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -198,7 +199,8 @@ def stop_server(server: Server) -> None:
 # ---------------------------------------------------------------- measurements
 
 def run_raw(label: str, model_dir: Path, env: dict[str, str], dtype: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.raw", "--model", str(model_dir), "--batches",
+    cmd = [sys.executable, "-m", "bench.raw", "--single-reps", "1" if args.tiny else "3", "--model", str(model_dir),
+           "--batches",
            ",".join(map(str, args.batch_sizes)), "--max-tokens", str(args.max_tokens),
            "--prompt-words", str(args.prompt_words)]
     if dtype:
@@ -228,7 +230,7 @@ def warm_up(server: Server, args: argparse.Namespace) -> None:
 
 
 def measure_level(server: Server, args: argparse.Namespace, streams: int) -> client.LevelResult:
-    n = streams * args.requests_per_stream
+    n = max(streams * args.requests_per_stream, args.min_requests)  # one stream: a few requests, not one
     prompts = completion_prompts(n, args.prompt_words, seed=1000 + streams)
     level = client.run_level(server.url, server.model, prompts, streams, args.max_tokens)
     say(f"  {server.name}, {streams:>2} streams: {level.aggregate_tps:6.1f} tok/s, TTFT p50 "
@@ -552,7 +554,7 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
     if raw:
         sizes = args.batch_sizes
         lines += ["### Raw in-process mlx-lm (the limits)", "",
-                  "| configuration | one stream decode tok/s | one stream end to end | "
+                  "| configuration | one stream decode tok/s (median) | one stream end to end | "
                   "one stream via batch_generate | "
                   + " | ".join(f"batch_generate {n}: tok/s (decode only)" for n in sizes) + " |",
                   "|---|---|---|---|" + "---|" * len(sizes)]
