@@ -156,7 +156,7 @@ def test_engine_death_restarts_the_worker(tmp_path: Path) -> None:
                 if ready.status_code == 200 and health(srv)["pid"] != first:
                     restarted = True
                     break
-            except requests.ConnectionError:
+            except (requests.RequestException, ValueError):  # between workers: refused, no answer, half a body
                 pass
             time.sleep(0.25)
         assert restarted, srv.log()[-3000:]
