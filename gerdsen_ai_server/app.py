@@ -12,15 +12,19 @@ from typing import Any
 
 from flask import Flask
 
-from .api import anthropic, chat, embeddings, health, models, openai, responses, server_config  # noqa: F401  (on openai.bp)
+from .api import anthropic, chat, embeddings, hardware, health, models, openai, responses, server_config  # noqa: F401  (on openai.bp)
 from .api.dashboard import init_dashboard
 from .api.docs import bp as docs_bp
 from .api.errors import register_error_handlers
+from .api.metrics import init_metrics
 from .api.pulls import init_pulls
 from .api.realtime import init_realtime
 from .config import Settings
 from .engine.engine import InferenceEngine
 from .engine.loaders import LoadedModel
+from .hardware import probe_for_this_machine
+from .metrics import Metrics
+from .monitor import Monitor
 from .request_log import configure_logging, init_request_log
 from .security import init_security
 from .shutdown import init_shutdown
@@ -51,8 +55,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     engine.start()
     atexit.register(engine.shutdown)
 
+    monitor = Monitor(engine, probe_for_this_machine(settings.fault_thermal_state), engine.events,
+                      interval=settings.metrics_interval, thermal_interval=settings.thermal_interval,
+                      thermal_batch_size=settings.thermal_batch_size)
+    app.extensions[hardware.EXTENSION] = monitor
+    atexit.register(monitor.stop)
+
     register_error_handlers(app)
     init_request_log(app)  # first: every later hook and error already has the request id
+    init_metrics(app, Metrics(engine, monitor))  # before security: refused requests are counted and timed too
     init_dashboard(app, settings.dashboard_path())  # before security: the page loads without a key, then asks
     init_security(app, settings)  # size limit, API keys, rate limits
     app.register_blueprint(openai.bp)  # with /v1/chat/completions, which api/chat.py adds to it
@@ -60,8 +71,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(server_config.bp)  # /api/config, for the dashboard
+    app.register_blueprint(hardware.bp)
     init_pulls(app)  # /api/models/pull, /pulls, /discover, DELETE /api/models/<id>
-    init_realtime(app)
+    init_realtime(app)  # starts the monitor's loop as a Socket.IO background task
     app.register_blueprint(docs_bp)  # /openapi.json, /docs
     init_shutdown(app)  # SIGTERM: not ready, finish running requests (gunicorn_conf installs it)
 

@@ -52,6 +52,18 @@ class Settings(BaseSettings):
         300.0, description="Seconds an idle model stays loaded (negative: forever; the default model is always kept)."
     )
     autoload: bool = Field(True, description="Load a local model on demand when a request names one not resident.")
+    # ---- monitoring (monitor.py, metrics.py, api/realtime.py)
+    metrics_interval: float = Field(
+        1.0, ge=0.05, le=3600, description="Seconds between 'metrics' pushes to Socket.IO clients (and monitor samples)."
+    )
+    thermal_interval: float = Field(5.0, ge=0.05, description="Seconds between readings of the thermal state.")
+    thermal_batch_size: int = Field(
+        2, ge=0, description="Batch size while the thermal state is serious or critical (0: no thermal adaptation)."
+    )
+    fault_thermal_state: str = Field(
+        "", pattern="^(|nominal|fair|serious|critical)$",
+        description="Testing only: report this thermal state (nominal, fair, serious, critical) instead of the machine's.",
+    )
     fault_engine_crash_after_steps: int = Field(
         0, ge=0, description="Testing only: kill the engine thread after this many decode steps (0: never)."
     )

@@ -50,9 +50,17 @@ def health() -> Response:
         prompt_cache_enabled=engine.prompt_cache_enabled,
         prompt_cache_bytes=engine.stats().prompt_cache_bytes,
         prompt_cache_limit_bytes=current_app.config["IMPETUS_SETTINGS"].prompt_cache_bytes,
+        max_batch=engine.max_batch,
+        batch_limit=engine.batch_limit,  # set while the machine is hot (thermal adaptation)
+        thermal_state=_thermal_state(),
         models=[{"id": m.model_id, "path": str(m.path), "context_length": m.context_length, "bytes": m.nbytes}
                 for m in engine.models()],
     )
+
+
+def _thermal_state() -> str | None:
+    monitor = current_app.extensions.get("impetus_monitor")
+    return monitor.thermal.state if monitor is not None and monitor.thermal is not None else None
 
 
 @bp.get("/health/live")

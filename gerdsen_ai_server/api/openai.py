@@ -34,6 +34,7 @@ from ..schemas.openai import (
 )
 from .errors import APIError, error_body
 from .logprobs import completion_logprobs
+from .metrics import track
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 FINGERPRINT = f"fp_impetus_{__version__}"
@@ -189,6 +190,7 @@ def submit_all(
     except BaseException:
         cancel_all(streams)
         raise
+    track(streams)  # TTFT, tokens and request_event when the response closes (api/metrics.py)
     return streams
 
 

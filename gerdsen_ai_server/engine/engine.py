@@ -140,6 +140,8 @@ class InferenceEngine:
         self._on_crash = on_crash
         self._crash_after_steps = crash_after_steps  # fault injection for the reliability tests
         self._mlx_cache_limit = mlx_cache_limit
+        # A cap below max_batch while the machine runs hot (monitor.ThermalGovernor); None: no cap.
+        self.batch_limit: int | None = None
         self._thread = threading.Thread(target=self._run, name="impetus-engine", daemon=True)
         self.started_at = time.time()
 
@@ -200,6 +202,11 @@ class InferenceEngine:
         snapshot = EngineStats(**vars(self._stats))
         snapshot.requests_in_flight = self._inflight
         return snapshot
+
+    def set_batch_limit(self, limit: int | None) -> None:
+        """Decode at most ``limit`` sequences per step (None: ``max_batch``), from the next loop turn.
+        Running sequences finish; new ones wait until the batch is below the cap."""
+        self._commands.put(("batch_limit", limit, None))
 
     def submit(self, request: GenerationRequest) -> TokenStream:
         loaded = self.get_model(request.model)
@@ -280,6 +287,10 @@ class InferenceEngine:
                 reply.set_exception(exc)
         elif kind == "generate":
             self._admit(payload, reply)
+        elif kind == "batch_limit":
+            self.batch_limit = payload
+            for resident in self.registry.residents.values():
+                self._apply_batch_limit(resident.generator)
         elif kind == "embed":
             model_id, inputs = payload
             resident = self.registry.get(model_id)
@@ -302,12 +313,20 @@ class InferenceEngine:
             future.set_exception(ModelLoadError(f"Could not load '{spec}': {exc}"))
 
     def _new_generator(self, loaded: LoadedModel) -> BatchGenerator:
-        return BatchGenerator(
+        return self._apply_batch_limit(BatchGenerator(
             loaded.model,
             stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
             completion_batch_size=self.max_batch,
             prefill_batch_size=min(self.max_batch, 8),
-        )
+        ))
+
+    def _apply_batch_limit(self, generator: BatchGenerator) -> BatchGenerator:
+        # BatchGenerator admits a new sequence only while its generation batch is below
+        # completion_batch_size, and prefills up to prefill_batch_size at once: cap both.
+        size = min(self.max_batch, self.batch_limit or self.max_batch)
+        generator.completion_batch_size = size
+        generator.prefill_batch_size = min(size, 8)
+        return generator
 
     def _admit(self, request: GenerationRequest, stream: TokenStream) -> None:
         resident = self.registry.get(request.model)

@@ -85,11 +85,18 @@ class TokenStream:
         self.created = time.monotonic()
         self.first_token_at: float | None = None
         self.finished = False
+        # What the engine last reported, for metrics once the request is over (api/metrics.py).
+        self.finished_at: float | None = None
+        self.completion_tokens = 0
+        self.error: str | None = None
 
     # engine side
     def put(self, event: TokenEvent) -> None:
         if self.first_token_at is None and event.token_ids:
             self.first_token_at = time.monotonic()
+        self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
+        if event.done:
+            self.finished_at, self.error = time.monotonic(), event.error
         self._events.put(event)
 
     # caller side
