@@ -85,6 +85,8 @@ class LevelResult:
     streams: int
     wall: float
     results: list[Result] = field(default_factory=list)
+    client_cores: float = float("nan")  # CPU this client process used over the level, in cores
+    server_cores: float = float("nan")  # CPU the server's processes used, in cores (set by the caller)
 
     @property
     def ok(self) -> list[Result]:
@@ -141,6 +143,7 @@ def run_level(base_url: str, model: str, prompts: list[str], streams: int, max_t
                 body = {"model": model, "prompt": prompt, "max_tokens": max_tokens}
                 results[index] = stream_request(session, url, body, timeout)
 
+    cpu0 = time.process_time()
     start = time.perf_counter()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(streams)]
     for t in threads:
@@ -148,7 +151,8 @@ def run_level(base_url: str, model: str, prompts: list[str], streams: int, max_t
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return LevelResult(streams=streams, wall=wall, results=[r for r in results if r is not None])
+    return LevelResult(streams=streams, wall=wall, results=[r for r in results if r is not None],
+                       client_cores=(time.process_time() - cpu0) / wall)
 
 
 def chat(base_url: str, model: str, messages: list[dict[str, str]], max_tokens: int,

@@ -16,8 +16,11 @@ the layers and the engine, as FACTS.md's figures (same shape, vocab 2048) do.
 
 Benchmarks need generations that never end early, and there is no ``ignore_eos`` in the OpenAI
 API: the embedding rows of the end tokens are zero, so with tied embeddings their logit is
-exactly 0 while the largest of the other 2,000+ random logits is positive, and greedy decoding
-never picks them. Every request runs to ``max_tokens``.
+exactly 0 while the largest of the other ~1,900 random logits is positive, and greedy decoding
+never picks them. Every request runs to ``max_tokens``. The same goes for the other special tokens
+and for byte tokens that are not whole UTF-8 characters: a streaming detokenizer holds those back,
+so a stream that began with them would show its first text (and its time to first token) several
+tokens late (``silent_token_ids``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILD_VERSION = 1  # bump when the recipe changes: cached folders of an older recipe are rebuilt
+BUILD_VERSION = 3  # bump when the recipe changes: cached folders of an older recipe are rebuilt
 STAMP = "bench-model.json"
 TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
@@ -103,6 +106,37 @@ def cut_tokenizer(tokenizer_json: dict, vocab: int) -> dict:
     return tok
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (printable stand-ins for the 256 bytes), reversed."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def silent_token_ids(tokenizer_json: dict) -> list[int]:
+    """Ids of tokens that would make a benchmark stream stop or go quiet: the special tokens (the end
+    tokens stop it; the others are dropped from the text) and byte-level tokens that are not whole
+    UTF-8 text (a streaming detokenizer holds them back until the character completes, so the
+    first text chunk, and with it the measured time to first token, would come tokens late)."""
+    decoder = _byte_decoder()
+    silent = {t["id"] for t in tokenizer_json.get("added_tokens", [])}
+    for token, i in tokenizer_json["model"]["vocab"].items():
+        try:
+            text = bytes(decoder[c] for c in token).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            silent.add(i)
+            continue
+        if text == " ":  # a lone space is held until the next token (and trimmed at the start)
+            silent.add(i)
+    return sorted(silent)
+
+
 def build(out: Path, spec: Spec = BENCH, models_dir: Path | None = None, *, quiet: bool = False) -> Path:
     """Build the model into ``out`` unless a folder of the same recipe is already there."""
     out = Path(out)
@@ -117,7 +151,7 @@ def build(out: Path, spec: Spec = BENCH, models_dir: Path | None = None, *, quie
 
     source = ensure_default_model(models_dir or default_models_dir())
     tokenizer = cut_tokenizer(json.loads((source / "tokenizer.json").read_text()), spec.vocab)
-    eos_ids = sorted({t["id"] for t in tokenizer["added_tokens"] if t["content"] in ("<|endoftext|>", "<|im_end|>")})
+    never = silent_token_ids(tokenizer)
 
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -130,7 +164,7 @@ def build(out: Path, spec: Spec = BENCH, models_dir: Path | None = None, *, quie
     model = Model(ModelArgs.from_dict(config))
     embed = model.model.embed_tokens
     weight = embed.weight
-    weight[mx.array(eos_ids)] = 0.0  # logit exactly 0: greedy decoding never ends a generation
+    weight[mx.array(never)] = 0.0  # logit exactly 0: greedy decoding never picks them
     embed.weight = weight
     model.set_dtype(getattr(mx, spec.dtype))
     weights = dict(tree_flatten(model.parameters()))

@@ -224,6 +224,18 @@ def model_id(server: Server) -> str:
         return "default_model"
 
 
+def server_cpu(server: Server) -> float:
+    """CPU seconds used so far by the server process and its children (Gunicorn's worker)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(server.process.pid)]
+        procs += procs[0].children(recursive=True)
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+    except psutil.Error:
+        return float("nan")
+
+
 def warm_up(server: Server, args: argparse.Namespace) -> None:
     """The first requests allocate buffers; not measured."""
     client.run_level(server.url, server.model, completion_prompts(4, args.prompt_words, seed=99), 4, 4)
@@ -232,7 +244,9 @@ def warm_up(server: Server, args: argparse.Namespace) -> None:
 def measure_level(server: Server, args: argparse.Namespace, streams: int) -> client.LevelResult:
     n = max(streams * args.requests_per_stream, args.min_requests)  # one stream: a few requests, not one
     prompts = completion_prompts(n, args.prompt_words, seed=1000 + streams)
+    cpu0 = server_cpu(server)
     level = client.run_level(server.url, server.model, prompts, streams, args.max_tokens)
+    level.server_cores = (server_cpu(server) - cpu0) / level.wall
     say(f"  {server.name}, {streams:>2} streams: {level.aggregate_tps:6.1f} tok/s, TTFT p50 "
         f"{level.ttft(0.5) * 1000:6.0f} ms p99 {level.ttft(0.99) * 1000:6.0f} ms ({len(level.ok)}/{n} ok, "
         f"{level.tokens} tokens, {level.wall:.1f} s, load {os.getloadavg()[0]:.1f})"
@@ -302,7 +316,7 @@ def measure_chat(server: Server, args: argparse.Namespace, reps: int) -> dict[st
 
 # ---------------------------------------------------------------- profile
 
-def run_profile(server: Server, args: argparse.Namespace) -> dict[str, Any] | None:
+def run_profile(server: Server, args: argparse.Namespace, expected_wall: float) -> dict[str, Any] | None:
     """py-spy the Gunicorn worker while 8 streams decode (a pass of its own, not measured).
 
     Two views: py-spy's samples of the engine thread (where its wall time goes), and each OS
@@ -319,7 +333,7 @@ def run_profile(server: Server, args: argparse.Namespace) -> dict[str, Any] | No
         return None
     worker = children[0]
     streams = 8
-    prompts = completion_prompts(streams * 3, args.prompt_words, seed=7777)
+    prompts = completion_prompts(streams * 4, args.prompt_words, seed=7777)
     out = Path(tempfile.mkdtemp(prefix="bench-prof-")) / "profile.txt"
     say("  profiling the worker (py-spy, 8 streams) ...")
     result: dict[str, Any] = {}
@@ -333,7 +347,8 @@ def run_profile(server: Server, args: argparse.Namespace) -> dict[str, Any] | No
     t = threading.Thread(target=load)
     t.start()
     time.sleep(1.0)  # past admission and the first prefill
-    duration = max(3, min(20, int(args.max_tokens / 8)))
+    # Sample while the pass is surely still decoding: from 1 s in to ~1.5 s before its expected end.
+    duration = max(2, min(20, int(expected_wall - 2.5)))
     spy_cmd = [spy, "record", "--pid", str(worker.pid), "--threads", "--idle", "--nonblocking", "--rate", "200",
                "--duration", str(duration), "--format", "raw", "--output", str(out)]
     cpu0, wall0 = thread_cpu(), time.perf_counter()
@@ -572,14 +587,17 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
                   "like a server's aggregate); in brackets mlx-lm's own decode-only rate. "
                   f"fp32 figures are the best of {args.raw_repeats} pass(es) (start and end of the run).", ""]
     lines += ["### Servers, same streaming client", "",
-              "| server | streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | per-stream decode tok/s | ok |",
-              "|---|---|---|---|---|---|---|"]
+              "| server | streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | per-stream decode tok/s | ok | "
+              "server CPU cores | client CPU cores |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for s in servers.values():
         for lv in s["levels"]:
             lines.append(f"| {s['label']} | {lv.streams} | {fmt(lv.aggregate_tps)} | {ms(lv.ttft(0.5))} | "
-                         f"{ms(lv.ttft(0.99))} | {fmt(lv.stream_decode_tps)} | {len(lv.ok)}/{len(lv.results)} |")
+                         f"{ms(lv.ttft(0.99))} | {fmt(lv.stream_decode_tps)} | {len(lv.ok)}/{len(lv.results)} | "
+                         f"{fmt(lv.server_cores, 2)} | {fmt(lv.client_cores, 2)} |")
     lines += ["", "Aggregate: all output tokens over the level's wall time. Per-stream decode: the median stream's "
-              "tokens after the first over its time after the first.", ""]
+              "tokens after the first over its time after the first. CPU cores: CPU seconds over the level's wall "
+              "time, of the server's processes and of this benchmark client (which shares the machine).", ""]
     chats = [(s["label"], s["chat"]) for s in servers.values() if s.get("chat")]
     if chats:
         lines += ["### Multi-turn chat: cold vs warm time to first token", "",
@@ -699,7 +717,13 @@ def main(argv: list[str] | None = None) -> int:
     def finish(key: str, server: Server) -> None:
         # mlx_lm.server's cold bf16 prefill of ~1,000 tokens takes ~20 s here: one pair for the peers.
         servers[key]["chat"] = measure_chat(server, args, args.chat_reps if key == "ours" else 1)
-        servers[key]["profile"] = run_profile(server, args) if key == "ours" and args.profile else None
+        if key == "ours" and args.profile:
+            # The profile pass sends 4 requests a stream: twice the 8-stream level's (or guess).
+            eight = level_of(servers[key]["levels"], 8)
+            expected = eight.wall * 32 / max(1, len(eight.results)) if eight else args.max_tokens / 4
+            servers[key]["profile"] = run_profile(server, args, expected)
+        else:
+            servers[key]["profile"] = None
 
     if args.sequential:  # start, measure, stop: one server process at a time
         for key, label, spec_env in runs:
