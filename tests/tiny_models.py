@@ -1,10 +1,15 @@
-"""Small random-weight llama models the tests build themselves, with the real SmolLM2 tokenizer."""
+"""Small random-weight models the tests build themselves: llama (with the real SmolLM2 tokenizer)
+and BERT-family embedding models (with a WordPiece tokenizer made here), plus a numpy reference
+forward pass of the latter."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -34,3 +39,136 @@ def build_tiny_llama(out: Path, tokenizer_from: Path, *, hidden: int = 64, layer
 
 def weights_bytes(folder: Path) -> int:
     return (folder / "model.safetensors").stat().st_size
+
+
+BERT_SPECIALS = {"bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                 "roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]}
+BERT_WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "is", "was", "red", "blue", "sky", "sea", "and", "of"]
+
+
+def build_tiny_bert(
+    out: Path, *, model_type: str = "bert", hidden: int = 32, layers: int = 2, heads: int = 4,
+    max_positions: int = 64, pooling: str | None = "mean", normalize: bool = True, max_seq_length: int | None = None,
+    matryoshka: bool = False, prefix: str = "", seed: int = 0, tokenizer_truncation: int | None = 8,
+) -> Path:
+    """A Hugging Face BERT-family folder of random fp32 weights under Hugging Face's own tensor
+    names, a WordPiece tokenizer.json made with ``tokenizers``, and (``pooling`` not None)
+    sentence-transformers' modules.json + 1_Pooling/config.json. ``tokenizer_truncation`` saves
+    a truncation setting into tokenizer.json, as exported tokenizers often carry one."""
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    family = "bert" if model_type == "bert" else "roberta"
+    specials = BERT_SPECIALS[family]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'")
+    vocab = specials + chars + [f"##{c}" for c in chars] + BERT_WORDS
+    unk, cls, sep = (specials[1], specials[2], specials[3]) if family == "bert" else (specials[3], specials[0],
+                                                                                      specials[2])
+    tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token=unk))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", special_tokens=[(cls, vocab.index(cls)), (sep, vocab.index(sep))])
+    tokenizer.decoder = decoders.WordPiece()
+    if tokenizer_truncation:
+        tokenizer.enable_truncation(max_length=tokenizer_truncation)
+    pad_id = vocab.index(specials[0] if family == "bert" else specials[1])
+    config: dict[str, object] = {
+        "model_type": model_type, "architectures": ["BertModel" if family == "bert" else "XLMRobertaModel"],
+        "vocab_size": len(vocab), "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "intermediate_size": hidden * 4, "max_position_embeddings": max_positions,
+        "type_vocab_size": 2 if family == "bert" else 1, "layer_norm_eps": 1e-12 if family == "bert" else 1e-5,
+        "hidden_act": "gelu", "pad_token_id": pad_id,
+    }
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape: int, mean: float = 0.0) -> np.ndarray:
+        return (mean + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+
+    tensors = {
+        "embeddings.word_embeddings.weight": normal(len(vocab), hidden),
+        "embeddings.position_embeddings.weight": normal(max_positions, hidden),
+        "embeddings.token_type_embeddings.weight": normal(int(config["type_vocab_size"]), hidden),  # type: ignore[call-overload]
+        "embeddings.LayerNorm.weight": normal(hidden, mean=1.0), "embeddings.LayerNorm.bias": normal(hidden),
+        "embeddings.position_ids": np.arange(max_positions, dtype=np.int64)[None],  # HF leaves it; unused
+        "pooler.dense.weight": normal(hidden, hidden), "pooler.dense.bias": normal(hidden),  # BertModel's head
+    }
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            tensors[f"{p}{name}.weight"], tensors[f"{p}{name}.bias"] = normal(hidden, hidden), normal(hidden)
+        tensors[f"{p}intermediate.dense.weight"] = normal(hidden * 4, hidden)
+        tensors[f"{p}intermediate.dense.bias"] = normal(hidden * 4)
+        tensors[f"{p}output.dense.weight"], tensors[f"{p}output.dense.bias"] = normal(hidden, hidden * 4), normal(hidden)
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            tensors[f"{p}{norm}.weight"], tensors[f"{p}{norm}.bias"] = normal(hidden, mean=1.0), normal(hidden)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({prefix + k: v for k, v in tensors.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config))
+    tokenizer.save(str(out / "tokenizer.json"))
+    if pooling is not None:
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        (out / "modules.json").write_text(json.dumps(modules))
+        (out / "1_Pooling").mkdir(exist_ok=True)
+        modes = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens",
+                 "weightedmean": "weightedmean_tokens", "lasttoken": "lasttoken"}
+        (out / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": hidden, **{f"pooling_mode_{m}": k == pooling for k, m in modes.items()}}))
+    if max_seq_length is not None:
+        (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                   "do_lower_case": False}))
+    if matryoshka:
+        (out / "README.md").write_text("---\ntags:\n- sentence-transformers\n- matryoshka\n---\n# tiny\n")
+    return out
+
+
+def bert_weights(folder: Path) -> dict[str, np.ndarray]:
+    """The folder's tensors as numpy arrays, under Hugging Face's names without a head prefix."""
+    from safetensors.numpy import load_file
+
+    return {k.removeprefix("bert.").removeprefix("roberta."): v
+            for k, v in load_file(str(folder / "model.safetensors")).items()}
+
+
+_erf = np.vectorize(math.erf)
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w + b
+
+
+def bert_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:
+    """Hugging Face's BertModel / XLMRobertaModel forward for one unpadded input, in float64."""
+    config = json.loads((folder / "config.json").read_text())
+    w = {k: v.astype(np.float64) for k, v in bert_weights(folder).items()}
+    eps, heads = config["layer_norm_eps"], config["num_attention_heads"]
+    n = len(ids)
+    start = 0 if config["model_type"] == "bert" else config["pad_token_id"] + 1
+    x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][start:start + n]
+         + w["embeddings.token_type_embeddings.weight"][0])
+    x = layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+
+    def linear(name: str, h: np.ndarray) -> np.ndarray:
+        return h @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    for i in range(config["num_hidden_layers"]):
+        p = f"encoder.layer.{i}."
+        q, k, v = (linear(p + f"attention.self.{m}", x).reshape(n, heads, -1).transpose(1, 0, 2)
+                   for m in ("query", "key", "value"))
+        scores = q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1])
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        context = (probs @ v).transpose(1, 0, 2).reshape(n, -1)
+        h = layer_norm(linear(p + "attention.output.dense", context) + x, w[p + "attention.output.LayerNorm.weight"],
+                       w[p + "attention.output.LayerNorm.bias"], eps)
+        inner = linear(p + "intermediate.dense", h)
+        inner = 0.5 * inner * (1 + _erf(inner / math.sqrt(2)))
+        x = layer_norm(linear(p + "output.dense", inner) + h, w[p + "output.LayerNorm.weight"],
+                       w[p + "output.LayerNorm.bias"], eps)
+    return x

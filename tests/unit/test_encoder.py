@@ -1,0 +1,73 @@
+"""The BERT-family encoder (engine/encoder.py) against a reference forward pass written in numpy
+(tests/tiny_models.py) on the same random weights, and the loader's reading of a
+sentence-transformers folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gerdsen_ai_server.engine.encoder import load_encoder
+from gerdsen_ai_server.engine.errors import ModelLoadError, UnsupportedModelFormat
+from tests.tiny_models import bert_reference_forward as reference
+from tests.tiny_models import build_tiny_bert
+
+
+def pooled(hidden: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
+    vector = {"mean": hidden.mean(0), "cls": hidden[0], "lasttoken": hidden[-1]}[mode]
+    return vector / np.linalg.norm(vector) if normalize else vector
+
+
+@pytest.mark.parametrize(("model_type", "mode", "normalize", "prefix"), [
+    ("bert", "mean", True, ""), ("bert", "cls", False, "bert."), ("xlm-roberta", "lasttoken", True, "roberta."),
+    ("roberta", "mean", False, ""),
+])
+def test_forward_matches_the_numpy_reference(tmp_path: Path, model_type: str, mode: str, normalize: bool,
+                                             prefix: str) -> None:
+    folder = build_tiny_bert(tmp_path / "m", model_type=model_type, pooling=mode, normalize=normalize, prefix=prefix)
+    model, tokenizer, _ = load_encoder(folder, "float32")
+    texts = ["the cat sat on the mat", "blue", "a red dog was on the sea and the sky was blue"]
+    inputs = [tokenizer.encode(t) for t in texts]
+    assert len({len(i) for i in inputs}) == 3  # different lengths: the batch is padded
+    got = np.array(model.embed(inputs))
+    for row, ids in zip(got, inputs, strict=True):
+        want = pooled(reference(folder, ids), mode, normalize)
+        np.testing.assert_allclose(row, want, rtol=1e-4, atol=1e-5)
+    singles = np.array([model.embed([ids])[0] for ids in inputs])
+    np.testing.assert_allclose(got, singles, atol=1e-5)  # padding never leaks into a vector
+
+
+def test_tokenizer_adds_special_tokens_and_never_truncates(tmp_path: Path) -> None:
+    folder = build_tiny_bert(tmp_path / "m", tokenizer_truncation=4)
+    _, tokenizer, max_tokens = load_encoder(folder, None)
+    ids = tokenizer.encode("the cat sat on the mat and the dog")
+    assert len(ids) == 11 and ids[0] == 2 and ids[-1] == 3  # [CLS] 9 words [SEP], despite truncation=4 saved
+    assert max_tokens == 64
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda f: (f / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True})),
+     "pooling \\['max'\\] is not supported"),
+    (lambda f: (f / "modules.json").write_text(json.dumps(
+        [{"path": "", "type": "sentence_transformers.models.Transformer"},
+         {"path": "2_Dense", "type": "sentence_transformers.models.Dense"}])), "Dense"),
+    (lambda f: (f / "config.json").write_text(json.dumps(
+        {**json.loads((f / "config.json").read_text()), "model_type": "nomic_bert"})), "nomic-bert embedding model"),
+])
+def test_unsupported_embedding_folders_are_refused_clearly(tmp_path: Path, change: Any, message: str) -> None:
+    folder = build_tiny_bert(tmp_path / "m")
+    change(folder)
+    with pytest.raises(UnsupportedModelFormat, match=message):
+        load_encoder(folder, None)
+
+
+def test_missing_tensors_are_a_load_error(tmp_path: Path) -> None:
+    folder = build_tiny_bert(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ModelLoadError, match="cannot load embedding model"):
+        load_encoder(folder, None)
