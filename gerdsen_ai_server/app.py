@@ -26,7 +26,7 @@ from .hardware import probe_for_this_machine
 from .metrics import Metrics
 from .monitor import Monitor
 from .request_log import configure_logging, init_request_log
-from .security import init_security
+from .security import init_security, trust_proxies
 from .shutdown import init_shutdown
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     init_realtime(app)  # starts the monitor's loop as a Socket.IO background task
     app.register_blueprint(docs_bp)  # /openapi.json, /docs
     init_shutdown(app)  # SIGTERM: not ready, finish running requests (gunicorn_conf installs it)
+    trust_proxies(app, settings)  # last: wraps every middleware, so all of them see the client's address
 
     if settings.default_model:
         _load_default(app, engine, settings.default_model)

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "", description="Redis URL for rate-limit counters shared by replicas; empty: in-process memory."
     )
+    trusted_proxies: int = Field(
+        0, ge=0, le=16,
+        description="Proxies in front of the server (load balancer hops) that set X-Forwarded-For/-Proto/-Host: "
+        "the client's address for rate limits and logs is taken that many hops back; 0: the headers are ignored.",
+    )
     cors_origins: str = Field(
         "", description="Comma-separated origins browsers may call the API from ('*' for any); empty: none."
     )

@@ -14,6 +14,8 @@
   monitoring and docs. Counters live in memory, or in Redis (``IMPETUS_REDIS_URL``) so that replicas
   share them. Every limited response carries OpenAI's ``x-ratelimit-*-requests`` headers; a 429 also
   ``Retry-After``. A storage outage fails open to in-memory counters rather than refusing traffic.
+* Proxies: ``IMPETUS_TRUSTED_PROXIES`` hops of ``X-Forwarded-For`` are believed (Werkzeug's ProxyFix),
+  so that rate limits and logs see the client's address behind a load balancer, not the balancer's.
 * Browsers: security headers on every response (no sniffing, no framing, no referrer, a CSP that
   allows only same-origin scripts, styles, images and connections: a JSON API plus the docs page
   and a future same-origin dashboard); CORS (flask-cors) only for ``IMPETUS_CORS_ORIGINS``.
@@ -31,6 +33,7 @@ import time
 from flask import Flask, Response, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter, RateLimitExceeded
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .api.errors import APIError, error_response
 from .config import Settings
@@ -193,6 +196,17 @@ def load_keys(settings: Settings) -> KeyChecker:
         # Someone asked for auth and got none: refuse to start rather than serve openly.
         raise RuntimeError(f"IMPETUS_API_KEY_FILE {settings.api_key_file} holds no keys")
     return KeyChecker(keys)
+
+
+def trust_proxies(app: Flask, settings: Settings) -> None:
+    """Behind a load balancer every request comes from the balancer's address; with
+    ``IMPETUS_TRUSTED_PROXIES=N`` the client's own is read from ``X-Forwarded-For``, N hops back
+    (and the scheme and host from ``X-Forwarded-Proto`` / ``-Host``). Only the last N entries are
+    believed: a client cannot pick its own rate-limit bucket by sending the header itself. Without
+    the setting the headers are ignored. Wraps the whole WSGI app, Socket.IO's middleware included."""
+    n = settings.trusted_proxies
+    if n:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
 
 
 # ---- browsers ----------------------------------------------------------------------------------

@@ -10,12 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
-from pydantic import ValidationError
 
 from ..schemas.anthropic import CountTokensRequest, Message, MessageResponse, MessagesRequest, Usage
 from ..schemas.openai import ChatCompletionRequest, ToolCall
 from .chat import chat_prompt, collect_answer, start_chat
-from .errors import APIError, validation_error
+from .errors import APIError, error_shape
 from .openai import SSE_HEADERS, cancel_all, parse_body, resident_model
 from .tools import ToolPlan, answer_parts, plan_tools
 
@@ -27,21 +26,16 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 
 
 def anthropic_error(error: APIError) -> Response:
-    kind = _ERROR_TYPES.get(error.status, "api_error")
+    kind = _ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
     response = jsonify({"type": "error", "error": {"type": kind, "message": error.message}})
     response.status_code = error.status
     response.headers.update(error.headers)
     return response
 
 
-@bp.errorhandler(APIError)
-def _api_error(exc: APIError) -> Response:
-    return anthropic_error(exc)
-
-
-@bp.errorhandler(ValidationError)
-def _validation(exc: ValidationError) -> Response:
-    return anthropic_error(validation_error(exc))
+# Every error under /v1/messages in Anthropic's shape, wherever it comes from: the views, the auth and
+# rate-limit hooks (401, 429), the shutdown drain (503), Werkzeug (404, 405, 413) or a crash (500).
+bp.record_once(lambda state: error_shape(state.app, "/v1/messages", anthropic_error))
 
 
 def to_openai_messages(system: str | None, messages: list[Message]) -> list[dict[str, Any]]:

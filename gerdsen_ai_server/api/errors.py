@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, current_app, has_request_context, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -50,7 +51,31 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+Renderer = Callable[[APIError], Response]
+SHAPES = "impetus_error_shapes"
+
+
+def error_shape(app: Flask, path_prefix: str, render: Renderer) -> None:
+    """Routes under ``path_prefix`` answer errors in their API's own shape (Anthropic's on
+    /v1/messages): every error, whether a view raised it or a hook did (401, 429, 503 while
+    draining) or Werkzeug did (404, 405, 413), goes through ``render`` instead of the envelope."""
+    app.extensions.setdefault(SHAPES, {})[path_prefix] = render
+
+
+def _renderer() -> Renderer | None:
+    if not has_request_context():
+        return None
+    path = request.path
+    for prefix, render in current_app.extensions.get(SHAPES, {}).items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return render
+    return None
+
+
 def error_response(error: APIError) -> Response:
+    render = _renderer()
+    if render is not None:
+        return render(error)
     response = jsonify(error.envelope())
     response.status_code = error.status
     response.headers.update(error.headers)

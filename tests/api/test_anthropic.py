@@ -102,3 +102,17 @@ def test_x_api_key_auth(tmp_path) -> None:  # type: ignore[no-untyped-def]
         assert info.value.status_code == 401
     finally:
         stop_server(srv)
+
+
+def test_size_and_method_errors_use_anthropic_shape(claude: anthropic.Anthropic, server: Server) -> None:
+    """Werkzeug's own 413 and 405 come in Anthropic's shape on /v1/messages, not OpenAI's envelope."""
+    huge = {"model": DEFAULT_MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "x" * 10_000_000}]}
+    with pytest.raises(anthropic.APIStatusError) as info:
+        claude.messages.create(**huge)
+    assert info.value.status_code == 413
+    assert info.value.body == {"type": "error", "error": {"type": "request_too_large", "message": info.value.body[
+        "error"]["message"]}} and info.value.body["error"]["message"]
+    r = requests.get(f"{server.url}/v1/messages", timeout=30)
+    assert r.status_code == 405 and r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
+    r = requests.post(f"{server.url}/v1/chat/completions", json=huge, timeout=30)  # the OpenAI routes keep theirs
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"

@@ -143,3 +143,75 @@ def test_request_ids_are_honoured_or_made_and_logged_without_prompts(secured: Se
     log = secured.log()
     assert "zebra-marmalade" not in log
     assert ENV_KEY not in log and FILE_KEY not in log and RATE_KEY not in log
+
+
+# ---- behind a load balancer: IMPETUS_TRUSTED_PROXIES ---------------------------------------------
+
+def limited_server(tmp_path_factory: pytest.TempPathFactory, name: str, **env: str) -> Server:
+    # No model (up in seconds): /v1/models and count_tokens for a model that is not there answer
+    # without one, and every request spends the client address's budget.
+    return start_server(tmp_path_factory.mktemp(name), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
+                        IMPETUS_AUTOLOAD="false", IMPETUS_RATE_LIMIT="3/minute", IMPETUS_LOG_FORMAT="json", **env)
+
+
+@pytest.fixture(scope="module")
+def behind_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = limited_server(tmp_path_factory, "proxied", IMPETUS_TRUSTED_PROXIES="1")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = limited_server(tmp_path_factory, "direct")
+    yield srv
+    stop_server(srv)
+
+
+def spend(server: Server, forwarded_for: str, times: int) -> list[requests.Response]:
+    return [requests.get(f"{server.base_url}/models", headers={"X-Forwarded-For": forwarded_for}, timeout=10)
+            for _ in range(times)]
+
+
+def test_with_trusted_proxies_x_forwarded_for_picks_the_bucket(behind_proxy: Server) -> None:
+    first = spend(behind_proxy, "203.0.113.7", 4)
+    assert [r.status_code for r in first] == [200, 200, 200, 429]
+    assert first[-1].json()["error"]["code"] == "rate_limit_exceeded"
+    # Another client behind the same balancer has its own budget.
+    other = spend(behind_proxy, "203.0.113.8", 1)[0]
+    assert other.status_code == 200 and other.headers["x-ratelimit-remaining-requests"] == "2"
+    # Only the hop the proxy appended counts: a client cannot choose its bucket by sending the header itself.
+    spoofed = spend(behind_proxy, "198.51.100.1, 203.0.113.7", 1)[0]
+    assert spoofed.status_code == 429
+    deadline = time.monotonic() + 10  # the access log names the client, not the balancer
+    remotes: set[str] = set()
+    while "203.0.113.8" not in remotes and time.monotonic() < deadline:
+        lines = [json.loads(line) for line in behind_proxy.log().splitlines() if line.startswith("{")]
+        remotes = {line["remote"] for line in lines
+                   if line.get("logger") == "impetus.access" and line["path"] == "/v1/models"}
+        time.sleep(0.2)
+    assert {"203.0.113.7", "203.0.113.8"} <= remotes and "127.0.0.1" not in remotes, remotes
+
+
+def test_without_trusted_proxies_x_forwarded_for_is_ignored(direct: Server) -> None:
+    statuses = [r.status_code for ip in ("203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4")
+                for r in spend(direct, ip, 1)]
+    assert statuses == [200, 200, 200, 429]  # one bucket: the connection's address
+
+
+def test_anthropic_rate_limit_error_shape(behind_proxy: Server) -> None:
+    from anthropic import Anthropic, NotFoundError, RateLimitError
+
+    client = Anthropic(base_url=behind_proxy.url, api_key="unused", max_retries=0, timeout=30,
+                       default_headers={"X-Forwarded-For": "203.0.113.50"})
+    for _ in range(3):
+        with pytest.raises(NotFoundError):
+            client.messages.count_tokens(model="absent", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(RateLimitError) as info:
+        client.messages.count_tokens(model="absent", messages=[{"role": "user", "content": "hi"}])
+    body = info.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error" and set(body["error"]) == {
+        "type", "message"}
+    assert "Rate limit reached" in body["error"]["message"]
+    assert 1 <= int(info.value.response.headers["Retry-After"]) <= 60
+    assert info.value.response.headers["x-ratelimit-remaining-requests"] == "0"
