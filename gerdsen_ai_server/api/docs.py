@@ -116,6 +116,11 @@ OPERATIONS: list[Operation] = [
      registry.LoadRequest, registry.ModelInfo, False, True),
     ("/api/models/unload", "post", "Models", "Unload a resident model",
      registry.UnloadRequest, OPEN_OBJECT, False, True),
+    ("/api/models/{model_id}/benchmark", "post", "Models",
+     "Benchmark a model on this machine (prompt and generation tok/s, TTFT, peak memory); 409 while one runs",
+     registry.BenchmarkRequest, registry.BenchmarkResult, False, True),
+    ("/api/models/{model_id}/benchmark", "get", "Models", "A model's benchmark history, oldest first",
+     None, registry.BenchmarkHistory, False, True),
     ("/health", "get", "Health", "Details: readiness, engine, models", None, OPEN_OBJECT, False, False),
     ("/health/live", "get", "Health", "Liveness probe (always open)", None, OPEN_OBJECT, False, False),
 ]

@@ -1,4 +1,4 @@
-"""/api/models: local and resident models, load and unload (the registry, over HTTP)."""
+"""/api/models: local and resident models, load and unload (the registry, over HTTP); warm-up and benchmarks."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import math
 import time
 from pathlib import Path
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..default_model import DEFAULT_MODEL_ID
+from ..engine.engine import ContextLengthExceeded, EngineOverloaded
 from ..engine.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
 from ..engine.registry import ModelBusy, OverBudget, Resident
-from ..schemas.registry import LoadRequest, ModelInfo, ModelsOverview, UnloadRequest
+from ..engine.stream import EngineGone
+from ..model_bench import BenchmarkFailed, BenchmarkStore, benchmark, warm_up
+from ..schemas.registry import BenchmarkHistory, BenchmarkRequest, LoadRequest, ModelInfo, ModelsOverview, UnloadRequest
 from .errors import APIError
 from .openai import engine, parse_body
 
@@ -53,7 +56,7 @@ def resident_info(resident: Resident) -> ModelInfo:
         size_bytes=folder_bytes(loaded.path), memory_bytes=loaded.nbytes, context_length=loaded.context_length,
         busy=resident.busy, pinned=resident.pinned,
         keep_alive=None if math.isinf(resident.keep_alive) else resident.keep_alive,
-        idle_seconds=round(time.monotonic() - resident.last_used, 3),
+        idle_seconds=round(time.monotonic() - resident.last_used, 3), warmup=getattr(resident, "warmup", None),
     )
 
 
@@ -104,7 +107,70 @@ def get_model(model_id: str) -> Response:
 @bp.post("/load")
 def load_model() -> Response:
     body = parse_body(LoadRequest)
-    return jsonify(resident_info(load(body.model, body.keep_alive)).model_dump())
+    resident = load(body.model, body.keep_alive)
+    if body.warmup and getattr(resident, "warmup", None) is None:
+        with engine_errors(resident.loaded.model_id):
+            # Kept on the resident (a new load starts without it), shown by resident_info.
+            resident.warmup = warm_up(engine(), resident.loaded)  # type: ignore[attr-defined]
+    return jsonify(resident_info(resident).model_dump())
+
+
+class engine_errors:  # noqa: N801  (a context manager used like a function)
+    """A timed request the engine refused or failed, as HTTP: 503 (overloaded, stopped, model gone) or 400."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, EngineOverloaded):
+            raise APIError(503, str(exc), code="server_overloaded", headers={"Retry-After": "1"}) from None
+        if isinstance(exc, ContextLengthExceeded):
+            raise APIError(400, str(exc), param="prompt_tokens", code="context_length_exceeded") from None
+        if isinstance(exc, (BenchmarkFailed, EngineGone, ModelNotFound)):
+            raise APIError(503, f"The run on '{self.model_id}' failed: {exc}", code="benchmark_failed",
+                           headers={"Retry-After": "1"}) from None
+
+
+def benchmark_store() -> BenchmarkStore:
+    extensions = current_app.extensions
+    if "impetus_benchmarks" not in extensions:
+        extensions["impetus_benchmarks"] = BenchmarkStore(Path(engine().registry.models_dir) / ".impetus"
+                                                          / "benchmarks.json")
+    return extensions["impetus_benchmarks"]
+
+
+def known_model(model_id: str) -> bool:
+    return engine().registry.get(model_id) is not None or any(m.id == model_id for m in local_models())
+
+
+@bp.post("/<path:model_id>/benchmark")
+def run_benchmark(model_id: str) -> Response:
+    body = parse_body(BenchmarkRequest) if request.get_data(cache=True) else BenchmarkRequest()
+    if not known_model(model_id):
+        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    store = benchmark_store()
+    if not store.claim(model_id):
+        raise APIError(409, f"A benchmark of '{model_id}' is already running; wait for it to finish.",
+                       param="model", code="benchmark_running")
+    try:
+        loaded = load(model_id).loaded
+        with engine_errors(model_id):
+            result = benchmark(engine(), loaded, body.prompt_tokens, body.max_tokens)
+    finally:
+        store.release(model_id)
+    store.add(result)
+    return jsonify(result.model_dump())
+
+
+@bp.get("/<path:model_id>/benchmark")
+def benchmark_history(model_id: str) -> Response:
+    history = benchmark_store().history(model_id)
+    if not history and not known_model(model_id):
+        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    return jsonify(BenchmarkHistory(model=model_id, data=history).model_dump())
 
 
 @bp.post("/unload")

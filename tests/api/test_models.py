@@ -181,3 +181,97 @@ def test_load_body_is_validated(srv: Server) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     r = requests.post(f"{srv.url}/api/models/load", json={"model": "tiny-a", "warp": 9}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "warp"
+
+
+# ---- warm-up and per-model benchmarks (issue 4, item 7) ----------------------------------------
+
+
+def test_load_with_warmup_reports_cold_and_warm_ttft(srv: Server) -> None:
+    unload_all_tiny(srv)
+    r = requests.post(f"{srv.url}/api/models/load", json={"model": "tiny-a", "warmup": True}, timeout=120)
+    assert r.status_code == 200, r.text
+    warmup = r.json()["warmup"]
+    assert warmup["prompt_tokens"] == 16 and warmup["cold_ttft_ms"] > 0 and warmup["warm_ttft_ms"] > 0
+    print(f"tiny-a warm-up: TTFT cold {warmup['cold_ttft_ms']} ms, warm {warmup['warm_ttft_ms']} ms")
+    assert requests.get(f"{srv.url}/api/models/tiny-a", timeout=30).json()["warmup"] == warmup
+    # Loaded again without warm-up: still resident, the result kept; a plain load reports none.
+    assert requests.post(f"{srv.url}/api/models/load", json={"model": "tiny-a"}, timeout=120).json()["warmup"] == warmup
+    unload_all_tiny(srv)
+    assert requests.post(f"{srv.url}/api/models/load", json={"model": "tiny-a"}, timeout=120).json()["warmup"] is None
+
+
+def test_benchmark_measures_and_keeps_a_history_for_an_id_with_a_slash(srv: Server, models_dir: Path) -> None:
+    unload_all_tiny(srv)
+    url = f"{srv.url}/api/models/org/tiny-c/benchmark"
+    assert requests.get(url, timeout=30).json() == {"object": "list", "model": "org/tiny-c", "data": []}
+    runs = []
+    for _ in range(2):
+        r = requests.post(url, json={"prompt_tokens": 40, "max_tokens": 12}, timeout=120)
+        assert r.status_code == 200, r.text
+        runs.append(r.json())
+    run = runs[-1]
+    assert run["model"] == "org/tiny-c" and run["prompt_tokens"] == 40
+    assert run["generated_tokens"] == 12  # end-of-sequence is suppressed: always the full length
+    assert run["ttft_ms"] > 0 and run["prompt_tokens_per_second"] > 0 and run["generation_tokens_per_second"] > 0
+    assert run["peak_memory_bytes"] >= run["model_memory_bytes"] > 0
+    assert run["compute_dtype"] == "float32" and run["device"] == "cpu"
+    print(f"org/tiny-c: prompt {run['prompt_tokens_per_second']} tok/s, generation "
+          f"{run['generation_tokens_per_second']} tok/s, TTFT {run['ttft_ms']} ms, peak {run['peak_memory_bytes']} B")
+    history = requests.get(url, timeout=30).json()["data"]
+    assert [h["id"] for h in history] == [r["id"] for r in runs]
+    assert (models_dir / ".impetus" / "benchmarks.json").is_file()
+    assert ".impetus" not in listing(srv)
+    # A bare POST uses the defaults (128-token prompt, 64 tokens).
+    r = requests.post(url, timeout=120)
+    assert r.status_code == 200 and (r.json()["prompt_tokens"], r.json()["generated_tokens"]) == (128, 64)
+
+
+def test_benchmark_errors(srv: Server) -> None:
+    r = requests.post(f"{srv.url}/api/models/nope/benchmark", json={}, timeout=30)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found")
+    assert requests.get(f"{srv.url}/api/models/org/nope/benchmark", timeout=30).status_code == 404
+    r = requests.post(f"{srv.url}/api/models/tiny-a/benchmark", json={"prompt_tokens": 0}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_tokens"
+    r = requests.post(f"{srv.url}/api/models/tiny-a/benchmark", json={"runs": 3}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "runs"
+    r = requests.post(f"{srv.url}/api/models/tiny-a/benchmark", json={"prompt_tokens": 500, "max_tokens": 100},
+                      timeout=120)  # the tiny models' context is 512
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "context_length_exceeded"), r.text
+
+
+def test_a_second_benchmark_of_a_model_while_one_runs_is_a_409(srv: Server) -> None:
+    url = f"{srv.url}/api/models/{DEFAULT_MODEL}/benchmark"
+    first: list[requests.Response] = []
+    thread = threading.Thread(target=lambda: first.append(requests.post(url, json={"max_tokens": 150}, timeout=300)))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while requests.get(f"{srv.url}/health", timeout=30).json()["requests_in_flight"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = requests.post(url, json={"max_tokens": 2}, timeout=60)
+        assert (r.status_code, r.json()["error"]["code"]) == (409, "benchmark_running")
+    finally:
+        thread.join()
+    assert first[0].status_code == 200 and first[0].json()["generated_tokens"] == 150
+
+
+def test_benchmark_store_is_bounded(tmp_path: Path) -> None:
+    from gerdsen_ai_server.model_bench import BenchmarkStore
+    from gerdsen_ai_server.schemas.registry import BenchmarkResult
+
+    store = BenchmarkStore(tmp_path / "b.json", per_model=3, max_models=2)
+    def run(model: str, n: int) -> BenchmarkResult:
+        return BenchmarkResult(id=f"{model}-{n}", model=model, created_at=n, prompt_tokens=1, generated_tokens=2,
+                               ttft_ms=1, prompt_tokens_per_second=1, generation_tokens_per_second=1,
+                               model_memory_bytes=1, compute_dtype="float32", device="cpu", other_requests=0)
+    for n in range(5):
+        store.add(run("a", n))
+    store.add(run("b", 0))
+    store.add(run("c", 0))  # a is the least recently benchmarked: dropped
+    assert [r.id for r in store.history("b")] == ["b-0"] and store.history("a") == []
+    store.add(run("b", 1))
+    store.add(run("d", 0))
+    assert [r.id for r in store.history("b")] == ["b-0", "b-1"] and store.history("c") == []
+    (tmp_path / "b.json").write_text("{broken")
+    assert store.history("b") == []  # a damaged file loses the history, never the endpoint
