@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
-from ..schemas import anthropic, openai, registry, responses
+from ..schemas import anthropic, hardware, health, openai, registry, responses, server
 
 bp = Blueprint("docs", __name__)
 
@@ -101,7 +101,7 @@ OPERATIONS: list[Operation] = [
     ("/v1/models", "get", "OpenAI", "List the loaded models", None, openai.ModelList, False, True),
     ("/v1/models/{model_id}", "get", "OpenAI", "Describe a loaded model", None, openai.ModelCard, False, True),
     ("/v1/responses", "post", "OpenAI", "Create a response (stateless Responses API)",
-     responses.ResponsesRequest, OPEN_OBJECT, True, True),
+     responses.ResponsesRequest, responses.ResponseObject, True, True),
     ("/v1/messages", "post", "Anthropic", "Create a message (Anthropic Messages API)",
      anthropic.MessagesRequest, anthropic.MessageResponse, True, True),
     ("/v1/messages/count_tokens", "post", "Anthropic", "Count a message's input tokens",
@@ -121,9 +121,18 @@ OPERATIONS: list[Operation] = [
      registry.BenchmarkRequest, registry.BenchmarkResult, False, True),
     ("/api/models/{model_id}/benchmark", "get", "Models", "A model's benchmark history, oldest first",
      None, registry.BenchmarkHistory, False, True),
-    ("/health", "get", "Health", "Details: readiness, engine, models", None, OPEN_OBJECT, False, False),
-    ("/health/live", "get", "Health", "Liveness probe (always open)", None, OPEN_OBJECT, False, False),
+    ("/api/hardware", "get", "Monitoring",
+     "The machine: platform, CPU, memory, GPUs, MLX, thermal state and throttling (a failed probe is null)",
+     None, hardware.HardwareReport, False, True),
+    ("/api/config", "get", "Monitoring", "The settings in force (secrets masked)", None, server.ConfigList, False, True),
+    ("/health", "get", "Health", "Details: readiness, engine, models", None, health.HealthReport, False, False),
+    ("/health/live", "get", "Health", "Liveness probe (always open)", None, health.Liveness, False, False),
 ]
+# Open unless IMPETUS_PROTECT_HEALTH: then they need the key like the API.
+MONITORING = ("/health", "/metrics")
+PROMETHEUS = {"text/plain": {"schema": {
+    "type": "string", "description": "Prometheus text exposition format 0.0.4 (OpenMetrics when the Accept header "
+                                     "asks for application/openmetrics-text)."}}}
 
 
 def _response_schemas(models: list[tuple[type[BaseModel], str]]) -> tuple[dict[Any, Any], dict[str, Any]]:
@@ -131,7 +140,7 @@ def _response_schemas(models: list[tuple[type[BaseModel], str]]) -> tuple[dict[A
     return refs, top.get("$defs", {})
 
 
-def build_spec() -> dict[str, Any]:
+def build_spec(protect_health: bool = False) -> dict[str, Any]:
     spec = APISpec(title="Impetus", version=__version__, openapi_version="3.1.0",
                    info={"description": DESCRIPTION, "license": {"name": "See the repository"}})
     spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer",
@@ -139,7 +148,7 @@ def build_spec() -> dict[str, Any]:
     spec.components.schema("Error", ERROR_SCHEMA)
     spec.components.schema("AnthropicError", ANTHROPIC_ERROR_SCHEMA)
 
-    wanted: list[tuple[type[BaseModel], str]] = []
+    wanted: list[tuple[type[BaseModel], str]] = [(health.Readiness, "serialization")]
     for _, _, _, _, request_model, response_model, _, _ in OPERATIONS:
         if request_model is not None:
             wanted.append((request_model, "validation"))
@@ -150,6 +159,7 @@ def build_spec() -> dict[str, Any]:
         spec.components.schema(name, schema)
 
     for path, method, tag, summary, request_model, response_model, streams, secured in OPERATIONS:
+        secured = secured or (protect_health and path in MONITORING)
         anthropic_api = path.startswith("/v1/messages")
         error_ref = {"$ref": "#/components/schemas/" + ("AnthropicError" if anthropic_api else "Error")}
         body = refs[(response_model, "serialization")] if isinstance(response_model, type) else response_model
@@ -176,21 +186,31 @@ def build_spec() -> dict[str, Any]:
             operation["security"] = [{"bearerAuth": []}]
         spec.path(path=path, operations={method: operation})
 
+    readiness = {"application/json": {"schema": refs[(health.Readiness, "serialization")]}}
     spec.path(path="/health/ready", operations={"get": {
         "tags": ["Health"], "summary": "Readiness probe (always open): 503 while loading or shutting down",
         "operationId": "get_health_ready",
         "responses": {
-            "200": {"description": "Ready", "content": {"application/json": {"schema": OPEN_OBJECT}}},
-            "503": {"description": "Not ready (loading, engine down or shutting down)",
-                    "content": {"application/json": {"schema": OPEN_OBJECT}}},
+            "200": {"description": "Ready", "content": readiness},
+            "503": {"description": "Not ready (loading, engine down or shutting down)", "content": readiness},
         },
     }})
+    metrics: dict[str, Any] = {
+        "tags": ["Monitoring"], "summary": "Prometheus metrics: requests, latency, TTFT, tokens, queue, memory, heat",
+        "operationId": "get_metrics",
+        "responses": {"200": {"description": "OK", "content": PROMETHEUS}},
+    }
+    if protect_health:
+        metrics["security"] = [{"bearerAuth": []}]
+        metrics["responses"]["401"] = {"description": ERROR_STATUSES["401"],
+                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    spec.path(path="/metrics", operations={"get": metrics})
     return spec.to_dict()
 
 
 @cache
-def _spec() -> dict[str, Any]:
-    return build_spec()
+def _spec(protect_health: bool) -> dict[str, Any]:
+    return build_spec(protect_health)
 
 
 def swagger_ui_dir() -> Path:
@@ -227,7 +247,7 @@ ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favico
 
 @bp.get("/openapi.json")
 def openapi_json() -> Response:
-    return jsonify(_spec())
+    return jsonify(_spec(current_app.config["IMPETUS_SETTINGS"].protect_health))
 
 
 @bp.get("/docs")

@@ -10,6 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify
 from .. import __version__
 from ..blas import blas_in_use
 from ..engine.engine import InferenceEngine
+from ..schemas.health import HealthReport, Liveness, Readiness, ResidentModel
 
 bp = Blueprint("health", __name__)
 
@@ -36,7 +37,7 @@ def readiness() -> tuple[bool, str]:
 def health() -> Response:
     engine = _engine()
     ready, reason = readiness()
-    return jsonify(
+    return jsonify(HealthReport(
         status="ok" if ready else "degraded",
         ready=ready,
         reason=reason,
@@ -53,9 +54,9 @@ def health() -> Response:
         max_batch=engine.max_batch,
         batch_limit=engine.batch_limit,  # set while the machine is hot (thermal adaptation)
         thermal_state=_thermal_state(),
-        models=[{"id": m.model_id, "path": str(m.path), "context_length": m.context_length, "bytes": m.nbytes}
+        models=[ResidentModel(id=m.model_id, path=str(m.path), context_length=m.context_length, bytes=m.nbytes)
                 for m in engine.models()],
-    )
+    ).model_dump())
 
 
 def _thermal_state() -> str | None:
@@ -65,10 +66,10 @@ def _thermal_state() -> str | None:
 
 @bp.get("/health/live")
 def live() -> Response:
-    return jsonify(status="alive")
+    return jsonify(Liveness().model_dump())
 
 
 @bp.get("/health/ready")
 def ready() -> tuple[Response, int]:
     ok, reason = readiness()
-    return jsonify(status="ready" if ok else "not_ready", reason=reason), 200 if ok else 503
+    return jsonify(Readiness(status="ready" if ok else "not_ready", reason=reason).model_dump()), 200 if ok else 503

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Response, jsonify
 
 from ..schemas.openai import ChatCompletionRequest, ToolCall
-from ..schemas.responses import FunctionCallItem, FunctionCallOutputItem, ResponsesRequest
+from ..schemas.responses import FunctionCallItem, FunctionCallOutputItem, ResponseObject, ResponsesRequest
 from .chat import collect_answer, start_chat
 from .errors import APIError
 from .openai import SSE_HEADERS, bp, cancel_all, parse_body
@@ -85,7 +85,7 @@ class Rendering:
                  finish: str | None = None) -> dict[str, Any]:
         body = self.body
         incomplete = status == "incomplete"
-        return {
+        return ResponseObject.model_validate({
             "id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
             "output": output, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
@@ -100,7 +100,7 @@ class Rendering:
             "usage": {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
                       "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                       "total_tokens": self.prompt_tokens + completion_tokens},
-        }
+        }).model_dump(mode="json")  # through the documented model: the answer cannot drift from /openapi.json
 
     def final(self, calls: list[ToolCall], last: Any) -> dict[str, Any]:
         output = ([self.message_item()] if self.text else []) + [self.call_item(c) for c in calls]

@@ -92,3 +92,77 @@ class ResponsesRequest(_Request):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+
+
+# ---- the response object (what POST /v1/responses answers, and what its stream events carry) ----
+
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: ItemStatus
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText]
+
+
+class OutputFunctionCall(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str = Field(description="The call's arguments, a JSON object as a string.")
+    status: ItemStatus
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """OpenAI's Response object. ``tools``, ``tool_choice`` and ``text`` echo the request."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress"]
+    model: str
+    output: list[Annotated[OutputMessage | OutputFunctionCall, Field(discriminator="type")]]
+    error: None = Field(None, description="Always null: a failed generation is an error response or event.")
+    incomplete_details: IncompleteDetails | None
+    instructions: str | None
+    max_output_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    parallel_tool_calls: bool
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice
+    tools: list[dict[str, Any]]
+    text: dict[str, Any]
+    store: Literal[False] = Field(False, description="Responses are never stored.")
+    metadata: dict[str, str]
+    previous_response_id: None = None
+    user: str | None
+    usage: ResponseUsage

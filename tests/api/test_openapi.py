@@ -50,6 +50,24 @@ def test_openapi_document_describes_the_api(keyed: Server) -> None:
     assert "ChatCompletionRequest" in spec["components"]["schemas"]
     assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     assert "Rate limits" in spec["info"]["description"]
+    # Every route has a real response model, so schemathesis checks what each one answers.
+    assert {"/api/hardware", "/api/config", "/metrics", "/health", "/health/live"} <= set(spec["paths"])
+    for path, method, model in (("/v1/responses", "post", "ResponseObject"), ("/health", "get", "HealthReport"),
+                                ("/api/hardware", "get", "HardwareReport"), ("/health/ready", "get", "Readiness")):
+        schema = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": f"#/components/schemas/{model}"}, (path, schema)
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "security" not in spec["paths"]["/metrics"]["get"]  # open unless IMPETUS_PROTECT_HEALTH
+
+
+def test_protected_monitoring_is_documented_as_secured() -> None:
+    from gerdsen_ai_server.api.docs import build_spec
+
+    spec = build_spec(protect_health=True)
+    for path in ("/health", "/metrics"):
+        operation = spec["paths"][path]["get"]
+        assert operation["security"] == [{"bearerAuth": []}] and "401" in operation["responses"], path
+    assert "security" not in spec["paths"]["/health/ready"]["get"]
 
 
 def test_docs_page_uses_only_local_assets(keyed: Server) -> None:
