@@ -43,8 +43,21 @@ def track(streams: list[TokenStream]) -> None:
     g.impetus_streams = streams
     events: EventBus = current_app.extensions["impetus"].events
     first = streams[0].request
-    events.publish("request_event", event="started", id=first.request_id, model=first.model, route=request.path,
+    events.publish("request_event", event="started", id=first.request_id, model=first.model, route=route(),
                    sequences=len(streams), prompt_tokens=sum(len(s.request.prompt_tokens) for s in streams))
+
+
+def route() -> str:
+    """What request events name as the route: the path, or the Socket.IO event that generated."""
+    return g.get("impetus_route") or request.path
+
+
+def finish_tracking(streams: list[TokenStream], status: int, elapsed: float) -> None:
+    """For generations answered outside an HTTP response (Socket.IO ``generate``): measure the
+    streams and publish ``request_event`` finished, as ``_record`` does when a response closes."""
+    if streams:
+        _finished(current_app.extensions[EXTENSION], current_app.extensions["impetus"].events, streams, route(),
+                  status, elapsed)
 
 
 def _start_clock() -> None:

@@ -13,6 +13,22 @@ With API keys configured (IMPETUS_API_KEYS / IMPETUS_API_KEY_FILE) a connection 
 connect ``auth`` (``{"api_key": KEY}``, what a browser can send) or an ``Authorization: Bearer KEY``
 header on the handshake; without, it is refused with ``invalid_api_key``.
 
+Client -> server events (every payload validated by its pydantic model in schemas/realtime.py; a bad
+one is answered with OpenAI's error envelope):
+
+    subscribe / unsubscribe   rooms (``"metrics"``, ``["metrics", ...]`` or ``{"rooms": [...]}``);
+                              ack ``{"rooms": [...joined]}`` or ``{"error": {...}, "rooms": [...]}``
+    hardware                  ack: the /api/hardware report
+    generate                  a chat completion request (as POST /v1/chat/completions, plus an optional
+                              ``id``), run on the same engine path; streamed to this client only:
+                                  token           {"id", "delta", "timestamp"}, as text arrives
+                                  generate_done   {"id", "model", "text", "tool_calls", "finish_reason",
+                                                   "usage", "timestamp"}, the last event
+                                  generate_error  {"id", "error": {OpenAI envelope}, "timestamp"}, instead
+                              the ack is the last event's payload. A disconnect cancels the generation
+                              and frees its slot in the engine at its next step.
+    cancel                    {"id"}: stop one of this client's generations; ack {"id", "cancelled"}
+
 Every payload carries ``timestamp``, the server's Unix time when it was published. A client joins
 the rooms named in its connect ``auth`` (``{"rooms": ["metrics", "requests"]}``), by default
 "metrics" and "models"; ``subscribe`` / ``unsubscribe`` change that later (the ack lists the rooms
@@ -27,23 +43,72 @@ queues the packet for each client's writer thread, so the engine thread is not h
 from __future__ import annotations
 
 import logging
+import re
+import threading
 import time
+import uuid
 from typing import Any
 
-from flask import Flask, current_app, request
+from flask import Flask, current_app, g, request
 from flask_socketio import ConnectionRefusedError, SocketIO, emit, join_room, leave_room, rooms
+from pydantic import ValidationError
 
+from ..engine.stream import EngineGone, TokenStream
 from ..monitor import Monitor
+from ..schemas.realtime import GENERATION_ID, CancelRequest, ConnectAuth, GenerateRequest, RoomsRequest
 from ..security import KeyChecker, load_keys, presented_key
+from .chat import Started, start_chat
+from .errors import APIError, validation_error
+from .metrics import finish_tracking
+from .openai import cancel_all
+from .tools import answer_parts
 
 log = logging.getLogger(__name__)
 
 socketio = SocketIO()
-ROOMS = ("metrics", "requests", "models")
 DEFAULT_ROOMS = ("metrics", "models")
 EVENT_ROOMS = {"metrics": "metrics", "hardware": "metrics", "request_event": "requests",
                "model_event": "models", "pull_progress": "models"}
 KEYS = "impetus_socket_keys"
+ROUTE = "socket.io:generate"  # the route request events and metrics name
+
+
+class Generations:
+    """Each client's running generations, so that a disconnect or ``cancel`` can stop them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_sid: dict[str, dict[str, list[TokenStream]]] = {}
+
+    def add(self, sid: str, gen_id: str, streams: list[TokenStream]) -> bool:
+        with self._lock:
+            running = self._by_sid.setdefault(sid, {})
+            if gen_id in running:
+                return False
+            running[gen_id] = streams
+            return True
+
+    def remove(self, sid: str, gen_id: str) -> None:
+        with self._lock:
+            running = self._by_sid.get(sid, {})
+            running.pop(gen_id, None)
+            if not running:
+                self._by_sid.pop(sid, None)
+
+    def cancel(self, sid: str, gen_id: str | None = None) -> int:
+        with self._lock:
+            running = self._by_sid.get(sid, {})
+            chosen = list(running.values()) if gen_id is None else [running[gen_id]] if gen_id in running else []
+        for streams in chosen:
+            cancel_all(streams)
+        return len(chosen)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(r) for r in self._by_sid.values())
+
+
+generations = Generations()
 
 
 def init_realtime(app: Flask) -> None:
@@ -60,19 +125,12 @@ def _forward(kind: str, payload: dict[str, Any]) -> None:
         socketio.emit(kind, payload, to=room)
 
 
-def _requested_rooms(data: Any) -> list[str] | None:
-    """Rooms named by ``"metrics"``, ``["metrics", ...]`` or ``{"rooms": [...]}``; None if malformed."""
-    if isinstance(data, dict):
-        data = data.get("rooms", data.get("room"))
-    if isinstance(data, str):
-        data = [data]
-    if not isinstance(data, list) or not all(isinstance(r, str) for r in data):
-        return None
-    return data
+def _sid() -> str:
+    return str(request.sid)  # type: ignore[attr-defined]
 
 
 def _joined() -> list[str]:
-    sid = request.sid  # type: ignore[attr-defined]
+    sid = _sid()
     return sorted(r for r in rooms() if r != sid)
 
 
@@ -82,20 +140,34 @@ def _hardware() -> dict[str, Any]:
     return report
 
 
+def _invalid(exc: ValidationError | APIError) -> dict[str, Any]:
+    """OpenAI's envelope for a payload that failed validation (or was refused)."""
+    return (validation_error(exc) if isinstance(exc, ValidationError) else exc).envelope()
+
+
 @socketio.on("connect")
 def _connect(auth: Any = None) -> None:
+    try:
+        given = ConnectAuth.model_validate(auth or {})
+    except ValidationError as exc:
+        envelope = _invalid(exc)
+        raise ConnectionRefusedError(f"invalid_request_error: {envelope['error']['message']}", envelope) from None
     checker: KeyChecker = current_app.extensions[KEYS]
     if checker:
-        key = auth.get("api_key") if isinstance(auth, dict) else None
-        key = key if isinstance(key, str) and key else presented_key()
+        key = given.api_key or presented_key()
         if key is None or not checker.matches(key):
-            raise ConnectionRefusedError("invalid_api_key: this server needs an API key (connect auth: {api_key: KEY})")
-    wanted = _requested_rooms(auth) if isinstance(auth, dict) and ("rooms" in auth or "room" in auth) else None
-    for room in wanted if wanted is not None else DEFAULT_ROOMS:
-        if room in ROOMS:
-            join_room(room)
+            envelope = APIError(401, "This server needs an API key (connect auth: {api_key: KEY}).",
+                                code="invalid_api_key").envelope()
+            raise ConnectionRefusedError(f"invalid_api_key: {envelope['error']['message']}", envelope)
+    for room in given.rooms if given.rooms is not None else DEFAULT_ROOMS:
+        join_room(room)
     if "metrics" in _joined():
         emit("hardware", _hardware())
+
+
+@socketio.on("disconnect")
+def _disconnect(*_reason: Any) -> None:
+    generations.cancel(_sid())  # free the engine slots of whatever this client was generating
 
 
 @socketio.on("subscribe")
@@ -109,11 +181,11 @@ def _unsubscribe(data: Any = None) -> dict[str, Any]:
 
 
 def _change(data: Any, action: Any) -> dict[str, Any]:
-    wanted = _requested_rooms(data)
-    unknown = [r for r in wanted or [] if r not in ROOMS]
-    if wanted is None or unknown:
-        return {"error": f"unknown room(s) {unknown or data!r}; rooms are {', '.join(ROOMS)}", "rooms": _joined()}
-    for room in wanted:
+    try:
+        wanted = RoomsRequest.model_validate(data)
+    except ValidationError as exc:
+        return {**_invalid(exc), "rooms": _joined()}
+    for room in wanted.rooms:
         action(room)
     return {"rooms": _joined()}
 
@@ -122,3 +194,87 @@ def _change(data: Any, action: Any) -> dict[str, Any]:
 def _hardware_request(_data: Any = None) -> dict[str, Any]:
     """The hardware report, as this event's acknowledgement."""
     return _hardware()
+
+
+@socketio.on("cancel")
+def _cancel(data: Any = None) -> dict[str, Any]:
+    try:
+        wanted = CancelRequest.model_validate(data)
+    except ValidationError as exc:
+        return _invalid(exc)
+    return {"id": wanted.id, "cancelled": generations.cancel(_sid(), wanted.id) > 0}
+
+
+@socketio.on("generate")
+def _generate(data: Any = None) -> dict[str, Any]:
+    """Runs in its own thread (python-socketio's async handlers), like an SSE stream in a request thread."""
+    sid = _sid()
+    raw_id = data.get("id") if isinstance(data, dict) else None
+    gen_id = raw_id if isinstance(raw_id, str) and re.match(GENERATION_ID, raw_id) else f"gen-{uuid.uuid4().hex}"
+    drain = current_app.extensions.get("impetus_drain")
+    try:
+        if drain is not None and drain.draining.is_set():
+            raise APIError(503, "The server is shutting down; retry on another replica.", code="server_shutting_down")
+        body = GenerateRequest.model_validate(data)
+        if body.n != 1:
+            raise APIError(400, "Over Socket.IO a generation has one choice: n must be 1.", param="n",
+                           code="invalid_value")
+        g.impetus_route = ROUTE
+        started_at = time.perf_counter()
+        started = start_chat(body, "messages")
+    except (ValidationError, APIError) as exc:
+        return _fail(sid, gen_id, _invalid(exc))
+    streams = started.streams
+    if not generations.add(sid, gen_id, streams):
+        cancel_all(streams)
+        return _fail(sid, gen_id, APIError(400, f"A generation with id '{gen_id}' is already running.", param="id",
+                                           code="invalid_value").envelope())
+    if drain is not None:
+        drain.enter()  # SIGTERM lets it finish, as it does an HTTP stream
+    status = 200
+    try:
+        return _stream(sid, gen_id, started)
+    except EngineGone as exc:
+        status = 503
+        return _fail(sid, gen_id, APIError(503, str(exc), code="engine_unavailable").envelope())
+    finally:
+        cancel_all(streams)
+        generations.remove(sid, gen_id)
+        if drain is not None:
+            drain.leave()
+        finish_tracking(streams, status, time.perf_counter() - started_at)
+
+
+def _stream(sid: str, gen_id: str, started: Started) -> dict[str, Any]:
+    stream: TokenStream = started.streams[0]
+    text: list[str] = []
+    for kind, value in answer_parts(started.plan, stream):
+        if kind == "error":
+            return _fail(sid, gen_id, APIError(500, value, code="generation_failed").envelope())
+        if kind == "text":
+            text.append(value)
+            socketio.emit("token", {"id": gen_id, "delta": value, "timestamp": time.time()}, to=sid)
+            continue
+        calls, last = value
+        prompt_tokens = len(started.prompt)
+        done = {
+            "id": gen_id, "model": started.loaded.model_id, "text": "".join(text),
+            "tool_calls": [c.model_dump() for c in calls],
+            "finish_reason": "tool_calls" if calls else last.finish_reason,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": last.completion_tokens,
+                      "total_tokens": prompt_tokens + last.completion_tokens},
+            "timestamp": time.time(),
+        }
+        socketio.emit("generate_done", done, to=sid)
+        return done
+    # The stream ended without a last event: it was cancelled (disconnect or ``cancel``).
+    done = {"id": gen_id, "model": started.loaded.model_id, "text": "".join(text), "tool_calls": [],
+            "finish_reason": "cancelled", "usage": None, "timestamp": time.time()}
+    socketio.emit("generate_done", done, to=sid)
+    return done
+
+
+def _fail(sid: str, gen_id: str, envelope: dict[str, Any]) -> dict[str, Any]:
+    payload = {"id": gen_id, **envelope, "timestamp": time.time()}
+    socketio.emit("generate_error", payload, to=sid)
+    return payload

@@ -112,6 +112,9 @@ class TokenStream:
             try:
                 event = self._events.get(timeout=1.0)
             except queue.Empty:
+                if self.cancelled:  # the engine drops a cancelled request without a last event
+                    self.finished = True
+                    return
                 # Never wait forever on a dead engine thread.
                 if not self._engine_alive():
                     self.finished = True

@@ -50,7 +50,8 @@ def connect(hot_server: Server) -> Iterator[Callable[..., tuple[socketio.Client,
     def make(**auth: Any) -> tuple[socketio.Client, Recorder]:
         recorder = Recorder()
         client = socketio.Client(reconnection_delay=0.2, reconnection_delay_max=0.5, randomization_factor=0)
-        for name in ("metrics", "hardware", "request_event", "model_event"):
+        for name in ("metrics", "hardware", "request_event", "model_event", "token", "generate_done",
+                     "generate_error"):
             client.on(name, recorder.record(name))
 
         @client.on("connect")
@@ -129,8 +130,11 @@ def test_subscribe_and_unsubscribe(connect: Callable[..., tuple[socketio.Client,
     count = len(recorder.of("metrics"))
     time.sleep(0.4)
     assert len(recorder.of("metrics")) == count
-    refused = client.call("subscribe", ["nope"], timeout=10)
-    assert "unknown room" in refused["error"] and refused["rooms"] == ["requests"]
+    refused = client.call("subscribe", ["nope"], timeout=10)  # pydantic-validated, OpenAI's envelope
+    assert refused["error"]["type"] == "invalid_request_error" and refused["error"]["param"] == "rooms.0"
+    assert "'metrics', 'requests' or 'models'" in refused["error"]["message"] and refused["rooms"] == ["requests"]
+    refused = client.call("unsubscribe", {"rooms": ["metrics"], "extra": 1}, timeout=10)
+    assert refused["error"]["code"] == "unknown_parameter" and refused["rooms"] == ["requests"]
     report = client.call("hardware", timeout=30)
     assert report["platform"]["system"] and "unavailable" in report
 
@@ -169,6 +173,9 @@ def test_api_key_required_on_connect(keyed_server: Server) -> None:
     for kwargs in ({}, {"auth": {"api_key": "wrong"}}, {"headers": {"Authorization": "Bearer wrong"}}):
         client, errors = attempt(**kwargs)
         assert not client.connected and errors and "invalid_api_key" in str(errors[0]), (kwargs, errors)
+    for auth in ({"api_key": "socket-key", "rooms": ["nope"]}, {"api_key": 5}, {"api_key": "socket-key", "x": 1}):
+        client, errors = attempt(auth=auth)  # a malformed connect payload is refused, saying why
+        assert not client.connected and errors and "invalid_request_error" in str(errors[0]), (auth, errors)
     for kwargs in ({"auth": {"api_key": "socket-key", "rooms": ["metrics"]}},
                    {"headers": {"Authorization": "Bearer socket-key"}}):
         client, errors = attempt(**kwargs)
@@ -182,3 +189,97 @@ def test_api_key_required_on_connect(keyed_server: Server) -> None:
                 time.sleep(0.05)
         finally:
             client.disconnect()
+
+
+# ---- generate: tokens streamed to the browser ------------------------------------------------------
+
+CHAT = {"model": DEFAULT_MODEL, "temperature": 0, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+LONG = {"model": DEFAULT_MODEL, "temperature": 0, "max_tokens": 2000,
+        "messages": [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]}
+
+
+def test_generate_streams_tokens_to_this_client_only(connect: Callable[..., tuple[socketio.Client, Recorder]],
+                                                     hot_server: Server) -> None:
+    client, recorder = connect(rooms=[])
+    _, bystander = connect(rooms=["metrics", "requests", "models"])
+    done = client.call("generate", {**CHAT, "max_tokens": 30, "id": "answer-1"}, timeout=120)
+    same = requests.post(f"{hot_server.base_url}/chat/completions", json={**CHAT, "max_tokens": 30}, timeout=120).json()
+    assert done["id"] == "answer-1" and done["model"] == DEFAULT_MODEL
+    assert done["text"] == same["choices"][0]["message"]["content"] == "The capital of France is Paris."
+    assert done["finish_reason"] == "stop" and done["usage"] == same["usage"] and done["tool_calls"] == []
+    tokens = [data for _, data in recorder.of("token")]
+    assert len(tokens) >= 5 and {t["id"] for t in tokens} == {"answer-1"}  # one event per token or so, in order
+    assert "".join(t["delta"] for t in tokens) == done["text"]
+    recorder.wait(lambda: len(recorder.of("generate_done")) == 1)  # the last event, and the ack, carry the same
+    assert recorder.of("generate_done")[0][1] == done
+    assert all(data["timestamp"] <= done["timestamp"] for data in tokens)
+    assert not bystander.of("token") and not bystander.of("generate_done")  # to that client only
+    # The bystander watching "requests" saw it as a request like any other, named by its Socket.IO event.
+    bystander.wait(lambda: any(d["event"] == "finished" and d["route"] == "socket.io:generate"
+                               for _, d in bystander.of("request_event")), timeout=10)
+    finished = next(d for _, d in bystander.of("request_event") if d["route"] == "socket.io:generate"
+                    and d["event"] == "finished")
+    assert finished["outcome"] == "finished" and finished["completion_tokens"] == done["usage"]["completion_tokens"]
+    generated = requests.get(hot_server.url + "/metrics", timeout=10).text
+    assert f'impetus_sequences_total{{model="{DEFAULT_MODEL}",outcome="finished"}}' in generated
+
+
+@pytest.mark.parametrize(("payload", "status_type", "param", "code"), [
+    ("hi", "invalid_request_error", None, None),
+    ({**CHAT, "messages": []}, "invalid_request_error", "messages", "invalid_value"),
+    ({**CHAT, "temperature": "hot"}, "invalid_request_error", "temperature", "invalid_value"),
+    ({**CHAT, "max_tokens": -1}, "invalid_request_error", "max_tokens", "invalid_value"),
+    ({**CHAT, "surprise": True}, "invalid_request_error", "surprise", "unknown_parameter"),
+    ({**CHAT, "n": 2}, "invalid_request_error", "n", "invalid_value"),
+    ({**CHAT, "id": "no spaces"}, "invalid_request_error", "id", "invalid_value"),
+    ({**CHAT, "model": "absent-model"}, "not_found_error", "model", "model_not_found"),
+    ({**CHAT, "max_tokens": 30_000}, "invalid_request_error", "messages", "context_length_exceeded"),
+])
+def test_generate_errors_come_back_in_the_envelope(connect: Callable[..., tuple[socketio.Client, Recorder]],
+                                                   payload: Any, status_type: str, param: str | None,
+                                                   code: str | None) -> None:
+    client, recorder = connect(rooms=[])
+    ack = client.call("generate", payload, timeout=60)
+    error = ack["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], ack
+    assert (error["type"], error["param"], error["code"]) == (status_type, param, code) or (
+        param is None and error["type"] == status_type), ack
+    recorder.wait(lambda: len(recorder.of("generate_error")) == 1)
+    assert recorder.of("generate_error")[0][1] == ack and not recorder.of("token")
+
+
+def in_flight(server: Server) -> int:
+    return int(requests.get(server.url + "/health", timeout=10).json()["requests_in_flight"])
+
+
+def test_disconnect_cancels_the_generation(connect: Callable[..., tuple[socketio.Client, Recorder]],
+                                           hot_server: Server) -> None:
+    _, watcher = connect(rooms=["requests"])
+    client, recorder = connect(rooms=[])
+    client.emit("generate", {**LONG, "id": "long-1"})
+    recorder.wait(lambda: len(recorder.of("token")) >= 3, timeout=60)
+    assert in_flight(hot_server) == 1
+    client.disconnect()
+    deadline = time.monotonic() + 15  # the engine drops it at its next step
+    while in_flight(hot_server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert in_flight(hot_server) == 0
+    watcher.wait(lambda: any(d["event"] == "finished" and d["route"] == "socket.io:generate"
+                             for _, d in watcher.of("request_event")), timeout=15)
+    finished = next(d for _, d in watcher.of("request_event") if d["event"] == "finished")
+    assert finished["outcome"] == "cancelled" and finished["completion_tokens"] < 2000
+
+
+def test_cancel_stops_one_generation(connect: Callable[..., tuple[socketio.Client, Recorder]],
+                                     hot_server: Server) -> None:
+    client, recorder = connect(rooms=[])
+    client.emit("generate", {**LONG, "id": "long-2"})
+    recorder.wait(lambda: len(recorder.of("token")) >= 3, timeout=60)
+    assert client.call("cancel", {"id": "long-2"}, timeout=10) == {"id": "long-2", "cancelled": True}
+    recorder.wait(lambda: len(recorder.of("generate_done")) == 1, timeout=15)
+    done = recorder.of("generate_done")[0][1]
+    assert done["id"] == "long-2" and done["finish_reason"] == "cancelled"
+    assert done["text"] == "".join(d["delta"] for _, d in recorder.of("token"))
+    assert client.call("cancel", {"id": "long-2"}, timeout=10) == {"id": "long-2", "cancelled": False}
+    assert client.call("cancel", {"id": 5}, timeout=10)["error"]["param"] == "id"
+    assert in_flight(hot_server) == 0 and client.connected

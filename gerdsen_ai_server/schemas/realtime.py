@@ -1,0 +1,62 @@
+"""Payloads a Socket.IO client sends (api/realtime.py): each is validated here, like an HTTP body,
+and a bad one is answered with OpenAI's error envelope."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .openai import ChatCompletionRequest
+
+Room = Literal["metrics", "requests", "models"]
+ROOMS: tuple[Room, ...] = ("metrics", "requests", "models")
+GENERATION_ID = r"^[A-Za-z0-9._:-]{1,64}$"
+
+
+def _rooms_shorthand(data: Any) -> Any:
+    """``"metrics"``, ``["metrics", ...]`` and ``{"room": "metrics"}`` mean ``{"rooms": [...]}``."""
+    if isinstance(data, str | list):
+        data = {"rooms": data}
+    if isinstance(data, dict) and "room" in data and "rooms" not in data:
+        data = {**data, "rooms": data["room"]}
+        del data["room"]
+    if isinstance(data, dict) and isinstance(data.get("rooms"), str):
+        data = {**data, "rooms": [data["rooms"]]}
+    return data
+
+
+class ConnectAuth(BaseModel):
+    """The connect ``auth`` payload."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str | None = Field(None, description="One of the server's API keys (when it has any).")
+    rooms: list[Room] | None = Field(None, max_length=len(ROOMS), description="Rooms to join; default metrics, models.")
+
+    _shorthand = model_validator(mode="before")(_rooms_shorthand)
+
+
+class RoomsRequest(BaseModel):
+    """``subscribe`` / ``unsubscribe``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rooms: list[Room] = Field(max_length=len(ROOMS))
+
+    _shorthand = model_validator(mode="before")(_rooms_shorthand)
+
+
+class GenerateRequest(ChatCompletionRequest):
+    """``generate``: a chat completion request, streamed back to this client as ``token`` events."""
+
+    id: str | None = Field(None, pattern=GENERATION_ID,
+                           description="The client's name for this generation, echoed in its events; default: one made up.")
+
+
+class CancelRequest(BaseModel):
+    """``cancel``: stop one of this client's generations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=GENERATION_ID)
