@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         512 << 20, ge=0,
         description="Bytes of freed buffers MLX may keep for reuse (mx.set_cache_limit); bounds RSS growth.",
     )
+    malloc_mmap_threshold: int = Field(
+        256 << 10, ge=0, le=32 << 20,
+        description="glibc: blocks of this many bytes or more get their own mapping and go back to the system when "
+        "freed (mallopt M_MMAP_THRESHOLD); without it freed KV/activation buffers stay in the heap and RSS creeps up. "
+        "At most 32 MiB; 0: glibc's default.",
+    )
     memory_budget: int = Field(
         0, ge=0, description="Bytes resident models may take; 0 means 60% of this machine's RAM."
     )

@@ -89,6 +89,14 @@ def _version() -> str:
     return __version__
 
 
+def post_fork(server, worker) -> None:  # type: ignore[no-untyped-def]
+    """In the new worker, before the app and MLX allocate anything: fix glibc's mmap threshold, so
+    freed KV-cache and activation buffers go back to the system (gerdsen_ai_server.memory)."""
+    from gerdsen_ai_server.memory import set_mmap_threshold
+
+    set_mmap_threshold(_settings.malloc_mmap_threshold)
+
+
 def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
     """Log which BLAS the worker's MLX actually got (see gerdsen_ai_server.blas); make SIGTERM drain."""
     from gerdsen_ai_server.blas import blas_in_use

@@ -15,6 +15,7 @@ then have to come from each worker.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from .engine.engine import InferenceEngine
 from .engine.stream import TokenStream
+from .memory import malloc_info
 from .monitor import Monitor
 from .schemas.hardware import THERMAL_STATES
 
@@ -136,6 +138,12 @@ class EngineCollector(Collector):
                     self.monitor.throughput.last_rate)
         for key, value in self.monitor.mlx_memory.items():
             yield gauge(f"impetus_mlx_{key}", f"MLX {key.replace('_', ' ')[:-6]} (bytes).", value)
+        heap = malloc_info()
+        if heap is not None:  # glibc: what RSS is made of beyond MLX's own counters (memory.py)
+            yield gauge("impetus_malloc_in_use_bytes", "Bytes the C heap has handed out (MLX buffers included).",
+                        heap["in_use_bytes"])
+            yield gauge("impetus_malloc_free_bytes", "Freed bytes the C heap keeps in its arenas.", heap["free_bytes"])
+        yield gauge("impetus_python_gc_objects", "Objects tracked by Python's garbage collector.", len(gc.get_objects()))
         thermal = self.monitor.thermal.state if self.monitor.thermal else None
         states = StateSetMetricFamily("impetus_thermal_state", "Thermal state (all false when unknown).",
                                       value={s: s == thermal for s in THERMAL_STATES})
