@@ -11,7 +11,7 @@
   413, which ``api/errors.py`` turns into the error envelope.
 * Rate limits (flask-limiter, ``IMPETUS_RATE_LIMIT``): one budget per API key, or per client IP for
   requests without a valid key (so failed logins count too), shared by every route but the probes,
-  monitoring and docs. Counters live in memory, or in Redis (``IMPETUS_REDIS_URL``) so that replicas
+  monitoring and docs; a Socket.IO ``generate`` spends the same budget (``spend_budget``). Counters live in memory, or in Redis (``IMPETUS_REDIS_URL``) so that replicas
   share them. Every limited response carries OpenAI's ``x-ratelimit-*-requests`` headers; a 429 also
   ``Retry-After``. A storage outage fails open to in-memory counters rather than refusing traffic.
 * Proxies: ``IMPETUS_TRUSTED_PROXIES`` hops of ``X-Forwarded-For`` are believed (Werkzeug's ProxyFix),
@@ -30,7 +30,7 @@ import logging
 import math
 import time
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter, RateLimitExceeded
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -114,15 +114,45 @@ def authenticate(settings: Settings) -> None:
 # ---- rate limits -----------------------------------------------------------------------------
 
 
+def bucket(key: str | None, remote: str | None) -> str:
+    return f"key:{key}" if key else f"ip:{remote or 'unknown'}"
+
+
 def rate_key() -> str:
-    key = g.get("api_key_id")
-    return f"key:{key}" if key else f"ip:{request.remote_addr or 'unknown'}"
+    return bucket(g.get("api_key_id"), request.remote_addr)
+
+
+def spend_budget(key: str | None, remote: str | None) -> None:
+    """Count one request against the rate limit for work that arrives outside an HTTP request (a
+    Socket.IO ``generate``): the same bucket the HTTP API spends, per key or else per address.
+    The counters are flask-limiter's own (its application limits are shared, scope "global")."""
+    limiter: Limiter | None = current_app.extensions.get("impetus_limiter")
+    if limiter is None:
+        return
+    from limits import parse_many
+
+    args = [LIMIT_PREFIX, bucket(key, remote), "global"]
+    try:
+        for item in parse_many(current_app.config["IMPETUS_SETTINGS"].rate_limit):
+            if not limiter.limiter.hit(item, *args):
+                reset = limiter.limiter.get_window_stats(item, *args).reset_time
+                wait = max(1, math.ceil(reset - time.time()))
+                who = "this API key" if key else "this client address"
+                raise APIError(429, f"Rate limit reached for {who}: {item}. Please try again in {wait}s.",
+                               code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
+    except APIError:
+        raise
+    except Exception:  # storage unreachable: fail open, as the HTTP limiter does
+        log.warning("rate-limit storage unreachable; not counting a Socket.IO request", exc_info=True)
 
 
 def rate_exempt() -> bool:
     path = request.path
     return (request.method == "OPTIONS" or path in PROBE_PATHS or path in MONITORING_PATHS or path in DOCS_PATHS
             or path.startswith(DOCS_PREFIX))
+
+
+LIMIT_PREFIX = "impetus"
 
 
 def duration(seconds: float) -> str:
@@ -141,7 +171,7 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
         application_limits=[settings.rate_limit],
         storage_uri=settings.redis_url or "memory://",
         strategy="fixed-window",
-        key_prefix="impetus",
+        key_prefix=LIMIT_PREFIX,
         headers_enabled=False,  # ours below, named as OpenAI's
         swallow_errors=True,
         in_memory_fallback_enabled=True,

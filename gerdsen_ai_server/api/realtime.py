@@ -56,7 +56,7 @@ from pydantic import ValidationError
 from ..engine.stream import EngineGone, TokenStream
 from ..monitor import Monitor
 from ..schemas.realtime import GENERATION_ID, CancelRequest, ConnectAuth, GenerateRequest, RoomsRequest
-from ..security import KeyChecker, load_keys, presented_key
+from ..security import KeyChecker, key_id, load_keys, presented_key, spend_budget
 from .chat import Started, start_chat
 from .errors import APIError, validation_error
 from .metrics import finish_tracking
@@ -109,6 +109,7 @@ class Generations:
 
 
 generations = Generations()
+key_ids: dict[str, str] = {}  # sid -> the id of the key it connected with: its rate-limit bucket
 
 
 def init_realtime(app: Flask) -> None:
@@ -159,6 +160,7 @@ def _connect(auth: Any = None) -> None:
             envelope = APIError(401, "This server needs an API key (connect auth: {api_key: KEY}).",
                                 code="invalid_api_key").envelope()
             raise ConnectionRefusedError(f"invalid_api_key: {envelope['error']['message']}", envelope)
+        key_ids[_sid()] = key_id(key)
     for room in given.rooms if given.rooms is not None else DEFAULT_ROOMS:
         join_room(room)
     if "metrics" in _joined():
@@ -168,6 +170,7 @@ def _connect(auth: Any = None) -> None:
 @socketio.on("disconnect")
 def _disconnect(*_reason: Any) -> None:
     generations.cancel(_sid())  # free the engine slots of whatever this client was generating
+    key_ids.pop(_sid(), None)
 
 
 @socketio.on("subscribe")
@@ -215,6 +218,7 @@ def _generate(data: Any = None) -> dict[str, Any]:
     try:
         if drain is not None and drain.draining.is_set():
             raise APIError(503, "The server is shutting down; retry on another replica.", code="server_shutting_down")
+        spend_budget(key_ids.get(sid), request.remote_addr)  # IMPETUS_RATE_LIMIT, shared with the HTTP API
         body = GenerateRequest.model_validate(data)
         if body.n != 1:
             raise APIError(400, "Over Socket.IO a generation has one choice: n must be 1.", param="n",

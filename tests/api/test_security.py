@@ -215,3 +215,22 @@ def test_anthropic_rate_limit_error_shape(behind_proxy: Server) -> None:
     assert "Rate limit reached" in body["error"]["message"]
     assert 1 <= int(info.value.response.headers["Retry-After"]) <= 60
     assert info.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_socketio_generate_spends_the_same_rate_limit_budget(behind_proxy: Server) -> None:
+    import socketio
+
+    address = "203.0.113.77"
+    assert [r.status_code for r in spend(behind_proxy, address, 2)] == [200, 200]
+    client = socketio.Client(reconnection=False)
+    client.connect(behind_proxy.url, transports=["websocket"], headers={"X-Forwarded-For": address}, wait_timeout=30)
+    try:
+        chat = {"model": "absent", "messages": [{"role": "user", "content": "hi"}]}
+        first = client.call("generate", chat, timeout=30)  # the budget's last request: answered (no such model)
+        assert first["error"]["code"] == "model_not_found"
+        limited = client.call("generate", chat, timeout=30)
+        assert limited["error"]["code"] == "rate_limit_exceeded" and limited["error"]["type"] == "rate_limit_error"
+        assert "this client address" in limited["error"]["message"]
+    finally:
+        client.disconnect()
+    assert spend(behind_proxy, address, 1)[0].status_code == 429  # and the HTTP API sees the same bucket
