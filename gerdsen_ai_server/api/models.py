@@ -108,6 +108,9 @@ def get_model(model_id: str) -> Response:
 def load_model() -> Response:
     body = parse_body(LoadRequest)
     resident = load(body.model, body.keep_alive)
+    if body.warmup and resident.loaded.kind == "embedding":
+        raise APIError(400, f"'{resident.loaded.model_id}' is loaded, but it is an embedding model: warm-up runs "
+                       "generation, which it cannot do.", param="warmup", code="model_not_supported")
     if body.warmup and getattr(resident, "warmup", None) is None:
         with engine_errors(resident.loaded.model_id):
             # Kept on the resident (a new load starts without it), shown by resident_info.
@@ -157,6 +160,9 @@ def run_benchmark(model_id: str) -> Response:
                        param="model", code="benchmark_running")
     try:
         loaded = load(model_id).loaded
+        if loaded.kind == "embedding":
+            raise APIError(400, f"'{model_id}' is an embedding model; the benchmark measures generation.",
+                           param="model", code="model_not_supported")
         with engine_errors(model_id):
             result = benchmark(engine(), loaded, body.prompt_tokens, body.max_tokens)
     finally:

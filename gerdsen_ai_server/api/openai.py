@@ -55,8 +55,19 @@ def parse_body(schema: type[Schema]) -> Schema:
     return schema.model_validate(body)
 
 
-def resident_model(model_id: str, keep_alive: float | None = None) -> LoadedModel:
-    """The resident model, loading a local one on demand when IMPETUS_AUTOLOAD allows."""
+def resident_model(model_id: str, keep_alive: float | None = None, *, embedding: bool = False) -> LoadedModel:
+    """The resident model, loading a local one on demand when IMPETUS_AUTOLOAD allows.
+
+    A dedicated embedding model is refused (400) unless ``embedding``: it cannot generate text.
+    """
+    loaded = _resident_model(model_id, keep_alive)
+    if loaded.kind == "embedding" and not embedding:
+        raise APIError(400, f"The model '{model_id}' is an embedding model: it serves /v1/embeddings only, not "
+                       "chat, completions or messages.", param="model", code="model_not_supported")
+    return loaded
+
+
+def _resident_model(model_id: str, keep_alive: float | None) -> LoadedModel:
     from .models import load  # models.py imports this module's helpers
 
     resident = engine().registry.get(model_id)
@@ -78,7 +89,13 @@ def resident_model(model_id: str, keep_alive: float | None = None) -> LoadedMode
 
 
 def model_card(loaded: LoadedModel, created: int) -> ModelCard:
-    return ModelCard(id=loaded.model_id, created=created, context_length=loaded.context_length)
+    card = ModelCard(id=loaded.model_id, created=created, context_length=loaded.context_length)
+    if loaded.kind == "embedding":
+        card.kind, card.capabilities = "embedding", ["embeddings"]
+        card.embedding_method = loaded.model.pooling.describe()
+        card.dimensions = loaded.model.dimensions
+        card.matryoshka = loaded.model.matryoshka
+    return card
 
 
 @bp.get("/models")

@@ -230,8 +230,9 @@ class EncoderTokenizer:
         self._size = min(vocab_size, self._tokenizer.get_vocab_size())
         self.eos_token_ids: set[int] = set()
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text).ids)  # with the model's [CLS] ... [SEP] / <s> ... </s>
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # With special tokens: the model's [CLS] ... [SEP] (or <s> ... </s>) around the text.
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: list[int]) -> str:
         return str(self._tokenizer.decode(ids))
@@ -268,6 +269,9 @@ def read_pooling(path: Path) -> Pooling:
     if "Pooling" not in kinds:
         return Pooling(normalize="Normalize" in kinds, source="modules.json without Pooling: mean")
     folder = modules[kinds.index("Pooling")].get("path") or "1_Pooling"
+    if not (path / folder / "config.json").exists():
+        raise UnsupportedModelFormat(f"{path}: modules.json names a Pooling module, but {folder}/config.json, which "
+                                     "says how to pool, is missing; copy it from the model's repository")
     config = json.loads((path / folder / "config.json").read_text())
     modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
              for k, v in config.items() if k.startswith("pooling_mode_") and v is True]

@@ -1,6 +1,7 @@
 """Find, convert and load models: a model id or path in, an MLX model + tokenizer out.
 
-Formats: MLX / Hugging Face safetensors folders load directly; GGUF files are
+Formats: MLX / Hugging Face safetensors folders load directly (BERT-family embedding
+models as encoders, see encoder.py); GGUF files are
 converted once into ``models_dir``; CoreML, ONNX and PyTorch checkpoints are
 refused with a how-to-convert hint. Everything that touches MLX runs on the
 caller's engine thread; nothing here starts a thread.
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..default_model import DEFAULT_MODEL_ID, ensure_default_model
+from .encoder import is_encoder, load_encoder
 from .errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
 from .gguf import convert_gguf_to_mlx
 
@@ -43,6 +45,7 @@ class LoadedModel:
     tokenizer: Any
     context_length: int
     nbytes: int
+    kind: str = "language"  # or "embedding": a BERT-family encoder that only serves /v1/embeddings
 
 
 def _foreign(path: Path, kind: str) -> UnsupportedModelFormat:
@@ -121,6 +124,10 @@ class LoaderFactory:
         if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}, not {compute_dtype!r}")
         path = self.resolve(spec, models_dir)
+        if is_encoder(path):
+            encoder, encoder_tokenizer, max_tokens = load_encoder(path, compute_dtype)
+            return LoadedModel(model_id=path.name, path=path, model=encoder, tokenizer=encoder_tokenizer,
+                               context_length=max_tokens, nbytes=parameter_nbytes(encoder), kind="embedding")
         model, tokenizer = _mlx_load(path)
         if compute_dtype is not None:
             _apply_compute_dtype(model, compute_dtype)

@@ -21,6 +21,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..events import EventBus
+from .encoder import NoGeneration
 from .errors import ModelLoadError
 from .loaders import LoadedModel, LoaderFactory
 
@@ -135,7 +136,8 @@ class ModelRegistry:
             self._events.publish("model_event", event="failed", model=model_id, error=str(exc))
             raise
         loaded.model_id = model_id
-        resident = Resident(loaded, self._make_generator(loaded), keep_alive=keep, pinned=pinned)
+        generator = NoGeneration() if loaded.kind == "embedding" else self._make_generator(loaded)
+        resident = Resident(loaded, generator, keep_alive=keep, pinned=pinned)
         self.residents[model_id] = resident
         log.info("loaded %s (%.0f MB) in %.1f s", model_id, loaded.nbytes / 1e6, time.monotonic() - started)
         self._events.publish("model_event", event="loaded", model=model_id, bytes=loaded.nbytes,

@@ -313,9 +313,13 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "impetus"
     context_length: int | None = None
-    # What the model serves here; "embeddings" come from its mean-pooled, normalised hidden states.
+    # "language": generates, and embeds through its mean-pooled, normalised hidden states;
+    # "embedding": a dedicated embedding model (BERT-family encoder), /v1/embeddings only.
+    kind: Literal["language", "embedding"] = "language"
     capabilities: list[str] = Field(default_factory=lambda: ["chat.completions", "completions", "embeddings"])
     embedding_method: str = "mean-pooled final hidden state, L2-normalised"
+    dimensions: int | None = Field(None, description="An embedding model's vector size.")
+    matryoshka: bool = Field(False, description="Whether `dimensions` may shorten this model's embeddings.")
 
 
 class ModelList(BaseModel):

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gerdsen_ai_server.engine.encoder import load_encoder
+from gerdsen_ai_server.engine.encoder import EncoderModel, is_encoder, load_encoder
 from gerdsen_ai_server.engine.errors import ModelLoadError, UnsupportedModelFormat
+from gerdsen_ai_server.engine.loaders import LoaderFactory
 from tests.tiny_models import bert_reference_forward as reference
 from tests.tiny_models import build_tiny_bert
 
@@ -49,12 +50,27 @@ def test_tokenizer_adds_special_tokens_and_never_truncates(tmp_path: Path) -> No
     assert max_tokens == 64
 
 
+def test_loader_detects_and_describes_an_embedding_model(tmp_path: Path) -> None:
+    folder = build_tiny_bert(tmp_path / "emb", pooling="cls", normalize=True, max_seq_length=16, matryoshka=True)
+    assert is_encoder(folder) and LoaderFactory().detect(folder) == "mlx"
+    loaded = LoaderFactory().load(str(folder), tmp_path, compute_dtype="float32")
+    assert loaded.kind == "embedding" and isinstance(loaded.model, EncoderModel)
+    assert loaded.context_length == 16  # sentence-transformers' max_seq_length beats the 64 positions
+    assert loaded.model.pooling.mode == "cls" and loaded.model.pooling.normalize and loaded.model.matryoshka
+    assert loaded.nbytes > 0
+    roberta = LoaderFactory().load(str(build_tiny_bert(tmp_path / "r", model_type="xlm-roberta", pooling=None)),
+                                   tmp_path)
+    assert roberta.context_length == 64 - 2  # positions start after the padding index
+    assert roberta.model.pooling.mode == "mean" and not roberta.model.matryoshka
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda f: (f / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True})),
      "pooling \\['max'\\] is not supported"),
     (lambda f: (f / "modules.json").write_text(json.dumps(
         [{"path": "", "type": "sentence_transformers.models.Transformer"},
          {"path": "2_Dense", "type": "sentence_transformers.models.Dense"}])), "Dense"),
+    (lambda f: (f / "1_Pooling" / "config.json").unlink(), "1_Pooling/config.json, which says how to pool, is missing"),
     (lambda f: (f / "config.json").write_text(json.dumps(
         {**json.loads((f / "config.json").read_text()), "model_type": "nomic_bert"})), "nomic-bert embedding model"),
 ])
