@@ -8,6 +8,7 @@ are served from here: no CDN, and the page's script is a file so the CSP needs n
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
-from ..schemas import anthropic, hardware, health, openai, registry, responses, server
+from ..schemas import anthropic, hardware, health, models, openai, registry, responses, server
 
 bp = Blueprint("docs", __name__)
 
@@ -121,6 +122,16 @@ OPERATIONS: list[Operation] = [
      registry.BenchmarkRequest, registry.BenchmarkResult, False, True),
     ("/api/models/{model_id}/benchmark", "get", "Models", "A model's benchmark history, oldest first",
      None, registry.BenchmarkHistory, False, True),
+    ("/api/models/pull", "post", "Models", "Pull a model from the Hugging Face hub, in the background (202)",
+     models.PullRequest, models.PullStatus, False, True),
+    ("/api/models/pulls", "get", "Models", "Every pull this process knows", None, models.PullList, False, True),
+    ("/api/models/pulls/{pull_id}", "get", "Models", "One pull's progress", None, models.PullStatus, False, True),
+    ("/api/models/pulls/{pull_id}", "delete", "Models", "Cancel a pull (partial files stay, to resume)",
+     None, models.PullStatus, False, True),
+    ("/api/models/{model_id}", "delete", "Models", "Delete a local model (409 while loaded or pulled)",
+     None, models.ModelDeleted, False, True),
+    ("/api/models/discover", "get", "Models", "Models to pull: the curated catalogue, or a hub search (q)",
+     None, models.DiscoverResponse, False, True),
     ("/api/hardware", "get", "Monitoring",
      "The machine: platform, CPU, memory, GPUs, MLX, thermal state and throttling (a failed probe is null)",
      None, hardware.HardwareReport, False, True),
@@ -128,6 +139,24 @@ OPERATIONS: list[Operation] = [
     ("/health", "get", "Health", "Details: readiness, engine, models", None, health.HealthReport, False, False),
     ("/health/live", "get", "Health", "Liveness probe (always open)", None, health.Liveness, False, False),
 ]
+# Answers other than those every operation may give.
+OK_STATUS = {("/api/models/pull", "post"): "202"}
+BUSY = "The model is busy loading or unloading (`model_busy`)."
+UNLOADABLE = ("The model could not be loaded: unsupported format, over the memory budget or broken "
+              "(`unsupported_model_format`, `insufficient_memory`, `model_load_failed`).")
+GENERATIVE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
+              "/v1/messages/count_tokens")
+EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
+    **{(path, "post"): {"409": BUSY, "422": UNLOADABLE} for path in GENERATIVE},  # a model loaded on demand
+    ("/api/models/load", "post"): {"409": BUSY, "422": UNLOADABLE},
+    ("/api/models/unload", "post"): {"409": BUSY},
+    ("/api/models/{model_id}/benchmark", "post"): {
+        "409": "A benchmark of this model is already running (`benchmark_running`), or it is busy.",
+        "422": UNLOADABLE},
+    ("/api/models/{model_id}", "delete"): {
+        "409": "The model is loaded or being pulled (`model_loaded`, `pull_in_progress`)."},
+}
+QUERIES: dict[tuple[str, str], type[BaseModel]] = {("/api/models/discover", "get"): models.DiscoverQuery}
 # Open unless IMPETUS_PROTECT_HEALTH: then they need the key like the API.
 MONITORING = ("/health", "/metrics")
 PROMETHEUS = {"text/plain": {"schema": {
@@ -168,7 +197,8 @@ def build_spec(protect_health: bool = False) -> dict[str, Any]:
             content.update(SSE)
         operation: dict[str, Any] = {
             "tags": [tag], "summary": summary, "operationId": f"{method}_{path.strip('/').replace('/', '_')}",
-            "responses": {"200": {"description": "OK", "content": content, "headers": RATE_HEADERS}},
+            "responses": {OK_STATUS.get((path, method), "200"): {"description": "OK", "content": content,
+                                                                   "headers": RATE_HEADERS}},
         }
         for status, text in ERROR_STATUSES.items():
             if status == "401" and not secured:
@@ -176,9 +206,17 @@ def build_spec(protect_health: bool = False) -> dict[str, Any]:
             headers = {"Retry-After": {"schema": {"type": "string"}}} if status in ("429", "503") else {}
             operation["responses"][status] = {"description": text, "headers": headers,
                                               "content": {"application/json": {"schema": error_ref}}}
-        if "{model_id}" in path:
-            operation["parameters"] = [{"name": "model_id", "in": "path", "required": True,
-                                        "schema": {"type": "string"}}]
+        for status, text in EXTRA_ERRORS.get((path, method), {}).items():
+            operation["responses"][status] = {"description": text,
+                                              "content": {"application/json": {"schema": error_ref}}}
+        parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                      for name in re.findall(r"{(\w+)}", path)]
+        if (path, method) in QUERIES:
+            query = QUERIES[(path, method)]
+            parameters += [{"name": name, "in": "query", "required": False, "schema": schema}
+                           for name, schema in query.model_json_schema()["properties"].items()]
+        if parameters:
+            operation["parameters"] = parameters
         if request_model is not None:
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": refs[(request_model, "validation")]}}}

@@ -22,6 +22,7 @@ from ..engine.errors import ModelNotFound
 from ..pull_manager import PullManager
 from ..schemas.models import (
     DiscoveredModel,
+    DiscoverQuery,
     DiscoverResponse,
     ModelDeleted,
     PullList,
@@ -107,13 +108,8 @@ def delete_model(model_id: str) -> Response:
 
 @bp.get("/discover")
 def discover() -> Response:
-    query = (request.args.get("q") or "").strip() or None
-    author = request.args.get("author", "mlx-community") or None
-    try:
-        limit = min(max(int(request.args.get("limit", "20")), 1), 100)
-    except ValueError:
-        raise APIError(400, "Invalid value for 'limit': expected an integer.", param="limit",
-                       code="invalid_value") from None
+    params = DiscoverQuery.model_validate(request.args.to_dict())  # a bad one: 400 naming it
+    query, author, limit = params.q.strip() or None, params.author or None, params.limit
     registry = engine().registry
     budget, dtype = registry.budget_bytes, registry.compute_dtype
     models_dir = Path(current_app.config["IMPETUS_SETTINGS"].models_dir)

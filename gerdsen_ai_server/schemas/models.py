@@ -59,6 +59,16 @@ class DiscoveredModel(BaseModel):
     local: bool = Field(False, description="Already in the models dir.")
 
 
+class DiscoverQuery(BaseModel):
+    """GET /api/models/discover's query parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q: str = Field("", max_length=200, description="Search the hub for this; without it, the curated catalogue.")
+    author: str = Field("mlx-community", max_length=100, description="Hub organisation to search ('' for any).")
+    limit: int = Field(20, ge=1, le=100)
+
+
 class DiscoverResponse(BaseModel):
     object: Literal["list"] = "list"
     source: Literal["catalogue", "hub"]

@@ -190,6 +190,16 @@ def test_discover_lists_the_catalogue_and_searches_the_hub(srv: Server) -> None:
     assert tiny["parameters"] > 3_000_000 and tiny["size_bytes"] > 12_000_000 and tiny["fits"] is True
 
 
+@pytest.mark.parametrize(("params", "param", "code"), [
+    ({"limit": "abc"}, "limit", "invalid_value"), ({"limit": "0"}, "limit", "invalid_value"),
+    ({"limit": "1000"}, "limit", "invalid_value"), ({"q": "x" * 201}, "q", "invalid_value"),
+    ({"sort": "downloads"}, "sort", "unknown_parameter"),
+])
+def test_discover_query_parameters_are_validated(srv: Server, params: dict[str, str], param: str, code: str) -> None:
+    r = requests.get(f"{srv.url}/api/models/discover", params=params, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and r.json()["error"]["code"] == code, r.text
+
+
 def free_closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
