@@ -17,9 +17,9 @@ OPENBLAS_TRY := $(VENV)/.openblas-tried
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup openblas run test lint bench soak clean dashboard dashboard-if-node chromium
+.PHONY: setup openblas redis-server run test lint bench soak clean dashboard dashboard-if-node chromium
 
-setup: $(STAMP) openblas
+setup: $(STAMP) openblas redis-server
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Impetus needs Python >= 3.11, found " + sys.version.split()[0] + ": make PYTHON=python3.11 ...")'
@@ -49,6 +49,26 @@ openblas: | $(BIN)/python
 	    fi; \
 	  fi; \
 	  ls $(OPENBLAS) >/dev/null 2>&1 || echo "Note: OpenBLAS (libopenblas0-pthread) is not installed; MLX will use the slow reference BLAS on CPU."; \
+	fi
+
+# Debian's redis-server for the two-replica cluster test (tests/api/test_cluster.py: Socket.IO events
+# and rate limits shared through Redis). Like OpenBLAS: once, if we may; never fail setup over it
+# (the test then skips, saying why). The test starts its own redis-server on a free loopback port.
+REDIS_TRY := $(VENV)/.redis-tried
+
+redis-server: | $(BIN)/python
+	@if [ "$$(uname -s)" = Linux ] && ! command -v redis-server >/dev/null 2>&1 && ! [ -x /usr/bin/redis-server ]; then \
+	  if [ ! -e $(REDIS_TRY) ] && command -v apt-get >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+	    if [ "$$SUDO" != no ]; then \
+	      touch $(REDIS_TRY); \
+	      echo "Installing Redis (apt-get install redis-server) for the multi-replica test..."; \
+	      $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	      $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null \
+	        || echo "Redis install failed (continuing: the multi-replica test will skip)."; \
+	    fi; \
+	  fi; \
+	  [ -x /usr/bin/redis-server ] || echo "Note: redis-server is not installed; the multi-replica test will skip."; \
 	fi
 
 # The dashboard (impetus-dashboard/: React + TypeScript + Vite), served by the server at /. pnpm at a

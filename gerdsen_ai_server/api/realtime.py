@@ -35,6 +35,12 @@ the rooms named in its connect ``auth`` (``{"rooms": ["metrics", "requests"]}``)
 now joined). The client library re-sends ``auth`` when it reconnects, so a dropped connection
 resumes its streams by itself.
 
+Replicas (IMPETUS_REDIS_URL): Socket.IO uses Redis as its message queue, so ``request_event``,
+``model_event`` and ``pull_progress`` published on any replica reach the clients of every replica.
+``metrics`` and ``hardware`` describe one process and stay on it, as do a client's own ``generate``
+events (its connection is here). Every room event carries ``replica`` (``host:pid`` of the process
+that published it), so a dashboard can tell the replicas apart. Without Redis: all in-process.
+
 Handlers run in fresh threads: they never call MLX (work for the engine goes through its queue).
 Events come from the engine's event bus and are emitted on the publisher's thread; ``emit`` only
 queues the packet for each client's writer thread, so the engine thread is not held up.
@@ -43,7 +49,9 @@ queues the packet for each client's writer thread, so the engine thread is not h
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -52,6 +60,7 @@ from typing import Any
 from flask import Flask, current_app, g, request
 from flask_socketio import ConnectionRefusedError, SocketIO, emit, join_room, leave_room, rooms
 from pydantic import ValidationError
+from socketio import RedisManager
 
 from ..engine.stream import EngineGone, TokenStream
 from ..monitor import Monitor
@@ -69,7 +78,9 @@ socketio = SocketIO()
 DEFAULT_ROOMS = ("metrics", "models")
 EVENT_ROOMS = {"metrics": "metrics", "hardware": "metrics", "request_event": "requests",
                "model_event": "models", "pull_progress": "models"}
+LOCAL_EVENTS = frozenset({"metrics", "hardware"})  # this process's own state: never through the queue
 KEYS = "impetus_socket_keys"
+HOST = socket.gethostname()
 ROUTE = "socket.io:generate"  # the route request events and metrics name
 
 
@@ -113,17 +124,34 @@ key_ids: dict[str, str] = {}  # sid -> the id of the key it connected with: its 
 
 
 def init_realtime(app: Flask) -> None:
-    socketio.init_app(app, async_mode="threading", cors_allowed_origins=[])
+    options: dict[str, Any] = {}
+    redis_url = app.config["IMPETUS_SETTINGS"].redis_url
+    if redis_url:
+        # A bounded connect: an unreachable Redis must not hold up the thread that publishes (the
+        # engine's, for request and model events) for the kernel's TCP timeout. No read timeout: the
+        # listener's subscription waits for messages indefinitely.
+        options["client_manager"] = RedisManager(redis_url, channel="impetus-socketio",
+                                                 redis_options={"socket_connect_timeout": 2})
+    socketio.init_app(app, async_mode="threading", cors_allowed_origins=[], **options)
     app.extensions[KEYS] = load_keys(app.config["IMPETUS_SETTINGS"])
     app.extensions["impetus"].events.subscribe(_forward)
     monitor: Monitor = app.extensions["impetus_monitor"]
     socketio.start_background_task(monitor.run, socketio.sleep)
 
 
+def replica() -> str:
+    return f"{HOST}:{os.getpid()}"
+
+
 def _forward(kind: str, payload: dict[str, Any]) -> None:
     room = EVENT_ROOMS.get(kind)
     if room is not None:
-        socketio.emit(kind, payload, to=room)
+        socketio.emit(kind, {**payload, "replica": replica()}, to=room, ignore_queue=kind in LOCAL_EVENTS)
+
+
+def _to_client(event: str, payload: dict[str, Any], sid: str) -> None:
+    """To one client of this process: with a message queue, no round trip through Redis per token."""
+    socketio.emit(event, payload, to=sid, ignore_queue=True)
 
 
 def _sid() -> str:
@@ -257,7 +285,7 @@ def _stream(sid: str, gen_id: str, started: Started) -> dict[str, Any]:
             return _fail(sid, gen_id, APIError(500, value, code="generation_failed").envelope())
         if kind == "text":
             text.append(value)
-            socketio.emit("token", {"id": gen_id, "delta": value, "timestamp": time.time()}, to=sid)
+            _to_client("token", {"id": gen_id, "delta": value, "timestamp": time.time()}, sid)
             continue
         calls, last = value
         prompt_tokens = len(started.prompt)
@@ -269,16 +297,16 @@ def _stream(sid: str, gen_id: str, started: Started) -> dict[str, Any]:
                       "total_tokens": prompt_tokens + last.completion_tokens},
             "timestamp": time.time(),
         }
-        socketio.emit("generate_done", done, to=sid)
+        _to_client("generate_done", done, sid)
         return done
     # The stream ended without a last event: it was cancelled (disconnect or ``cancel``).
     done = {"id": gen_id, "model": started.loaded.model_id, "text": "".join(text), "tool_calls": [],
             "finish_reason": "cancelled", "usage": None, "timestamp": time.time()}
-    socketio.emit("generate_done", done, to=sid)
+    _to_client("generate_done", done, sid)
     return done
 
 
 def _fail(sid: str, gen_id: str, envelope: dict[str, Any]) -> dict[str, Any]:
     payload = {"id": gen_id, **envelope, "timestamp": time.time()}
-    socketio.emit("generate_error", payload, to=sid)
+    _to_client("generate_error", payload, sid)
     return payload

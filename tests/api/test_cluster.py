@@ -1,0 +1,207 @@
+"""Two replicas sharing one Redis (IMPETUS_REDIS_URL), as deploy/ runs them: real Gunicorn servers and a
+real redis-server on loopback ports. A Socket.IO client on replica A receives the request events of a
+request served by replica B; a rate limit of N is used up by N requests spread over both; killing B
+leaves A serving.
+
+redis-server comes from Debian's package (`make setup` installs it when it may); without it this
+module skips, saying so."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+import socketio
+
+from tests.conftest import DEFAULT_MODEL, Server, free_port, start_server, stop_server
+
+REDIS_SERVER = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+RATE_LIMIT = 6  # requests per hour per key, across the cluster
+EVENTS_KEY, LIMIT_KEY = "events-key", "limit-key"  # separate rate-limit buckets
+
+pytestmark = pytest.mark.skipif(
+    REDIS_SERVER is None,
+    reason="redis-server is not installed: `make setup` installs Debian's redis-server with apt-get when it "
+    "runs as root or with passwordless sudo and apt-get exists; it could not here (see .venv/.redis-tried).",
+)
+
+
+@dataclass
+class Cluster:
+    redis_url: str
+    a: Server
+    b: Server
+
+
+def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    assert REDIS_SERVER is not None
+    port = free_port()
+    log = (tmp / "redis.log").open("wb")
+    process = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--daemonize", "no", "--dir", str(tmp)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if redis.Redis.from_url(url, socket_timeout=2).ping():
+                return process, url
+        except redis.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"redis-server did not start:\n{(tmp / 'redis.log').read_text()}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    redis_process, url = start_redis(tmp)
+    env = {"IMPETUS_REDIS_URL": url, "IMPETUS_API_KEYS": f"{EVENTS_KEY},{LIMIT_KEY}",
+           "IMPETUS_RATE_LIMIT": f"{RATE_LIMIT}/hour", "IMPETUS_METRICS_INTERVAL": "0.2"}
+    servers: list[Server] = []
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:  # both load the default model at once
+            futures = [pool.submit(start_server, tmp, **env) for _ in range(2)]
+        servers += [f.result() for f in futures if f.exception() is None]
+        for future in futures:
+            future.result()  # raises the first failure (the finally stops the other)
+        print(f"two replicas ready in {time.monotonic() - started:.1f} s")
+        yield Cluster(url, servers[0], servers[1])
+    finally:
+        for server in servers:
+            stop_server(server)
+        os.killpg(redis_process.pid, signal.SIGTERM)
+        redis_process.wait(30)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float, Any]] = []
+        self.cond = threading.Condition()
+
+    def handler(self, name: str) -> Callable[[Any], None]:
+        def record(data: Any) -> None:
+            with self.cond:
+                self.events.append((name, time.time(), data))
+                self.cond.notify_all()
+        return record
+
+    def of(self, name: str) -> list[tuple[float, Any]]:
+        with self.cond:
+            return [(at, data) for n, at, data in self.events if n == name]
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout), f"timed out; saw {[e[0] for e in self.events][-20:]}"
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[[Server], Recorder]]:
+    clients: list[socketio.Client] = []
+
+    def make(server: Server) -> Recorder:
+        recorder = Recorder()
+        client = socketio.Client(reconnection=False)
+        for name in ("metrics", "request_event"):
+            client.on(name, recorder.handler(name))
+        client.connect(server.url, transports=["websocket"], wait_timeout=30,
+                       auth={"api_key": EVENTS_KEY, "rooms": ["metrics", "requests"]})
+        clients.append(client)
+        return recorder
+
+    yield make
+    for client in clients:
+        client.disconnect()
+
+
+def chat(server: Server) -> dict[str, Any]:
+    body = {"model": DEFAULT_MODEL, "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": "Say hello."}]}
+    r = requests.post(f"{server.base_url}/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {EVENTS_KEY}"})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def finished(recorder: Recorder) -> list[tuple[float, dict[str, Any]]]:
+    return [(at, d) for at, d in recorder.of("request_event") if d["event"] == "finished"]
+
+
+def own_replica(recorder: Recorder) -> str:
+    """The replica a client is connected to: metrics never leave their process."""
+    recorder.wait(lambda: len(recorder.of("metrics")) >= 2)
+    names = {d["replica"] for _, d in recorder.of("metrics")}
+    assert len(names) == 1, names
+    return names.pop()
+
+
+def test_an_event_on_one_replica_reaches_clients_of_both(cluster: Cluster,
+                                                         connect: Callable[[Server], Recorder]) -> None:
+    on_a, on_b = connect(cluster.a), connect(cluster.b)
+    replica_a, replica_b = own_replica(on_a), own_replica(on_b)
+    assert replica_a != replica_b
+
+    answer = chat(cluster.b)
+    for recorder in (on_a, on_b):
+        recorder.wait(lambda r=recorder: bool(finished(r)), timeout=15)
+    time.sleep(0.5)  # a duplicate (the event delivered twice) would land by now
+    (at_a, event_a), = finished(on_a)
+    (_, event_b), = finished(on_b)
+    assert event_a == event_b  # the same event, once, on both replicas' clients
+    assert event_a["replica"] == replica_b and event_a["route"] == "/v1/chat/completions"
+    assert event_a["status"] == 200 and event_a["completion_tokens"] == answer["usage"]["completion_tokens"]
+    assert {d["replica"] for _, d in on_a.of("metrics")} == {replica_a}  # metrics stay on their replica
+    print(f"request_event from replica B to a client of replica A: {(at_a - event_a['timestamp']) * 1e3:.1f} ms")
+
+
+def test_a_rate_limit_holds_across_replicas(cluster: Cluster) -> None:
+    headers = {"Authorization": f"Bearer {LIMIT_KEY}"}
+    replicas = (cluster.a, cluster.b)
+    for i in range(RATE_LIMIT):
+        r = requests.get(f"{replicas[i % 2].base_url}/models", headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ratelimit-limit-requests"] == str(RATE_LIMIT)
+        assert r.headers["x-ratelimit-remaining-requests"] == str(RATE_LIMIT - 1 - i), (i, dict(r.headers))
+    for server in replicas:  # the N+1th, on either replica
+        r = requests.get(f"{server.base_url}/models", headers=headers, timeout=30)
+        assert r.status_code == 429, r.text
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+        assert f"{RATE_LIMIT} per 1 hour" in error["message"] and int(r.headers["Retry-After"]) > 0
+    # Another key's budget is its own.
+    r = requests.get(f"{cluster.a.base_url}/models", headers={"Authorization": f"Bearer {EVENTS_KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_killing_one_replica_leaves_the_other_serving(cluster: Cluster,
+                                                      connect: Callable[[Server], Recorder]) -> None:
+    on_a = connect(cluster.a)
+    os.killpg(cluster.b.process.pid, signal.SIGKILL)  # a crash: no drain, no goodbye
+    cluster.b.process.wait(30)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{cluster.b.url}/health/live", timeout=5)
+
+    assert requests.get(f"{cluster.a.url}/health/ready", timeout=10).status_code == 200
+    answer = chat(cluster.a)
+    assert answer["choices"][0]["message"]["content"] is not None
+    on_a.wait(lambda: bool(finished(on_a)), timeout=15)  # its own events still flow through Redis
+    (_, event), = finished(on_a)
+    assert event["replica"] == own_replica(on_a)
