@@ -234,3 +234,20 @@ def test_socketio_generate_spends_the_same_rate_limit_budget(behind_proxy: Serve
     finally:
         client.disconnect()
     assert spend(behind_proxy, address, 1)[0].status_code == 429  # and the HTTP API sees the same bucket
+
+
+def test_protect_health_puts_health_and_metrics_behind_the_key(tmp_path_factory: pytest.TempPathFactory) -> None:
+    srv = start_server(tmp_path_factory.mktemp("protected"), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
+                       IMPETUS_API_KEYS=ENV_KEY, IMPETUS_PROTECT_HEALTH="true")
+    try:
+        for path in ("/health", "/metrics"):
+            r = requests.get(srv.url + path, timeout=10)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+            assert requests.get(srv.url + path, headers={"Authorization": f"Bearer {ENV_KEY}"},
+                                timeout=10).status_code == 200, path
+        assert requests.get(srv.url + "/health/live", timeout=10).status_code == 200  # probes stay open
+        assert requests.get(srv.url + "/health/ready", timeout=10).status_code == 503  # no model: open, not ready
+        spec = requests.get(srv.url + "/openapi.json", timeout=10).json()  # and the document says so
+        assert spec["paths"]["/metrics"]["get"]["security"] == [{"bearerAuth": []}]
+    finally:
+        stop_server(srv)
