@@ -56,8 +56,10 @@ MANIFEST = ".impetus-pull.json"
 STAGING = ".pulls"
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
-# What mlx-lm needs of a model repo, top-level files only (``original/`` holds PyTorch checkpoints).
+# What mlx-lm needs of a model repo, top-level files only (``original/`` holds PyTorch checkpoints),
+# and the one subfolder file a sentence-transformers embedding model needs: its pooling settings.
 _MODEL_FILES = ("*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja")
+_SUBFOLDER_FILES = re.compile(r"\d+_Pooling/config\.json")
 
 
 class PullError(Exception):
@@ -158,7 +160,7 @@ def plan(repo_id: str, *, revision: str = "main", gguf: str | None = None, endpo
     except HfHubHTTPError as exc:
         raise PullError(f"the hub at {endpoint} refused {repo_id}: {exc}") from None
     siblings = [RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, s.blob_id)
-                for s in info.siblings or [] if "/" not in s.rfilename]
+                for s in info.siblings or [] if "/" not in s.rfilename or _SUBFOLDER_FILES.fullmatch(s.rfilename)]
     return PullPlan(repo_id, revision, info.sha or revision, tuple(_select(repo_id, siblings, gguf)))
 
 
@@ -172,6 +174,8 @@ def _select(repo_id: str, files: list[RemoteFile], gguf: str | None) -> list[Rem
             raise PullError(f"{gguf!r} must match exactly one .gguf file of {repo_id}; it has: {found}")
         return chosen
     wanted = [f for f in files if any(fnmatch.fnmatch(f.name, p) for p in _MODEL_FILES)]
+    if "modules.json" in names:  # sentence-transformers: its card says whether it is Matryoshka-trained
+        wanted += [f for f in files if f.name == "README.md"]
     weights = [f for f in wanted if f.name.endswith(".safetensors")]
     if len(weights) > 1:  # Mistral repos ship consolidated.safetensors next to the shards
         wanted = [f for f in wanted if f.name != "consolidated.safetensors"]
@@ -258,6 +262,7 @@ def _download_all(the_plan: PullPlan, staging: Path, endpoint: str, token: str |
             report(base + file_done, total)
 
         report(done + resume, total)
+        partial.parent.mkdir(parents=True, exist_ok=True)  # 1_Pooling/config.json
         url = hf_hub_url(the_plan.repo_id, f.name, revision=the_plan.commit, endpoint=endpoint)
         try:
             # http_get reads constants.DOWNLOAD_CHUNK_SIZE per call; see CHUNK_BYTES.
@@ -350,7 +355,7 @@ def _reset_if_stale(staging: Path, commit: str) -> None:
 
 def _write_manifest(staging: Path, the_plan: PullPlan, endpoint: str) -> None:
     (staging / ".commit").unlink(missing_ok=True)
-    for stale in staging.glob("*.incomplete"):
+    for stale in staging.rglob("*.incomplete"):
         stale.unlink()
     manifest = {"repo": the_plan.repo_id, "revision": the_plan.revision, "commit": the_plan.commit,
                 "endpoint": endpoint, "pulled_at": time.time(),

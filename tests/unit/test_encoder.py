@@ -87,3 +87,24 @@ def test_missing_tensors_are_a_load_error(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(ModelLoadError, match="cannot load embedding model"):
         load_encoder(folder, None)
+
+
+def test_a_sentence_transformers_repo_pulled_from_the_hub_loads_with_its_pooling(tmp_path: Path) -> None:
+    from gerdsen_ai_server.hub import pull
+    from tests.hub_stub import HubStub
+
+    source = build_tiny_bert(tmp_path / "src", pooling="cls", normalize=False, matryoshka=True, max_seq_length=20)
+    files = {str(p.relative_to(source)): p.read_bytes() for p in sorted(source.rglob("*")) if p.is_file()}
+    assert "1_Pooling/config.json" in files and "README.md" in files
+    stub = HubStub().start()
+    try:
+        stub.add_repo("test/tiny-embedder", {**files, "onnx/model.onnx": b"\x08\x07"})
+        folder = pull("test/tiny-embedder", tmp_path / "models", endpoint=stub.url)
+    finally:
+        stub.stop()
+    assert not (folder / "onnx").exists()
+    loaded = LoaderFactory().load(str(folder), tmp_path / "models", compute_dtype="float32")
+    assert loaded.kind == "embedding" and loaded.context_length == 20
+    assert loaded.model.pooling.mode == "cls" and not loaded.model.pooling.normalize and loaded.model.matryoshka
+    ids = loaded.tokenizer.encode("the cat sat")
+    np.testing.assert_allclose(loaded.model.embed([ids])[0], reference(source, ids)[0], rtol=1e-4, atol=1e-5)
