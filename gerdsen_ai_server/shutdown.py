@@ -105,6 +105,19 @@ def init_shutdown(app: Flask) -> None:
                            code="server_shutting_down", headers={"Retry-After": "1"})
 
 
+def close_websockets(app: Flask) -> None:
+    """Each open Socket.IO WebSocket holds a Gunicorn thread until it closes: close them all once the
+    drain is over (their clients reconnect, to another replica), or the worker would wait out
+    Gunicorn's graceful timeout for connections that never end by themselves."""
+    socketio = app.extensions.get("socketio")
+    if socketio is None or socketio.server is None:
+        return
+    try:
+        socketio.server.eio.disconnect()  # no sid: every client
+    except Exception:  # noqa: BLE001 - shutting down anyway
+        log.exception("closing the Socket.IO connections failed")
+
+
 def install_sigterm_drain(worker: Any, grace: float) -> None:
     """Gunicorn ``post_worker_init``: SIGTERM drains first, then runs the worker's own exit."""
     app = worker.wsgi
@@ -125,6 +138,7 @@ def install_sigterm_drain(worker: Any, grace: float) -> None:
             log.info("shutdown: %s after %.1f s; stopping the worker",
                      "requests finished" if idle else f"grace of {grace:g} s over, {drain.active} still running",
                      time.monotonic() - started)
+            close_websockets(app)
             gunicorn_exit(signum, frame)
 
         threading.Thread(target=finish, name="impetus-drain", daemon=True).start()

@@ -55,3 +55,43 @@ def test_sigterm_drains_a_running_stream_then_exits_zero(tmp_path: Path) -> None
         assert "requests finished" in srv.log()
     finally:
         stop_server(srv)
+
+
+def test_sigterm_lets_a_socketio_generation_finish(tmp_path: Path) -> None:
+    import socketio
+
+    srv = start_server(tmp_path, IMPETUS_SHUTDOWN_GRACE="60", IMPETUS_LOG_FORMAT="text")
+    try:
+        client = socketio.Client(reconnection=False)
+        tokens: list[str] = []
+        first_token = threading.Event()
+        done: list[dict] = []  # type: ignore[type-arg]
+
+        def on_token(event: dict) -> None:  # type: ignore[type-arg]
+            tokens.append(event["delta"])
+            first_token.set()
+
+        client.on("token", on_token)
+        client.on("generate_done", done.append)
+        client.connect(srv.url, transports=["websocket"], auth={"rooms": []}, wait_timeout=30)
+        client.emit("generate", {"model": DEFAULT_MODEL, "max_tokens": 48, "temperature": 0,
+                                 "messages": [{"role": "user", "content": "Count from one to fifty."}]})
+        assert first_token.wait(60)
+        srv.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while requests.get(srv.url + "/health/ready", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not done, "the generation should still be running (make max_tokens larger)"
+        refused = client.call("generate", {"model": DEFAULT_MODEL, "max_tokens": 1,
+                                           "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert refused["error"]["code"] == "server_shutting_down"
+        deadline = time.monotonic() + 60
+        while not done:
+            assert time.monotonic() < deadline, "the generation did not finish within the grace period"
+            time.sleep(0.1)
+        assert done[0]["finish_reason"] in ("length", "stop") and done[0]["text"] == "".join(tokens)
+        assert srv.process.wait(30) == 0
+        assert "requests finished" in srv.log()
+    finally:
+        stop_server(srv)
