@@ -1,0 +1,150 @@
+"""deploy/ checked against the server it deploys (Docker and Kubernetes are not available here): every
+manifest parses; every IMPETUS_* variable they set is a real setting with a valid value; ports, probes
+and the HPA's metric are the ones the real server answers on; shutdown grace periods cover the drain;
+the Dockerfile's pins match the project's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+from gerdsen_ai_server.config import Settings
+from gerdsen_ai_server.security import PROBE_PATHS
+from tests.conftest import ROOT, Server
+
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+SETTINGS = {f"IMPETUS_{name.upper()}" for name in Settings.model_fields}
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def k8s(kind: str, name: str = "impetus") -> dict[str, Any]:
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in documents(path):
+            if doc.get("kind") == kind and doc["metadata"]["name"] == name:
+                return doc
+    raise AssertionError(f"no {kind} {name} in {K8S}")
+
+
+def container() -> dict[str, Any]:
+    return dict(k8s("Deployment")["spec"]["template"]["spec"]["containers"][0])
+
+
+def k8s_env() -> dict[str, str]:
+    return {e["name"]: e.get("value", "<secret>") for e in container()["env"]}
+
+
+def compose() -> dict[str, Any]:
+    return dict(yaml.safe_load((DEPLOY / "docker-compose.yml").read_text()))
+
+
+def dockerfile_env() -> dict[str, str]:
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(re.findall(r"(\w+)=(\S+)", line))
+    return env
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    unknown = {k for k in env if k.startswith("IMPETUS_")} - SETTINGS
+    assert not unknown, f"not settings of gerdsen_ai_server/config.py: {sorted(unknown)}"
+    values = {k.removeprefix("IMPETUS_").lower(): v for k, v in env.items()
+              if k.startswith("IMPETUS_") and "<secret>" not in v and "${" not in v}
+    return Settings(**values)  # type: ignore[arg-type]  # a bad value raises ValidationError
+
+
+def test_every_manifest_parses() -> None:
+    files = sorted(K8S.glob("*.yaml")) + [DEPLOY / "docker-compose.yml"]
+    assert len(files) >= 6
+    for path in files:
+        assert documents(path), path
+    listed = documents(K8S / "kustomization.yaml")[0]["resources"]
+    assert {"deployment.yaml", "service.yaml", "redis.yaml", "models-pvc.yaml"} <= set(listed)
+    assert all((K8S / name).exists() for name in listed)
+
+
+def test_settings_are_real_and_valid() -> None:
+    for env in (k8s_env(), dockerfile_env(), {k: str(v) for k, v in compose()["services"]["impetus"]["environment"].items()}):
+        settings = settings_from(env)
+        if "IMPETUS_PORT" in env:  # the image's defaults: every interface, on the port the manifests use
+            assert settings.port == 8080 and settings.host == "0.0.0.0"
+    assert k8s_env()["IMPETUS_REDIS_URL"].startswith("redis://impetus-redis:6379")
+    assert compose()["services"]["impetus"]["environment"]["IMPETUS_REDIS_URL"].startswith("redis://redis:6379")
+
+
+def test_ports_probes_and_grace_periods_match_the_server() -> None:
+    spec = k8s("Deployment")["spec"]["template"]["spec"]
+    c = container()
+    env, settings = k8s_env(), settings_from(k8s_env())
+    port = c["ports"][0]
+    assert port["containerPort"] == settings.port == int(env["IMPETUS_PORT"])
+    service = k8s("Service")["spec"]
+    assert service["ports"][0]["targetPort"] == port["name"] and service["sessionAffinity"] == "ClientIP"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/health/ready"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["path"] in PROBE_PATHS  # open without a key, never rate-limited
+        assert c[probe]["httpGet"]["port"] == port["name"]
+    assert any(m["mountPath"] == str(settings.models_dir) for m in c["volumeMounts"])
+    assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and "memory" in c["resources"]["limits"]
+    # Kubernetes' grace covers the preStop pause, the drain and Gunicorn's 10 s after it.
+    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + settings.shutdown_grace + 10
+    stop = compose()["services"]["impetus"]["stop_grace_period"]
+    assert int(stop.removesuffix("s")) > settings.shutdown_grace + 10
+    # The model budget is set below the memory limit (the server reads the node's RAM, not the limit).
+    limit = c["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi") and settings.memory_budget < int(limit[:-2]) << 30
+    assert 0 < settings.memory_budget
+
+
+def test_compose_runs_two_replicas_with_redis_and_nginx() -> None:
+    services = compose()["services"]
+    assert services["impetus"]["deploy"]["replicas"] == 2
+    assert {"impetus", "redis", "nginx"} <= set(services)
+    assert services["impetus"]["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in services["nginx"]["volumes"]
+    assert "/health/ready" in " ".join(services["impetus"]["healthcheck"]["test"])
+    conf = (DEPLOY / "nginx.conf").read_text()
+    assert re.search(r"upstream impetus_socketio \{\s*ip_hash;", conf)  # sticky Socket.IO
+    assert "proxy_buffering off;" in conf and "proxy_set_header Upgrade $http_upgrade;" in conf
+    assert all(port == "8080" for port in re.findall(r"server impetus:(\d+)", conf))
+    body = re.search(r"client_max_body_size (\d+)m;", conf)
+    assert body and int(body.group(1)) << 20 > Settings().max_request_bytes  # the server's 413, not nginx's
+
+
+def test_dockerfile_matches_the_project() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    pnpm = re.search(r"^PNPM_VERSION\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
+    assert pnpm and f"pnpm@{pnpm.group(1)}" in text
+    mlx = re.search(r"^mlx\[cpu\]==(\S+);", (ROOT / "requirements_production.txt").read_text(), re.M)
+    assert mlx and f"ARG MLX_VERSION={mlx.group(1)}" in text
+    assert "ARG MLX_BACKEND=cpu" in text and 'pip install "mlx[cuda]==${MLX_VERSION}"' in text
+    env = dockerfile_env()
+    assert f"EXPOSE {env['IMPETUS_PORT']}" in text
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for item in source.split():
+            assert (ROOT / item).exists(), f"COPY {item}: not in the repository"
+    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert "gerdsen_ai_server" not in ignored and ".venv" in ignored
+
+
+def test_probes_and_metric_answer_on_the_real_server(server: Server) -> None:
+    c = container()
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        r = requests.get(server.url + c[probe]["httpGet"]["path"], timeout=10)
+        assert r.status_code == 200, (probe, r.text)
+    metric = k8s("HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    exposition = requests.get(f"{server.url}/metrics", timeout=10).text
+    assert re.search(rf"^{metric} \d", exposition, re.M), f"{metric} not in /metrics"
+    annotations = k8s("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] == "/metrics" and annotations["prometheus.io/port"] == "8080"
