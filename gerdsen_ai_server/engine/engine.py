@@ -34,6 +34,10 @@ from .stream import GenerationRequest, TokenEvent, TokenStream
 log = logging.getLogger(__name__)
 
 
+# Seconds a load in progress may use per engine-loop turn while models decode (at least, at most).
+LOAD_SLICE_S = (0.02, 0.25)
+
+
 class EngineOverloaded(RuntimeError):
     """More requests in flight than the engine accepts; the caller should retry later."""
 
@@ -142,6 +146,7 @@ class InferenceEngine:
         self._mlx_cache_limit = mlx_cache_limit
         # A cap below max_batch while the machine runs hot (monitor.ThermalGovernor); None: no cap.
         self.batch_limit: int | None = None
+        self._loads_turn_ended = 0.0  # when _advance_loads last gave the thread back
         self._thread = threading.Thread(target=self._run, name="impetus-engine", daemon=True)
         self.started_at = time.time()
 
@@ -234,13 +239,14 @@ class InferenceEngine:
         self._running.set()
         try:
             while not self._stopping.is_set():
-                busy = any(r.sequences for r in self.registry.residents.values())
+                busy = any(r.sequences for r in self.registry.residents.values()) or bool(self.registry.loading)
                 self._drain_commands(block=not busy)
                 self._drop_cancelled()
                 self.registry.expire_idle()
                 for resident in list(self.registry.residents.values()):
                     if resident.sequences:
                         self._step(resident)
+                self._advance_loads()
                 if self._crash_after_steps and self._stats.steps_total >= self._crash_after_steps:
                     raise RuntimeError(f"injected fault: engine crash after {self._crash_after_steps} steps")
                 self._stats.active_sequences = sum(
@@ -305,12 +311,45 @@ class InferenceEngine:
     def _load(self, payload: tuple[str, float | None, bool], future: Future[LoadedModel]) -> None:
         spec, keep_alive, pinned = payload
         try:
-            future.set_result(self.registry.load(spec, keep_alive=keep_alive, pinned=pinned).loaded)
+            found = self.registry.begin_load(spec, keep_alive=keep_alive, pinned=pinned)
         except ModelLoadError as exc:
             future.set_exception(exc)
+            return
         except Exception as exc:  # a broken model file must never take the engine down
             log.exception("loading %s failed", spec)
             future.set_exception(ModelLoadError(f"Could not load '{spec}': {exc}"))
+            return
+        if isinstance(found, Resident):
+            future.set_result(found.loaded)
+        else:
+            found.waiters.append(future)  # answered by _advance_loads when the load ends
+
+    def _advance_loads(self) -> None:
+        """Loads in progress, in steps of about LOAD_CHUNK_BYTES of weights, between decoding rounds.
+
+        While models decode, loading gets as much time per turn as the last decoding round took
+        (within LOAD_SLICE_S): streams keep going at about half speed instead of pausing for the
+        whole load, and the load takes about twice as long. Idle, it runs in LOAD_SLICE_S[1] turns.
+        """
+        now = time.monotonic()
+        if not self.registry.loading:
+            self._loads_turn_ended = now
+            return
+        low, high = LOAD_SLICE_S
+        decoding = any(r.sequences for r in self.registry.residents.values())
+        deadline = now + (min(max(now - self._loads_turn_ended, low), high) if decoding else high)
+        while self.registry.loading and time.monotonic() < deadline:
+            for pending in list(self.registry.loading.values()):
+                try:
+                    resident = self.registry.advance(pending)
+                except ModelLoadError as exc:  # advance wraps anything else in one
+                    for future in pending.waiters:
+                        future.set_exception(exc)
+                    continue
+                if resident is not None:
+                    for future in pending.waiters:
+                        future.set_result(resident.loaded)
+        self._loads_turn_ended = time.monotonic()
 
     def _new_generator(self, loaded: LoadedModel) -> BatchGenerator:
         return self._apply_batch_limit(BatchGenerator(
@@ -480,6 +519,9 @@ class InferenceEngine:
             for seq in resident.sequences.values():
                 self._finish(seq.stream, TokenEvent(error=message))
             resident.sequences.clear()
+        for pending in self.registry.abandon_loads():
+            for future in pending.waiters:
+                future.set_exception(ModelLoadError(message))
         while True:
             try:
                 kind, _, reply = self._commands.get_nowait()

@@ -4,13 +4,15 @@ Formats: MLX / Hugging Face safetensors folders load directly (BERT-family embed
 models as encoders, see encoder.py); GGUF files are
 converted once into ``models_dir``; CoreML, ONNX and PyTorch checkpoints are
 refused with a how-to-convert hint. Everything that touches MLX runs on the
-caller's engine thread; nothing here starts a thread.
+caller's engine thread; the only other thread is a helper that loads a tokenizer (no MLX).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CONTEXT_LENGTH = 2048
+# Bytes of weights read or converted per load step (see LoaderFactory.load_steps): tens of ms on a CPU.
+LOAD_CHUNK_BYTES = 16 << 20
 
 _CONVERT_HINT = (
     "convert the original Hugging Face model to MLX with "
@@ -121,6 +125,23 @@ class LoaderFactory:
         ``compute_dtype="float32"`` dequantizes quantized layers: on CPU with a
         fast BLAS, float32 matmuls beat MLX's 4-bit kernels for small models.
         """
+        steps = self.load_steps(spec, models_dir, compute_dtype)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+    def load_steps(self, spec: str, models_dir: Path, compute_dtype: str | None = None,
+                   chunk_bytes: int = LOAD_CHUNK_BYTES) -> Generator[None, None, LoadedModel]:
+        """``load`` in steps: a generator that does a bounded piece of the work (about ``chunk_bytes``
+        of weights read or converted) per ``next()`` and returns the ``LoadedModel``.
+
+        The engine thread interleaves these steps with decoding steps of the models already
+        resident, so a load pauses them for one piece at a time, not for the whole load. The
+        weights are mapped lazily (mlx-lm's ``lazy=True``) and evaluated piece by piece; the
+        tokenizer loads meanwhile on a helper thread, which never touches MLX.
+        """
         if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}, not {compute_dtype!r}")
         path = self.resolve(spec, models_dir)
@@ -128,9 +149,7 @@ class LoaderFactory:
             encoder, encoder_tokenizer, max_tokens = load_encoder(path, compute_dtype)
             return LoadedModel(model_id=path.name, path=path, model=encoder, tokenizer=encoder_tokenizer,
                                context_length=max_tokens, nbytes=parameter_nbytes(encoder), kind="embedding")
-        model, tokenizer = _mlx_load(path)
-        if compute_dtype is not None:
-            _apply_compute_dtype(model, compute_dtype)
+        model, tokenizer = yield from _mlx_load_steps(path, compute_dtype, chunk_bytes)
         return LoadedModel(
             model_id=path.name,
             path=path,
@@ -141,25 +160,112 @@ class LoaderFactory:
         )
 
 
-def _mlx_load(path: Path) -> tuple[Any, Any]:
-    import mlx_lm
+def _load_error(path: Path, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(f"cannot load model from {path}: {type(exc).__name__}: {exc}")
+
+
+def _mlx_load_steps(path: Path, compute_dtype: str | None, chunk_bytes: int) -> Generator[None, None, tuple[Any, Any]]:
+    from mlx_lm.utils import load_model, load_tokenizer
 
     try:
-        # A local path: mlx_lm only goes to the Hugging Face hub for names that do not exist.
-        return mlx_lm.load(str(path))
-    except Exception as exc:  # anything (bad config, missing tensors, tokenizer) is a load error
-        raise ModelLoadError(f"cannot load model from {path}: {type(exc).__name__}: {exc}") from exc
+        # A local path: nothing here goes to the Hugging Face hub.
+        model, config = load_model(path, lazy=True)
+    except Exception as exc:  # anything (bad config, unreadable weights, missing tensors) is a load error
+        raise _load_error(path, exc) from exc
+    result: dict[str, Any] = {}
+
+    def load_tok() -> None:  # tokenizers and transformers only: no MLX on this thread
+        try:
+            result["tokenizer"] = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        except Exception as exc:
+            result["error"] = exc
+
+    helper = threading.Thread(target=load_tok, name="impetus-tokenizer-load", daemon=True)
+    helper.start()
+    try:
+        yield from _materialize(model, compute_dtype, chunk_bytes)
+    except Exception as exc:  # a truncated file fails here, when its bytes are read
+        raise _load_error(path, exc) from exc
+    while helper.is_alive():  # on a failure above it finishes alone: a daemon, holding nothing
+        helper.join(0.005)
+        yield
+    if "error" in result:
+        raise _load_error(path, result["error"]) from result["error"]
+    return model, result["tokenizer"]
 
 
-def _apply_compute_dtype(model: Any, compute_dtype: str) -> None:
+def _materialize(model: Any, compute_dtype: str | None, chunk_bytes: int) -> Generator[None, None, None]:
+    """Evaluate a lazily loaded model's weights, converted to ``compute_dtype``, one bounded piece per step.
+
+    The same result as ``dequantize_model`` (float32 only) + ``set_dtype`` + ``mx.eval``: the stored
+    tensors are read a few at a time, then each converted tensor is computed in row blocks into
+    its buffer (MLX updates the buffer in place, as nothing else holds it).
+    """
     import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
     from mlx_lm.utils import dequantize_model
 
+    group: list[Any] = []
+    for _, array in tree_flatten(model.parameters()):
+        group.append(array)
+        if sum(a.nbytes for a in group) >= chunk_bytes:
+            mx.eval(group)
+            group = []
+            yield
+    if group:
+        mx.eval(group)
+        yield
+    if compute_dtype is None:
+        return
     dtype = getattr(mx, compute_dtype)
     if compute_dtype == "float32":
-        dequantize_model(model)  # replaces QuantizedLinear / QuantizedEmbedding in place
-    model.set_dtype(dtype)  # floating parameters only; packed uint32 weights are left alone
-    mx.eval(model.parameters())  # pay the conversion now, not on the first request
+        quantized = {name: (m.weight, m.scales, m.get("biases"), m.group_size, m.bits, m.mode)
+                     for name, m in model.named_modules()
+                     if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear))}
+        dequantize_model(model)  # new float modules, their weights still lazy (never evaluated)
+        modules = dict(model.named_modules())
+        for name, (w, scales, biases, group_size, bits, mode) in quantized.items():
+            def dequantized(rows: slice, w: Any = w, scales: Any = scales, biases: Any = biases,
+                            group_size: int = group_size, bits: int = bits, mode: str = mode) -> Any:
+                return mx.dequantize(w[rows], scales[rows], None if biases is None else biases[rows],
+                                     group_size, bits, mode).astype(dtype)
+
+            modules[name].weight = yield from _in_row_blocks(dequantized, modules[name].weight.shape, dtype,
+                                                             chunk_bytes)
+    converted = []
+    for name, array in tree_flatten(model.parameters()):
+        if mx.issubdtype(array.dtype, mx.floating) and array.dtype != dtype:
+            converted.append((name, (yield from _in_row_blocks(lambda rows, a=array: a[rows].astype(dtype),
+                                                                array.shape, dtype, chunk_bytes))))
+    if converted:
+        model.update(tree_unflatten(converted))
+
+
+def _in_row_blocks(compute: Any, shape: tuple[int, ...], dtype: Any, chunk_bytes: int) -> Generator[None, None, Any]:
+    """``compute(slice(None))``, evaluated a block of leading-axis rows per step."""
+    import math
+
+    import mlx.core as mx
+
+    rows = shape[0] if shape else 1
+    row_bytes = max(1, math.prod(shape[1:]) * dtype.size)
+    per_step = max(1, chunk_bytes // row_bytes)
+    if rows <= per_step or not shape:
+        out = compute(slice(None))
+        mx.eval(out)
+        yield
+        return out
+    # Allocating (and first touching) the whole buffer is itself one step.
+    out = mx.zeros(shape, dtype=dtype)
+    mx.eval(out)
+    yield
+    for start in range(0, rows, per_step):
+        out[start:start + per_step] = compute(slice(start, start + per_step))
+        mx.eval(out)
+        yield
+    return out
 
 
 def parameter_nbytes(model: Any) -> int:

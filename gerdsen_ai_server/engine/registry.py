@@ -3,7 +3,9 @@
 Runs on the engine thread (loading is MLX work). Models are admitted only if their estimated
 size fits the budget, evicting least-recently-used idle models first; a model that is
 generating is never evicted; idle models unload after their keep-alive; the default model is
-pinned so readiness never flips because of idleness.
+pinned so readiness never flips because of idleness. A load runs in steps (``begin_load``, then
+``advance`` until it returns the resident) that the engine interleaves with decoding; its
+estimated size is reserved in the budget while it runs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import math
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,19 @@ def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
     return total
 
 
+@dataclass
+class PendingLoad:
+    """A load in progress: ``steps`` is the loader's generator; ``waiters`` are the engine's futures."""
+
+    model_id: str
+    need: int  # estimated bytes, reserved in the budget until the load ends
+    keep_alive: float
+    pinned: bool
+    steps: Generator[None, None, LoadedModel]
+    waiters: list[Any] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+
 class ModelRegistry:
     def __init__(
         self,
@@ -104,6 +119,7 @@ class ModelRegistry:
         self._make_generator = make_generator
         self._events = events
         self.residents: dict[str, Resident] = {}
+        self.loading: dict[str, PendingLoad] = {}
 
     def get(self, model_id: str) -> Resident | None:
         return self.residents.get(model_id)
@@ -111,38 +127,82 @@ class ModelRegistry:
     def used_bytes(self) -> int:
         return sum(r.loaded.nbytes for r in self.residents.values())
 
+    def reserved_bytes(self) -> int:
+        """Estimated bytes of the models being loaded now."""
+        return sum(p.need for p in self.loading.values())
+
     def canonical_id(self, spec: str) -> str:
         """A filesystem path is known by its folder name; an id (``org/name`` included) by itself."""
         path = Path(spec).expanduser()
         return path.name if path.is_absolute() or spec.startswith(".") else spec
 
     def load(self, spec: str, *, keep_alive: float | None = None, pinned: bool = False) -> Resident:
-        """Load ``spec`` unless resident; ``keep_alive=None`` means the server default."""
+        """Load ``spec`` unless resident, all at once; ``keep_alive=None`` means the server default."""
+        found = self.begin_load(spec, keep_alive=keep_alive, pinned=pinned)
+        while isinstance(found, PendingLoad):
+            found = self.advance(found) or found
+        return found
+
+    def begin_load(self, spec: str, *, keep_alive: float | None = None, pinned: bool = False) -> Resident | PendingLoad:
+        """The resident model, or its load in progress (started now if none is): finish it with ``advance``.
+
+        Room is made (and the estimate reserved) before loading starts, so two loads at once
+        cannot both count on the same free memory; a second load of a model joins the first.
+        """
         model_id = self.canonical_id(spec)
         resident = self.residents.get(model_id)
         if resident is not None:
             self.touch(resident, keep_alive)
             resident.pinned = resident.pinned or pinned
             return resident
+        pending = self.loading.get(model_id)
+        if pending is not None:
+            pending.pinned = pending.pinned or pinned
+            if keep_alive is not None:
+                pending.keep_alive = keep_alive
+            return pending
         keep = self.keep_alive if keep_alive is None else keep_alive
         path = self.loader.resolve(spec, self.models_dir)
         need = estimate_bytes(path, self.compute_dtype)
         self._make_room(need, model_id)
         self._events.publish("model_event", event="loading", model=model_id, bytes=need)
-        started = time.monotonic()
+        steps = self.loader.load_steps(str(path), self.models_dir, compute_dtype=self.compute_dtype)
+        pending = PendingLoad(model_id, need, keep, pinned, steps)
+        self.loading[model_id] = pending
+        return pending
+
+    def advance(self, pending: PendingLoad) -> Resident | None:
+        """One step of a load: the new resident once it is done, else None. A failure raises
+        ModelLoadError (anything else is wrapped in one) and abandons the load."""
         try:
-            loaded = self.loader.load(str(path), self.models_dir, compute_dtype=self.compute_dtype)
-        except ModelLoadError as exc:
-            self._events.publish("model_event", event="failed", model=model_id, error=str(exc))
-            raise
-        loaded.model_id = model_id
+            next(pending.steps)
+            return None
+        except StopIteration as done:
+            loaded: LoadedModel = done.value
+        except Exception as exc:
+            del self.loading[pending.model_id]
+            if not isinstance(exc, ModelLoadError):
+                log.exception("loading %s failed", pending.model_id)
+                exc = ModelLoadError(f"Could not load '{pending.model_id}': {exc}")
+            self._events.publish("model_event", event="failed", model=pending.model_id, error=str(exc))
+            raise exc from None
+        del self.loading[pending.model_id]
+        model_id = loaded.model_id = pending.model_id
         generator = NoGeneration() if loaded.kind == "embedding" else self._make_generator(loaded)
-        resident = Resident(loaded, generator, keep_alive=keep, pinned=pinned)
+        resident = Resident(loaded, generator, keep_alive=pending.keep_alive, pinned=pending.pinned)
         self.residents[model_id] = resident
-        log.info("loaded %s (%.0f MB) in %.1f s", model_id, loaded.nbytes / 1e6, time.monotonic() - started)
+        seconds = time.monotonic() - pending.started
+        log.info("loaded %s (%.0f MB) in %.1f s", model_id, loaded.nbytes / 1e6, seconds)
         self._events.publish("model_event", event="loaded", model=model_id, bytes=loaded.nbytes,
-                             seconds=round(time.monotonic() - started, 3))
+                             seconds=round(seconds, 3))
         return resident
+
+    def abandon_loads(self) -> list[PendingLoad]:
+        """Drop every load in progress (the engine is stopping); their waiters are the caller's to fail."""
+        pending, self.loading = list(self.loading.values()), {}
+        for load in pending:
+            load.steps.close()
+        return pending
 
     def touch(self, resident: Resident, keep_alive: float | None = None) -> None:
         resident.last_used = time.monotonic()
@@ -174,10 +234,11 @@ class ModelRegistry:
                              f"memory budget ({self.budget_bytes / 2**30:.2f} GiB, IMPETUS_MEMORY_BUDGET).")
         idle = sorted((r for r in self.residents.values() if not r.busy and not r.pinned),
                       key=lambda r: r.last_used)
-        while self.used_bytes() + need > self.budget_bytes:
+        while self.used_bytes() + self.reserved_bytes() + need > self.budget_bytes:
             if not idle:
                 raise OverBudget(
                     f"The model '{model_id}' needs about {need / 2**30:.2f} GiB; "
-                    f"{self.used_bytes() / 2**30:.2f} of {self.budget_bytes / 2**30:.2f} GiB are held by models "
-                    "that are generating or pinned. Unload one or raise IMPETUS_MEMORY_BUDGET.")
+                    f"{(self.used_bytes() + self.reserved_bytes()) / 2**30:.2f} of {self.budget_bytes / 2**30:.2f} "
+                    "GiB are held by models that are generating, pinned or loading. Unload one or raise "
+                    "IMPETUS_MEMORY_BUDGET.")
             self.unload(idle.pop(0).loaded.model_id, reason="evicted")

@@ -79,7 +79,9 @@ def test_resolve_default_id_name_and_path(models_dir: Path, converted_default: P
     assert factory.resolve(str(converted_default), Path("/nonexistent")) == converted_default
 
 
-def test_resolve_gguf_converts_once_into_models_dir(tmp_path: Path, default_gguf: Path) -> None:
+def test_resolve_gguf_converts_once_into_models_dir(tmp_path: Path, default_gguf: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMPETUS_BACKEND", "mlx")  # in auto mode a user's GGUF runs on llama.cpp as is
     gguf = tmp_path / "My-Model.Q4_1.gguf"
     gguf.symlink_to(default_gguf)
     models = tmp_path / "models"
@@ -129,3 +131,44 @@ def test_context_length_falls_back_to_2048(tmp_path: Path) -> None:
     assert context_length(tmp_path) == 2048
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 4096}}))
     assert context_length(tmp_path) == 4096
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16", None])
+def test_load_in_steps_matches_a_whole_load(models_dir: Path, converted_default: Path,
+                                            compute_dtype: str | None) -> None:
+    """What the engine interleaves with decoding: many bounded steps, the same weights as mlx-lm's
+    eager load followed by the conversion (dequantize to float32, or cast)."""
+    import mlx_lm
+    from mlx_lm.utils import dequantize_model
+
+    steps = factory.load_steps(DEFAULT_MODEL_ID, models_dir, compute_dtype=compute_dtype, chunk_bytes=1 << 20)
+    count = 0
+    while True:
+        try:
+            next(steps)
+            count += 1
+        except StopIteration as done:
+            loaded: LoadedModel = done.value
+            break
+    # 1 MiB steps: reading the stored tensors is tens of steps, converting the embedding over a hundred.
+    assert count > (100 if compute_dtype else 20), count
+    model, _ = mlx_lm.load(str(converted_default))
+    if compute_dtype == "float32":
+        dequantize_model(model)
+    if compute_dtype is not None:
+        model.set_dtype(getattr(mx, compute_dtype))
+    expected, got = dict(tree_flatten(model.parameters())), dict(tree_flatten(loaded.model.parameters()))
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and mx.array_equal(got[name], value).item(), name
+    assert loaded.nbytes == sum(v.nbytes for v in expected.values())
+
+
+def test_truncated_weights_raise_model_load_error(tmp_path: Path, converted_default: Path) -> None:
+    from tests.tiny_models import build_tiny_llama
+
+    folder = build_tiny_llama(tmp_path / "cut", converted_default)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # header intact, data cut
+    with pytest.raises(ModelLoadError, match="cut"):
+        factory.load(str(folder), tmp_path, compute_dtype="float32")
