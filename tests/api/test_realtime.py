@@ -4,6 +4,7 @@ connection that reconnects and resumes its streams by itself, and the API key on
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
@@ -214,6 +215,9 @@ def test_generate_streams_tokens_to_this_client_only(connect: Callable[..., tupl
     assert recorder.of("generate_done")[0][1] == done
     assert all(data["timestamp"] <= done["timestamp"] for data in tokens)
     assert not bystander.of("token") and not bystander.of("generate_done")  # to that client only
+    delays = sorted(at - data["timestamp"] for at, data in recorder.of("token"))
+    print(f"token events: {len(delays)}, server emit to client receipt p50 {statistics.median(delays) * 1e3:.2f} ms, "
+          f"max {delays[-1] * 1e3:.2f} ms")
     # The bystander watching "requests" saw it as a request like any other, named by its Socket.IO event.
     bystander.wait(lambda: any(d["event"] == "finished" and d["route"] == "socket.io:generate"
                                for _, d in bystander.of("request_event")), timeout=10)
@@ -283,3 +287,39 @@ def test_cancel_stops_one_generation(connect: Callable[..., tuple[socketio.Clien
     assert client.call("cancel", {"id": "long-2"}, timeout=10) == {"id": "long-2", "cancelled": False}
     assert client.call("cancel", {"id": 5}, timeout=10)["error"]["param"] == "id"
     assert in_flight(hot_server) == 0 and client.connected
+
+
+def test_generate_first_token_as_soon_as_sse(connect: Callable[..., tuple[socketio.Client, Recorder]],
+                                             hot_server: Server) -> None:
+    """The same request's time to first token over Socket.IO and over SSE, in alternating order
+    (figures printed; the bound is loose, the machine is shared: it catches a path that waits)."""
+    client, recorder = connect(rooms=[])
+    body = {**CHAT, "max_tokens": 8}
+
+    def over_socket(attempt: int) -> float:
+        began = time.time()
+        client.call("generate", {**body, "id": f"ttft-{attempt}"}, timeout=120)
+        return min(at for at, data in recorder.of("token") if data["id"] == f"ttft-{attempt}") - began
+
+    def over_sse() -> float:
+        began, first = time.time(), None
+        with requests.post(f"{hot_server.base_url}/chat/completions", json={**body, "stream": True}, stream=True,
+                           timeout=120) as r:
+            for line in r.iter_lines(decode_unicode=True):
+                if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get(
+                        "content"):
+                    first = time.time() - began
+        assert first is not None
+        return first
+
+    socket_ttft, sse_ttft = [], []
+    for attempt in range(6):
+        if attempt % 2:
+            socket_ttft.append(over_socket(attempt))
+            sse_ttft.append(over_sse())
+        else:
+            sse_ttft.append(over_sse())
+            socket_ttft.append(over_socket(attempt))
+    socket_p50, sse_p50 = statistics.median(socket_ttft), statistics.median(sse_ttft)
+    print(f"time to first token, 6 requests each: Socket.IO p50 {socket_p50 * 1e3:.1f} ms, SSE p50 {sse_p50 * 1e3:.1f} ms")
+    assert socket_p50 < 3 * sse_p50 + 1.0, (socket_ttft, sse_ttft)
