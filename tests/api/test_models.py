@@ -34,6 +34,10 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     broken = root / "broken"
     shutil.copytree(root / "tiny-a", broken)
     (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    truncated = root / "truncated"  # a header that reads fine, the data cut: fails midway through the load
+    shutil.copytree(root / "tiny-a", truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     return root
 
 
@@ -168,6 +172,7 @@ def test_concurrent_loads_of_one_model_load_it_once(srv: Server) -> None:
 @pytest.mark.parametrize(("model", "status", "code"), [
     ("exported-onnx", 422, "unsupported_model_format"),
     ("broken", 422, "model_load_failed"),
+    ("truncated", 422, "model_load_failed"),
     ("no-such-model", 404, "model_not_found"),
 ])
 def test_load_errors_are_clear_and_the_server_keeps_serving(srv: Server, model: str, status: int, code: str) -> None:
