@@ -16,6 +16,9 @@ from .errors import APIError
 from .openai import bp, completion_prompts, engine, parse_body, resident_model
 
 MAX_INPUTS = 256
+# Tokens per engine command. The engine thread computes an embedding command whole, pausing every
+# stream it decodes meanwhile: a large request goes in pieces, and streams step between them.
+CHUNK_TOKENS = 512
 
 
 @bp.post("/embeddings")
@@ -45,8 +48,10 @@ def embeddings() -> Response:
     if body.dimensions is not None and body.dimensions != size and not matryoshka:
         raise APIError(400, f"This model's embeddings have {size} dimensions and cannot be shortened (it does not "
                        "declare Matryoshka training).", param="dimensions", code="invalid_value")
+    vectors: list[list[float]] = []
     try:
-        vectors = engine().embed(loaded.model_id, inputs).result(timeout=300)
+        for chunk in chunks(inputs, CHUNK_TOKENS):
+            vectors += engine().embed(loaded.model_id, chunk).result(timeout=300)
     except FutureTimeout:
         raise APIError(503, "The engine did not compute the embeddings in time.", code="timeout") from None
     if body.dimensions is not None and body.dimensions != size:
@@ -56,6 +61,19 @@ def embeddings() -> Response:
     tokens = sum(len(t) for t in inputs)
     return jsonify(EmbeddingList(data=data, model=loaded.model_id,
                                  usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)).model_dump())
+
+
+def chunks(inputs: list[list[int]], budget: int) -> list[list[list[int]]]:
+    """Consecutive inputs, grouped up to ``budget`` tokens (an input longer than that alone)."""
+    out: list[list[list[int]]] = [[]]
+    used = 0
+    for tokens in inputs:
+        if out[-1] and used + len(tokens) > budget:
+            out.append([])
+            used = 0
+        out[-1].append(tokens)
+        used += len(tokens)
+    return out
 
 
 def shorten(vectors: list[list[float]], dimensions: int, renormalise: bool) -> list[list[float]]:

@@ -157,3 +157,16 @@ def test_models_say_which_kind_and_the_registry_holds_them(srv: Server, client: 
     assert unloaded.status_code == 200
     assert BERT not in {m["id"] for m in requests.get(f"{srv.base_url}/models", timeout=30).json()["data"]}
     assert len(client.embeddings.create(model=BERT, input="the cat").data[0].embedding) == 32  # loads again
+
+
+def test_a_large_request_goes_to_the_engine_in_pieces_and_keeps_its_order(client: openai.OpenAI) -> None:
+    from gerdsen_ai_server.api.embeddings import CHUNK_TOKENS
+
+    words = ["the", "cat", "dog", "sat", "on", "mat", "red", "blue", "sky", "sea"]
+    texts = [" ".join(words[(i + j * 3) % 10] for j in range(2 + i % 9)) for i in range(200)]
+    reply = client.embeddings.create(model=BERT, input=texts)
+    assert reply.usage.prompt_tokens > 2 * CHUNK_TOKENS  # at least three engine commands
+    pieces = np.concatenate([vectors(client.embeddings.create(model=BERT, input=texts[i:i + 20]))
+                             for i in range(0, len(texts), 20)])
+    np.testing.assert_allclose(vectors(reply), pieces, atol=1e-5)
+    assert len({tuple(np.round(v, 4)) for v in pieces}) > 50  # distinct texts, distinct vectors
