@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         "freed (mallopt M_MMAP_THRESHOLD); without it freed KV/activation buffers stay in the heap and RSS creeps up. "
         "At most 32 MiB; 0: glibc's default.",
     )
+    malloc_arena_max: int = Field(
+        2, ge=0, le=64,
+        description="glibc: heaps shared by all threads (mallopt M_ARENA_MAX); fewer arenas keep fewer freed scraps "
+        "across Gunicorn's threads. 0: glibc's default (8 per core).",
+    )
     memory_budget: int = Field(
         0, ge=0, description="Bytes resident models may take; 0 means 60% of this machine's RAM."
     )

@@ -90,11 +90,13 @@ def _version() -> str:
 
 
 def post_fork(server, worker) -> None:  # type: ignore[no-untyped-def]
-    """In the new worker, before the app and MLX allocate anything: fix glibc's mmap threshold, so
-    freed KV-cache and activation buffers go back to the system (gerdsen_ai_server.memory)."""
-    from gerdsen_ai_server.memory import set_mmap_threshold
+    """In the new worker, before the app and MLX allocate anything or start a thread: fix glibc's
+    mmap threshold, so freed KV-cache and activation buffers go back to the system, and cap its
+    arenas (gerdsen_ai_server.memory)."""
+    from gerdsen_ai_server.memory import set_arena_max, set_mmap_threshold
 
     set_mmap_threshold(_settings.malloc_mmap_threshold)
+    set_arena_max(_settings.malloc_arena_max)
 
 
 def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
