@@ -11,7 +11,14 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from ..schemas.anthropic import CountTokensRequest, Message, MessageResponse, MessagesRequest, Usage
+from ..schemas.anthropic import (
+    CountTokensRequest,
+    CountTokensResponse,
+    Message,
+    MessageResponse,
+    MessagesRequest,
+    Usage,
+)
 from ..schemas.openai import ChatCompletionRequest, ToolCall
 from .chat import chat_prompt, collect_answer, start_chat
 from .errors import APIError, error_shape
@@ -158,4 +165,5 @@ def count_tokens() -> Response:
     body = parse_body(CountTokensRequest)
     chat = to_openai(body)
     loaded = resident_model(chat.model)
-    return jsonify({"input_tokens": len(chat_prompt(chat, loaded, plan_tools(chat, loaded.tokenizer)))})
+    return jsonify(CountTokensResponse(input_tokens=len(chat_prompt(chat, loaded, plan_tools(chat, loaded.tokenizer))))
+                   .model_dump())

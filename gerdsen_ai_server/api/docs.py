@@ -81,7 +81,6 @@ ANTHROPIC_ERROR_SCHEMA = {
         "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
     }},
 }
-OPEN_OBJECT = {"type": "object", "additionalProperties": True}
 # With `stream: true`. The schema describes one event, as OpenAPI 3.2's itemSchema does for SSE.
 SSE = {"text/event-stream": {"schema": {
     "type": "object",
@@ -106,9 +105,7 @@ OPERATIONS: list[Operation] = [
     ("/v1/messages", "post", "Anthropic", "Create a message (Anthropic Messages API)",
      anthropic.MessagesRequest, anthropic.MessageResponse, True, True),
     ("/v1/messages/count_tokens", "post", "Anthropic", "Count a message's input tokens",
-     anthropic.CountTokensRequest,
-     {"type": "object", "required": ["input_tokens"], "properties": {"input_tokens": {"type": "integer"}}},
-     False, True),
+     anthropic.CountTokensRequest, anthropic.CountTokensResponse, False, True),
     ("/api/models", "get", "Models", "Resident and local models, with the memory budget",
      None, registry.ModelsOverview, False, True),
     ("/api/models/{model_id}", "get", "Models", "Describe a resident or local model",
@@ -116,7 +113,7 @@ OPERATIONS: list[Operation] = [
     ("/api/models/load", "post", "Models", "Load a model (or refresh its keep-alive)",
      registry.LoadRequest, registry.ModelInfo, False, True),
     ("/api/models/unload", "post", "Models", "Unload a resident model",
-     registry.UnloadRequest, OPEN_OBJECT, False, True),
+     registry.UnloadRequest, registry.ModelUnloaded, False, True),
     ("/api/models/{model_id}/benchmark", "post", "Models",
      "Benchmark a model on this machine (prompt and generation tok/s, TTFT, peak memory); 409 while one runs",
      registry.BenchmarkRequest, registry.BenchmarkResult, False, True),

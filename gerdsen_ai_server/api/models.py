@@ -14,7 +14,15 @@ from ..engine.errors import ModelLoadError, ModelNotFound, UnsupportedModelForma
 from ..engine.registry import ModelBusy, OverBudget, Resident
 from ..engine.stream import EngineGone
 from ..model_bench import BenchmarkFailed, BenchmarkStore, benchmark, warm_up
-from ..schemas.registry import BenchmarkHistory, BenchmarkRequest, LoadRequest, ModelInfo, ModelsOverview, UnloadRequest
+from ..schemas.registry import (
+    BenchmarkHistory,
+    BenchmarkRequest,
+    LoadRequest,
+    ModelInfo,
+    ModelsOverview,
+    ModelUnloaded,
+    UnloadRequest,
+)
 from .errors import APIError
 from .openai import engine, parse_body
 
@@ -191,4 +199,4 @@ def unload_model() -> Response:
         raise model_error(exc) from None
     if model_id == current_app.config["IMPETUS_SETTINGS"].default_model:
         current_app.logger.warning("the default model was unloaded: /health/ready reports not ready")
-    return jsonify({"id": model_id, "state": "unloaded"})
+    return jsonify(ModelUnloaded(id=model_id).model_dump())

@@ -117,3 +117,7 @@ class MessageResponse(BaseModel):
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
     stop_sequence: str | None = None
     usage: Usage
+
+
+class CountTokensResponse(BaseModel):
+    input_tokens: int

@@ -34,6 +34,11 @@ class UnloadRequest(BaseModel):
     model: str = Field(min_length=1)
 
 
+class ModelUnloaded(BaseModel):
+    id: str
+    state: Literal["unloaded"] = "unloaded"
+
+
 class ModelInfo(BaseModel):
     id: str
     state: Literal["resident", "local"]
