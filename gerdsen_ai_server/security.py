@@ -170,6 +170,9 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
         key_func=rate_key,
         application_limits=[settings.rate_limit],
         storage_uri=settings.redis_url or "memory://",
+        # A Redis that hangs (a partition, a paused server) must not hold every request: after this
+        # long the counters fail open to memory, as they do when it refuses connections.
+        storage_options={"socket_timeout": 1, "socket_connect_timeout": 1} if settings.redis_url else {},
         strategy="fixed-window",
         key_prefix=LIMIT_PREFIX,
         headers_enabled=False,  # ours below, named as OpenAI's

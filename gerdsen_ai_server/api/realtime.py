@@ -39,7 +39,9 @@ Replicas (IMPETUS_REDIS_URL): Socket.IO uses Redis as its message queue, so ``re
 ``model_event`` and ``pull_progress`` published on any replica reach the clients of every replica.
 ``metrics`` and ``hardware`` describe one process and stay on it, as do a client's own ``generate``
 events (its connection is here). Every room event carries ``replica`` (``host:pid`` of the process
-that published it), so a dashboard can tell the replicas apart. Without Redis: all in-process.
+that published it), so a dashboard can tell the replicas apart. Those go to Redis from a thread of
+their own (``Outbox``): a slow or unreachable Redis delays or drops them, never the engine thread
+that publishes them. Without Redis: all in-process, emitted on the publisher's thread.
 
 Handlers run in fresh threads: they never call MLX (work for the engine goes through its queue).
 Events come from the engine's event bus and are emitted on the publisher's thread; ``emit`` only
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import socket
 import threading
@@ -120,10 +123,41 @@ class Generations:
 
 
 generations = Generations()
+
+
+class Outbox:
+    """Room events on their way to the message queue, published by one background thread. Redis
+    publishes synchronously (a round trip; with Redis unreachable, a connect timeout and a retry),
+    and events are published on the engine's thread. Bounded: when Redis cannot keep up, new events
+    are dropped (logged) rather than piling up in memory."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._queue: queue.Queue[tuple[str, dict[str, Any], str]] = queue.Queue(size)
+        self.dropped = 0
+
+    def put(self, event: str, payload: dict[str, Any], room: str) -> None:
+        try:
+            self._queue.put_nowait((event, payload, room))
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("Socket.IO message queue (Redis) behind: %d events dropped so far", self.dropped)
+
+    def run(self) -> None:
+        while True:
+            event, payload, room = self._queue.get()
+            try:
+                socketio.emit(event, payload, to=room)  # this replica's clients, then Redis for the others
+            except Exception:  # never let one event end the thread
+                log.exception("emitting %s failed", event)
+
+
+outbox: Outbox | None = None  # set when IMPETUS_REDIS_URL is
 key_ids: dict[str, str] = {}  # sid -> the id of the key it connected with: its rate-limit bucket
 
 
 def init_realtime(app: Flask) -> None:
+    global outbox
     options: dict[str, Any] = {}
     redis_url = app.config["IMPETUS_SETTINGS"].redis_url
     if redis_url:
@@ -133,6 +167,9 @@ def init_realtime(app: Flask) -> None:
         options["client_manager"] = RedisManager(redis_url, channel="impetus-socketio",
                                                  redis_options={"socket_connect_timeout": 2})
     socketio.init_app(app, async_mode="threading", cors_allowed_origins=[], **options)
+    outbox = Outbox() if redis_url else None
+    if outbox is not None:
+        socketio.start_background_task(outbox.run)
     app.extensions[KEYS] = load_keys(app.config["IMPETUS_SETTINGS"])
     app.extensions["impetus"].events.subscribe(_forward)
     monitor: Monitor = app.extensions["impetus_monitor"]
@@ -145,8 +182,13 @@ def replica() -> str:
 
 def _forward(kind: str, payload: dict[str, Any]) -> None:
     room = EVENT_ROOMS.get(kind)
-    if room is not None:
-        socketio.emit(kind, {**payload, "replica": replica()}, to=room, ignore_queue=kind in LOCAL_EVENTS)
+    if room is None:
+        return
+    payload = {**payload, "replica": replica()}
+    if outbox is not None and kind not in LOCAL_EVENTS:
+        outbox.put(kind, payload, room)
+    else:
+        socketio.emit(kind, payload, to=room, ignore_queue=kind in LOCAL_EVENTS)
 
 
 def _to_client(event: str, payload: dict[str, Any], sid: str) -> None:

@@ -1,7 +1,7 @@
 """Two replicas sharing one Redis (IMPETUS_REDIS_URL), as deploy/ runs them: real Gunicorn servers and a
 real redis-server on loopback ports. A Socket.IO client on replica A receives the request events of a
 request served by replica B; a rate limit of N is used up by N requests spread over both; killing B
-leaves A serving.
+leaves A serving; so does a hung or lost Redis.
 
 redis-server comes from Debian's package (`make setup` installs it when it may); without it this
 module skips, saying so."""
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.skipif(
 
 @dataclass
 class Cluster:
-    redis_url: str
+    redis: subprocess.Popen[bytes]
     a: Server
     b: Server
 
@@ -83,11 +83,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for future in futures:
             future.result()  # raises the first failure (the finally stops the other)
         print(f"two replicas ready in {time.monotonic() - started:.1f} s")
-        yield Cluster(url, servers[0], servers[1])
+        yield Cluster(redis_process, servers[0], servers[1])
     finally:
         for server in servers:
             stop_server(server)
-        os.killpg(redis_process.pid, signal.SIGTERM)
+        if redis_process.poll() is None:
+            os.killpg(redis_process.pid, signal.SIGTERM)
         redis_process.wait(30)
 
 
@@ -205,3 +206,30 @@ def test_killing_one_replica_leaves_the_other_serving(cluster: Cluster,
     on_a.wait(lambda: bool(finished(on_a)), timeout=15)  # its own events still flow through Redis
     (_, event), = finished(on_a)
     assert event["replica"] == own_replica(on_a)
+
+
+def test_a_hung_or_lost_redis_leaves_a_replica_serving(cluster: Cluster,
+                                                       connect: Callable[[Server], Recorder]) -> None:
+    """Redis hung (stopped: it neither answers nor refuses): requests are served, rate limits fail
+    open to in-process counters after a 1 s timeout, and the events wait for Redis instead of
+    holding up the engine thread (it would never finish a request if it published to Redis itself).
+    Redis gone: the same, and this replica's own clients still get its events."""
+    on_a = connect(cluster.a)
+    os.kill(cluster.redis.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        for _ in range(2):
+            chat(cluster.a)
+        hung = time.monotonic() - started
+        assert requests.get(f"{cluster.a.url}/health/ready", timeout=10).status_code == 200
+    finally:
+        os.kill(cluster.redis.pid, signal.SIGCONT)
+    on_a.wait(lambda: len(finished(on_a)) >= 2, timeout=30)  # held, then delivered
+
+    cluster.redis.kill()
+    cluster.redis.wait(30)
+    started = time.monotonic()
+    chat(cluster.a)
+    gone = time.monotonic() - started
+    on_a.wait(lambda: len(finished(on_a)) >= 3, timeout=15)
+    print(f"4-token chats on replica A: {hung / 2:.2f} s each with Redis hung, {gone:.2f} s with Redis gone")
