@@ -64,7 +64,7 @@ def resident_info(resident: Resident) -> ModelInfo:
         size_bytes=folder_bytes(loaded.path), memory_bytes=loaded.nbytes, context_length=loaded.context_length,
         busy=resident.busy, pinned=resident.pinned,
         keep_alive=None if math.isinf(resident.keep_alive) else resident.keep_alive,
-        idle_seconds=round(time.monotonic() - resident.last_used, 3), warmup=getattr(resident, "warmup", None),
+        idle_seconds=round(time.monotonic() - resident.last_used, 3), warmup=resident.warmup,
     )
 
 
@@ -119,10 +119,9 @@ def load_model() -> Response:
     if body.warmup and resident.loaded.kind == "embedding":
         raise APIError(400, f"'{resident.loaded.model_id}' is loaded, but it is an embedding model: warm-up runs "
                        "generation, which it cannot do.", param="warmup", code="model_not_supported")
-    if body.warmup and getattr(resident, "warmup", None) is None:
+    if body.warmup and resident.warmup is None:
         with engine_errors(resident.loaded.model_id):
-            # Kept on the resident (a new load starts without it), shown by resident_info.
-            resident.warmup = warm_up(engine(), resident.loaded)  # type: ignore[attr-defined]
+            resident.warmup = warm_up(engine(), resident.loaded)  # a new load starts without one
     return jsonify(resident_info(resident).model_dump())
 
 

@@ -50,6 +50,7 @@ class Resident:
     sequences: dict[int, Any] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
+    warmup: Any = None  # schemas.registry.WarmupResult, once a load with warmup: true has run
 
     @property
     def busy(self) -> bool:
@@ -135,13 +136,6 @@ class ModelRegistry:
         """A filesystem path is known by its folder name; an id (``org/name`` included) by itself."""
         path = Path(spec).expanduser()
         return path.name if path.is_absolute() or spec.startswith(".") else spec
-
-    def load(self, spec: str, *, keep_alive: float | None = None, pinned: bool = False) -> Resident:
-        """Load ``spec`` unless resident, all at once; ``keep_alive=None`` means the server default."""
-        found = self.begin_load(spec, keep_alive=keep_alive, pinned=pinned)
-        while isinstance(found, PendingLoad):
-            found = self.advance(found) or found
-        return found
 
     def begin_load(self, spec: str, *, keep_alive: float | None = None, pinned: bool = False) -> Resident | PendingLoad:
         """The resident model, or its load in progress (started now if none is): finish it with ``advance``.
