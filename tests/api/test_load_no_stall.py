@@ -9,7 +9,6 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
@@ -50,7 +49,7 @@ def stream_times(srv: Server, stop: threading.Event, arrivals: list[float]) -> N
 
 def max_gap(arrivals: list[float], start: float, end: float) -> float:
     """The longest pause between consecutive tokens that overlaps [start, end]."""
-    return max((b - a for a, b in zip(arrivals, arrivals[1:]) if b >= start and a <= end), default=0.0)
+    return max((b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if b >= start and a <= end), default=0.0)
 
 
 def test_loading_a_model_does_not_stall_another_models_stream(srv: Server) -> None:
