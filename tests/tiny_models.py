@@ -58,7 +58,7 @@ def build_tiny_bert(
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    family = "bert" if model_type == "bert" else "roberta"
+    family = "bert" if model_type in ("bert", "nomic_bert") else "roberta"
     specials = BERT_SPECIALS[family]
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'")
     vocab = specials + chars + [f"##{c}" for c in chars] + BERT_WORDS
@@ -102,6 +102,23 @@ def build_tiny_bert(
         tensors[f"{p}output.dense.weight"], tensors[f"{p}output.dense.bias"] = normal(hidden, hidden * 4), normal(hidden)
         for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
             tensors[f"{p}{norm}.weight"], tensors[f"{p}{norm}.bias"] = normal(hidden, mean=1.0), normal(hidden)
+    if model_type == "nomic_bert":  # rotary positions, fused QKV, SwiGLU; GPT-2-style config names
+        config = {"model_type": "nomic_bert", "architectures": ["NomicBertModel"], "vocab_size": len(vocab),
+                  "n_embd": hidden, "n_layer": layers, "n_head": heads, "n_inner": hidden * 4,
+                  "n_positions": max_positions * 2, "max_trained_positions": max_positions, "type_vocab_size": 2,
+                  "layer_norm_epsilon": 1e-12, "activation_function": "swiglu", "rotary_emb_fraction": 1.0,
+                  "rotary_emb_base": 1000, "rotary_emb_interleaved": False, "qkv_proj_bias": False,
+                  "mlp_fc1_bias": False, "mlp_fc2_bias": False, "prenorm": False, "causal": False}
+        tensors = {"embeddings.word_embeddings.weight": normal(len(vocab), hidden),
+                   "embeddings.token_type_embeddings.weight": normal(2, hidden),
+                   "emb_ln.weight": normal(hidden, mean=1.0), "emb_ln.bias": normal(hidden)}
+        for i in range(layers):
+            p = f"encoder.layers.{i}."
+            tensors |= {f"{p}attn.Wqkv.weight": normal(3 * hidden, hidden), f"{p}attn.out_proj.weight": normal(hidden, hidden),
+                        f"{p}mlp.fc11.weight": normal(hidden * 4, hidden), f"{p}mlp.fc12.weight": normal(hidden * 4, hidden),
+                        f"{p}mlp.fc2.weight": normal(hidden, hidden * 4)}
+            for norm in ("norm1", "norm2"):
+                tensors[f"{p}{norm}.weight"], tensors[f"{p}{norm}.bias"] = normal(hidden, mean=1.0), normal(hidden)
     out.mkdir(parents=True, exist_ok=True)
     save_file({prefix + k: v for k, v in tensors.items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config))
@@ -146,6 +163,8 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nd
 def bert_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:
     """Hugging Face's BertModel / XLMRobertaModel forward for one unpadded input, in float64."""
     config = json.loads((folder / "config.json").read_text())
+    if config["model_type"] == "nomic_bert":
+        return nomic_reference_forward(folder, ids)
     w = {k: v.astype(np.float64) for k, v in bert_weights(folder).items()}
     eps, heads = config["layer_norm_eps"], config["num_attention_heads"]
     n = len(ids)
@@ -171,4 +190,35 @@ def bert_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:
         inner = 0.5 * inner * (1 + _erf(inner / math.sqrt(2)))
         x = layer_norm(linear(p + "output.dense", inner) + h, w[p + "output.LayerNorm.weight"],
                        w[p + "output.LayerNorm.bias"], eps)
+    return x
+
+
+def nomic_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:
+    """NomicBertModel's forward (post-norm, GPT-NeoX rotary, SwiGLU) for one input, in float64."""
+    config = json.loads((folder / "config.json").read_text())
+    w = {k: v.astype(np.float64) for k, v in bert_weights(folder).items()}
+    eps, heads, n = config["layer_norm_epsilon"], config["n_head"], len(ids)
+    x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.token_type_embeddings.weight"][0]
+    x = layer_norm(x, w["emb_ln.weight"], w["emb_ln.bias"], eps)
+    head = x.shape[1] // heads
+    angles = np.arange(n)[:, None] * config["rotary_emb_base"] ** (-np.arange(0, head, 2) / head)[None, :]
+    cos, sin = np.cos(np.concatenate([angles, angles], 1)), np.sin(np.concatenate([angles, angles], 1))
+
+    def rotate(a: np.ndarray) -> np.ndarray:  # (heads, n, head): x * cos + rotate_half(x) * sin
+        half = head // 2
+        return a * cos + np.concatenate([-a[..., half:], a[..., :half]], -1) * sin
+
+    for i in range(config["n_layer"]):
+        p = f"encoder.layers.{i}."
+        q, k, v = (m.reshape(n, heads, head).transpose(1, 0, 2)
+                   for m in np.split(x @ w[p + "attn.Wqkv.weight"].T, 3, axis=1))
+        q, k = rotate(q), rotate(k)
+        scores = q @ k.transpose(0, 2, 1) / math.sqrt(head)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        attn = (probs @ v).transpose(1, 0, 2).reshape(n, -1) @ w[p + "attn.out_proj.weight"].T
+        x = layer_norm(attn + x, w[p + "norm1.weight"], w[p + "norm1.bias"], eps)
+        gate = x @ w[p + "mlp.fc12.weight"].T
+        mlp = ((x @ w[p + "mlp.fc11.weight"].T) * gate / (1 + np.exp(-gate))) @ w[p + "mlp.fc2.weight"].T
+        x = layer_norm(mlp + x, w[p + "norm2.weight"], w[p + "norm2.bias"], eps)
     return x

@@ -1,4 +1,5 @@
-"""Dedicated embedding models: BERT-family encoders (bert, roberta, xlm-roberta) on MLX.
+"""Dedicated embedding models: BERT-family encoders (bert, roberta, xlm-roberta; nomic_bert in
+encoder_nomic.py) on MLX.
 
 A Hugging Face folder (``config.json``, safetensors, ``tokenizer.json``) and, when present,
 sentence-transformers' ``modules.json`` + ``1_Pooling/config.json`` (pooling mode, Normalize)
@@ -21,9 +22,9 @@ import mlx.nn as nn
 
 from .errors import ModelLoadError, UnsupportedModelFormat
 
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta")
-# Embedding architectures we recognise but whose layers differ (rotary, fused QKV, relative bias).
-OTHER_ENCODER_TYPES = ("nomic_bert", "distilbert", "mpnet", "modernbert", "deberta", "deberta-v2", "electra")
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "nomic-bert")
+# Embedding architectures we recognise but do not run (their layers differ: relative bias, ...).
+OTHER_ENCODER_TYPES = ("distilbert", "mpnet", "modernbert", "deberta", "deberta-v2", "electra")
 POOLING_MODES = ("mean", "cls", "lasttoken")
 _ACTIVATIONS = {"gelu": nn.gelu, "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx, "relu": nn.relu}
 _BATCH = 32  # inputs per forward pass; padded to the longest in the batch
@@ -161,15 +162,16 @@ class Encoder(nn.Module):
 
 
 class EncoderModel(nn.Module):
-    """Token ids in, one pooled (and optionally normalised) vector per input out."""
+    """Token ids in, one pooled (and optionally normalised) vector per input out: the batching and
+    pooling every encoder shares. Subclasses hold the layers and compute ``hidden_states``."""
+
+    weight_prefixes: tuple[str, ...] = ("embeddings.", "encoder.")  # the checkpoint's tensors we use
 
     def __init__(self, config: EncoderConfig, pooling: Pooling, matryoshka: bool = False) -> None:
         super().__init__()
         self.config = config
         self.pooling = pooling
         self.matryoshka = matryoshka  # trained so that leading dimensions embed on their own
-        self.embeddings = Embeddings(config)
-        self.encoder = Encoder(config)
 
     @property
     def dimensions(self) -> int:
@@ -177,16 +179,7 @@ class EncoderModel(nn.Module):
 
     def hidden_states(self, ids: mx.array, lengths: mx.array) -> mx.array:
         """Final hidden states of right-padded ``ids`` (batch, tokens); padding never attended to."""
-        valid = mx.arange(ids.shape[1])[None, :] < lengths[:, None]
-        if self.config.roberta_positions:
-            positions = mx.cumsum(valid.astype(mx.int32), axis=1) * valid + self.config.pad_token_id
-        else:
-            positions = mx.broadcast_to(mx.arange(ids.shape[1]), ids.shape)
-        x = self.embeddings(ids, positions)
-        mask = mx.where(valid, 0.0, -math.inf)[:, None, None, :].astype(x.dtype)
-        for layer in self.encoder.layer:
-            x = layer(x, mask)
-        return x
+        raise NotImplementedError
 
     def pool(self, hidden: mx.array, lengths: mx.array) -> mx.array:
         hidden = hidden.astype(mx.float32)
@@ -215,6 +208,27 @@ class EncoderModel(nn.Module):
             for i, row in zip(chunk, pooled.tolist(), strict=True):
                 vectors[i] = row
         return vectors
+
+
+class BertModel(EncoderModel):
+    """BERT, RoBERTa and XLM-RoBERTa: learned absolute positions, post-norm GELU layers."""
+
+    def __init__(self, config: EncoderConfig, pooling: Pooling, matryoshka: bool = False) -> None:
+        super().__init__(config, pooling, matryoshka)
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+
+    def hidden_states(self, ids: mx.array, lengths: mx.array) -> mx.array:
+        valid = mx.arange(ids.shape[1])[None, :] < lengths[:, None]
+        if self.config.roberta_positions:
+            positions = mx.cumsum(valid.astype(mx.int32), axis=1) * valid + self.config.pad_token_id
+        else:
+            positions = mx.broadcast_to(mx.arange(ids.shape[1]), ids.shape)
+        x = self.embeddings(ids, positions)
+        mask = mx.where(valid, 0.0, -math.inf)[:, None, None, :].astype(x.dtype)
+        for layer in self.encoder.layer:
+            x = layer(x, mask)
+        return x
 
 
 class EncoderTokenizer:
@@ -305,7 +319,7 @@ def max_sequence_length(path: Path, config: EncoderConfig) -> int:
     return limit
 
 
-def _checkpoint_weights(path: Path) -> dict[str, mx.array]:
+def _checkpoint_weights(path: Path, prefixes: tuple[str, ...]) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file in sorted(path.glob("*.safetensors")):
         weights.update(mx.load(str(file)))  # type: ignore[arg-type]
@@ -313,7 +327,7 @@ def _checkpoint_weights(path: Path) -> dict[str, mx.array]:
     for name, value in weights.items():
         # BertModel saves bare names, BertFor*/RobertaFor* prefix them; the heads are not ours.
         name = re.sub(r"^(bert|roberta|model)\.", "", name)
-        if name.startswith(("embeddings.", "encoder.")) and not name.endswith("position_ids"):
+        if name.startswith(prefixes) and not name.endswith("position_ids"):
             kept[name] = value
     return kept
 
@@ -328,11 +342,9 @@ def load_encoder(path: Path, compute_dtype: str | None) -> tuple[EncoderModel, E
     if not (path / "tokenizer.json").exists():
         raise UnsupportedModelFormat(f"{path} is an embedding model without tokenizer.json")
     try:
-        config = EncoderConfig.from_dict(raw)
-        if config.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"activation {config.hidden_act!r} is not supported")
-        model = EncoderModel(config, read_pooling(path), supports_matryoshka(path, raw))
-        model.load_weights(list(_checkpoint_weights(path).items()), strict=True)
+        model = _build(kind, raw, read_pooling(path), supports_matryoshka(path, raw))
+        config = model.config
+        model.load_weights(list(_checkpoint_weights(path, model.weight_prefixes).items()), strict=True)
         if compute_dtype is not None:
             model.set_dtype(getattr(mx, compute_dtype))
         mx.eval(model.parameters())
@@ -342,3 +354,14 @@ def load_encoder(path: Path, compute_dtype: str | None) -> tuple[EncoderModel, E
     except Exception as exc:  # bad config, missing or misshapen tensors, unreadable tokenizer
         raise ModelLoadError(f"cannot load embedding model from {path}: {type(exc).__name__}: {exc}") from exc
     return model, tokenizer, max_sequence_length(path, config)
+
+
+def _build(kind: str, raw: dict[str, Any], pooling: Pooling, matryoshka: bool) -> EncoderModel:
+    if kind == "nomic-bert":
+        from .encoder_nomic import NomicBertModel, NomicConfig  # it builds on this module
+
+        return NomicBertModel(NomicConfig.from_dict(raw), pooling, matryoshka)
+    config = EncoderConfig.from_dict(raw)
+    if config.hidden_act not in _ACTIVATIONS:
+        raise ValueError(f"activation {config.hidden_act!r} is not supported")
+    return BertModel(config, pooling, matryoshka)

@@ -4,6 +4,7 @@ loader and registry, against the real server with the openai SDK."""
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.tiny_models import build_tiny_bert
 
 BERT = "tiny-bert"  # mean pooling, normalised, Matryoshka, max_seq_length 16, tokenizer.json truncating at 8
 XLMR = "tiny-xlmr"  # CLS pooling, normalised, no Matryoshka
+NOMIC = "tiny-nomic"  # nomic_bert: rotary positions, SwiGLU; mean pooling, normalised, Matryoshka in config.json
 TEXTS = ["the cat sat on the mat", "the dog was blue", "the cat sat on the mat"]
 
 
@@ -32,6 +34,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / DEFAULT_MODEL).symlink_to(default)
     build_tiny_bert(root / BERT, pooling="mean", normalize=True, matryoshka=True, max_seq_length=16)
     build_tiny_bert(root / XLMR, model_type="xlm-roberta", pooling="cls", normalize=True, prefix="roberta.", seed=1)
+    nomic = build_tiny_bert(root / NOMIC, model_type="nomic_bert", pooling="mean", normalize=True, seed=2)
+    config = json.loads((nomic / "config.json").read_text())
+    (nomic / "config.json").write_text(json.dumps({**config, "matryoshka_dimensions": [8, 16, 32]}))
     return root
 
 
@@ -61,7 +66,7 @@ def vectors(reply: openai.types.CreateEmbeddingResponse) -> np.ndarray:
 
 
 def test_embeddings_match_the_reference_forward(client: openai.OpenAI, models_dir: Path) -> None:
-    for model, pool in ((BERT, lambda h: h.mean(0)), (XLMR, lambda h: h[0])):
+    for model, pool in ((BERT, lambda h: h.mean(0)), (XLMR, lambda h: h[0]), (NOMIC, lambda h: h.mean(0))):
         reply = client.embeddings.create(model=model, input=TEXTS)
         got = vectors(reply)
         assert got.shape == (3, 32) and reply.model == model
@@ -89,11 +94,13 @@ def test_batch_single_token_ids_and_base64_agree(client: openai.OpenAI, models_d
 
 
 def test_matryoshka_dimensions_truncate_and_renormalise(client: openai.OpenAI) -> None:
+    for model in (BERT, NOMIC):
+        full = vectors(client.embeddings.create(model=model, input=TEXTS[:2]))
+        short = vectors(client.embeddings.create(model=model, input=TEXTS[:2], dimensions=8))
+        assert short.shape == (2, 8)
+        want = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
+        np.testing.assert_allclose(short, want, atol=1e-5)
     full = vectors(client.embeddings.create(model=BERT, input=TEXTS[:2]))
-    short = vectors(client.embeddings.create(model=BERT, input=TEXTS[:2], dimensions=8))
-    assert short.shape == (2, 8)
-    want = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
-    np.testing.assert_allclose(short, want, atol=1e-5)
     same = vectors(client.embeddings.create(model=BERT, input=TEXTS[:2], dimensions=32))
     np.testing.assert_allclose(same, full, atol=1e-6)
     for model, dimensions in ((BERT, 33), (XLMR, 8)):  # beyond the vector; a model not trained for it

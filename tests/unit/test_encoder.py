@@ -25,7 +25,7 @@ def pooled(hidden: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
 
 @pytest.mark.parametrize(("model_type", "mode", "normalize", "prefix"), [
     ("bert", "mean", True, ""), ("bert", "cls", False, "bert."), ("xlm-roberta", "lasttoken", True, "roberta."),
-    ("roberta", "mean", False, ""),
+    ("roberta", "mean", False, ""), ("nomic_bert", "mean", True, ""),
 ])
 def test_forward_matches_the_numpy_reference(tmp_path: Path, model_type: str, mode: str, normalize: bool,
                                              prefix: str) -> None:
@@ -62,6 +62,12 @@ def test_loader_detects_and_describes_an_embedding_model(tmp_path: Path) -> None
                                    tmp_path)
     assert roberta.context_length == 64 - 2  # positions start after the padding index
     assert roberta.model.pooling.mode == "mean" and not roberta.model.matryoshka
+    nomic = build_tiny_bert(tmp_path / "n", model_type="nomic_bert", pooling="mean")
+    config = json.loads((nomic / "config.json").read_text())
+    (nomic / "config.json").write_text(json.dumps({**config, "matryoshka_dimensions": [8, 16, 32]}))
+    loaded = LoaderFactory().load(str(nomic), tmp_path)
+    assert loaded.kind == "embedding" and loaded.model.matryoshka and loaded.model.dimensions == 32
+    assert loaded.context_length == 64  # its trained length (max_trained_positions), not n_positions (128)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -72,7 +78,7 @@ def test_loader_detects_and_describes_an_embedding_model(tmp_path: Path) -> None
          {"path": "2_Dense", "type": "sentence_transformers.models.Dense"}])), "Dense"),
     (lambda f: (f / "1_Pooling" / "config.json").unlink(), "1_Pooling/config.json, which says how to pool, is missing"),
     (lambda f: (f / "config.json").write_text(json.dumps(
-        {**json.loads((f / "config.json").read_text()), "model_type": "nomic_bert"})), "nomic-bert embedding model"),
+        {**json.loads((f / "config.json").read_text()), "model_type": "distilbert"})), "distilbert embedding model"),
 ])
 def test_unsupported_embedding_folders_are_refused_clearly(tmp_path: Path, change: Any, message: str) -> None:
     folder = build_tiny_bert(tmp_path / "m")
