@@ -41,7 +41,7 @@ def model_type(path: Path) -> str | None:
 def is_encoder(path: Path) -> bool:
     """A folder holding a BERT-family embedding model (a language model otherwise)."""
     kind = model_type(path)
-    return kind is not None and kind in ENCODER_TYPES + tuple(t.replace("_", "-") for t in OTHER_ENCODER_TYPES)
+    return kind is not None and kind in ENCODER_TYPES + OTHER_ENCODER_TYPES
 
 
 @dataclass(frozen=True)
@@ -327,7 +327,7 @@ def _checkpoint_weights(path: Path, prefixes: tuple[str, ...]) -> dict[str, mx.a
     for name, value in weights.items():
         # BertModel saves bare names, BertFor*/RobertaFor* prefix them; the heads are not ours.
         name = re.sub(r"^(bert|roberta|model)\.", "", name)
-        if name.startswith(prefixes) and not name.endswith("position_ids"):
+        if name.startswith(prefixes) and not name.endswith(("position_ids", "inv_freq")):  # buffers, not weights
             kept[name] = value
     return kept
 
