@@ -96,7 +96,9 @@ class Settings(BaseSettings):
         "empty: no limit.",
     )
     redis_url: str = Field(
-        "", description="Redis URL for rate-limit counters shared by replicas; empty: in-process memory."
+        "",
+        description="Redis shared by replicas (redis://host:6379/0): Socket.IO's message queue (events reach the "
+        "clients of every replica) and the rate-limit counters; empty: both in-process. See docs/deployment.md.",
     )
     trusted_proxies: int = Field(
         0, ge=0, le=16,

@@ -9,6 +9,7 @@ module skips, saying so."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -170,6 +171,11 @@ def test_an_event_on_one_replica_reaches_clients_of_both(cluster: Cluster,
     assert event_a["status"] == 200 and event_a["completion_tokens"] == answer["usage"]["completion_tokens"]
     assert {d["replica"] for _, d in on_a.of("metrics")} == {replica_a}  # metrics stay on their replica
     print(f"request_event from replica B to a client of replica A: {(at_a - event_a['timestamp']) * 1e3:.1f} ms")
+    for name, server in (("A", cluster.a), ("B", cluster.b)):
+        rss = re.search(r"^impetus_process_resident_memory_bytes (\S+)$",
+                        requests.get(f"{server.url}/metrics", timeout=10).text, re.M)
+        assert rss is not None
+        print(f"replica {name} resident memory with the default model: {float(rss.group(1)) / 2**20:.0f} MiB")
 
 
 def test_a_rate_limit_holds_across_replicas(cluster: Cluster) -> None:
