@@ -227,6 +227,10 @@ def _connect(auth: Any = None) -> None:
     if checker:
         key = given.api_key or presented_key()
         if key is None or not checker.matches(key):
+            try:  # a failed login spends its address's budget, as over HTTP: no guessing keys here instead
+                spend_budget(None, request.remote_addr)
+            except APIError as exc:
+                raise ConnectionRefusedError(f"rate_limit_exceeded: {exc.message}", exc.envelope()) from None
             envelope = APIError(401, "This server needs an API key (connect auth: {api_key: KEY}).",
                                 code="invalid_api_key").envelope()
             raise ConnectionRefusedError(f"invalid_api_key: {envelope['error']['message']}", envelope)
@@ -298,6 +302,10 @@ def _generate(data: Any = None) -> dict[str, Any]:
         started = start_chat(body, "messages")
     except (ValidationError, APIError) as exc:
         return _fail(sid, gen_id, _invalid(exc))
+    except Exception:  # as over HTTP: a 500 in the envelope, never a call left without its answer
+        log.exception("generate failed")
+        return _fail(sid, gen_id, APIError(500, "The server had an error while processing your request.",
+                                           code="internal_error").envelope())
     streams = started.streams
     if not generations.add(sid, gen_id, streams):
         cancel_all(streams)

@@ -251,3 +251,29 @@ def test_protect_health_puts_health_and_metrics_behind_the_key(tmp_path_factory:
         assert spec["paths"]["/metrics"]["get"]["security"] == [{"bearerAuth": []}]
     finally:
         stop_server(srv)
+
+
+def test_failed_socketio_logins_spend_the_address_budget(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Guessing keys over the Socket.IO handshake is limited like guessing them over HTTP."""
+    import socketio
+
+    srv = start_server(tmp_path_factory.mktemp("socket-logins"), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
+                       IMPETUS_API_KEYS=ENV_KEY, IMPETUS_RATE_LIMIT="3/minute")
+    try:
+        refusals = []
+        for guess in ("sk-a", "sk-b", "sk-c", "sk-d"):
+            client = socketio.Client(reconnection=False)
+            client.on("connect_error", refusals.append)
+            with pytest.raises(socketio.exceptions.ConnectionError):
+                client.connect(srv.url, transports=["websocket"], auth={"api_key": guess}, wait_timeout=30)
+        codes = [r["data"]["error"]["code"] for r in refusals]  # the message, and OpenAI's envelope as data
+        assert codes == ["invalid_api_key"] * 3 + ["rate_limit_exceeded"], refusals
+        assert refusals[-1]["message"].startswith("rate_limit_exceeded: Rate limit reached for this client address")
+        r = requests.get(f"{srv.base_url}/models", timeout=10)  # the same bucket as HTTP without a key
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        good = socketio.Client(reconnection=False)  # a right key is never refused for the address's failures
+        good.connect(srv.url, transports=["websocket"], auth={"api_key": ENV_KEY, "rooms": []}, wait_timeout=30)
+        assert good.connected
+        good.disconnect()
+    finally:
+        stop_server(srv)
