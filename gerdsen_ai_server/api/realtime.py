@@ -67,6 +67,7 @@ from socketio import RedisManager
 
 from ..engine.stream import EngineGone, TokenStream
 from ..monitor import Monitor
+from ..request_log import access_log
 from ..schemas.realtime import GENERATION_ID, CancelRequest, ConnectAuth, GenerateRequest, RoomsRequest
 from ..security import KeyChecker, key_id, load_keys, presented_key, spend_budget
 from .chat import Started, start_chat
@@ -211,9 +212,16 @@ def _hardware() -> dict[str, Any]:
     return report
 
 
+def _refusal(exc: ValidationError | APIError) -> APIError:
+    return validation_error(exc) if isinstance(exc, ValidationError) else exc
+
+
 def _invalid(exc: ValidationError | APIError) -> dict[str, Any]:
     """OpenAI's envelope for a payload that failed validation (or was refused)."""
-    return (validation_error(exc) if isinstance(exc, ValidationError) else exc).envelope()
+    return _refusal(exc).envelope()
+
+
+SERVER_ERROR = APIError(500, "The server had an error while processing your request.", code="internal_error")
 
 
 @socketio.on("connect")
@@ -288,6 +296,22 @@ def _generate(data: Any = None) -> dict[str, Any]:
     sid = _sid()
     raw_id = data.get("id") if isinstance(data, dict) else None
     gen_id = raw_id if isinstance(raw_id, str) and re.match(GENERATION_ID, raw_id) else f"gen-{uuid.uuid4().hex}"
+    g.request_id = gen_id  # every log line written meanwhile names it, as an HTTP request's id
+    began = time.perf_counter()
+    answer = _run_generate(sid, gen_id, data)
+    _access_line(sid, gen_id, g.get("generate_status", 200), began)
+    return answer
+
+
+def _access_line(sid: str, gen_id: str, status: int, began: float) -> None:
+    """One ``impetus.access`` line per generation, with the fields of an HTTP request's (no prompt)."""
+    duration_ms = round((time.perf_counter() - began) * 1000, 1)
+    access_log.info("EMIT generate %s %.1fms", status, duration_ms, extra={
+        "request_id": gen_id, "method": "EMIT", "route": ROUTE, "path": request.path, "status": status,
+        "remote": request.remote_addr, "key_id": key_ids.get(sid), "stream": True, "duration_ms": duration_ms})
+
+
+def _run_generate(sid: str, gen_id: str, data: Any) -> dict[str, Any]:
     drain = current_app.extensions.get("impetus_drain")
     try:
         if drain is not None and drain.draining.is_set():
@@ -301,30 +325,30 @@ def _generate(data: Any = None) -> dict[str, Any]:
         started_at = time.perf_counter()
         started = start_chat(body, "messages")
     except (ValidationError, APIError) as exc:
-        return _fail(sid, gen_id, _invalid(exc))
+        return _fail(sid, gen_id, _refusal(exc))
     except Exception:  # as over HTTP: a 500 in the envelope, never a call left without its answer
         log.exception("generate failed")
-        return _fail(sid, gen_id, APIError(500, "The server had an error while processing your request.",
-                                           code="internal_error").envelope())
+        return _fail(sid, gen_id, SERVER_ERROR)
     streams = started.streams
     if not generations.add(sid, gen_id, streams):
         cancel_all(streams)
         return _fail(sid, gen_id, APIError(400, f"A generation with id '{gen_id}' is already running.", param="id",
-                                           code="invalid_value").envelope())
+                                           code="invalid_value"))
     if drain is not None:
         drain.enter()  # SIGTERM lets it finish, as it does an HTTP stream
-    status = 200
     try:
         return _stream(sid, gen_id, started)
     except EngineGone as exc:
-        status = 503
-        return _fail(sid, gen_id, APIError(503, str(exc), code="engine_unavailable").envelope())
+        return _fail(sid, gen_id, APIError(503, str(exc), code="engine_unavailable"))
+    except Exception:
+        log.exception("generate failed")
+        return _fail(sid, gen_id, SERVER_ERROR)
     finally:
         cancel_all(streams)
         generations.remove(sid, gen_id)
         if drain is not None:
             drain.leave()
-        finish_tracking(streams, status, time.perf_counter() - started_at)
+        finish_tracking(streams, g.get("generate_status", 200), time.perf_counter() - started_at)
 
 
 def _stream(sid: str, gen_id: str, started: Started) -> dict[str, Any]:
@@ -332,7 +356,7 @@ def _stream(sid: str, gen_id: str, started: Started) -> dict[str, Any]:
     text: list[str] = []
     for kind, value in answer_parts(started.plan, stream):
         if kind == "error":
-            return _fail(sid, gen_id, APIError(500, value, code="generation_failed").envelope())
+            return _fail(sid, gen_id, APIError(500, value, code="generation_failed"))
         if kind == "text":
             text.append(value)
             _to_client("token", {"id": gen_id, "delta": value, "timestamp": time.time()}, sid)
@@ -356,7 +380,8 @@ def _stream(sid: str, gen_id: str, started: Started) -> dict[str, Any]:
     return done
 
 
-def _fail(sid: str, gen_id: str, envelope: dict[str, Any]) -> dict[str, Any]:
-    payload = {"id": gen_id, **envelope, "timestamp": time.time()}
+def _fail(sid: str, gen_id: str, error: APIError) -> dict[str, Any]:
+    g.generate_status = error.status
+    payload = {"id": gen_id, **error.envelope(), "timestamp": time.time()}
     _to_client("generate_error", payload, sid)
     return payload

@@ -224,6 +224,9 @@ def test_generate_streams_tokens_to_this_client_only(connect: Callable[..., tupl
     finished = next(d for _, d in bystander.of("request_event") if d["route"] == "socket.io:generate"
                     and d["event"] == "finished")
     assert finished["outcome"] == "finished" and finished["completion_tokens"] == done["usage"]["completion_tokens"]
+    access = [line for line in hot_server.log().splitlines() if "impetus.access [answer-1]" in line]
+    assert len(access) == 1 and "EMIT generate 200" in access[0], access  # one access line, named by its id
+    assert "capital of France" not in hot_server.log()  # and never the prompt
     generated = requests.get(hot_server.url + "/metrics", timeout=10).text
     assert f'impetus_sequences_total{{model="{DEFAULT_MODEL}",outcome="finished"}}' in generated
 
