@@ -50,6 +50,7 @@ queues the packet for each client's writer thread, so the engine thread is not h
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -167,7 +168,9 @@ def init_realtime(app: Flask) -> None:
         # listener's subscription waits for messages indefinitely.
         options["client_manager"] = RedisManager(redis_url, channel="impetus-socketio",
                                                  redis_options={"socket_connect_timeout": 2})
-    socketio.init_app(app, async_mode="threading", cors_allowed_origins=[], **options)
+    limit = app.config["IMPETUS_SETTINGS"].max_request_bytes
+    socketio.init_app(app, async_mode="threading", cors_allowed_origins=[], max_http_buffer_size=limit, **options)
+    bound_websocket_messages(limit)
     outbox = Outbox() if redis_url else None
     if outbox is not None:
         socketio.start_background_task(outbox.run)
@@ -175,6 +178,16 @@ def init_realtime(app: Flask) -> None:
     app.extensions["impetus"].events.subscribe(_forward)
     monitor: Monitor = app.extensions["impetus_monitor"]
     socketio.start_background_task(monitor.run, socketio.sleep)
+
+
+def bound_websocket_messages(limit: int) -> None:
+    """A Socket.IO message is as large as an HTTP body may be (IMPETUS_MAX_REQUEST_BYTES). Engine.IO
+    checks that only once a WebSocket message has been read whole, and in threading mode it opens
+    simple-websocket with no limit, so one frame (before any key is asked for) could fill memory:
+    give simple-websocket the limit, and it closes the connection as soon as a message exceeds it."""
+    eio = socketio.server.eio
+    websocket = eio._async["websocket"]
+    eio._async = {**eio._async, "websocket": functools.partial(websocket, max_message_size=limit)}
 
 
 def replica() -> str:

@@ -127,3 +127,33 @@ def test_top_k_beyond_the_vocabulary_is_400_and_harms_nobody(server: Server, top
         "model": DEFAULT_MODEL, "max_tokens": 1, "top_k": top_k, "messages": MESSAGES})
     assert r.status_code == 400 and r.json()["type"] == "error"
     test_the_server_still_answers_afterwards(server)
+
+
+def test_socketio_messages_are_bounded_like_http_bodies(server: Server) -> None:
+    """A Socket.IO message may be as large as an HTTP body (IMPETUS_MAX_REQUEST_BYTES, 8 MiB here), not
+    Engine.IO's default 1 MB; a larger WebSocket message closes the connection as it arrives (close
+    code 1009, message too big), before any key is asked for, and the server keeps serving."""
+    import simple_websocket
+    import socketio
+
+    client = socketio.Client(reconnection=False)
+    client.connect(server.url, transports=["websocket"], auth={"rooms": []}, wait_timeout=30)
+    try:
+        two_mb = {"model": DEFAULT_MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "word " * 400_000}]}
+        ack = client.call("generate", two_mb, timeout=120)
+        assert ack["error"]["code"] == "context_length_exceeded", ack
+    finally:
+        client.disconnect()
+
+    ws = simple_websocket.Client.connect(server.url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket")
+    try:
+        assert ws.receive(timeout=10).startswith("0{")  # Engine.IO's open packet: no Socket.IO connect yet
+        ws.send("4" + "x" * 9_000_000)
+        with pytest.raises(simple_websocket.ConnectionClosed) as closed:
+            while True:
+                ws.receive(timeout=30)
+        assert closed.value.reason == 1009, (closed.value.reason, closed.value.message)
+    finally:
+        if ws.connected:
+            ws.close()
+    test_the_server_still_answers_afterwards(server)
