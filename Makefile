@@ -17,9 +17,9 @@ OPENBLAS_TRY := $(VENV)/.openblas-tried
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup openblas redis-server run test lint bench soak clean dashboard dashboard-if-node chromium
+.PHONY: setup openblas redis-server nginx run test lint bench soak clean dashboard dashboard-if-node chromium
 
-setup: $(STAMP) openblas redis-server
+setup: $(STAMP) openblas redis-server nginx
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Impetus needs Python >= 3.11, found " + sys.version.split()[0] + ": make PYTHON=python3.11 ...")'
@@ -69,6 +69,22 @@ redis-server: | $(BIN)/python
 	    fi; \
 	  fi; \
 	  [ -x /usr/bin/redis-server ] || echo "Note: redis-server is not installed; the multi-replica test will skip."; \
+	fi
+
+# Debian's nginx binary for the test of deploy/nginx.conf in front of two replicas: downloaded and
+# unpacked into the venv (apt-get download + dpkg-deb -x), not installed, so no web server starts
+# on this machine. Once; never fail setup over it (the test then skips, saying why).
+NGINX_DIR := $(VENV)/nginx
+NGINX_TRY := $(VENV)/.nginx-tried
+
+nginx: | $(BIN)/python
+	@if [ "$$(uname -s)" = Linux ] && [ ! -x $(NGINX_DIR)/usr/sbin/nginx ] && [ ! -e $(NGINX_TRY) ] \
+	    && command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then \
+	  touch $(NGINX_TRY); \
+	  echo "Fetching Debian's nginx (apt-get download nginx) for the load-balancer test..."; \
+	  rm -rf $(NGINX_DIR) && mkdir -p $(NGINX_DIR) && \
+	  (cd $(NGINX_DIR) && apt-get download nginx >/dev/null 2>&1 && dpkg-deb -x nginx_*.deb . && rm -f nginx_*.deb) \
+	    || echo "nginx download failed (continuing: the load-balancer test will skip)."; \
 	fi
 
 # The dashboard (impetus-dashboard/: React + TypeScript + Vite), served by the server at /. pnpm at a

@@ -26,11 +26,11 @@ import redis
 import requests
 import socketio
 
-from tests.conftest import DEFAULT_MODEL, Server, free_port, start_server, stop_server
+from tests.conftest import DEFAULT_MODEL, ROOT, Server, free_port, start_server, stop_server
 
 REDIS_SERVER = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
 RATE_LIMIT = 6  # requests per hour per key, across the cluster
-EVENTS_KEY, LIMIT_KEY = "events-key", "limit-key"  # separate rate-limit buckets
+EVENTS_KEY, LIMIT_KEY, PROXY_KEY = "events-key", "limit-key", "proxy-key"  # separate rate-limit buckets
 
 pytestmark = pytest.mark.skipif(
     REDIS_SERVER is None,
@@ -73,7 +73,7 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     redis_process, url = start_redis(tmp)
-    env = {"IMPETUS_REDIS_URL": url, "IMPETUS_API_KEYS": f"{EVENTS_KEY},{LIMIT_KEY}",
+    env = {"IMPETUS_REDIS_URL": url, "IMPETUS_API_KEYS": f"{EVENTS_KEY},{LIMIT_KEY},{PROXY_KEY}",
            "IMPETUS_RATE_LIMIT": f"{RATE_LIMIT}/hour", "IMPETUS_METRICS_INTERVAL": "0.2"}
     servers: list[Server] = []
     try:
@@ -196,6 +196,105 @@ def test_a_rate_limit_holds_across_replicas(cluster: Cluster) -> None:
     # Another key's budget is its own.
     r = requests.get(f"{cluster.a.base_url}/models", headers={"Authorization": f"Bearer {EVENTS_KEY}"}, timeout=30)
     assert r.status_code == 200, r.text
+
+
+NGINX = ROOT / ".venv" / "nginx" / "usr" / "sbin" / "nginx"
+
+
+@pytest.fixture
+def nginx(cluster: Cluster, tmp_path: Path) -> Iterator[str]:
+    """deploy/nginx.conf in front of the two replicas: only the addresses, the listen port and the
+    files nginx writes are changed (Compose's names resolve only inside Compose)."""
+    if not NGINX.exists():
+        pytest.skip("nginx is not available: `make setup` unpacks Debian's nginx into .venv/nginx "
+                    "(apt-get download nginx, dpkg-deb -x); it could not here (see .venv/.nginx-tried)")
+    version = subprocess.run([str(NGINX), "-v"], capture_output=True, text=True, timeout=30)
+    if version.returncode != 0:  # unpacked, not installed: a shared library it needs may be missing
+        pytest.skip(f"the nginx in .venv/nginx does not run here: {version.stderr.strip()}")
+    port = free_port()
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    addresses = [s.url.removeprefix("http://") for s in (cluster.a, cluster.b)]
+    conf, upstreams = re.subn(r"server impetus:8080( [^;]*)?;",
+                              lambda m: "\n        ".join(f"server {a}{m.group(1) or ''};" for a in addresses), conf)
+    assert upstreams == 2, conf
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    # As root, nginx's workers would run as nobody, who cannot enter pytest's private temporary folder.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = conf.replace("pid /tmp/nginx.pid;", f"{user}pid {tmp_path}/nginx.pid;")
+    conf = conf.replace("access_log /dev/stdout;", f"access_log {tmp_path}/access.log;\n" + "".join(
+        f"    {kind}_temp_path {tmp_path}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")))
+    (tmp_path / "nginx.conf").write_text(conf)
+    command = [str(NGINX), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"]
+    checked = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    log = (tmp_path / "nginx.log").open("wb")
+    process = subprocess.Popen([*command, "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.get(f"{url}/health/live", timeout=2)
+            break
+        except requests.ConnectionError:
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "nginx.log").read_text()
+            time.sleep(0.1)
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(30)
+
+
+def test_through_nginx(cluster: Cluster, nginx: str) -> None:
+    """deploy/nginx.conf for real: Socket.IO's polling transport works only if every request of a
+    session reaches one replica (ip_hash); SSE arrives as it is generated; a body over the server's
+    limit gets the server's 413 envelope, not nginx's page; the API is spread over both replicas."""
+    headers = {"Authorization": f"Bearer {PROXY_KEY}"}
+    body = {"model": DEFAULT_MODEL, "max_tokens": 24, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Count to twenty."}]}
+    received: list[Any] = []
+
+    def finished_events(n: int) -> None:
+        deadline = time.monotonic() + 15
+        while len([e for e in received if e["event"] == "finished"]) < n:
+            assert time.monotonic() < deadline, received
+            time.sleep(0.05)
+
+    client = socketio.Client(reconnection=False)
+    client.on("request_event", received.append)
+    client.connect(nginx, transports=["polling"], wait_timeout=30, auth={"api_key": PROXY_KEY, "rooms": ["requests"]})
+    try:
+        arrivals = []
+        with requests.post(f"{nginx}/v1/chat/completions", json=body, headers=headers, stream=True,
+                           timeout=120) as r:
+            assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith(b"data: {"):
+                    arrivals.append(time.monotonic())
+        assert len(arrivals) > 5 and arrivals[-1] - arrivals[0] > 0.05, arrivals  # not one buffered burst
+        finished_events(1)  # over long-polling, through nginx
+        # least_conn: idle replicas take turns, so the next two cannot both land where the first did.
+        for _ in range(2):
+            r = requests.post(f"{nginx}/v1/chat/completions", headers=headers, timeout=120,
+                              json={**body, "stream": False, "max_tokens": 1})
+            assert r.status_code == 200, r.text
+        finished_events(3)
+        assert client.transport() == "polling"
+    finally:
+        client.disconnect()
+    assert len({e["replica"] for e in received}) == 2, received
+
+    # Over the body limit: the error envelope (nginx's, as the server's would be), not a 502 or HTML.
+    big = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "x" * (8 << 20)}]}
+    r = requests.post(f"{nginx}/v1/chat/completions", json=big, headers=headers, timeout=60)
+    assert r.status_code == 413 and r.headers["Content-Type"].startswith("application/json"), r.text[:300]
+    assert r.json() == {"error": {"message": "The request body is larger than 8 MiB.", "type": "invalid_request_error",
+                                  "param": None, "code": "request_too_large"}}
+    r = requests.post(f"{nginx}/v1/messages", json=big, headers=headers, timeout=60)
+    assert r.status_code == 413 and r.json()["type"] == "error" and r.json()["error"]["type"] == "request_too_large"
+    # Just under it, the body reaches the server (a context-length 400, from the replica).
+    under = {**big, "messages": [{"role": "user", "content": "x" * ((8 << 20) - 4096)}]}
+    r = requests.post(f"{nginx}/v1/chat/completions", json=under, headers=headers, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["code"], r.text[:300]
 
 
 def test_killing_one_replica_leaves_the_other_serving(cluster: Cluster,

@@ -119,7 +119,8 @@ def test_compose_runs_two_replicas_with_redis_and_nginx() -> None:
     assert "proxy_buffering off;" in conf and "proxy_set_header Upgrade $http_upgrade;" in conf
     assert all(port == "8080" for port in re.findall(r"server impetus:(\d+)", conf))
     body = re.search(r"client_max_body_size (\d+)m;", conf)
-    assert body and int(body.group(1)) << 20 > Settings().max_request_bytes  # the server's 413, not nginx's
+    assert body and int(body.group(1)) << 20 == Settings().max_request_bytes  # nginx enforces the server's limit
+    assert "error_page 413 @request_too_large;" in conf
 
 
 def test_dockerfile_matches_the_project() -> None:
