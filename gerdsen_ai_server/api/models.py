@@ -9,6 +9,7 @@ from pathlib import Path
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..default_model import DEFAULT_MODEL_ID
+from ..engine.encoder import is_encoder
 from ..engine.engine import ContextLengthExceeded, EngineOverloaded
 from ..engine.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
 from ..engine.registry import ModelBusy, OverBudget, Resident
@@ -61,6 +62,7 @@ def resident_info(resident: Resident) -> ModelInfo:
     loaded = resident.loaded
     return ModelInfo(
         id=loaded.model_id, state="resident", format="mlx", path=str(loaded.path),
+        kind="embedding" if loaded.kind == "embedding" else "language",
         size_bytes=folder_bytes(loaded.path), memory_bytes=loaded.nbytes, context_length=loaded.context_length,
         busy=resident.busy, pinned=resident.pinned,
         keep_alive=None if math.isinf(resident.keep_alive) else resident.keep_alive,
@@ -84,6 +86,7 @@ def local_models() -> list[ModelInfo]:
         try:
             fmt = registry.loader.detect(path)
             found[model_id] = ModelInfo(id=model_id, state="local", format=fmt, path=str(path),
+                                        kind="embedding" if is_encoder(path) else "language",
                                         size_bytes=folder_bytes(path))
         except ModelLoadError as exc:
             found[model_id] = ModelInfo(id=model_id, state="local", path=str(path), error=str(exc))

@@ -43,6 +43,8 @@ class ModelInfo(BaseModel):
     id: str
     state: Literal["resident", "local"]
     format: str | None = None
+    kind: Literal["language", "embedding"] | None = Field(
+        None, description="language: generates (and embeds); embedding: a dedicated embedding model, /v1/embeddings only.")
     path: str | None = None
     size_bytes: int | None = Field(None, description="Bytes on disk.")
     memory_bytes: int | None = Field(None, description="Bytes of weights in memory while resident.")

@@ -160,8 +160,11 @@ def test_models_say_which_kind_and_the_registry_holds_them(srv: Server, client: 
     assert client.models.retrieve(BERT).id == BERT
     listing = {m["id"]: m for m in requests.get(f"{srv.url}/api/models", timeout=30).json()["data"]}
     assert listing[BERT]["state"] == "resident" and listing[BERT]["memory_bytes"] > 0
+    assert listing[BERT]["kind"] == "embedding" and listing[DEFAULT_MODEL]["kind"] == "language"
     unloaded = requests.post(f"{srv.url}/api/models/unload", json={"model": BERT}, timeout=60)
     assert unloaded.status_code == 200
+    listing = {m["id"]: m for m in requests.get(f"{srv.url}/api/models", timeout=30).json()["data"]}
+    assert listing[BERT]["state"] == "local" and listing[BERT]["kind"] == "embedding"
     assert BERT not in {m["id"] for m in requests.get(f"{srv.base_url}/models", timeout=30).json()["data"]}
     assert len(client.embeddings.create(model=BERT, input="the cat").data[0].embedding) == 32  # loads again
 
