@@ -51,6 +51,7 @@ queues the packet for each client's writer thread, so the engine thread is not h
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import queue
@@ -171,6 +172,7 @@ def init_realtime(app: Flask) -> None:
     limit = app.config["IMPETUS_SETTINGS"].max_request_bytes
     socketio.init_app(app, async_mode="threading", cors_allowed_origins=[], max_http_buffer_size=limit, **options)
     bound_websocket_messages(limit)
+    app.wsgi_app = WebSocketCap(app.wsgi_app, app.config["IMPETUS_SETTINGS"].threads // 2)  # type: ignore[method-assign]
     outbox = Outbox() if redis_url else None
     if outbox is not None:
         socketio.start_background_task(outbox.run)
@@ -178,6 +180,39 @@ def init_realtime(app: Flask) -> None:
     app.extensions["impetus"].events.subscribe(_forward)
     monitor: Monitor = app.extensions["impetus_monitor"]
     socketio.start_background_task(monitor.run, socketio.sleep)
+
+
+class WebSocketCap:
+    """Each open WebSocket holds one of Gunicorn's threads for its whole life, and the key is asked
+    for only after the upgrade. So at most half the threads (IMPETUS_THREADS // 2) may be WebSockets:
+    past that a new one is refused with 503 before it opens, and connections, authenticated or not,
+    can never take the threads that HTTP requests and probes need. (Raise IMPETUS_THREADS for more.)"""
+
+    def __init__(self, wsgi_app: Any, limit: int) -> None:
+        self.wsgi_app, self.limit = wsgi_app, limit
+        self._lock = threading.Lock()
+        self.open = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if (environ.get("HTTP_UPGRADE", "").lower() != "websocket"
+                or not environ.get("PATH_INFO", "").startswith("/socket.io")):
+            return self.wsgi_app(environ, start_response)
+        with self._lock:
+            full = self.open >= self.limit
+            if not full:
+                self.open += 1
+        if full:
+            error = APIError(503, f"This server has {self.limit} WebSocket connections open, its most; retry later "
+                             "or on another replica.", code="too_many_connections")
+            body = json.dumps(error.envelope()).encode()
+            start_response("503 Service Unavailable", [("Content-Type", "application/json"), ("Retry-After", "5"),
+                                                       ("Content-Length", str(len(body)))])
+            return [body]
+        try:  # simple-websocket serves the whole connection inside this call
+            return self.wsgi_app(environ, start_response)
+        finally:
+            with self._lock:
+                self.open -= 1
 
 
 def bound_websocket_messages(limit: int) -> None:

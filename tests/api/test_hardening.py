@@ -4,6 +4,7 @@ envelope (never a 5xx), and the server keeps answering. Generated ones: test_ope
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -147,7 +148,8 @@ def test_socketio_messages_are_bounded_like_http_bodies(server: Server) -> None:
 
     ws = simple_websocket.Client.connect(server.url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket")
     try:
-        assert ws.receive(timeout=10).startswith("0{")  # Engine.IO's open packet: no Socket.IO connect yet
+        opened = ws.receive(timeout=60)  # Engine.IO's open packet: no Socket.IO connect yet (a busy machine: late)
+        assert opened is not None and opened.startswith("0{"), opened
         ws.send("4" + "x" * 9_000_000)
         with pytest.raises(simple_websocket.ConnectionClosed) as closed:
             while True:
@@ -157,3 +159,44 @@ def test_socketio_messages_are_bounded_like_http_bodies(server: Server) -> None:
         if ws.connected:
             ws.close()
     test_the_server_still_answers_afterwards(server)
+
+
+def test_websockets_never_take_every_thread(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With 8 Gunicorn threads at most 4 WebSockets are open at once: a fifth is refused (503) before
+    it opens, HTTP keeps its threads, and a closed one makes room again."""
+    import socketio
+
+    from tests.conftest import start_server, stop_server
+
+    srv = start_server(tmp_path_factory.mktemp("threads"), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
+                       IMPETUS_THREADS="8")
+    clients: list[socketio.Client] = []
+    try:
+        for _ in range(4):
+            client = socketio.Client(reconnection=False)
+            client.connect(srv.url, transports=["websocket"], auth={"rooms": []}, wait_timeout=30)
+            clients.append(client)
+        extra = socketio.Client(reconnection=False)
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            extra.connect(srv.url, transports=["websocket"], auth={"rooms": []}, wait_timeout=10)
+        r = requests.get(srv.url + "/socket.io/?EIO=4&transport=websocket", timeout=10,
+                         headers={"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_connections"
+        for _ in range(20):  # HTTP still has its threads
+            assert requests.get(srv.url + "/health/live", timeout=5).status_code == 200
+        clients.pop().disconnect()
+        deadline = time.monotonic() + 10
+        while True:  # the server notices the close, then has room again
+            again = socketio.Client(reconnection=False)
+            try:
+                again.connect(srv.url, transports=["websocket"], auth={"rooms": []}, wait_timeout=10)
+                break
+            except socketio.exceptions.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        clients.append(again)
+    finally:
+        for client in clients:
+            client.disconnect()
+        stop_server(srv)
