@@ -369,6 +369,9 @@ def _run_generate(sid: str, gen_id: str, data: Any) -> dict[str, Any]:
         if body.n != 1:
             raise APIError(400, "Over Socket.IO a generation has one choice: n must be 1.", param="n",
                            code="invalid_value")
+        if body.logprobs:  # token events carry text only: say so rather than drop what was asked for
+            raise APIError(400, "The parameter 'logprobs' is not supported over Socket.IO; use "
+                           "/v1/chat/completions.", param="logprobs", code="unsupported_parameter")
         g.impetus_route = ROUTE
         started_at = time.perf_counter()
         started = start_chat(body, "messages")

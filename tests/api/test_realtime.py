@@ -238,6 +238,7 @@ def test_generate_streams_tokens_to_this_client_only(connect: Callable[..., tupl
     ({**CHAT, "max_tokens": -1}, "invalid_request_error", "max_tokens", "invalid_value"),
     ({**CHAT, "surprise": True}, "invalid_request_error", "surprise", "unknown_parameter"),
     ({**CHAT, "n": 2}, "invalid_request_error", "n", "invalid_value"),
+    ({**CHAT, "logprobs": True}, "invalid_request_error", "logprobs", "unsupported_parameter"),
     ({**CHAT, "id": "no spaces"}, "invalid_request_error", "id", "invalid_value"),
     ({**CHAT, "model": "absent-model"}, "not_found_error", "model", "model_not_found"),
     ({**CHAT, "max_tokens": 30_000}, "invalid_request_error", "messages", "context_length_exceeded"),
