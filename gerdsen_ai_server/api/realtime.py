@@ -173,6 +173,7 @@ def init_realtime(app: Flask) -> None:
     socketio.init_app(app, async_mode="threading", cors_allowed_origins=[], max_http_buffer_size=limit, **options)
     bound_websocket_messages(limit)
     app.wsgi_app = WebSocketCap(app.wsgi_app, app.config["IMPETUS_SETTINGS"].threads // 2)  # type: ignore[method-assign]
+    socketio.start_background_task(close_idle_handshakes, socketio.sleep)
     outbox = Outbox() if redis_url else None
     if outbox is not None:
         socketio.start_background_task(outbox.run)
@@ -213,6 +214,31 @@ class WebSocketCap:
         finally:
             with self._lock:
                 self.open -= 1
+
+
+CONNECT_GRACE_S = 10.0
+
+
+def close_idle_handshakes(sleep: Any, grace: float = CONNECT_GRACE_S) -> None:
+    """An Engine.IO session that never connects to the namespace never shows a key, yet it holds a
+    WebSocket slot (a thread) for as long as it answers pings: close it after ``grace`` seconds.
+    (A Socket.IO client connects in the same breath as the Engine.IO handshake.)"""
+    first_seen: dict[str, float] = {}
+    while True:
+        sleep(grace / 4)
+        try:
+            eio, now = socketio.server.eio, time.monotonic()
+            current = set(eio.sockets)
+            for eio_sid in current:
+                if socketio.server.manager.sid_from_eio_sid(eio_sid, "/") is not None:
+                    first_seen.pop(eio_sid, None)
+                elif now - first_seen.setdefault(eio_sid, now) >= grace:
+                    first_seen.pop(eio_sid, None)
+                    eio.disconnect(eio_sid)
+            for gone in set(first_seen) - current:
+                del first_seen[gone]
+        except Exception:  # never let the sweep end
+            log.exception("closing idle Engine.IO sessions failed")
 
 
 def bound_websocket_messages(limit: int) -> None:

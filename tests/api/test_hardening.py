@@ -200,3 +200,26 @@ def test_websockets_never_take_every_thread(tmp_path_factory: pytest.TempPathFac
         for client in clients:
             client.disconnect()
         stop_server(srv)
+
+
+def test_a_session_that_never_connects_is_closed(server: Server) -> None:
+    """An Engine.IO session that never sends Socket.IO's CONNECT (so never shows a key) does not keep
+    its WebSocket slot: it is closed within about 10 s, though it answers every ping."""
+    import simple_websocket
+
+    ws = simple_websocket.Client.connect(server.url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket")
+    began = time.monotonic()
+    try:
+        opened = ws.receive(timeout=60)
+        assert opened is not None and opened.startswith("0{"), opened
+        with pytest.raises(simple_websocket.ConnectionClosed):
+            while time.monotonic() - began < 40:
+                packet = ws.receive(timeout=1)
+                if packet == "2":  # Engine.IO ping: answer it, as a live client would
+                    ws.send("3")
+        closed_after = time.monotonic() - began
+        print(f"Engine.IO session without a Socket.IO connect closed after {closed_after:.1f} s")
+        assert 5 <= closed_after < 30
+    finally:
+        if ws.connected:
+            ws.close()
