@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         300.0, description="Seconds an idle model stays loaded (negative: forever; the default model is always kept)."
     )
     autoload: bool = Field(True, description="Load a local model on demand when a request names one not resident.")
+    backend: Literal["auto", "mlx", "llamacpp"] = Field(
+        "auto",
+        description="Which engine runs GGUF files: 'auto' (llama.cpp for your .gguf files when llama-cpp-python is "
+        "installed; the embedded default model stays on MLX), 'mlx' (convert every GGUF to MLX) or 'llamacpp' "
+        "(every GGUF on llama.cpp, the default model's included). MLX folders always run on MLX.",
+    )
+    llamacpp_threads: int = Field(0, ge=0, description="CPU threads of each llama.cpp model (0: all cores).")
     # ---- monitoring (monitor.py, metrics.py, api/realtime.py)
     metrics_interval: float = Field(
         1.0, ge=0.05, le=3600, description="Seconds between 'metrics' pushes to Socket.IO clients (and monitor samples)."

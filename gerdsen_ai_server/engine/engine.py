@@ -206,6 +206,11 @@ class InferenceEngine:
         """A snapshot; the engine thread keeps the live counters current after every step."""
         snapshot = EngineStats(**vars(self._stats))
         snapshot.requests_in_flight = self._inflight
+        for resident in list(self.registry.residents.values()):  # llama.cpp models count their own
+            if hasattr(resident.generator, "sequence_counts"):
+                running, waiting = resident.generator.sequence_counts()
+                snapshot.active_sequences += running
+                snapshot.queued_sequences += waiting
         return snapshot
 
     def set_batch_limit(self, limit: int | None) -> None:
@@ -227,6 +232,10 @@ class InferenceEngine:
                 )
             self._inflight += 1
         stream = TokenStream(request, self.is_alive)
+        resident = self.registry.get(request.model)
+        if resident is not None and hasattr(resident.generator, "submit"):  # llama.cpp: its own thread
+            resident.generator.submit(request, stream, self._stats, self._finish)
+            return stream
         self._commands.put(("generate", request, stream))
         return stream
 
@@ -352,6 +361,8 @@ class InferenceEngine:
         self._loads_turn_ended = time.monotonic()
 
     def _new_generator(self, loaded: LoadedModel) -> BatchGenerator:
+        if getattr(loaded, "kind", None) == "llamacpp":
+            return loaded.model  # type: ignore[no-any-return]  # a LlamaCppEngine: batches on its own thread
         return self._apply_batch_limit(BatchGenerator(
             loaded.model,
             stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..default_model import DEFAULT_MODEL_ID, ensure_default_model
+from ..default_model import DEFAULT_MODEL_ID, default_gguf_path, ensure_default_model
+from .backends import llamacpp
 from .encoder import is_encoder, load_encoder
 from .errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
 from .gguf import convert_gguf_to_mlx
@@ -99,11 +100,15 @@ class LoaderFactory:
         """Turn a model id, folder name under ``models_dir`` or path into an MLX folder path."""
         models_dir = Path(models_dir)
         if spec.strip().lower() == DEFAULT_MODEL_ID:
+            if llamacpp.serves_gguf(is_default_model=True):  # IMPETUS_BACKEND=llamacpp
+                return default_gguf_path()
             return ensure_default_model(models_dir)
         path = self._locate(spec, models_dir)
         if self.detect(path) == "mlx":
             return path
         gguf = path if path.is_file() else next(p for p in path.iterdir() if p.name.lower().endswith(".gguf"))
+        if llamacpp.serves_gguf(is_default_model=False):
+            return gguf  # runs as is on llama.cpp (engine/backends/llamacpp.py)
         # Converted once; later starts find the cached folder.
         return convert_gguf_to_mlx(gguf, models_dir / gguf.stem.lower())
 
@@ -145,6 +150,8 @@ class LoaderFactory:
         if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}, not {compute_dtype!r}")
         path = self.resolve(spec, models_dir)
+        if path.suffix.lower() == ".gguf":  # resolved to a GGUF: the llama.cpp backend
+            return llamacpp.load(path, path.name, models_dir / ".impetus" / "llamacpp-tokenizers")
         if is_encoder(path):
             encoder, encoder_tokenizer, max_tokens = load_encoder(path, compute_dtype)
             return LoadedModel(model_id=path.name, path=path, model=encoder, tokenizer=encoder_tokenizer,

@@ -53,8 +53,8 @@ class Resident:
     warmup: Any = None  # schemas.registry.WarmupResult, once a load with warmup: true has run
 
     @property
-    def busy(self) -> bool:
-        return bool(self.sequences)
+    def busy(self) -> bool:  # a llama.cpp model keeps its sequences itself
+        return bool(self.sequences) or bool(getattr(self.generator, "busy", False))
 
 
 def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
@@ -63,6 +63,10 @@ def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
     Quantized weights that will be dequantized to float32 count at 4 bytes per parameter
     (each scale stands for ``group_size`` parameters, whatever the layer's bit width).
     """
+    if path.suffix.lower() == ".gguf":  # the llama.cpp backend: the file plus its KV cache
+        from .backends.llamacpp import estimate_bytes as gguf_bytes, n_sequences
+
+        return gguf_bytes(path, n_sequences())
     config = json.loads((path / "config.json").read_text())
     group_size = (config.get("quantization") or {}).get("group_size", 64)
     tensors: dict[str, tuple[str, int]] = {}

@@ -1,0 +1,1 @@
+"""Engines other than MLX behind the same ``submit(request) -> TokenStream`` interface."""
