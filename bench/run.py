@@ -13,7 +13,12 @@ One after the other, on one bench model (``bench/model.py``: random-weight llama
    BLAS, and in float32 with OpenBLAS preloaded (what our server computes in on a Linux CPU);
 2. our server: ``impetus serve`` with ``IMPETUS_DEFAULT_MODEL=<bench folder>``, ``IMPETUS_MAX_BATCH=16``;
 3. ``python -m mlx_lm.server --model <bench folder>`` as shipped, again with the same OpenBLAS
-   preload, and (engine to engine, same compute) with OpenBLAS on a float32 copy of the model.
+   preload, and (engine to engine, same compute) with OpenBLAS on a float32 copy of the model;
+4. when ``llama_cpp`` is installed (``--skip-llamacpp`` to leave it out), the same weights as an
+   f32 GGUF (``bench/gguf_model.py``): raw in-process llama.cpp, one stream
+   (``bench/raw_llamacpp.py``); our server on its llama.cpp backend (``IMPETUS_BACKEND=llamacpp``);
+   and llama-cpp-python's own OpenAI server (``python -m llama_cpp.server``) as the peer, with
+   the issue 12 targets.
 
 The servers are all started, then each concurrency level runs on each server in turn (only one
 is driven at a time): on a shared 2-core machine the load from other work drifts by the minute,
@@ -30,6 +35,7 @@ machine, versions and command to ``docs/performance.md``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -82,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-mlx-openblas", action="store_true",
                    help="run mlx_lm.server only as shipped (not again with OpenBLAS, bf16 and fp32)")
     p.add_argument("--skip-raw", action="store_true", help="do not measure raw in-process mlx-lm")
+    p.add_argument("--skip-llamacpp", action="store_true",
+                   help="no llama.cpp rows (our llama.cpp backend, llama-cpp-python's server, raw llama.cpp)")
     p.add_argument("--raw-repeats", type=int, help="raw passes (start, end); each figure the best (default 2)")
     p.add_argument("--sequential", action="store_true",
                    help="start, measure and stop one server at a time (default: all started, levels interleaved, "
@@ -99,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         defaults = dict(streams="1,2", batches="2", max_tokens=8, requests_per_stream=1, history_tokens=150,
                         chat_reps=1, raw_repeats=1, min_requests=1)
         args.skip_mlx_server = True
+        args.skip_llamacpp = True
         args.profile = False if args.profile is None else args.profile
         if args.out is None:
             args.no_write = True
@@ -545,9 +554,57 @@ def targets(raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]], 
     return rows
 
 
+def run_raw_llamacpp(gguf: Path, env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.raw_llamacpp", "--model", str(gguf), "--max-tokens", str(args.max_tokens),
+           "--prompt-words", str(args.prompt_words), "--single-reps", "3"]
+    say("raw llama.cpp (llama-cpp-python, in process), one stream ...")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.raw_llamacpp failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    say(f"  one stream {result['single']['decode_tps']:.1f} tok/s")
+    return dict(result)
+
+
+def gguf_file(model_dir: Path, env: dict[str, str]) -> Path:
+    code = ("import sys; from pathlib import Path; from bench.gguf_model import write_gguf; "
+            "print(write_gguf(Path(sys.argv[1])))")
+    out = subprocess.run([sys.executable, "-c", code, str(model_dir)], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def llamacpp_targets(raw_llama: dict[str, Any], servers: dict[str, dict[str, Any]]) -> list[str]:
+    rows = ["| target | measured | goal | verdict |", "|---|---|---|---|"]
+    ours = servers["ours llama.cpp"]["levels"]
+    one, eight = level_of(ours, 1), level_of(ours, 8)
+    if one and raw_llama.get("single"):
+        ref = raw_llama["single"]["decode_tps"]
+        r = one.stream_decode_tps / ref
+        rows.append(ratio_row("one stream: ours (llama.cpp) / raw in-process llama.cpp decode",
+                              f"{fmt(one.stream_decode_tps)} / {fmt(ref)} = {r:.0%}", "≥ 95 %", r >= 0.95))
+    if one and eight:
+        r = eight.aggregate_tps / one.aggregate_tps
+        rows.append(ratio_row("8 streams / 1 stream, aggregate tok/s (ours, llama.cpp)",
+                              f"{fmt(eight.aggregate_tps)} / {fmt(one.aggregate_tps)} = {r:.2f}x", "≥ 2x", r >= 2))
+    peer = servers.get("llama-cpp-python server")
+    for lv in ours if peer else []:
+        other = level_of(peer["levels"], lv.streams)
+        if other and other.aggregate_tps > 0:
+            r = lv.aggregate_tps / other.aggregate_tps
+            rows.append(ratio_row(f"{lv.streams} stream(s): ours (llama.cpp) / llama-cpp-python server",
+                                  f"{fmt(lv.aggregate_tps)} / {fmt(other.aggregate_tps)} = {r:.2f}x", "≥ 1x", r >= 1))
+    mlx_ours = servers.get("ours")
+    if mlx_ours and eight and (m8 := level_of(mlx_ours["levels"], 8)):
+        rows.append(ratio_row("8 streams: ours on llama.cpp / ours on MLX (same weights)",
+                              f"{fmt(eight.aggregate_tps)} / {fmt(m8.aggregate_tps)} = "
+                              f"{eight.aggregate_tps / m8.aggregate_tps:.2f}x", "(for information)", None))
+    return rows
+
+
 def report(args: argparse.Namespace, command: str, started: str, loads: list[tuple[str, tuple[float, ...]]],
            raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]], ours_info: dict[str, Any],
-           elapsed: float, model_desc: str) -> str:
+           elapsed: float, model_desc: str, raw_llama: dict[str, Any] | None = None) -> str:
     m, v = machine(), versions()
     lines = [
         f"Run {started} on {m['platform']}, {m['cpu']}, {m['cores']} cores, {m['memory']}; Python {m['python']}, "
@@ -611,6 +668,9 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
         lines += ["", f"Median of {chats[0][1]['reps']} pair(s) for ours (one for each mlx_lm.server), each on its "
                   "own history; 16 output tokens.", ""]
     lines += ["### Targets (issue 3)", "", *targets(raw, servers, ours_info), ""]
+    if "ours llama.cpp" in servers:
+        lines += ["### Targets (issue 12: the llama.cpp backend, same weights as an f32 GGUF)", "",
+                  *llamacpp_targets(raw_llama or {}, servers), ""]
     prof = (servers.get("ours") or {}).get("profile")
     if prof:
         total = max(1, prof["engine_samples"])
@@ -675,11 +735,17 @@ def main(argv: list[str] | None = None) -> int:
     say(f"bench: {model_desc}; logs in {logs}")
 
     raw: dict[str, dict[str, Any]] = {}
+    raw_llama: dict[str, Any] = {}
     if not args.skip_raw:
         raw["bf16"] = run_raw("bf16 as stored, reference BLAS", model_dir, env, "", args)
         has_blas = find_openblas() is not None
         raw["fp32"] = run_raw("fp32, OpenBLAS" if has_blas else "fp32, reference BLAS (no OpenBLAS)",
                               model_dir, openblas_env(env), "float32", args)
+    gguf: Path | None = None
+    if not args.skip_llamacpp and importlib.util.find_spec("llama_cpp") is not None:
+        gguf = gguf_file(model_dir, env)
+        if not args.skip_raw:
+            raw_llama.update(run_raw_llamacpp(gguf, env, args))
     loads.append(("after raw", os.getloadavg()))
 
     servers: dict[str, dict[str, Any]] = {}
@@ -690,6 +756,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_mlx_openblas and find_openblas() is not None:
             runs.append(("mlx+openblas", "mlx_lm.server + OpenBLAS (bf16)", (openblas_env(env), model_dir)))
             runs.append(("mlx+openblas fp32", "mlx_lm.server + OpenBLAS, fp32 copy", (openblas_env(env), None)))
+    if gguf is not None:
+        runs.append(("ours llama.cpp", "ours, llama.cpp backend (f32 GGUF)", gguf))
+        if importlib.util.find_spec("llama_cpp.server") and importlib.util.find_spec("uvicorn"):
+            runs.append(("llama-cpp-python server", "llama-cpp-python server (f32 GGUF)", gguf))
+        else:
+            say("llama-cpp-python[server] is not installed: no row for its server")
 
     def launch(key: str, label: str, spec_env: Any) -> Server:
         port = free_port()
@@ -699,6 +771,20 @@ def main(argv: list[str] | None = None) -> int:
                           "IMPETUS_MAX_BATCH": "16", "IMPETUS_LOG_LEVEL": "warning"}
             cmd = [sys.executable, "-m", "gerdsen_ai_server.cli", "serve"]
             ready = "/health/ready"
+        elif key == "ours llama.cpp":
+            server_env = {**env, "IMPETUS_HOST": "127.0.0.1", "IMPETUS_PORT": str(port),
+                          "IMPETUS_DEFAULT_MODEL": str(spec_env), "IMPETUS_MODELS_DIR": str(models_dir),
+                          "IMPETUS_BACKEND": "llamacpp", "IMPETUS_MAX_BATCH": "16", "IMPETUS_LOG_LEVEL": "warning"}
+            cmd = [sys.executable, "-m", "gerdsen_ai_server.cli", "serve"]
+            ready = "/health/ready"
+        elif key == "llama-cpp-python server":
+            server_env = dict(env)
+            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(spec_env), "--port", str(port),
+                   "--host", "127.0.0.1", "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 1),
+                   "--n_threads_batch", str(os.cpu_count() or 1), "--verbose", "false",
+                   # by default a new request interrupts the one running: queue them instead
+                   "--interrupt_requests", "false"]
+            ready = "/v1/models"
         else:
             server_env, folder = spec_env
             if folder is None:
@@ -707,7 +793,8 @@ def main(argv: list[str] | None = None) -> int:
             ready = "/health"
         say(f"{label}: starting on port {port} ...")
         server = start_server(label, cmd, server_env, port, ready, logs)
-        server.model = model_id(server) if key == "ours" else "default_model"
+        server.model = model_id(server) if key in ("ours", "ours llama.cpp", "llama-cpp-python server") \
+            else "default_model"
         if key == "ours":
             ours_info.update(requests.get(server.url + "/health", timeout=10).json())
             say(f"  compute dtype {ours_info.get('compute_dtype')}, BLAS {ours_info.get('blas')}")
@@ -716,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def finish(key: str, server: Server) -> None:
         # mlx_lm.server's cold bf16 prefill of ~1,000 tokens takes ~20 s here: one pair for the peers.
-        servers[key]["chat"] = measure_chat(server, args, args.chat_reps if key == "ours" else 1)
+        servers[key]["chat"] = measure_chat(server, args, args.chat_reps if key.startswith("ours") else 1)
         if key == "ours" and args.profile:
             # The profile pass sends 4 requests a stream: twice the 8-stream level's (or guess).
             eight = level_of(servers[key]["levels"], 8)
@@ -759,7 +846,8 @@ def main(argv: list[str] | None = None) -> int:
                 raw[key] = best_of(raw[key], again)
         loads.append(("after raw again", os.getloadavg()))
 
-    body = report(args, command, started, loads, raw, servers, ours_info, time.monotonic() - t0, model_desc)
+    body = report(args, command, started, loads, raw, servers, ours_info, time.monotonic() - t0, model_desc,
+                  raw_llama)
     print()
     print(body)
     if not args.no_write:
