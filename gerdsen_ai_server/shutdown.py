@@ -112,8 +112,10 @@ def close_websockets(app: Flask) -> None:
     socketio = app.extensions.get("socketio")
     if socketio is None or socketio.server is None:
         return
+    from .api.realtime import close_session
+
     try:
-        socketio.server.eio.disconnect()  # no sid: every client
+        close_session()  # every client, without waiting on a dead connection's queue
     except Exception:  # noqa: BLE001 - shutting down anyway
         log.exception("closing the Socket.IO connections failed")
 

@@ -234,11 +234,22 @@ def close_idle_handshakes(sleep: Any, grace: float = CONNECT_GRACE_S) -> None:
                     first_seen.pop(eio_sid, None)
                 elif now - first_seen.setdefault(eio_sid, now) >= grace:
                     first_seen.pop(eio_sid, None)
-                    eio.disconnect(eio_sid)
+                    close_session(eio_sid)
             for gone in set(first_seen) - current:
                 del first_seen[gone]
         except Exception:  # never let the sweep end
             log.exception("closing idle Engine.IO sessions failed")
+
+
+def close_session(eio_sid: str | None = None) -> None:
+    """Close one Engine.IO session (every one without ``eio_sid``) without waiting: Engine.IO's own
+    ``disconnect`` waits for the session's send queue to drain, which never happens when its
+    connection is already dead, and would hang the caller for good."""
+    eio = socketio.server.eio
+    sessions = [eio.sockets.get(eio_sid)] if eio_sid is not None else list(eio.sockets.values())
+    for session in sessions:
+        if session is not None:
+            session.close(wait=False, reason=eio.reason.SERVER_DISCONNECT)
 
 
 def bound_websocket_messages(limit: int) -> None:
