@@ -188,5 +188,11 @@ def test_auto_mode_runs_user_gguf_on_llama_cpp_and_keeps_the_default_on_mlx(tmp_
                                                   temperature=0).choices[0].message.content
                    for m in (DEFAULT_MODEL, "mine.gguf")]
         assert all("Paris" in a for a in answers), answers
+        info = requests.get(srv.url + "/api/models/mine.gguf", timeout=10).json()
+        assert info["memory_bytes"] > f32_gguf().stat().st_size  # the weights plus the KV cache of 8 slots
+        r = requests.post(srv.url + "/api/models/unload", json={"model": "mine.gguf"}, timeout=60)
+        assert r.status_code == 200, r.text
+        ids = [m["id"] for m in requests.get(srv.url + "/health", timeout=10).json()["models"]]
+        assert ids == [DEFAULT_MODEL]
     finally:
         stop_server(srv)
