@@ -64,7 +64,8 @@ def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
     (each scale stands for ``group_size`` parameters, whatever the layer's bit width).
     """
     if path.suffix.lower() == ".gguf":  # the llama.cpp backend: the file plus its KV cache
-        from .backends.llamacpp import estimate_bytes as gguf_bytes, n_sequences
+        from .backends.llamacpp import estimate_bytes as gguf_bytes
+        from .backends.llamacpp import n_sequences
 
         return gguf_bytes(path, n_sequences())
     config = json.loads((path / "config.json").read_text())
