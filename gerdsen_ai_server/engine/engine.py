@@ -362,7 +362,8 @@ class InferenceEngine:
 
     def _new_generator(self, loaded: LoadedModel) -> BatchGenerator:
         if getattr(loaded, "kind", None) == "llamacpp":
-            return loaded.model  # type: ignore[no-any-return]  # a LlamaCppEngine: batches on its own thread
+            # A LlamaCppEngine: batches on its own thread, within the same (thermal) batch cap.
+            return self._apply_batch_limit(loaded.model)  # type: ignore[no-any-return]
         return self._apply_batch_limit(BatchGenerator(
             loaded.model,
             stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],

@@ -196,3 +196,38 @@ def test_auto_mode_runs_user_gguf_on_llama_cpp_and_keeps_the_default_on_mlx(tmp_
         assert ids == [DEFAULT_MODEL]
     finally:
         stop_server(srv)
+
+
+def test_a_hot_machine_caps_the_llama_cpp_batch(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, IMPETUS_DEFAULT_MODEL=str(f32_gguf().parent), IMPETUS_FAULT_THERMAL_STATE="serious",
+                       IMPETUS_THERMAL_BATCH_SIZE="2", IMPETUS_THERMAL_INTERVAL="0.5", **ENV)
+    try:
+        deadline = time.monotonic() + 30
+        while requests.get(srv.url + "/health", timeout=10).json()["batch_limit"] != 2:
+            assert time.monotonic() < deadline, "the thermal cap never came"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=120)
+        seen: list[float] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                seen.append(metric(srv, "impetus_active_sequences"))
+                time.sleep(0.05)
+
+        def ask(i: int) -> None:
+            client.completions.create(model=DEFAULT_MODEL, prompt=f"Count to {i + 5}:", max_tokens=48, temperature=0)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        done.set()
+        watcher.join()
+        assert max(seen) == 2  # 6 requests, never more than 2 decoding at once
+        assert metric(srv, "impetus_requests_in_flight") == 0
+    finally:
+        stop_server(srv)

@@ -244,6 +244,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class LlamaCppEngine:
     """A resident GGUF model; stands where the registry keeps mlx-lm's BatchGenerator."""
 
+    # The MLX engine sets these on every resident's generator when the thermal governor caps the
+    # batch (InferenceEngine.set_batch_limit); 0: no cap, all slots.
     completion_batch_size = 0
     prefill_batch_size = 0
     _generation_batch: tuple[()] = ()  # the MLX engine's own counters see no sequences here
@@ -376,9 +378,10 @@ class LlamaCppEngine:
 
     def _admit(self) -> None:
         """Waiting requests into free slots, each into the slot whose cached tokens share the longest prefix."""
+        cap = min(self.n_seq, self.completion_batch_size or self.n_seq)
         while self._waiting:
             free = [s for s in self._slots if s.seq is None]
-            if not free:
+            if not free or self.n_seq - len(free) >= cap:
                 return
             seq = self._waiting.pop(0)
             prompt = seq.pending
