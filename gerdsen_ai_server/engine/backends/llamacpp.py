@@ -292,7 +292,8 @@ class LlamaCppEngine:
         self._waiting: list[_Seq] = []
         self._inbox: queue.Queue[tuple[GenerationRequest, TokenStream, Any, Any]] = queue.Queue()
         self._wake = threading.Event()
-        self._closed = False
+        self._closed = False  # the thread stops (set by close(), or by the thread itself on a crash)
+        self._freed = False  # context and model freed (close())
         self.prefix_tokens_reused = 0
         self._thread = threading.Thread(target=self._run, name=f"impetus-llamacpp-{path.stem}", daemon=True)
         self._thread.start()
@@ -301,6 +302,9 @@ class LlamaCppEngine:
     def submit(self, request: GenerationRequest, stream: TokenStream, stats: Any, finish: Any) -> None:
         """Queue ``request``; ``finish(stream, event)`` is the MLX engine's end-of-request bookkeeping."""
         self._stats, self._finish = stats, finish
+        if self._closed or not self._thread.is_alive():  # never leave a caller waiting on a dead thread
+            finish(stream, TokenEvent(error="the llama.cpp engine stopped"))
+            return
         self._inbox.put((request, stream, stats, finish))
         self._wake.set()
 
@@ -314,9 +318,9 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         """Stop the thread (failing what is left) and free the context and the model."""
-        if self._closed:
+        if self._freed:
             return
-        self._closed = True
+        self._closed = self._freed = True
         self._wake.set()
         self._thread.join(timeout=30)
         lc = self._lc
