@@ -137,8 +137,13 @@ def silent_token_ids(tokenizer_json: dict) -> list[int]:
     return sorted(silent)
 
 
-def build(out: Path, spec: Spec = BENCH, models_dir: Path | None = None, *, quiet: bool = False) -> Path:
-    """Build the model into ``out`` unless a folder of the same recipe is already there."""
+def build(out: Path, spec: Spec = BENCH, models_dir: Path | None = None, *, quiet: bool = False,
+          tokenizer_from: Path | None = None) -> Path:
+    """Build the model into ``out`` unless a folder of the same recipe is already there.
+
+    The tokenizer comes from the converted default model, or from ``tokenizer_from``: a folder
+    with SmolLM2's ``tokenizer.json`` (and its config files), where the default model is not
+    installed (a GPU machine given only the wheels it needs)."""
     out = Path(out)
     if is_built(out, spec):
         return out
@@ -149,7 +154,7 @@ def build(out: Path, spec: Spec = BENCH, models_dir: Path | None = None, *, quie
 
     from gerdsen_ai_server.default_model import ensure_default_model
 
-    source = ensure_default_model(models_dir or default_models_dir())
+    source = Path(tokenizer_from) if tokenizer_from else ensure_default_model(models_dir or default_models_dir())
     tokenizer = cut_tokenizer(json.loads((source / "tokenizer.json").read_text()), spec.vocab)
     never = silent_token_ids(tokenizer)
 
@@ -231,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer hidden-64 model for tests")
     parser.add_argument("--out", type=Path, help="folder to build into (default build/bench-model[-tiny])")
     parser.add_argument("--models-dir", type=Path, help="where the default model (the tokenizer's source) lives")
+    parser.add_argument("--tokenizer-from", type=Path, help="a folder with SmolLM2's tokenizer files instead")
     args = parser.parse_args(argv)
     spec = TINY if args.tiny else BENCH
-    print(build(args.out or default_out(spec), spec, args.models_dir))
+    print(build(args.out or default_out(spec), spec, args.models_dir, tokenizer_from=args.tokenizer_from))
     return 0
 
 

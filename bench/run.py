@@ -65,6 +65,7 @@ from gerdsen_ai_server.blas import find_openblas  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+GPU_BEGIN, GPU_END = "<!-- bench-gpu:begin -->", "<!-- bench-gpu:end -->"  # a run where MLX computes on a GPU
 
 
 # ---------------------------------------------------------------- options
@@ -157,6 +158,28 @@ def base_env() -> dict[str, str]:
 def openblas_env(env: dict[str, str]) -> dict[str, str]:
     lib = find_openblas()
     return {**env, "LD_PRELOAD": str(lib)} if lib else dict(env)
+
+
+def accelerator(env: dict[str, str]) -> str:
+    """'' when MLX computes on the CPU here; else the GPU it computes on (MLX's CUDA or Metal build).
+
+    Asked in a subprocess, as the servers and raw runs see it (this process never imports MLX)."""
+    code = ("import mlx.core as mx\n"
+            "if mx.default_device() == mx.cpu: print('')\n"
+            "elif mx.metal.is_available(): print('Metal')\n"
+            "else: print('CUDA')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"MLX does not start here:\n{out.stderr[-2000:]}")
+    name = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    if name == "CUDA":
+        from shutil import which
+
+        smi = which("nvidia-smi")
+        gpu = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30).stdout.strip().splitlines() if smi else []
+        name = f"CUDA, {gpu[0]}" if gpu else "CUDA"
+    return name
 
 
 @dataclass
@@ -498,8 +521,9 @@ def ratio_row(name: str, value: float, target: str, met: bool | None) -> str:
     return f"| {name} | {value} | {target} | {verdict} |"
 
 
-def targets(raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]], ours_info: dict[str, Any]) -> list[str]:
-    """The issue 3 targets, from this run's figures."""
+def targets(raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]], ours_info: dict[str, Any],
+            gpu: str = "") -> list[str]:
+    """The issue 3 targets, from this run's figures (``gpu``: the GPU MLX computed on, '' for the CPU)."""
     rows = ["| target | measured | goal | verdict |", "|---|---|---|---|"]
     ours = servers.get("ours")
     if ours is None:
@@ -543,9 +567,13 @@ def targets(raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]], 
         p99 = eight.ttft(0.99) / o8.ttft(0.99)
         rows.append(ratio_row(f"8 streams: p99 TTFT ours / {label}",
                               f"{ms(eight.ttft(0.99))} / {ms(o8.ttft(0.99))} ms = {p99:.2f}x", "≤ 1x", p99 <= 1))
-        if key == "mlx" and sys.platform.startswith("linux"):
+        if key == "mlx" and sys.platform.startswith("linux") and not gpu:
             rows.append(ratio_row("Linux: 8 streams ours / mlx_lm.server as shipped (same bf16 checkpoint)",
                                   f"{r:.2f}x", "≥ 4x", r >= 4))
+    if gpu and one and eight:
+        r = eight.aggregate_tps / one.aggregate_tps
+        rows.append(ratio_row(f"GPU ({gpu}): 8 streams / one stream, our aggregate tok/s",
+                              f"{fmt(eight.aggregate_tps)} / {fmt(one.aggregate_tps)} = {r:.2f}x", "≥ 3x", r >= 3))
     chat = ours.get("chat") or {}
     if chat:
         r = chat["cold"] / chat["warm"]
@@ -609,7 +637,8 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
     lines = [
         f"Run {started} on {m['platform']}, {m['cpu']}, {m['cores']} cores, {m['memory']}; Python {m['python']}, "
         f"impetus {v['impetus']}, mlx {v['mlx']}, mlx-lm {v['mlx-lm']}, gunicorn {v['gunicorn']}. "
-        f"OpenBLAS: {find_openblas() or 'not installed'}.",
+        f"OpenBLAS: {find_openblas() or 'not installed'}. MLX computes on: "
+        f"{'GPU (' + args.gpu + ')' if getattr(args, 'gpu', '') else 'CPU'}.",
         "",
         f"Command: `{command}` ({elapsed / 60:.1f} min). Model: {model_desc}. {args.max_tokens} output tokens a "
         f"request, greedy; completion prompts of ~{args.prompt_words} words; each stream sends "
@@ -667,7 +696,7 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
                          f"{ms(c['warm'])} | {c['cold'] / c['warm']:.1f}x | {hits} |")
         lines += ["", f"Median of {chats[0][1]['reps']} pair(s) for ours (one for each mlx_lm.server), each on its "
                   "own history; 16 output tokens.", ""]
-    lines += ["### Targets (issue 3)", "", *targets(raw, servers, ours_info), ""]
+    lines += ["### Targets (issue 3)", "", *targets(raw, servers, ours_info, getattr(args, "gpu", "")), ""]
     if "ours llama.cpp" in servers:
         lines += ["### Targets (issue 12: the llama.cpp backend, same weights as an f32 GGUF)", "",
                   *llamacpp_targets(raw_llama or {}, servers), ""]
@@ -688,12 +717,19 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
     return "\n".join(lines)
 
 
-def write_doc(path: Path, body: str) -> None:
-    block = f"{BEGIN}\n{body}\n{END}"
-    if path.exists() and BEGIN in (text := path.read_text()) and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
+def write_doc(path: Path, body: str, gpu: str = "") -> None:
+    """Rewrite the run's block in ``path``: the CPU run's block, or (``gpu``) the GPU run's, each its own markers."""
+    begin, end = (GPU_BEGIN, GPU_END) if gpu else (BEGIN, END)
+    block = f"{begin}\n{body}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
         path.write_text(head + block + tail)
+        return
+    if text:  # a file without this block: add it as a section of its own
+        title = "## Latest GPU run" if gpu else "## Latest run"
+        path.write_text(text.rstrip("\n") + f"\n\n{title}\n\n{block}\n")
         return
     intro = (
         "# Performance\n\n"
@@ -702,7 +738,7 @@ def write_doc(path: Path, body: str) -> None:
         "(`bench/model.py`), in one run on one machine (one server driven at a time, the concurrency levels "
         "interleaved across servers), all driven by one streaming client (`bench/client.py`). The section between the markers is rewritten by each run; absolute "
         "numbers depend on the machine and its load, ratios from one run hold better.\n\n"
-        "## Latest run\n\n"
+        + ("## Latest GPU run\n\n" if gpu else "## Latest run\n\n")
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(intro + block + "\n")
@@ -736,7 +772,11 @@ def main(argv: list[str] | None = None) -> int:
 
     raw: dict[str, dict[str, Any]] = {}
     raw_llama: dict[str, Any] = {}
-    if not args.skip_raw:
+    args.gpu = accelerator(env)
+    say(f"MLX computes on: {'GPU (' + args.gpu + ')' if args.gpu else 'CPU'}")
+    if not args.skip_raw and args.gpu:  # the GPU computes as stored: one reference, no BLAS to choose
+        raw["bf16"] = run_raw(f"bf16 as stored, GPU ({args.gpu})", model_dir, env, "", args)
+    elif not args.skip_raw:
         raw["bf16"] = run_raw("bf16 as stored, reference BLAS", model_dir, env, "", args)
         has_blas = find_openblas() is not None
         raw["fp32"] = run_raw("fp32, OpenBLAS" if has_blas else "fp32, reference BLAS (no OpenBLAS)",
@@ -753,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[tuple[str, str, Any]] = [("ours", "ours (impetus serve)", None)]
     if not args.skip_mlx_server:
         runs.append(("mlx", "mlx_lm.server as shipped", (env, model_dir)))
-        if not args.skip_mlx_openblas and find_openblas() is not None:
+        if not args.skip_mlx_openblas and not args.gpu and find_openblas() is not None:
             runs.append(("mlx+openblas", "mlx_lm.server + OpenBLAS (bf16)", (openblas_env(env), model_dir)))
             runs.append(("mlx+openblas fp32", "mlx_lm.server + OpenBLAS, fp32 copy", (openblas_env(env), None)))
     if gguf is not None:
@@ -852,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     if not args.no_write:
         out = args.out or DOC
-        write_doc(out, body)
+        write_doc(out, body, args.gpu)
         say(f"\nwrote {out}")
     return 0
 

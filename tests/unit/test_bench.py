@@ -15,7 +15,7 @@ import pytest
 
 from bench import client
 from bench.model import TINY, cut_tokenizer
-from bench.run import BEGIN, END, summarize_profile, thread_names, write_doc
+from bench.run import BEGIN, END, GPU_BEGIN, GPU_END, summarize_profile, targets, thread_names, write_doc
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,3 +108,35 @@ def test_write_doc_keeps_text_outside_the_markers(tmp_path: Path) -> None:
     text = path.read_text()
     assert "second" in text and "first" not in text
     assert text.startswith("# Mine") and "notes below" in text
+
+
+def test_a_gpu_run_gets_its_own_block_and_leaves_the_cpu_run_alone(tmp_path: Path) -> None:
+    path = tmp_path / "performance.md"
+    write_doc(path, "cpu figures")
+    write_doc(path, "gpu figures", gpu="CUDA, NVIDIA H200")
+    write_doc(path, "gpu figures again", gpu="CUDA, NVIDIA H200")
+    text = path.read_text()
+    assert text.count("## Latest GPU run") == 1 and text.count(GPU_BEGIN) == 1 and text.count(GPU_END) == 1
+    assert "cpu figures" in text and "gpu figures again" in text and "gpu figures\n" not in text
+    assert text.index(END) < text.index(GPU_BEGIN)  # appended after the CPU run
+    write_doc(path, "cpu again")
+    assert "cpu again" in path.read_text() and "gpu figures again" in path.read_text()
+
+
+def _level(streams: int, tokens_per_s: float) -> client.LevelResult:
+    level = client.LevelResult(streams=streams, wall=1.0)
+    level.results = [client.Result(ok=True, ttft=0.1, tokens=int(tokens_per_s), total=1.0)]
+    return level
+
+
+def test_gpu_targets_check_batching_scales_and_drop_the_cpu_fast_path_target() -> None:
+    raw = {"bf16": {"label": "bf16 as stored, GPU", "single": {"decode_tps": 100.0, "e2e_tps": 90.0},
+                    "batch": [{"n": 8, "e2e_tps": 400.0, "decode_tps": 450.0}]}}
+    servers = {"ours": {"levels": [_level(1, 100.0), _level(8, 350.0)]},
+               "mlx": {"levels": [_level(1, 90.0), _level(8, 300.0)]}}
+    gpu_rows = "\n".join(targets(raw, servers, {"compute_dtype": "as stored"}, gpu="CUDA"))
+    assert "8 streams / one stream" in gpu_rows and "3.50x | ≥ 3x | **met**" in gpu_rows
+    assert "≥ 4x" not in gpu_rows
+    servers["ours"]["levels"][1] = _level(8, 250.0)
+    assert "2.50x | ≥ 3x | not met" in "\n".join(targets(raw, servers, {}, gpu="CUDA"))
+    assert "8 streams / one stream" not in "\n".join(targets(raw, servers, {}))  # CPU run: no such row
