@@ -7,10 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -39,6 +41,36 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class Recorder:
+    """Every event a Socket.IO client receives, stamped with the local time it arrived, and how many
+    times it connected: `client.on(name, recorder.record(name))`, `client.on("connect", recorder.connected)`."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float, Any]] = []
+        self.connects = 0
+        self.cond = threading.Condition()
+
+    def record(self, name: str) -> Callable[[Any], None]:
+        def handler(data: Any) -> None:
+            with self.cond:
+                self.events.append((name, time.time(), data))
+                self.cond.notify_all()
+        return handler
+
+    def connected(self) -> None:
+        with self.cond:
+            self.connects += 1
+            self.cond.notify_all()
+
+    def of(self, name: str) -> list[tuple[float, Any]]:
+        with self.cond:
+            return [(at, data) for n, at, data in self.events if n == name]
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout), f"timed out; saw {[e[0] for e in self.events][-20:]}"
 
 
 def start_server(tmp: Path, *, wait_ready: bool = True, **env: str) -> Server:

@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ import redis
 import requests
 import socketio
 
-from tests.conftest import DEFAULT_MODEL, ROOT, Server, free_port, start_server, stop_server
+from tests.conftest import DEFAULT_MODEL, ROOT, Recorder, Server, free_port, start_server, stop_server
 
 REDIS_SERVER = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
 RATE_LIMIT = 6  # requests per hour per key, across the cluster
@@ -93,27 +92,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         redis_process.wait(30)
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, float, Any]] = []
-        self.cond = threading.Condition()
-
-    def handler(self, name: str) -> Callable[[Any], None]:
-        def record(data: Any) -> None:
-            with self.cond:
-                self.events.append((name, time.time(), data))
-                self.cond.notify_all()
-        return record
-
-    def of(self, name: str) -> list[tuple[float, Any]]:
-        with self.cond:
-            return [(at, data) for n, at, data in self.events if n == name]
-
-    def wait(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
-        with self.cond:
-            assert self.cond.wait_for(predicate, timeout), f"timed out; saw {[e[0] for e in self.events][-20:]}"
-
-
 @pytest.fixture
 def connect() -> Iterator[Callable[[Server], Recorder]]:
     clients: list[socketio.Client] = []
@@ -122,7 +100,7 @@ def connect() -> Iterator[Callable[[Server], Recorder]]:
         recorder = Recorder()
         client = socketio.Client(reconnection=False)
         for name in ("metrics", "request_event"):
-            client.on(name, recorder.handler(name))
+            client.on(name, recorder.record(name))
         client.connect(server.url, transports=["websocket"], wait_timeout=30,
                        auth={"api_key": EVENTS_KEY, "rooms": ["metrics", "requests"]})
         clients.append(client)

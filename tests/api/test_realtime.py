@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,33 +14,9 @@ import pytest
 import requests
 import socketio
 
-from tests.conftest import DEFAULT_MODEL, Server, start_server, stop_server
+from tests.conftest import DEFAULT_MODEL, Recorder, Server, start_server, stop_server
 
 LATENCY_P99_S = 0.050  # the issue's bound, server emit to client receipt
-
-
-class Recorder:
-    """Every event a client receives, stamped with the local time it arrived."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, float, Any]] = []
-        self.connects = 0
-        self.cond = threading.Condition()
-
-    def record(self, name: str) -> Callable[[Any], None]:
-        def handler(data: Any) -> None:
-            with self.cond:
-                self.events.append((name, time.time(), data))
-                self.cond.notify_all()
-        return handler
-
-    def of(self, name: str) -> list[tuple[float, Any]]:
-        with self.cond:
-            return [(at, data) for n, at, data in self.events if n == name]
-
-    def wait(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
-        with self.cond:
-            assert self.cond.wait_for(predicate, timeout), f"timed out; saw {[e[0] for e in self.events][-20:]}"
 
 
 @pytest.fixture
@@ -54,13 +29,7 @@ def connect(hot_server: Server) -> Iterator[Callable[..., tuple[socketio.Client,
         for name in ("metrics", "hardware", "request_event", "model_event", "token", "generate_done",
                      "generate_error"):
             client.on(name, recorder.record(name))
-
-        @client.on("connect")
-        def _connected() -> None:
-            with recorder.cond:
-                recorder.connects += 1
-                recorder.cond.notify_all()
-
+        client.on("connect", recorder.connected)
         client.connect(hot_server.url, transports=["websocket"], auth=auth or None, wait_timeout=30)
         clients.append(client)
         return client, recorder
