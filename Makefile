@@ -34,22 +34,33 @@ $(STAMP): $(BIN)/python $(REQS)
 	$(PIP) install --no-deps -e .
 	@touch $@
 
-# OpenBLAS makes MLX's fp32 CPU matmuls 5-20x faster. Install it once if we may (root or
-# passwordless sudo, apt-get present); never fail setup over it.
+# $(call apt_install,PRESENT,TRY,PACKAGES,INSTALLING,FAILED[,MISSING]): a recipe that installs Debian's
+# PACKAGES with apt-get on Linux unless the shell test PRESENT passes: once (the stamp file TRY), and
+# only if we may (root or passwordless sudo, apt-get present); it never fails setup. It says INSTALLING
+# before apt-get, FAILED when apt-get fails and, given MISSING, MISSING when PRESENT still fails after.
+# No commas in the arguments (they separate them).
+define apt_install
+@if [ "$$(uname -s)" = Linux ] && ! { $(1); }; then \
+  if [ ! -e $(2) ] && command -v apt-get >/dev/null 2>&1; then \
+    if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+    if [ "$$SUDO" != no ]; then \
+      touch $(2); \
+      echo "$(4)"; \
+      $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+      $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(3) >/dev/null \
+        || echo "$(5)"; \
+    fi; \
+  fi; \
+  $(if $(6),{ $(1); } || echo "$(6)";) \
+fi
+endef
+
+# OpenBLAS makes MLX's fp32 CPU matmuls 5-20x faster. Install it once if we may; never fail setup over it.
 openblas: | $(BIN)/python
-	@if [ "$$(uname -s)" = Linux ] && ! ls $(OPENBLAS) >/dev/null 2>&1; then \
-	  if [ ! -e $(OPENBLAS_TRY) ] && command -v apt-get >/dev/null 2>&1; then \
-	    if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
-	    if [ "$$SUDO" != no ]; then \
-	      touch $(OPENBLAS_TRY); \
-	      echo "Installing OpenBLAS (apt-get install libopenblas0-pthread) for fast MLX on CPU..."; \
-	      $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	      $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libopenblas0-pthread >/dev/null \
-	        || echo "OpenBLAS install failed (continuing)."; \
-	    fi; \
-	  fi; \
-	  ls $(OPENBLAS) >/dev/null 2>&1 || echo "Note: OpenBLAS (libopenblas0-pthread) is not installed; MLX will use the slow reference BLAS on CPU."; \
-	fi
+	$(call apt_install,ls $(OPENBLAS) >/dev/null 2>&1,$(OPENBLAS_TRY),libopenblas0-pthread,$\
+	  Installing OpenBLAS (apt-get install libopenblas0-pthread) for fast MLX on CPU...,$\
+	  OpenBLAS install failed (continuing).,$\
+	  Note: OpenBLAS (libopenblas0-pthread) is not installed; MLX will use the slow reference BLAS on CPU.)
 
 # Debian's redis-server for the two-replica cluster test (tests/api/test_cluster.py: Socket.IO events
 # and rate limits shared through Redis). Like OpenBLAS: once, if we may; never fail setup over it
@@ -57,19 +68,10 @@ openblas: | $(BIN)/python
 REDIS_TRY := $(VENV)/.redis-tried
 
 redis-server: | $(BIN)/python
-	@if [ "$$(uname -s)" = Linux ] && ! command -v redis-server >/dev/null 2>&1 && ! [ -x /usr/bin/redis-server ]; then \
-	  if [ ! -e $(REDIS_TRY) ] && command -v apt-get >/dev/null 2>&1; then \
-	    if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
-	    if [ "$$SUDO" != no ]; then \
-	      touch $(REDIS_TRY); \
-	      echo "Installing Redis (apt-get install redis-server) for the multi-replica test..."; \
-	      $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	      $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null \
-	        || echo "Redis install failed (continuing: the multi-replica test will skip)."; \
-	    fi; \
-	  fi; \
-	  [ -x /usr/bin/redis-server ] || echo "Note: redis-server is not installed; the multi-replica test will skip."; \
-	fi
+	$(call apt_install,command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ],$(REDIS_TRY),$\
+	  redis-server,Installing Redis (apt-get install redis-server) for the multi-replica test...,$\
+	  Redis install failed (continuing: the multi-replica test will skip).,$\
+	  Note: redis-server is not installed; the multi-replica test will skip.)
 
 # Debian's nginx binary for the test of deploy/nginx.conf in front of two replicas: downloaded and
 # unpacked into the venv (apt-get download + dpkg-deb -x), not installed, so no web server starts
@@ -117,16 +119,9 @@ dashboard-if-node:
 # Debian's Chromium for the dashboard's browser tests (Playwright drives it; it downloads no browser
 # of its own). Like OpenBLAS: once, if we may; never fail setup over it (the tests then skip, saying why).
 chromium: | $(BIN)/python
-	@if [ "$$(uname -s)" = Linux ] && ! [ -x /usr/bin/chromium ] && [ ! -e $(CHROMIUM_TRY) ] && command -v apt-get >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
-	  if [ "$$SUDO" != no ]; then \
-	    touch $(CHROMIUM_TRY); \
-	    echo "Installing Chromium (apt-get install chromium) for the dashboard's browser tests..."; \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null \
-	      || echo "Chromium install failed (continuing: the browser tests will skip)."; \
-	  fi; \
-	fi
+	$(call apt_install,[ -x /usr/bin/chromium ],$(CHROMIUM_TRY),chromium fonts-dejavu-core,$\
+	  Installing Chromium (apt-get install chromium) for the dashboard's browser tests...,$\
+	  Chromium install failed (continuing: the browser tests will skip).)
 
 run: setup dashboard-if-node
 	$(BIN)/impetus serve $(ARGS)
