@@ -70,6 +70,28 @@ def metric(server: Server, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def active_sequences_while(server: Server, threads: list[threading.Thread]) -> list[float]:
+    """Starts the threads and waits for them (2 minutes at most each), sampling the server's
+    impetus_active_sequences every 0.05 s meanwhile; returns the samples."""
+    seen: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(metric(server, "impetus_active_sequences"))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    done.set()
+    watcher.join()
+    return seen
+
+
 def test_the_default_model_runs_on_llama_cpp(server: Server) -> None:
     health = requests.get(server.url + "/health", timeout=10).json()
     (model,) = [m for m in health["models"] if m["id"] == DEFAULT_MODEL]
@@ -95,14 +117,7 @@ def test_greedy_alone_equals_greedy_beside_seven_others(client, server: Server) 
                                               temperature=0).choices[0].message.content
 
     alone = greedy()
-    seen: list[float] = []
     results: dict[str, str] = {}
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            seen.append(metric(server, "impetus_active_sequences"))
-            time.sleep(0.05)
 
     def other(i: int) -> None:
         results[f"o{i}"] = client.chat.completions.create(
@@ -114,14 +129,7 @@ def test_greedy_alone_equals_greedy_beside_seven_others(client, server: Server) 
         results["greedy"] = greedy()
 
     threads = [threading.Thread(target=other, args=(i,)) for i in range(7)] + [threading.Thread(target=target)]
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    done.set()
-    watcher.join()
+    seen = active_sequences_while(server, threads)
     assert results["greedy"] == alone
     assert len(results) == 8
     assert max(seen) >= 4  # decoded together, not one request after another
@@ -207,26 +215,11 @@ def test_a_hot_machine_caps_the_llama_cpp_batch(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the thermal cap never came"
             time.sleep(0.2)
         client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=120)
-        seen: list[float] = []
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.is_set():
-                seen.append(metric(srv, "impetus_active_sequences"))
-                time.sleep(0.05)
 
         def ask(i: int) -> None:
             client.completions.create(model=DEFAULT_MODEL, prompt=f"Count to {i + 5}:", max_tokens=48, temperature=0)
 
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        done.set()
-        watcher.join()
+        seen = active_sequences_while(srv, [threading.Thread(target=ask, args=(i,)) for i in range(6)])
         assert max(seen) == 2  # 6 requests, never more than 2 decoding at once
         assert metric(srv, "impetus_requests_in_flight") == 0
     finally:
