@@ -119,6 +119,24 @@ def psutil_frequency() -> FrequencyInfo:
     return FrequencyInfo(current_mhz=freq.current or None, min_mhz=freq.min or None, max_mhz=freq.max or None)
 
 
+def psutil_cpu(brand: str | None) -> CpuInfo:
+    return CpuInfo(brand=brand, cores_physical=psutil.cpu_count(logical=False), cores_logical=psutil.cpu_count())
+
+
+class PsutilProbe:
+    """Memory (never unified), GPUs (nvidia-smi) and frequency as every OS but macOS reads them:
+    the base of LinuxProbe and GenericProbe."""
+
+    def memory(self) -> MemoryInfo:
+        return psutil_memory(unified=False)
+
+    def gpus(self) -> list[GpuInfo]:
+        return nvidia_gpus()
+
+    def frequency(self) -> FrequencyInfo:
+        return psutil_frequency()
+
+
 # ---- Linux ------------------------------------------------------------------------------------
 
 
@@ -191,7 +209,7 @@ def thermal_from_sysfs(root: Path = Path("/sys/class/thermal")) -> ThermalInfo:
     return ThermalInfo(state=worst(states), source="sysfs", sensors=readings)
 
 
-class LinuxProbe:
+class LinuxProbe(PsutilProbe):
     name = "linux"
 
     def cpu(self) -> CpuInfo:
@@ -199,16 +217,7 @@ class LinuxProbe:
             brand = parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
         except OSError:
             brand = platform.processor() or None
-        return CpuInfo(brand=brand, cores_physical=psutil.cpu_count(logical=False), cores_logical=psutil.cpu_count())
-
-    def memory(self) -> MemoryInfo:
-        return psutil_memory(unified=False)
-
-    def gpus(self) -> list[GpuInfo]:
-        return nvidia_gpus()
-
-    def frequency(self) -> FrequencyInfo:
-        return psutil_frequency()
+        return psutil_cpu(brand)
 
     def thermal(self) -> ThermalInfo:
         sensors = getattr(psutil, "sensors_temperatures", None)
@@ -411,21 +420,11 @@ class AppleProbe:
 # ---- anywhere else ---------------------------------------------------------------------------
 
 
-class GenericProbe:
+class GenericProbe(PsutilProbe):
     name = "generic"
 
     def cpu(self) -> CpuInfo:
-        return CpuInfo(brand=platform.processor() or None, cores_physical=psutil.cpu_count(logical=False),
-                       cores_logical=psutil.cpu_count())
-
-    def memory(self) -> MemoryInfo:
-        return psutil_memory(unified=False)
-
-    def gpus(self) -> list[GpuInfo]:
-        return nvidia_gpus()
-
-    def frequency(self) -> FrequencyInfo:
-        return psutil_frequency()
+        return psutil_cpu(platform.processor() or None)
 
     def thermal(self) -> ThermalInfo:
         raise ProbeUnavailable(f"no thermal probe for {sys.platform}")
