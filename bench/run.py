@@ -65,6 +65,9 @@ from gerdsen_ai_server.blas import find_openblas  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# Our server again with glibc's own malloc tuning instead of the fixed mmap threshold that keeps its RSS
+# flat (memory.py): the memory / throughput trade of that setting, measured in the same run.
+MALLOC_VARIANT = ("IMPETUS_MALLOC_MMAP_THRESHOLD", "0")
 GPU_BEGIN, GPU_END = "<!-- bench-gpu:begin -->", "<!-- bench-gpu:end -->"  # a run where MLX computes on a GPU
 
 
@@ -98,6 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", dest="profile", action="store_true", default=None,
                    help="py-spy the engine thread during an extra 8-stream pass (default: on when py-spy is installed)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--ours-env", action="append", default=[], metavar="IMPETUS_X=VALUE",
+                   help="a setting for our server (repeatable), e.g. IMPETUS_ADMIT_WINDOW_MS=0 for an A/B run")
+    p.add_argument("--skip-malloc-variant", action="store_true",
+                   help=f"on Linux, do not run our server a second time with {MALLOC_VARIANT[0]}={MALLOC_VARIANT[1]}")
     p.add_argument("--model-dir", type=Path, help="bench model folder (default build/bench-model[-tiny])")
     p.add_argument("--models-dir", type=Path, help="where the default model is converted (the tokenizer source)")
     p.add_argument("--out", type=Path, help=f"markdown file to write (default {DOC.relative_to(ROOT)})")
@@ -109,6 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         chat_reps=1, raw_repeats=1, min_requests=1)
         args.skip_mlx_server = True
         args.skip_llamacpp = True
+        args.skip_malloc_variant = True
         args.profile = False if args.profile is None else args.profile
         if args.out is None:
             args.no_write = True
@@ -552,6 +560,13 @@ def targets(raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]], 
         rows.append(ratio_row("8 streams: ours / batch_generate-8 decode-only rate",
                               f"{fmt(eight.aggregate_tps)} / {fmt(ceiling['decode_tps'])} = {r3:.0%}",
                               "(for information)", None))
+    variant = servers.get("ours malloc")
+    v8 = level_of(variant["levels"], 8) if variant else None
+    if v8 and ceiling:
+        r = v8.aggregate_tps / ceiling["e2e_tps"]
+        rows.append(ratio_row(f"8 streams: {variant['label']} / batch_generate-8 ceiling (same run; RSS not held flat)",
+                              f"{fmt(v8.aggregate_tps)} / {fmt(ceiling['e2e_tps'])} = {r:.0%}", "(for information)",
+                              None))
     for key, label in (("mlx", "mlx_lm.server as shipped"), ("mlx+openblas", "mlx_lm.server + OpenBLAS"),
                        ("mlx+openblas fp32", "mlx_lm.server + OpenBLAS, fp32 copy")):
         other = servers.get(key)
@@ -790,7 +805,9 @@ def main(argv: list[str] | None = None) -> int:
 
     servers: dict[str, dict[str, Any]] = {}
     ours_info: dict[str, Any] = {}
-    runs: list[tuple[str, str, Any]] = [("ours", "ours (impetus serve)", None)]
+    runs: list[tuple[str, str, Any]] = [("ours", "ours (impetus serve)", {})]
+    if not args.skip_malloc_variant and sys.platform.startswith("linux") and not args.gpu:
+        runs.append(("ours malloc", f"ours, {MALLOC_VARIANT[0]}={MALLOC_VARIANT[1]}", dict([MALLOC_VARIANT])))
     if not args.skip_mlx_server:
         runs.append(("mlx", "mlx_lm.server as shipped", (env, model_dir)))
         if not args.skip_mlx_openblas and not args.gpu and find_openblas() is not None:
@@ -805,10 +822,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def launch(key: str, label: str, spec_env: Any) -> Server:
         port = free_port()
-        if key == "ours":
+        if key in ("ours", "ours malloc"):
             server_env = {**env, "IMPETUS_HOST": "127.0.0.1", "IMPETUS_PORT": str(port),
                           "IMPETUS_DEFAULT_MODEL": str(model_dir), "IMPETUS_MODELS_DIR": str(models_dir),
-                          "IMPETUS_MAX_BATCH": "16", "IMPETUS_LOG_LEVEL": "warning"}
+                          "IMPETUS_MAX_BATCH": "16", "IMPETUS_LOG_LEVEL": "warning",
+                          **dict(kv.split("=", 1) for kv in args.ours_env), **spec_env}
             cmd = [sys.executable, "-m", "gerdsen_ai_server.cli", "serve"]
             ready = "/health/ready"
         elif key == "ours llama.cpp":
@@ -833,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
             ready = "/health"
         say(f"{label}: starting on port {port} ...")
         server = start_server(label, cmd, server_env, port, ready, logs)
-        server.model = model_id(server) if key in ("ours", "ours llama.cpp", "llama-cpp-python server") \
+        server.model = model_id(server) if key in ("ours", "ours malloc", "ours llama.cpp", "llama-cpp-python server") \
             else "default_model"
         if key == "ours":
             ours_info.update(requests.get(server.url + "/health", timeout=10).json())
@@ -843,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def finish(key: str, server: Server) -> None:
         # mlx_lm.server's cold bf16 prefill of ~1,000 tokens takes ~20 s here: one pair for the peers.
-        servers[key]["chat"] = measure_chat(server, args, args.chat_reps if key.startswith("ours") else 1)
+        servers[key]["chat"] = measure_chat(server, args, args.chat_reps if key in ("ours", "ours llama.cpp") else 1)
         if key == "ours" and args.profile:
             # The profile pass sends 4 requests a stream: twice the 8-stream level's (or guess).
             eight = level_of(servers[key]["levels"], 8)

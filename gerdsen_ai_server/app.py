@@ -50,6 +50,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         on_crash=_exit_worker,
         crash_after_steps=settings.fault_engine_crash_after_steps,
         mlx_cache_limit=settings.mlx_cache_limit,
+        admit_window=settings.admit_window_ms / 1000,
     )
     engine.init_app(app)
     engine.start()

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # Seconds a load in progress may use per engine-loop turn while models decode (at least, at most).
 LOAD_SLICE_S = (0.02, 0.25)
+# An idle engine given a request keeps collecting the requests that follow it while they keep
+# coming at most this many seconds apart (within the admission window, IMPETUS_ADMIT_WINDOW_MS).
+ADMIT_QUIET_S = 0.002
 
 
 class EngineOverloaded(RuntimeError):
@@ -115,8 +118,11 @@ class InferenceEngine:
         on_crash: Callable[[], None] | None = None,
         crash_after_steps: int = 0,
         mlx_cache_limit: int | None = None,
+        admit_window: float = 0.0,
     ) -> None:
         self.models_dir = models_dir
+        # Seconds an idle engine may wait for the rest of a burst of requests before prefilling.
+        self.admit_window = admit_window
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.compute_dtype = default_compute_dtype(compute_dtype)
@@ -284,12 +290,28 @@ class InferenceEngine:
             command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
         except queue.Empty:
             return
+        # Idle, a request may be the first of a burst (clients whose answers ended together come
+        # back together): collect the rest before the first step, while they keep coming, so that
+        # they are prefilled in one pass instead of one pass (and one stall of every stream) each.
+        # On a CPU a forward pass costs about as much for 1 sequence as for 8: the weights' reads dominate.
+        collect_until = time.monotonic() + self.admit_window if block and command[0] == "generate" else 0.0
         while True:
             self._handle(*command)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                wait = min(collect_until - time.monotonic(), ADMIT_QUIET_S)
+                if wait <= 0 or self._free_slots() <= 0:
+                    return
+                try:
+                    command = self._commands.get(timeout=wait)
+                except queue.Empty:
+                    return
+
+    def _free_slots(self) -> int:
+        """Sequences the batch can still take before admissions have to queue anyway."""
+        taken = sum(len(r.sequences) for r in self.registry.residents.values())
+        return min(self.max_batch, self.batch_limit or self.max_batch) - taken
 
     def _handle(self, kind: str, payload: Any, reply: Any) -> None:
         if kind == "load":

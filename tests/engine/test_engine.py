@@ -188,3 +188,44 @@ def test_a_failed_batch_step_does_not_poison_later_requests(engine: InferenceEng
         ids, finish = tokens_of(engine.submit(request(model, chat(model, PROMPTS[1]), max_tokens=4,
                                                       sampling=sampling)))
         assert ids and finish in ("stop", "length")
+
+
+def test_a_burst_at_an_idle_engine_is_prefilled_in_one_pass(engine: InferenceEngine, model: LoadedModel,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests arriving ~1 ms apart at an idle engine wait for each other (the admission window,
+    IMPETUS_ADMIT_WINDOW_MS) and share one prefill pass; without the window the first one starts
+    alone. mlx-lm's prefill is only counted here, never replaced."""
+    import importlib
+
+    generate = importlib.import_module("mlx_lm.generate")  # the module, not mlx_lm's generate function
+    passes: list[int] = []
+    prompt = generate.PromptProcessingBatch.prompt
+
+    def counting(self, prompts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if prompts:
+            passes.append(len(prompts))
+        return prompt(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generate.PromptProcessingBatch, "prompt", counting)
+
+    def burst(window: float) -> tuple[list[int], list[tuple[list[int], str]]]:
+        wait_idle(engine)
+        engine.admit_window = window
+        passes.clear()
+        streams = []
+        for text in PROMPTS[:6]:
+            streams.append(engine.submit(request(model, chat(model, text), max_tokens=6)))
+            time.sleep(0.001)
+        answers = [tokens_of(s) for s in streams]
+        return list(passes), answers
+
+    engine.prompt_cache_enabled = False
+    try:
+        together, with_window = burst(0.5)
+        apart, without = burst(0.0)
+    finally:
+        engine.admit_window = 0.0
+        engine.prompt_cache_enabled = True
+    assert together == [6]
+    assert len(apart) >= 2 and apart[0] < 6
+    assert with_window == without  # greedy: the same answers either way
