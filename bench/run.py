@@ -11,7 +11,9 @@ One after the other, on one bench model (``bench/model.py``: random-weight llama
 1. raw in-process mlx-lm (``bench/raw.py``, a subprocess each): one stream (``stream_generate``)
    and ``batch_generate`` on 4/8/16 prompts, in bfloat16 as stored with the wheel's reference
    BLAS, and in float32 with OpenBLAS preloaded (what our server computes in on a Linux CPU);
-2. our server: ``impetus serve`` with ``IMPETUS_DEFAULT_MODEL=<bench folder>``, ``IMPETUS_MAX_BATCH=16``;
+2. our server: ``impetus serve`` with ``IMPETUS_DEFAULT_MODEL=<bench folder>``, ``IMPETUS_MAX_BATCH=16``
+   (``--ours-env`` adds settings), and on Linux again with ``IMPETUS_MALLOC_MMAP_THRESHOLD=0`` (the
+   throughput that the fixed mmap threshold, which keeps RSS flat, costs; ``--skip-malloc-variant``);
 3. ``python -m mlx_lm.server --model <bench folder>`` as shipped, again with the same OpenBLAS
    preload, and (engine to engine, same compute) with OpenBLAS on a float32 copy of the model;
 4. when ``llama_cpp`` is installed (``--skip-llamacpp`` to leave it out), the same weights as an
@@ -19,6 +21,10 @@ One after the other, on one bench model (``bench/model.py``: random-weight llama
    (``bench/raw_llamacpp.py``); our server on its llama.cpp backend (``IMPETUS_BACKEND=llamacpp``);
    and llama-cpp-python's own OpenAI server (``python -m llama_cpp.server``) as the peer, with
    the issue 12 targets.
+
+Where MLX computes on a GPU (its CUDA or Metal build), there is no BLAS to choose: the raw reference is
+bf16 as stored, the OpenBLAS peers and the malloc variant are left out, the targets add "8 streams
+≥ 3x one stream", and the run is written to its own block of docs/performance.md.
 
 The servers are all started, then each concurrency level runs on each server in turn (only one
 is driven at a time): on a shared 2-core machine the load from other work drifts by the minute,
