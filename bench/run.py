@@ -169,6 +169,10 @@ def base_env() -> dict[str, str]:
     return env
 
 
+def device_label(gpu: str) -> str:
+    return f"GPU ({gpu})" if gpu else "CPU"
+
+
 def openblas_env(env: dict[str, str]) -> dict[str, str]:
     lib = find_openblas()
     return {**env, "LD_PRELOAD": str(lib)} if lib else dict(env)
@@ -659,7 +663,7 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
         f"Run {started} on {m['platform']}, {m['cpu']}, {m['cores']} cores, {m['memory']}; Python {m['python']}, "
         f"impetus {v['impetus']}, mlx {v['mlx']}, mlx-lm {v['mlx-lm']}, gunicorn {v['gunicorn']}. "
         f"OpenBLAS: {find_openblas() or 'not installed'}. MLX computes on: "
-        f"{'GPU (' + args.gpu + ')' if getattr(args, 'gpu', '') else 'CPU'}.",
+        f"{device_label(args.gpu)}.",
         "",
         f"Command: `{command}` ({elapsed / 60:.1f} min). Model: {model_desc}. {args.max_tokens} output tokens a "
         f"request, greedy; completion prompts of ~{args.prompt_words} words; each stream sends "
@@ -717,7 +721,7 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
                          f"{ms(c['warm'])} | {c['cold'] / c['warm']:.1f}x | {hits} |")
         lines += ["", f"Median of {chats[0][1]['reps']} pair(s) for ours (one for each mlx_lm.server), each on its "
                   "own history; 16 output tokens.", ""]
-    lines += ["### Targets (issue 3)", "", *targets(raw, servers, ours_info, getattr(args, "gpu", "")), ""]
+    lines += ["### Targets (issue 3)", "", *targets(raw, servers, ours_info, args.gpu), ""]
     if "ours llama.cpp" in servers:
         lines += ["### Targets (issue 12: the llama.cpp backend, same weights as an f32 GGUF)", "",
                   *llamacpp_targets(raw_llama or {}, servers), ""]
@@ -794,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict[str, dict[str, Any]] = {}
     raw_llama: dict[str, Any] = {}
     args.gpu = accelerator(env)
-    say(f"MLX computes on: {'GPU (' + args.gpu + ')' if args.gpu else 'CPU'}")
+    say(f"MLX computes on: {device_label(args.gpu)}")
     if not args.skip_raw and args.gpu:  # the GPU computes as stored: one reference, no BLAS to choose
         raw["bf16"] = run_raw(f"bf16 as stored, GPU ({args.gpu})", model_dir, env, "", args)
     elif not args.skip_raw:

@@ -308,10 +308,14 @@ class InferenceEngine:
                 except queue.Empty:
                     return
 
+    @property
+    def _batch_size(self) -> int:
+        """Sequences decoded together per step: max_batch, or the thermal cap below it."""
+        return min(self.max_batch, self.batch_limit or self.max_batch)
+
     def _free_slots(self) -> int:
         """Sequences the batch can still take before admissions have to queue anyway."""
-        taken = sum(len(r.sequences) for r in self.registry.residents.values())
-        return min(self.max_batch, self.batch_limit or self.max_batch) - taken
+        return self._batch_size - sum(len(r.sequences) for r in self.registry.residents.values())
 
     def _handle(self, kind: str, payload: Any, reply: Any) -> None:
         if kind == "load":
@@ -396,7 +400,7 @@ class InferenceEngine:
     def _apply_batch_limit(self, generator: BatchGenerator) -> BatchGenerator:
         # BatchGenerator admits a new sequence only while its generation batch is below
         # completion_batch_size, and prefills up to prefill_batch_size at once: cap both.
-        size = min(self.max_batch, self.batch_limit or self.max_batch)
+        size = self._batch_size
         generator.completion_batch_size = size
         generator.prefill_batch_size = min(size, 8)
         return generator
