@@ -13,13 +13,16 @@ REQS   := requirements_production.txt requirements-dev.txt requirements-model.tx
 # Debian/Ubuntu's multithreaded OpenBLAS; `impetus serve` preloads it (see gerdsen_ai_server/blas.py).
 OPENBLAS     := /usr/lib/*/openblas-pthread/libopenblas.so.0
 OPENBLAS_TRY := $(VENV)/.openblas-tried
+# Debian/Ubuntu's jemalloc; `impetus serve` preloads it as the C allocator (gerdsen_ai_server/memory.py).
+JEMALLOC     := /usr/lib/*/libjemalloc.so.2
+JEMALLOC_TRY := $(VENV)/.jemalloc-tried
 
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup openblas redis-server nginx run test lint bench soak clean dashboard dashboard-if-node chromium
+.PHONY: setup openblas jemalloc redis-server nginx run test lint bench soak clean dashboard dashboard-if-node chromium
 
-setup: $(STAMP) openblas redis-server nginx
+setup: $(STAMP) openblas jemalloc redis-server nginx
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Impetus needs Python >= 3.11, found " + sys.version.split()[0] + ": make PYTHON=python3.11 ...")'
@@ -61,6 +64,14 @@ openblas: | $(BIN)/python
 	  Installing OpenBLAS (apt-get install libopenblas0-pthread) for fast MLX on CPU...,$\
 	  OpenBLAS install failed (continuing).,$\
 	  Note: OpenBLAS (libopenblas0-pthread) is not installed; MLX will use the slow reference BLAS on CPU.)
+
+# jemalloc keeps freed buffers for reuse and gives them back in the background: RSS levels off
+# without the page faults of glibc's fixed mmap threshold (12-30 % of the throughput at 8 streams).
+jemalloc: | $(BIN)/python
+	$(call apt_install,ls $(JEMALLOC) >/dev/null 2>&1,$(JEMALLOC_TRY),libjemalloc2,$\
+	  Installing jemalloc (apt-get install libjemalloc2) as the server's C allocator...,$\
+	  jemalloc install failed (continuing).,$\
+	  Note: jemalloc (libjemalloc2) is not installed; the server uses glibc's malloc with a fixed mmap threshold.)
 
 # Debian's redis-server for the two-replica cluster test (tests/api/test_cluster.py: Socket.IO events
 # and rate limits shared through Redis). Like OpenBLAS: once, if we may; never fail setup over it

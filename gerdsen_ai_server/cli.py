@@ -101,8 +101,14 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ.update(saved)
 
     from .blas import preload_env
+    from .memory import allocator_env
 
     env = preload_env(env)
+    try:
+        env = allocator_env(env)
+    except ValueError as exc:
+        print(f"impetus: {exc}", file=sys.stderr)
+        return 2
     if env["IMPETUS_BLAS"] == "openblas":
         blas = f"OpenBLAS ({env['LD_PRELOAD']})"
     elif sys.platform.startswith("linux"):
@@ -110,7 +116,8 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         blas = "platform default"
 
-    print(f"impetus {__version__}: model {settings.default_model!r}, {settings.threads} threads, BLAS: {blas}")
+    print(f"impetus {__version__}: model {settings.default_model!r}, {settings.threads} threads, BLAS: {blas}, "
+          f"allocator: {env['IMPETUS_ALLOCATOR']}")
     print(f"impetus: serving the OpenAI API at {base_url(settings.host, settings.port)}", flush=True)
 
     argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, WSGI_APP]

@@ -90,13 +90,14 @@ def _version() -> str:
 
 
 def post_fork(server, worker) -> None:  # type: ignore[no-untyped-def]
-    """In the new worker, before the app and MLX allocate anything or start a thread: fix glibc's
-    mmap threshold, so freed KV-cache and activation buffers go back to the system, and cap its
-    arenas (gerdsen_ai_server.memory)."""
-    from gerdsen_ai_server.memory import set_arena_max, set_mmap_threshold
+    """In the new worker, before the app and MLX allocate anything or start a thread: under glibc's
+    malloc, fix its mmap threshold, so freed KV-cache and activation buffers go back to the system,
+    and cap its arenas (gerdsen_ai_server.memory; jemalloc, when preloaded, needs neither)."""
+    from gerdsen_ai_server.memory import allocator, set_arena_max, set_mmap_threshold
 
-    set_mmap_threshold(_settings.malloc_mmap_threshold)
-    set_arena_max(_settings.malloc_arena_max)
+    if allocator() == "glibc":
+        set_mmap_threshold(_settings.malloc_mmap_threshold)
+        set_arena_max(_settings.malloc_arena_max)
 
 
 def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
@@ -105,7 +106,9 @@ def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
     from gerdsen_ai_server.shutdown import install_sigterm_drain
 
     if sys.platform.startswith("linux"):
-        worker.log.info("BLAS in use: %s", blas_in_use())
+        from gerdsen_ai_server.memory import allocator
+
+        worker.log.info("BLAS in use: %s; C allocator: %s", blas_in_use(), allocator())
     install_sigterm_drain(worker, _settings.shutdown_grace)
 
 

@@ -139,10 +139,10 @@ class EngineCollector(Collector):
         for key, value in self.monitor.mlx_memory.items():
             yield gauge(f"impetus_mlx_{key}", f"MLX {key.replace('_', ' ')[:-6]} (bytes).", value)
         heap = malloc_info()
-        if heap is not None:  # glibc: what RSS is made of beyond MLX's own counters (memory.py)
+        if heap is not None:  # glibc or jemalloc: what RSS is made of beyond MLX's own counters (memory.py)
             yield gauge("impetus_malloc_in_use_bytes", "Bytes the C heap has handed out (MLX buffers included).",
                         heap["in_use_bytes"])
-            yield gauge("impetus_malloc_free_bytes", "Freed bytes the C heap keeps in its arenas.", heap["free_bytes"])
+            yield gauge("impetus_malloc_free_bytes", "Bytes the C heap keeps resident but not handed out (freed, not yet given back).", heap["free_bytes"])
         yield gauge("impetus_python_gc_objects", "Objects tracked by Python's garbage collector.", len(gc.get_objects()))
         thermal = self.monitor.thermal.state if self.monitor.thermal else None
         states = StateSetMetricFamily("impetus_thermal_state", "Thermal state (all false when unknown).",

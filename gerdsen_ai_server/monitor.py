@@ -27,6 +27,7 @@ from .blas import blas_in_use
 from .engine.engine import InferenceEngine
 from .events import EventBus
 from .hardware import HardwareProbe, platform_info, read
+from .memory import allocator
 from .schemas.hardware import (
     BatchInfo,
     FrequencyInfo,
@@ -208,7 +209,8 @@ class Monitor:
         if not self.mlx_device:
             return None
         return MlxInfo(**self.mlx_device, **self.mlx_memory,  # type: ignore[arg-type]
-                       compute_dtype=self.engine.compute_dtype or "as stored", blas=blas_in_use())
+                       compute_dtype=self.engine.compute_dtype or "as stored", blas=blas_in_use(),
+                       allocator=allocator())
 
     def throttling(self, frequency: FrequencyInfo | None, thermal: ThermalInfo | None) -> ThrottlingInfo:
         reasons = []

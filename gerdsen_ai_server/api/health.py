@@ -10,6 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify
 from .. import __version__
 from ..blas import blas_in_use
 from ..engine.engine import InferenceEngine
+from ..memory import allocator
 from ..schemas.health import HealthReport, Liveness, Readiness, ResidentModel
 
 bp = Blueprint("health", __name__)
@@ -48,6 +49,7 @@ def health() -> Response:
         requests_in_flight=engine.inflight,
         compute_dtype=engine.compute_dtype or "as stored",
         blas=blas_in_use(),
+        allocator=allocator(),
         prompt_cache_enabled=engine.prompt_cache_enabled,
         prompt_cache_bytes=engine.stats().prompt_cache_bytes,
         prompt_cache_limit_bytes=current_app.config["IMPETUS_SETTINGS"].prompt_cache_bytes,

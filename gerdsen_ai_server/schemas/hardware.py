@@ -60,6 +60,7 @@ class MlxInfo(BaseModel):
     cache_memory_bytes: int | None = None
     compute_dtype: str = Field(description="dtype the engine computes in ('as stored' when weights keep theirs).")
     blas: str = Field(description="openblas, reference (the mlx[cpu] wheel's own) or accelerate.")
+    allocator: str = Field(description="The C allocator under MLX: jemalloc, glibc or system.")
 
 
 class FrequencyInfo(BaseModel):

@@ -27,6 +27,7 @@ class HealthReport(BaseModel):
     requests_in_flight: int
     compute_dtype: str
     blas: str = Field(description="openblas, reference or accelerate.")
+    allocator: str = Field(description="The C allocator under MLX: jemalloc, glibc or system.")
     prompt_cache_enabled: bool
     prompt_cache_bytes: int
     prompt_cache_limit_bytes: int

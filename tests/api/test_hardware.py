@@ -29,7 +29,8 @@ def test_hardware_report(server: Server) -> None:
     assert report.cpu is not None and report.cpu.cores_logical == psutil.cpu_count()
     health = requests.get(f"{server.url}/health", timeout=30).json()
     assert report.mlx is not None
-    assert (report.mlx.compute_dtype, report.mlx.blas) == (health["compute_dtype"], health["blas"])
+    assert (report.mlx.compute_dtype, report.mlx.blas, report.mlx.allocator) == (
+        health["compute_dtype"], health["blas"], health["allocator"])
     assert report.mlx.active_memory_bytes and report.mlx.active_memory_bytes > 0  # the model is in memory
     assert report.batch.max_batch == health["max_batch"] and report.batch.batch_limit is None
     if sys.platform.startswith("linux"):

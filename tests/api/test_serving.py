@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import socket
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
 
 import requests
 
+from gerdsen_ai_server.memory import find_jemalloc
 from tests.conftest import DEFAULT_MODEL, Server, start_server, stop_server
 
 # Greedy, this prompt gives a story of several hundred tokens (no early end-of-turn).
@@ -138,6 +140,9 @@ def test_health_reports_version_uptime_and_models(server: Server) -> None:
     # `make test` installs OpenBLAS on Linux and `impetus serve` preloads it; fp32 is then the fast path.
     assert body["blas"] in ("openblas", "reference", "accelerate")
     assert body["compute_dtype"] in ("float32", "as stored")
+    # `make setup` installs jemalloc on Debian/Ubuntu and `impetus serve` preloads it (IMPETUS_MALLOC=auto).
+    if sys.platform.startswith("linux"):
+        assert body["allocator"] == ("jemalloc" if find_jemalloc() else "glibc")
     assert requests.get(f"{server.url}/health/ready", timeout=10).status_code == 200
 
 

@@ -135,6 +135,7 @@ def test_server_page_shows_version_config_and_docs(page: Any, server: Server) ->
     page.goto(server.url + "/server")
     page.wait_for_selector("[data-testid=health-status]")
     assert page.text_content("[data-testid=fact-version]") == health["version"]
+    assert page.text_content("[data-testid='fact-C allocator']") == health["allocator"]
     page.wait_for_selector("[data-testid=config-table]")
     assert "IMPETUS_MAX_BATCH" in page.inner_text("[data-testid=config-table]")
     has_docs = requests.get(server.url + "/openapi.json", timeout=10).status_code == 200

@@ -5,6 +5,7 @@ This proves the bench works, not speed: `make bench` measures speed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -15,7 +16,18 @@ import pytest
 
 from bench import client
 from bench.model import TINY, cut_tokenizer
-from bench.run import BEGIN, END, GPU_BEGIN, GPU_END, summarize_profile, targets, thread_names, write_doc
+from bench.run import (
+    BEGIN,
+    END,
+    GPU_BEGIN,
+    GPU_END,
+    faster,
+    level_rounds,
+    summarize_profile,
+    targets,
+    thread_names,
+    write_doc,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,13 +101,15 @@ def test_profile_summary_buckets_the_engine_thread() -> None:
         "thread (11): impetus-engine;Thread.run (threading.py:982);InferenceEngine._run (engine.py:1);"
         "InferenceEngine._drain_commands (engine.py:4);Queue.get (queue.py:180) 10",
         "thread (12): ThreadPoolExecutor-0_0;Thread.run (threading.py:982);Queue.get (queue.py:180) 100",
+        "thread (11): impetus-engine 3",  # a sample caught outside any Python frame (it broke a full run)
     ])
     summary = summarize_profile(raw)
-    assert summary["engine_samples"] == 100
+    assert summary["engine_samples"] == 103
     buckets = dict(summary["buckets"])
     assert buckets["decode: waiting on MLX compute (mx.eval / tolist in GenerationBatch._step)"] == 70
     assert buckets["per-token output: detokenize, stop strings, stream put (_emit)"] == 20
     assert buckets["idle: waiting for work (command queue)"] == 10
+    assert buckets["engine loop, other"] == 3
     assert thread_names(raw) == {11: "impetus-engine", 12: "ThreadPoolExecutor-0_0"}
 
 
@@ -140,3 +154,12 @@ def test_gpu_targets_check_batching_scales_and_drop_the_cpu_fast_path_target() -
     servers["ours"]["levels"][1] = _level(8, 250.0)
     assert "2.50x | ≥ 3x | not met" in "\n".join(targets(raw, servers, {}, gpu="CUDA"))
     assert "8 streams / one stream" not in "\n".join(targets(raw, servers, {}))  # CPU run: no such row
+
+
+def test_only_the_8_stream_level_is_repeated_and_its_faster_round_counts() -> None:
+    args = argparse.Namespace(level_repeats=2)
+    assert [level_rounds(args, n) for n in (1, 4, 8, 16)] == [1, 1, 2, 1]
+    slow = client.LevelResult(streams=8, wall=2.0, results=[client.Result(ok=True, ttft=0.1, total=1, tokens=100)])
+    fast = client.LevelResult(streams=8, wall=1.0, results=[client.Result(ok=True, ttft=0.2, total=1, tokens=100)])
+    assert faster(None, slow) is slow
+    assert faster(slow, fast) is fast and faster(fast, slow) is fast

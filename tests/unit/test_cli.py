@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from gerdsen_ai_server import __version__, blas, cli
+from gerdsen_ai_server import __version__, blas, cli, memory
+from gerdsen_ai_server.memory import find_jemalloc
 
 
 def test_version_via_module() -> None:
@@ -69,6 +71,38 @@ def test_preload_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
     monkeypatch.setattr(blas, "find_openblas", lambda: None)
     assert blas.preload_env({})["IMPETUS_BLAS"] == "reference"
+
+
+def test_allocator_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(memory, "find_jemalloc", lambda: lib)
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+
+    env = memory.allocator_env({"LD_PRELOAD": "/x/libopenblas.so.0"})  # after OpenBLAS (preload_env's)
+    assert env["LD_PRELOAD"] == f"/x/libopenblas.so.0:{lib}"
+    assert env["MALLOC_CONF"] == memory.JEMALLOC_CONF and env["IMPETUS_ALLOCATOR"] == "jemalloc"
+    assert memory.allocator_env({"MALLOC_CONF": "narenas:2"})["MALLOC_CONF"] == "narenas:2"  # the user's own
+
+    env = memory.allocator_env({"IMPETUS_MALLOC": "glibc"})
+    assert "LD_PRELOAD" not in env and "MALLOC_CONF" not in env and env["IMPETUS_ALLOCATOR"] == "glibc"
+
+    monkeypatch.setattr(memory, "find_jemalloc", lambda: None)
+    assert memory.allocator_env({})["IMPETUS_ALLOCATOR"] == "glibc"
+    with pytest.raises(ValueError, match="libjemalloc2"):
+        memory.allocator_env({"IMPETUS_MALLOC": "jemalloc"})
+
+    monkeypatch.setattr(memory, "find_jemalloc", find_jemalloc)  # the real one
+    monkeypatch.setattr(memory.sys, "platform", "darwin")  # macOS: the system allocator, nothing preloaded
+    assert memory.find_jemalloc() is None
+    assert memory.allocator_env({}) == {"IMPETUS_ALLOCATOR": "system"}
+
+
+def test_serve_rejects_an_unknown_allocator() -> None:
+    result = subprocess.run([sys.executable, "-m", "gerdsen_ai_server.cli", "serve"], capture_output=True, text=True,
+                            env={**os.environ, "IMPETUS_MALLOC": "tcmalloc"}, timeout=60)
+    assert result.returncode == 2
+    assert "malloc" in result.stderr
 
 
 @pytest.mark.parametrize(

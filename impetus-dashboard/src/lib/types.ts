@@ -67,6 +67,7 @@ export interface Health {
   requests_in_flight: number;
   compute_dtype: string;
   blas: string;
+  allocator?: string;
   prompt_cache_enabled?: boolean;
   prompt_cache_bytes?: number;
   prompt_cache_limit_bytes?: number;

@@ -88,6 +88,7 @@ export function Server() {
             <Facts rows={[
               ["compute dtype", h.compute_dtype],
               ["BLAS", h.blas],
+              ["C allocator", h.allocator],
               ["prompt cache", h.prompt_cache_enabled === undefined ? undefined
                 : h.prompt_cache_enabled ? `${formatBytes(h.prompt_cache_bytes)} of ${formatBytes(h.prompt_cache_limit_bytes)}` : "off"],
               ["batch size", h.max_batch === undefined ? undefined
