@@ -23,16 +23,21 @@ OPENBLAS_GLOBS = (
 )
 
 
-def find_openblas() -> Path | None:
-    """Path of an installed pthread OpenBLAS shared library, or None (always None off Linux)."""
+def find_system_library(patterns: tuple[str, ...]) -> Path | None:
+    """The first file matching one of ``patterns`` (globs, in order), or None (always None off Linux)."""
     if not sys.platform.startswith("linux"):
         return None
-    for pattern in OPENBLAS_GLOBS:
+    for pattern in patterns:
         for match in sorted(glob.glob(pattern)):
             path = Path(match)
             if path.is_file():
                 return path
     return None
+
+
+def find_openblas() -> Path | None:
+    """Path of an installed pthread OpenBLAS shared library, or None (always None off Linux)."""
+    return find_system_library(OPENBLAS_GLOBS)
 
 
 def preload_env(env: dict[str, str]) -> dict[str, str]:

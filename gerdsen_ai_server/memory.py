@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import glob
 import sys
 from pathlib import Path
+
+from .blas import find_system_library
 
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
@@ -87,9 +88,8 @@ def allocator() -> str:
 
 def _jemalloc_stat(name: str) -> int:
     value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
-    if _MALLCTL is None or _MALLCTL(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
-        return 0
-    return value.value
+    ok = _MALLCTL(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) == 0  # type: ignore[misc]
+    return value.value if ok else 0
 
 
 def malloc_info() -> dict[str, int] | None:
@@ -128,13 +128,7 @@ def set_arena_max(arenas: int) -> bool:
 
 def find_jemalloc() -> Path | None:
     """Path of an installed jemalloc shared library, or None (always None off Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    for pattern in JEMALLOC_GLOBS:
-        for match in sorted(glob.glob(pattern)):
-            if Path(match).is_file():
-                return Path(match)
-    return None
+    return find_system_library(JEMALLOC_GLOBS)
 
 
 def allocator_env(env: dict[str, str]) -> dict[str, str]:
@@ -143,7 +137,7 @@ def allocator_env(env: dict[str, str]) -> dict[str, str]:
     Sets ``IMPETUS_ALLOCATOR`` to what the server will run on: 'jemalloc' or 'glibc' (Linux), or
     'system'. Raises ValueError for IMPETUS_MALLOC=jemalloc where it is not installed."""
     env = dict(env)
-    choice = env.get("IMPETUS_MALLOC", "auto").strip().lower() or "auto"
+    choice = env.get("IMPETUS_MALLOC") or "auto"  # validated by Settings before this is called
     preload = env.get("LD_PRELOAD", "")
     if "jemalloc" in preload:
         env["IMPETUS_ALLOCATOR"] = "jemalloc"
