@@ -104,17 +104,17 @@ def _serve(args: argparse.Namespace) -> int:
     from .memory import allocator_env
 
     env = preload_env(env)
+    if env["IMPETUS_BLAS"] == "openblas":
+        blas = f"OpenBLAS ({env['LD_PRELOAD']})"  # before jemalloc joins LD_PRELOAD
+    elif sys.platform.startswith("linux"):
+        blas = "reference BLAS (slow; install libopenblas0-pthread for 5-20x faster fp32 on CPU)"
+    else:
+        blas = "platform default"
     try:
         env = allocator_env(env)
     except ValueError as exc:
         print(f"impetus: {exc}", file=sys.stderr)
         return 2
-    if env["IMPETUS_BLAS"] == "openblas":
-        blas = f"OpenBLAS ({env['LD_PRELOAD']})"
-    elif sys.platform.startswith("linux"):
-        blas = "reference BLAS (slow; install libopenblas0-pthread for 5-20x faster fp32 on CPU)"
-    else:
-        blas = "platform default"
 
     print(f"impetus {__version__}: model {settings.default_model!r}, {settings.threads} threads, BLAS: {blas}, "
           f"allocator: {env['IMPETUS_ALLOCATOR']}")
