@@ -234,6 +234,7 @@ def close_idle_handshakes(sleep: Any, grace: float = CONNECT_GRACE_S) -> None:
                     first_seen.pop(eio_sid, None)
                 elif now - first_seen.setdefault(eio_sid, now) >= grace:
                     first_seen.pop(eio_sid, None)
+                    log.info("closing Engine.IO session %s: no Socket.IO connect within %.0f s", eio_sid, grace)
                     close_session(eio_sid)
             for gone in set(first_seen) - current:
                 del first_seen[gone]
