@@ -12,6 +12,12 @@ starts; the dtype conversion is the one our server applies at load). Prints one 
   per-step cost, which both servers pay).
 - ``batch``: ``mlx_lm.batch_generate`` on N prompts: total tokens / wall time (prefill included,
   like a server's aggregate) and mlx-lm's ``generation_tps`` (prefill excluded).
+
+With ``--serve`` it loads the model once, prints ``{"ready": ...}`` and then answers one JSON line
+per request line on stdin, idle in between: ``{"op": "single"}`` (the ``single`` figures above) or
+``{"op": "batch", "n": 8, "seed": 3}`` (one ``batch`` row, on prompts of that seed). ``bench.run``
+keeps one such process beside the servers and measures the limits in the same rounds as the
+servers' levels, so that a ratio compares figures taken minutes, not the whole run, apart.
 """
 
 from __future__ import annotations
@@ -20,6 +26,58 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
+
+
+def one_stream(model: Any, tokenizer: Any, prompt: list[int], max_tokens: int, reps: int) -> dict[str, Any]:
+    """One stream through ``stream_generate``, the median of ``reps`` runs by decode rate."""
+    from mlx_lm import stream_generate
+
+    singles = []
+    for _ in range(reps):  # one stream is a short window: median of a few runs
+        start = time.perf_counter()
+        first = None
+        response = None
+        for item in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+            response = item
+            if first is None:
+                first = time.perf_counter() - start
+        wall = time.perf_counter() - start
+        assert response is not None
+        singles.append({"tokens": response.generation_tokens, "decode_tps": response.generation_tps,
+                        "ttft_s": first, "e2e_tps": response.generation_tokens / wall})
+    singles.sort(key=lambda r: r["decode_tps"])
+    return singles[len(singles) // 2]
+
+
+def batch(model: Any, tokenizer: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """``batch_generate`` on ``prompts``: all output tokens over the call's wall time, and mlx-lm's own rates."""
+    from mlx_lm import batch_generate
+
+    start = time.perf_counter()
+    res = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True)
+    wall = time.perf_counter() - start
+    tokens = sum(len(t) for t in res.token_ids)
+    return {"n": len(prompts), "tokens": tokens, "e2e_tps": tokens / wall, "decode_tps": res.stats.generation_tps,
+            "prompt_tps": res.stats.prompt_tps}
+
+
+def serve(model: Any, tokenizer: Any, args: argparse.Namespace, info: dict[str, Any]) -> int:
+    from bench.prompts import completion_prompts
+
+    print(json.dumps({"ready": True, **info}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        if req["op"] == "single":
+            prompt = tokenizer.encode(completion_prompts(1, args.prompt_words, seed=1)[0])
+            out = one_stream(model, tokenizer, prompt, args.max_tokens, args.single_reps)
+        else:
+            texts = completion_prompts(int(req["n"]), args.prompt_words, seed=int(req.get("seed", 1)))
+            out = batch(model, tokenizer, [tokenizer.encode(p) for p in texts], args.max_tokens)
+        print(json.dumps(out), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--single-reps", type=int, default=3, help="one-stream runs; the median is reported")
+    parser.add_argument("--serve", action="store_true", help="answer requests on stdin (see the docstring)")
     args = parser.parse_args(argv)
 
     import mlx.core as mx
     import mlx_lm
-    from mlx_lm import batch_generate, stream_generate
 
     from bench.prompts import completion_prompts
     from gerdsen_ai_server.blas import blas_in_use
@@ -48,41 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [tokenizer.encode(p) for p in completion_prompts(max(batches + [1]), args.prompt_words, seed=1)]
 
     # Warm-up: first calls allocate buffers and build kernels.
-    for _ in stream_generate(model, tokenizer, prompts[0], max_tokens=4):
-        pass
-    batch_generate(model, tokenizer, prompts[:2], max_tokens=4)
+    one_stream(model, tokenizer, prompts[0], 4, 1)
+    batch(model, tokenizer, prompts[:2], 4)
 
     result: dict[str, object] = {"dtype": dtype, "blas": blas_in_use(), "max_tokens": args.max_tokens}
-    singles = []
-    for _ in range(args.single_reps):  # one stream is a short window: median of a few runs
-        start = time.perf_counter()
-        first = None
-        response = None
-        for item in stream_generate(model, tokenizer, prompts[0], max_tokens=args.max_tokens):
-            response = item
-            if first is None:
-                first = time.perf_counter() - start
-        wall = time.perf_counter() - start
-        assert response is not None
-        singles.append({"tokens": response.generation_tokens, "decode_tps": response.generation_tps,
-                        "ttft_s": first, "e2e_tps": response.generation_tokens / wall})
-    singles.sort(key=lambda r: r["decode_tps"])
-    result["single"] = singles[len(singles) // 2]
+    if args.serve:
+        return serve(model, tokenizer, args, result)
+    result["single"] = one_stream(model, tokenizer, prompts[0], args.max_tokens, args.single_reps)
     # The same single stream through BatchGenerator (what both servers decode with).
-    start = time.perf_counter()
-    res = batch_generate(model, tokenizer, prompts[:1], max_tokens=args.max_tokens, return_token_ids=True)
-    wall = time.perf_counter() - start
-    result["single_batchgen"] = {"tokens": len(res.token_ids[0]), "decode_tps": res.stats.generation_tps,
-                                 "e2e_tps": len(res.token_ids[0]) / wall}
-    out = []
-    for n in batches:
-        start = time.perf_counter()
-        res = batch_generate(model, tokenizer, prompts[:n], max_tokens=args.max_tokens, return_token_ids=True)
-        wall = time.perf_counter() - start
-        tokens = sum(len(t) for t in res.token_ids)
-        out.append({"n": n, "tokens": tokens, "e2e_tps": tokens / wall, "decode_tps": res.stats.generation_tps,
-                    "prompt_tps": res.stats.prompt_tps})
-    result["batch"] = out
+    alone = batch(model, tokenizer, prompts[:1], args.max_tokens)
+    result["single_batchgen"] = {"tokens": alone["tokens"], "decode_tps": alone["decode_tps"],
+                                 "e2e_tps": alone["e2e_tps"]}
+    result["batch"] = [batch(model, tokenizer, prompts[:n], args.max_tokens) for n in batches]
     print(json.dumps(result))
     return 0
 

@@ -15,7 +15,8 @@ One after the other, on one bench model (``bench/model.py``: random-weight llama
    (``--ours-env`` adds settings), and on Linux again with ``IMPETUS_MALLOC=glibc`` (glibc's malloc
    with the fixed mmap threshold instead of jemalloc: what that allocator costs; ``--skip-malloc-variant``);
 3. ``python -m mlx_lm.server --model <bench folder>`` as shipped, again with the same OpenBLAS
-   preload, and (engine to engine, same compute) with OpenBLAS on a float32 copy of the model;
+   preload (at 8 streams only: bf16 never reaches the BLAS, and it measured as shipped in every run),
+   and (engine to engine, same compute) with OpenBLAS on a float32 copy of the model;
 4. when ``llama_cpp`` is installed (``--skip-llamacpp`` to leave it out), the same weights as an
    f32 GGUF (``bench/gguf_model.py``): raw in-process llama.cpp, one stream
    (``bench/raw_llamacpp.py``); our server on its llama.cpp backend (``IMPETUS_BACKEND=llamacpp``);
@@ -29,7 +30,11 @@ bf16 as stored, the OpenBLAS peers and the malloc variant are left out, the targ
 The servers are all started, then each concurrency level runs on each server in turn (only one
 is driven at a time): on a shared 2-core machine the load from other work drifts by the minute,
 and interleaving makes it fall on every server alike (``--sequential``: one server process at a
-time). The fp32 raw pass runs at the start and again at the end; each figure is the better pass.
+time). The limits the targets compare with (raw one stream, ``batch_generate`` on 8 prompts, in the
+configuration our server computes in) are measured again in every round of the 1- and 8-stream
+levels, just before the servers, by one resident raw process (``bench.raw --serve``, idle in
+between): the ratio then compares figures taken a minute apart, not the start and the end of a
+run on a machine whose speed drifts by 20 % and more. Each side's best round counts.
 
 Every server gets the same streaming client (``bench/client.py``): closed-loop streams at each
 concurrency (aggregate output tok/s, p50/p99 time to first token), then a multi-turn chat with
@@ -100,9 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-raw", action="store_true", help="do not measure raw in-process mlx-lm")
     p.add_argument("--skip-llamacpp", action="store_true",
                    help="no llama.cpp rows (our llama.cpp backend, llama-cpp-python's server, raw llama.cpp)")
-    p.add_argument("--raw-repeats", type=int, help="raw passes (start, end); each figure the best (default 2)")
-    p.add_argument("--level-repeats", type=int, help="rounds of the 8-stream level on every server, the best "
-                   "counting, as for the raw ceiling it is compared with (default: --raw-repeats)")
+    p.add_argument("--raw-repeats", type=int, help="full raw passes (start, end); each figure the best (default 1)")
+    p.add_argument("--level-repeats", type=int, help="rounds of the 1- and 8-stream levels on every server and on "
+                   "the resident raw process, each side's best counting (default 2)")
     p.add_argument("--sequential", action="store_true",
                    help="start, measure and stop one server at a time (default: all started, levels interleaved, "
                         "so a shared machine's changing load hits every server alike)")
@@ -135,12 +140,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.profile = False if args.profile is None else args.profile
     else:
         defaults = dict(streams="1,4,8,16", batches="4,8,16", max_tokens=64, requests_per_stream=2,
-                        history_tokens=1000, chat_reps=3, raw_repeats=2, min_requests=4)
+                        history_tokens=1000, chat_reps=3, raw_repeats=1, min_requests=4)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.level_repeats is None:
-        args.level_repeats = args.raw_repeats
+        args.level_repeats = 1 if args.tiny or args.quick else 2
     args.stream_levels = [int(s) for s in str(args.streams).split(",") if s.strip()]
     args.batch_sizes = [int(s) for s in str(args.batches).split(",") if s.strip()]
     if args.profile is None:
@@ -309,10 +314,78 @@ def measure_level(server: Server, args: argparse.Namespace, streams: int, round_
     return level
 
 
+PAIRED = {1: {"op": "single"}, 8: {"op": "batch", "n": 8}}  # the levels the targets compare with a raw limit
+# On a CPU the bf16 peers are 4-5x slower than ours, half a minute and more a level: they run each level once
+# (the repeated rounds are for the close ratios, ours against the raw limits and the fp32 peer), and
+# mlx_lm.server with OpenBLAS on the bf16 checkpoint only the 8-stream level the targets use.
+SLOW_PEERS: dict[str, tuple[int, ...] | None] = {"mlx": None, "mlx+openblas": (8,)}
+
+
+def measured(args: argparse.Namespace, key: str, streams: int, round_: int) -> bool:
+    """Whether server ``key`` runs this level in this round (see SLOW_PEERS)."""
+    if args.gpu or key not in SLOW_PEERS:
+        return True
+    levels = SLOW_PEERS[key]
+    return round_ == 0 and (levels is None or streams in levels)
+
+
 def level_rounds(args: argparse.Namespace, streams: int) -> int:
-    """Rounds of a level on every server: the 8-stream level, compared with the raw batch_generate-8 ceiling
-    (the best of its passes), is measured as often as the raw passes and its best round counts."""
-    return args.level_repeats if streams == 8 else 1
+    """Rounds of a level on every server: the 1- and 8-stream levels, compared with raw limits measured in
+    the same rounds, run ``--level-repeats`` times and each side's best round counts."""
+    return args.level_repeats if streams in PAIRED else 1
+
+
+class RawWorker:
+    """``bench.raw --serve``: the reference configuration loaded once, measuring a limit when asked (idle
+    in between), so that the limits are taken in the same rounds as the servers' levels."""
+
+    def __init__(self, label: str, model_dir: Path, env: dict[str, str], dtype: str, args: argparse.Namespace,
+                 logs: Path) -> None:
+        cmd = [sys.executable, "-m", "bench.raw", "--serve", "--model", str(model_dir), "--max-tokens",
+               str(args.max_tokens), "--prompt-words", str(args.prompt_words),
+               "--single-reps", "1" if args.tiny else "3"] + (["--dtype", dtype] if dtype else [])
+        self.label, self.log_path = label, logs / "raw-worker.log"
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=log, text=True)
+        self.info = self._answer()
+        self.rounds: dict[int, list[dict[str, Any]]] = {n: [] for n in PAIRED}
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench.raw --serve ({self.label}) exited:\n{self.log_path.read_text()[-3000:]}")
+        return dict(json.loads(line))
+
+    def measure(self, streams: int, round_: int) -> None:
+        assert self.process.stdin is not None
+        request = {**PAIRED[streams], "seed": 1000 + streams + 100 * round_}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        out = self._answer()
+        self.rounds[streams].append(out)
+        figure = out["decode_tps"] if streams == 1 else out["e2e_tps"]
+        say(f"  raw {self.label}, {'one stream' if streams == 1 else 'batch_generate 8'}: {figure:6.1f} tok/s "
+            f"(load {os.getloadavg()[0]:.1f})")
+
+    def best(self) -> dict[str, Any]:
+        """The best round of each limit: ``single`` by decode rate, ``batch8`` by tokens over wall time."""
+        out: dict[str, Any] = {}
+        if self.rounds[1]:
+            out["single"] = max(self.rounds[1], key=lambda r: r["decode_tps"])
+        if self.rounds[8]:
+            out["batch8"] = max(self.rounds[8], key=lambda r: r["e2e_tps"])
+        return out
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
 
 
 def faster(a: client.LevelResult | None, b: client.LevelResult) -> client.LevelResult:
@@ -566,21 +639,25 @@ def targets(raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]], 
     lv = ours["levels"]
     # The raw run that computes as our server does (fp32 + OpenBLAS on a Linux CPU).
     ref_key = "fp32" if ours_info.get("compute_dtype") == "float32" and "fp32" in raw else "bf16"
-    ref = raw.get(ref_key)
+    ref = raw.get(ref_key) or {}
+    # The limits measured in the same rounds as the servers (RawWorker), else those of the raw pass(es).
+    pair = ref.get("paired") or {}
+    single = pair.get("single") or ref.get("single")
+    ceiling = pair.get("batch8") or next((b for b in ref.get("batch", []) if b["n"] == 8), None)
+    where = f"{ref.get('label')}, same rounds" if pair else ref.get("label")
     one, eight = level_of(lv, 1), level_of(lv, 8)
-    if ref and one:
-        r = one.stream_decode_tps / ref["single"]["decode_tps"]
-        rows.append(ratio_row(f"one stream: ours / raw in-process decode ({ref['label']})",
-                              f"{fmt(one.stream_decode_tps)} / {fmt(ref['single']['decode_tps'])} = {r:.0%}",
+    if single and one:
+        r = one.stream_decode_tps / single["decode_tps"]
+        rows.append(ratio_row(f"one stream: ours / raw in-process decode ({where})",
+                              f"{fmt(one.stream_decode_tps)} / {fmt(single['decode_tps'])} = {r:.0%}",
                               "≥ 95 %", r >= 0.95))
-        r2 = one.aggregate_tps / ref["single"]["e2e_tps"]
+        r2 = one.aggregate_tps / single["e2e_tps"]
         rows.append(ratio_row("one stream, end to end (TTFT included): ours / raw",
-                              f"{fmt(one.aggregate_tps)} / {fmt(ref['single']['e2e_tps'])} = {r2:.0%}",
+                              f"{fmt(one.aggregate_tps)} / {fmt(single['e2e_tps'])} = {r2:.0%}",
                               "(for information)", None))
-    ceiling = next((b for b in (ref or {}).get("batch", []) if b["n"] == 8), None)
     if eight and ceiling:
         r = eight.aggregate_tps / ceiling["e2e_tps"]
-        rows.append(ratio_row(f"8 streams: ours / batch_generate-8 ceiling ({ref['label']}, prefill included)",
+        rows.append(ratio_row(f"8 streams: ours / batch_generate-8 ceiling ({where}, prefill included)",
                               f"{fmt(eight.aggregate_tps)} / {fmt(ceiling['e2e_tps'])} = {r:.0%}", "≥ 95 %",
                               r >= 0.95))
         r3 = eight.aggregate_tps / ceiling["decode_tps"]
@@ -714,7 +791,8 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
                   "the decode rate of the same prompt alone through `batch_generate` (BatchGenerator, which both "
                   "servers use). batch_generate N: all output tokens over the call's wall time (prefill included, "
                   "like a server's aggregate); in brackets mlx-lm's own decode-only rate. "
-                  f"fp32 figures are the best of {args.raw_repeats} pass(es) (start and end of the run).", ""]
+                  + (f"fp32 figures are the best of {args.raw_repeats} passes (start and end of the run)."
+                     if args.raw_repeats > 1 else "One pass, at the start of the run."), ""]
     lines += ["### Servers, same streaming client", "",
               "| server | streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | per-stream decode tok/s | ok | "
               "server CPU cores | client CPU cores |",
@@ -727,9 +805,13 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
     lines += ["", "Aggregate: all output tokens over the level's wall time. Per-stream decode: the median stream's "
               "tokens after the first over its time after the first. CPU cores: CPU seconds over the level's wall "
               "time, of the server's processes and of this benchmark client (which shares the machine)."
-              + (f" The 8-stream level ran {args.level_repeats} rounds (each on every server in turn, new prompts each "
-                 "round); each server's faster round is shown, as the raw figures are the best of their passes."
-                 if args.level_repeats > 1 and 8 in args.stream_levels else ""), ""]
+              + (f" The 1- and 8-stream levels ran {args.level_repeats} rounds (each on every server in turn, new "
+                 "prompts each round); each server's faster round is shown."
+                 if args.level_repeats > 1 else "")
+              + (" mlx_lm.server on the bf16 checkpoint (4-5x slower here, half a minute and more a level) ran each "
+                 "level once, and with OpenBLAS (which bf16 never reaches) only at 8 streams."
+                 if not args.gpu and any(k in servers for k in SLOW_PEERS) else ""), ""]
+    lines += paired_table(raw, servers)
     chats = [(s["label"], s["chat"]) for s in servers.values() if s.get("chat")]
     if chats:
         lines += ["### Multi-turn chat: cold vs warm time to first token", "",
@@ -761,6 +843,24 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
         lines += [f"| `{frame}` | {n / total:.1%} |" for frame, n in prof["top_leaves"]]
         lines.append("")
     return "\n".join(lines)
+
+
+def paired_table(raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]]) -> list[str]:
+    """Round by round, the raw limit (measured just before the servers) and our server's figure."""
+    pair = next((r["paired"] for r in raw.values() if r.get("paired")), None)
+    ours = servers.get("ours")
+    if not pair or not ours:
+        return []
+    rows = ["### The limits, round by round", "",
+            "| level | round | raw limit tok/s | ours tok/s | ours / raw |", "|---|---|---|---|---|"]
+    for n, what in ((1, "one stream: decode rate"), (8, "8 streams: batch_generate-8 vs aggregate")):
+        for i, (lim, level) in enumerate(zip(pair["rounds"].get(n, []), ours["rounds"].get(n, []), strict=False)):
+            limit = lim["decode_tps"] if n == 1 else lim["e2e_tps"]
+            value = level.stream_decode_tps if n == 1 else level.aggregate_tps
+            rows.append(f"| {what} | {i + 1} | {fmt(limit)} | {fmt(value)} | {value / limit:.0%} |")
+    return rows + ["", "The raw limits come from one resident in-process mlx-lm (`bench.raw --serve`, the "
+                   "configuration our server computes in), measured just before the servers in each round of "
+                   "the level; the targets take each side's best round.", ""]
 
 
 def write_doc(path: Path, body: str, gpu: str = "") -> None:
@@ -902,6 +1002,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             servers[key]["profile"] = None
 
+    worker: RawWorker | None = None
+    if not args.skip_raw:  # the reference our server's targets use: fp32 + OpenBLAS on a CPU, as stored on a GPU
+        ref = "bf16" if args.gpu else "fp32"
+        worker = RawWorker(raw[ref]["label"], model_dir, env if args.gpu else openblas_env(env),
+                           "" if args.gpu else "float32", args, logs)
+
+    def paired(n: int, round_: int) -> None:
+        if worker is not None and n in PAIRED:
+            worker.measure(n, round_)
+
+    rounds: dict[str, dict[int, list[client.LevelResult]]] = {}
+
+    def measure_round(key: str, server: Server, n: int, round_: int) -> client.LevelResult:
+        level = measure_level(server, args, n, round_)
+        rounds.setdefault(key, {}).setdefault(n, []).append(level)
+        return level
+
     if args.sequential:  # start, measure, stop: one server process at a time
         for key, label, spec_env in runs:
             server = launch(key, label, spec_env)
@@ -910,8 +1027,12 @@ def main(argv: list[str] | None = None) -> int:
                 for n in args.stream_levels:
                     best = None
                     for round_ in range(level_rounds(args, n)):
-                        best = faster(best, measure_level(server, args, n, round_))
-                    levels.append(best)
+                        if key == "ours":
+                            paired(n, round_)
+                        if measured(args, key, n, round_):
+                            best = faster(best, measure_round(key, server, n, round_))
+                    if best is not None:
+                        levels.append(best)
                 servers[key] = {"label": label, "levels": levels}
                 finish(key, server)
             finally:
@@ -926,10 +1047,13 @@ def main(argv: list[str] | None = None) -> int:
             for n in args.stream_levels:
                 best: dict[str, client.LevelResult | None] = dict.fromkeys(live)
                 for round_ in range(level_rounds(args, n)):
+                    paired(n, round_)
                     for key, server in live.items():
-                        best[key] = faster(best[key], measure_level(server, args, n, round_))
-                for key in live:
-                    servers[key]["levels"].append(best[key])
+                        if measured(args, key, n, round_):
+                            best[key] = faster(best[key], measure_round(key, server, n, round_))
+                for key, level in best.items():
+                    if level is not None:
+                        servers[key]["levels"].append(level)
                 loads.append((f"after {n} streams", os.getloadavg()))
             for key, server in live.items():
                 finish(key, server)
@@ -937,6 +1061,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in live.values():
                 stop_server(server)
+    if worker is not None:
+        worker.close()
+        raw["bf16" if args.gpu else "fp32"]["paired"] = {**worker.best(), "rounds": worker.rounds}
+    for key in servers:
+        servers[key]["rounds"] = rounds.get(key, {})
 
     if "fp32" in raw and args.raw_repeats > 1:  # again at the end: each figure is the best of the passes
         for _ in range(args.raw_repeats - 1):
