@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="no llama.cpp rows (our llama.cpp backend, llama-cpp-python's server, raw llama.cpp)")
     p.add_argument("--raw-repeats", type=int, help="full raw passes (start, end); each figure the best (default 1)")
     p.add_argument("--level-repeats", type=int, help="rounds of the 1- and 8-stream levels on every server and on "
-                   "the resident raw process, each side's best counting (default 2)")
+                   "the resident raw process, each side's best counting (default 3)")
     p.add_argument("--sequential", action="store_true",
                    help="start, measure and stop one server at a time (default: all started, levels interleaved, "
                         "so a shared machine's changing load hits every server alike)")
@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.level_repeats is None:
-        args.level_repeats = 1 if args.tiny or args.quick else 2
+        args.level_repeats = 1 if args.tiny or args.quick else 3
     args.stream_levels = [int(s) for s in str(args.streams).split(",") if s.strip()]
     args.batch_sizes = [int(s) for s in str(args.batches).split(",") if s.strip()]
     if args.profile is None:
