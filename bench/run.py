@@ -257,13 +257,15 @@ def stop_server(server: Server) -> None:
 
 # ---------------------------------------------------------------- measurements
 
+def raw_cmd(model_dir: Path, dtype: str, args: argparse.Namespace) -> list[str]:
+    """``bench.raw`` on the bench model, as a full pass and as the resident process (``--serve``) alike."""
+    return [sys.executable, "-m", "bench.raw", "--single-reps", "1" if args.tiny else "3", "--model", str(model_dir),
+            "--max-tokens", str(args.max_tokens), "--prompt-words", str(args.prompt_words)] + (
+        ["--dtype", dtype] if dtype else [])
+
+
 def run_raw(label: str, model_dir: Path, env: dict[str, str], dtype: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.raw", "--single-reps", "1" if args.tiny else "3", "--model", str(model_dir),
-           "--batches",
-           ",".join(map(str, args.batch_sizes)), "--max-tokens", str(args.max_tokens),
-           "--prompt-words", str(args.prompt_words)]
-    if dtype:
-        cmd += ["--dtype", dtype]
+    cmd = raw_cmd(model_dir, dtype, args) + ["--batches", ",".join(map(str, args.batch_sizes))]
     say(f"raw mlx-lm, {label} ...")
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
@@ -341,14 +343,11 @@ class RawWorker:
 
     def __init__(self, label: str, model_dir: Path, env: dict[str, str], dtype: str, args: argparse.Namespace,
                  logs: Path) -> None:
-        cmd = [sys.executable, "-m", "bench.raw", "--serve", "--model", str(model_dir), "--max-tokens",
-               str(args.max_tokens), "--prompt-words", str(args.prompt_words),
-               "--single-reps", "1" if args.tiny else "3"] + (["--dtype", dtype] if dtype else [])
         self.label, self.log_path = label, logs / "raw-worker.log"
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=log, text=True)
-        self.info = self._answer()
+            self.process = subprocess.Popen(raw_cmd(model_dir, dtype, args) + ["--serve"], cwd=ROOT, env=env,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        self._answer()  # {"ready": ...} once the model is loaded and warm
         self.rounds: dict[int, list[dict[str, Any]]] = {n: [] for n in PAIRED}
 
     def _answer(self) -> dict[str, Any]:
@@ -1003,8 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
             servers[key]["profile"] = None
 
     worker: RawWorker | None = None
-    if not args.skip_raw:  # the reference our server's targets use: fp32 + OpenBLAS on a CPU, as stored on a GPU
-        ref = "bf16" if args.gpu else "fp32"
+    ref = "bf16" if args.gpu else "fp32"  # the reference our server's targets use: fp32 + OpenBLAS on a CPU
+    if not args.skip_raw:
         worker = RawWorker(raw[ref]["label"], model_dir, env if args.gpu else openblas_env(env),
                            "" if args.gpu else "float32", args, logs)
 
@@ -1063,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop_server(server)
     if worker is not None:
         worker.close()
-        raw["bf16" if args.gpu else "fp32"]["paired"] = {**worker.best(), "rounds": worker.rounds}
+        raw[ref]["paired"] = {**worker.best(), "rounds": worker.rounds}
     for key in servers:
         servers[key]["rounds"] = rounds.get(key, {})
 

@@ -18,10 +18,11 @@ makes the threads share a few arenas (MALLOC_ARENA_MAX, a usual setting for thre
 
 jemalloc, where installed (Debian/Ubuntu ``libjemalloc2``), is the better trade and the default
 on Linux: ``impetus serve`` preloads it (``allocator_env``, IMPETUS_MALLOC). Freed pages stay with
-it, dirty, for a second (``dirty_decay_ms:1000``; jemalloc's default is ten) and are reused first,
-then a background thread gives them back, so RSS levels off like the fixed threshold's without its cost: every
-block the threshold maps afresh is faulted in page by page, 20,000-220,000 minor faults per 1,024
-tokens at 8 streams, 12-30 % of the throughput (docs/performance.md). ``oversize_threshold:0``
+it, dirty, for a second (``dirty_decay_ms:1000``; jemalloc's default is ten) and are reused
+first, then a background thread gives them back, so RSS levels off like the fixed threshold's
+without its cost: every block the threshold maps afresh is faulted in page by page,
+20,000-220,000 minor faults per 1,024 tokens at 8 streams, 12-30 % of the throughput
+(docs/performance.md). ``oversize_threshold:0``
 keeps large blocks out of jemalloc's oversize arena, which returns them at once (the same faults).
 
 Elsewhere (macOS, musl) these are no-ops and ``malloc_info`` is None.

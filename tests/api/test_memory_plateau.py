@@ -43,7 +43,8 @@ def small_cache_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
 def settled_free_bytes(url: str, bound: int = 100 << 20, wait: float = 15.0) -> float:
     """The heap's kept-free bytes, read again for up to ``wait`` s while at or above ``bound``: under
     jemalloc (the default) freed pages stay with it, dirty, for reuse and its background thread gives
-    them back over about 10 s (dirty_decay_ms), so right after a round they may still be there.
+    them back after about a second unused (dirty_decay_ms:1000; ten with jemalloc's own default), so
+    right after a round they may still be there.
     glibc's fixed threshold gives them back at once, and its default never (the same bound fails it)."""
     deadline = time.monotonic() + wait
     free = gauge(url, "impetus_malloc_free_bytes")
