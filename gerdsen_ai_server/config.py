@@ -39,9 +39,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(32, ge=0, description="Requests waiting for the engine beyond the running batch; more get 503.")
     max_batch: int = Field(8, ge=1, description="Sequences decoded together in one engine step.")
     admit_window_ms: float = Field(
-        10.0, ge=0, le=1000,
-        description="An idle engine given a request waits up to this long (while more keep arriving, at most 2 ms "
-        "apart) for the rest of a burst, so that requests arriving together are prefilled in one pass. 0: never wait.",
+        50.0, ge=0, le=1000,
+        description="A new request waits up to this long for the rest of its burst (while more keep arriving, at "
+        "most one decode step apart), so that requests sent together, or clients coming back together, are "
+        "prefilled in one pass instead of one stall of every stream each. 0: never wait.",
     )
     prompt_cache_bytes: int = Field(
         256 << 20, ge=0, description="Bytes of KV cache kept for reuse by later prompts sharing a prefix (0 disables)."
