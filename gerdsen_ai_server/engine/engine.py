@@ -495,13 +495,19 @@ class InferenceEngine:
         self._stats.prompt_cache_hits_total += 1
         return cache, rest
 
-    def _remember(self, model_id: str, tokens: list[int], cache: list[Any] | None) -> None:
-        if self.prompt_cache_enabled and cache is not None and tokens:
-            # The extracted cache is a lazy slice of the whole batch's KV buffers: evaluate it now,
-            # or the LRU would keep every batch buffer it was cut from alive (measured: +50 MB a request).
-            mx.eval([c.state for c in cache])
+    def _remember(self, model_id: str, finished: list[tuple[list[int], list[Any] | None]]) -> None:
+        """Store the KV caches of a step's finished sequences (their tokens, their cache) in the prompt cache."""
+        finished = [(tokens, cache) for tokens, cache in finished if cache is not None and tokens]
+        if not self.prompt_cache_enabled or not finished:
+            return
+        # An extracted cache is a lazy slice of the whole batch's KV buffers: evaluate it now, or
+        # the LRU would keep every batch buffer it was cut from alive (measured: +50 MB a request).
+        # One evaluation for all: it waits for the step already in flight, which writes their last
+        # token's KV (~30-40 ms on 2 CPU cores), hence after the step's events went out (_step).
+        mx.eval([c.state for _, cache in finished for c in cache])
+        for tokens, cache in finished:
             self._prompt_cache.insert_cache(model_id, list(tokens), cache)
-            self._stats.prompt_cache_bytes = self._prompt_cache.nbytes
+        self._stats.prompt_cache_bytes = self._prompt_cache.nbytes
 
     def _drop_cancelled(self) -> None:
         for resident in self.registry.residents.values():
@@ -534,6 +540,9 @@ class InferenceEngine:
             self._decode_seconds = time.monotonic() - started
         self._stats.steps_total += 1
         self._stats.generated_tokens_total += len(responses)
+        # Every event of the step goes out before the finished sequences' caches are stored: stored
+        # one by one in between, the last answer of a wave reached its client ~30 ms after the first.
+        finished: list[tuple[list[int], list[Any] | None]] = []
         for response in responses:
             seq = resident.sequences.get(response.uid)
             if seq is not None and seq.errors:
@@ -542,11 +551,13 @@ class InferenceEngine:
                 self._finish(seq.stream, TokenEvent(error=f"Generation failed: {seq.errors[0]}"))
                 continue
             if seq is not None:
-                self._emit(resident, response.uid, seq, response)
+                self._emit(resident, response.uid, seq, response, finished)
             if response.finish_reason is not None:
-                self._remember(resident.loaded.model_id, response.all_tokens, response.prompt_cache)
+                finished.append((response.all_tokens, response.prompt_cache))
+        self._remember(resident.loaded.model_id, finished)
 
-    def _emit(self, resident: Resident, uid: int, seq: _Sequence, response: Any) -> None:
+    def _emit(self, resident: Resident, uid: int, seq: _Sequence, response: Any,
+              finished: list[tuple[list[int], list[Any] | None]]) -> None:
         token, finish = response.token, response.finish_reason
         seq.completion_tokens += 1
         logprobs = []
@@ -560,7 +571,7 @@ class InferenceEngine:
         if hit_stop:
             finish = "stop"
             for cache, tokens in resident.generator.remove([uid], return_prompt_caches=True).values():
-                self._remember(resident.loaded.model_id, tokens, cache)
+                finished.append((tokens, cache))
         elif finish is not None:
             text += seq.stop.flush()
         event = TokenEvent(

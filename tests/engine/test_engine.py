@@ -236,3 +236,36 @@ def test_requests_arriving_within_a_decode_step_share_one_prefill_pass(
     assert together == [6]
     assert len(apart) >= 2 and apart[0] < 6
     assert with_window == without  # greedy: the same answers either way
+
+def test_answers_ending_together_are_delivered_before_their_caches_are_stored(
+        engine: InferenceEngine, model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequences that finish in the same step all get their last event before any of their KV
+    caches goes into the prompt cache (each store waits on MLX for milliseconds): stored in between,
+    the last client of a wave heard of its end ~30 ms after the first. The store is only observed here."""
+    cache = engine._prompt_cache  # noqa: SLF001
+    prompts = [chat(model, f"{p} (together)") for p in PROMPTS]
+    streams: list = []  # type: ignore[type-arg]
+    answered_at_store: list[int] = []  # how many of the 8 had their last event when each cache was stored
+    insert = cache.insert_cache
+
+    def observed(model_id, tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if any(list(tokens[:len(p)]) == p for p in prompts):  # not an earlier test's store
+            answered_at_store.append(sum(s.finished_at is not None for s in streams))
+        return insert(model_id, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "insert_cache", observed)
+    wait_idle(engine)
+    engine.admit_window = 0.5  # the 8 requests start together, so most of them end in the same step
+    try:
+        streams += [engine.submit(request(model, p, max_tokens=4)) for p in prompts]
+        finishes = [tokens_of(s)[1] for s in streams]
+        wait_idle(engine)
+    finally:
+        engine.admit_window = 0.0
+    assert finishes.count("length") >= 4, finishes
+    deadline = time.monotonic() + 10
+    while len(answered_at_store) < len(PROMPTS) and time.monotonic() < deadline:  # stored after answering
+        time.sleep(0.01)
+    assert len(answered_at_store) == len(PROMPTS)
+    # Stored one by one between the answers, only the last store would find all 8 answered.
+    assert answered_at_store.count(len(PROMPTS)) >= finishes.count("length"), answered_at_store
