@@ -781,7 +781,8 @@ def llamacpp_targets(raw_llama: dict[str, Any], servers: dict[str, dict[str, Any
 
 def report(args: argparse.Namespace, command: str, started: str, loads: list[tuple[str, tuple[float, ...]]],
            raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]], ours_info: dict[str, Any],
-           elapsed: float, model_desc: str, raw_llama: dict[str, Any] | None = None) -> str:
+           elapsed: float, model_desc: str, raw_llama: dict[str, Any] | None = None,
+           steal: float | None = None) -> str:
     m, v = machine(), versions()
     lines = [
         f"Run {started} on {m['platform']}, {m['cpu']}, {m['cores']} cores, {m['memory']}; Python {m['python']}, "
@@ -799,7 +800,9 @@ def report(args: argparse.Namespace, command: str, started: str, loads: list[tup
            "driven at a time, so the shared machine's changing load falls on all alike."),
         "",
         "Load average (1/5/15 min) during the run: " + "; ".join(
-            f"{what} {a:.2f}/{b:.2f}/{c:.2f}" for what, (a, b, c) in loads) + ".",
+            f"{what} {a:.2f}/{b:.2f}/{c:.2f}" for what, (a, b, c) in loads) + "."
+        + ("" if steal is None else f" CPU time the hypervisor gave to other machines (steal, /proc/stat) during "
+           f"the run: {steal:.1%} of this machine's."),
         "",
     ]
     if raw:
@@ -933,6 +936,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     loads = [("start", os.getloadavg())]
+    steal0 = cpu_times()
     spec = TINY if args.tiny else BENCH
     model_dir = (args.model_dir or default_out(spec)).resolve()
     models_dir = args.models_dir or default_models_dir()
@@ -1110,7 +1114,7 @@ def main(argv: list[str] | None = None) -> int:
         loads.append(("after raw again", os.getloadavg()))
 
     body = report(args, command, started, loads, raw, servers, ours_info, time.monotonic() - t0, model_desc,
-                  raw_llama)
+                  raw_llama, steal_share(steal0, cpu_times()))
     print()
     print(body)
     if not args.no_write:
@@ -1118,6 +1122,22 @@ def main(argv: list[str] | None = None) -> int:
         write_doc(out, body, args.gpu)
         say(f"\nwrote {out}")
     return 0
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks of this machine since boot, from Linux's /proc/stat; None elsewhere."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7], sum(fields)) if len(fields) == 8 else None
+
+
+def steal_share(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
+    """The share of CPU time the hypervisor took between two ``cpu_times()`` readings: a disturbed run shows."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
 
 
 def best_of(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

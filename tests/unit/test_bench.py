@@ -21,10 +21,12 @@ from bench.run import (
     END,
     GPU_BEGIN,
     GPU_END,
+    cpu_times,
     faster,
     level_rounds,
     measured,
     paired_table,
+    steal_share,
     summarize_profile,
     targets,
     thread_names,
@@ -58,6 +60,7 @@ def test_tiny_bench_end_to_end(converted_default: Path, tmp_path: Path) -> None:
     assert "one stream: ours / raw in-process decode (fp32" in doc and "same rounds): the one round's ratio" in doc
     assert "| one stream: decode rate | 1 |" in doc  # the resident raw process measured beside the servers
     assert "| mlx_lm.server" not in doc  # --tiny skips it
+    assert ("(steal, /proc/stat) during the run: " in doc) == sys.platform.startswith("linux")
     assert result.stdout.count("### Servers") == 1  # the table is printed too
 
     # The model is a standard MLX folder in bfloat16 that never ends a generation early.
@@ -202,3 +205,12 @@ def test_the_slow_bf16_peers_run_each_level_once_and_the_preload_only_at_8_strea
     assert measured(cpu, "mlx+openblas", 8, 0) and not measured(cpu, "mlx+openblas", 1, 0)
     assert not measured(cpu, "mlx+openblas", 8, 1)
     assert measured(argparse.Namespace(gpu="CUDA"), "mlx", 8, 1)  # on a GPU mlx_lm.server is not slow
+
+
+def test_steal_share_is_the_hypervisors_part_of_the_cpu_time_between_two_readings() -> None:
+    assert steal_share((5, 1000), (35, 2000)) == pytest.approx(0.03)
+    assert steal_share(None, (35, 2000)) is None  # not Linux: nothing to say
+    assert steal_share((5, 1000), (5, 1000)) is None  # no time passed
+    now = cpu_times()
+    if sys.platform.startswith("linux"):
+        assert now is not None and 0 <= now[0] <= now[1]
