@@ -21,12 +21,13 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from ..events import EventBus
 from .embeddings import embed
 from .errors import ModelLoadError, ModelNotFound
 from .loaders import LoadedModel, LoaderFactory
+from .mlxlm import DecodeBatch, PromptCache
 from .registry import ModelRegistry, Resident
 from .sampling import StopMatcher, build_logits_processors, build_sampler, guarded, token_logprob
 from .stream import GenerationRequest, TokenEvent, TokenStream
@@ -143,14 +144,16 @@ class InferenceEngine:
         self._held: list[tuple[GenerationRequest, TokenStream]] = []
         self._held_since = 0.0  # when the oldest held request was received
         self._last_received = 0.0
-        self._decode_seconds = 0.0  # how long the last step that only decoded took
+        self._decode_seconds = 0.0  # how long the last step that only decoded (with a forward pass) took
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._running = threading.Event()
         self._stats = EngineStats(max_batch=max_batch)
         # KV caches of finished sequences, keyed by model and token prefix (mlx-lm's own LRU trie).
-        self._prompt_cache = LRUPromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
+        self._prompt_cache = PromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
         self.prompt_cache_enabled = prompt_cache_bytes > 0
+        # Finished sequences' KV caches still to store there (model id, tokens, cache): see _store.
+        self._unstored: list[tuple[str, list[int], list[Any]]] = []
         # Called if the engine thread dies: the app makes the worker exit so Gunicorn replaces it
         # rather than leaving a process that can only answer errors.
         self._on_crash = on_crash
@@ -261,10 +264,11 @@ class InferenceEngine:
         try:
             while not self._stopping.is_set():
                 busy = any(r.sequences for r in self.registry.residents.values()) or bool(self.registry.loading)
-                self._drain_commands(None if busy else ADMIT_POLL_S if self._held else 0.5)
+                self._drain_commands(None if busy or self._unstored else ADMIT_POLL_S if self._held else 0.5)
                 self._admit_held()
                 self._drop_cancelled()
                 self.registry.expire_idle()
+                self._store(None if any(r.sequences for r in self.registry.residents.values()) else 1)
                 for resident in list(self.registry.residents.values()):
                     if resident.sequences:
                         self._step(resident)
@@ -419,12 +423,15 @@ class InferenceEngine:
         if getattr(loaded, "kind", None) == "llamacpp":
             # A LlamaCppEngine: batches on its own thread, within the same (thermal) batch cap.
             return self._apply_batch_limit(loaded.model)  # type: ignore[no-any-return]
-        return self._apply_batch_limit(BatchGenerator(
+        generator = BatchGenerator(
             loaded.model,
             stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
             completion_batch_size=self.max_batch,
             prefill_batch_size=self._prefill_size,
-        ))
+        )
+        # Its decode batch is made once, here, and extended by every prefilled prompt after.
+        generator._generation_batch = DecodeBatch.empty(loaded.model, generator.sampler)  # noqa: SLF001
+        return self._apply_batch_limit(generator)
 
     def _apply_batch_limit(self, generator: BatchGenerator) -> BatchGenerator:
         # BatchGenerator admits a new sequence only while its generation batch is below
@@ -451,6 +458,7 @@ class InferenceEngine:
         prompt = request.prompt_tokens
         errors: list[Exception] = []
         processors = build_logits_processors(request.sampling, request.max_tokens) + request.logits_processors
+        self._store(None)  # a request finds the cache of every request answered before it
         cache, rest = self._cached_prefix(request.model, prompt)
         try:
             (uid,) = resident.generator.insert(
@@ -495,19 +503,26 @@ class InferenceEngine:
         self._stats.prompt_cache_hits_total += 1
         return cache, rest
 
-    def _remember(self, model_id: str, finished: list[tuple[list[int], list[Any] | None]]) -> None:
-        """Store the KV caches of a step's finished sequences (their tokens, their cache) in the prompt cache."""
-        finished = [(tokens, cache) for tokens, cache in finished if cache is not None and tokens]
-        if not self.prompt_cache_enabled or not finished:
+    def _store(self, count: int | None) -> None:
+        """Store ``count`` (None: all) of the finished sequences' KV caches in the prompt cache.
+
+        An extracted cache is a lazy copy out of the whole batch's KV buffers: evaluated, or the LRU
+        would keep every batch buffer it was cut from alive (measured: +50 MB a request). The copies
+        take MLX time (~10 ms for 8 sequences of ~100 tokens of the bench model on 2 CPU cores,
+        25-40 ms while the HTTP threads answer), so they never delay the step's events (_step), and
+        while nothing decodes they go one sequence per engine-loop turn, so that requests arriving
+        meanwhile are received and held (_admit_held) instead of waiting on MLX. All that is left
+        goes in one evaluation before a step or an admission: a request finds the cache of every
+        request answered before it.
+        """
+        stored = self._unstored[:count]
+        if not stored:
             return
-        # An extracted cache is a lazy slice of the whole batch's KV buffers: evaluate it now, or
-        # the LRU would keep every batch buffer it was cut from alive (measured: +50 MB a request).
-        # One evaluation for all: it waits for the step already in flight, which writes their last
-        # token's KV (~30-40 ms on 2 CPU cores), hence after the step's events went out (_step).
-        mx.eval([c.state for _, cache in finished for c in cache])
-        for tokens, cache in finished:
+        mx.eval([c.state for _, _, cache in stored for c in cache])
+        for model_id, tokens, cache in stored:
             self._prompt_cache.insert_cache(model_id, list(tokens), cache)
         self._stats.prompt_cache_bytes = self._prompt_cache.nbytes
+        del self._unstored[:len(stored)]  # only now: until stored, they count as pending
 
     def _drop_cancelled(self) -> None:
         for resident in self.registry.residents.values():
@@ -536,7 +551,7 @@ class InferenceEngine:
             # primitive") for every later request: give it a fresh state.
             mx.random.seed(time.time_ns() % (1 << 32))
             return
-        if not prefills:
+        if not prefills and resident.generator._generation_batch.forwarded:  # noqa: SLF001
             self._decode_seconds = time.monotonic() - started
         self._stats.steps_total += 1
         self._stats.generated_tokens_total += len(responses)
@@ -554,7 +569,9 @@ class InferenceEngine:
                 self._emit(resident, response.uid, seq, response, finished)
             if response.finish_reason is not None:
                 finished.append((response.all_tokens, response.prompt_cache))
-        self._remember(resident.loaded.model_id, finished)
+        if self.prompt_cache_enabled:
+            model_id = resident.loaded.model_id
+            self._unstored += [(model_id, tokens, cache) for tokens, cache in finished if cache is not None and tokens]
 
     def _emit(self, resident: Resident, uid: int, seq: _Sequence, response: Any,
               finished: list[tuple[list[int], list[Any] | None]]) -> None:

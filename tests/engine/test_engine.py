@@ -55,7 +55,7 @@ def tokens_of(stream) -> tuple[list[int], str]:  # type: ignore[no-untyped-def]
 
 def wait_idle(engine: InferenceEngine) -> None:
     deadline = time.monotonic() + 30
-    while engine.inflight:
+    while engine.inflight or engine._unstored:  # noqa: SLF001  (caches are stored after the answers)
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
@@ -269,3 +269,30 @@ def test_answers_ending_together_are_delivered_before_their_caches_are_stored(
     assert len(answered_at_store) == len(PROMPTS)
     # Stored one by one between the answers, only the last store would find all 8 answered.
     assert answered_at_store.count(len(PROMPTS)) >= finishes.count("length"), answered_at_store
+
+
+def test_no_forward_pass_is_started_for_a_token_nobody_reads(
+        engine: InferenceEngine, model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlx-lm starts each step's forward pass on the tokens it returns, so that the next tokens compute
+    while these go out. At the step where every sequence of the batch reaches max_tokens, that pass
+    only delays what comes next (the next prompts' prefill, the cache store): it is skipped. Counted
+    on the real model: the last prompt token, then one pass per answer token but the last; the answer
+    is the start of a longer one."""
+    decode_passes: list[int] = []
+    model_class = type(model.model)
+    forward = model_class.__call__
+
+    def counting(self, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if inputs.shape[1] == 1:
+            decode_passes.append(inputs.shape[0])
+        return forward(self, inputs, *args, **kwargs)
+
+    prompt = chat(model, "Tell me about the mountains.")
+    longer, _ = tokens_of(engine.submit(request(model, prompt, max_tokens=12)))
+    wait_idle(engine)
+    monkeypatch.setattr(model_class, "__call__", counting)
+    answer, finish = tokens_of(engine.submit(request(model, prompt, max_tokens=6)))
+    wait_idle(engine)
+    monkeypatch.undo()
+    assert finish == "length" and answer == longer[:6]
+    assert decode_passes == [1] * 6, decode_passes  # 7 before: one more, for the 6th token's KV
