@@ -5,7 +5,8 @@ throughput, ``/v1/chat/completions`` for the multi-turn chat. Every request is g
 (``temperature: 0``) with a fixed ``max_tokens`` and asks for ``usage`` in the last chunk
 (``stream_options.include_usage``); when a server sends no usage, tokens are counted from chunks.
 
-Time to first token (TTFT) is from sending the request to the first chunk carrying text.
+Time to first token (TTFT) is from sending the request to the first chunk carrying text. Like the
+OpenAI SDK, a stream is read to its end after ``[DONE]``, so each stream keeps one connection.
 """
 
 from __future__ import annotations
@@ -46,16 +47,20 @@ def stream_request(session: requests.Session, url: str, body: dict[str, Any], ti
     chunks = 0
     usage: dict[str, Any] | None = None
     parts: list[str] = []
+    done = False
     try:
         with session.post(url, json=body, stream=True, timeout=timeout) as r:
             if r.status_code != 200:
                 return Result(ok=False, error=f"HTTP {r.status_code}: {r.text[:200]}")
             for line in r.iter_lines():
-                if not line.startswith(b"data: "):
+                # Read on after [DONE] to the body's end: left unread, the connection is closed
+                # and the stream's next request opens a new one.
+                if done or not line.startswith(b"data: "):
                     continue
                 data = line[6:]
                 if data == b"[DONE]":
-                    break
+                    done = True
+                    continue
                 chunk = json.loads(data)
                 if "error" in chunk:
                     return Result(ok=False, error=str(chunk["error"])[:200])
@@ -133,8 +138,11 @@ def run_level(base_url: str, model: str, prompts: list[str], streams: int, max_t
     todo = list(enumerate(prompts))
     results: list[Result | None] = [None] * len(prompts)
 
+    ready = threading.Barrier(streams + 1)
+
     def worker() -> None:
         with requests.Session() as session:
+            ready.wait()
             while True:
                 with lock:
                     if not todo:
@@ -143,11 +151,12 @@ def run_level(base_url: str, model: str, prompts: list[str], streams: int, max_t
                 body = {"model": model, "prompt": prompt, "max_tokens": max_tokens}
                 results[index] = stream_request(session, url, body, timeout)
 
-    cpu0 = time.process_time()
-    start = time.perf_counter()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(streams)]
     for t in threads:
         t.start()
+    ready.wait()  # the clock starts when every client is up, not as each thread starts (~2 ms apart)
+    cpu0 = time.process_time()
+    start = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start

@@ -9,6 +9,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -214,3 +215,45 @@ def test_steal_share_is_the_hypervisors_part_of_the_cpu_time_between_two_reading
     now = cpu_times()
     if sys.platform.startswith("linux"):
         assert now is not None and 0 <= now[0] <= now[1]
+
+
+def test_each_stream_keeps_one_connection() -> None:
+    """The client reads each stream to its end after [DONE], as the OpenAI SDK does, so a stream's
+    requests share one keep-alive connection (broken off at [DONE], each request opened a new one)."""
+    import http.server
+    import socketserver
+
+    connections: list[int] = []
+
+    class SSE(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            connections.append(1)
+            super().setup()
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for event in ('{"choices": [{"text": "hi"}]}', "[DONE]"):
+                data = f"data: {event}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                time.sleep(0.01)
+            self.wfile.write(b"0\r\n\r\n")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    with Server(("127.0.0.1", 0), SSE) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        level = client.run_level(f"http://127.0.0.1:{server.server_address[1]}", "m", ["a"] * 6, 2, 4)
+        server.shutdown()
+    assert [r.tokens for r in level.results] == [1] * 6
+    assert len(connections) == 2
