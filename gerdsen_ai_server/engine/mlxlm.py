@@ -43,7 +43,8 @@ class _PromptTrie(PromptTrie):
     by walking every node below where the prompt leaves the trie. Prompts that share their first
     tokens (a chat template, a common instruction) leave it near the root, so each lookup walked
     the whole cache: measured with 100-token entries, 0.8 ms at 16 entries, 6 ms at 160 and 18 ms
-    at 320 (the bench model's 1 GiB budget), in Python, on the engine thread, at every admission.
+    at 320 (1 GiB of the bench model; the default 256 MiB holds 80), in Python, on the engine thread,
+    at every admission.
     Here the walk below that point follows one branch to the nearest cached sequence on it: the
     result is the same but for which of the longer sequences is trimmed to the common prefix.
     """
