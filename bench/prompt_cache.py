@@ -5,9 +5,9 @@ against ours (engine/mlxlm.py, the same LRU with a trie search that costs the pr
 
 Entries are the bench model's KV caches (8 layers, 8 KV heads of 64, float32: 32 KiB a token) of
 100-token answers that share their first 5 tokens, as the bench's prompts and chat templates do; the
-lookup is a new prompt sharing those 5 tokens. 80 entries fill the default 256 MiB, 320 fill 1 GiB. Each time
-is the median of 20 lookups (``fetch_nearest_cache``: the trie search, then the copy of the KV it
-reuses).
+lookup is a new prompt sharing those 5 tokens. 80 entries fill the default 256 MiB, 320 fill 1 GiB.
+Each time is the median of 20 lookups (``fetch_nearest_cache``: the trie search, then the copy of
+the KV it reuses).
 """
 
 from __future__ import annotations
