@@ -11,9 +11,14 @@ One ``LlamaCppEngine`` per resident model: one llama.cpp context with a KV seque
 interface: ``submit`` hands a ``TokenStream`` back at once; the thread admits requests into free
 slots, puts every running sequence's next token (and prompt chunks of new ones) into one
 ``llama_batch``, calls ``llama_decode`` once per step, and samples each sequence from its own
-logits in numpy with its own random generator (so a seeded request gives the same tokens whatever
-runs beside it). A finished sequence's KV cells stay in its slot: a later prompt that starts with
-the same tokens takes that slot and decodes only the rest (prompt-prefix reuse).
+logits in numpy with its own random generator (nothing that runs beside a seeded request draws
+from it). A finished sequence's KV cells stay in its slot: a later prompt that starts with the
+same tokens takes that slot and decodes only the rest (prompt-prefix reuse).
+
+Reproducibility: a repeated seeded request gives the same tokens and log-probabilities (tested).
+Beside other sequences its logits can differ in the last bits (~1e-3 measured: llama.cpp's CPU
+kernels are not the same for every batch shape), so a seeded answer beside others can, rarely,
+take another token than alone; greedy answers were the same in our tests.
 
 Tokens and text: the GGUF's vocabulary is rebuilt as a Hugging Face tokenizer (as the MLX
 conversion does, engine/gguf.py) and loaded with mlx-lm's wrapper, so chat templates (from the
@@ -390,7 +395,10 @@ class LlamaCppEngine:
             seq = self._waiting.pop(0)
             prompt = seq.pending
             slot = max(free, key=lambda s: _common_prefix(s.tokens, prompt))
-            keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)  # feed at least one token
+            # Feed at least the prompt's last two tokens: llama.cpp's CPU products for a one-token
+            # chunk differ from a longer chunk's in the last bits (logits ~3e-3 apart on the default
+            # model), and a repeated seeded request then sampled another answer than the first.
+            keep = max(0, min(_common_prefix(slot.tokens, prompt), len(prompt) - 2))
             if not self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
                 keep = 0
                 self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
@@ -414,6 +422,8 @@ class LlamaCppEngine:
             seq = slot.seq
             assert seq is not None
             take = min(len(seq.pending), BATCH_TOKENS - n)
+            if take == len(seq.pending) - 1 > 0:  # nor does a long prompt's last token go alone (_admit)
+                take -= 1
             if take <= 0:
                 break
             pos = len(slot.tokens)
