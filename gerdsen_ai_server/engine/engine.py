@@ -137,6 +137,7 @@ class InferenceEngine:
             keep_alive=keep_alive,
             make_generator=self._new_generator,
             events=self.events,
+            on_unload=self._forget,
         )
         self._commands: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self._inflight = 0
@@ -523,6 +524,12 @@ class InferenceEngine:
             self._prompt_cache.insert_cache(model_id, list(tokens), cache)
         self._stats.prompt_cache_bytes = self._prompt_cache.nbytes
         del self._unstored[:len(stored)]  # only now: until stored, they count as pending
+
+    def _forget(self, model_id: str) -> None:
+        """An unloaded model's prompt caches go with it (registry.unload, on the engine thread)."""
+        self._unstored = [item for item in self._unstored if item[0] != model_id]
+        self._prompt_cache.drop_model(model_id)
+        self._stats.prompt_cache_bytes = self._prompt_cache.nbytes
 
     def _drop_cancelled(self) -> None:
         for resident in self.registry.residents.values():

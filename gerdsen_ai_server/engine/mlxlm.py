@@ -1,10 +1,12 @@
-"""Two of mlx-lm's classes, each with one method changed where the engine measured a cost.
+"""Two of mlx-lm's classes, each with one method changed where the engine measured a cost, and a
+method the prompt cache lacks (forgetting a model's entries).
 
 Everything else (sampling, logits processors, KV caches, the LRU and its byte budget) is mlx-lm's.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import mlx.core as mx
@@ -81,3 +83,15 @@ class PromptCache(LRUPromptCache):
     def __init__(self, max_size: int, max_bytes: int) -> None:
         super().__init__(max_size=max_size, max_bytes=max_bytes)
         self._trie = _PromptTrie()
+
+    def drop_model(self, model: Any) -> None:
+        """Forget every cached prompt of ``model``, which has left memory: its KV caches free their
+        memory with it, and a model loaded later under the same id (another folder of that name,
+        new weights) must not start from them."""
+        for cache_type, lru in self._lru._lrus.items():  # noqa: SLF001
+            for key in [key for key in lru if key[0] == model]:
+                entry = self._trie.pop(*key)
+                self._n_bytes -= entry.nbytes
+                self._n_bytes_by_type[cache_type] -= entry.nbytes
+            self._lru._lrus[cache_type] = deque(key for key in lru if key[0] != model)  # noqa: SLF001
+        self._trie._trie.pop(model, None)  # noqa: SLF001  (prefixes popped on insert leave bare nodes)

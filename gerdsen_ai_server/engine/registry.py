@@ -116,6 +116,7 @@ class ModelRegistry:
         keep_alive: float,
         make_generator: Callable[[LoadedModel], Any],
         events: EventBus,
+        on_unload: Callable[[str], None] = lambda model_id: None,
     ) -> None:
         self.loader = loader
         self.models_dir = models_dir
@@ -124,6 +125,7 @@ class ModelRegistry:
         self.keep_alive = keep_alive
         self._make_generator = make_generator
         self._events = events
+        self._on_unload = on_unload  # the engine drops what it keeps for the model (its prompt caches)
         self.residents: dict[str, Resident] = {}
         self.loading: dict[str, PendingLoad] = {}
 
@@ -218,6 +220,7 @@ class ModelRegistry:
         del self.residents[model_id]
         resident.generator.close()
         del resident
+        self._on_unload(model_id)
         mx.clear_cache()  # hand the freed buffers back rather than keeping them cached
         self._events.publish("model_event", event=reason, model=model_id)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from gerdsen_ai_server.engine.engine import EngineOverloaded, InferenceEngine
 from gerdsen_ai_server.engine.loaders import LoadedModel
 from gerdsen_ai_server.engine.stream import GenerationRequest, SamplingParams
 from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR
+from tests.tiny_models import build_tiny_llama
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = ["Tell me about the sea.", "What is 2 + 2?", "Name three colours.", "Write a haiku about rain.",
@@ -102,6 +104,44 @@ def test_exact_repeat_hits_the_cache(engine: InferenceEngine, model: LoadedModel
     again = tokens_of(engine.submit(request(model, prompt, max_tokens=8)))
     assert again == first
     assert engine.stats().prompt_cache_hits_total == hits + 1
+
+
+def test_an_unloaded_model_takes_its_prompt_caches_along(engine: InferenceEngine, model: LoadedModel,
+                                                          tmp_path: Path) -> None:
+    # Two different models known by one id (two folders named "swap"), loaded one after the other.
+    first = build_tiny_llama(tmp_path / "a" / "swap", TEST_MODELS_DIR / DEFAULT_MODEL, seed=1)
+    second = build_tiny_llama(tmp_path / "b" / "swap", TEST_MODELS_DIR / DEFAULT_MODEL, seed=2)
+    prompt = chat(model, "Tell me a story about a lighthouse keeper.")
+
+    def answer() -> list[tuple[int, float]]:
+        # Log-probabilities too: a tiny random model's greedy tokens hardly depend on the context.
+        stream = engine.submit(GenerationRequest(model="swap", prompt_tokens=prompt, max_tokens=16,
+                                                 sampling=GREEDY, logprobs=0))
+        return [(lp.token_id, lp.logprob) for event in stream for lp in event.logprobs]
+
+    wait_idle(engine)
+    before = engine.stats().prompt_cache_bytes
+    engine.load_model(str(first)).result(timeout=60)
+    try:
+        answer()
+        wait_idle(engine)
+        assert engine.stats().prompt_cache_bytes > before
+        engine.unload_model("swap").result(timeout=30)
+        assert engine.stats().prompt_cache_bytes == before  # its caches' memory is freed with it
+
+        engine.load_model(str(second)).result(timeout=60)
+        hits = engine.stats().prompt_cache_hits_total
+        warm = answer()
+        assert engine.stats().prompt_cache_hits_total == hits  # not the first model's KV cache
+        engine.prompt_cache_enabled = False
+        try:
+            cold = answer()
+        finally:
+            engine.prompt_cache_enabled = True
+        assert warm == cold
+    finally:
+        wait_idle(engine)
+        engine.unload_model("swap").result(timeout=30)
 
 
 def test_a_failing_request_fails_alone(engine: InferenceEngine, model: LoadedModel) -> None:

@@ -1,4 +1,5 @@
-"""The prompt cache's trie search (engine/mlxlm.py) finds what mlx-lm's finds, without walking the cache.
+"""The prompt cache's trie search (engine/mlxlm.py) finds what mlx-lm's finds, without walking the cache;
+dropping a model's entries keeps the other models' and the byte count right.
 
 Checked against mlx-lm's own PromptTrie on random tries of token sequences that share their first
 tokens (as chat prompts do), with entries removed as the LRU does. The cost is measured, not timed
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import random
 
+import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import PromptTrie
+from mlx_lm.models.cache import KVCache, PromptTrie
 
-from gerdsen_ai_server.engine.mlxlm import _PromptTrie
+from gerdsen_ai_server.engine.mlxlm import PromptCache, _PromptTrie
 
 
 def stored(trie: PromptTrie, tokens: list[int]) -> bool:
@@ -57,3 +59,27 @@ def test_a_model_without_entries_finds_nothing() -> None:
     trie.pop("m", [1, 2])
     result = trie.search("m", [1, 2, 3])
     assert (result.exact, result.shorter, result.longer, result.common_prefix) == (None, None, None, 0)
+
+
+def kv(length: int) -> list[KVCache]:
+    cache = KVCache()
+    cache.update_and_fetch(mx.zeros((1, 2, length, 4)), mx.zeros((1, 2, length, 4)))
+    return [cache]
+
+
+def test_dropping_a_model_keeps_the_others_entries_and_the_byte_count() -> None:
+    cache = PromptCache(max_size=100, max_bytes=1 << 30)
+    for model, tokens in [("a", [1, 2, 3]), ("b", [1, 2, 3]), ("a", [4, 5]), ("b", [1, 9]), ("a", [1, 2, 7, 8])]:
+        cache.insert_cache(model, tokens, kv(len(tokens)))
+    b_bytes = sum(c.nbytes for tokens in ([1, 2, 3], [1, 9]) for c in kv(len(tokens)))
+
+    cache.drop_model("a")
+    assert (len(cache), cache.nbytes) == (2, b_bytes)
+    assert cache.fetch_nearest_cache("a", [1, 2, 3, 4]) == (None, [1, 2, 3, 4])
+    found, rest = cache.fetch_nearest_cache("b", [1, 2, 3, 4])
+    assert found is not None and rest == [4]
+
+    cache.insert_cache("a", [4, 5], kv(2))  # the model comes back: cached and evicted as before
+    assert len(cache) == 3
+    cache.trim_to(n_sequences=0)
+    assert (len(cache), cache.nbytes) == (0, 0)
