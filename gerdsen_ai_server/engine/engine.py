@@ -222,6 +222,7 @@ class InferenceEngine:
         """A snapshot; the engine thread keeps the live counters current after every step."""
         snapshot = EngineStats(**vars(self._stats))
         snapshot.requests_in_flight = self._inflight
+        snapshot.prompt_cache_bytes = self._prompt_cache.nbytes
         for resident in list(self.registry.residents.values()):  # llama.cpp models count their own
             if hasattr(resident.generator, "sequence_counts"):
                 running, waiting = resident.generator.sequence_counts()
@@ -522,14 +523,12 @@ class InferenceEngine:
         mx.eval([c.state for _, _, cache in stored for c in cache])
         for model_id, tokens, cache in stored:
             self._prompt_cache.insert_cache(model_id, list(tokens), cache)
-        self._stats.prompt_cache_bytes = self._prompt_cache.nbytes
         del self._unstored[:len(stored)]  # only now: until stored, they count as pending
 
     def _forget(self, model_id: str) -> None:
         """An unloaded model's prompt caches go with it (registry.unload, on the engine thread)."""
         self._unstored = [item for item in self._unstored if item[0] != model_id]
         self._prompt_cache.drop_model(model_id)
-        self._stats.prompt_cache_bytes = self._prompt_cache.nbytes
 
     def _drop_cancelled(self) -> None:
         for resident in self.registry.residents.values():

@@ -94,4 +94,4 @@ class PromptCache(LRUPromptCache):
                 self._n_bytes -= entry.nbytes
                 self._n_bytes_by_type[cache_type] -= entry.nbytes
             self._lru._lrus[cache_type] = deque(key for key in lru if key[0] != model)  # noqa: SLF001
-        self._trie._trie.pop(model, None)  # noqa: SLF001  (prefixes popped on insert leave bare nodes)
+        self._trie._trie.pop(model, None)  # noqa: SLF001  (PromptTrie.pop prunes all but the model's root)

@@ -116,7 +116,7 @@ class ModelRegistry:
         keep_alive: float,
         make_generator: Callable[[LoadedModel], Any],
         events: EventBus,
-        on_unload: Callable[[str], None] = lambda model_id: None,
+        on_unload: Callable[[str], None],
     ) -> None:
         self.loader = loader
         self.models_dir = models_dir
