@@ -35,7 +35,9 @@ configuration our server computes in) are measured again in every round of the 1
 levels, just before the servers, by one resident raw process (``bench.raw --serve``, idle in
 between): each round's ratio compares figures taken seconds apart, not the start and the end of a
 run on a machine whose speed drifts by 20 % and more, and the targets take the median of the
-rounds' ratios (5 rounds by default).
+rounds' ratios (9 rounds by default: on a 2-core host whose speed moves ±10 % between rounds, a
+median of 5 missed the 8-stream target in one run of five whose 25 rounds had a median of 102 %;
+resampling those rounds, 9 halve how often that happens, for about a minute more a run).
 
 Every server gets the same streaming client (``bench/client.py``): closed-loop streams at each
 concurrency (aggregate output tok/s, p50/p99 time to first token), then a multi-turn chat with
@@ -108,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="no llama.cpp rows (our llama.cpp backend, llama-cpp-python's server, raw llama.cpp)")
     p.add_argument("--raw-repeats", type=int, help="full raw passes (start, end); each figure the best (default 1)")
     p.add_argument("--level-repeats", type=int, help="rounds of the 1- and 8-stream levels on every server and on "
-                   "the resident raw process; the targets take the median of the rounds' ratios (default 5)")
+                   "the resident raw process; the targets take the median of the rounds' ratios (default 9)")
     p.add_argument("--sequential", action="store_true",
                    help="start, measure and stop one server at a time (default: all started, levels interleaved, "
                         "so a shared machine's changing load hits every server alike)")
@@ -146,7 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.level_repeats is None:
-        args.level_repeats = 1 if args.tiny or args.quick else 5
+        args.level_repeats = 1 if args.tiny or args.quick else 9
     args.stream_levels = [int(s) for s in str(args.streams).split(",") if s.strip()]
     args.batch_sizes = [int(s) for s in str(args.batches).split(",") if s.strip()]
     if args.profile is None:
