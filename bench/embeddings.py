@@ -5,7 +5,7 @@ tiny vocabulary) in process, then through the real server, alone and beside a st
 
 Prints the encoder's tokens/s (one input per call and batched), a request's time alone, and the
 longest gap between a chat stream's tokens while that request runs (the engine computes embeddings
-in pieces of ``api.embeddings.CHUNK_TOKENS`` tokens; streams step between them).
+in slices between decoding rounds, engine/embeddings.py's EmbeddingJob; streams step between them).
 """
 
 from __future__ import annotations

@@ -18,10 +18,12 @@ from .api.docs import bp as docs_bp
 from .api.errors import register_error_handlers
 from .api.metrics import init_metrics
 from .api.pulls import init_pulls
-from .api.realtime import init_realtime
+from .api.realtime import init_realtime, socketio
+from .api.requests import bp as running_requests_bp
 from .config import Settings
 from .engine.engine import InferenceEngine
 from .engine.loaders import LoadedModel
+from .guard import init_guard
 from .hardware import probe_for_this_machine
 from .metrics import Metrics
 from .monitor import Monitor
@@ -73,10 +75,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(models.bp)
     app.register_blueprint(server_config.bp)  # /api/config, for the dashboard
     app.register_blueprint(hardware.bp)
+    app.register_blueprint(running_requests_bp)  # GET/DELETE /api/requests (admin scope: security.py)
     init_pulls(app)  # /api/models/pull, /pulls, /discover, DELETE /api/models/<id>
     init_realtime(app)  # starts the monitor's loop as a Socket.IO background task
     app.register_blueprint(docs_bp)  # /openapi.json, /docs
     init_shutdown(app)  # SIGTERM: not ready, finish running requests (gunicorn_conf installs it)
+    # Outside Socket.IO's middleware, so it covers both: Host allow-list, Socket.IO's Origin, key,
+    # rate limit and caps before any Engine.IO session exists.
+    init_guard(app, settings, socketio.server.eio)
     trust_proxies(app, settings)  # last: wraps every middleware, so all of them see the client's address
 
     if settings.default_model:
@@ -102,4 +108,5 @@ def _load_default(app: Flask, engine: InferenceEngine, spec: str) -> None:
         else:
             log.info("model %s ready", future.result().model_id)
 
-    engine.load_model(spec, keep_alive=math.inf, pinned=True).add_done_callback(done)
+    # trusted: the operator named it (--model, IMPETUS_DEFAULT_MODEL), so any path on the host may load
+    engine.load_model(spec, keep_alive=math.inf, pinned=True, trusted=True).add_done_callback(done)

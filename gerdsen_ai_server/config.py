@@ -18,7 +18,8 @@ def _default_models_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IMPETUS_", extra="ignore")
+    # allow_inf_nan: a NaN keep-alive never expires a model; "inf" for a timeout is spelt 0 (no limit) here.
+    model_config = SettingsConfigDict(env_prefix="IMPETUS_", extra="ignore", allow_inf_nan=False)
 
     host: str = Field("127.0.0.1", description="Address Gunicorn binds to.")
     port: int = Field(8080, ge=0, le=65535, description="Port Gunicorn binds to.")
@@ -30,6 +31,14 @@ class Settings(BaseSettings):
     default_model: str = Field(
         "smollm2-135m-instruct",
         description="Model loaded at start: the embedded default id, a local folder or a .gguf file.",
+    )
+    model_paths: str = Field(
+        "",
+        description="Comma-separated files or folders outside the models dir that a request's 'model' may name, "
+        "by absolute path (a folder allows everything under it; '~' is expanded here, never in a request). "
+        "Otherwise a request names only models in the models dir (as GET /api/models lists them): absolute paths, "
+        "'~', '..', hidden names and symlinks leading out of the models dir get one uniform 404 model_not_found. "
+        "The default model (--model, IMPETUS_DEFAULT_MODEL) and the CLI may name any path.",
     )
     compute_dtype: str = Field(
         "auto",
@@ -76,6 +85,16 @@ class Settings(BaseSettings):
         300.0, description="Seconds an idle model stays loaded (negative: forever; the default model is always kept)."
     )
     autoload: bool = Field(True, description="Load a local model on demand when a request names one not resident.")
+    max_pulls: int = Field(
+        16, ge=1, le=1000,
+        description="Hub pulls queued or downloading at once (two download at a time, each on one thread); "
+        "POST /api/models/pull beyond it answers 429 with Retry-After.",
+    )
+    hub_search_timeout: float = Field(
+        10.0, gt=0, le=120,
+        description="Seconds a hub search of /api/models/discover may take (connect, each read and the whole "
+        "answer; a hub trickling bytes at most twice this); past it the catalogue is answered with hub_error.",
+    )
     backend: Literal["auto", "mlx", "llamacpp"] = Field(
         "auto",
         description="Which engine runs GGUF files: 'auto' (llama.cpp for your .gguf files when llama-cpp-python is "
@@ -104,9 +123,29 @@ class Settings(BaseSettings):
     )
     # ---- production hardening (security.py, request_log.py, shutdown.py)
     api_keys: str = Field(
-        "", description="Comma-separated API keys; when any key is set, requests need 'Authorization: Bearer KEY'."
+        "",
+        description="Comma-separated inference API keys (at least 16 characters each; shorter ones stop the start); "
+        "when any key is set, requests need 'Authorization: Bearer KEY'. Inference keys may generate, embed and "
+        "read, but get 403 on management: every POST/PUT/PATCH/DELETE under /api/ (load, unload, pull, delete, "
+        "benchmark), /api/config and /api/requests.",
     )
-    api_key_file: Path | None = Field(None, description="File of API keys, one per line ('#' starts a comment).")
+    admin_keys: str = Field(
+        "",
+        description="Comma-separated admin API keys (at least 16 characters): everything an inference key may do, "
+        "plus management. With keys set and no admin key, management is refused to every key.",
+    )
+    api_key_file: Path | None = Field(
+        None,
+        description="File of API keys, one per line ('#' starts a comment): 'KEY' (or 'KEY inference') is an "
+        "inference key, 'KEY admin' an admin key.",
+    )
+    auth_fail_limit: str = Field(
+        "20/minute",
+        description="Failed authentications (a wrong key where one is needed) allowed per client address, in a moving "
+        "window, with or without IMPETUS_RATE_LIMIT; beyond it every request from that address that needs a key "
+        "gets 429 until the window passes, right keys included (fail2ban-style: keys cannot be guessed). Empty: no "
+        "limit.",
+    )
     protect_health: bool = Field(
         False, description="Require the key for /health and /metrics too (/health/live and /health/ready stay open)."
     )
@@ -128,9 +167,53 @@ class Settings(BaseSettings):
     cors_origins: str = Field(
         "", description="Comma-separated origins browsers may call the API from ('*' for any); empty: none."
     )
+    allowed_hosts: str = Field(
+        "",
+        description="Comma-separated host names the server answers to, besides localhost, IP literals and "
+        "IMPETUS_HOST ('.example.com' also allows its subdomains, '*' any): a request whose Host header names "
+        "another gets 421 host_not_allowed, so a web page cannot reach this server through a DNS name it "
+        "controls (DNS rebinding). Behind a proxy (IMPETUS_TRUSTED_PROXIES) X-Forwarded-Host is checked. "
+        "The port is ignored.",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, le=300,
+        description="Seconds a client has to send a request's line and headers (from connecting, or a kept-alive "
+        "connection's first byte); heads are read without holding a thread, and a late one closes the "
+        "connection (nginx's client_header_timeout).",
+    )
+    read_timeout: float = Field(
+        30.0, gt=0, le=3600,
+        description="Seconds one read of a request body or one write of a response may wait on the client; a "
+        "body must also average 500 bytes/s after this many seconds (Apache mod_reqtimeout's MinRate); a body "
+        "read that times out gets 408. WebSockets are exempt.",
+    )
+    max_socket_sessions: int = Field(
+        256, ge=1,
+        description="Socket.IO (Engine.IO) sessions open at once, each a dashboard tab or client; a handshake "
+        "beyond gets 503. Whatever their transport, Socket.IO requests hold at most half the threads "
+        "(IMPETUS_THREADS // 2) at once, and a session one long-poll at a time.",
+    )
     max_request_bytes: int = Field(8 << 20, ge=1024, description="Largest request body accepted; larger gets 413.")
+    template_timeout: float = Field(
+        2.0, gt=0, le=600,
+        description="Seconds a model's chat template may take to render one request's messages; beyond, the request "
+        "ends with 500 chat_template_timeout and its thread is free again (a template is code from the model's files: "
+        "nested loops once held a thread and a core for hours). Normal templates take about a millisecond.",
+    )
     max_tokens_limit: int = Field(
         32768, ge=1, description="Largest max_tokens a request may ask for (the model's context bounds it too)."
+    )
+    max_request_tokens: int = Field(
+        65536, ge=1,
+        description="Most token work one request may ask for: the completion tokens of all its choices "
+        "(n x max_tokens, times its prompts), as OpenAI counts max_tokens x n against a token budget up front; "
+        "for /v1/embeddings, the tokens of all its inputs. More gets 400 naming the parameter.",
+    )
+    request_timeout: float = Field(
+        600.0, ge=0,
+        description="Seconds a generation or embedding may run, streaming or not, queue time included; then its "
+        "sequences are cancelled and it ends with an error (504 request_timeout). 600 follows llama.cpp's server "
+        "(--timeout) and the OpenAI SDK's default; 0: no limit.",
     )
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM; readiness is 503 meanwhile."
@@ -151,7 +234,7 @@ class Settings(BaseSettings):
     def keep_alive_seconds(self) -> float:
         return math.inf if self.keep_alive < 0 else self.keep_alive
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", "auth_fail_limit")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
         if value.strip():
@@ -160,16 +243,11 @@ class Settings(BaseSettings):
             parse_many(value)  # ValueError: "couldn't parse rate limit string ..."
         return value.strip()
 
-    def api_key_list(self) -> list[str]:
-        """Every configured key: IMPETUS_API_KEYS and the lines of IMPETUS_API_KEY_FILE."""
-        keys = [k.strip() for k in self.api_keys.split(",")]
-        if self.api_key_file is not None:
-            lines = self.api_key_file.read_text(encoding="utf-8").splitlines()
-            keys += [line.strip() for line in lines if not line.lstrip().startswith("#")]
-        return [k for k in keys if k]
-
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def allowed_host_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
 
     @classmethod
     def from_mapping(cls, overrides: dict[str, Any] | None = None) -> Settings:

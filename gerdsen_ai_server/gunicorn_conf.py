@@ -22,6 +22,12 @@ Why these choices (docs/architecture.md has the measurements):
   engine refuses streams beyond IMPETUS_MAX_BATCH + IMPETUS_MAX_QUEUE with 503, so with the
   default 64 threads a probe always finds a free one.
 
+* Slow clients hold no thread: plain gthread gives a connection a thread as soon as it connects and
+  then waits for its headers without a timeout, so ~70 sockets sending a header line every 3 s
+  kept ``/health/live`` from answering. ``http_worker.ImpetusWorker`` (a ``ThreadWorker``) reads each
+  request head on its main loop and hands the request to a thread only once the head is in; body
+  reads and response writes then wait at most IMPETUS_READ_TIMEOUT on the client.
+
 * No ``preload_app``: MLX (and the engine thread) must be created in the worker, after fork;
   a thread started in the master would not survive the fork.
 
@@ -53,7 +59,9 @@ def _bind_address(host: str, port: int) -> str:
 wsgi_app = WSGI_APP
 bind = [_bind_address(_settings.host, _settings.port)]
 workers = 1
-worker_class = "gthread"
+# gthread, with request heads read on the main loop and every wait on a client bounded
+# (IMPETUS_HEADER_TIMEOUT, IMPETUS_READ_TIMEOUT): see gerdsen_ai_server/http_worker.py.
+worker_class = "gerdsen_ai_server.http_worker.ImpetusWorker"
 threads = _settings.threads
 timeout = 120
 # SIGTERM: the app drains for up to IMPETUS_SHUTDOWN_GRACE (shutdown.py), then Gunicorn closes what is left.

@@ -10,6 +10,12 @@ into a partial file that we keep in ``models_dir/.pulls/<org>--<name>/``; a late
 same repo continues it with a Range request. Each finished file is verified (sha256 for LFS
 files, the git blob id for the rest) before it counts; the folder appears under its final name
 ``models_dir/<org>--<name>`` only once every file is in.
+
+What a hub lists is not trusted: a repo id is checked against the hub's own rules, every file name
+the hub lists must be a plain relative path (no ``..``, no absolute path, no backslash or control
+character; as huggingface_hub's own ``_validate_relative_filename`` refuses), hidden names are never
+written, and the pull's folders must resolve to children of the models dir. A pull that would break
+any of these is refused as a whole, before anything is written.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import shutil
 import socket
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,19 +50,34 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.file_download import http_get
-from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils import build_hf_headers, get_session
 
 log = logging.getLogger(__name__)
 
 HUB_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 3.0
+# A hub search (/api/models/discover) gives up after this many seconds (IMPETUS_HUB_SEARCH_TIMEOUT):
+# a silent hub at once, one that trickles bytes after its next read (so within twice that at worst).
+# huggingface_hub's own list_models has no timeout and retries timeouts with back-off (390 s
+# against a stalled hub).
+SEARCH_TIMEOUT_S = 10.0
+SEARCH_MAX_BYTES = 8 << 20  # a search answer larger than this is not a search answer
 # http_get reads the response in chunks of this size and calls the progress hook once per
 # chunk; the hub's default (10 MiB) would make cancelling wait for up to 10 MiB on a slow link.
 CHUNK_BYTES = 1 << 20
 MANIFEST = ".impetus-pull.json"
 STAGING = ".pulls"
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+# The hub's own rule (huggingface_hub.utils.validate_repo_id): each part 1-96 characters of letters,
+# digits, '-', '_', '.', not starting or ending with '-' or '.', no '--' or '..' anywhere. '--' matters
+# here too: folder_name() joins the parts with it, so 'a--b/c' and 'a/b--c' would share a folder.
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+REPO_ID = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+# Characters no model file name has: path separators of other systems, drive letters, and every
+# control, format (bidi overrides), surrogate or line/paragraph separator character.
+_ODD_CHARS = frozenset("\\:")
+_ODD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+_MAX_SEGMENT_BYTES = 200  # leaves room for the ".<sha>.incomplete" suffix under the usual 255
 # What mlx-lm needs of a model repo, top-level files only (``original/`` holds PyTorch checkpoints),
 # and the one subfolder file a sentence-transformers embedding model needs: its pooling settings.
 _MODEL_FILES = ("*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja")
@@ -78,6 +100,14 @@ class PullCancelled(PullError):
     pass
 
 
+class UnsafeName(PullError):
+    """A repo id or a file name the hub listed that would not be a plain child of its folder."""
+
+
+class HubTimeout(HubUnreachable):
+    pass
+
+
 def hub_endpoint() -> str:
     """``HF_ENDPOINT`` as it is now (huggingface_hub reads it once, at import)."""
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
@@ -88,9 +118,48 @@ def folder_name(repo_id: str) -> str:
 
 
 def check_repo_id(repo_id: str) -> str:
-    if not REPO_ID.match(repo_id) or ".." in repo_id:
-        raise PullError(f"{repo_id!r} is not a Hugging Face repo id (expected 'org/name')")
+    """The repo id, if it is one by the hub's rules; it names a folder, so nothing else gets through."""
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
+        raise UnsafeName(f"{repo_id!r} is not a Hugging Face repo id (expected 'org/name': letters, digits, "
+                         "'-', '_' and '.', at most 96 each, no '..' or '--')")
     return repo_id
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` (a file name as the hub lists it) is not a plain relative path, or None.
+
+    Hidden names are not a problem here (every repo has ``.gitattributes``): the pull never selects
+    them (see ``plan``).
+    """
+    if not isinstance(name, str) or not name:
+        return "an empty name"
+    if name.startswith("/"):
+        return "an absolute path"
+    odd = next((c for c in name if c in _ODD_CHARS or unicodedata.category(c) in _ODD_CATEGORIES), None)
+    if odd is not None:
+        return f"the character {odd!r}"
+    for segment in name.split("/"):
+        if segment in ("", ".", ".."):
+            return f"a {segment!r} path segment" if segment else "an empty path segment"
+        if len(segment.encode()) > _MAX_SEGMENT_BYTES:
+            return f"a path segment longer than {_MAX_SEGMENT_BYTES} bytes"
+    return None
+
+
+def is_hidden(name: str) -> bool:
+    return any(segment.startswith(".") for segment in name.split("/"))
+
+
+def confined(path: Path, root: Path) -> Path:
+    """``path`` if it resolves to itself under ``root`` (already resolved): no link, no '..' on the way.
+
+    Raises UnsafeName otherwise, so nothing a pull writes, moves or removes lands outside ``root``.
+    """
+    resolved = path.resolve()
+    if resolved != path or root not in resolved.parents:
+        raise UnsafeName(f"{path.name!r} would not be a plain child of {root.name or root}: "
+                         "it is a link or leads outside; refusing to write there")
+    return path
 
 
 def _offline() -> bool:
@@ -159,9 +228,20 @@ def plan(repo_id: str, *, revision: str = "main", gguf: str | None = None, endpo
         raise PullError(f"no model {repo_id} on {endpoint} (or it is private: set HF_TOKEN)") from None
     except HfHubHTTPError as exc:
         raise PullError(f"the hub at {endpoint} refused {repo_id}: {exc}") from None
+    listed = info.siblings or []
+    for sibling in listed:  # a hub listing such a name is broken or hostile: pull nothing from it
+        problem = file_name_problem(sibling.rfilename)
+        if problem is not None:
+            raise UnsafeName(f"{repo_id} on {endpoint} lists a file named {sibling.rfilename!r} ({problem}); "
+                             "refusing to pull it")
     siblings = [RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, s.blob_id)
-                for s in info.siblings or [] if "/" not in s.rfilename or _SUBFOLDER_FILES.fullmatch(s.rfilename)]
-    return PullPlan(repo_id, revision, info.sha or revision, tuple(_select(repo_id, siblings, gguf)))
+                for s in listed if "/" not in s.rfilename or _SUBFOLDER_FILES.fullmatch(s.rfilename)]
+    chosen = _select(repo_id, siblings, gguf)
+    hidden = [f.name for f in chosen if is_hidden(f.name)]
+    if hidden:  # e.g. '.impetus-pull.json' would pass for this server's own manifest
+        raise UnsafeName(f"{repo_id} would put hidden files into the model's folder ({', '.join(map(repr, hidden))}); "
+                         "refusing to pull it")
+    return PullPlan(repo_id, revision, info.sha or revision, tuple(chosen))
 
 
 def _select(repo_id: str, files: list[RemoteFile], gguf: str | None) -> list[RemoteFile]:
@@ -207,16 +287,19 @@ def pull(repo_id: str, models_dir: Path, *, revision: str = "main", gguf: str | 
     ChecksumMismatch when a file is not what the hub says it is (that file is discarded).
     """
     endpoint = endpoint or hub_endpoint()
+    check_repo_id(repo_id)
+    root = Path(models_dir).resolve()
+    dest = confined(root / folder_name(repo_id), root)
+    staging_root = confined(root / STAGING, root)
+    staging = confined(staging_root / folder_name(repo_id), root)
+    lock = confined(staging_root / f"{folder_name(repo_id)}.lock", root)
     the_plan = plan(repo_id, revision=revision, gguf=gguf, endpoint=endpoint, token=token)
     cancel = cancel or threading.Event()
     report = on_progress or (lambda done, total: None)
-    models_dir = Path(models_dir)
-    dest = models_dir / folder_name(repo_id)
     if _up_to_date(dest, the_plan):
         report(the_plan.total_bytes, the_plan.total_bytes)
         return dest
-    staging = models_dir / STAGING / folder_name(repo_id)
-    with _exclusive(models_dir / STAGING / f"{folder_name(repo_id)}.lock", repo_id):
+    with _exclusive(lock, repo_id):
         _reset_if_stale(staging, the_plan.commit)
         _download_all(the_plan, staging, endpoint, token, report, cancel)
         _write_manifest(staging, the_plan, endpoint)
@@ -242,7 +325,7 @@ def _download_all(the_plan: PullPlan, staging: Path, endpoint: str, token: str |
     report(done, total)
     headers = build_hf_headers(token=token)
     for f in the_plan.files:
-        target = staging / f.name
+        target = confined(staging / f.name, staging)  # a link planted in the staging folder is not followed
         if target.is_file():
             continue
         if cancel.is_set():
@@ -347,8 +430,8 @@ def _reset_if_stale(staging: Path, commit: str) -> None:
     marker = staging / ".commit"
     if staging.is_dir() and (not marker.is_file() or marker.read_text().strip() != commit):
         for path in staging.iterdir():
-            if not path.name.endswith(".incomplete"):
-                path.unlink() if path.is_file() else shutil.rmtree(path)
+            if not path.name.endswith(".incomplete"):  # a link is removed, never followed
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     staging.mkdir(parents=True, exist_ok=True)
     marker.write_text(commit)
 
@@ -394,15 +477,54 @@ def _gb(n: int) -> str:
 
 # ---- searching --------------------------------------------------------------------------------
 
-def search(query: str, *, author: str | None = "mlx-community", limit: int = 20,
-           endpoint: str | None = None) -> list[ModelInfo]:
-    """Models on the hub matching ``query`` (huggingface_hub ModelInfo objects, most downloaded first)."""
+def search(query: str, *, author: str | None = "mlx-community", limit: int = 20, endpoint: str | None = None,
+           timeout: float = SEARCH_TIMEOUT_S) -> list[ModelInfo]:
+    """Models on the hub matching ``query`` (huggingface_hub ModelInfo objects, most downloaded first).
+
+    Answers within ``timeout`` seconds (twice that for a hub that trickles its answer) or raises
+    HubTimeout: this runs on a request thread, which a stalled hub must not hold. One request, not
+    huggingface_hub's ``list_models``: that has no timeout and retries timeouts with back-off.
+    """
     endpoint = endpoint or hub_endpoint()
-    probe(endpoint)
+    deadline = time.monotonic() + timeout
+    probe(endpoint, timeout=min(PROBE_TIMEOUT_S, timeout))
+    params: dict[str, Any] = {"search": query, "limit": limit, "sort": "downloads",
+                              "expand": ["safetensors", "downloads", "tags"]}
+    if author:
+        params["author"] = author
+    body = _get_json(f"{endpoint}/api/models", params, deadline, timeout, endpoint)
+    if not isinstance(body, list):
+        raise PullError(f"the hub at {endpoint} answered the search with {type(body).__name__}, not a list of models")
     try:
-        return list(HfApi(endpoint=endpoint).list_models(
-            search=query, author=author, limit=limit, sort="downloads", expand=["safetensors", "downloads", "tags"]))
+        return [ModelInfo(**item) for item in body[:limit]]
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise PullError(f"the hub at {endpoint} answered the search with a malformed model: {exc}") from None
+
+
+def _get_json(url: str, params: dict[str, Any], deadline: float, timeout: float, endpoint: str) -> Any:
+    """GET ``url`` and parse its JSON, giving up when one read waits past ``deadline`` or, for a hub that
+    trickles bytes, at the first chunk after it (each read's timeout is fixed when the request starts)."""
+    remaining = max(0.1, deadline - time.monotonic())
+    limits = httpx2.Timeout(remaining, connect=min(PROBE_TIMEOUT_S, remaining))
+    expired = HubTimeout(f"the Hugging Face hub at {endpoint} did not answer within {timeout:g} s")
+    body = bytearray()
+    try:
+        with get_session().stream("GET", url, params=params, headers=build_hf_headers(), timeout=limits) as response:
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > SEARCH_MAX_BYTES:
+                    raise PullError(f"the hub at {endpoint} answered the search with more than "
+                                    f"{SEARCH_MAX_BYTES >> 20} MiB")
+                if time.monotonic() > deadline:
+                    raise expired
+            status = response.status_code
+    except httpx2.TimeoutException:
+        raise expired from None
     except (httpx2.TransportError, OfflineModeIsEnabled) as exc:
         raise unreachable(endpoint, exc) from None
-    except HfHubHTTPError as exc:
-        raise PullError(f"searching the hub at {endpoint} failed: {exc}") from None
+    if status >= 400:
+        raise PullError(f"searching the hub at {endpoint} failed: HTTP {status}")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise PullError(f"the hub at {endpoint} answered the search with something other than JSON") from None

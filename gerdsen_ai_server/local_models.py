@@ -7,12 +7,13 @@ No MLX and no Flask: used by ``impetus list`` / ``impetus rm`` and by the HTTP A
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .engine.errors import ModelLoadError, ModelNotFound
-from .engine.loaders import LoaderFactory
+from .engine.loaders import LoaderFactory, plain_name
 from .hub import STAGING, folder_name, read_manifest
 
 
@@ -56,13 +57,17 @@ def scan(models_dir: Path, loader: LoaderFactory | None = None) -> list[LocalMod
 
 
 def find(models_dir: Path, model: str) -> Path:
-    """The entry of ``models_dir`` that ``model`` names (``org/name`` or a folder/file name)."""
+    """The entry of ``models_dir`` that ``model`` names (``org/name`` or a folder/file name).
+
+    The same names a request may load (``loaders.plain_name``: no hidden entry, ``..``, ``~``,
+    backslash, control character or NUL); a symlink is the entry itself (``remove`` unlinks it).
+    """
     name = model.strip()
-    if not name or name.startswith((".", "/")) or ".." in name.split("/") or "\\" in name or name.count("/") > 1:
+    if not plain_name(name):
         raise ModelNotFound(f"{model!r} is not a model id in the models dir")
     models_dir = Path(models_dir)
     for candidate in (models_dir / folder_name(name), models_dir / name):
-        if candidate.exists() and candidate.parent == models_dir:
+        if os.path.lexists(candidate) and candidate.parent == models_dir:
             return candidate
     raise ModelNotFound(f"no model {model!r} in {models_dir}")
 

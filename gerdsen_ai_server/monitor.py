@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 HOT: tuple[ThermalState, ...] = ("serious", "critical")
 THROTTLE_FREQUENCY_RATIO = 0.9  # below this share of its maximum clock, the CPU counts as throttled
 THROTTLE_THROUGHPUT_DROP = 0.3  # recent throughput this far below the best hints at throttling
+# A hardware report is reused for this long: each one runs every probe (nvidia-smi on NVIDIA hosts,
+# sysctl/pmset on macOS), and /api/hardware or a Socket.IO client asking in a loop must not spawn
+# a process per request.
+REPORT_MAX_AGE_S = 1.0
 
 
 class Throughput:
@@ -129,6 +133,8 @@ class Monitor:
         self.mlx_device: dict[str, str | None] = {}
         self.last_sample: dict[str, Any] = {}
         self._process = psutil.Process()
+        self._report: tuple[float, HardwareReport] | None = None  # (monotonic time read, report)
+        self._report_lock = threading.Lock()
         self._stopping = threading.Event()
         self._next_thermal = 0.0
 
@@ -166,7 +172,7 @@ class Monitor:
         state = self.thermal.state if self.thermal else None
         self.governor.update(state)
         if state != before and before is not None:
-            self.events.publish("hardware", **self.hardware_report().model_dump())
+            self.events.publish("hardware", **self.hardware_report(max_age=0).model_dump())
 
     # ---- what the loop measures ---------------------------------------------------------------
     def sample(self, engine_stats: dict[str, Any]) -> dict[str, Any]:
@@ -236,7 +242,17 @@ class Monitor:
             throughput_drop=round(drop, 3) if drop is not None else None,
         )
 
-    def hardware_report(self) -> HardwareReport:
+    def hardware_report(self, max_age: float = REPORT_MAX_AGE_S) -> HardwareReport:
+        """The hardware report, read at most ``max_age`` seconds ago. One reading at a time: callers
+        that arrive while the probes run wait for that reading instead of starting their own."""
+        with self._report_lock:
+            if self._report is not None and time.monotonic() - self._report[0] < max_age:
+                return self._report[1]
+            report = self.read_hardware()
+            self._report = (time.monotonic(), report)
+            return report
+
+    def read_hardware(self) -> HardwareReport:
         """Every probe read now (each may fail on its own), with MLX's last sampled counters."""
         values: dict[str, Any] = {}
         unavailable: dict[str, str] = {}

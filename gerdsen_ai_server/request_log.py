@@ -5,7 +5,10 @@
   and every log line written while the request runs carries it.
 * One ``impetus.access`` line per request, written when the response is closed, so a stream's
   duration is the whole stream: method, route, path, status, duration, client address and the
-  key's id (a hash prefix, never the key). Bodies, prompts and headers are never logged.
+  key's id (a hash prefix, never the key). Bodies, prompts and headers are never logged. The path
+  is the client's, decoded: its control characters (``%0A`` is a newline) are written escaped
+  (``\\x0a``), so that no request can end its line and forge another (CWE-117), in the text format or
+  in a JSON reader that splits on them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ _CLIENT_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")
 FIELDS = ("request_id", "method", "route", "path", "status", "duration_ms", "remote", "key_id", "stream")
 
 access_log = logging.getLogger("impetus.access")
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: what ends or rewrites a line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character written as a visible escape (``\\x0a``, ``\\u2028``)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
 
 
 def request_id() -> str | None:
@@ -93,9 +103,9 @@ def _finish(response: Response) -> Response:
     response.headers[HEADER] = rid
     fields = {
         "request_id": rid,
-        "method": request.method,
+        "method": printable(request.method),
         "route": request.url_rule.rule if request.url_rule is not None else None,
-        "path": request.path,
+        "path": printable(request.path),
         "status": response.status_code,
         "remote": request.remote_addr,
         "key_id": g.get("api_key_id"),

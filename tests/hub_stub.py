@@ -8,7 +8,10 @@
 Errors carry the hub's ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound) so
 huggingface_hub raises its own exception types. Faults for tests: ``drop_once`` (send part of a
 file, then cut the connection), ``corrupt`` (serve a flipped byte under the right checksum),
-``throttle`` (bytes per second, to catch a download in the middle).
+``throttle`` (bytes per second, to catch a download in the middle), ``stall`` (requests whose path and
+query contain one of these strings get no answer until ``release()``: a hub that accepts connections
+and then says nothing), ``trickle`` (such requests get a 200 and then one byte every so many seconds).
+Repos may list any file name, hostile ones included (``../escape``, ``/abs``): the stub only lists them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -73,7 +77,20 @@ class HubStub:
     corrupt: set[tuple[str, str]] = field(default_factory=set)
     throttle: dict[tuple[str, str], int] = field(default_factory=dict)  # (repo, file) -> bytes per second
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
+    stall: list[str] = field(default_factory=list)  # substrings of "path?query" that get no answer (hold())
+    trickle: dict[str, float] = field(default_factory=dict)  # substring of "path?query" -> seconds per byte
+    _released: threading.Event = field(default_factory=threading.Event)
     _server: ThreadingHTTPServer | None = None
+
+    def hold(self, *substrings: str) -> None:
+        """Requests whose "path?query" contains one of ``substrings`` wait, unanswered, until ``release()``."""
+        self._released.clear()
+        self.stall.extend(substrings)
+
+    def release(self) -> None:
+        """Stalled requests go on (and are answered as usual); nothing stalls until the next ``hold``."""
+        self.stall.clear()
+        self._released.set()
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], downloads: int = 0) -> StubRepo:
         repo = StubRepo(repo_id, files, downloads=downloads)
@@ -99,15 +116,23 @@ class HubStub:
         class Handler(_Handler):
             hub = stub
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name="hub-stub", daemon=True).start()
         return self
 
     def stop(self) -> None:
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet about clients that left (a request held by ``hold`` answered after its client gave up)."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -127,6 +152,11 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path = unquote(url.path)
         self.hub.requests.append((self.command, path, self.headers.get("Range")))
+        if any(s in self.path for s in list(self.hub.stall)):
+            self.hub._released.wait(120)
+        trickle = next((every for s, every in list(self.hub.trickle.items()) if s in self.path), None)
+        if trickle is not None:
+            return self._trickle(trickle)
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) == 2:
             return self._list(parse_qs(url.query), body)
@@ -212,6 +242,20 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(step / rate)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client went away (a cancelled pull)
+
+    def _trickle(self, every: float) -> None:
+        payload = b"[" + b" " * 10_000 + b"]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        try:
+            for offset in range(len(payload)):
+                self.wfile.write(payload[offset:offset + 1])
+                self.wfile.flush()
+                time.sleep(every)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
 
     # ---- helpers
     def _repo(self, repo_id: str, revision: str, body: bool) -> StubRepo | None:

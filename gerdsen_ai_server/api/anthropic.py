@@ -23,13 +23,14 @@ from ..schemas.openai import ChatCompletionRequest, ToolCall
 from .chat import chat_prompt, collect_answer, start_chat
 from .errors import APIError, error_shape
 from .openai import SSE_HEADERS, cancel_all, parse_body, resident_model
+from .requests import ClientGone
 from .tools import ToolPlan, answer_parts, plan_tools
 
 bp = Blueprint("anthropic", __name__, url_prefix="/v1")
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
-                429: "rate_limit_error", 503: "overloaded_error"}
+                429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
 
 
 def anthropic_error(error: APIError) -> Response:
@@ -156,6 +157,10 @@ def stream_events(message_id: str, model: str, prompt_tokens: int, plan: ToolPla
                           "stop_sequence": last.stop_sequence},
                 "usage": {"output_tokens": last.completion_tokens}})
             yield event("message_stop", {})
+    except ClientGone:
+        return  # nobody to tell
+    except APIError as exc:  # the deadline, or an operator's cancel (api/requests.py)
+        yield event("error", {"error": {"type": _ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message}})
     finally:
         cancel_all(streams)  # a client that went away frees its slot
 

@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Response, jsonify
+from flask import Response, current_app, jsonify
+from jinja2.exceptions import SecurityError
 
 from ..engine.grammar import GrammarError, GrammarProcessor, compile_json_schema
 from ..engine.loaders import LoadedModel
@@ -24,12 +25,14 @@ from ..schemas.openai import (
     DeltaToolCall,
     ToolCall,
 )
+from .chat_template import TemplateTimeout, render_chat_template
 from .errors import APIError, error_body
 from .logprobs import chat_logprobs
 from .openai import (
     bp,
     cancel_all,
     check_supported,
+    check_text_size,
     chunk_payload,
     collect,
     event_stream,
@@ -45,16 +48,31 @@ from .tools import ToolCallSplitter, ToolPlan, answer_parts, plan_tools, split_a
 
 
 def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> list[int]:
+    """The prompt's token ids: the model's chat template rendered within its deadline and bounds
+    (api/chat_template.py), the text's size checked against the context, then tokenized."""
     tokenizer = loaded.tokenizer
     if not getattr(tokenizer, "has_chat_template", True):
         raise APIError(400, f"The model '{loaded.model_id}' has no chat template; use /v1/completions.",
                        param="model", code="invalid_value")
     messages, extra = template_messages(body, plan, tokenizer)
+    seconds = current_app.config["IMPETUS_SETTINGS"].template_timeout
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra))
+        text = render_chat_template(tokenizer, messages, extra, seconds)
+    except TemplateTimeout:
+        raise APIError(500, f"The model '{loaded.model_id}' has a chat template that took more than {seconds:g} s to "
+                       "render these messages (IMPETUS_TEMPLATE_TIMEOUT); it was stopped.",
+                       code="chat_template_timeout") from None
+    except SecurityError as exc:
+        raise APIError(500, f"The model '{loaded.model_id}' has a chat template that was stopped: {exc}.",
+                       code="chat_template_unsafe") from None
+    except RecursionError:
+        raise APIError(500, f"The model '{loaded.model_id}' has a chat template that recursed too deeply.",
+                       code="chat_template_unsafe") from None
     except Exception as exc:  # a template may reject e.g. a role order it does not support
         raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages",
                        code="invalid_value") from None
+    check_text_size(loaded, [text], "messages")
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def constraint_factory(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> Callable[[], list[Any]]:

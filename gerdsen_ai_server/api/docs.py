@@ -20,6 +20,8 @@ from pydantic.json_schema import models_json_schema
 
 from .. import __version__
 from ..schemas import anthropic, hardware, health, models, openai, registry, responses, server
+from ..schemas import requests as running
+from ..security import needs_admin
 
 bp = Blueprint("docs", __name__)
 
@@ -31,6 +33,14 @@ An OpenAI-compatible (and Anthropic Messages-compatible) inference server. Point
 `Authorization: Bearer KEY` (Anthropic clients may send `x-api-key: KEY`). A missing or wrong key gets
 401 with `code: invalid_api_key` and `WWW-Authenticate: Bearer`. `/health/live` and `/health/ready` are
 always open; `/health` and `/metrics` unless `IMPETUS_PROTECT_HEALTH=true`; this document and `/docs` are open.
+Keys are inference keys or admin keys (`IMPETUS_ADMIN_KEYS`, or `KEY admin` in the key file): management
+(every POST/PUT/PATCH/DELETE under `/api/`, and `/api/config`, `/api/requests`) needs an admin key, else
+403 with `code: insufficient_scope`. Twenty failed authentications a minute from one address
+(`IMPETUS_AUTH_FAIL_LIMIT`) lock that address out with 429 until the window passes, right keys included.
+
+**Bodies.** A POST/PUT/PATCH/DELETE body must be JSON, sent with `Content-Type: application/json`: any other
+content type is 415 (`unsupported_media_type`). A browser's state-changing request from an origin outside
+`IMPETUS_CORS_ORIGINS` is 403 (`cross_origin_request`).
 
 **Rate limits.** With `IMPETUS_RATE_LIMIT` (e.g. `60/minute`) each key (or client address, without a
 valid key) has one budget across the API. Responses carry `x-ratelimit-limit-requests`,
@@ -133,9 +143,18 @@ OPERATIONS: list[Operation] = [
      "The machine: platform, CPU, memory, GPUs, MLX, thermal state and throttling (a failed probe is null)",
      None, hardware.HardwareReport, False, True),
     ("/api/config", "get", "Monitoring", "The settings in force (secrets masked)", None, server.ConfigList, False, True),
+    ("/api/requests", "get", "Monitoring", "Generations and embeddings running now (admin)", None,
+     running.RunningRequestList, False, True),
+    ("/api/requests/{request_id}", "delete", "Monitoring",
+     "Cancel a running request: its client gets `request_cancelled` (admin)", None, running.RunningRequest, False,
+     True),
     ("/health", "get", "Health", "Details: readiness, engine, models", None, health.HealthReport, False, False),
     ("/health/live", "get", "Health", "Liveness probe (always open)", None, health.Liveness, False, False),
 ]
+CROSS_ORIGIN = "A browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`)."
+FORBIDDEN = ("Management needs an admin key (`insufficient_scope`); or a browser's request from an origin outside "
+             "IMPETUS_CORS_ORIGINS (`cross_origin_request`).")
+NOT_JSON = "The body is not sent as `Content-Type: application/json` (`unsupported_media_type`)."
 # Answers other than those every operation may give.
 OK_STATUS = {("/api/models/pull", "post"): "202"}
 BUSY = "The model is busy loading or unloading (`model_busy`)."
@@ -146,13 +165,18 @@ GENERATIVE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/
 EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
     **{(path, "post"): {"409": BUSY, "422": UNLOADABLE} for path in GENERATIVE},  # a model loaded on demand
     ("/api/models/load", "post"): {"409": BUSY, "422": UNLOADABLE},
-    ("/api/models/unload", "post"): {"409": BUSY},
+    ("/api/models/unload", "post"): {"409": BUSY + " Or it is the pinned default model (`model_pinned`)."},
     ("/api/models/{model_id}/benchmark", "post"): {
         "409": "A benchmark of this model is already running (`benchmark_running`), or it is busy.",
         "422": UNLOADABLE},
     ("/api/models/{model_id}", "delete"): {
-        "409": "The model is loaded or being pulled (`model_loaded`, `pull_in_progress`)."},
+        "409": "The model is loaded, being pulled, or the pinned default model (`model_loaded`, `pull_in_progress`, "
+               "`model_pinned`)."},
 }
+TIMED_OUT = ("Ran past IMPETUS_REQUEST_TIMEOUT and was cancelled (`request_timeout`, with `x-should-retry: false`); "
+             "an operator's cancel is a 503 `request_cancelled`.")
+for _path in GENERATIVE[:-1]:  # all but count_tokens run on the engine, within IMPETUS_REQUEST_TIMEOUT
+    EXTRA_ERRORS[(_path, "post")]["504"] = TIMED_OUT
 QUERIES: dict[tuple[str, str], type[BaseModel]] = {("/api/models/discover", "get"): models.DiscoverQuery}
 # Open unless IMPETUS_PROTECT_HEALTH: then they need the key like the API.
 MONITORING = ("/health", "/metrics")
@@ -203,6 +227,13 @@ def build_spec(protect_health: bool = False) -> dict[str, Any]:
             headers = {"Retry-After": {"schema": {"type": "string"}}} if status in ("429", "503") else {}
             operation["responses"][status] = {"description": text, "headers": headers,
                                               "content": {"application/json": {"schema": error_ref}}}
+        admin = secured and needs_admin(method.upper(), path)
+        if admin or method != "get":
+            operation["responses"]["403"] = {"description": FORBIDDEN if admin else CROSS_ORIGIN,
+                                             "content": {"application/json": {"schema": error_ref}}}
+        if method != "get":
+            operation["responses"]["415"] = {"description": NOT_JSON,
+                                             "content": {"application/json": {"schema": error_ref}}}
         for status, text in EXTRA_ERRORS.get((path, method), {}).items():
             operation["responses"][status] = {"description": text,
                                               "content": {"application/json": {"schema": error_ref}}}

@@ -1,5 +1,11 @@
 """POST /v1/embeddings, from a dedicated embedding model (engine/encoder.py) or any loaded language
-model (engine/embeddings.py)."""
+model (engine/embeddings.py).
+
+An embeddings request is weighed and admitted like a generation: its input tokens count against
+IMPETUS_MAX_REQUEST_TOKENS (400 beyond), it takes one of the engine's IMPETUS_MAX_BATCH +
+IMPETUS_MAX_QUEUE places (503 when none is free), the engine computes it in slices between decode
+steps, and it is cancelled when its client leaves, its deadline passes or an operator cancels it
+(api/requests.py), as a generation is."""
 
 from __future__ import annotations
 
@@ -7,18 +13,19 @@ import base64
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
-from flask import Response, jsonify
+from flask import Response, current_app, jsonify
 
-from ..engine.embeddings import hidden_size
+from ..engine.embeddings import EmbeddingCancelled, EmbeddingJob, hidden_size
 from ..engine.encoder import EncoderModel
+from ..engine.engine import EngineOverloaded
+from ..engine.errors import ModelNotFound
+from ..engine.stream import WATCH_INTERVAL_S, EngineGone
 from ..schemas.openai import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from .errors import APIError
 from .openai import bp, completion_prompts, engine, parse_body, resident_model
+from .requests import Running, watch_embedding
 
 MAX_INPUTS = 256
-# Tokens per engine command. The engine thread computes an embedding command whole, pausing every
-# stream it decodes meanwhile: a large request goes in pieces, and streams step between them.
-CHUNK_TOKENS = 512
 
 
 @bp.post("/embeddings")
@@ -48,32 +55,48 @@ def embeddings() -> Response:
     if body.dimensions is not None and body.dimensions != size and not matryoshka:
         raise APIError(400, f"This model's embeddings have {size} dimensions and cannot be shortened (it does not "
                        "declare Matryoshka training).", param="dimensions", code="invalid_value")
-    vectors: list[list[float]] = []
+    tokens = sum(len(t) for t in inputs)
+    limit = current_app.config["IMPETUS_SETTINGS"].max_request_tokens
+    if tokens > limit:
+        raise APIError(400, f"The input has {tokens} tokens in all; this server embeds at most {limit} per request "
+                       "(IMPETUS_MAX_REQUEST_TOKENS). Send fewer or shorter inputs.", param="input",
+                       code="invalid_value")
     try:
-        for chunk in chunks(inputs, CHUNK_TOKENS):
-            vectors += engine().embed(loaded.model_id, chunk).result(timeout=300)
-    except FutureTimeout:
-        raise APIError(503, "The engine did not compute the embeddings in time.", code="timeout") from None
+        job = engine().embed(loaded.model_id, inputs)
+    except EngineOverloaded as exc:
+        raise APIError(503, str(exc), code="server_overloaded", headers={"Retry-After": "1"}) from None
+    except ModelNotFound as exc:  # unloaded since resident_model found it
+        raise APIError(404, str(exc), param="model", code="model_not_found") from None
+    vectors = wait(job, watch_embedding(job))
     if body.dimensions is not None and body.dimensions != size:
         vectors = shorten(vectors, body.dimensions, renormalise=loaded.model.pooling.normalize)
     data = [Embedding(index=i, embedding=v if body.encoding_format == "float" else
                       base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()) for i, v in enumerate(vectors)]
-    tokens = sum(len(t) for t in inputs)
     return jsonify(EmbeddingList(data=data, model=loaded.model_id,
                                  usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)).model_dump())
 
 
-def chunks(inputs: list[list[int]], budget: int) -> list[list[list[int]]]:
-    """Consecutive inputs, grouped up to ``budget`` tokens (an input longer than that alone)."""
-    out: list[list[list[int]]] = [[]]
-    used = 0
-    for tokens in inputs:
-        if out[-1] and used + len(tokens) > budget:
-            out.append([])
-            used = 0
-        out[-1].append(tokens)
-        used += len(tokens)
-    return out
+def wait(job: EmbeddingJob, entry: Running) -> list[list[float]]:
+    """The job's vectors, checking every WATCH_INTERVAL_S that its client is still there, its
+    deadline has not passed and no operator cancelled it; if one did, the job is cancelled and the
+    engine drops it before its next slice."""
+    while True:
+        try:
+            return job.future.result(timeout=WATCH_INTERVAL_S)
+        except FutureTimeout:
+            pass
+        except EmbeddingCancelled:
+            entry.check()  # says why: an operator's cancel
+            raise APIError(503, "The embeddings were cancelled.", code="request_cancelled") from None
+        except ModelNotFound as exc:  # unloaded while the job waited
+            raise APIError(404, str(exc), param="model", code="model_not_found") from None
+        except EngineGone as exc:
+            raise APIError(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"}) from None
+        try:
+            entry.check()
+        except BaseException:
+            job.cancel()
+            raise
 
 
 def shorten(vectors: list[list[float]], dimensions: int, renormalise: bool) -> list[list[float]]:

@@ -1,4 +1,9 @@
-"""Probes: /health (details), /health/live (process up), /health/ready (model loaded, engine alive)."""
+"""Probes: /health (details), /health/live (process up), /health/ready (model loaded, engine alive).
+
+With API keys configured these stay open (an orchestrator needs no secret), so what they show a
+caller without a key is only what a load balancer needs: no absolute path, no PID, no load error
+(which names files). A valid key, or no keys at all (the local user), sees everything.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from ..blas import blas_in_use
 from ..engine.engine import InferenceEngine
 from ..memory import allocator
 from ..schemas.health import HealthReport, Liveness, Readiness, ResidentModel
+from ..security import may_see_details
 
 bp = Blueprint("health", __name__)
 
@@ -20,7 +26,8 @@ def _engine() -> InferenceEngine:
     return current_app.extensions["impetus"]
 
 
-def readiness() -> tuple[bool, str]:
+def readiness(detail: bool = True) -> tuple[bool, str]:
+    """Whether the server can answer, and why not; ``detail`` False leaves the load error out."""
     engine = _engine()
     drain = current_app.extensions.get("impetus_drain")
     if drain is not None and drain.draining.is_set():
@@ -28,6 +35,8 @@ def readiness() -> tuple[bool, str]:
     if not engine.is_alive():
         return False, "the inference engine thread is not running"
     if current_app.config.get("IMPETUS_LOAD_ERROR"):
+        if not detail:
+            return False, "the default model failed to load (the details need an API key)"
         return False, f"the default model failed to load: {current_app.config['IMPETUS_LOAD_ERROR']}"
     if not engine.models():
         return False, "the default model is still loading"
@@ -37,13 +46,14 @@ def readiness() -> tuple[bool, str]:
 @bp.get("/health")
 def health() -> Response:
     engine = _engine()
-    ready, reason = readiness()
+    detail = may_see_details()
+    ready, reason = readiness(detail)
     return jsonify(HealthReport(
         status="ok" if ready else "degraded",
         ready=ready,
         reason=reason,
         version=__version__,
-        pid=os.getpid(),
+        pid=os.getpid() if detail else None,
         uptime_s=round(time.time() - engine.started_at, 3),
         engine_alive=engine.is_alive(),
         requests_in_flight=engine.inflight,
@@ -56,7 +66,8 @@ def health() -> Response:
         max_batch=engine.max_batch,
         batch_limit=engine.batch_limit,  # set while the machine is hot (thermal adaptation)
         thermal_state=_thermal_state(),
-        models=[ResidentModel(id=m.model_id, path=str(m.path), context_length=m.context_length, bytes=m.nbytes)
+        models=[ResidentModel(id=m.model_id, path=str(m.path) if detail else None, context_length=m.context_length,
+                              bytes=m.nbytes)
                 for m in engine.models()],
     ).model_dump())
 
@@ -73,5 +84,5 @@ def live() -> Response:
 
 @bp.get("/health/ready")
 def ready() -> tuple[Response, int]:
-    ok, reason = readiness()
+    ok, reason = readiness(may_see_details())
     return jsonify(Readiness(status="ready" if ok else "not_ready", reason=reason).model_dump()), 200 if ok else 503

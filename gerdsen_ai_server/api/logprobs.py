@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..engine.stream import TokenLogprob
 from ..schemas.openai import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+
+# OpenAI's value for a token the model could not have picked: a grammar (tool call, JSON schema)
+# masks disallowed tokens to -inf, and -Infinity is not JSON (JavaScript's JSON.parse refuses it).
+IMPOSSIBLE = -9999.0
 
 
 def _text(tokenizer: Any, token_id: int) -> str:
     return str(tokenizer.decode([token_id]))
 
 
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else IMPOSSIBLE
+
+
 def chat_logprobs(entries: list[TokenLogprob], tokenizer: Any) -> ChatLogprobs:
     content = []
     for entry in entries:
         text = _text(tokenizer, entry.token_id)
-        top = [TopLogprob(token=(t := _text(tokenizer, i)), logprob=lp, bytes=list(t.encode())) for i, lp in entry.top]
-        content.append(ChatTokenLogprob(token=text, logprob=entry.logprob, bytes=list(text.encode()), top_logprobs=top))
+        top = [TopLogprob(token=(t := _text(tokenizer, i)), logprob=_finite(lp), bytes=list(t.encode()))
+               for i, lp in entry.top]
+        content.append(ChatTokenLogprob(token=text, logprob=_finite(entry.logprob), bytes=list(text.encode()),
+                                        top_logprobs=top))
     return ChatLogprobs(content=content)
 
 
@@ -27,8 +38,8 @@ def completion_logprobs(entries: list[TokenLogprob], tokenizer: Any, offset: int
     for entry in entries:
         text = _text(tokenizer, entry.token_id)
         tokens.append(text)
-        values.append(entry.logprob)
-        tops.append({_text(tokenizer, i): lp for i, lp in entry.top})
+        values.append(_finite(entry.logprob))
+        tops.append({_text(tokenizer, i): _finite(lp) for i, lp in entry.top})
         offsets.append(offset)
         offset += len(text)
     return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops if with_top else None,

@@ -12,7 +12,8 @@ from ..default_model import DEFAULT_MODEL_ID
 from ..engine.encoder import is_encoder
 from ..engine.engine import ContextLengthExceeded, EngineOverloaded
 from ..engine.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
-from ..engine.registry import ModelBusy, OverBudget, Resident
+from ..engine.loaders import confine, model_paths
+from ..engine.registry import ModelBusy, ModelPinned, OverBudget, Resident
 from ..engine.stream import EngineGone
 from ..model_bench import BenchmarkFailed, BenchmarkStore, benchmark, warm_up
 from ..schemas.registry import (
@@ -41,18 +42,30 @@ def model_error(exc: ModelLoadError) -> APIError:
         return APIError(422, str(exc), param="model", code="insufficient_memory")
     if isinstance(exc, ModelBusy):
         return APIError(409, str(exc), param="model", code="model_busy")
+    if isinstance(exc, ModelPinned):
+        return APIError(409, str(exc), param="model", code="model_pinned")
     return APIError(422, str(exc), param="model", code="model_load_failed")
 
 
+def allowed_paths() -> tuple[Path, ...]:
+    """IMPETUS_MODEL_PATHS: the files and folders outside the models dir a request may name."""
+    return model_paths(current_app.config["IMPETUS_SETTINGS"].model_paths)
+
+
 def load(spec: str, keep_alive: float | None = None) -> Resident:
-    """Load (or touch) ``spec`` on the engine thread and wait for it; keep_alive None is the default."""
+    """Load (or touch) ``spec`` on the engine thread and wait for it; keep_alive None is the default.
+
+    Every spec that reaches this comes from a request, so it loads untrusted: only a model in the
+    models dir or under IMPETUS_MODEL_PATHS, else one uniform 404 (loaders.confine).
+    """
     if keep_alive is not None and keep_alive < 0:
         keep_alive = math.inf  # Ollama's convention: negative keeps the model loaded
     try:
-        engine().load_model(spec, keep_alive=keep_alive).result(timeout=LOAD_TIMEOUT_S)
+        loaded = engine().load_model(spec, keep_alive=keep_alive, trusted=False,
+                                     allowed=allowed_paths()).result(timeout=LOAD_TIMEOUT_S)
     except ModelLoadError as exc:
         raise model_error(exc) from None
-    resident = engine().registry.get(engine().registry.canonical_id(spec))
+    resident = engine().registry.get(loaded.model_id)
     if resident is None:  # evicted between loading and now: vanishingly rare, but say so
         raise APIError(503, f"The model '{spec}' was unloaded again before it could be used.", code="model_evicted")
     return resident
@@ -79,10 +92,18 @@ def local_models() -> list[ModelInfo]:
     registry = engine().registry
     found: dict[str, ModelInfo] = {}
     models_dir = Path(registry.models_dir)
+    allowed = allowed_paths()
     for path in sorted(models_dir.iterdir()) if models_dir.is_dir() else []:
         if path.name.startswith("."):
             continue
         model_id = path.name.replace("--", "/")
+        try:
+            confine(path.name, models_dir, allowed)  # what a request naming it gets: say so here rather than 404 there
+        except ModelNotFound:
+            found[model_id] = ModelInfo(id=model_id, state="local", path=str(path), error=(
+                "requests cannot load this entry: its name is not a plain model id, or it (or a symlink in it) "
+                "leads out of the models dir; list its target in IMPETUS_MODEL_PATHS to allow it"))
+            continue
         try:
             fmt = registry.loader.detect(path)
             found[model_id] = ModelInfo(id=model_id, state="local", format=fmt, path=str(path),

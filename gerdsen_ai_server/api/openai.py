@@ -6,9 +6,11 @@ hand them to the engine, and serialize its ``TokenStream`` as JSON or Server-Sen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -18,9 +20,18 @@ from pydantic import BaseModel
 
 from .. import __version__
 from ..engine.engine import ContextLengthExceeded, EngineOverloaded, InferenceEngine
-from ..engine.loaders import LoadedModel
+from ..engine.loaders import LoadedModel, model_not_found
 from ..engine.stream import EngineGone, GenerationRequest, SamplingParams, TokenEvent, TokenLogprob, TokenStream
+from ..schemas.limits import (
+    LONE_SURROGATE_ESCAPE,
+    MAX_JSON_DEPTH,
+    JSONShapeError,
+    check_json_value,
+    check_unicode,
+    reject_constant,
+)
 from ..schemas.openai import (
+    MAX_EMBEDDING_INPUTS,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
@@ -35,6 +46,7 @@ from ..schemas.openai import (
 from .errors import APIError, error_body
 from .logprobs import completion_logprobs
 from .metrics import track
+from .requests import ClientGone, watch_streams
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 FINGERPRINT = f"fp_impetus_{__version__}"
@@ -46,8 +58,20 @@ def engine() -> InferenceEngine:
 
 
 def parse_body(schema: type[Schema]) -> Schema:
+    """The body as ``schema``, or a 400: strict JSON (no NaN or Infinity, which Python's parser
+    accepts), nested at most ``MAX_JSON_DEPTH`` levels (deeper was a RecursionError, a 500), then
+    the schema's own strict types."""
+    data = request.get_data(cache=False) or b"null"
     try:
-        body = json.loads(request.get_data(cache=False) or b"null")
+        body = json.loads(data, parse_constant=reject_constant)
+        check_json_value(body)
+        if LONE_SURROGATE_ESCAPE.search(data):
+            check_unicode(body)
+    except JSONShapeError as exc:
+        raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
+    except RecursionError:
+        raise APIError(400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.",
+                       code="nesting_too_deep") from None
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -79,9 +103,8 @@ def _resident_model(model_id: str, keep_alive: float | None) -> LoadedModel:
     try:
         return load(model_id, keep_alive).loaded
     except APIError as exc:
-        if exc.status == 404:
-            raise APIError(404, f"The model '{model_id}' does not exist or is not loaded.", param="model",
-                           code="model_not_found") from None
+        if exc.status == 404:  # one answer for every model that cannot be found (loaders.model_not_found)
+            raise APIError(404, str(model_not_found(model_id)), param="model", code="model_not_found") from None
         raise
 
 
@@ -132,10 +155,12 @@ def sampling_params(body: _Generation, choice: int = 0) -> SamplingParams:
 
 
 def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """What the schema cannot check alone, before any model is loaded or any text tokenized."""
     name = body.unsupported()
     if name is not None:
         raise APIError(400, f"The parameter '{name}' is not supported by this server yet.", param=name,
                        code="unsupported_parameter")
+    check_sequence_count(len(prompt_items(body.prompt)) if isinstance(body, CompletionRequest) else 1, body.n)
     if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs", code="invalid_value")
     if body.stream_options is not None and not body.stream:
@@ -175,17 +200,32 @@ def submit_all(
     body: ChatCompletionRequest | CompletionRequest, loaded: LoadedModel, prompts: list[list[int]],
     requested: int | None, param: str, processors: Callable[[], list[Any]] = list,
 ) -> list[TokenStream]:
-    """One engine request per prompt and choice (``n``), in choice-index order."""
+    """One engine request per prompt and choice (``n``), in choice-index order, registered with
+    the running requests (api/requests.py): their readers end them when the client leaves, the
+    deadline passes or an operator cancels.
+
+    The request is weighed up front as OpenAI weighs it against a token budget: ``n`` x
+    ``max_tokens`` (x prompts) may not exceed IMPETUS_MAX_REQUEST_TOKENS, so one request cannot
+    book hours of decoding (``n=40, max_tokens=2000`` is 80,000 tokens)."""
     capacity = engine().max_batch + engine().max_queue
     if len(prompts) * body.n > capacity:
         raise APIError(400, f"This request asks for {len(prompts) * body.n} sequences; this server runs at most "
                        f"{capacity} at once (IMPETUS_MAX_BATCH + IMPETUS_MAX_QUEUE).", param="n", code="invalid_value")
+    budgets = []
+    for tokens in prompts:
+        if not tokens:
+            raise APIError(400, "The prompt must not be empty.", param=param, code="invalid_value")
+        budgets.append(completion_budget(loaded, len(tokens), requested))
+    limit = current_app.config["IMPETUS_SETTINGS"].max_request_tokens
+    if sum(budgets) * body.n > limit:
+        prompts_part = f" x {len(prompts)} prompts" if len(prompts) > 1 else ""
+        raise APIError(400, f"This request asks for up to {sum(budgets) * body.n} completion tokens (n={body.n} x "
+                       f"max_tokens={max(budgets)}{prompts_part}); this server allows at most {limit} per request "
+                       "(IMPETUS_MAX_REQUEST_TOKENS). Lower n or max_tokens.",
+                       param="n" if body.n > 1 else "max_tokens", code="invalid_value")
     streams: list[TokenStream] = []
     try:
-        for tokens in prompts:
-            if not tokens:
-                raise APIError(400, "The prompt must not be empty.", param=param, code="invalid_value")
-            max_tokens = completion_budget(loaded, len(tokens), requested)
+        for tokens, max_tokens in zip(prompts, budgets, strict=True):
             for choice in range(body.n):
                 gen = GenerationRequest(
                     model=loaded.model_id,
@@ -208,6 +248,7 @@ def submit_all(
         cancel_all(streams)
         raise
     track(streams)  # TTFT, tokens and request_event when the response closes (api/metrics.py)
+    watch_streams(streams)  # GET/DELETE /api/requests; client gone, deadline
     return streams
 
 
@@ -216,17 +257,80 @@ def cancel_all(streams: list[TokenStream]) -> None:
         stream.cancel()
 
 
+def check_sequence_count(prompts: int, n: int) -> None:
+    """Refuses more sequences than the engine runs and queues, before anything is tokenized: 20,000
+    prompts used to cost ~6 s of CPU in the tokenizer before ``submit_all`` refused them."""
+    capacity = engine().max_batch + engine().max_queue
+    if prompts * n > capacity:
+        raise APIError(400, f"This request asks for {prompts * n} sequences; this server runs at most "
+                       f"{capacity} at once (IMPETUS_MAX_BATCH + IMPETUS_MAX_QUEUE).", param="n", code="invalid_value")
+
+
+_TOKEN_CHARS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+# A token covers at most its vocabulary entry's length of text ("Ġthe" four bytes, "▁the" four
+# characters, "##ing" three), unless the tokenizer's normalizer shrinks the text first (accents
+# stripped, whitespace dropped): the margin keeps such texts from being refused wrongly.
+TEXT_SIZE_MARGIN = 4
+
+
+def max_token_chars(tokenizer: Any) -> int | None:
+    """The longest vocabulary entry, measured once per tokenizer (~30 ms for 50k entries); None
+    when the tokenizer does not list its vocabulary."""
+    try:
+        return _TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    source = tokenizer if hasattr(tokenizer, "get_vocab") else getattr(tokenizer, "_tokenizer", None)
+    try:
+        longest = max((len(piece) for piece in source.get_vocab()), default=0) if source is not None else 0
+    except Exception:  # a tokenizer without a usable vocabulary listing: no size check
+        return None
+    if longest < 1:
+        return None
+    with contextlib.suppress(TypeError):  # not weak-referenceable: measured again next time
+        _TOKEN_CHARS[tokenizer] = longest
+    return longest
+
+
+def check_text_size(loaded: LoadedModel, texts: list[str], param: str) -> None:
+    """Refuses a text that cannot fit the context, before tokenizing it: at most ``max_token_chars``
+    characters per token (with ``TEXT_SIZE_MARGIN``), so a longer text has more tokens than the
+    context holds. An 8 MB prompt was tokenized whole (seconds of CPU) only to be refused."""
+    longest = max(map(len, texts), default=0)
+    if not longest:
+        return
+    per_token = max_token_chars(loaded.tokenizer)
+    if per_token is None:
+        return
+    limit = loaded.context_length * per_token * TEXT_SIZE_MARGIN
+    if longest > limit:
+        raise APIError(400, f"A text in '{param}' has {longest} characters, more than any text that fits this "
+                       f"model's context of {loaded.context_length} tokens.", param=param, code="context_length_exceeded")
+
+
+def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Any]:
+    """The separate prompts (or embedding inputs) of OpenAI's four shapes: a text, texts, one
+    token-id list, token-id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
 def completion_prompts(body: CompletionRequest | EmbeddingRequest, loaded: LoadedModel) -> list[list[int]]:
+    """Each prompt (or embedding input) as token ids. Counts and sizes are checked before the
+    tokenizer runs, so a request that will be refused costs no tokenizing."""
     prompt = body.prompt if isinstance(body, CompletionRequest) else body.input
     param = "prompt" if isinstance(body, CompletionRequest) else "input"
-    if isinstance(prompt, str):
-        batches: list[Any] = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        batches = [prompt]
-    else:
-        batches = list(prompt)
+    batches = prompt_items(prompt)
     if not batches:
         raise APIError(400, f"The {param} must not be empty.", param=param, code="invalid_value")
+    if isinstance(body, CompletionRequest):
+        check_sequence_count(len(batches), body.n)
+    elif len(batches) > MAX_EMBEDDING_INPUTS:
+        raise APIError(400, f"At most {MAX_EMBEDDING_INPUTS} inputs per request.", param=param, code="invalid_value")
+    check_text_size(loaded, [item for item in batches if isinstance(item, str)], param)
     vocab = len(loaded.tokenizer)
     out: list[list[int]] = []
     for item in batches:
@@ -264,6 +368,10 @@ def event_stream(chunks: Iterator[str], streams: list[TokenStream]) -> Response:
             yield from chunks
         except EngineGone as exc:
             yield sse(error_body(503, str(exc), code="engine_unavailable"))
+        except ClientGone:
+            return  # nobody to tell
+        except APIError as exc:  # the deadline, or an operator's cancel (api/requests.py)
+            yield sse(exc.envelope())
         finally:
             cancel_all(streams)  # a client that went away frees its slot at the next step
         yield sse("[DONE]")

@@ -1,17 +1,21 @@
 """/api/models: pull from the Hugging Face hub (background, with progress), delete, discover.
 
-    POST   /api/models/pull            {"model": "org/name"} -> 202 and the pull's state
+    POST   /api/models/pull            {"model": "org/name"} -> 202 and the pull's state; 429 beyond
+                                       IMPETUS_MAX_PULLS queued or downloading
     GET    /api/models/pulls           every pull this process knows
     GET    /api/models/pulls/<id>      one pull's state (bytes_done / bytes_total, status)
     DELETE /api/models/pulls/<id>      cancel it (partial files stay: pulling again continues them)
     DELETE /api/models/<model id>      delete a local model; 409 while it is loaded
-    GET    /api/models/discover?q=     curated catalogue, or a live hub search, each flagged ``fits``
+    GET    /api/models/discover?q=     curated catalogue, or a live hub search, each flagged ``fits``;
+                                       the search gives up after IMPETUS_HUB_SEARCH_TIMEOUT, and at most
+                                       HUB_SEARCHES run at once: otherwise the catalogue, with hub_error
 
 Progress also goes out as ``pull_progress`` events on the engine's event bus.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
@@ -19,7 +23,7 @@ from huggingface_hub import ModelInfo
 
 from .. import catalogue, hub, local_models
 from ..engine.errors import ModelNotFound
-from ..pull_manager import PullManager
+from ..pull_manager import PullManager, PullQueueFull
 from ..schemas.models import (
     DiscoveredModel,
     DiscoverQuery,
@@ -34,12 +38,19 @@ from .openai import engine, parse_body
 
 bp = Blueprint("pulls", __name__, url_prefix="/api/models")
 EXTENSION = "impetus_pulls"
+# Hub searches running at once: each holds a request thread for up to IMPETUS_HUB_SEARCH_TIMEOUT, so a
+# burst of searches against a slow hub must not take every Gunicorn thread (probes included).
+HUB_SEARCHES = 4
+_SEARCH_SLOTS = "impetus_hub_searches"
+PULL_RETRY_AFTER_S = 30
 
 
 def init_pulls(app: Flask) -> None:
     """The PullManager (after the engine: pulls publish on its event bus) and the routes."""
     settings = app.config["IMPETUS_SETTINGS"]
-    app.extensions[EXTENSION] = PullManager(Path(settings.models_dir), app.extensions["impetus"].events)
+    app.extensions[EXTENSION] = PullManager(Path(settings.models_dir), app.extensions["impetus"].events,
+                                            max_pulls=settings.max_pulls)
+    app.extensions[_SEARCH_SLOTS] = threading.BoundedSemaphore(HUB_SEARCHES)
     app.register_blueprint(bp)
 
 
@@ -56,6 +67,9 @@ def start_pull() -> tuple[Response, int]:
     body = parse_body(PullRequest)
     try:
         state = pulls().start(body.model, revision=body.revision, gguf=body.gguf)
+    except PullQueueFull as exc:
+        raise APIError(429, str(exc), code="too_many_pulls",
+                       headers={"Retry-After": str(PULL_RETRY_AFTER_S)}) from None
     except hub.PullError as exc:
         raise APIError(400, str(exc), param="model", code="invalid_value") from None
     response = jsonify(_status(state))
@@ -93,8 +107,12 @@ def delete_model(model_id: str) -> Response:
         raise APIError(404, f"The model '{model_id}' is not in the models dir.", param="model",
                        code="model_not_found") from None
     resolved = path.resolve()
-    loaded = [m.model_id for m in engine().models()
-              if m.model_id == model_id or m.path.resolve() == resolved or resolved in m.path.resolve().parents]
+    loaded = [r for r in engine().residents() if r.loaded.model_id == model_id
+              or r.loaded.path.resolve() == resolved or resolved in r.loaded.path.resolve().parents]
+    if any(r.pinned for r in loaded) or model_id == current_app.config["IMPETUS_SETTINGS"].default_model:
+        raise APIError(409, f"The model '{model_id}' is the server's default model (IMPETUS_DEFAULT_MODEL), pinned "
+                       "so that the server stays ready: it cannot be deleted while the server runs.",
+                       param="model", code="model_pinned")
     if loaded:
         raise APIError(409, f"The model '{model_id}' is loaded; unload it first (POST /api/models/unload).",
                        param="model", code="model_loaded")
@@ -112,15 +130,21 @@ def discover() -> Response:
     query, author, limit = params.q.strip() or None, params.author or None, params.limit
     registry = engine().registry
     budget, dtype = registry.budget_bytes, registry.compute_dtype
-    models_dir = Path(current_app.config["IMPETUS_SETTINGS"].models_dir)
+    settings = current_app.config["IMPETUS_SETTINGS"]
+    models_dir = Path(settings.models_dir)
     hub_error = None
-    if query:
+    slots: threading.BoundedSemaphore = current_app.extensions[_SEARCH_SLOTS]
+    if query and not slots.acquire(blocking=False):
+        hub_error = f"{HUB_SEARCHES} hub searches are already running; this answer is from the catalogue"
+    elif query:
         try:
-            found = hub.search(query, author=author, limit=limit)
+            found = hub.search(query, author=author, limit=limit, timeout=settings.hub_search_timeout)
         except hub.PullError as exc:
             hub_error = str(exc)
-        else:
-            data = [_hub_entry(info, dtype, budget, models_dir) for info in found]
+        finally:
+            slots.release()
+        if hub_error is None:
+            data = [_hub_entry(info, dtype, budget, models_dir) for info in found if _valid_repo_id(info.id)]
             return _discovered("hub", query, budget, data, None)
     data = []
     for model in catalogue.search_catalogue(query)[:limit]:
@@ -128,6 +152,15 @@ def discover() -> Response:
         entry.local = (models_dir / hub.folder_name(model.id)).is_dir()
         data.append(entry)
     return _discovered("catalogue", query, budget, data, hub_error)
+
+
+def _valid_repo_id(repo_id: str) -> bool:
+    """A hub's answer names folders below (``local``): an id that is not a repo id is left out."""
+    try:
+        hub.check_repo_id(repo_id)
+    except hub.PullError:
+        return False
+    return True
 
 
 def _hub_entry(info: ModelInfo, dtype: str | None, budget: int, models_dir: Path) -> DiscoveredModel:

@@ -9,12 +9,18 @@ Server -> client events, each sent to its room:
     model_event    a model is loading, loaded, failed, unloaded, evicted, expired or deleted         room "models"
     pull_progress  a model pull's bytes and status                                                  room "models"
 
-With API keys configured (IMPETUS_API_KEYS / IMPETUS_API_KEY_FILE) a connection needs one, in its
-connect ``auth`` (``{"api_key": KEY}``, what a browser can send) or an ``Authorization: Bearer KEY``
-header on the handshake; without, it is refused with ``invalid_api_key``.
+With API keys configured (IMPETUS_API_KEYS / IMPETUS_API_KEY_FILE) the Engine.IO handshake needs one
+before any session exists (gerdsen_ai_server/guard.py): an ``Authorization: Bearer KEY`` header
+(python-socketio: ``connect(url, headers=...)``) or, from a browser, which cannot set headers on a
+WebSocket, the query parameter ``api_key=KEY`` (socket.io-client: ``io(url, {query: {api_key}})``);
+without, 401 ``invalid_api_key``. A key in the connect ``auth`` (``{"api_key": KEY}``) must be right
+too. The guard also checks the page's ``Origin`` (this server's own pages, or IMPETUS_CORS_ORIGINS),
+counts each handshake against IMPETUS_RATE_LIMIT and caps sessions and the threads they hold.
 
 Client -> server events (every payload validated by its pydantic model in schemas/realtime.py; a bad
-one is answered with OpenAI's error envelope):
+one is answered with OpenAI's error envelope). Each event, unknown ones included, spends the caller's
+IMPETUS_RATE_LIMIT budget as an HTTP request does (per key, else per address); past it the ack is
+the 429 envelope (``rate_limit_exceeded``) and the event does nothing:
 
     subscribe / unsubscribe   rooms (``"metrics"``, ``["metrics", ...]`` or ``{"rooms": [...]}``);
                               ack ``{"rooms": [...joined]}`` or ``{"error": {...}, "rooms": [...]}``
@@ -51,7 +57,6 @@ queues the packet for each client's writer thread, so the engine thread is not h
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import queue
@@ -62,16 +67,19 @@ import time
 import uuid
 from typing import Any
 
+import simple_websocket
+from engineio.async_drivers._websocket_wsgi import SimpleWebSocketWSGI
 from flask import Flask, current_app, g, request
 from flask_socketio import ConnectionRefusedError, SocketIO, emit, join_room, leave_room, rooms
 from pydantic import ValidationError
 from socketio import RedisManager
 
 from ..engine.stream import EngineGone, TokenStream
+from ..guard import KEY_ID, OriginPolicy
 from ..monitor import Monitor
 from ..request_log import access_log
 from ..schemas.realtime import GENERATION_ID, CancelRequest, ConnectAuth, GenerateRequest, RoomsRequest
-from ..security import KeyChecker, key_id, load_keys, presented_key, spend_budget
+from ..security import FAILED_LOGINS, KEYS, KeyChecker, key_id, spend_budget
 from .chat import Started, start_chat
 from .errors import APIError, validation_error
 from .metrics import finish_tracking
@@ -85,7 +93,6 @@ DEFAULT_ROOMS = ("metrics", "models")
 EVENT_ROOMS = {"metrics": "metrics", "hardware": "metrics", "request_event": "requests",
                "model_event": "models", "pull_progress": "models"}
 LOCAL_EVENTS = frozenset({"metrics", "hardware"})  # this process's own state: never through the queue
-KEYS = "impetus_socket_keys"
 HOST = socket.gethostname()
 ROUTE = "socket.io:generate"  # the route request events and metrics name
 
@@ -169,51 +176,21 @@ def init_realtime(app: Flask) -> None:
         # listener's subscription waits for messages indefinitely.
         options["client_manager"] = RedisManager(redis_url, channel="impetus-socketio",
                                                  redis_options={"socket_connect_timeout": 2})
-    limit = app.config["IMPETUS_SETTINGS"].max_request_bytes
-    socketio.init_app(app, async_mode="threading", cors_allowed_origins=[], max_http_buffer_size=limit, **options)
+    settings = app.config["IMPETUS_SETTINGS"]
+    limit = settings.max_request_bytes
+    # Engine.IO checks Origin with the guard's policy (guard.py refuses first, in the API's envelope)
+    # and, for an origin it allows, sends the CORS headers a cross-origin polling client needs.
+    # (``[]``, as before, switched Engine.IO's Origin check off: any page could connect.)
+    socketio.init_app(app, async_mode="threading", cors_allowed_origins=OriginPolicy(settings).allows,
+                      cors_credentials=False, max_http_buffer_size=limit, **options)
     bound_websocket_messages(limit)
-    app.wsgi_app = WebSocketCap(app.wsgi_app, app.config["IMPETUS_SETTINGS"].threads // 2)  # type: ignore[method-assign]
     socketio.start_background_task(close_idle_handshakes, socketio.sleep)
     outbox = Outbox() if redis_url else None
     if outbox is not None:
         socketio.start_background_task(outbox.run)
-    app.extensions[KEYS] = load_keys(app.config["IMPETUS_SETTINGS"])
     app.extensions["impetus"].events.subscribe(_forward)
     monitor: Monitor = app.extensions["impetus_monitor"]
     socketio.start_background_task(monitor.run, socketio.sleep)
-
-
-class WebSocketCap:
-    """Each open WebSocket holds one of Gunicorn's threads for its whole life, and the key is asked
-    for only after the upgrade. So at most half the threads (IMPETUS_THREADS // 2) may be WebSockets:
-    past that a new one is refused with 503 before it opens, and connections, authenticated or not,
-    can never take the threads that HTTP requests and probes need. (Raise IMPETUS_THREADS for more.)"""
-
-    def __init__(self, wsgi_app: Any, limit: int) -> None:
-        self.wsgi_app, self.limit = wsgi_app, limit
-        self._lock = threading.Lock()
-        self.open = 0
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        if (environ.get("HTTP_UPGRADE", "").lower() != "websocket"
-                or not environ.get("PATH_INFO", "").startswith("/socket.io")):
-            return self.wsgi_app(environ, start_response)
-        with self._lock:
-            full = self.open >= self.limit
-            if not full:
-                self.open += 1
-        if full:
-            error = APIError(503, f"This server has {self.limit} WebSocket connections open, its most; retry later "
-                             "or on another replica.", code="too_many_connections")
-            body = json.dumps(error.envelope()).encode()
-            start_response("503 Service Unavailable", [("Content-Type", "application/json"), ("Retry-After", "5"),
-                                                       ("Content-Length", str(len(body)))])
-            return [body]
-        try:  # simple-websocket serves the whole connection inside this call
-            return self.wsgi_app(environ, start_response)
-        finally:
-            with self._lock:
-                self.open -= 1
 
 
 CONNECT_GRACE_S = 10.0
@@ -259,8 +236,27 @@ def bound_websocket_messages(limit: int) -> None:
     simple-websocket with no limit, so one frame (before any key is asked for) could fill memory:
     give simple-websocket the limit, and it closes the connection as soon as a message exceeds it."""
     eio = socketio.server.eio
-    websocket = eio._async["websocket"]
-    eio._async = {**eio._async, "websocket": functools.partial(websocket, max_message_size=limit)}
+    eio._async = {**eio._async, "websocket": functools.partial(WakefulWebSocket, max_message_size=limit)}
+
+
+class WakefulWebSocket(SimpleWebSocketWSGI):  # type: ignore[misc]
+    """Engine.IO's threading WebSocket, whose wait for the next message wakes once a second to see
+    whether the connection is gone. simple-websocket 1.1.0, closing a connection whose message is too
+    big, wakes the waiting reader *before* it marks the connection closed; a reader woken in between
+    waits again, forever, holding its Gunicorn thread (measured: half of such connections, so a few
+    dozen oversized messages, sent before any key is asked for, took every Socket.IO thread and made
+    SIGTERM wait out the graceful timeout)."""
+
+    def wait(self) -> Any:
+        while True:
+            try:
+                message = self.ws.receive(timeout=1.0)
+            except simple_websocket.ConnectionClosed:
+                return None
+            if message is not None:
+                return message
+            if not self.ws.connected:
+                return None
 
 
 def replica() -> str:
@@ -317,18 +313,20 @@ def _connect(auth: Any = None) -> None:
     except ValidationError as exc:
         envelope = _invalid(exc)
         raise ConnectionRefusedError(f"invalid_request_error: {envelope['error']['message']}", envelope) from None
-    checker: KeyChecker = current_app.extensions[KEYS]
+    checker: KeyChecker | None = current_app.extensions.get(KEYS)
     if checker:
-        key = given.api_key or presented_key()
-        if key is None or not checker.matches(key):
-            try:  # a failed login spends its address's budget, as over HTTP: no guessing keys here instead
-                spend_budget(None, request.remote_addr)
-            except APIError as exc:
-                raise ConnectionRefusedError(f"rate_limit_exceeded: {exc.message}", exc.envelope()) from None
-            envelope = APIError(401, "This server needs an API key (connect auth: {api_key: KEY}).",
-                                code="invalid_api_key").envelope()
+        # The guard let the handshake in with a valid key (its id is in the session's environ); a key
+        # in ``auth`` as well must be right too, and then names the rate-limit bucket.
+        ident = request.environ.get(KEY_ID)
+        if given.api_key is not None:
+            ident = key_id(given.api_key) if checker.matches(given.api_key) else None
+        if ident is None:
+            logins = current_app.extensions.get(FAILED_LOGINS)
+            if logins is not None:  # a failed login, as over HTTP: no guessing keys here instead
+                logins.fail(request.remote_addr)
+            envelope = APIError(401, "Incorrect API key provided.", code="invalid_api_key").envelope()
             raise ConnectionRefusedError(f"invalid_api_key: {envelope['error']['message']}", envelope)
-        key_ids[_sid()] = key_id(key)
+        key_ids[_sid()] = ident
     for room in given.rooms if given.rooms is not None else DEFAULT_ROOMS:
         join_room(room)
     if "metrics" in _joined():
@@ -339,6 +337,15 @@ def _connect(auth: Any = None) -> None:
 def _disconnect(*_reason: Any) -> None:
     generations.cancel(_sid())  # free the engine slots of whatever this client was generating
     key_ids.pop(_sid(), None)
+
+
+def _over_budget() -> APIError | None:
+    """Spend one request of the caller's IMPETUS_RATE_LIMIT budget for this event: the 429 past it."""
+    try:
+        spend_budget(key_ids.get(_sid()), request.remote_addr)
+    except APIError as exc:
+        return exc
+    return None
 
 
 @socketio.on("subscribe")
@@ -352,6 +359,9 @@ def _unsubscribe(data: Any = None) -> dict[str, Any]:
 
 
 def _change(data: Any, action: Any) -> dict[str, Any]:
+    refused = _over_budget()
+    if refused is not None:
+        return {**refused.envelope(), "rooms": _joined()}
     try:
         wanted = RoomsRequest.model_validate(data)
     except ValidationError as exc:
@@ -363,17 +373,31 @@ def _change(data: Any, action: Any) -> dict[str, Any]:
 
 @socketio.on("hardware")
 def _hardware_request(_data: Any = None) -> dict[str, Any]:
-    """The hardware report, as this event's acknowledgement."""
-    return _hardware()
+    """The hardware report, as this event's acknowledgement (the monitor caches it for a second:
+    a client asking in a loop does not run the probes, nvidia-smi among them, each time)."""
+    refused = _over_budget()
+    return refused.envelope() if refused is not None else _hardware()
 
 
 @socketio.on("cancel")
 def _cancel(data: Any = None) -> dict[str, Any]:
+    refused = _over_budget()
+    if refused is not None:
+        return refused.envelope()
     try:
         wanted = CancelRequest.model_validate(data)
     except ValidationError as exc:
         return _invalid(exc)
     return {"id": wanted.id, "cancelled": generations.cancel(_sid(), wanted.id) > 0}
+
+
+@socketio.on("*")
+def _unknown(event: str, _data: Any = None) -> dict[str, Any]:
+    """An event this server does not know still spends the budget (else a free flood), then says so."""
+    refused = _over_budget()
+    if refused is not None:
+        return refused.envelope()
+    return APIError(400, f"Unknown event '{str(event)[:100]}'.", code="unknown_event").envelope()
 
 
 @socketio.on("generate")
@@ -429,6 +453,8 @@ def _run_generate(sid: str, gen_id: str, data: Any) -> dict[str, Any]:
         return _stream(sid, gen_id, started)
     except EngineGone as exc:
         return _fail(sid, gen_id, APIError(503, str(exc), code="engine_unavailable"))
+    except APIError as exc:  # the deadline or an operator's cancel (api/requests.py), as over HTTP
+        return _fail(sid, gen_id, exc)
     except Exception:
         log.exception("generate failed")
         return _fail(sid, gen_id, SERVER_ERROR)

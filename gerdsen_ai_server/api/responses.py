@@ -17,6 +17,7 @@ from ..schemas.responses import FunctionCallItem, FunctionCallOutputItem, Respon
 from .chat import collect_answer, start_chat
 from .errors import APIError
 from .openai import SSE_HEADERS, bp, cancel_all, parse_body
+from .requests import ClientGone
 from .tools import ToolPlan, answer_parts
 
 
@@ -168,5 +169,9 @@ def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any]) -> Iterator[
             final = r.final(calls, last)
             yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
                         response=final)
+    except ClientGone:
+        return  # nobody to tell
+    except APIError as exc:  # the deadline, or an operator's cancel (api/requests.py)
+        yield event("error", code=exc.code, message=exc.message, param=exc.param)
     finally:
         cancel_all(streams)

@@ -1,12 +1,15 @@
-"""GET /api/config: the settings in force, for the dashboard's Server page. Read-only; behind the API
-key like the rest of /api. Keys and passwords never leave the server: a secret shows only whether it
-is set (and how many keys), a URL loses its password."""
+"""GET /api/config: the settings in force, for the dashboard's Server page. Read-only; with keys set,
+an admin key's only (it names paths and limits). Keys and passwords never leave the server: a secret
+shows only whether it is set (and how many keys); a URL loses its password wherever it is written:
+the userinfo (``redis://user:PASSWORD@h``, or ``https://TOKEN@h`` where the user name is the secret)
+and every query parameter whose name reads like a credential (``redis://h/0?password=x``,
+``?token=``, ``?sig=``). A URL that does not even parse is masked whole."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from flask import Blueprint, Response, current_app, jsonify
 
@@ -23,13 +26,33 @@ def is_secret(name: str) -> bool:
     return any(word in name for word in SECRET_WORDS) or name.endswith("_key")
 
 
+# Query parameters that carry credentials in connection URLs (redis-py's ``password``, cloud SAS
+# ``sig``, ``access_token``, ``api_key``, ...): matched as parts of the name, case-insensitively.
+SECRET_PARAMS = ("pass", "pwd", "secret", "token", "key", "auth", "cred", "sig")
+
+
+def secret_param(name: str) -> bool:
+    return any(word in name.lower() for word in SECRET_PARAMS)
+
+
 def without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:{MASK}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """``url`` with its credentials masked: the userinfo's password (or a bare user name, which then
+    is the secret) and the values of credential-like query parameters."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number
+    except ValueError:
+        return MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        user = parts.username or ""
+        userinfo = f"{user}:{MASK}" if parts.password is not None else MASK
+        netloc = f"{userinfo}@{host}" + (f":{port}" if port is not None else "")
+    query = "&".join(f"{name}={MASK}" if secret_param(unquote_plus(name)) and sep else f"{name}{sep}{value}"
+                     for name, sep, value in (pair.partition("=") for pair in parts.query.split("&")))
+    return urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else ""))
 
 
 def shown(name: str, value: Any) -> Any:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from mlx_lm.tool_parsers.json_tools import parse_tool_call as parse_json_call
 
 from ..engine.stream import TokenEvent
+from ..schemas.limits import MAX_JSON_DEPTH, check_json_value, reject_constant
 from ..schemas.openai import ChatCompletionRequest, FunctionCall, NamedToolChoice, ToolCall
 from .errors import APIError
 
@@ -98,11 +99,15 @@ def template_messages(body: ChatCompletionRequest, plan: ToolPlan, tokenizer: An
 
 
 def _arguments(text: str) -> Any:
+    """A past tool call's arguments, parsed as strictly as a request body (schemas/limits.py): a
+    string of 100,000 nested arrays was a RecursionError, a 500."""
     try:
-        return json.loads(text)
-    except ValueError:
-        raise APIError(400, "A tool call's arguments must be a JSON string.", param="messages",
-                       code="invalid_value") from None
+        value = json.loads(text, parse_constant=reject_constant)
+        check_json_value(value)
+    except (ValueError, RecursionError):
+        raise APIError(400, "A tool call's arguments must be a JSON string (finite numbers, nested at most "
+                       f"{MAX_JSON_DEPTH} levels).", param="messages", code="invalid_value") from None
+    return value
 
 
 def make_call(parsed: dict[str, Any]) -> ToolCall:
@@ -115,7 +120,7 @@ def forced_calls(text: str) -> list[ToolCall]:
     """The constrained output is exactly one JSON call (unless max_tokens cut it)."""
     try:
         return [make_call(json.loads(text))]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # model output: any JSON, or none
         return []
 
 
@@ -159,7 +164,7 @@ class ToolCallSplitter:
     def _parse(self, text: str) -> bool:
         try:
             parsed = self.plan.parser(text, self.plan.tools)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # model output: any JSON, or none
             return False
         items = [i for i in (parsed if isinstance(parsed, list) else [parsed]) if isinstance(i, dict) and "name" in i]
         self.calls += [make_call(item) for item in items]

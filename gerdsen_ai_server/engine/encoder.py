@@ -27,7 +27,7 @@ ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "nomic-bert")
 OTHER_ENCODER_TYPES = ("distilbert", "mpnet", "modernbert", "deberta", "deberta-v2", "electra")
 POOLING_MODES = ("mean", "cls", "lasttoken")
 _ACTIVATIONS = {"gelu": nn.gelu, "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx, "relu": nn.relu}
-_BATCH = 32  # inputs per forward pass; padded to the longest in the batch
+BATCH = 32  # inputs per forward pass at most; padded to the longest in the batch
 
 
 def model_type(path: Path) -> str | None:
@@ -198,16 +198,20 @@ class EncoderModel(nn.Module):
         # Similar lengths batch together, so little of each forward pass is padding.
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
         vectors: list[list[float]] = [[] for _ in inputs]
-        for start in range(0, len(order), _BATCH):
-            chunk = order[start:start + _BATCH]
-            width = max(len(inputs[i]) for i in chunk)
-            pad = self.config.pad_token_id
-            ids = mx.array([inputs[i] + [pad] * (width - len(inputs[i])) for i in chunk])
-            lengths = mx.array([len(inputs[i]) for i in chunk])
-            pooled = self.pool(self.hidden_states(ids, lengths), lengths)
-            for i, row in zip(chunk, pooled.tolist(), strict=True):
+        for start in range(0, len(order), BATCH):
+            chunk = order[start:start + BATCH]
+            for i, row in zip(chunk, self.embed_batch([inputs[i] for i in chunk]), strict=True):
                 vectors[i] = row
         return vectors
+
+    def embed_batch(self, inputs: list[list[int]]) -> list[list[float]]:
+        """One forward pass over ``inputs``, right-padded to the longest: the unit of work the
+        engine schedules between decode steps (engine/embeddings.py's EmbeddingJob)."""
+        width = max(len(ids) for ids in inputs)
+        pad = self.config.pad_token_id
+        ids = mx.array([tokens + [pad] * (width - len(tokens)) for tokens in inputs])
+        lengths = mx.array([len(tokens) for tokens in inputs])
+        return self.pool(self.hidden_states(ids, lengths), lengths).tolist()  # type: ignore[no-any-return]
 
 
 class BertModel(EncoderModel):

@@ -17,3 +17,8 @@ class UnsupportedModelFormat(ModelLoadError):
 
 class ModelNotFound(ModelLoadError):
     """No model exists at the given id or path."""
+
+
+class ModelRefused(ModelNotFound):
+    """A request's model spec that names nothing it may load (engine/loaders.py ``confine``): one
+    uniform message, echoing the spec as sent and nothing of the host."""

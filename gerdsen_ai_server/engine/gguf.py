@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -337,6 +338,40 @@ def is_converted(out_dir: Path) -> bool:
     return all((out_dir / f).is_file() for f in MODEL_FILES)
 
 
+# Written into every staging folder before anything else, so a leftover of a killed conversion is
+# known to be ours; it travels with the folder when it is renamed into place, marking it as ours.
+STAGING_MARKER = ".impetus-conversion"
+CONVERTED_DIR = Path(".impetus") / "converted"  # under the models dir: every converted user GGUF
+_SAFE_STEM = re.compile(r"[^a-z0-9._-]+")
+
+
+def converted_name(gguf_path: Path) -> str:
+    """The folder name a GGUF converts into: its stem made safe, plus a hash of the file's identity.
+
+    The stem is only a hint for people looking at the disk: a name like ``..gguf`` (stem ``.``)
+    or one equal to an existing model folder must never address anything but a fresh folder of
+    our own. The hash (resolved path, size, modification time) keeps two GGUFs with one stem
+    apart and gives a changed file a new conversion rather than a stale one.
+    """
+    gguf_path = Path(gguf_path)
+    stat = gguf_path.stat()
+    identity = f"{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    stem = _SAFE_STEM.sub("-", gguf_path.stem.lower()).strip(".-_")[:64] or "model"
+    return f"{stem}-{digest}"
+
+
+def converted_dir(gguf_path: Path, models_dir: Path) -> Path:
+    """Where ``gguf_path`` converts to: ``models_dir/.impetus/converted/<stem>-<hash>``, checked to
+    stay inside ``models_dir`` once symlinks are resolved (ModelLoadError otherwise)."""
+    out_dir = Path(models_dir) / CONVERTED_DIR / converted_name(gguf_path)
+    root = Path(models_dir).resolve()
+    if not out_dir.resolve().is_relative_to(root) or out_dir.resolve() == root:
+        raise ModelLoadError("the converted-models folder (.impetus/converted) leaves the models dir; "
+                             "remove the symlink that sends it elsewhere")
+    return out_dir
+
+
 @contextlib.contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """Inter-process lock (flock): two server processes starting together convert only once."""
@@ -354,10 +389,15 @@ def convert_gguf_to_mlx(gguf_path: Path, out_dir: Path) -> Path:
     Writes into a temporary sibling folder and renames it into place, so a crash
     never leaves a half-written model behind; a lock file next to ``out_dir``
     makes concurrent processes wait for one conversion instead of racing.
+    Nothing but that staging folder (and leftovers of our own killed conversions) is ever
+    removed: an ``out_dir`` that exists but is not a finished conversion is reported, not replaced.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if out_dir.name in ("", ".", "..") or out_dir.resolve() == Path(out_dir.resolve().anchor):
+        raise ModelLoadError(f"refusing to convert into {out_dir}: not a folder name of its own")
     if is_converted(out_dir):
         return out_dir
+    _refuse_foreign(out_dir)  # before the lock file too: nothing is written beside a folder we may not touch
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
     header = read_gguf_header(gguf_path)
@@ -372,14 +412,29 @@ def convert_gguf_to_mlx(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _ours(folder: Path) -> bool:
+    """A real folder (not a symlink) that one of our conversions made: it holds our marker."""
+    return folder.is_dir() and not folder.is_symlink() and (folder / STAGING_MARKER).is_file()
+
+
+def _refuse_foreign(out_dir: Path) -> None:
+    """ModelLoadError if ``out_dir`` exists (a folder, file or link) and no conversion of ours made it."""
+    if os.path.lexists(out_dir) and not _ours(out_dir):
+        raise ModelLoadError(f"{out_dir} exists but is not a complete converted model, and Impetus did not "
+                             "make it; move it away (or remove it) and load again")
+
+
 def _convert_locked(gguf_path: Path, header: GGUFHeader, out_dir: Path) -> None:
     import mlx.core as mx
 
-    # Under the lock, staging folders of our name belong to killed conversions.
+    # Under the lock, staging folders of our name that carry our marker belong to killed conversions.
     for leftover in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        if _ours(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+    _refuse_foreign(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        (staging / STAGING_MARKER).write_text(json.dumps({"source": gguf_path.name}))
         weights = _convert_weights(_load_tensors(gguf_path, staging), header.metadata)
         config = _build_config(header.metadata, weights)
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -393,7 +448,7 @@ def _convert_locked(gguf_path: Path, header: GGUFHeader, out_dir: Path) -> None:
     except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
         raise ModelLoadError(f"cannot convert {gguf_path}: {type(exc).__name__}: {exc}") from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it was renamed into place
 
 
 def _fsync_files(folder: Path) -> None:
@@ -403,9 +458,11 @@ def _fsync_files(folder: Path) -> None:
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists() and not is_converted(out_dir):
-        # A leftover incomplete folder (not ours: we only ever rename whole ones): set it aside.
-        stale = out_dir.with_name(f".{out_dir.name}.stale-{os.getpid()}")
+    """Rename ``staging`` to ``out_dir``. An incomplete ``out_dir`` of our own (its files since
+    deleted by hand) is renamed to a name in our staging namespace, then removed; anything else
+    there was refused before the conversion started (_convert_locked)."""
+    if _ours(out_dir):
+        stale = out_dir.with_name(f".{out_dir.name}.stale-{os.getpid()}.tmp")
         os.replace(out_dir, stale)
         shutil.rmtree(stale, ignore_errors=True)
-    os.replace(staging, out_dir)
+    os.rename(staging, out_dir)  # never over a non-empty folder: that raises instead

@@ -2,7 +2,7 @@
 
 Formats: MLX / Hugging Face safetensors folders load directly (BERT-family embedding
 models as encoders, see encoder.py); GGUF files are
-converted once into ``models_dir``; CoreML, ONNX and PyTorch checkpoints are
+converted once into ``models_dir/.impetus/converted``; CoreML, ONNX and PyTorch checkpoints are
 refused with a how-to-convert hint. Everything that touches MLX runs on the
 caller's engine thread; the only other thread is a helper that loads a tokenizer (no MLX).
 """
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,8 @@ from typing import Any
 from ..default_model import DEFAULT_MODEL_ID, default_gguf_path, ensure_default_model
 from .backends import llamacpp
 from .encoder import is_encoder, load_encoder
-from .errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
-from .gguf import convert_gguf_to_mlx
+from .errors import ModelLoadError, ModelNotFound, ModelRefused, UnsupportedModelFormat
+from .gguf import convert_gguf_to_mlx, converted_dir
 
 log = logging.getLogger(__name__)
 
@@ -96,41 +98,55 @@ class LoaderFactory:
                 raise _foreign(path, kind)
         raise ModelNotFound(f"{path} holds no model files (config.json + *.safetensors, or a .gguf)")
 
-    def resolve(self, spec: str, models_dir: Path) -> Path:
-        """Turn a model id, folder name under ``models_dir`` or path into an MLX folder path."""
+    def resolve(self, spec: str, models_dir: Path, *, trusted: bool = False,
+                allowed: Sequence[Path] = ()) -> Path:
+        """Turn a model spec into the MLX folder (or, for llama.cpp, the GGUF file) to load.
+
+        Untrusted (the default: every spec a request sends) resolves only to an entry of
+        ``models_dir`` or a path under ``allowed`` (IMPETUS_MODEL_PATHS), see ``confine``;
+        ``trusted`` (the operator's --model / IMPETUS_DEFAULT_MODEL, the CLI) may name any path.
+        """
         models_dir = Path(models_dir)
         if spec.strip().lower() == DEFAULT_MODEL_ID:
             if llamacpp.serves_gguf(is_default_model=True):  # IMPETUS_BACKEND=llamacpp
                 return default_gguf_path()
             return ensure_default_model(models_dir)
-        path = self._locate(spec, models_dir)
+        path = self._locate(spec, models_dir) if trusted else confine(spec, models_dir, allowed)
         if self.detect(path) == "mlx":
             return path
         gguf = path if path.is_file() else next(p for p in path.iterdir() if p.name.lower().endswith(".gguf"))
+        if not trusted and not _inside_any(gguf, [models_dir, *allowed]):
+            log.warning("refused model %r: %s links outside the models dir and IMPETUS_MODEL_PATHS", spec, gguf)
+            raise model_not_found(spec)
         if llamacpp.serves_gguf(is_default_model=False):
             return gguf  # runs as is on llama.cpp (engine/backends/llamacpp.py)
-        # Converted once; later starts find the cached folder.
-        return convert_gguf_to_mlx(gguf, models_dir / gguf.stem.lower())
+        # Converted once, into a folder of our own whose name the GGUF's name cannot steer
+        # (models_dir/.impetus/converted/<stem>-<hash>); later loads find it there.
+        return convert_gguf_to_mlx(gguf, converted_dir(gguf, models_dir))
 
     @staticmethod
     def _locate(spec: str, models_dir: Path) -> Path:
+        """The operator's spec: a path anywhere (``~`` expanded), else a name in ``models_dir``."""
         # Pulled models live in ``org--name`` folders, as the Hugging Face cache names them.
-        candidates = [Path(spec).expanduser(), models_dir / spec, models_dir / spec.lower(),
-                      models_dir / spec.replace("/", "--")]
-        for candidate in candidates:
-            if candidate.exists():
+        try:
+            as_path = Path(spec).expanduser()
+        except RuntimeError:  # ~user with no such user
+            as_path = Path(spec)
+        for candidate in (as_path, models_dir / spec, models_dir / spec.lower(), models_dir / spec.replace("/", "--")):
+            if os.path.lexists(candidate):
                 return candidate
         raise ModelNotFound(
             f"model {spec!r} not found: not the default id {DEFAULT_MODEL_ID!r}, "
             f"not an existing path, and no folder {models_dir / spec}")
 
-    def load(self, spec: str, models_dir: Path, compute_dtype: str | None = None) -> LoadedModel:
-        """Resolve ``spec`` and load it with mlx-lm, optionally converting its weights' dtype.
+    def load(self, spec: str, models_dir: Path, compute_dtype: str | None = None, *, trusted: bool = False,
+             allowed: Sequence[Path] = ()) -> LoadedModel:
+        """Resolve ``spec`` (see ``resolve``) and load it with mlx-lm, optionally converting its weights' dtype.
 
         ``compute_dtype="float32"`` dequantizes quantized layers: on CPU with a
         fast BLAS, float32 matmuls beat MLX's 4-bit kernels for small models.
         """
-        steps = self.load_steps(spec, models_dir, compute_dtype)
+        steps = self.load_steps(spec, models_dir, compute_dtype, trusted=trusted, allowed=allowed)
         while True:
             try:
                 next(steps)
@@ -138,10 +154,20 @@ class LoaderFactory:
                 return done.value  # type: ignore[no-any-return]
 
     def load_steps(self, spec: str, models_dir: Path, compute_dtype: str | None = None,
-                   chunk_bytes: int = LOAD_CHUNK_BYTES) -> Generator[None, None, LoadedModel]:
-        """``load`` in steps: a generator that does a bounded piece of the work (about ``chunk_bytes``
-        of weights read or converted) per ``next()`` and returns the ``LoadedModel``.
+                   chunk_bytes: int = LOAD_CHUNK_BYTES, *, trusted: bool = False,
+                   allowed: Sequence[Path] = ()) -> Generator[None, None, LoadedModel]:
+        """``load`` in steps: ``resolve`` now, then ``load_path_steps`` of what it resolved to."""
+        if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}, not {compute_dtype!r}")
+        path = self.resolve(spec, models_dir, trusted=trusted, allowed=allowed)
+        return self.load_path_steps(path, models_dir, compute_dtype, chunk_bytes)
 
+    def load_path_steps(self, path: Path, models_dir: Path, compute_dtype: str | None = None,
+                        chunk_bytes: int = LOAD_CHUNK_BYTES) -> Generator[None, None, LoadedModel]:
+        """Load what ``resolve`` returned, in steps: a generator that does a bounded piece of the work
+        (about ``chunk_bytes`` of weights read or converted) per ``next()`` and returns the ``LoadedModel``.
+
+        Takes a resolved path, never a spec, so nothing a request sent is looked up again here.
         The engine thread interleaves these steps with decoding steps of the models already
         resident, so a load pauses them for one piece at a time, not for the whole load. The
         weights are mapped lazily (mlx-lm's ``lazy=True``) and evaluated piece by piece; the
@@ -149,7 +175,10 @@ class LoaderFactory:
         """
         if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}, not {compute_dtype!r}")
-        path = self.resolve(spec, models_dir)
+        return self._load_path_steps(Path(path), Path(models_dir), compute_dtype, chunk_bytes)
+
+    def _load_path_steps(self, path: Path, models_dir: Path, compute_dtype: str | None,
+                         chunk_bytes: int) -> Generator[None, None, LoadedModel]:
         if path.suffix.lower() == ".gguf":  # resolved to a GGUF: the llama.cpp backend
             return llamacpp.load(path, path.name, models_dir / ".impetus" / "llamacpp-tokenizers")
         if is_encoder(path):
@@ -165,6 +194,135 @@ class LoaderFactory:
             context_length=context_length(path),
             nbytes=parameter_nbytes(model),
         )
+
+
+# ---- untrusted specs: what a request's ``model`` may name -------------------------------------
+
+MAX_SPEC_CHARS = 256  # longer than any file name a models dir can hold (255 bytes)
+_NAME_CHARS = re.compile(r"[^\x00-\x1f\x7f\\]+")  # no control characters, no NUL, no backslash
+
+
+def model_not_found(spec: str) -> ModelRefused:
+    """The one refusal of a spec a request may not load: the same words whether nothing is there,
+    the path is outside the models dir, or a symlink leaves it (no existence oracle), naming no
+    host path (the spec is echoed as sent, never expanded)."""
+    shown = spec if len(spec) <= 80 else spec[:77] + "..."
+    return ModelRefused(f"The model '{shown}' does not exist or you do not have access to it: a request may "
+                         "name a model in the models dir, or a path the operator listed in IMPETUS_MODEL_PATHS.")
+
+
+def model_paths(setting: str) -> tuple[Path, ...]:
+    """IMPETUS_MODEL_PATHS (comma-separated files or folders, ``~`` expanded) as absolute paths."""
+    paths = []
+    for item in setting.split(","):
+        item = item.strip()
+        if item:
+            paths.append(Path(os.path.abspath(Path(item).expanduser())))
+    return tuple(paths)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, symlinks resolved, is ``root`` or under it (``root`` resolved too)."""
+    try:
+        return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+    except (OSError, ValueError):
+        return False
+
+
+def _inside_any(path: Path, roots: Sequence[Path]) -> bool:
+    return any(_inside(path, root) for root in roots)
+
+
+def plain_name(name: str) -> bool:
+    """A model id as the models dir lists it: ``name`` or ``org/name``, no hidden or dot segment,
+    no absolute path, no ``~``, no backslash, control character or NUL."""
+    if not name or len(name) > MAX_SPEC_CHARS or not _NAME_CHARS.fullmatch(name) or name.startswith("~"):
+        return False
+    parts = name.split("/")
+    return len(parts) <= 2 and all(part and not part.startswith(".") for part in parts)
+
+
+MAX_FOLDER_ENTRIES = 10_000  # a model folder holds tens of files; a request may not make us walk a disk
+
+
+def _links_outside(folder: Path, roots: Sequence[Path]) -> Path | None:
+    """A symlink inside a model folder (symlinks resolved) whose target leaves ``roots``, else None;
+    the folder itself when it holds more than MAX_FOLDER_ENTRIES entries (not a model folder)."""
+    folder = Path(os.path.realpath(folder))
+    if not folder.is_dir():
+        return None
+    for count, child in enumerate(folder.rglob("*")):  # never descends into symlinked folders: each is checked
+        if count >= MAX_FOLDER_ENTRIES:
+            return folder
+        if child.is_symlink() and not _inside_any(child, roots):
+            return child
+    return None
+
+
+def confine(spec: str, models_dir: Path, allowed: Sequence[Path] = ()) -> Path:
+    """The entry of ``models_dir`` (or path under ``allowed``) an untrusted ``spec`` names, or
+    ``model_not_found``.
+
+    A request's ``model`` is a name, as GET /api/models lists them: ``name`` or ``org/name``
+    (a pulled ``org--name`` folder) directly in the models dir; its target, symlinks resolved,
+    must stay in the models dir (or an ``allowed`` path), and so must any symlink in a model
+    folder. An absolute path is accepted only when it lies under an ``allowed`` entry, which
+    only the operator can set (IMPETUS_MODEL_PATHS). ``~``, ``..``, hidden names, backslashes,
+    control characters and NUL never resolve. The refusal is the same in every case, so it
+    tells nothing about what exists on the host; the log says why, for the operator.
+    """
+    models_dir = Path(models_dir)
+    roots = [models_dir, *allowed]
+    name = spec  # as sent: "tiny\n" is not "tiny"
+    found: Path | None = None
+    if plain_name(name):
+        for candidate in (models_dir / name.replace("/", "--"), models_dir / name.lower().replace("/", "--")):
+            if os.path.lexists(candidate):
+                found = candidate
+                break
+    elif allowed and name.startswith("/") and len(name) <= 4096 and _NAME_CHARS.fullmatch(name) \
+            and ".." not in name.split("/"):
+        path = Path(name)
+        if os.path.lexists(path) and any(path.is_relative_to(root) for root in allowed):
+            found = path
+    if found is None:
+        raise model_not_found(spec)
+    if not _inside_any(found, roots) or os.path.realpath(found) == os.path.realpath(models_dir):
+        log.warning("refused model %r: %s resolves outside the models dir and IMPETUS_MODEL_PATHS", spec, found)
+        raise model_not_found(spec)
+    if (link := _links_outside(found, roots)) is not None:
+        log.warning("refused model %r: %s links outside the models dir and IMPETUS_MODEL_PATHS "
+                    "(list its target there to allow it)", spec, link)
+        raise model_not_found(spec)
+    return found
+
+
+def redact_paths(text: str, models_dir: Path, allowed: Sequence[Path] = ()) -> str:
+    """``text`` with the host's paths replaced by names that tell a client nothing about the host:
+    the models dir becomes ``<models_dir>``, each IMPETUS_MODEL_PATHS entry's folder ``<model_paths>``,
+    the default model package's folder ``<default model package>``, the home folder ``~``.
+
+    Applied to every load error that leaves the engine (HTTP answers, Socket.IO events); the log
+    keeps the full text for the operator.
+    """
+    roots: list[tuple[str, str]] = []
+
+    def add(path: Path | str, label: str) -> None:
+        for form in {os.path.abspath(path), os.path.realpath(path)}:  # never a relative one: "models"
+            if form.rstrip("/"):
+                roots.append((form.rstrip("/"), label))
+
+    add(models_dir, "<models_dir>")
+    for entry in allowed:  # the entry's own name stays: it is what the request named
+        add(entry.parent, "<model_paths>")
+    try:
+        add(default_gguf_path().parent, "<default model package>")
+    except ModelLoadError:
+        pass
+    add(Path.home(), "~")
+    for form, label in sorted(roots, key=lambda r: len(r[0]), reverse=True):
+        text = re.sub(re.escape(form) + r"(?![\w.-])", label, text)  # "/m" is not the start of "/mnt"
+    return text
 
 
 def _load_error(path: Path, exc: Exception) -> ModelLoadError:

@@ -15,7 +15,7 @@ import logging
 import math
 import struct
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,8 @@ import mlx.core as mx
 
 from ..events import EventBus
 from .encoder import NoGeneration
-from .errors import ModelLoadError
-from .loaders import LoadedModel, LoaderFactory
+from .errors import ModelLoadError, ModelNotFound, ModelRefused
+from .loaders import LoadedModel, LoaderFactory, redact_paths
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U3
 
 class ModelBusy(ModelLoadError):
     """The model is generating and cannot be unloaded now."""
+
+
+class ModelPinned(ModelLoadError):
+    """The model is the server's default, pinned so the server stays ready: never unloaded on request."""
 
 
 class OverBudget(ModelLoadError):
@@ -103,6 +107,7 @@ class PendingLoad:
     steps: Generator[None, None, LoadedModel]
     waiters: list[Any] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    allowed: tuple[Path, ...] = ()  # IMPETUS_MODEL_PATHS of the request: its folders are redacted from errors
 
 
 class ModelRegistry:
@@ -140,41 +145,75 @@ class ModelRegistry:
         return sum(p.need for p in self.loading.values())
 
     def canonical_id(self, spec: str) -> str:
-        """A filesystem path is known by its folder name; an id (``org/name`` included) by itself."""
-        path = Path(spec).expanduser()
-        return path.name if path.is_absolute() or spec.startswith(".") else spec
+        """A filesystem path is known by its folder name; an id (``org/name`` included) by itself.
 
-    def begin_load(self, spec: str, *, keep_alive: float | None = None, pinned: bool = False) -> Resident | PendingLoad:
+        Pure string work (no ``~`` expansion, no file system): it only names, never finds.
+        """
+        path = Path(spec)
+        return path.name if path.is_absolute() or spec.startswith((".", "~")) else spec
+
+    def begin_load(self, spec: str, *, keep_alive: float | None = None, pinned: bool = False,
+                   trusted: bool = False, allowed: Sequence[Path] = ()) -> Resident | PendingLoad:
         """The resident model, or its load in progress (started now if none is): finish it with ``advance``.
 
+        ``spec`` is untrusted unless ``trusted`` (the operator's own: the default model, the CLI): an
+        untrusted spec is the id of a resident model, or resolves inside the models dir or under
+        ``allowed`` (IMPETUS_MODEL_PATHS), else one uniform ModelNotFound (``loaders.confine``).
         Room is made (and the estimate reserved) before loading starts, so two loads at once
         cannot both count on the same free memory; a second load of a model joins the first.
         """
+        if not trusted:  # a model already in memory is named by its id: no path is looked at
+            known = self.residents.get(spec) or self.loading.get(spec)
+            if known is not None:
+                return self._join(known, keep_alive, pinned)
+        try:
+            path = self.loader.resolve(spec, self.models_dir, trusted=trusted, allowed=allowed)
+        except Exception as exc:
+            raise self._public(exc, spec, allowed) from None
         model_id = self.canonical_id(spec)
-        resident = self.residents.get(model_id)
-        if resident is not None:
-            self.touch(resident, keep_alive)
-            resident.pinned = resident.pinned or pinned
-            return resident
-        pending = self.loading.get(model_id)
-        if pending is not None:
-            pending.pinned = pending.pinned or pinned
-            if keep_alive is not None:
-                pending.keep_alive = keep_alive
-            return pending
+        known = self.residents.get(model_id) or self.loading.get(model_id)
+        if known is not None:
+            return self._join(known, keep_alive, pinned)
         keep = self.keep_alive if keep_alive is None else keep_alive
-        path = self.loader.resolve(spec, self.models_dir)
-        need = estimate_bytes(path, self.compute_dtype)
-        self._make_room(need, model_id)
+        try:
+            need = estimate_bytes(path, self.compute_dtype)
+            self._make_room(need, model_id)
+        except Exception as exc:
+            raise self._public(exc, spec, allowed) from None
         self._events.publish("model_event", event="loading", model=model_id, bytes=need)
-        steps = self.loader.load_steps(str(path), self.models_dir, compute_dtype=self.compute_dtype)
-        pending = PendingLoad(model_id, need, keep, pinned, steps)
+        steps = self.loader.load_path_steps(path, self.models_dir, compute_dtype=self.compute_dtype)
+        pending = PendingLoad(model_id, need, keep, pinned, steps, allowed=tuple(allowed))
         self.loading[model_id] = pending
         return pending
 
+    def _join(self, known: Resident | PendingLoad, keep_alive: float | None, pinned: bool) -> Resident | PendingLoad:
+        """A load of a model that is resident or loading already: touch it, or join its load."""
+        if isinstance(known, Resident):
+            self.touch(known, keep_alive)
+            known.pinned = known.pinned or pinned
+            return known
+        known.pinned = known.pinned or pinned
+        if keep_alive is not None:
+            known.keep_alive = keep_alive
+        return known
+
+    def _public(self, exc: Exception, spec: str, allowed: Sequence[Path]) -> ModelLoadError:
+        """``exc`` as the ModelLoadError a client may see: host paths redacted (``loaders.redact_paths``).
+        The log keeps the whole message, for the operator."""
+        if isinstance(exc, ModelRefused):  # already says nothing but the spec as the client sent it
+            log.info("refused model %r", spec)
+            return exc
+        if not isinstance(exc, ModelLoadError):
+            log.exception("loading %s failed", spec)
+            exc = ModelLoadError(f"Could not load '{spec}': {type(exc).__name__}: {exc}")
+        else:  # a missing model is routine (info); one that fails to load is worth a warning
+            log.log(logging.INFO if isinstance(exc, ModelNotFound) else logging.WARNING, "loading %r failed: %s",
+                    spec, exc)
+        return type(exc)(redact_paths(str(exc), self.models_dir, allowed))
+
     def advance(self, pending: PendingLoad) -> Resident | None:
         """One step of a load: the new resident once it is done, else None. A failure raises
-        ModelLoadError (anything else is wrapped in one) and abandons the load."""
+        ModelLoadError (anything else is wrapped in one; host paths redacted) and abandons the load."""
         try:
             next(pending.steps)
             return None
@@ -182,11 +221,9 @@ class ModelRegistry:
             loaded: LoadedModel = done.value
         except Exception as exc:
             del self.loading[pending.model_id]
-            if not isinstance(exc, ModelLoadError):
-                log.exception("loading %s failed", pending.model_id)
-                exc = ModelLoadError(f"Could not load '{pending.model_id}': {exc}")
-            self._events.publish("model_event", event="failed", model=pending.model_id, error=str(exc))
-            raise exc from None
+            public = self._public(exc, pending.model_id, pending.allowed)
+            self._events.publish("model_event", event="failed", model=pending.model_id, error=str(public))
+            raise public from None
         del self.loading[pending.model_id]
         model_id = loaded.model_id = pending.model_id
         generator = NoGeneration() if loaded.kind == "embedding" else self._make_generator(loaded)
@@ -214,6 +251,9 @@ class ModelRegistry:
         resident = self.residents.get(model_id)
         if resident is None:
             return
+        if resident.pinned:
+            raise ModelPinned(f"The model '{model_id}' is the server's default model (IMPETUS_DEFAULT_MODEL), pinned "
+                              "so that the server stays ready: it cannot be unloaded while the server runs.")
         if resident.busy:
             raise ModelBusy(f"The model '{model_id}' is generating ({len(resident.sequences)} requests); "
                             "unload it when they finish.")

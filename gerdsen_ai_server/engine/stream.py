@@ -74,14 +74,26 @@ class EngineGone(RuntimeError):
     """The engine thread stopped while a request was waiting on it."""
 
 
+# How often a reader waiting on its stream runs its ``watch`` (client still there? deadline?): often
+# enough that an abandoned request's sequences leave the batch within about a second.
+WATCH_INTERVAL_S = 0.25
+
+
 class TokenStream:
-    """The reading end of one request. Iterate it for events; ``cancel()`` frees its slot."""
+    """The reading end of one request. Iterate it for events; ``cancel()`` frees its slot.
+
+    ``watch``, when set by the caller, runs in the reading thread at least every WATCH_INTERVAL_S
+    while it iterates, busy or idle, and may raise to end the reading (the client went away, the
+    request's deadline passed, an operator cancelled it): the stream is cancelled first, so the
+    engine drops its sequence at its next step. The engine itself never calls it.
+    """
 
     def __init__(self, request: GenerationRequest, engine_alive: Callable[[], bool]) -> None:
         self.request = request
         self._events: queue.Queue[TokenEvent] = queue.Queue()
         self._cancelled = threading.Event()
         self._engine_alive = engine_alive
+        self.watch: Callable[[], None] | None = None
         self.created = time.monotonic()
         self.first_token_at: float | None = None
         self.finished = False
@@ -107,11 +119,29 @@ class TokenStream:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def _check(self) -> None:
+        """Run ``watch``; whatever it raises cancels this stream and ends the reading."""
+        if self.watch is None:
+            return
+        try:
+            self.watch()
+        except BaseException:
+            self.cancel()
+            self.finished = True
+            raise
+
     def __iter__(self) -> Iterator[TokenEvent]:
+        interval = WATCH_INTERVAL_S if self.watch is not None else 1.0
+        checked = time.monotonic()
         while not self.finished:
+            if time.monotonic() - checked >= interval:  # also while events keep coming
+                self._check()
+                checked = time.monotonic()
             try:
-                event = self._events.get(timeout=1.0)
+                event = self._events.get(timeout=interval)
             except queue.Empty:
+                self._check()
+                checked = time.monotonic()
                 if self.cancelled:  # the engine drops a cancelled request without a last event
                     self.finished = True
                     return

@@ -11,7 +11,7 @@ from .hardware import ThermalState
 
 class ResidentModel(BaseModel):
     id: str
-    path: str
+    path: str | None = Field(description="Where it was loaded from; null for a caller without a key when keys are set.")
     context_length: int
     bytes: int = Field(description="Bytes of weights in memory.")
 
@@ -21,7 +21,7 @@ class HealthReport(BaseModel):
     ready: bool
     reason: str = Field(description="Why the server is not ready, or 'ready'.")
     version: str
-    pid: int
+    pid: int | None = Field(description="The worker's process id; null for a caller without a key when keys are set.")
     uptime_s: float
     engine_alive: bool
     requests_in_flight: int

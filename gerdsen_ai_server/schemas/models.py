@@ -6,13 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .openai import REQUEST_CONFIG
+
 # ---- pulls, deletion and discovery (api/pulls.py) ---------------------------------------------
 
 PullStatusName = Literal["queued", "downloading", "done", "failed", "cancelled"]
 
 
 class PullRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG  # strict types, as every JSON body (schemas/openai.py)
 
     model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$",
                        description="Hugging Face repo id, 'org/name'.", examples=["mlx-community/Qwen2.5-0.5B-Instruct-4bit"])

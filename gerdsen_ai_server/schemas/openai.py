@@ -2,21 +2,33 @@
 
 Only protocol here; turning a request into engine calls lives in ``api/openai.py``.
 Unknown fields are refused (``extra="forbid"``) so a typo or an unsupported option is a 400
-naming it, never silently ignored.
+naming it, never silently ignored. Types are strict where OpenAI's are (``"stream": "yes"`` or
+``"n": 1.5`` is a 400, as there, not coerced) and numbers finite (no NaN or Infinity); an integer
+is still a valid float, as the SDKs send ``temperature=1``.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
 MAX_MESSAGES = 2048  # OpenAI's own cap on a chat request's messages
+MAX_EMBEDDING_INPUTS = 256  # inputs per /v1/embeddings request, counted before any is tokenized
+# A token id: ASCII digits only ("²".isdigit() is true, and int() of 5,000 digits raises), and
+# few enough that int() is cheap; the vocabulary check happens once the model is known.
+TOKEN_ID = re.compile(r"[0-9]{1,9}")
+
+# Every request model: unknown fields refused, pydantic's strict mode (no "yes" for a bool, no 1.5
+# or "3" for an int, no 1 for a string; an int is still a float), and no NaN or Infinity.
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
 
 class TextPart(_Request):
@@ -36,11 +48,30 @@ class ToolCall(_Request):
 
 
 class ChatMessage(_Request):
+    """A chat message. As OpenAI requires: ``content`` on every message but an assistant's that
+    carries ``tool_calls``, and ``tool_call_id`` on a tool result."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
     tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
+    name: str | None = None
+    tool_call_id: str | None = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, value: str | list[TextPart] | None, info: ValidationInfo) -> str | list[TextPart] | None:
+        role = info.data.get("role")
+        if value is None and role is not None and not (role == "assistant" and info.data.get("tool_calls")):
+            needs = "content or tool_calls" if role == "assistant" else "content"
+            raise PydanticCustomError("missing", "a {role} message needs {needs}", {"role": role, "needs": needs})
+        return value
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_call_id_required(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("role") == "tool":
+            raise PydanticCustomError("missing", "a tool message needs the tool_call_id it answers")
+        return value
 
     def text(self) -> str:
         if self.content is None:
@@ -134,8 +165,8 @@ class _Generation(_Request):
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids (decimal digits), got {key[:20]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {bias}")
         return value

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from .openai import ChatCompletionRequest
+from .limits import check_json_value
+from .openai import REQUEST_CONFIG, ChatCompletionRequest
 
 Room = Literal["metrics", "requests", "models"]
 ROOMS: tuple[Room, ...] = ("metrics", "requests", "models")
@@ -29,7 +30,7 @@ def _rooms_shorthand(data: Any) -> Any:
 class ConnectAuth(BaseModel):
     """The connect ``auth`` payload."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     api_key: str | None = Field(None, description="One of the server's API keys (when it has any).")
     rooms: list[Room] | None = Field(None, max_length=len(ROOMS), description="Rooms to join; default metrics, models.")
@@ -40,7 +41,7 @@ class ConnectAuth(BaseModel):
 class RoomsRequest(BaseModel):
     """``subscribe`` / ``unsubscribe``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     rooms: list[Room] = Field(max_length=len(ROOMS))
 
@@ -48,15 +49,25 @@ class RoomsRequest(BaseModel):
 
 
 class GenerateRequest(ChatCompletionRequest):
-    """``generate``: a chat completion request, streamed back to this client as ``token`` events."""
+    """``generate``: a chat completion request, streamed back to this client as ``token`` events.
+
+    Its payload was parsed by python-socketio, not ``parse_body``: the same nesting and finite-number
+    limits are applied here, before the fields are (the ``Any`` parts, tool parameters and JSON
+    schemas, are not typed finely enough for the schema to see a NaN in them)."""
 
     id: str | None = Field(None, pattern=GENERATION_ID,
                            description="The client's name for this generation, echoed in its events; default: one made up.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_limits(cls, data: Any) -> Any:
+        check_json_value(data)  # a ValueError: pydantic reports it as this payload's validation error
+        return data
 
 
 class CancelRequest(BaseModel):
     """``cancel``: stop one of this client's generations."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     id: str = Field(pattern=GENERATION_ID)

@@ -1,14 +1,19 @@
-"""Wire formats of /api/models: resident and local models, load and unload, warm-up and benchmarks."""
+"""Wire formats of /api/models: resident and local models, load and unload, warm-up and benchmarks.
+
+Request bodies share the OpenAI schemas' config: strict types and finite numbers (a ``keep_alive``
+of NaN once made /api/models invalid JSON and kept the model loaded forever)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from .openai import REQUEST_CONFIG
 
 
 class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     model: str = Field(min_length=1, description="Model id, folder name under the models dir, or a path.")
     keep_alive: float | None = Field(
@@ -29,7 +34,7 @@ class WarmupResult(BaseModel):
 
 
 class UnloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     model: str = Field(min_length=1)
 
@@ -65,7 +70,7 @@ class ModelsOverview(BaseModel):
 
 
 class BenchmarkRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     prompt_tokens: int = Field(128, ge=1, le=8192, description="Length of the synthetic prompt.")
     max_tokens: int = Field(64, ge=2, le=4096, description="Tokens to generate (end-of-sequence is suppressed).")

@@ -6,11 +6,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .openai import MAX_MESSAGES
+from .openai import MAX_MESSAGES, REQUEST_CONFIG
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG  # strict types, finite numbers, unknown fields refused (schemas/openai.py)
 
 
 class ContentPart(_Request):

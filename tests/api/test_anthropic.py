@@ -91,9 +91,9 @@ def test_errors_use_anthropic_shape(claude: anthropic.Anthropic, server: Server)
 def test_x_api_key_auth(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import start_server, stop_server
 
-    srv = start_server(tmp_path, IMPETUS_API_KEYS="sk-impetus-test")
+    srv = start_server(tmp_path, IMPETUS_API_KEYS="sk-impetus-test-0123456789")
     try:
-        good = anthropic.Anthropic(base_url=srv.url, api_key="sk-impetus-test", max_retries=0, timeout=120)
+        good = anthropic.Anthropic(base_url=srv.url, api_key="sk-impetus-test-0123456789", max_retries=0, timeout=120)
         reply = good.messages.create(model=DEFAULT_MODEL, max_tokens=3, extra_body=GREEDY, messages=CAPITAL)
         assert reply.usage.output_tokens == 3
         bad = anthropic.Anthropic(base_url=srv.url, api_key="sk-wrong", max_retries=0, timeout=120)

@@ -29,7 +29,8 @@ from tests.conftest import DEFAULT_MODEL, ROOT, Recorder, Server, free_port, sta
 
 REDIS_SERVER = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
 RATE_LIMIT = 6  # requests per hour per key, across the cluster
-EVENTS_KEY, LIMIT_KEY, PROXY_KEY = "events-key", "limit-key", "proxy-key"  # separate rate-limit buckets
+EVENTS_KEY, LIMIT_KEY, PROXY_KEY = "events-key-0123456789", "limit-key-0123456789", "proxy-key-0123456789"  # separate rate-limit buckets
+SOCKET_KEY = "socket-key-0123456789"  # the Socket.IO clients': each handshake spends a request of its budget
 
 pytestmark = pytest.mark.skipif(
     REDIS_SERVER is None,
@@ -72,7 +73,7 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     redis_process, url = start_redis(tmp)
-    env = {"IMPETUS_REDIS_URL": url, "IMPETUS_API_KEYS": f"{EVENTS_KEY},{LIMIT_KEY},{PROXY_KEY}",
+    env = {"IMPETUS_REDIS_URL": url, "IMPETUS_API_KEYS": f"{EVENTS_KEY},{LIMIT_KEY},{PROXY_KEY},{SOCKET_KEY}",
            "IMPETUS_RATE_LIMIT": f"{RATE_LIMIT}/hour", "IMPETUS_METRICS_INTERVAL": "0.2"}
     servers: list[Server] = []
     try:
@@ -101,8 +102,8 @@ def connect() -> Iterator[Callable[[Server], Recorder]]:
         client = socketio.Client(reconnection=False)
         for name in ("metrics", "request_event"):
             client.on(name, recorder.record(name))
-        client.connect(server.url, transports=["websocket"], wait_timeout=30,
-                       auth={"api_key": EVENTS_KEY, "rooms": ["metrics", "requests"]})
+        client.connect(server.url, transports=["websocket"], wait_timeout=30,  # the key in the handshake
+                       headers={"Authorization": f"Bearer {SOCKET_KEY}"}, auth={"rooms": ["metrics", "requests"]})
         clients.append(client)
         return recorder
 
@@ -239,7 +240,7 @@ def test_through_nginx(cluster: Cluster, nginx: str) -> None:
 
     client = socketio.Client(reconnection=False)
     client.on("request_event", received.append)
-    client.connect(nginx, transports=["polling"], wait_timeout=30, auth={"api_key": PROXY_KEY, "rooms": ["requests"]})
+    client.connect(nginx, transports=["polling"], wait_timeout=30, headers=headers, auth={"rooms": ["requests"]})
     try:
         arrivals = []
         with requests.post(f"{nginx}/v1/chat/completions", json=body, headers=headers, stream=True,

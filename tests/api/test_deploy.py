@@ -1,7 +1,9 @@
 """deploy/ checked against the server it deploys (Docker and Kubernetes are not available here): every
 manifest parses; every IMPETUS_* variable they set is a real setting with a valid value; ports, probes
 and the HPA's metric are the ones the real server answers on; shutdown grace periods cover the drain;
-the Dockerfile's pins match the project's."""
+the Dockerfile's pins match the project's; and each example is safe as shipped (issue 23, item 9):
+published on loopback or inside the cluster only, keys from the environment or a Secret and long
+enough to start, admin keys separate, the names clients use allowed, limits in front."""
 
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import requests
 import yaml
 
 from gerdsen_ai_server.config import Settings
-from gerdsen_ai_server.security import PROBE_PATHS
+from gerdsen_ai_server.guard import HostAllowList
+from gerdsen_ai_server.security import MIN_KEY_LENGTH, PROBE_PATHS
 from tests.conftest import ROOT, Server
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
+DOCS = ROOT / "docs" / "deployment.md"
 SETTINGS = {f"IMPETUS_{name.upper()}" for name in Settings.model_fields}
 
 
@@ -149,3 +153,112 @@ def test_probes_and_metric_answer_on_the_real_server(server: Server) -> None:
     assert re.search(rf"^{metric} \d", exposition, re.M), f"{metric} not in /metrics"
     annotations = k8s("Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/path"] == "/metrics" and annotations["prometheus.io/port"] == "8080"
+
+
+# ---- safe by default (issue 23, item 9) -------------------------------------------------------
+
+def all_k8s() -> list[dict[str, Any]]:
+    return [d for path in sorted(K8S.glob("*.yaml")) for d in documents(path)]
+
+
+def test_compose_publishes_only_nginx_and_only_on_loopback() -> None:
+    services = compose()["services"]
+    for name, service in services.items():
+        if name != "nginx":
+            assert "ports" not in service, f"{name} publishes a port: only nginx, the proxy, may"
+    ports = services["nginx"]["ports"]
+    assert ports and all(str(p).startswith("127.0.0.1:") for p in ports), ports  # not every interface
+    env = services["impetus"]["environment"]
+    assert ":?" in env["IMPETUS_API_KEYS"]  # Compose refuses to start without keys
+    for name in ("IMPETUS_ADMIN_KEYS", "IMPETUS_ALLOWED_HOSTS", "IMPETUS_RATE_LIMIT"):
+        assert env[name].startswith(f"${{{name}:"), name  # passed through from the operator's environment
+    rate = env["IMPETUS_RATE_LIMIT"].removeprefix("${IMPETUS_RATE_LIMIT:-").removesuffix("}")
+    assert Settings(rate_limit=rate).rate_limit  # a limit by default, and a valid one
+
+
+def test_kubernetes_stays_inside_the_cluster_behind_the_ingress() -> None:
+    for doc in all_k8s():
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", doc["metadata"]["name"]
+            assert not any("nodePort" in port for port in doc["spec"]["ports"])
+        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
+            pod = doc["spec"]["template"]["spec"]
+            assert not pod.get("hostNetwork") and not any(
+                "hostPort" in p for c in pod["containers"] for p in c.get("ports", [])), doc["metadata"]["name"]
+    assert k8s("Service")["spec"]["type"] == "ClusterIP"
+    ingress = k8s("Ingress")
+    hosts = [rule["host"] for rule in ingress["spec"]["rules"]]
+    assert hosts and set(hosts) <= {h for tls in ingress["spec"]["tls"] for h in tls["hosts"]}  # TLS for each
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/force-ssl-redirect"] == "true"
+    assert int(annotations["nginx.ingress.kubernetes.io/limit-rps"]) > 0
+    # Only the replicas may reach Redis (no password), where the cluster enforces NetworkPolicy.
+    policy = k8s("NetworkPolicy", "impetus-redis")["spec"]
+    assert policy["podSelector"]["matchLabels"] == k8s("Deployment", "impetus-redis")["spec"]["selector"]["matchLabels"]
+    assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": k8s("Deployment")["spec"]["selector"]["matchLabels"]}}],
+                                  "ports": [{"protocol": "TCP", "port": 6379}]}]
+    assert "networkpolicy.yaml" in documents(K8S / "kustomization.yaml")[0]["resources"]
+
+
+def test_kubernetes_keys_come_from_a_secret_and_hosts_are_allowed() -> None:
+    env = {e["name"]: e for e in container()["env"]}
+    for name in ("IMPETUS_API_KEYS", "IMPETUS_ADMIN_KEYS"):
+        assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"] == "impetus-api-keys"
+    assert env["IMPETUS_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"] != env["IMPETUS_ADMIN_KEYS"]["valueFrom"]["secretKeyRef"]["key"]
+    settings = settings_from(k8s_env())
+    assert settings.rate_limit
+    allowed = HostAllowList(settings)
+    for rule in k8s("Ingress")["spec"]["rules"]:
+        assert allowed.allows(rule["host"]), rule["host"]  # the ingress's host is answered, not 421
+    for name in ("impetus:8080", "impetus.default.svc.cluster.local:8080", "10.1.2.3:8080"):  # in-cluster, probes
+        assert allowed.allows(name), name
+    assert not allowed.allows("rebound.attacker.example")
+
+
+def test_the_image_bakes_in_no_key_and_says_how_to_publish_it() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert not {k for k in dockerfile_env() if "KEY" in k}  # keys at run time, never in the image's layers
+    run = re.search(r"docker run (.+?)impetus$", text.replace("\\\n#", ""), re.M | re.S)
+    assert run and "-p 127.0.0.1:8080:8080" in run.group(1), "the documented run publishes on loopback only"
+    assert "IMPETUS_API_KEYS" in text and "IMPETUS_ADMIN_KEYS" in text and "docs/deployment.md" in text
+
+
+def test_nginx_forwards_the_host_with_its_port_and_limits_clients() -> None:
+    conf = (DEPLOY / "nginx.conf").read_text()
+    # The server's Host allow-list and Origin checks need the port the browser used ($host drops it).
+    assert "proxy_set_header Host $http_host;" in conf and "proxy_set_header X-Forwarded-Host $http_host;" in conf
+    assert "$host;" not in conf
+    # nginx inherits proxy_set_header into a location only if it sets none itself: all at server level.
+    for location in re.findall(r"location [^{]+\{[^}]*\}", conf):
+        assert "proxy_set_header" not in location, location
+    assert re.search(r"limit_req_zone \$binary_remote_addr zone=(\w+):", conf) and "limit_req zone=" in conf
+    assert "limit_conn_zone $binary_remote_addr" in conf and "limit_req_status 429;" in conf
+    assert "error_page 429 @too_many_requests;" in conf and "server_tokens off;" in conf
+    header = re.search(r"client_header_timeout (\d+)s;", conf)
+    body = re.search(r"client_body_timeout (\d+)s;", conf)
+    settings = Settings()
+    assert header and int(header.group(1)) <= settings.header_timeout  # slow clients stop at the proxy first
+    assert body and int(body.group(1)) <= settings.read_timeout
+
+
+def test_example_commands_use_keys_that_start_and_publish_on_loopback() -> None:
+    texts = {path: path.read_text() for path in [*DEPLOY.rglob("*"), DOCS] if path.is_file()}
+    for path, text in texts.items():
+        for key in re.findall(r"IMPETUS_(?:API|ADMIN)_KEYS=([^\s\\]+)", text):
+            if key.startswith(('"$(', "$(", "${", "...")):
+                continue  # generated or passed through
+            for one in key.strip("'\"").split(","):
+                assert len(one) >= MIN_KEY_LENGTH, f"{path.name}: example key {one!r} is refused at start"
+        for line in re.findall(r"^[#\s]*docker run\b.*$", text, re.M):  # the commands, not the warnings
+            for published in re.findall(r"-p\s+(\S+)", line):
+                assert published.startswith("127.0.0.1:"), f"{path.name}: {line.strip()}"
+
+
+def test_the_docs_say_what_must_front_a_public_bind() -> None:
+    text = DOCS.read_text()
+    section = text.split("## Before a public bind", 1)[1].split("\n## ", 1)[0]
+    for needed in ("TLS-terminating proxy", "IMPETUS_API_KEYS", "IMPETUS_ADMIN_KEYS", "IMPETUS_ALLOWED_HOSTS",
+                   "IMPETUS_RATE_LIMIT", "IMPETUS_TRUSTED_PROXIES", "127.0.0.1:8080", "ClusterIP"):
+        assert needed in section, needed
+    for name in re.findall(r"IMPETUS_[A-Z_]+", section):
+        assert name in SETTINGS, f"{name} in docs/deployment.md is not a setting"

@@ -23,7 +23,9 @@ STORY = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Write
 
 @pytest.fixture(scope="module")
 def small_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("faults"), IMPETUS_MAX_BATCH="4", IMPETUS_MAX_QUEUE="4")
+    tmp = tmp_path_factory.mktemp("faults")
+    # The operator's allow-list (IMPETUS_MODEL_PATHS) lets a request name the broken model outside the models dir.
+    srv = start_server(tmp, IMPETUS_MAX_BATCH="4", IMPETUS_MAX_QUEUE="4", IMPETUS_MODEL_PATHS=str(tmp / "outside"))
     yield srv
     stop_server(srv)
 
@@ -121,10 +123,10 @@ def test_burst_of_four_times_the_queue(small_queue: Server) -> None:
     wait_idle(srv)
 
 
-def test_corrupt_model_during_traffic(small_queue: Server, tmp_path: Path) -> None:
+def test_corrupt_model_during_traffic(small_queue: Server) -> None:
     srv = small_queue
-    broken = tmp_path / "broken-model"
-    broken.mkdir()
+    broken = small_queue.log_path.parent / "outside" / "broken-model"
+    broken.mkdir(parents=True)
     (broken / "config.json").write_text('{"model_type": "llama"}')
     (broken / "model.safetensors").write_bytes(b"\xff" * 64)
     results: list[int] = []

@@ -198,7 +198,9 @@ def test_auto_mode_runs_user_gguf_on_llama_cpp_and_keeps_the_default_on_mlx(tmp_
     user = tmp_path / "models"
     user.mkdir()
     (user / "mine.gguf").symlink_to(f32_gguf())
-    srv = start_server(tmp_path, IMPETUS_BACKEND="auto", IMPETUS_LLAMACPP_THREADS="1")
+    # A request may name a file outside the models dir only when the operator lists it (issue 23).
+    srv = start_server(tmp_path, IMPETUS_BACKEND="auto", IMPETUS_LLAMACPP_THREADS="1",
+                       IMPETUS_MODEL_PATHS=str(user / "mine.gguf"))
     try:
         r = requests.post(srv.url + "/api/models/load", json={"model": str(user / "mine.gguf")}, timeout=300)
         assert r.status_code == 200, r.text

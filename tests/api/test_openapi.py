@@ -26,7 +26,7 @@ EXAMPLES = 10  # per operation and mode: about 300 requests in all
 # schema-valid data gets a 2xx. The rest stay: no 5xx; status codes, content types, headers and
 # bodies as documented; schema-invalid data refused.
 EXCLUDED_CHECKS = [checks.positive_data_acceptance]
-KEY = "sk-impetus-fuzz"
+KEY = "sk-impetus-fuzz-0123456789"  # an admin key: management is fuzzed too
 NO_SHRINKING = [Phase.explicit, Phase.generate]  # report the first failure as found: shrinking over HTTP takes minutes
 
 
@@ -35,7 +35,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """With a key, so the generated requests also prove that a wrong or missing key gets a 401;
     with a tiny default budget, so a request that reaches the model is over quickly."""
     # HF_HUB_OFFLINE: a generated discover query must not reach for the real hub (no network in tests).
-    srv = start_server(tmp_path_factory.mktemp("openapi"), IMPETUS_API_KEYS=KEY, IMPETUS_MAX_TOKENS_DEFAULT="4",
+    srv = start_server(tmp_path_factory.mktemp("openapi"), IMPETUS_ADMIN_KEYS=KEY, IMPETUS_MAX_TOKENS_DEFAULT="4",
                        HF_HUB_OFFLINE="1")
     yield srv
     stop_server(srv)

@@ -120,35 +120,51 @@ def test_reconnect_resumes_the_stream(connect: Callable[..., tuple[socketio.Clie
     assert client.connected and client.sid != first_sid
 
 
+SOCKET_KEY = "socket-key-0123456789"
+AUTHORIZED = {"Authorization": f"Bearer {SOCKET_KEY}"}
+
+
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # No model: connecting needs none, and the server is up in seconds.
-    srv = start_server(tmp_path_factory.mktemp("keyed"), wait_ready=False, IMPETUS_API_KEYS="socket-key",
+    srv = start_server(tmp_path_factory.mktemp("keyed"), wait_ready=False, IMPETUS_API_KEYS=SOCKET_KEY,
                        IMPETUS_DEFAULT_MODEL="", IMPETUS_METRICS_INTERVAL="0.1")
     yield srv
     stop_server(srv)
 
 
 def test_api_key_required_on_connect(keyed_server: Server) -> None:
-    def attempt(**kwargs: Any) -> tuple[socketio.Client, list[Any]]:
+    """The key is asked for in the Engine.IO handshake, before a session exists (guard.py): a header,
+    or the query parameter api_key (a browser's WebSocket). A key in connect's auth alone comes too
+    late; one there as well must be right. Over polling the refusal's envelope reaches the client."""
+    def attempt(transport: str = "websocket", **kwargs: Any) -> tuple[socketio.Client, list[Any]]:
         errors: list[Any] = []
         client = socketio.Client(reconnection=False)
         client.on("connect_error", errors.append)
         try:
-            client.connect(keyed_server.url, transports=["websocket"], wait_timeout=30, **kwargs)
+            client.connect(keyed_server.url, transports=[transport], wait_timeout=30, **kwargs)
         except socketio.exceptions.ConnectionError:
             pass
         return client, errors
 
-    for kwargs in ({}, {"auth": {"api_key": "wrong"}}, {"headers": {"Authorization": "Bearer wrong"}}):
-        client, errors = attempt(**kwargs)
+    for kwargs in ({}, {"auth": {"api_key": SOCKET_KEY}}, {"headers": {"Authorization": "Bearer wrong"}}):
+        client, errors = attempt("polling", **kwargs)
         assert not client.connected and errors and "invalid_api_key" in str(errors[0]), (kwargs, errors)
-    for auth in ({"api_key": "socket-key", "rooms": ["nope"]}, {"api_key": 5}, {"api_key": "socket-key", "x": 1}):
-        client, errors = attempt(auth=auth)  # a malformed connect payload is refused, saying why
+        client, errors = attempt(**kwargs)  # a refused WebSocket handshake shows no body
+        assert not client.connected and errors, (kwargs, errors)
+    client, errors = attempt(headers=AUTHORIZED, auth={"api_key": "wrong"})
+    assert not client.connected and errors and "invalid_api_key" in str(errors[0]), errors
+    for auth in ({"api_key": SOCKET_KEY, "rooms": ["nope"]}, {"api_key": 5}, {"api_key": SOCKET_KEY, "x": 1}):
+        client, errors = attempt(auth=auth, headers=AUTHORIZED)  # a malformed connect payload is refused, saying why
         assert not client.connected and errors and "invalid_request_error" in str(errors[0]), (auth, errors)
-    for kwargs in ({"auth": {"api_key": "socket-key", "rooms": ["metrics"]}},
-                   {"headers": {"Authorization": "Bearer socket-key"}}):
-        client, errors = attempt(**kwargs)
+    for kwargs in ({"auth": {"api_key": SOCKET_KEY, "rooms": ["metrics"]}, "headers": AUTHORIZED},
+                   {"headers": AUTHORIZED}, {"url_key": True}):
+        if kwargs.pop("url_key", False):  # the query parameter, as the dashboard sends it
+            client = socketio.Client(reconnection=False)
+            client.connect(f"{keyed_server.url}?api_key={SOCKET_KEY}", transports=["websocket"], wait_timeout=30)
+            errors = []
+        else:
+            client, errors = attempt(**kwargs)
         try:
             assert client.connected and not errors, (kwargs, errors)
             received: list[Any] = []

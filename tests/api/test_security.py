@@ -16,7 +16,7 @@ from tests.conftest import DEFAULT_MODEL, Server, start_server, stop_server
 
 ENV_KEY = "sk-impetus-env-0123456789"
 FILE_KEY = "sk-impetus-file-abcdef"
-RATE_KEY = "sk-impetus-rate"  # only the rate-limit test spends this key's budget
+RATE_KEY = "sk-impetus-rate-0123456789"  # only the rate-limit test spends this key's budget
 ORIGIN = "https://app.example"
 AUTH = {"Authorization": f"Bearer {FILE_KEY}"}
 CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2}
@@ -89,7 +89,8 @@ def test_security_headers_on_every_response(secured: Server) -> None:
         requests.get(secured.url + "/health/live", timeout=10),
         requests.get(f"{secured.base_url}/models", timeout=10),  # 401
         requests.get(f"{secured.base_url}/nope", headers=AUTH, timeout=10),  # 404
-        requests.post(f"{secured.base_url}/chat/completions", data=b"{", headers=AUTH, timeout=10),  # 400
+        requests.post(f"{secured.base_url}/chat/completions", data=b"{", timeout=10,
+                      headers={**AUTH, "Content-Type": "application/json"}),  # 400
     ]
     assert [r.status_code for r in responses] == [200, 401, 404, 400]
     for r in responses:
@@ -221,8 +222,8 @@ def test_socketio_generate_spends_the_same_rate_limit_budget(behind_proxy: Serve
     import socketio
 
     address = "203.0.113.77"
-    assert [r.status_code for r in spend(behind_proxy, address, 2)] == [200, 200]
-    client = socketio.Client(reconnection=False)
+    assert [r.status_code for r in spend(behind_proxy, address, 1)] == [200]
+    client = socketio.Client(reconnection=False)  # the Engine.IO handshake spends one too (guard.py)
     client.connect(behind_proxy.url, transports=["websocket"], headers={"X-Forwarded-For": address}, wait_timeout=30)
     try:
         chat = {"model": "absent", "messages": [{"role": "user", "content": "hi"}]}
@@ -261,18 +262,20 @@ def test_failed_socketio_logins_spend_the_address_budget(tmp_path_factory: pytes
                        IMPETUS_API_KEYS=ENV_KEY, IMPETUS_RATE_LIMIT="3/minute")
     try:
         refusals = []
-        for guess in ("sk-a", "sk-b", "sk-c", "sk-d"):
+        for guess in ("sk-a", "sk-b", "sk-c", "sk-d"):  # the key is asked for in the handshake (guard.py)
             client = socketio.Client(reconnection=False)
             client.on("connect_error", refusals.append)
-            with pytest.raises(socketio.exceptions.ConnectionError):
-                client.connect(srv.url, transports=["websocket"], auth={"api_key": guess}, wait_timeout=30)
-        codes = [r["data"]["error"]["code"] for r in refusals]  # the message, and OpenAI's envelope as data
+            with pytest.raises(socketio.exceptions.ConnectionError):  # over polling the envelope comes through
+                client.connect(srv.url, transports=["polling"], headers={"Authorization": f"Bearer {guess}"},
+                               wait_timeout=30)
+        codes = [r["error"]["code"] for r in refusals]
         assert codes == ["invalid_api_key"] * 3 + ["rate_limit_exceeded"], refusals
-        assert refusals[-1]["message"].startswith("rate_limit_exceeded: Rate limit reached for this client address")
+        assert refusals[-1]["error"]["message"].startswith("Rate limit reached for this client address")
         r = requests.get(f"{srv.base_url}/models", timeout=10)  # the same bucket as HTTP without a key
         assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
         good = socketio.Client(reconnection=False)  # a right key is never refused for the address's failures
-        good.connect(srv.url, transports=["websocket"], auth={"api_key": ENV_KEY, "rooms": []}, wait_timeout=30)
+        good.connect(srv.url, transports=["websocket"], headers={"Authorization": f"Bearer {ENV_KEY}"},
+                     auth={"rooms": []}, wait_timeout=30)
         assert good.connected
         good.disconnect()
     finally:

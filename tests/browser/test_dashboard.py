@@ -169,7 +169,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     build_tiny_llama(models / "tiny-dash", default)
     # No default model: the server starts at once and has only the tiny one to load.
     srv = start_server(tmp, wait_ready=False, IMPETUS_MODELS_DIR=str(models), IMPETUS_DEFAULT_MODEL="",
-                       IMPETUS_API_KEYS=KEY)
+                       IMPETUS_ADMIN_KEYS=KEY)  # an admin key: the page loads and unloads models
     yield srv
     stop_server(srv)
     shutil.rmtree(models, ignore_errors=True)

@@ -121,7 +121,7 @@ def test_an_unloaded_model_takes_its_prompt_caches_along(engine: InferenceEngine
 
     wait_idle(engine)
     before = engine.stats().prompt_cache_bytes
-    engine.load_model(str(first)).result(timeout=60)
+    engine.load_model(str(first), trusted=True).result(timeout=60)
     try:
         answer()
         wait_idle(engine)
@@ -129,7 +129,7 @@ def test_an_unloaded_model_takes_its_prompt_caches_along(engine: InferenceEngine
         engine.unload_model("swap").result(timeout=30)
         assert engine.stats().prompt_cache_bytes == before  # its caches' memory is freed with it
 
-        engine.load_model(str(second)).result(timeout=60)
+        engine.load_model(str(second), trusted=True).result(timeout=60)
         hits = engine.stats().prompt_cache_hits_total
         warm = answer()
         assert engine.stats().prompt_cache_hits_total == hits  # not the first model's KV cache

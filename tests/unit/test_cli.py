@@ -129,7 +129,12 @@ def test_gunicorn_conf_is_one_gthread_worker(monkeypatch: pytest.MonkeyPatch) ->
     try:
         conf = importlib.reload(conf)
         assert conf.workers == 1
-        assert conf.worker_class == "gthread"
+        assert conf.worker_class == "gerdsen_ai_server.http_worker.ImpetusWorker"  # gthread, heads read first
+        from gunicorn.workers.gthread import ThreadWorker
+
+        from gerdsen_ai_server.http_worker import ImpetusWorker
+
+        assert issubclass(ImpetusWorker, ThreadWorker)
         assert conf.threads == 32
         assert conf.bind == ["127.0.0.1:8123"]
         assert not getattr(conf, "preload_app", False)

@@ -53,19 +53,19 @@ def test_tokenizer_adds_special_tokens_and_never_truncates(tmp_path: Path) -> No
 def test_loader_detects_and_describes_an_embedding_model(tmp_path: Path) -> None:
     folder = build_tiny_bert(tmp_path / "emb", pooling="cls", normalize=True, max_seq_length=16, matryoshka=True)
     assert is_encoder(folder) and LoaderFactory().detect(folder) == "mlx"
-    loaded = LoaderFactory().load(str(folder), tmp_path, compute_dtype="float32")
+    loaded = LoaderFactory().load(str(folder), tmp_path, compute_dtype="float32", trusted=True)
     assert loaded.kind == "embedding" and isinstance(loaded.model, EncoderModel)
     assert loaded.context_length == 16  # sentence-transformers' max_seq_length beats the 64 positions
     assert loaded.model.pooling.mode == "cls" and loaded.model.pooling.normalize and loaded.model.matryoshka
     assert loaded.nbytes > 0
     roberta = LoaderFactory().load(str(build_tiny_bert(tmp_path / "r", model_type="xlm-roberta", pooling=None)),
-                                   tmp_path)
+                                   tmp_path, trusted=True)
     assert roberta.context_length == 64 - 2  # positions start after the padding index
     assert roberta.model.pooling.mode == "mean" and not roberta.model.matryoshka
     nomic = build_tiny_bert(tmp_path / "n", model_type="nomic_bert", pooling="mean")
     config = json.loads((nomic / "config.json").read_text())
     (nomic / "config.json").write_text(json.dumps({**config, "matryoshka_dimensions": [8, 16, 32]}))
-    loaded = LoaderFactory().load(str(nomic), tmp_path)
+    loaded = LoaderFactory().load(str(nomic), tmp_path, trusted=True)
     assert loaded.kind == "embedding" and loaded.model.matryoshka and loaded.model.dimensions == 32
     assert loaded.context_length == 64  # its trained length (max_trained_positions), not n_positions (128)
 
@@ -109,7 +109,8 @@ def test_a_sentence_transformers_repo_pulled_from_the_hub_loads_with_its_pooling
     finally:
         stub.stop()
     assert not (folder / "onnx").exists()
-    loaded = LoaderFactory().load(str(folder), tmp_path / "models", compute_dtype="float32")
+    loaded = LoaderFactory().load(str(folder), tmp_path / "models", compute_dtype="float32",
+                                  trusted=True)
     assert loaded.kind == "embedding" and loaded.context_length == 20
     assert loaded.model.pooling.mode == "cls" and not loaded.model.pooling.normalize and loaded.model.matryoshka
     ids = loaded.tokenizer.encode("the cat sat")

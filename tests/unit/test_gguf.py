@@ -148,14 +148,17 @@ def test_missing_default_package_raises_model_not_found(monkeypatch: pytest.Monk
         default_model.default_gguf_path()
 
 
-def test_incomplete_output_folder_is_replaced(tmp_path: Path, default_gguf: Path, converted_default: Path) -> None:
+def test_incomplete_output_folder_not_ours_is_left_alone(tmp_path: Path, default_gguf: Path,
+                                                         converted_default: Path) -> None:
     out = tmp_path / "model"
     out.mkdir()
     (out / "config.json").write_text("{}")  # a crash of some older tool, not ours
     shutil.copy(converted_default / "tokenizer.json", out)
-    assert convert_gguf_to_mlx(default_gguf, out) == out
-    assert gguf.is_converted(out)
-    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    # Issue 23: a conversion never deletes what it did not create; it says what is in the way.
+    with pytest.raises(ModelLoadError, match="Impetus did not make it"):
+        convert_gguf_to_mlx(default_gguf, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "tokenizer.json"]
+    assert (out / "config.json").read_text() == "{}"
 
 
 def test_two_processes_convert_once(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ def test_detects_mlx_and_gguf(tmp_path: Path, converted_default: Path, default_g
 def test_resolve_default_id_name_and_path(models_dir: Path, converted_default: Path) -> None:
     assert factory.resolve(DEFAULT_MODEL_ID, models_dir) == converted_default
     assert factory.resolve(DEFAULT_MODEL_ID.upper(), models_dir) == converted_default
-    assert factory.resolve(str(converted_default), Path("/nonexistent")) == converted_default
+    assert factory.resolve(str(converted_default), Path("/nonexistent"), trusted=True) == converted_default
 
 
 def test_resolve_gguf_converts_once_into_models_dir(tmp_path: Path, default_gguf: Path,
@@ -85,13 +85,16 @@ def test_resolve_gguf_converts_once_into_models_dir(tmp_path: Path, default_gguf
     gguf = tmp_path / "My-Model.Q4_1.gguf"
     gguf.symlink_to(default_gguf)
     models = tmp_path / "models"
-    first = factory.resolve(str(gguf), models)
-    assert first == models / "my-model.q4_1"
+    first = factory.resolve(str(gguf), models, trusted=True)  # the operator's path (IMPETUS_DEFAULT_MODEL)
+    # Into a folder of its own, named after the file and its identity (issue 23: never over a user's folder).
+    assert first.parent == models / ".impetus" / "converted" and first.name.startswith("my-model.q4_1-")
     assert factory.detect(first) == "mlx"
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    assert factory.resolve(str(gguf), models) == first  # cached, not converted again
+    assert factory.resolve(str(gguf), models, trusted=True) == first  # cached, not converted again
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
-    assert factory.resolve("my-model.q4_1", models) == first  # by name under models_dir
+    (models / "mine.gguf").symlink_to(gguf)  # a request names entries of models_dir, but this one links out of it
+    with pytest.raises(ModelNotFound):
+        factory.resolve("mine.gguf", models)
 
 
 def test_load_default_model(models_dir: Path, converted_default: Path) -> None:
@@ -123,7 +126,7 @@ def test_broken_mlx_folder_raises_model_load_error_with_path(tmp_path: Path) -> 
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (folder / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ModelLoadError, match=str(folder)):
-        factory.load(str(folder), tmp_path)
+        factory.load(str(folder), tmp_path, trusted=True)
 
 
 def test_context_length_falls_back_to_2048(tmp_path: Path) -> None:

@@ -30,14 +30,18 @@ def make_app(**settings: Any) -> Flask:
     return app
 
 
+ONE, TWO = "sk-one-0123456789abcdef", "sk-two-0123456789abcdef"  # keys need 16 characters or more
+ENV, FILE_A, FILE_B = "sk-env-0123456789abcdef", "sk-file-a-0123456789abcdef", "sk-file-b-0123456789abcdef"
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
 def test_key_checker_matches_only_whole_keys() -> None:
-    checker = KeyChecker(["sk-one", "sk-two"])
-    assert checker.matches("sk-one") and checker.matches("sk-two")
-    for wrong in ("sk-on", "sk-one ", "SK-ONE", "", "sk-one\x00", "sk-twoo", "\udcff"):
+    checker = KeyChecker([ONE, TWO])
+    assert checker.matches(ONE) and checker.matches(TWO)
+    for wrong in (ONE[:-1], ONE + " ", ONE.upper(), "", ONE + "\x00", TWO + "f", "\udcff"):
         assert not checker.matches(wrong)
     assert not KeyChecker([])
 
@@ -52,14 +56,14 @@ def test_no_keys_means_open() -> None:
     [
         ({}, "You didn't provide an API key"),
         (bearer("wrong"), "Incorrect API key provided."),
-        (bearer("sk-on"), "Incorrect API key provided."),  # a prefix of a real key
+        (bearer(ONE[:-1]), "Incorrect API key provided."),  # a prefix of a real key
         ({"Authorization": "Basic c2stb25lOg=="}, "You didn't provide an API key"),
         ({"Authorization": "Bearer"}, "You didn't provide an API key"),
-        ({"Authorization": "sk-one"}, "You didn't provide an API key"),  # no scheme
+        ({"Authorization": ONE}, "You didn't provide an API key"),  # no scheme
     ],
 )
 def test_missing_or_wrong_key_is_401_in_the_envelope(headers: dict[str, str], message: str) -> None:
-    client = make_app(api_keys="sk-one, sk-two").test_client()
+    client = make_app(api_keys=f"{ONE}, {TWO}").test_client()
     r = client.get("/v1/models", headers=headers)
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"] == "Bearer"
@@ -71,9 +75,9 @@ def test_missing_or_wrong_key_is_401_in_the_envelope(headers: dict[str, str], me
 
 def test_every_configured_key_and_both_headers_work(tmp_path: Path) -> None:
     key_file = tmp_path / "keys"
-    key_file.write_text("# team keys\nsk-file-a\n\n  sk-file-b  \n")
-    client = make_app(api_keys="sk-env", api_key_file=key_file).test_client()
-    for key in ("sk-env", "sk-file-a", "sk-file-b"):
+    key_file.write_text(f"# team keys\n{FILE_A}\n\n  {FILE_B}  \n")
+    client = make_app(api_keys=ENV, api_key_file=key_file).test_client()
+    for key in (ENV, FILE_A, FILE_B):
         assert client.get("/v1/models", headers=bearer(key)).status_code == 200
         assert client.post("/v1/models", headers={"x-api-key": key}).status_code == 200  # Anthropic's SDK
         assert client.get("/v1/models", headers={"Authorization": f"bearer  {key} "}).status_code == 200
@@ -81,24 +85,24 @@ def test_every_configured_key_and_both_headers_work(tmp_path: Path) -> None:
 
 
 def test_probes_open_and_health_configurable() -> None:
-    open_app = make_app(api_keys="sk-one").test_client()
+    open_app = make_app(api_keys=ONE).test_client()
     for path in ("/health/live", "/health/ready", "/health", "/metrics", "/openapi.json"):
         assert open_app.get(path).status_code == 200, path
     assert open_app.get("/health", headers=bearer("wrong")).status_code == 200
     assert open_app.options("/v1/models").status_code == 200  # CORS preflight: no credentials
 
-    protected = make_app(api_keys="sk-one", protect_health=True).test_client()
+    protected = make_app(api_keys=ONE, protect_health=True).test_client()
     for path in ("/health/live", "/health/ready"):
         assert protected.get(path).status_code == 200
     for path in ("/health", "/metrics"):
         assert protected.get(path).status_code == 401
-        assert protected.get(path, headers=bearer("sk-one")).status_code == 200
+        assert protected.get(path, headers=bearer(ONE)).status_code == 200
 
 
 def test_unknown_route_needs_the_key_before_it_is_a_404() -> None:
-    client = make_app(api_keys="sk-one").test_client()
+    client = make_app(api_keys=ONE).test_client()
     assert client.get("/nope").status_code == 401
-    assert client.get("/nope", headers=bearer("sk-one")).status_code == 404
+    assert client.get("/nope", headers=bearer(ONE)).status_code == 404
 
 
 def test_a_key_file_that_cannot_be_read_or_is_empty_stops_the_start(tmp_path: Path) -> None:
@@ -112,7 +116,7 @@ def test_a_key_file_that_cannot_be_read_or_is_empty_stops_the_start(tmp_path: Pa
 def test_public_bind_without_a_key_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="gerdsen_ai_server.security"):
         make_app(host="127.0.0.1")
-        make_app(host="0.0.0.0", api_keys="sk-one")
+        make_app(host="0.0.0.0", api_keys=ONE)
         assert not caplog.records
         make_app(host="0.0.0.0")
     assert "NO API KEY" in caplog.text and "0.0.0.0" in caplog.text
@@ -128,14 +132,14 @@ def test_body_over_the_limit_is_413_in_the_envelope() -> None:
 
 
 def test_rate_limit_per_key_then_per_address_with_openai_headers() -> None:
-    client = make_app(api_keys="sk-one,sk-two", rate_limit="3/minute").test_client()
+    client = make_app(api_keys=f"{ONE},{TWO}", rate_limit="3/minute").test_client()
     for expected_remaining in (2, 1, 0):
-        r = client.get("/v1/models", headers=bearer("sk-one"))
+        r = client.get("/v1/models", headers=bearer(ONE))
         assert r.status_code == 200
         assert r.headers["x-ratelimit-limit-requests"] == "3"
         assert r.headers["x-ratelimit-remaining-requests"] == str(expected_remaining)
         assert r.headers["x-ratelimit-reset-requests"].endswith("s")
-    r = client.get("/v1/models", headers=bearer("sk-one"))
+    r = client.get("/v1/models", headers=bearer(ONE))
     assert r.status_code == 429
     error = r.get_json()["error"]
     assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
@@ -143,7 +147,7 @@ def test_rate_limit_per_key_then_per_address_with_openai_headers() -> None:
     assert 1 <= int(r.headers["Retry-After"]) <= 60
     assert r.headers["x-ratelimit-remaining-requests"] == "0"
     # Another key has its own budget; so has a client without a valid key (by address).
-    assert client.get("/v1/models", headers=bearer("sk-two")).status_code == 200
+    assert client.get("/v1/models", headers=bearer(TWO)).status_code == 200
     for _ in range(3):
         assert client.get("/v1/models", headers=bearer("sk-wrong")).status_code == 401
     r = client.get("/v1/models", headers=bearer("sk-wrong"))

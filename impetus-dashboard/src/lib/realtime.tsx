@@ -44,8 +44,16 @@ export function useRealtimeEvent(event: string, handler: Handler): void {
   useEffect(() => on(event, (payload) => ref.current(payload)), [on, event]);
 }
 
-function isAuthError(message: string): boolean {
-  return /unauthori[sz]ed|api key|invalid_api_key|401|forbidden/i.test(message);
+/** The handshake's query: the API key, when there is one. */
+export function keyQuery(): Record<string, string> {
+  const key = getApiKey();
+  return key ? { api_key: key } : {};
+}
+
+/** Whether a connect error means the key is missing or wrong: a 401 on the handshake (the
+ * transport error's description is the HTTP status), or a refusal that says so. */
+export function isAuthError(error: Error & { description?: unknown }): boolean {
+  return error.description === 401 || /unauthori[sz]ed|api key|invalid_api_key|401/i.test(error.message);
 }
 
 export function RealtimeProvider({ children, url }: { children: ReactNode; url?: string }) {
@@ -68,7 +76,12 @@ export function RealtimeProvider({ children, url }: { children: ReactNode; url?:
   useEffect(() => {
     const socket: Socket = io(url ?? "/", {
       path: "/socket.io",
-      transports: ["websocket", "polling"],
+      // Polling first, then the upgrade to a WebSocket: a refused handshake (401 without the key) is
+      // then an HTTP answer whose status the page can read; a refused WebSocket shows no status.
+      transports: ["polling", "websocket"],
+      // The server asks for the key in the Engine.IO handshake, before a session exists, and a
+      // browser cannot set headers on a WebSocket: so it goes in the query (as Jupyter's ?token=).
+      query: keyQuery(),
       // Sent again on every reconnection: the rooms to join, and the key when there is one.
       auth: (cb) => {
         const key = getApiKey();
@@ -89,14 +102,17 @@ export function RealtimeProvider({ children, url }: { children: ReactNode; url?:
       if (reason === "io server disconnect") socket.connect();
     });
     socket.on("connect_error", (error) => {
-      if (isAuthError(error.message)) {
+      if (isAuthError(error)) {
         setState("unauthorized");
         authRequired(getApiKey() ? "The key was refused for the live feed." : "This server needs an API key.");
       } else {
         setState(socket.active ? "reconnecting" : "offline");
       }
     });
-    socket.io.on("reconnect_attempt", () => setState((s) => (s === "unauthorized" ? s : "reconnecting")));
+    socket.io.on("reconnect_attempt", () => {
+      socket.io.opts.query = keyQuery(); // the key may have changed since the last attempt
+      setState((s) => (s === "unauthorized" ? s : "reconnecting"));
+    });
     socket.io.on("reconnect_failed", () => setState("offline"));
 
     socket.on("metrics", (payload: unknown) => {
@@ -127,6 +143,7 @@ export function RealtimeProvider({ children, url }: { children: ReactNode; url?:
     const offKey = onKeyChange(() => {
       socket.disconnect();
       setState("connecting");
+      socket.io.opts.query = keyQuery();
       socket.connect();
     });
     return () => {
