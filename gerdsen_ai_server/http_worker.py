@@ -74,6 +74,17 @@ HEAD_TOO_LARGE = _refusal("431 Request Header Fields Too Large",
                           "request_header_too_large")
 
 
+def recv_nowait(sock: socket.socket) -> bytes | None:
+    """What a non-blocking socket holds now: None when nothing has arrived yet, b"" when the client
+    closed or reset the connection."""
+    try:
+        return sock.recv(RECV_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 class TimedUnreader(SocketUnreader):
     """Gunicorn's socket reader, with each ``recv`` bounded by the phase the request is in:
 
@@ -230,12 +241,9 @@ class ImpetusWorker(ThreadWorker):
     def on_head_readable(self, conn: TimedConn, _client: Any) -> None:
         if conn.head is None or conn.gone:  # handled earlier in this batch of selector events
             return
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+        data = recv_nowait(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the client left (or reset) before sending a whole head
             self._end_head(conn)
             self._close(conn)
@@ -284,12 +292,9 @@ class ImpetusWorker(ThreadWorker):
     def on_linger_readable(self, conn: TimedConn, _client: Any) -> None:
         if conn.gone:
             return
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+        data = recv_nowait(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.drained += len(data)
         if not data or conn.drained >= LINGER_BYTES:
             self._end_linger(conn)

@@ -7,7 +7,6 @@ Reproduce the old behaviour: ``curl -d '{"model": "/etc/passwd"}' localhost:8080
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from gerdsen_ai_server.default_model import default_gguf_path
 from gerdsen_ai_server.engine.loaders import model_not_found
 from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server
 from tests.tiny_models import build_tiny_llama
+from tests.unit.test_model_confinement import snapshot
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -63,16 +63,6 @@ def refused_specs(tree: Path) -> list[str]:
     return ["/etc/passwd", "/etc/no-such-file", "~/x", "~root/.bashrc", "../outside/secret-tiny", "../x",
             str(outside / "secret-tiny"), str(tree / "models" / "tiny"), "escape", "a\\b", "..\\outside\\secret-tiny",
             "no-such-model", ".impetus", "..gguf", f"{outside / 'allowed-tiny'}/../secret-tiny"]
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    out = {}
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            path = Path(root) / name
-            st = path.lstat()
-            out[str(path.relative_to(folder))] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 def user_entries(models: Path) -> dict[str, tuple[int, int]]:
