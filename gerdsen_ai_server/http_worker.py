@@ -139,6 +139,9 @@ class TimedConn(TConn):
         self.head_deadline: float | None = None
         self.drained = 0  # bytes read while lingering
         self.gone = False  # closed by the main loop: a selector event still queued for it is ignored
+        # Upgraded to a WebSocket: simple-websocket's reader thread owns the socket from then on and
+        # closes it when the connection ends, at a moment of its own choosing.
+        self.upgraded = False
 
     def init(self) -> None:
         if self.initialized:
@@ -160,7 +163,14 @@ class TimedConn(TConn):
                       else time.monotonic() + self.worker.header_timeout)
 
     def close(self, graceful: bool = False) -> None:
-        if graceful and self.worker.head_first:
+        if self.upgraded:
+            # Never on the selector: the WebSocket's reader thread may close this socket after we
+            # registered it, and the next accepted connection, given the same descriptor, then
+            # found it "already registered" (a KeyError that killed the worker: 20 restarts in 40 s
+            # of WebSocket connects and disconnects). A WebSocket has ended with its own closing
+            # handshake: no linger is owed.
+            util.close(self.sock)
+        elif graceful and self.worker.head_first:
             self.worker.linger(self)
         else:
             super().close(graceful)
@@ -343,7 +353,8 @@ class ImpetusWorker(ThreadWorker):
         """The head is in: from here the body and the response are bounded per read and write,
         except for an upgrade (a WebSocket lives on the socket for as long as it is open)."""
         conn.head_deadline = None  # the next request's head gets a deadline of its own
-        timeout = None if _is_upgrade(req) else self.read_timeout
+        conn.upgraded = _is_upgrade(req)
+        timeout = None if conn.upgraded else self.read_timeout
         unreader = getattr(conn.parser, "unreader", None)
         if isinstance(unreader, TimedUnreader):
             unreader.body(timeout)

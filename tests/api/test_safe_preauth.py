@@ -223,6 +223,40 @@ def test_a_second_long_poll_of_one_session_is_refused(open_server: Server) -> No
         waiting.join(10)
 
 
+def test_websockets_coming_and_going_never_kill_the_worker(open_server: Server) -> None:
+    # A WebSocket's socket is closed by simple-websocket's reader thread, when it likes: a worker
+    # that lingered on it in its selector found the next connection's descriptor "already
+    # registered" and died (20 restarts in 40 s of this churn; ConnectionResetError for everyone).
+    pid = requests.get(f"{open_server.url}/health", timeout=10).json()["pid"]
+    stop = time.monotonic() + 8
+    errors: list[str] = []
+
+    def websockets() -> None:
+        while time.monotonic() < stop:
+            client = socketio.Client()
+            try:
+                client.connect(open_server.url, transports=["websocket"], wait_timeout=10)
+                client.disconnect()
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                errors.append(repr(exc)[:120])
+
+    def probes() -> None:
+        while time.monotonic() < stop:
+            try:
+                requests.get(f"{open_server.url}/health/live", timeout=10).raise_for_status()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc)[:120])
+
+    workers = [threading.Thread(target=websockets) for _ in range(3)] + [threading.Thread(target=probes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert errors == [], errors[:5]
+    assert requests.get(f"{open_server.url}/health", timeout=10).json()["pid"] == pid
+    assert "Exception in worker process" not in open_server.log()
+
+
 def test_oversized_websocket_messages_leave_no_thread_behind(open_server: Server) -> None:
     """A WebSocket message over IMPETUS_MAX_REQUEST_BYTES closes the connection (1009) before any key
     is asked for. simple-websocket's close raced its reader: about half of such connections left
