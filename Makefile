@@ -20,7 +20,7 @@ JEMALLOC_TRY := $(VENV)/.jemalloc-tried
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup openblas jemalloc redis-server nginx run test lint bench soak clean dashboard dashboard-if-node chromium
+.PHONY: setup openblas jemalloc redis-server nginx run test lint bench soak clean dashboard dashboard-if-node chromium node-clients
 
 setup: $(STAMP) openblas jemalloc redis-server nginx
 
@@ -122,6 +122,17 @@ $(DASH)/dist/index.html: $(DASH_DEPS) $(DASH_SOURCES)
 
 dashboard: $(DASH)/dist/index.html
 
+# The npm clients' test package (tests/clients/node/: openai, the Vercel AI SDK), pinned by its own
+# lockfile; only `make test` needs it (tests/clients/test_node_clients.py skips without it).
+CLIENTS      := tests/clients/node
+CLIENTS_DEPS := $(CLIENTS)/node_modules/.modules.yaml
+
+$(CLIENTS_DEPS): $(PNPM) $(CLIENTS)/package.json $(CLIENTS)/pnpm-lock.yaml
+	$(PNPM) --dir $(CLIENTS) install --frozen-lockfile
+	@touch $@
+
+node-clients: $(CLIENTS_DEPS)
+
 # make run builds the dashboard when Node.js is there; without it the API still serves (and / says why).
 dashboard-if-node:
 	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory dashboard; \
@@ -138,7 +149,7 @@ run: setup dashboard-if-node
 	$(BIN)/impetus serve $(ARGS)
 
 # The in-process engine tests run MLX in the pytest process itself: preload OpenBLAS there too.
-test: setup dashboard chromium
+test: setup dashboard chromium node-clients
 	$(PNPM) --dir $(DASH) exec vitest run
 	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -156,5 +167,6 @@ bench: setup
 	IMPETUS_BENCH_COMMAND="make bench$(if $(ARGS), ARGS='$(ARGS)')" $(BIN)/python -m bench.run $(ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .tools $(DASH)/node_modules $(DASH)/dist
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .tools $(DASH)/node_modules $(DASH)/dist \
+	  $(CLIENTS)/node_modules
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -24,7 +24,7 @@ from .chat import chat_prompt, collect_answer, start_chat
 from .errors import APIError, error_shape
 from .openai import SSE_HEADERS, cancel_all, parse_body, resident_model
 from .requests import ClientGone
-from .tools import ToolPlan, answer_parts, plan_tools
+from .tools import ToolPlan, answer_parts, partial_arguments, plan_tools
 
 bp = Blueprint("anthropic", __name__, url_prefix="/v1")
 
@@ -47,6 +47,9 @@ bp.record_once(lambda state: error_shape(state.app, "/v1/messages", anthropic_er
 
 
 def to_openai_messages(system: str | None, messages: list[Message]) -> list[dict[str, Any]]:
+    """The conversation as OpenAI chat messages. Thinking and redacted_thinking blocks replayed in
+    assistant turns are dropped (Anthropic drops earlier turns' thinking too, and this model did not
+    write them); cache_control and citations have no place in a prompt."""
     out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     for message in messages:
         if isinstance(message.content, str):
@@ -68,6 +71,7 @@ def to_openai(body: MessagesRequest | CountTokensRequest) -> ChatCompletionReque
     if body.tools:
         request["tools"] = [{"type": "function", "function": {
             "name": t.name, **({"description": t.description} if t.description else {}), "parameters": t.input_schema,
+            **({"strict": t.strict} if t.strict is not None else {}),
         }} for t in body.tools]
     choice = body.tool_choice
     if choice is not None:
@@ -77,6 +81,12 @@ def to_openai(body: MessagesRequest | CountTokensRequest) -> ChatCompletionReque
             request["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
         else:
             request["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+        if choice.disable_parallel_tool_use:
+            request["parallel_tool_calls"] = False
+    output_format = body.output_config.format if body.output_config is not None else None
+    if output_format is not None:  # structured outputs: the same constrained decoding as response_format
+        request["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "output", "schema": output_format.schema_, "strict": True}}
     if isinstance(body, MessagesRequest):
         request.update(max_tokens=body.max_tokens, temperature=body.temperature, stream=body.stream)
         if body.top_p is not None:
@@ -89,16 +99,16 @@ def to_openai(body: MessagesRequest | CountTokensRequest) -> ChatCompletionReque
 
 
 def stop_reason(calls: list[ToolCall], finish: str | None, stop_sequence: str | None) -> str:
+    if finish == "length":  # a forced call cut short too (api/tools.py): its tool_use block holds what came
+        return "max_tokens"
     if calls:
         return "tool_use"
-    if finish == "length":
-        return "max_tokens"
     return "stop_sequence" if stop_sequence else "end_turn"
 
 
 def tool_use_block(call: ToolCall) -> dict[str, Any]:
     return {"type": "tool_use", "id": call.id.replace("call_", "toolu_", 1), "name": call.function.name,
-            "input": json.loads(call.function.arguments)}
+            "input": partial_arguments(call.function.arguments)}  # as far as they go, if max_tokens cut them
 
 
 @bp.post("/messages")

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Response, current_app, jsonify
 from jinja2.exceptions import SecurityError
 
-from ..engine.grammar import GrammarError, GrammarProcessor, compile_json_schema
+from ..engine.grammar import GrammarError, GrammarProcessor, compile_json_schema, strict_schema
 from ..engine.loaders import LoadedModel
 from ..engine.stream import TokenEvent, TokenStream
 from ..schemas.openai import (
@@ -44,7 +44,15 @@ from .openai import (
     submit_all,
     usage,
 )
-from .tools import ToolCallSplitter, ToolPlan, answer_parts, plan_tools, split_answer, template_messages
+from .tools import (
+    ToolCallSplitter,
+    ToolPlan,
+    answer_parts,
+    finish_reason,
+    plan_tools,
+    split_answer,
+    template_messages,
+)
 
 
 def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> list[int]:
@@ -76,10 +84,15 @@ def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan
 
 
 def constraint_factory(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> Callable[[], list[Any]]:
-    """A new grammar processor per choice when the output must be a tool call or follow a schema."""
+    """A new grammar processor per choice when the output must be a tool call or follow a schema.
+    A ``json_schema`` is held to OpenAI's strict semantics whatever its ``strict`` flag (as the tools'
+    schemas are, in ``plan_tools``): clients such as LangChain leave the flag unset and still expect
+    output that validates with no undeclared keys."""
     schema, param = (plan.schema, "tools") if plan.schema is not None else (body.json_schema(), "response_format")
     if schema is None:
         return list
+    if plan.schema is None and body.response_format is not None and body.response_format.type == "json_schema":
+        schema = strict_schema(schema)
     try:
         grammar = compile_json_schema(loaded.tokenizer, schema)
     except GrammarError as exc:
@@ -136,10 +149,10 @@ def chat_completions() -> Response:
     choices = []
     results = collect(streams)
     for i, r in enumerate(results):
-        content, calls = split_answer(plan, r.text)
+        content, calls, complete = split_answer(plan, r.text)
         choices.append(ChatChoice(
             index=i, message=AssistantMessage(content=content, tool_calls=calls or None),
-            finish_reason="tool_calls" if calls else r.finish_reason,
+            finish_reason=finish_reason(calls, complete, r.finish_reason),
             logprobs=chat_logprobs(r.logprobs, loaded.tokenizer) if body.logprobs else None,
         ))
     total = usage(len(prompt), sum(r.completion_tokens for r in results))
@@ -180,9 +193,10 @@ def chat_chunks(meta: dict[str, Any], streams: list[TokenStream], prompt_tokens:
             yield chunk(index, ChatDelta(content=text), lp=lp)
         if event.finish_reason:
             completion_tokens += event.completion_tokens
-            calls = split_answer(plan, "".join(forced_text))[1] if plan.mode == "forced" else splitter.calls
+            calls, complete = (split_answer(plan, "".join(forced_text))[1:] if plan.mode == "forced"
+                               else (splitter.calls, True))
             if calls:
                 yield chunk(index, call_deltas(calls))
-            yield chunk(index, ChatDelta(), "tool_calls" if calls else event.finish_reason)
+            yield chunk(index, ChatDelta(), finish_reason(calls, complete, event.finish_reason))
     if include_usage:
         yield sse(ChatCompletionChunk(**meta, choices=[], usage=usage(prompt_tokens, completion_tokens)).model_dump())

@@ -154,12 +154,25 @@ def sampling_params(body: _Generation, choice: int = 0) -> SamplingParams:
     )
 
 
+# Why a known OpenAI field is refused rather than ignored: ignoring it would mislead (docs/clients.md,
+# "Fields the SDKs send"). Fields not listed get the generic message.
+UNSUPPORTED_WHY = {
+    "audio": "The models served here produce text only, not audio.",
+    "modalities": "The models served here produce text only, not audio.",
+    "web_search_options": "This server has no web search; the answer would not be grounded in one.",
+    "moderation": "This server runs no moderation model; the output would not be checked.",
+    "reasoning_effort": "'reasoning_effort' is not supported with the models served here (they have no "
+                        "reasoning effort control).",
+    "verbosity": "The models served here have no verbosity control; only 'medium' is supported.",
+}
+
+
 def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
     """What the schema cannot check alone, before any model is loaded or any text tokenized."""
     name = body.unsupported()
     if name is not None:
-        raise APIError(400, f"The parameter '{name}' is not supported by this server yet.", param=name,
-                       code="unsupported_parameter")
+        message = UNSUPPORTED_WHY.get(name, f"The parameter '{name}' is not supported by this server yet.")
+        raise APIError(400, message, param=name, code="unsupported_parameter")
     check_sequence_count(len(prompt_items(body.prompt)) if isinstance(body, CompletionRequest) else 1, body.n)
     if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs", code="invalid_value")

@@ -481,7 +481,7 @@ def _stream(sid: str, gen_id: str, started: Started) -> dict[str, Any]:
         done = {
             "id": gen_id, "model": started.loaded.model_id, "text": "".join(text),
             "tool_calls": [c.model_dump() for c in calls],
-            "finish_reason": "tool_calls" if calls else last.finish_reason,
+            "finish_reason": last.finish_reason,  # answer_parts': "tool_calls", or "length" for a cut call
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": last.completion_tokens,
                       "total_tokens": prompt_tokens + last.completion_tokens},
             "timestamp": time.time(),

@@ -1,6 +1,9 @@
 """OpenAI's Responses API (/v1/responses), stateless, as a translation layer over the chat path:
 input items become chat messages, the answer becomes output items and Responses stream events.
-Responses are not stored: ``previous_response_id`` is a clear 400, and ``store`` is reported false."""
+Responses are not stored: ``previous_response_id`` is a clear 400, and ``store`` is reported false.
+Fields the SDKs send are honoured (``include`` logprobs, ``parallel_tool_calls``), accepted where they
+cannot change the answer, or refused where ignoring them would mislead: docs/clients.md, "Fields the
+SDKs send"."""
 
 from __future__ import annotations
 
@@ -8,23 +11,43 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from flask import Response, jsonify
 
+from ..engine.stream import TokenEvent, TokenLogprob, TokenStream
 from ..schemas.openai import ChatCompletionRequest, ToolCall
 from ..schemas.responses import FunctionCallItem, FunctionCallOutputItem, ResponseObject, ResponsesRequest
 from .chat import collect_answer, start_chat
 from .errors import APIError
+from .logprobs import chat_logprobs
 from .openai import SSE_HEADERS, bp, cancel_all, parse_body
 from .requests import ClientGone
 from .tools import ToolPlan, answer_parts
 
+# Why each known field we cannot honour is refused rather than ignored (docs/clients.md).
+REFUSED = {
+    "previous_response_id": "This server does not store responses; send the whole conversation as input instead "
+                            "of previous_response_id.",
+    "conversation": "This server keeps no conversations; send the whole conversation as input instead.",
+    "prompt": "This server has no stored prompt templates; send the instructions and input instead.",
+    "context_management": "This server does not compact conversations; send a shorter input instead.",
+    "background": "This server does not run responses in the background (they could not be retrieved later).",
+    "moderation": "This server runs no moderation model; the output would not be checked.",
+    "text.verbosity": "The models served here have no verbosity control; only 'medium' is supported.",
+}
+
 
 def to_openai(body: ResponsesRequest) -> ChatCompletionRequest:
-    if body.previous_response_id is not None:
-        raise APIError(400, "This server does not store responses; send the whole conversation as input instead "
-                       "of previous_response_id.", param="previous_response_id", code="unsupported_parameter")
+    name = body.unsupported()
+    if name is not None:
+        message = REFUSED.get(name, f"'{name}' is not supported with the models served here (they have no "
+                                    "reasoning controls).")
+        raise APIError(400, message, param=name, code="unsupported_parameter")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options",
+                       code="invalid_value")
     messages: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     for item in items:
@@ -41,6 +64,8 @@ def to_openai(body: ResponsesRequest) -> ChatCompletionRequest:
         else:
             messages.append({"role": item.role, "content": item.text()})
     request: dict[str, Any] = {"model": body.model, "messages": messages, "stream": body.stream}
+    if body.logprob_count() is not None:  # include message.output_text.logprobs, or top_logprobs
+        request["logprobs"], request["top_logprobs"] = True, body.logprob_count()
     for ours, theirs in (("max_tokens", body.max_output_tokens), ("temperature", body.temperature),
                          ("top_p", body.top_p), ("parallel_tool_calls", body.parallel_tool_calls)):
         if theirs is not None:
@@ -71,16 +96,18 @@ class Rendering:
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
         self.message_id = f"msg_{uuid.uuid4().hex[:24]}"
         self.text: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []  # the text's, when asked for (include / top_logprobs)
 
     def message_item(self, status: str = "completed") -> dict[str, Any]:
-        content = [{"type": "output_text", "text": "".join(self.text), "annotations": []}] if status == "completed" else []
+        content = [{"type": "output_text", "text": "".join(self.text), "annotations": [], "logprobs": self.logprobs}
+                   ] if status == "completed" else []
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
 
     @staticmethod
-    def call_item(call: ToolCall, arguments: str | None = None) -> dict[str, Any]:
+    def call_item(call: ToolCall, arguments: str | None = None, status: str = "completed") -> dict[str, Any]:
         return {"type": "function_call", "id": f"fc_{call.id.removeprefix('call_')}", "call_id": call.id,
                 "name": call.function.name, "arguments": call.function.arguments if arguments is None else arguments,
-                "status": "completed"}
+                "status": status}
 
     def response(self, status: str, output: list[dict[str, Any]], completion_tokens: int = 0,
                  finish: str | None = None) -> dict[str, Any]:
@@ -104,9 +131,32 @@ class Rendering:
         }).model_dump(mode="json")  # through the documented model: the answer cannot drift from /openapi.json
 
     def final(self, calls: list[ToolCall], last: Any) -> dict[str, Any]:
-        output = ([self.message_item()] if self.text else []) + [self.call_item(c) for c in calls]
-        status = "incomplete" if last.finish_reason == "length" and not calls else "completed"
+        # "length" with calls: a forced call cut by max_output_tokens (api/tools.py), an incomplete item.
+        status = "incomplete" if last.finish_reason == "length" else "completed"
+        output = ([self.message_item()] if self.text else []) + [self.call_item(c, status=status) for c in calls]
         return self.response(status, output, last.completion_tokens)
+
+
+class LogprobTap:
+    """A choice's events, keeping the log-probabilities that ``answer_parts`` drops: what
+    ``include: ["message.output_text.logprobs"]`` returns with the text they came with."""
+
+    def __init__(self, stream: TokenStream, tokenizer: Any) -> None:
+        self.stream, self.tokenizer = stream, tokenizer
+        self.pending: list[TokenLogprob] = []
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        for event in self.stream:
+            self.pending += event.logprobs
+            yield event
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+
+    def take(self) -> list[dict[str, Any]]:
+        """The log-probabilities read since the last call, in the Responses shape."""
+        entries, self.pending = self.pending, []
+        return [token.model_dump() for token in chat_logprobs(entries, self.tokenizer).content or []]
 
 
 @bp.post("/responses")
@@ -114,16 +164,21 @@ def responses() -> Response:
     body = parse_body(ResponsesRequest)
     started = start_chat(to_openai(body), "input")
     rendering = Rendering(body, started.loaded.model_id, len(started.prompt))
+    tap = None
+    if body.logprob_count() is not None:
+        tap = LogprobTap(started.streams[0], started.loaded.tokenizer)
+        started = replace(started, streams=[tap, *started.streams[1:]])
     if body.stream:
-        return Response(stream_events(rendering, started.plan, started.streams), mimetype="text/event-stream",
+        return Response(stream_events(rendering, started.plan, started.streams, tap), mimetype="text/event-stream",
                         headers=SSE_HEADERS)
     text, calls, last = collect_answer(started)
     if text:
         rendering.text.append(text)
+        rendering.logprobs = tap.take() if tap else []
     return jsonify(rendering.final(calls, last))
 
 
-def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any]) -> Iterator[str]:
+def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any], tap: LogprobTap | None = None) -> Iterator[str]:
     sequence = 0
 
     def event(kind: str, **payload: Any) -> str:
@@ -146,18 +201,20 @@ def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any]) -> Iterator[
                     yield event("response.content_part.added", **where,
                                 part={"type": "output_text", "text": "", "annotations": []})
                 r.text.append(value)
-                yield event("response.output_text.delta", **where, delta=value, logprobs=[])
+                logprobs = tap.take() if tap else []
+                r.logprobs += logprobs
+                yield event("response.output_text.delta", **where, delta=value, logprobs=logprobs)
                 continue
             calls, last = value
             if r.text:
                 text = "".join(r.text)
-                yield event("response.output_text.done", **where, text=text, logprobs=[])
+                yield event("response.output_text.done", **where, text=text, logprobs=r.logprobs)
                 yield event("response.content_part.done", **where,
-                            part={"type": "output_text", "text": text, "annotations": []})
+                            part={"type": "output_text", "text": text, "annotations": [], "logprobs": r.logprobs})
                 yield event("response.output_item.done", output_index=0, item=r.message_item())
                 index = 1
             for call in calls:
-                item = r.call_item(call)
+                item = r.call_item(call, status="incomplete" if last.finish_reason == "length" else "completed")
                 yield event("response.output_item.added", output_index=index, item={**r.call_item(call, ""),
                                                                                     "status": "in_progress"})
                 yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,

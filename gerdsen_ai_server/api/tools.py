@@ -1,7 +1,10 @@
 """Tool calling: tools into the prompt, tool calls out of the generated text.
 
 * ``tool_choice`` ``required`` or a named function: the output is constrained (llguidance) to a
-  JSON call of an offered function, so any model returns a valid call.
+  JSON call of an offered function, its arguments held to the function's schema with OpenAI's strict
+  semantics (engine/grammar.py: no undeclared keys), so any model returns a valid call. A call cut
+  by ``max_tokens`` still comes back as a call, with the arguments generated so far and finish
+  reason ``length`` (``ForcedAnswer``), on every API: clients report it as an invalid call.
 * ``auto``: the model decides; calls are found between the tokenizer's tool-call markers and
   parsed by mlx-lm's parser for that model family. Models whose chat template knows no tools get
   the functions and the ``<tool_call>{json}</tool_call>`` convention in a system message.
@@ -11,13 +14,16 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from mlx_lm.tool_parsers.json_tools import parse_tool_call as parse_json_call
+from pydantic_core import from_json
 
+from ..engine.grammar import map_schema, strict_schema
 from ..engine.stream import TokenEvent
 from ..schemas.limits import MAX_JSON_DEPTH, check_json_value, reject_constant
 from ..schemas.openai import ChatCompletionRequest, FunctionCall, NamedToolChoice, ToolCall
@@ -34,6 +40,8 @@ class ToolPlan:
     end: str = END
     parser: Any = parse_json_call
     schema: dict[str, Any] | None = None  # what a forced call must match
+    names: list[str] = field(default_factory=list)  # the functions a forced call may name, in order
+    parallel: bool = True  # False (parallel_tool_calls: false): at most one call, later ones dropped
 
 
 def plan_tools(body: ChatCompletionRequest, tokenizer: Any) -> ToolPlan:
@@ -45,7 +53,7 @@ def plan_tools(body: ChatCompletionRequest, tokenizer: Any) -> ToolPlan:
     tools = [t.model_dump(exclude_none=True) for t in body.tools]
     if choice == "none":
         return ToolPlan("none")
-    plan = ToolPlan("auto", tools)
+    plan = ToolPlan("auto", tools, parallel=body.parallel_tool_calls is not False)
     if getattr(tokenizer, "has_tool_calling", False):
         plan.start, plan.end, plan.parser = tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser
     if choice in (None, "auto"):
@@ -56,10 +64,27 @@ def plan_tools(body: ChatCompletionRequest, tokenizer: Any) -> ToolPlan:
             raise APIError(400, f"tool_choice names '{choice.function.name}', which is not among the tools.",
                            param="tool_choice", code="invalid_value")
         offered = {choice.function.name: offered[choice.function.name]}
-    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": fn.parameters},
-              "required": ["name", "arguments"], "additionalProperties": False} for name, fn in offered.items()]
-    plan.mode, plan.schema = "forced", calls[0] if len(calls) == 1 else {"anyOf": calls}
+    single = len(offered) == 1
+    calls = [{"type": "object", "properties": {
+        "name": {"const": name},
+        # The parameters sit inside the call's schema: their local $refs ("#/$defs/X") must point there.
+        # ``parameters: {}`` (some clients' spelling of "no arguments") is an empty object, not "any JSON".
+        "arguments": _rebase_refs(fn.parameters or {"type": "object", "properties": {}},
+                                  ("" if single else f"/anyOf/{i}") + "/properties/arguments")},
+        "required": ["name", "arguments"], "additionalProperties": False} for i, (name, fn) in enumerate(offered.items())]
+    plan.mode, plan.names = "forced", list(offered)
+    plan.schema = strict_schema(calls[0] if single else {"anyOf": calls})
     return plan
+
+
+def _rebase_refs(schema: dict[str, Any], at: str) -> dict[str, Any]:
+    """``schema`` moved to JSON pointer ``at`` of a larger document: local ``$ref``s follow it."""
+    def rebase(sub: dict[str, Any], _: bool) -> dict[str, Any]:
+        ref = sub.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            sub["$ref"] = "#" + at + ref[1:]
+        return sub
+    return map_schema(schema, rebase)  # type: ignore[no-any-return]
 
 
 def template_messages(body: ChatCompletionRequest, plan: ToolPlan, tokenizer: Any) -> tuple[list[dict[str, Any]],
@@ -116,12 +141,40 @@ def make_call(parsed: dict[str, Any]) -> ToolCall:
         name=str(parsed["name"]), arguments=arguments if isinstance(arguments, str) else json.dumps(arguments)))
 
 
-def forced_calls(text: str) -> list[ToolCall]:
-    """The constrained output is exactly one JSON call (unless max_tokens cut it)."""
+# The grammar writes a forced call compactly, "name" first: {"name": "f", "arguments": {...}}.
+_FORCED = re.compile(r'\{"name": "((?:[^"\\]|\\.)*)(")?(?:, "arguments": (.*))?', re.DOTALL)
+
+
+def forced_calls(plan: ToolPlan, text: str) -> tuple[list[ToolCall], bool]:
+    """The constrained output's one call, and whether it is complete.
+
+    A call cut short (``max_tokens``, or a stop string) is still returned as that call: its name is
+    the offered function the generated prefix of the name matches (the first such, in the order
+    offered, while the name itself is cut), its arguments the text generated so far (maybe ``""``).
+    As OpenAI does on ``length``, so clients see a call they can report as invalid, not our wrapper
+    as text."""
     try:
-        return [make_call(json.loads(text))]
+        return [make_call(json.loads(text))], True
     except (ValueError, KeyError, TypeError, RecursionError):  # model output: any JSON, or none
-        return []
+        pass
+    match = _FORCED.match(text)
+    prefix, closed, arguments = (match.group(1), match.group(2), match.group(3) or "") if match else ("", None, "")
+    names = [n for n in plan.names if (n == prefix if closed else n.startswith(prefix))] or plan.names or [prefix]
+    return [make_call({"name": names[0], "arguments": arguments})], False
+
+
+def partial_arguments(arguments: str) -> dict[str, Any]:
+    """A call's arguments as an object, read as far as they go when ``max_tokens`` cut them
+    (``{"a": 1, "b": "hel`` → ``{"a": 1, "b": "hel"}``); ``{}`` when nothing of an object is there.
+    For Anthropic's ``tool_use.input``, which is an object, never a string."""
+    # A cut literal or number ("tr", "-", "1.") fails the partial parser: drop it, a few characters at most.
+    for end in range(len(arguments), max(len(arguments) - 8, 0), -1):
+        try:
+            value = from_json(arguments[:end], allow_partial="trailing-strings")
+        except ValueError:
+            continue
+        return value if isinstance(value, dict) else {}
+    return {}
 
 
 class ToolCallSplitter:
@@ -167,20 +220,27 @@ class ToolCallSplitter:
         except (ValueError, KeyError, TypeError, RecursionError):  # model output: any JSON, or none
             return False
         items = [i for i in (parsed if isinstance(parsed, list) else [parsed]) if isinstance(i, dict) and "name" in i]
-        self.calls += [make_call(item) for item in items]
+        # parallel_tool_calls false: the first call only; a later one is dropped, not shown as text.
+        self.calls += [make_call(item) for item in items][: None if self.plan.parallel else 1 - len(self.calls)]
         return bool(items)
 
 
-def split_answer(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]]:
-    """Content and tool calls of a whole answer."""
+def split_answer(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall], bool]:
+    """Content and tool calls of a whole answer, and whether the calls are complete."""
     if plan.mode == "forced":
-        calls = forced_calls(text)
-        return (None if calls else text), calls
+        calls, complete = forced_calls(plan, text)
+        return None, calls, complete
     if plan.mode == "none":
-        return text, []
+        return text, [], True
     splitter = ToolCallSplitter(plan)
     content = splitter.feed(text, final=True)
-    return (content or None) if splitter.calls else content, splitter.calls
+    return (content or None) if splitter.calls else content, splitter.calls, True
+
+
+def finish_reason(calls: list[ToolCall], complete: bool, finish: str | None) -> str | None:
+    """What an answer reports: ``tool_calls`` for whole calls; otherwise the engine's reason
+    (``length`` for a forced call cut by ``max_tokens``)."""
+    return "tool_calls" if calls and complete else finish
 
 
 def answer_parts(plan: ToolPlan, events: Iterable[TokenEvent]) -> Iterator[tuple[str, Any]]:
@@ -200,5 +260,8 @@ def answer_parts(plan: ToolPlan, events: Iterable[TokenEvent]) -> Iterator[tuple
         elif event.text:
             yield "text", event.text
         if event.done:
-            calls = split_answer(plan, "".join(forced))[1] if plan.mode == "forced" else splitter.calls
-            yield "end", (calls, event)
+            calls, complete = (split_answer(plan, "".join(forced))[1:] if plan.mode == "forced"
+                               else (splitter.calls, True))
+            # The last event's finish reason is the answer's (``finish_reason``): "tool_calls" for
+            # whole calls, "length" for a forced call cut short, so every API tells them apart.
+            yield "end", (calls, replace(event, finish_reason=finish_reason(calls, complete, event.finish_reason)))

@@ -10,10 +10,12 @@ is still a valid float, as the SDKs send ``temperature=1``.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from .parts import refuse_unsupported_parts
 
 MAX_STOP_SEQUENCES = 4
 MAX_MESSAGES = 2048  # OpenAI's own cap on a chat request's messages
@@ -124,6 +126,42 @@ class NamedToolChoice(_Request):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    # OpenAI pads stream deltas with an "obfuscation" field (a side-channel mitigation for its network);
+    # it carries no part of the answer and clients drop it, so either value is accepted: none is sent.
+    include_obfuscation: bool | None = None
+
+
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                     Field(max_length=16)]  # OpenAI's limits: 16 pairs, keys <= 64, values <= 512 characters
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority", "fast"]
+# OpenAI's reasoning efforts; OpenAI answers a model without the control with a 400, as we do (check_supported).
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+Verbosity = Literal["low", "medium", "high"]
+
+
+class PromptCacheOptions(_Request):
+    mode: Literal["implicit", "explicit"] | None = None
+    ttl: Literal["30m", "12h"] | None = None
+
+
+class Prediction(_Request):
+    """Predicted output: a latency hint to OpenAI (speculative decoding); it never changes the answer."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
+class SDKFields(_Request):
+    """Fields the official SDKs send that cannot change our answer, accepted and otherwise unused
+    (docs/clients.md, "Fields the SDKs send", says why for each). Shared by chat and Responses."""
+
+    metadata: Metadata | None = None
+    store: bool | None = None  # nothing is stored; Responses report ``store: false``
+    service_tier: ServiceTier | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
+    safety_identifier: str | None = Field(None, max_length=64)
 
 
 class _Generation(_Request):
@@ -175,8 +213,11 @@ class _Generation(_Request):
         return list(self.stop or [])  # the validator has made it a list
 
 
-class ChatCompletionRequest(_Generation):
+class ChatCompletionRequest(_Generation, SDKFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+
+    # An image_url part is a 400 naming it, not the str branch's "Input should be a valid string".
+    _refuse_parts = model_validator(mode="before")(refuse_unsupported_parts)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -188,14 +229,30 @@ class ChatCompletionRequest(_Generation):
     response_format: ResponseFormat | None = None
     functions: list[Any] | None = None
     function_call: Any = None
+    # Fields the SDKs send (docs/clients.md): honoured where we can, else accepted or refused below.
+    modalities: list[Literal["text", "audio"]] | None = None
+    verbosity: Verbosity | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    prediction: Prediction | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> str | None:
-        for name in ("functions", "function_call"):  # deprecated by OpenAI in favour of tools
-            if getattr(self, name) is not None:
+        """A known OpenAI field whose request we cannot meet, where ignoring it would mislead: text
+        without the audio asked for, an answer not grounded in the web search asked for, output the
+        moderation asked for never checked, a reasoning effort or verbosity the model has no control
+        for (OpenAI's own 400 for a model without them)."""
+        for name in ("functions", "function_call", "audio", "web_search_options", "moderation", "reasoning_effort"):
+            if getattr(self, name) is not None:  # functions/function_call: deprecated in favour of tools
                 return name
+        if self.modalities is not None and "audio" in self.modalities:
+            return "modalities"
+        if self.verbosity not in (None, "medium"):
+            return "verbosity"
         return None
 
     def json_schema(self) -> dict[str, Any] | None:

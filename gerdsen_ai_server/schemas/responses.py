@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .openai import MAX_MESSAGES, REQUEST_CONFIG
+from .openai import MAX_MESSAGES, REQUEST_CONFIG, ReasoningEffort, SDKFields, Verbosity
 
 
 class _Request(BaseModel):
@@ -72,10 +72,33 @@ class TextFormat(_Request):
 
 class TextConfig(_Request):
     format: TextFormat | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None
+    verbosity: Verbosity | None = None  # "medium" only: api/responses.py
 
 
-class ResponsesRequest(_Request):
+class Reasoning(_Request):
+    """OpenAI's reasoning options. Only an empty request is met: no model served here has an effort
+    control or reasoning summaries (api/responses.py refuses the rest, as OpenAI does for such a model)."""
+
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+    mode: str | None = None
+    context: Literal["auto", "current_turn", "all_turns"] | None = None
+
+
+class ResponsesStreamOptions(_Request):
+    include_obfuscation: bool | None = None  # no obfuscation padding is sent (schemas/openai.py StreamOptions)
+
+
+# What ``include`` may ask for. Only the logprobs add anything here: the others add data to output items
+# of built-in tools, images or reasoning, which never occur (those tools and inputs are refused).
+Includable = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                     "message.input_image.image_url", "computer_call_output.output.image_url",
+                     "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs"]
+LOGPROBS = "message.output_text.logprobs"
+
+
+class ResponsesRequest(SDKFields):
     model: str = Field(min_length=1)
     input: str | Annotated[list[InputMessage | FunctionCallItem | FunctionCallOutputItem],
                            Field(max_length=MAX_MESSAGES)]
@@ -90,8 +113,43 @@ class ResponsesRequest(_Request):
     stream: bool = False
     store: bool | None = None
     previous_response_id: str | None = None
-    metadata: dict[str, str] | None = None
     user: str | None = None
+    # Fields the SDKs send (docs/clients.md "Fields the SDKs send"); metadata, store and the cache and
+    # tier hints come from SDKFields.
+    include: list[Includable] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    truncation: Literal["auto", "disabled"] | None = None
+    reasoning: Reasoning | None = None
+    stream_options: ResponsesStreamOptions | None = None
+    max_tool_calls: int | None = Field(None, ge=1)
+    background: bool | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+    context_management: list[dict[str, Any]] | None = None
+    moderation: dict[str, Any] | None = None
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token when logprobs are asked for (``include``, or ``top_logprobs`` set)."""
+        if LOGPROBS in (self.include or []) or self.top_logprobs is not None:
+            return self.top_logprobs or 0
+        return None
+
+    def unsupported(self) -> str | None:
+        """A known field we cannot honour where ignoring it would mislead: state kept on OpenAI's side
+        (a conversation, a stored prompt, background runs, compaction), moderation, reasoning or
+        verbosity controls the models here lack (OpenAI's own 400 for such a model)."""
+        for name in ("previous_response_id", "conversation", "prompt", "context_management", "moderation"):
+            if getattr(self, name) is not None:
+                return name
+        if self.background:
+            return "background"
+        if self.reasoning is not None:
+            for name in ("effort", "summary", "generate_summary", "mode", "context"):
+                if getattr(self.reasoning, name) is not None:
+                    return f"reasoning.{name}"
+        if self.text is not None and self.text.verbosity not in (None, "medium"):
+            return "text.verbosity"
+        return None
 
 
 # ---- the response object (what POST /v1/responses answers, and what its stream events carry) ----
@@ -99,10 +157,22 @@ class ResponsesRequest(_Request):
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 
 
+class LogprobAlternative(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class OutputLogprob(LogprobAlternative):
+    top_logprobs: list[LogprobAlternative]
+
+
 class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[OutputLogprob] = Field(default_factory=list,
+                                          description="With include message.output_text.logprobs (or top_logprobs).")
 
 
 class OutputMessage(BaseModel):

@@ -1,6 +1,6 @@
 import { fireEvent, screen, waitFor } from "@testing-library/react";
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { apiJson, getApiKey } from "../lib/api";
+import { apiJson, getApiKey, setApiKey } from "../lib/api";
 import { fakeFetch, renderWithMantine } from "../test/render";
 import { ApiKeyPrompt } from "./ApiKeyPrompt";
 
@@ -26,5 +26,21 @@ describe("ApiKeyPrompt", () => {
     await apiJson("/api/models").catch(() => undefined);
     expect(fake.calls.at(-1)?.headers.get("Authorization")).toBe("Bearer sk-secret");
     expect(fake.calls[0].headers.get("Authorization")).toBeNull();
+  });
+
+  it("stops calling with a refused key until another is entered", async () => {
+    const unauthorized = { error: { message: "Incorrect API key provided.", code: "invalid_api_key" } };
+    const fake = fakeFetch({ "GET /api/models": [401, unauthorized] });
+    vi.stubGlobal("fetch", fake.fn);
+    setApiKey("sk-wrong-key-0123456789");
+    await apiJson("/api/models").catch(() => undefined);
+    const sent = fake.calls.length;
+    await Promise.allSettled([apiJson("/api/models"), apiJson("/api/models")]); // polling on: nothing sent
+    expect(fake.calls.length).toBe(sent);
+
+    setApiKey("sk-another-key-0123456789");
+    await apiJson("/api/models").catch(() => undefined);
+    expect(fake.calls.length).toBe(sent + 1);
+    expect(fake.calls.at(-1)?.headers.get("Authorization")).toBe("Bearer sk-another-key-0123456789");
   });
 });

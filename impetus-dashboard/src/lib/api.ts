@@ -70,15 +70,25 @@ async function errorOf(response: Response): Promise<ApiError> {
   return new ApiError(response.status, message, code);
 }
 
+// The key the server last refused. Polling on with it would spend this address's failed-login
+// budget (IMPETUS_AUTH_FAIL_LIMIT) until the server locks the address out, the right key included:
+// calls with a refused key stop here until the user enters another.
+let refusedKey: string | null = null;
+
 /** fetch with the key; a 401 asks for the key (once, through the shared prompt) and throws. */
 export async function apiFetch(path: string, init: RequestInit = {}): Promise<Response> {
+  const key = getApiKey();
+  if (key !== null && key === refusedKey) {
+    throw new ApiError(401, "The key was refused; enter another.", "invalid_api_key");
+  }
   const headers = new Headers(init.headers);
   for (const [name, value] of Object.entries(authHeaders())) headers.set(name, value);
   if (init.body && !headers.has("Content-Type")) headers.set("Content-Type", "application/json");
   const response = await fetch(path, { ...init, headers });
   if (response.status === 401) {
     const error = await errorOf(response);
-    authRequired(getApiKey() ? `The key was refused: ${error.message}` : "This server needs an API key.");
+    if (key !== null) refusedKey = key;
+    authRequired(key ? `The key was refused: ${error.message}` : "This server needs an API key.");
     throw error;
   }
   return response;
