@@ -68,15 +68,10 @@ def quality_xfails(request: pytest.FixtureRequest) -> None:
         request.applymarker(pytest.mark.xfail(reason=entry[0], raises=entry[1], strict=False))
 
 
-class TestChatOpenAI(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatOpenAI]:
-        return ChatOpenAI
-
-    @property
-    def chat_model_params(self) -> dict[str, Any]:
-        # Chat completions; stream_usage so streamed replies carry usage like non-streamed ones.
-        return {**COMMON, "base_url": BASE["url"] + "/v1", "stream_usage": True, "use_responses_api": False}
+class ServerClaims:
+    """What the server claims, whichever client asks: tools and tool_choice, structured output (strict
+    json_schema for ChatOpenAI; a forced tool call, ChatAnthropic's default), usage without cached or
+    reasoning counts; no images (a text model), one model loaded (no override)."""
 
     @property
     def has_tool_calling(self) -> bool:
@@ -88,14 +83,6 @@ class TestChatOpenAI(ChatModelIntegrationTests):
 
     @property
     def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def structured_output_kwargs(self) -> dict[str, Any]:
-        return {"method": "json_schema"}  # grammar-constrained: the server claims strict schemas
-
-    @property
-    def supports_json_mode(self) -> bool:
         return True
 
     @property
@@ -115,15 +102,34 @@ class TestChatOpenAI(ChatModelIntegrationTests):
         return {"invoke": [], "stream": []}  # no cached-token or reasoning counts
 
     @property
-    def supports_anthropic_inputs(self) -> bool:
-        return False  # an OpenAI client: it has no Anthropic-format messages to send
-
-    @property
     def supports_model_override(self) -> bool:
         return False  # one model is loaded
 
 
-class TestChatAnthropic(ChatModelIntegrationTests):
+class TestChatOpenAI(ServerClaims, ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self) -> type[ChatOpenAI]:
+        return ChatOpenAI
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        # Chat completions; stream_usage so streamed replies carry usage like non-streamed ones.
+        return {**COMMON, "base_url": BASE["url"] + "/v1", "stream_usage": True, "use_responses_api": False}
+
+    @property
+    def structured_output_kwargs(self) -> dict[str, Any]:
+        return {"method": "json_schema"}  # grammar-constrained: the server claims strict schemas
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def supports_anthropic_inputs(self) -> bool:
+        return False  # an OpenAI client: it has no Anthropic-format messages to send
+
+
+class TestChatAnthropic(ServerClaims, ChatModelIntegrationTests):
     @property
     def chat_model_class(self) -> type[ChatAnthropic]:
         return ChatAnthropic
@@ -133,44 +139,12 @@ class TestChatAnthropic(ChatModelIntegrationTests):
         return {**COMMON, "base_url": BASE["url"], "stream_usage": True}
 
     @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True  # through a forced tool call (ChatAnthropic's default method)
-
-    @property
     def supports_json_mode(self) -> bool:
         return False  # the Messages API has no JSON mode
 
     @property
-    def supports_image_inputs(self) -> bool:
-        return False
-
-    @property
-    def supports_image_urls(self) -> bool:
-        return False
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
-    def supported_usage_metadata_details(self) -> dict[str, list[str]]:
-        return {"invoke": [], "stream": []}
-
-    @property
     def supports_anthropic_inputs(self) -> bool:
         return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False
 
 
 class TestOpenAIEmbeddings(EmbeddingsIntegrationTests):
