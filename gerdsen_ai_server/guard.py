@@ -56,7 +56,7 @@ from werkzeug.exceptions import ClientDisconnected
 
 from .api.errors import APIError, error_response
 from .config import Settings
-from .security import FAILED_LOGINS, KEYS, key_id, spend_budget
+from .security import FAILED_LOGINS, KEYS, key_id, key_in_headers, spend_budget
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,7 @@ def _send(start_response: StartResponse, error: APIError) -> Iterable[bytes]:
 
 def presented(environ: dict[str, Any], query: dict[str, list[str]]) -> str | None:
     """The key a handshake presents: ``Authorization: Bearer``, ``x-api-key``, or ``?api_key=``."""
-    scheme, _, value = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    header = environ.get("HTTP_X_API_KEY", "").strip()
+    header = key_in_headers(environ.get("HTTP_AUTHORIZATION", ""), environ.get("HTTP_X_API_KEY", ""))
     if header:
         return header
     given = query.get(KEY_QUERY, [""])[0].strip()

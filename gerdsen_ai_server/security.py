@@ -123,13 +123,17 @@ class KeyChecker:
         return any(scope == ADMIN for _, scope in self._digests)
 
 
-def presented_key() -> str | None:
-    """The key the client sent, if any: ``Authorization: Bearer KEY`` or ``x-api-key: KEY``."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
+def key_in_headers(authorization: str, x_api_key: str) -> str | None:
+    """The key in ``Authorization: Bearer KEY`` or else ``x-api-key: KEY``, if either holds one."""
+    scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.headers.get("x-api-key", "").strip() or None
+    return x_api_key.strip() or None
+
+
+def presented_key() -> str | None:
+    """The key the client sent, if any: ``Authorization: Bearer KEY`` or ``x-api-key: KEY``."""
+    return key_in_headers(request.headers.get("Authorization", ""), request.headers.get("x-api-key", ""))
 
 
 def key_id(key: str) -> str:
