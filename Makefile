@@ -10,10 +10,10 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 REQS   := requirements_production.txt requirements-dev.txt requirements-model.txt pyproject.toml
 
-# Debian/Ubuntu's multithreaded OpenBLAS; `impetus serve` preloads it (see gerdsen_ai_server/blas.py).
+# Debian/Ubuntu's multithreaded OpenBLAS; `impetus serve` preloads it (see gerdsen_ai_server/runtime/blas.py).
 OPENBLAS     := /usr/lib/*/openblas-pthread/libopenblas.so.0
 OPENBLAS_TRY := $(VENV)/.openblas-tried
-# Debian/Ubuntu's jemalloc; `impetus serve` preloads it as the C allocator (gerdsen_ai_server/memory.py).
+# Debian/Ubuntu's jemalloc; `impetus serve` preloads it as the C allocator (gerdsen_ai_server/runtime/memory.py).
 JEMALLOC     := /usr/lib/*/libjemalloc.so.2
 JEMALLOC_TRY := $(VENV)/.jemalloc-tried
 
@@ -121,6 +121,17 @@ $(DASH)/dist/index.html: $(DASH_DEPS) $(DASH_SOURCES)
 	$(PNPM) --dir $(DASH) run build
 
 dashboard: $(DASH)/dist/index.html
+
+# The dashboard's wire types, $(DASH)/src/api/schema.d.ts: the pinned openapi-typescript run on the server's
+# own /openapi.json (scripts/dump_openapi.py builds the app in process and loads no model). The check
+# regenerates into a temporary folder and fails, naming `make dashboard-types`, when the committed file
+# differs; tests/unit/test_dashboard_types.py runs the same check in `make test`.
+.PHONY: dashboard-types dashboard-types-check
+dashboard-types: $(STAMP) $(DASH_DEPS)
+	$(BIN)/python scripts/dump_openapi.py --types
+
+dashboard-types-check: $(STAMP) $(DASH_DEPS)
+	$(BIN)/python scripts/dump_openapi.py --check
 
 # The npm clients' test package (tests/clients/node/: openai, the Vercel AI SDK), pinned by its own
 # lockfile; only `make test` needs it (tests/clients/test_node_clients.py skips without it).

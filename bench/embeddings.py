@@ -25,7 +25,7 @@ TEXT = "the cat sat on the mat " * 21  # 128 tokens with [CLS] and [SEP]
 
 
 def in_process(folder: Path, inputs: int) -> None:
-    from gerdsen_ai_server.engine.encoder import load_encoder
+    from gerdsen_ai_server.engine.formats.encoder import load_encoder
 
     model, tokenizer, _ = load_encoder(folder, "float32")
     ids = [tokenizer.encode(TEXT)] * inputs

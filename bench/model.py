@@ -152,7 +152,7 @@ def build(out: Path, spec: Spec = BENCH, models_dir: Path | None = None, *, quie
     from mlx.utils import tree_flatten
     from mlx_lm.models.llama import Model, ModelArgs
 
-    from gerdsen_ai_server.default_model import ensure_default_model
+    from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
 
     source = Path(tokenizer_from) if tokenizer_from else ensure_default_model(models_dir or default_models_dir())
     tokenizer = cut_tokenizer(json.loads((source / "tokenizer.json").read_text()), spec.vocab)

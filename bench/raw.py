@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlx_lm
 
     from bench.prompts import completion_prompts
-    from gerdsen_ai_server.blas import blas_in_use
+    from gerdsen_ai_server.runtime.blas import blas_in_use
 
     model, tokenizer = mlx_lm.load(args.model)
     if args.dtype:

@@ -75,7 +75,7 @@ if str(ROOT) not in sys.path:
 from bench import client  # noqa: E402
 from bench.model import BENCH, TINY, default_models_dir, default_out, is_built  # noqa: E402
 from bench.prompts import chat_history, completion_prompts  # noqa: E402
-from gerdsen_ai_server.blas import find_openblas  # noqa: E402
+from gerdsen_ai_server.runtime.blas import find_openblas  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"

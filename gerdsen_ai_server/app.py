@@ -12,24 +12,34 @@ from typing import Any
 
 from flask import Flask
 
-from .api import anthropic, chat, embeddings, hardware, health, models, openai, responses, server_config  # noqa: F401  (on openai.bp)
-from .api.dashboard import init_dashboard
-from .api.docs import bp as docs_bp
-from .api.errors import register_error_handlers
-from .api.metrics import init_metrics
-from .api.pulls import init_pulls
-from .api.realtime import init_realtime, socketio
-from .api.requests import bp as running_requests_bp
-from .config import Settings
-from .engine.engine import InferenceEngine
-from .engine.loaders import LoadedModel
-from .guard import init_guard
-from .hardware import probe_for_this_machine
-from .metrics import Metrics
-from .monitor import Monitor
-from .request_log import configure_logging, init_request_log
-from .security import init_security, trust_proxies
-from .shutdown import init_shutdown
+from gerdsen_ai_server.api import (  # noqa: F401  (on openai.bp)
+    anthropic,
+    chat,
+    embeddings,
+    hardware,
+    health,
+    models,
+    openai,
+    responses,
+    server_config,
+)
+from gerdsen_ai_server.api.dashboard import init_dashboard
+from gerdsen_ai_server.api.docs import bp as docs_bp
+from gerdsen_ai_server.api.metrics import init_metrics
+from gerdsen_ai_server.api.pulls import init_pulls
+from gerdsen_ai_server.api.realtime import init_realtime, socketio
+from gerdsen_ai_server.api.requests import bp as running_requests_bp
+from gerdsen_ai_server.config import Settings
+from gerdsen_ai_server.engine.engine import InferenceEngine
+from gerdsen_ai_server.engine.formats.loaders import LoadedModel
+from gerdsen_ai_server.monitoring.hardware import probe_for_this_machine
+from gerdsen_ai_server.monitoring.monitor import Monitor
+from gerdsen_ai_server.monitoring.prometheus import Metrics
+from gerdsen_ai_server.web.errors import register_error_handlers
+from gerdsen_ai_server.web.guard import init_guard
+from gerdsen_ai_server.web.request_log import configure_logging, init_request_log
+from gerdsen_ai_server.web.security import init_security, trust_proxies
+from gerdsen_ai_server.web.shutdown import init_shutdown
 
 log = logging.getLogger(__name__)
 

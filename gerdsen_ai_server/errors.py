@@ -1,7 +1,7 @@
 """The API's error and its OpenAI-style envelope, below every layer that raises it.
 
 No Flask here: the request schemas (``schemas/``) refuse a body with the same error the routes
-raise, and ``api/errors.py`` renders it (in Anthropic's shape on ``/v1/messages``).
+raise, and ``web/errors.py`` renders it (in Anthropic's shape on ``/v1/messages``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from ..schemas.anthropic import (
+from gerdsen_ai_server.api.chat import chat_prompt, collect_answer, start_chat
+from gerdsen_ai_server.api.openai import SSE_HEADERS, cancel_all, parse_body, resident_model
+from gerdsen_ai_server.api.requests import ClientGone
+from gerdsen_ai_server.schemas.anthropic import (
     CountTokensRequest,
     CountTokensResponse,
     Message,
@@ -19,12 +22,9 @@ from ..schemas.anthropic import (
     MessagesRequest,
     Usage,
 )
-from ..schemas.openai import ChatCompletionRequest, ToolCall
-from .chat import chat_prompt, collect_answer, start_chat
-from .errors import APIError, error_shape
-from .openai import SSE_HEADERS, cancel_all, parse_body, resident_model
-from .requests import ClientGone
-from .tools import ToolPlan, answer_parts, partial_arguments, plan_tools
+from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, ToolCall
+from gerdsen_ai_server.serving.tools import ToolPlan, answer_parts, partial_arguments, plan_tools
+from gerdsen_ai_server.web.errors import APIError, error_shape
 
 bp = Blueprint("anthropic", __name__, url_prefix="/v1")
 

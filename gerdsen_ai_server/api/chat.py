@@ -10,25 +10,7 @@ from typing import Any
 from flask import Response, current_app, jsonify
 from jinja2.exceptions import SecurityError
 
-from ..engine.grammar import GrammarError, GrammarProcessor, compile_json_schema, strict_schema
-from ..engine.loaders import LoadedModel
-from ..engine.stream import TokenEvent, TokenStream
-from ..schemas.openai import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatDelta,
-    ChatLogprobs,
-    DeltaToolCall,
-    ToolCall,
-)
-from .chat_template import TemplateTimeout, render_chat_template
-from .errors import APIError, error_body
-from .logprobs import chat_logprobs
-from .openai import (
+from gerdsen_ai_server.api.openai import (
     bp,
     cancel_all,
     check_supported,
@@ -44,7 +26,24 @@ from .openai import (
     submit_all,
     usage,
 )
-from .tools import (
+from gerdsen_ai_server.engine.formats.loaders import LoadedModel
+from gerdsen_ai_server.engine.grammar import GrammarError, GrammarProcessor, compile_json_schema, strict_schema
+from gerdsen_ai_server.engine.protocol import TokenEvent, TokenStream
+from gerdsen_ai_server.schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    DeltaToolCall,
+    ToolCall,
+)
+from gerdsen_ai_server.serving.chat_template import TemplateTimeout, render_chat_template
+from gerdsen_ai_server.serving.logprobs import chat_logprobs
+from gerdsen_ai_server.serving.tools import (
     ToolCallSplitter,
     ToolPlan,
     answer_parts,
@@ -53,6 +52,7 @@ from .tools import (
     split_answer,
     template_messages,
 )
+from gerdsen_ai_server.web.errors import APIError, error_body
 
 
 def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> list[int]:

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from flask import Flask, Response, current_app, request, send_from_directory
 from werkzeug.security import safe_join
 
-from .errors import APIError
+from gerdsen_ai_server.web.errors import APIError
 
 # Paths the API owns (first segment): never the dashboard's, even when nothing there matches.
 API_PREFIXES = frozenset({"v1", "api", "health", "metrics", "openapi.json", "docs", "socket.io", "static"})

@@ -18,10 +18,10 @@ from flask import Blueprint, Response, abort, current_app, jsonify, send_from_di
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from .. import __version__
-from ..schemas import anthropic, hardware, health, models, openai, registry, responses, server
-from ..schemas import requests as running
-from ..security import needs_admin
+from gerdsen_ai_server import __version__
+from gerdsen_ai_server.schemas import anthropic, hardware, health, models, openai, pulls, responses, server
+from gerdsen_ai_server.schemas import requests as running
+from gerdsen_ai_server.web.security import needs_admin
 
 bp = Blueprint("docs", __name__)
 
@@ -117,28 +117,28 @@ OPERATIONS: list[Operation] = [
     ("/v1/messages/count_tokens", "post", "Anthropic", "Count a message's input tokens",
      anthropic.CountTokensRequest, anthropic.CountTokensResponse, False, True),
     ("/api/models", "get", "Models", "Resident and local models, with the memory budget",
-     None, registry.ModelsOverview, False, True),
+     None, models.ModelsOverview, False, True),
     ("/api/models/{model_id}", "get", "Models", "Describe a resident or local model",
-     None, registry.ModelInfo, False, True),
+     None, models.ModelInfo, False, True),
     ("/api/models/load", "post", "Models", "Load a model (or refresh its keep-alive)",
-     registry.LoadRequest, registry.ModelInfo, False, True),
+     models.LoadRequest, models.ModelInfo, False, True),
     ("/api/models/unload", "post", "Models", "Unload a resident model",
-     registry.UnloadRequest, registry.ModelUnloaded, False, True),
+     models.UnloadRequest, models.ModelUnloaded, False, True),
     ("/api/models/{model_id}/benchmark", "post", "Models",
      "Benchmark a model on this machine (prompt and generation tok/s, TTFT, peak memory); 409 while one runs",
-     registry.BenchmarkRequest, registry.BenchmarkResult, False, True),
+     models.BenchmarkRequest, models.BenchmarkResult, False, True),
     ("/api/models/{model_id}/benchmark", "get", "Models", "A model's benchmark history, oldest first",
-     None, registry.BenchmarkHistory, False, True),
+     None, models.BenchmarkHistory, False, True),
     ("/api/models/pull", "post", "Models", "Pull a model from the Hugging Face hub, in the background (202)",
-     models.PullRequest, models.PullStatus, False, True),
-    ("/api/models/pulls", "get", "Models", "Every pull this process knows", None, models.PullList, False, True),
-    ("/api/models/pulls/{pull_id}", "get", "Models", "One pull's progress", None, models.PullStatus, False, True),
+     pulls.PullRequest, pulls.PullStatus, False, True),
+    ("/api/models/pulls", "get", "Models", "Every pull this process knows", None, pulls.PullList, False, True),
+    ("/api/models/pulls/{pull_id}", "get", "Models", "One pull's progress", None, pulls.PullStatus, False, True),
     ("/api/models/pulls/{pull_id}", "delete", "Models", "Cancel a pull (partial files stay, to resume)",
-     None, models.PullStatus, False, True),
+     None, pulls.PullStatus, False, True),
     ("/api/models/{model_id}", "delete", "Models", "Delete a local model (409 while loaded or pulled)",
-     None, models.ModelDeleted, False, True),
+     None, pulls.ModelDeleted, False, True),
     ("/api/models/discover", "get", "Models", "Models to pull: the curated catalogue, or a hub search (q)",
-     None, models.DiscoverResponse, False, True),
+     None, pulls.DiscoverResponse, False, True),
     ("/api/hardware", "get", "Monitoring",
      "The machine: platform, CPU, memory, GPUs, MLX, thermal state and throttling (a failed probe is null)",
      None, hardware.HardwareReport, False, True),
@@ -177,7 +177,7 @@ TIMED_OUT = ("Ran past IMPETUS_REQUEST_TIMEOUT and was cancelled (`request_timeo
              "an operator's cancel is a 503 `request_cancelled`.")
 for _path in GENERATIVE[:-1]:  # all but count_tokens run on the engine, within IMPETUS_REQUEST_TIMEOUT
     EXTRA_ERRORS[(_path, "post")]["504"] = TIMED_OUT
-QUERIES: dict[tuple[str, str], type[BaseModel]] = {("/api/models/discover", "get"): models.DiscoverQuery}
+QUERIES: dict[tuple[str, str], type[BaseModel]] = {("/api/models/discover", "get"): pulls.DiscoverQuery}
 # Open unless IMPETUS_PROTECT_HEALTH: then they need the key like the API.
 MONITORING = ("/health", "/metrics")
 PROMETHEUS = {"text/plain": {"schema": {

@@ -15,15 +15,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import numpy as np
 from flask import Response, current_app, jsonify
 
-from ..engine.embeddings import EmbeddingCancelled, EmbeddingJob, hidden_size
-from ..engine.encoder import EncoderModel
-from ..engine.engine import EngineOverloaded
-from ..engine.errors import ModelNotFound
-from ..engine.stream import WATCH_INTERVAL_S, EngineGone
-from ..schemas.openai import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
-from .errors import APIError
-from .openai import bp, completion_prompts, engine, parse_body, resident_model
-from .requests import Running, watch_embedding
+from gerdsen_ai_server.api.openai import bp, completion_prompts, engine, parse_body, resident_model
+from gerdsen_ai_server.api.requests import Running, watch_embedding
+from gerdsen_ai_server.engine.embeddings import EmbeddingCancelled, EmbeddingJob, hidden_size
+from gerdsen_ai_server.engine.engine import EngineOverloaded
+from gerdsen_ai_server.engine.formats.encoder import EncoderModel
+from gerdsen_ai_server.engine.protocol import WATCH_INTERVAL_S, EngineGone
+from gerdsen_ai_server.schemas.openai import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from gerdsen_ai_server.store.errors import ModelNotFound
+from gerdsen_ai_server.web.errors import APIError
 
 MAX_INPUTS = 256
 

@@ -1,6 +1,6 @@
 """GET /api/hardware: platform, CPU, memory, GPUs, MLX, frequency, thermal state and throttling.
 
-Each section comes from its own probe (gerdsen_ai_server/hardware.py); one that fails is null,
+Each section comes from its own probe (gerdsen_ai_server/monitoring/hardware.py); one that fails is null,
 with the reason under ``unavailable``, and never fails the request.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from ..monitor import Monitor
+from gerdsen_ai_server.monitoring.monitor import Monitor
 
 bp = Blueprint("hardware", __name__, url_prefix="/api")
 EXTENSION = "impetus_monitor"

@@ -12,12 +12,12 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from .. import __version__
-from ..blas import blas_in_use
-from ..engine.engine import InferenceEngine
-from ..memory import allocator
-from ..schemas.health import HealthReport, Liveness, Readiness, ResidentModel
-from ..security import may_see_details
+from gerdsen_ai_server import __version__
+from gerdsen_ai_server.engine.engine import InferenceEngine
+from gerdsen_ai_server.runtime.blas import blas_in_use
+from gerdsen_ai_server.runtime.memory import allocator
+from gerdsen_ai_server.schemas.health import HealthReport, Liveness, Readiness, ResidentModel
+from gerdsen_ai_server.web.security import may_see_details
 
 bp = Blueprint("health", __name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client.exposition import choose_encoder
 
-from ..engine.stream import TokenStream
-from ..events import EventBus
-from ..metrics import Metrics
+from gerdsen_ai_server.engine.protocol import TokenStream
+from gerdsen_ai_server.events import EventBus
+from gerdsen_ai_server.monitoring.prometheus import Metrics
 
 bp = Blueprint("metrics", __name__)
 EXTENSION = "impetus_metrics"

@@ -8,15 +8,13 @@ from pathlib import Path
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from ..default_model import DEFAULT_MODEL_ID
-from ..engine.encoder import is_encoder
-from ..engine.engine import ContextLengthExceeded, EngineOverloaded
-from ..engine.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
-from ..engine.loaders import confine, model_paths
-from ..engine.registry import ModelBusy, ModelPinned, OverBudget, Resident
-from ..engine.stream import EngineGone
-from ..model_bench import BenchmarkFailed, BenchmarkStore, benchmark, warm_up
-from ..schemas.registry import (
+from gerdsen_ai_server.api.openai import engine, parse_body
+from gerdsen_ai_server.engine.benchmark import BenchmarkFailed, BenchmarkStore, benchmark, warm_up
+from gerdsen_ai_server.engine.engine import ContextLengthExceeded, EngineOverloaded
+from gerdsen_ai_server.engine.formats.encoder import is_encoder
+from gerdsen_ai_server.engine.protocol import EngineGone
+from gerdsen_ai_server.engine.registry import ModelBusy, ModelPinned, OverBudget, Resident
+from gerdsen_ai_server.schemas.models import (
     BenchmarkHistory,
     BenchmarkRequest,
     LoadRequest,
@@ -25,8 +23,10 @@ from ..schemas.registry import (
     ModelUnloaded,
     UnloadRequest,
 )
-from .errors import APIError
-from .openai import engine, parse_body
+from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID
+from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
+from gerdsen_ai_server.store.paths import confine, model_paths
+from gerdsen_ai_server.web.errors import APIError
 
 bp = Blueprint("models", __name__, url_prefix="/api/models")
 LOAD_TIMEOUT_S = 600
@@ -56,7 +56,7 @@ def load(spec: str, keep_alive: float | None = None) -> Resident:
     """Load (or touch) ``spec`` on the engine thread and wait for it; keep_alive None is the default.
 
     Every spec that reaches this comes from a request, so it loads untrusted: only a model in the
-    models dir or under IMPETUS_MODEL_PATHS, else one uniform 404 (loaders.confine).
+    models dir or under IMPETUS_MODEL_PATHS, else one uniform 404 (store.paths.confine).
     """
     if keep_alive is not None and keep_alive < 0:
         keep_alive = math.inf  # Ollama's convention: negative keeps the model loaded

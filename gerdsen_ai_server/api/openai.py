@@ -18,11 +18,20 @@ from typing import Any, TypeVar
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel
 
-from .. import __version__
-from ..engine.engine import ContextLengthExceeded, EngineOverloaded, InferenceEngine
-from ..engine.loaders import LoadedModel, model_not_found
-from ..engine.stream import EngineGone, GenerationRequest, SamplingParams, TokenEvent, TokenLogprob, TokenStream
-from ..schemas.limits import (
+from gerdsen_ai_server import __version__
+from gerdsen_ai_server.api.metrics import track
+from gerdsen_ai_server.api.requests import ClientGone, watch_streams
+from gerdsen_ai_server.engine.engine import ContextLengthExceeded, EngineOverloaded, InferenceEngine
+from gerdsen_ai_server.engine.formats.loaders import LoadedModel
+from gerdsen_ai_server.engine.protocol import (
+    EngineGone,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+    TokenStream,
+)
+from gerdsen_ai_server.schemas.limits import (
     LONE_SURROGATE_ESCAPE,
     MAX_JSON_DEPTH,
     JSONShapeError,
@@ -30,7 +39,7 @@ from ..schemas.limits import (
     check_unicode,
     reject_constant,
 )
-from ..schemas.openai import (
+from gerdsen_ai_server.schemas.openai import (
     MAX_EMBEDDING_INPUTS,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -43,10 +52,9 @@ from ..schemas.openai import (
     Usage,
     _Generation,
 )
-from .errors import APIError, error_body
-from .logprobs import completion_logprobs
-from .metrics import track
-from .requests import ClientGone, watch_streams
+from gerdsen_ai_server.serving.logprobs import completion_logprobs
+from gerdsen_ai_server.store.paths import model_not_found
+from gerdsen_ai_server.web.errors import APIError, error_body
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 FINGERPRINT = f"fp_impetus_{__version__}"
@@ -92,7 +100,7 @@ def resident_model(model_id: str, keep_alive: float | None = None, *, embedding:
 
 
 def _resident_model(model_id: str, keep_alive: float | None) -> LoadedModel:
-    from .models import load  # models.py imports this module's helpers
+    from gerdsen_ai_server.api.models import load  # models.py imports this module's helpers
 
     resident = engine().registry.get(model_id)
     if resident is not None and keep_alive is None:
@@ -103,7 +111,7 @@ def _resident_model(model_id: str, keep_alive: float | None) -> LoadedModel:
     try:
         return load(model_id, keep_alive).loaded
     except APIError as exc:
-        if exc.status == 404:  # one answer for every model that cannot be found (loaders.model_not_found)
+        if exc.status == 404:  # one answer for every model that cannot be found (store.paths.model_not_found)
             raise APIError(404, str(model_not_found(model_id)), param="model", code="model_not_found") from None
         raise
 

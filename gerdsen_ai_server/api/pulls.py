@@ -21,10 +21,8 @@ from pathlib import Path
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from huggingface_hub import ModelInfo
 
-from .. import catalogue, hub, local_models
-from ..engine.errors import ModelNotFound
-from ..pull_manager import PullManager, PullQueueFull
-from ..schemas.models import (
+from gerdsen_ai_server.api.openai import engine, parse_body
+from gerdsen_ai_server.schemas.pulls import (
     DiscoveredModel,
     DiscoverQuery,
     DiscoverResponse,
@@ -33,8 +31,11 @@ from ..schemas.models import (
     PullRequest,
     PullStatus,
 )
-from .errors import APIError
-from .openai import engine, parse_body
+from gerdsen_ai_server.store import catalogue, hub
+from gerdsen_ai_server.store import local as local_models
+from gerdsen_ai_server.store.errors import ModelNotFound
+from gerdsen_ai_server.store.pulls import PullManager, PullQueueFull
+from gerdsen_ai_server.web.errors import APIError
 
 bp = Blueprint("pulls", __name__, url_prefix="/api/models")
 EXTENSION = "impetus_pulls"

@@ -10,7 +10,7 @@ Server -> client events, each sent to its room:
     pull_progress  a model pull's bytes and status                                                  room "models"
 
 With API keys configured (IMPETUS_API_KEYS / IMPETUS_API_KEY_FILE) the Engine.IO handshake needs one
-before any session exists (gerdsen_ai_server/guard.py): an ``Authorization: Bearer KEY`` header
+before any session exists (gerdsen_ai_server/web/guard.py): an ``Authorization: Bearer KEY`` header
 (python-socketio: ``connect(url, headers=...)``) or, from a browser, which cannot set headers on a
 WebSocket, the query parameter ``api_key=KEY`` (socket.io-client: ``io(url, {query: {api_key}})``);
 without, 401 ``invalid_api_key``. A key in the connect ``auth`` (``{"api_key": KEY}``) must be right
@@ -74,17 +74,17 @@ from flask_socketio import ConnectionRefusedError, SocketIO, emit, join_room, le
 from pydantic import ValidationError
 from socketio import RedisManager
 
-from ..engine.stream import EngineGone, TokenStream
-from ..guard import KEY_ID, OriginPolicy
-from ..monitor import Monitor
-from ..request_log import access_log
-from ..schemas.realtime import GENERATION_ID, CancelRequest, ConnectAuth, GenerateRequest, RoomsRequest
-from ..security import FAILED_LOGINS, KEYS, KeyChecker, key_id, spend_budget
-from .chat import Started, start_chat
-from .errors import APIError, validation_error
-from .metrics import finish_tracking
-from .openai import cancel_all
-from .tools import answer_parts
+from gerdsen_ai_server.api.chat import Started, start_chat
+from gerdsen_ai_server.api.metrics import finish_tracking
+from gerdsen_ai_server.api.openai import cancel_all
+from gerdsen_ai_server.engine.protocol import EngineGone, TokenStream
+from gerdsen_ai_server.monitoring.monitor import Monitor
+from gerdsen_ai_server.schemas.realtime import GENERATION_ID, CancelRequest, ConnectAuth, GenerateRequest, RoomsRequest
+from gerdsen_ai_server.serving.tools import answer_parts
+from gerdsen_ai_server.web.errors import APIError, validation_error
+from gerdsen_ai_server.web.guard import KEY_ID, OriginPolicy
+from gerdsen_ai_server.web.request_log import access_log
+from gerdsen_ai_server.web.security import FAILED_LOGINS, KEYS, KeyChecker, key_id, spend_budget
 
 log = logging.getLogger(__name__)
 

@@ -36,10 +36,10 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from ..engine.embeddings import EmbeddingJob
-from ..engine.stream import TokenStream
-from ..schemas.requests import RunningRequest, RunningRequestList
-from .errors import APIError
+from gerdsen_ai_server.engine.embeddings import EmbeddingJob
+from gerdsen_ai_server.engine.protocol import TokenStream
+from gerdsen_ai_server.schemas.requests import RunningRequest, RunningRequestList
+from gerdsen_ai_server.web.errors import APIError
 
 bp = Blueprint("requests", __name__, url_prefix="/api/requests")
 EXTENSION = "impetus_requests"

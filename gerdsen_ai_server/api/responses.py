@@ -16,15 +16,20 @@ from typing import Any
 
 from flask import Response, jsonify
 
-from ..engine.stream import TokenEvent, TokenLogprob, TokenStream
-from ..schemas.openai import ChatCompletionRequest, ToolCall
-from ..schemas.responses import FunctionCallItem, FunctionCallOutputItem, ResponseObject, ResponsesRequest
-from .chat import collect_answer, start_chat
-from .errors import APIError
-from .logprobs import chat_logprobs
-from .openai import SSE_HEADERS, bp, cancel_all, parse_body
-from .requests import ClientGone
-from .tools import ToolPlan, answer_parts
+from gerdsen_ai_server.api.chat import collect_answer, start_chat
+from gerdsen_ai_server.api.openai import SSE_HEADERS, bp, cancel_all, parse_body
+from gerdsen_ai_server.api.requests import ClientGone
+from gerdsen_ai_server.engine.protocol import TokenEvent, TokenLogprob, TokenStream
+from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, ToolCall
+from gerdsen_ai_server.schemas.responses import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    ResponseObject,
+    ResponsesRequest,
+)
+from gerdsen_ai_server.serving.logprobs import chat_logprobs
+from gerdsen_ai_server.serving.tools import ToolPlan, answer_parts
+from gerdsen_ai_server.web.errors import APIError
 
 # Why each known field we cannot honour is refused rather than ignored (docs/clients.md).
 REFUSED = {

@@ -13,8 +13,8 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from ..config import Settings
-from ..schemas.server import ConfigEntry, ConfigList
+from gerdsen_ai_server.config import Settings
+from gerdsen_ai_server.schemas.server import ConfigEntry, ConfigList
 
 bp = Blueprint("server_config", __name__, url_prefix="/api")
 

@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from .encoder import BATCH, EncoderModel
+from gerdsen_ai_server.engine.formats.encoder import BATCH, EncoderModel
 
 
 class EmbeddingCancelled(RuntimeError):

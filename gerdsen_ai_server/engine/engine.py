@@ -23,14 +23,20 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from ..events import EventBus
-from .embeddings import EmbeddingCancelled, EmbeddingJob
-from .errors import ModelLoadError, ModelNotFound
-from .loaders import LoadedModel, LoaderFactory
-from .mlxlm import DecodeBatch, PromptCache
-from .registry import ModelRegistry, Resident
-from .sampling import StopMatcher, build_logits_processors, build_sampler, guarded, token_logprob
-from .stream import EngineGone, GenerationRequest, TokenEvent, TokenStream
+from gerdsen_ai_server.engine.embeddings import EmbeddingCancelled, EmbeddingJob
+from gerdsen_ai_server.engine.formats.loaders import LoadedModel, LoaderFactory
+from gerdsen_ai_server.engine.mlxlm import DecodeBatch, PromptCache
+from gerdsen_ai_server.engine.protocol import EngineGone, GenerationRequest, TokenEvent, TokenStream
+from gerdsen_ai_server.engine.registry import ModelRegistry, Resident
+from gerdsen_ai_server.engine.sampling import (
+    StopMatcher,
+    build_logits_processors,
+    build_sampler,
+    guarded,
+    token_logprob,
+)
+from gerdsen_ai_server.events import EventBus
+from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound
 
 log = logging.getLogger(__name__)
 

@@ -1,24 +1,8 @@
-"""Exceptions raised while finding, converting or loading a model.
-
-The server maps these to clear HTTP / start-up errors; none of them should
-ever take the process down.
-"""
+"""The engine's errors, in one module. Model errors (finding, converting, loading) are defined
+in store/errors.py, beside the model store that raises most of them, and re-exported here."""
 
 from __future__ import annotations
 
+from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound, ModelRefused, UnsupportedModelFormat
 
-class ModelLoadError(Exception):
-    """A model could not be loaded or converted (corrupt file, bad config, ...)."""
-
-
-class UnsupportedModelFormat(ModelLoadError):
-    """The model exists but is in a format, architecture or quantization we cannot run."""
-
-
-class ModelNotFound(ModelLoadError):
-    """No model exists at the given id or path."""
-
-
-class ModelRefused(ModelNotFound):
-    """A request's model spec that names nothing it may load (engine/loaders.py ``confine``): one
-    uniform message, echoing the spec as sent and nothing of the host."""
+__all__ = ["ModelLoadError", "ModelNotFound", "ModelRefused", "UnsupportedModelFormat"]

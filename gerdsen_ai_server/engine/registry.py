@@ -22,10 +22,11 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..events import EventBus
-from .encoder import NoGeneration
-from .errors import ModelLoadError, ModelNotFound, ModelRefused
-from .loaders import LoadedModel, LoaderFactory, redact_paths
+from gerdsen_ai_server.engine.formats.encoder import NoGeneration
+from gerdsen_ai_server.engine.formats.loaders import LoadedModel, LoaderFactory
+from gerdsen_ai_server.events import EventBus
+from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound, ModelRefused
+from gerdsen_ai_server.store.paths import redact_paths
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Resident:
     sequences: dict[int, Any] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
-    warmup: Any = None  # schemas.registry.WarmupResult, once a load with warmup: true has run
+    warmup: Any = None  # schemas.models.WarmupResult, once a load with warmup: true has run
 
     @property
     def busy(self) -> bool:  # a llama.cpp model keeps its sequences itself
@@ -68,8 +69,8 @@ def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
     (each scale stands for ``group_size`` parameters, whatever the layer's bit width).
     """
     if path.suffix.lower() == ".gguf":  # the llama.cpp backend: the file plus its KV cache
-        from .backends.llamacpp import estimate_bytes as gguf_bytes
-        from .backends.llamacpp import n_sequences
+        from gerdsen_ai_server.engine.backends.llamacpp import estimate_bytes as gguf_bytes
+        from gerdsen_ai_server.engine.backends.llamacpp import n_sequences
 
         return gguf_bytes(path, n_sequences())
     config = json.loads((path / "config.json").read_text())
@@ -158,7 +159,7 @@ class ModelRegistry:
 
         ``spec`` is untrusted unless ``trusted`` (the operator's own: the default model, the CLI): an
         untrusted spec is the id of a resident model, or resolves inside the models dir or under
-        ``allowed`` (IMPETUS_MODEL_PATHS), else one uniform ModelNotFound (``loaders.confine``).
+        ``allowed`` (IMPETUS_MODEL_PATHS), else one uniform ModelNotFound (``store.paths.confine``).
         Room is made (and the estimate reserved) before loading starts, so two loads at once
         cannot both count on the same free memory; a second load of a model joins the first.
         """
@@ -198,7 +199,7 @@ class ModelRegistry:
         return known
 
     def _public(self, exc: Exception, spec: str, allowed: Sequence[Path]) -> ModelLoadError:
-        """``exc`` as the ModelLoadError a client may see: host paths redacted (``loaders.redact_paths``).
+        """``exc`` as the ModelLoadError a client may see: host paths redacted (``store.paths.redact_paths``).
         The log keeps the whole message, for the operator."""
         if isinstance(exc, ModelRefused):  # already says nothing but the spec as the client sent it
             log.info("refused model %r", spec)

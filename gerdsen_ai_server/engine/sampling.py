@@ -20,7 +20,7 @@ from mlx_lm.sample_utils import (
     make_sampler,
 )
 
-from .stream import SamplingParams, TokenLogprob
+from gerdsen_ai_server.engine.protocol import SamplingParams, TokenLogprob
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]

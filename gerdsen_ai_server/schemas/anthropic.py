@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from ..errors import APIError
-from .openai import MAX_MESSAGES, REQUEST_CONFIG
+from gerdsen_ai_server.errors import APIError
+from gerdsen_ai_server.schemas.openai import MAX_MESSAGES, REQUEST_CONFIG
 
 # Blocks whose content a text model cannot read: refused until the vision issue lands.
 MEDIA_BLOCKS = frozenset({"image", "document", "search_result", "container_upload"})

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from .hardware import ThermalState
+from gerdsen_ai_server.schemas.hardware import ThermalState
 
 
 class ResidentModel(BaseModel):

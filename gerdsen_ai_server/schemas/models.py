@@ -1,80 +1,100 @@
-"""Wire formats of model management under /api/models."""
+"""Wire formats of /api/models: resident and local models, load and unload, warm-up and benchmarks.
+
+Request bodies share the OpenAI schemas' config: strict types and finite numbers (a ``keep_alive``
+of NaN once made /api/models invalid JSON and kept the model loaded forever)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from .openai import REQUEST_CONFIG
-
-# ---- pulls, deletion and discovery (api/pulls.py) ---------------------------------------------
-
-PullStatusName = Literal["queued", "downloading", "done", "failed", "cancelled"]
+from gerdsen_ai_server.schemas.openai import REQUEST_CONFIG
 
 
-class PullRequest(BaseModel):
-    model_config = REQUEST_CONFIG  # strict types, as every JSON body (schemas/openai.py)
+class LoadRequest(BaseModel):
+    model_config = REQUEST_CONFIG
 
-    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$",
-                       description="Hugging Face repo id, 'org/name'.", examples=["mlx-community/Qwen2.5-0.5B-Instruct-4bit"])
-    revision: str = Field("main", min_length=1, description="Branch, tag or commit.")
-    gguf: str | None = Field(None, min_length=1, description="Fetch the one .gguf file matching this name or pattern "
-                             "(e.g. '*Q4_K_M.gguf') instead of safetensors weights.")
+    model: str = Field(min_length=1, description="Model id, folder name under the models dir, or a path.")
+    keep_alive: float | None = Field(
+        None, description="Seconds to stay loaded when idle; negative keeps it; omitted uses IMPETUS_KEEP_ALIVE."
+    )
+    warmup: bool = Field(
+        False, description="After loading, run a short prompt through the engine twice (the first run builds the "
+        "sampler's compiled graph and the buffers) so the first real request is fast; reports TTFT cold vs warm.",
+    )
 
 
-class PullStatus(BaseModel):
+class WarmupResult(BaseModel):
+    prompt_tokens: int
+    cold_ttft_ms: float = Field(description="Time to first token of the first request after loading.")
+    warm_ttft_ms: float = Field(description="Time to first token of the same-length request right after it.")
+    seconds: float = Field(description="Wall time the warm-up took.")
+    finished_at: float = Field(description="Unix time.")
+
+
+class UnloadRequest(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    model: str = Field(min_length=1)
+
+
+class ModelUnloaded(BaseModel):
     id: str
-    object: Literal["model.pull"] = "model.pull"
-    model: str
-    revision: str
-    status: PullStatusName
-    bytes_done: int
-    bytes_total: int | None = Field(None, description="Known once the hub has listed the files.")
-    path: str | None = Field(None, description="The model's folder once done.")
+    state: Literal["unloaded"] = "unloaded"
+
+
+class ModelInfo(BaseModel):
+    id: str
+    state: Literal["resident", "local"]
+    format: str | None = None
+    kind: Literal["language", "embedding"] | None = Field(
+        None, description="language: generates (and embeds); embedding: a dedicated embedding model, /v1/embeddings only.")
+    path: str | None = None
+    size_bytes: int | None = Field(None, description="Bytes on disk.")
+    memory_bytes: int | None = Field(None, description="Bytes of weights in memory while resident.")
+    context_length: int | None = None
+    busy: bool = False
+    pinned: bool = False
+    keep_alive: float | None = Field(None, description="Idle seconds before unloading; null: kept loaded.")
+    idle_seconds: float | None = None
+    warmup: WarmupResult | None = Field(None, description="Set once a load with warmup: true has warmed it.")
     error: str | None = None
-    created_at: float
-    finished_at: float | None = None
 
 
-class PullList(BaseModel):
+class ModelsOverview(BaseModel):
     object: Literal["list"] = "list"
-    data: list[PullStatus]
-
-
-class ModelDeleted(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    deleted: bool = True
-
-
-class DiscoveredModel(BaseModel):
-    id: str
-    source: Literal["catalogue", "hub"]
-    description: str | None = None
-    parameters: int | None = None
-    quantization: str | None = None
-    size_bytes: int | None = Field(None, description="Approximate bytes on disk.")
-    memory_bytes: int | None = Field(None, description="Approximate bytes it takes resident, with this server's compute dtype.")
-    fits: bool | None = Field(None, description="Whether memory_bytes is within the memory budget; null if unknown.")
-    downloads: int | None = None
-    local: bool = Field(False, description="Already in the models dir.")
-
-
-class DiscoverQuery(BaseModel):
-    """GET /api/models/discover's query parameters."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    q: str = Field("", max_length=200, description="Search the hub for this; without it, the curated catalogue.")
-    author: str = Field("mlx-community", max_length=100, description="Hub organisation to search ('' for any).")
-    limit: int = Field(20, ge=1, le=100)
-
-
-class DiscoverResponse(BaseModel):
-    object: Literal["list"] = "list"
-    source: Literal["catalogue", "hub"]
-    query: str | None = None
+    data: list[ModelInfo]
     memory_budget_bytes: int
-    hub_error: str | None = Field(None, description="Why the hub was not searched, when a query fell back to the catalogue.")
-    data: list[DiscoveredModel]
+    memory_used_bytes: int
+
+
+class BenchmarkRequest(BaseModel):
+    model_config = REQUEST_CONFIG
+
+    prompt_tokens: int = Field(128, ge=1, le=8192, description="Length of the synthetic prompt.")
+    max_tokens: int = Field(64, ge=2, le=4096, description="Tokens to generate (end-of-sequence is suppressed).")
+
+
+class BenchmarkResult(BaseModel):
+    id: str
+    object: Literal["model.benchmark"] = "model.benchmark"
+    model: str
+    created_at: float = Field(description="Unix time the run started.")
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_ms: float = Field(description="Submission to first token (prompt processing plus one step).")
+    prompt_tokens_per_second: float = Field(description="prompt_tokens / TTFT.")
+    generation_tokens_per_second: float = Field(description="Tokens after the first / time from first to last token.")
+    peak_memory_bytes: int | None = Field(
+        None, description="MLX's peak allocation during the run: every resident model and cache, not this one alone.")
+    model_memory_bytes: int = Field(description="Bytes of this model's weights in memory.")
+    compute_dtype: str = Field(description="Weights' dtype in memory ('as stored' when unchanged).")
+    device: str = Field(description="MLX device the engine runs on (cpu or gpu).")
+    other_requests: int = Field(description="Other requests in flight when the run started (they share the engine).")
+
+
+class BenchmarkHistory(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[BenchmarkResult] = Field(description="Oldest first; the store keeps the most recent runs per model.")

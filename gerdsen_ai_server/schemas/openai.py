@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .parts import refuse_unsupported_parts
+from gerdsen_ai_server.schemas.parts import refuse_unsupported_parts
 
 MAX_STOP_SEQUENCES = 4
 MAX_MESSAGES = 2048  # OpenAI's own cap on a chat request's messages

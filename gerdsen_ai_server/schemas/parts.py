@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import APIError
+from gerdsen_ai_server.errors import APIError
 
 # Parts that carry media: refused until the vision issue lands.
 MEDIA_PARTS = frozenset({"image_url", "input_audio", "file", "input_image", "input_file", "video_url"})

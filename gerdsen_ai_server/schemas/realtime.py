@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from .limits import check_json_value
-from .openai import REQUEST_CONFIG, ChatCompletionRequest
+from gerdsen_ai_server.schemas.limits import check_json_value
+from gerdsen_ai_server.schemas.openai import REQUEST_CONFIG, ChatCompletionRequest
 
 Room = Literal["metrics", "requests", "models"]
 ROOMS: tuple[Room, ...] = ("metrics", "requests", "models")

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .openai import MAX_MESSAGES, REQUEST_CONFIG, ReasoningEffort, SDKFields, Verbosity
+from gerdsen_ai_server.schemas.openai import MAX_MESSAGES, REQUEST_CONFIG, ReasoningEffort, SDKFields, Verbosity
 
 
 class _Request(BaseModel):

@@ -263,7 +263,7 @@ def test_strict_schema_reads_keywords_not_property_names() -> None:
 
 def test_cut_call_parsing() -> None:
     """In-process: the pieces of a cut forced call (name prefix, partial arguments, Anthropic's input)."""
-    from gerdsen_ai_server.api.tools import ToolPlan, forced_calls, partial_arguments
+    from gerdsen_ai_server.serving.tools import ToolPlan, forced_calls, partial_arguments
 
     plan = ToolPlan("forced", names=["magic_other", "magic_function"])
     calls, complete = forced_calls(plan, '{"name": "magic_f')

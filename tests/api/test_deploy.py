@@ -15,8 +15,8 @@ import requests
 import yaml
 
 from gerdsen_ai_server.config import Settings
-from gerdsen_ai_server.guard import HostAllowList
-from gerdsen_ai_server.security import MIN_KEY_LENGTH, PROBE_PATHS
+from gerdsen_ai_server.web.guard import HostAllowList
+from gerdsen_ai_server.web.security import MIN_KEY_LENGTH, PROBE_PATHS
 from tests.conftest import ROOT, Server
 
 DEPLOY = ROOT / "deploy"

@@ -28,7 +28,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("embedding-models")
     default = TEST_MODELS_DIR / DEFAULT_MODEL
     if not default.exists():
-        from gerdsen_ai_server.default_model import ensure_default_model
+        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
 
         ensure_default_model(TEST_MODELS_DIR)
     (root / DEFAULT_MODEL).symlink_to(default)
@@ -170,7 +170,7 @@ def test_models_say_which_kind_and_the_registry_holds_them(srv: Server, client: 
 
 
 def test_a_large_request_goes_to_the_engine_in_pieces_and_keeps_its_order(client: openai.OpenAI) -> None:
-    from gerdsen_ai_server.engine.encoder import BATCH
+    from gerdsen_ai_server.engine.formats.encoder import BATCH
 
     words = ["the", "cat", "dog", "sat", "on", "mat", "red", "blue", "sky", "sea"]
     texts = [" ".join(words[(i + j * 3) % 10] for j in range(2 + i % 9)) for i in range(200)]

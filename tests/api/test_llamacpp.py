@@ -32,7 +32,7 @@ from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server,
 def f32_gguf() -> Path:
     """The default model as an f32 GGUF in a folder of its own id (built once, ~540 MB, cached)."""
     from bench.gguf_model import write_gguf
-    from gerdsen_ai_server.default_model import ensure_default_model
+    from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
 
     return write_gguf(ensure_default_model(TEST_MODELS_DIR),
                       TEST_MODELS_DIR / "llamacpp" / DEFAULT_MODEL / f"{DEFAULT_MODEL}-f32.gguf")
@@ -58,7 +58,7 @@ def client(server: Server):  # type: ignore[no-untyped-def]
 def tokenizer():  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
-    from gerdsen_ai_server.default_model import ensure_default_model
+    from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
 
     return AutoTokenizer.from_pretrained(ensure_default_model(TEST_MODELS_DIR))
 

@@ -23,7 +23,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("models")
     default = TEST_MODELS_DIR / DEFAULT_MODEL
     if not default.exists():
-        from gerdsen_ai_server.default_model import ensure_default_model
+        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
 
         ensure_default_model(TEST_MODELS_DIR)
     shutil.copytree(default, root / DEFAULT_MODEL)

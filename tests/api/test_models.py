@@ -22,7 +22,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     default = TEST_MODELS_DIR / DEFAULT_MODEL
     if not default.exists():  # the session server converts it; make sure it exists for copying
-        from gerdsen_ai_server.default_model import ensure_default_model
+        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
 
         ensure_default_model(TEST_MODELS_DIR)
     shutil.copytree(default, root / DEFAULT_MODEL)
@@ -262,8 +262,8 @@ def test_a_second_benchmark_of_a_model_while_one_runs_is_a_409(srv: Server) -> N
 
 
 def test_benchmark_store_is_bounded(tmp_path: Path) -> None:
-    from gerdsen_ai_server.model_bench import BenchmarkStore
-    from gerdsen_ai_server.schemas.registry import BenchmarkResult
+    from gerdsen_ai_server.engine.benchmark import BenchmarkStore
+    from gerdsen_ai_server.schemas.models import BenchmarkResult
 
     store = BenchmarkStore(tmp_path / "b.json", per_model=3, max_models=2)
     def run(model: str, n: int) -> BenchmarkResult:

@@ -322,7 +322,7 @@ def test_required_tool_choice_and_the_round_trip(client) -> None:  # type: ignor
 
 
 def test_auto_tool_calls_are_parsed_from_markers() -> None:
-    from gerdsen_ai_server.api.tools import ToolCallSplitter, ToolPlan
+    from gerdsen_ai_server.serving.tools import ToolCallSplitter, ToolPlan
 
     splitter = ToolCallSplitter(ToolPlan("auto"))
     pieces = ['Let me check. <tool', '_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_c',

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import requests
 
-from gerdsen_ai_server import hub
-from gerdsen_ai_server.engine.loaders import LoaderFactory
+from gerdsen_ai_server.engine.formats.loaders import LoaderFactory
 from gerdsen_ai_server.events import EventBus
-from gerdsen_ai_server.pull_manager import PullManager
+from gerdsen_ai_server.store import hub
+from gerdsen_ai_server.store.pulls import PullManager
 from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server
 from tests.hub_stub import HubStub
 from tests.tiny_models import build_tiny_llama
@@ -31,7 +31,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A loadable tiny llama (about 13 MB of weights) with the real SmolLM2 tokenizer."""
     default = TEST_MODELS_DIR / DEFAULT_MODEL
     if not default.exists():
-        from gerdsen_ai_server.default_model import ensure_default_model
+        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
 
         ensure_default_model(TEST_MODELS_DIR)
     return build_tiny_llama(tmp_path_factory.mktemp("src") / "tiny", default)

@@ -34,7 +34,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("safe-auth")
     default = TEST_MODELS_DIR / DEFAULT_MODEL
     if not default.exists():
-        from gerdsen_ai_server.default_model import ensure_default_model
+        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
 
         ensure_default_model(TEST_MODELS_DIR)
     models = tmp / "models"

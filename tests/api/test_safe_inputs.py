@@ -298,7 +298,7 @@ def test_the_deadline_costs_little_on_a_normal_template() -> None:
     """The SmolLM2 template over a 21-message chat, with and without the deadline's tracing."""
     from mlx_lm.utils import load_tokenizer
 
-    from gerdsen_ai_server.api.chat_template import install_bounded_sandbox, render_chat_template
+    from gerdsen_ai_server.serving.chat_template import install_bounded_sandbox, render_chat_template
 
     tokenizer = load_tokenizer(TEST_MODELS_DIR / DEFAULT_MODEL)
     messages = [{"role": "system", "content": "Be brief."}] + [

@@ -18,8 +18,8 @@ import pytest
 import requests
 import socketio
 
-from gerdsen_ai_server.default_model import default_gguf_path
-from gerdsen_ai_server.engine.loaders import model_not_found
+from gerdsen_ai_server.store.default_model import default_gguf_path
+from gerdsen_ai_server.store.paths import model_not_found
 from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server
 from tests.tiny_models import build_tiny_llama
 from tests.unit.test_model_confinement import snapshot
@@ -34,7 +34,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models, outside = root / "models", root / "outside"
     default = TEST_MODELS_DIR / DEFAULT_MODEL
     if not default.exists():  # the session server converts it; make sure it exists for the tokenizer
-        from gerdsen_ai_server.default_model import ensure_default_model
+        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
 
         ensure_default_model(TEST_MODELS_DIR)
     build_tiny_llama(models / "tiny", default, seed=1)
@@ -70,7 +70,7 @@ def user_entries(models: Path) -> dict[str, tuple[int, int]]:
 
 
 def assert_uniform(spec: str, message: str, text: str, tree: Path) -> None:
-    """The one refusal (loaders.model_not_found), echoing the spec as sent and no path of the host."""
+    """The one refusal (store.paths.model_not_found), echoing the spec as sent and no path of the host."""
     assert message == str(model_not_found(spec)), (spec, message)
     assert str(tree) not in text.replace(spec, "").replace(spec.replace("/", "\\/"), "")
     assert str(Path.home()) not in text.replace(spec, "")

@@ -452,7 +452,7 @@ def test_the_hardware_report_is_read_once_a_second() -> None:
     """Each report runs every probe (nvidia-smi on NVIDIA hosts): callers within a second, or at
     the same time, share one reading; a thermal change still reads afresh."""
     from gerdsen_ai_server.events import EventBus
-    from gerdsen_ai_server.monitor import Monitor
+    from gerdsen_ai_server.monitoring.monitor import Monitor
 
     reads: list[str] = []
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import requests
 
-from gerdsen_ai_server import hub
-from gerdsen_ai_server.pull_manager import PullManager
+from gerdsen_ai_server.store import hub
+from gerdsen_ai_server.store.pulls import PullManager
 from tests.conftest import Server, start_server, stop_server
 from tests.hub_stub import HubStub
 

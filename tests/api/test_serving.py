@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from gerdsen_ai_server.memory import find_jemalloc
+from gerdsen_ai_server.runtime.memory import find_jemalloc
 from tests.conftest import DEFAULT_MODEL, Server, start_server, stop_server
 
 # Greedy, this prompt gives a story of several hundred tokens (no early end-of-turn).

@@ -1,5 +1,5 @@
 """SIGTERM during a stream: readiness turns 503 at once and new work is refused, the stream runs to
-``[DONE]``, then the server exits 0 (gerdsen_ai_server/shutdown.py)."""
+``[DONE]``, then the server exits 0 (gerdsen_ai_server/web/shutdown.py)."""
 
 from __future__ import annotations
 

@@ -163,7 +163,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     models = tmp / "models"
     default = TEST_MODELS_DIR / DEFAULT_MODEL
     if not default.exists():
-        from gerdsen_ai_server.default_model import ensure_default_model
+        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
 
         ensure_default_model(TEST_MODELS_DIR)
     build_tiny_llama(models / "tiny-dash", default)

@@ -11,8 +11,8 @@ import pytest
 
 from gerdsen_ai_server.engine import engine as engine_module
 from gerdsen_ai_server.engine.engine import EngineOverloaded, InferenceEngine
-from gerdsen_ai_server.engine.loaders import LoadedModel
-from gerdsen_ai_server.engine.stream import GenerationRequest, SamplingParams
+from gerdsen_ai_server.engine.formats.loaders import LoadedModel
+from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams
 from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR
 from tests.tiny_models import build_tiny_llama
 

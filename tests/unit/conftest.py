@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from gerdsen_ai_server.default_model import default_gguf_path, ensure_default_model
+from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
+from gerdsen_ai_server.store.default_model import default_gguf_path
 
 
 @pytest.fixture(scope="session")

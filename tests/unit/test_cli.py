@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gerdsen_ai_server import __version__, blas, cli, memory
-from gerdsen_ai_server.memory import find_jemalloc
+from gerdsen_ai_server import __version__
+from gerdsen_ai_server.cli import commands as cli
+from gerdsen_ai_server.runtime import blas, memory
+from gerdsen_ai_server.runtime.memory import find_jemalloc
 
 
 def test_version_via_module() -> None:
@@ -121,7 +123,7 @@ def test_base_url(host: str, port: int, url: str) -> None:
 def test_gunicorn_conf_is_one_gthread_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
-    import gerdsen_ai_server.gunicorn_conf as conf
+    import gerdsen_ai_server.cli.gunicorn_conf as conf
 
     monkeypatch.delenv("IMPETUS_HOST", raising=False)
     monkeypatch.setenv("IMPETUS_PORT", "8123")
@@ -129,10 +131,10 @@ def test_gunicorn_conf_is_one_gthread_worker(monkeypatch: pytest.MonkeyPatch) ->
     try:
         conf = importlib.reload(conf)
         assert conf.workers == 1
-        assert conf.worker_class == "gerdsen_ai_server.http_worker.ImpetusWorker"  # gthread, heads read first
+        assert conf.worker_class == "gerdsen_ai_server.cli.http_worker.ImpetusWorker"  # gthread, heads read first
         from gunicorn.workers.gthread import ThreadWorker
 
-        from gerdsen_ai_server.http_worker import ImpetusWorker
+        from gerdsen_ai_server.cli.http_worker import ImpetusWorker
 
         assert issubclass(ImpetusWorker, ThreadWorker)
         assert conf.threads == 32

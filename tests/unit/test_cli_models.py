@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gerdsen_ai_server import cli
+from gerdsen_ai_server.cli import commands as cli
 from tests.hub_stub import HubStub
 
 REPO = "test-org/fake-model"

@@ -8,7 +8,7 @@ import pytest
 from flask import Flask, jsonify
 
 from gerdsen_ai_server.api.dashboard import init_dashboard
-from gerdsen_ai_server.api.errors import register_error_handlers
+from gerdsen_ai_server.web.errors import register_error_handlers
 
 INDEX = '<!doctype html><div id="root"></div><script type="module" src="/assets/index-abc.js"></script>'
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from gerdsen_ai_server.engine.embeddings import EmbeddingJob, embed
-from gerdsen_ai_server.engine.encoder import load_encoder
+from gerdsen_ai_server.engine.formats.encoder import load_encoder
 from tests.tiny_models import build_tiny_bert, build_tiny_llama
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gerdsen_ai_server.engine.encoder import EncoderModel, is_encoder, load_encoder
-from gerdsen_ai_server.engine.errors import ModelLoadError, UnsupportedModelFormat
-from gerdsen_ai_server.engine.loaders import LoaderFactory
+from gerdsen_ai_server.engine.formats.encoder import EncoderModel, is_encoder, load_encoder
+from gerdsen_ai_server.engine.formats.loaders import LoaderFactory
+from gerdsen_ai_server.store.errors import ModelLoadError, UnsupportedModelFormat
 from tests.tiny_models import bert_reference_forward as reference
 from tests.tiny_models import build_tiny_bert
 
@@ -96,7 +96,7 @@ def test_missing_tensors_are_a_load_error(tmp_path: Path) -> None:
 
 
 def test_a_sentence_transformers_repo_pulled_from_the_hub_loads_with_its_pooling(tmp_path: Path) -> None:
-    from gerdsen_ai_server.hub import pull
+    from gerdsen_ai_server.store.hub import pull
     from tests.hub_stub import HubStub
 
     source = build_tiny_bert(tmp_path / "src", pooling="cls", normalize=False, matryoshka=True, max_seq_length=20)

@@ -12,10 +12,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gerdsen_ai_server.default_model import DEFAULT_MODEL_ID
-from gerdsen_ai_server.engine import gguf
-from gerdsen_ai_server.engine.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
-from gerdsen_ai_server.engine.gguf import convert_gguf_to_mlx, read_gguf_header
+from gerdsen_ai_server.engine.formats import gguf
+from gerdsen_ai_server.engine.formats.gguf import convert_gguf_to_mlx, read_gguf_header
+from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID
+from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -141,7 +141,7 @@ def test_read_only_gguf_is_converted_from_a_copy(
 
 
 def test_missing_default_package_raises_model_not_found(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gerdsen_ai_server.default_model as default_model
+    import gerdsen_ai_server.store.default_model as default_model
 
     monkeypatch.setattr(default_model, "_DISTRIBUTION", "impetus-no-such-package")
     with pytest.raises(ModelNotFound, match="make run"):
@@ -166,7 +166,7 @@ def test_two_processes_convert_once(tmp_path: Path) -> None:
     import sys
 
     code = (
-        "import sys; from pathlib import Path; from gerdsen_ai_server.default_model import ensure_default_model;"
+        "import sys; from pathlib import Path; from gerdsen_ai_server.engine.formats.gguf import ensure_default_model;"
         "print(ensure_default_model(Path(sys.argv[1])))"
     )
     root = Path(__file__).resolve().parents[2]

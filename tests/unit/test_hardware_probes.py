@@ -15,7 +15,7 @@ import pytest
 
 from gerdsen_ai_server.engine.engine import EngineStats
 from gerdsen_ai_server.events import EventBus
-from gerdsen_ai_server.hardware import (
+from gerdsen_ai_server.monitoring.hardware import (
     SECTIONS,
     InjectedThermal,
     LinuxProbe,
@@ -31,7 +31,7 @@ from gerdsen_ai_server.hardware import (
     thermal_from_sensors,
     thermal_from_sysfs,
 )
-from gerdsen_ai_server.monitor import Monitor, ThermalGovernor, Throughput
+from gerdsen_ai_server.monitoring.monitor import Monitor, ThermalGovernor, Throughput
 from gerdsen_ai_server.schemas.hardware import CpuInfo, FrequencyInfo, GpuInfo, HardwareReport, MemoryInfo, ThermalInfo
 
 # ---- Apple: `sysctl KEYS`, `pmset -g therm`, `system_profiler SPDisplaysDataType` -------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gerdsen_ai_server.engine.backends.llamacpp import Sampler, _common_prefix, _log_softmax, _token_logprob
-from gerdsen_ai_server.engine.stream import SamplingParams
+from gerdsen_ai_server.engine.protocol import SamplingParams
 
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], dtype=np.float32)
 

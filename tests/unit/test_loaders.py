@@ -10,9 +10,9 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from gerdsen_ai_server.default_model import DEFAULT_MODEL_ID
-from gerdsen_ai_server.engine.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
-from gerdsen_ai_server.engine.loaders import LoadedModel, LoaderFactory, context_length
+from gerdsen_ai_server.engine.formats.loaders import LoadedModel, LoaderFactory, context_length
+from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID
+from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
 
 factory = LoaderFactory()
 

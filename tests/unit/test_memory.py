@@ -1,4 +1,4 @@
-"""The C allocator under MLX (gerdsen_ai_server.memory): buffers MLX frees go back to the system,
+"""The C allocator under MLX (gerdsen_ai_server.runtime.memory): buffers MLX frees go back to the system,
 and buffers it allocates again are not faulted in afresh each time.
 
 Each case runs in a fresh interpreter (mallopt is process-wide and one-way; jemalloc is preloaded
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from gerdsen_ai_server.memory import allocator_env, find_jemalloc, malloc_info, set_mmap_threshold
+from gerdsen_ai_server.runtime.memory import allocator_env, find_jemalloc, malloc_info, set_mmap_threshold
 
 pytestmark = pytest.mark.skipif(malloc_info() is None, reason="needs glibc (mallinfo2, mallopt)")
 
@@ -24,7 +24,7 @@ SCRIPT = """
 import sys
 import mlx.core as mx
 import psutil
-from gerdsen_ai_server.memory import malloc_info, set_mmap_threshold
+from gerdsen_ai_server.runtime.memory import malloc_info, set_mmap_threshold
 
 threshold = int(sys.argv[1])
 assert set_mmap_threshold(threshold) == (threshold > 0)
@@ -71,7 +71,7 @@ import sys
 import time
 import mlx.core as mx
 import psutil
-from gerdsen_ai_server.memory import allocator, set_mmap_threshold
+from gerdsen_ai_server.runtime.memory import allocator, set_mmap_threshold
 
 set_mmap_threshold(int(sys.argv[1]))
 mx.set_cache_limit(0)  # every freed buffer goes back to the C allocator

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from gerdsen_ai_server.default_model import DEFAULT_MODEL_ID
-from gerdsen_ai_server.engine.errors import ModelLoadError, ModelNotFound
-from gerdsen_ai_server.engine.gguf import CONVERTED_DIR, convert_gguf_to_mlx, converted_name, is_converted
-from gerdsen_ai_server.engine.loaders import LoaderFactory, confine, model_not_found, model_paths, redact_paths
+from gerdsen_ai_server.engine.formats.gguf import CONVERTED_DIR, convert_gguf_to_mlx, converted_name, is_converted
+from gerdsen_ai_server.engine.formats.loaders import LoaderFactory
+from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID
+from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound
+from gerdsen_ai_server.store.paths import confine, model_not_found, model_paths, redact_paths
 
 factory = LoaderFactory()
 
@@ -182,7 +183,7 @@ def test_the_default_model_still_converts_to_its_own_folder(models_dir: Path, co
 
 @pytest.mark.parametrize("name", ["tiny\x00", "x" * 5000, "~/x", "../outside/secret", ".impetus", "a\\b"])
 def test_local_model_lookup_refuses_the_same_names_without_crashing(tree: tuple[Path, Path], name: str) -> None:
-    from gerdsen_ai_server.local_models import find
+    from gerdsen_ai_server.store.local import find
 
     models, _ = tree
     with pytest.raises(ModelNotFound):  # not a ValueError (NUL) or OSError (name too long): a 404, not a 500

@@ -12,10 +12,10 @@ import pytest
 from flask import Flask, jsonify, request
 
 from gerdsen_ai_server.api import server_config
-from gerdsen_ai_server.api.errors import register_error_handlers
 from gerdsen_ai_server.config import Settings
-from gerdsen_ai_server.request_log import printable
-from gerdsen_ai_server.security import KeyChecker, load_keys, needs_admin
+from gerdsen_ai_server.web.errors import register_error_handlers
+from gerdsen_ai_server.web.request_log import printable
+from gerdsen_ai_server.web.security import KeyChecker, load_keys, needs_admin
 
 INFER, ADMIN = "sk-inference-0123456789", "sk-admin-0123456789abc"
 
@@ -23,7 +23,7 @@ INFER, ADMIN = "sk-inference-0123456789", "sk-admin-0123456789abc"
 def make_app(**settings: Any) -> Flask:
     app = Flask(__name__)
     register_error_handlers(app)
-    from gerdsen_ai_server.security import init_security
+    from gerdsen_ai_server.web.security import init_security
 
     init_security(app, Settings(**{"default_model": "", **settings}))
 

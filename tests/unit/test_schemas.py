@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gerdsen_ai_server.api.errors import validation_error
 from gerdsen_ai_server.engine.sampling import StopMatcher
 from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, CompletionRequest
+from gerdsen_ai_server.web.errors import validation_error
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from flask import Flask, jsonify, request
 
-from gerdsen_ai_server.api.errors import register_error_handlers
 from gerdsen_ai_server.config import Settings
-from gerdsen_ai_server.security import KeyChecker, init_security, is_loopback
+from gerdsen_ai_server.web.errors import register_error_handlers
+from gerdsen_ai_server.web.security import KeyChecker, init_security, is_loopback
 
 
 def make_app(**settings: Any) -> Flask:
@@ -114,7 +114,7 @@ def test_a_key_file_that_cannot_be_read_or_is_empty_stops_the_start(tmp_path: Pa
 
 
 def test_public_bind_without_a_key_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="gerdsen_ai_server.security"):
+    with caplog.at_level(logging.WARNING, logger="gerdsen_ai_server.web.security"):
         make_app(host="127.0.0.1")
         make_app(host="0.0.0.0", api_keys=ONE)
         assert not caplog.records
@@ -167,6 +167,6 @@ def test_no_rate_limit_by_default_and_a_bad_one_is_refused() -> None:
 
 
 def test_reset_durations_read_like_openai() -> None:
-    from gerdsen_ai_server.security import duration
+    from gerdsen_ai_server.web.security import duration
 
     assert [duration(s) for s in (0, 0.2, 59, 60, 61.5, 3725)] == ["0s", "1s", "59s", "1m0s", "1m2s", "1h2m5s"]

@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelLoadError, UnsupportedModelFormat
-from ..gguf import _write_tokenizer, read_gguf_header
-from ..stream import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob, TokenStream
+from gerdsen_ai_server.engine.formats.gguf import _write_tokenizer, read_gguf_header
+from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob, TokenStream
+from gerdsen_ai_server.store.errors import ModelLoadError, UnsupportedModelFormat
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def available() -> bool:
 
 
 def _settings() -> Any:
-    from ...config import Settings
+    from gerdsen_ai_server.config import Settings
 
     return Settings()
 
@@ -205,7 +205,7 @@ class Sampler:
 
 def _grammar_of(request: GenerationRequest) -> Any | None:
     """The llguidance matcher of a request's grammar processor; any other processor is refused."""
-    from ..grammar import GrammarProcessor
+    from gerdsen_ai_server.engine.grammar import GrammarProcessor
 
     matcher = None
     for processor in request.logits_processors:
@@ -356,8 +356,8 @@ class LlamaCppEngine:
                 finish(stream, TokenEvent(error="the llama.cpp engine stopped"))
 
     def _take_new(self) -> None:
-        from ..engine import make_detokenizer
-        from ..sampling import StopMatcher
+        from gerdsen_ai_server.engine.engine import make_detokenizer
+        from gerdsen_ai_server.engine.sampling import StopMatcher
 
         while True:
             try:
@@ -530,7 +530,7 @@ def _silence_llama_log(lc: Any) -> None:
 
 def load(path: Path, model_id: str, cache_dir: Path) -> Any:
     """A ``LoadedModel`` whose ``model`` is a running ``LlamaCppEngine`` (``kind`` 'llamacpp')."""
-    from ..loaders import LoadedModel
+    from gerdsen_ai_server.engine.formats.loaders import LoadedModel
 
     settings = _settings()
     meta = read_gguf_header(path).metadata

@@ -1,0 +1,374 @@
+"""Dedicated embedding models: BERT-family encoders (bert, roberta, xlm-roberta; nomic_bert in
+encoder_nomic.py) on MLX.
+
+A Hugging Face folder (``config.json``, safetensors, ``tokenizer.json``) and, when present,
+sentence-transformers' ``modules.json`` + ``1_Pooling/config.json`` (pooling mode, Normalize)
+and ``sentence_bert_config.json`` (``max_seq_length``). The layers are the field's own
+(post-LayerNorm transformer, learned absolute positions), written with mlx.nn under Hugging
+Face's parameter names so a checkpoint loads as it is. Runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from gerdsen_ai_server.store.errors import ModelLoadError, UnsupportedModelFormat
+
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "nomic-bert")
+# Embedding architectures we recognise but do not run (their layers differ: relative bias, ...).
+OTHER_ENCODER_TYPES = ("distilbert", "mpnet", "modernbert", "deberta", "deberta-v2", "electra")
+POOLING_MODES = ("mean", "cls", "lasttoken")
+_ACTIVATIONS = {"gelu": nn.gelu, "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx, "relu": nn.relu}
+BATCH = 32  # inputs per forward pass at most; padded to the longest in the batch
+
+
+def model_type(path: Path) -> str | None:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(config.get("model_type", "")).lower().replace("_", "-") if isinstance(config, dict) else None
+
+
+def is_encoder(path: Path) -> bool:
+    """A folder holding a BERT-family embedding model (a language model otherwise)."""
+    kind = model_type(path)
+    return kind is not None and kind in ENCODER_TYPES + OTHER_ENCODER_TYPES
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> EncoderConfig:
+        fields = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in config.items() if k in fields and v is not None}
+        values["model_type"] = str(config["model_type"]).lower().replace("_", "-")
+        return cls(**values)
+
+    @property
+    def roberta_positions(self) -> bool:
+        # RoBERTa counts positions from pad_token_id + 1, so two position rows are never used.
+        return self.model_type != "bert"
+
+    @property
+    def max_tokens(self) -> int:
+        offset = self.pad_token_id + 1 if self.roberta_positions else 0
+        return self.max_position_embeddings - offset
+
+
+@dataclass(frozen=True)
+class Pooling:
+    mode: str = "mean"
+    normalize: bool = True
+    source: str = "default (no sentence-transformers modules.json)"
+
+    def describe(self) -> str:
+        return f"{self.mode} pooling{', L2-normalised' if self.normalize else ''} ({self.source})"
+
+
+# ---- the network ------------------------------------------------------------------------------
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c: EncoderConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def __call__(self, ids: mx.array, positions: mx.array) -> mx.array:
+        x = self.word_embeddings(ids) + self.position_embeddings(positions)
+        return self.LayerNorm(x + self.token_type_embeddings(mx.zeros_like(ids)))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: EncoderConfig) -> None:
+        super().__init__()
+        self.heads = c.num_attention_heads
+        self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.key = nn.Linear(c.hidden_size, c.hidden_size)
+        self.value = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        b, t, d = x.shape
+        q, k, v = (p(x).reshape(b, t, self.heads, -1).transpose(0, 2, 1, 3) for p in (self.query, self.key, self.value))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(d // self.heads), mask=mask)
+        return out.transpose(0, 2, 1, 3).reshape(b, t, d)
+
+
+class DenseNorm(nn.Module):
+    """Hugging Face's ``*Output``: project, add the residual, LayerNorm (post-norm)."""
+
+    def __init__(self, c: EncoderConfig, inputs: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(inputs, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: EncoderConfig) -> None:
+        super().__init__()
+        self.self = SelfAttention(c)
+        self.output = DenseNorm(c, c.hidden_size)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, c: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+
+
+class Layer(nn.Module):
+    def __init__(self, c: EncoderConfig) -> None:
+        super().__init__()
+        self.attention = Attention(c)
+        self.intermediate = Intermediate(c)
+        self.output = DenseNorm(c, c.intermediate_size)
+        self.act = _ACTIVATIONS[c.hidden_act]
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        h = self.attention.output(self.attention.self(x, mask), x)
+        return self.output(self.act(self.intermediate.dense(h)), h)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: EncoderConfig) -> None:
+        super().__init__()
+        self.layer = [Layer(c) for _ in range(c.num_hidden_layers)]
+
+
+class EncoderModel(nn.Module):
+    """Token ids in, one pooled (and optionally normalised) vector per input out: the batching and
+    pooling every encoder shares. Subclasses hold the layers and compute ``hidden_states``."""
+
+    weight_prefixes: tuple[str, ...] = ("embeddings.", "encoder.")  # the checkpoint's tensors we use
+
+    def __init__(self, config: EncoderConfig, pooling: Pooling, matryoshka: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.pooling = pooling
+        self.matryoshka = matryoshka  # trained so that leading dimensions embed on their own
+
+    @property
+    def dimensions(self) -> int:
+        return self.config.hidden_size
+
+    def hidden_states(self, ids: mx.array, lengths: mx.array) -> mx.array:
+        """Final hidden states of right-padded ``ids`` (batch, tokens); padding never attended to."""
+        raise NotImplementedError
+
+    def pool(self, hidden: mx.array, lengths: mx.array) -> mx.array:
+        hidden = hidden.astype(mx.float32)
+        if self.pooling.mode == "cls":
+            pooled = hidden[:, 0]
+        elif self.pooling.mode == "lasttoken":
+            pooled = mx.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        else:
+            valid = (mx.arange(hidden.shape[1])[None, :] < lengths[:, None]).astype(mx.float32)
+            pooled = (hidden * valid[..., None]).sum(axis=1) / lengths[:, None].astype(mx.float32)
+        if self.pooling.normalize:
+            pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        return pooled
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        # Similar lengths batch together, so little of each forward pass is padding.
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        vectors: list[list[float]] = [[] for _ in inputs]
+        for start in range(0, len(order), BATCH):
+            chunk = order[start:start + BATCH]
+            for i, row in zip(chunk, self.embed_batch([inputs[i] for i in chunk]), strict=True):
+                vectors[i] = row
+        return vectors
+
+    def embed_batch(self, inputs: list[list[int]]) -> list[list[float]]:
+        """One forward pass over ``inputs``, right-padded to the longest: the unit of work the
+        engine schedules between decode steps (engine/embeddings.py's EmbeddingJob)."""
+        width = max(len(ids) for ids in inputs)
+        pad = self.config.pad_token_id
+        ids = mx.array([tokens + [pad] * (width - len(tokens)) for tokens in inputs])
+        lengths = mx.array([len(tokens) for tokens in inputs])
+        return self.pool(self.hidden_states(ids, lengths), lengths).tolist()  # type: ignore[no-any-return]
+
+
+class BertModel(EncoderModel):
+    """BERT, RoBERTa and XLM-RoBERTa: learned absolute positions, post-norm GELU layers."""
+
+    def __init__(self, config: EncoderConfig, pooling: Pooling, matryoshka: bool = False) -> None:
+        super().__init__(config, pooling, matryoshka)
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+
+    def hidden_states(self, ids: mx.array, lengths: mx.array) -> mx.array:
+        valid = mx.arange(ids.shape[1])[None, :] < lengths[:, None]
+        if self.config.roberta_positions:
+            positions = mx.cumsum(valid.astype(mx.int32), axis=1) * valid + self.config.pad_token_id
+        else:
+            positions = mx.broadcast_to(mx.arange(ids.shape[1]), ids.shape)
+        x = self.embeddings(ids, positions)
+        mask = mx.where(valid, 0.0, -math.inf)[:, None, None, :].astype(x.dtype)
+        for layer in self.encoder.layer:
+            x = layer(x, mask)
+        return x
+
+
+class EncoderTokenizer:
+    """``tokenizer.json`` through the ``tokenizers`` library, with truncation and padding switched
+    off: an over-long input must be refused, never silently cut."""
+
+    def __init__(self, path: Path, vocab_size: int) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self._size = min(vocab_size, self._tokenizer.get_vocab_size())
+        self.eos_token_ids: set[int] = set()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # With special tokens: the model's [CLS] ... [SEP] (or <s> ... </s>) around the text.
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids))
+
+    def __len__(self) -> int:
+        return self._size
+
+
+class NoGeneration:
+    """Stands in for mlx-lm's BatchGenerator on a model that only embeds: it never has sequences."""
+
+    completion_batch_size = 0
+    prefill_batch_size = 0
+    _generation_batch: tuple[()] = ()
+
+    def close(self) -> None:
+        pass
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def read_pooling(path: Path) -> Pooling:
+    """sentence-transformers' module list: Transformer, then Pooling, then optionally Normalize."""
+    modules_file = path / "modules.json"
+    if not modules_file.exists():
+        return Pooling()
+    modules = json.loads(modules_file.read_text())
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    unknown = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
+    if unknown:
+        raise UnsupportedModelFormat(f"{path}: sentence-transformers modules {unknown} are not supported "
+                                     "(Impetus runs Transformer, Pooling and Normalize)")
+    if "Pooling" not in kinds:
+        return Pooling(normalize="Normalize" in kinds, source="modules.json without Pooling: mean")
+    folder = modules[kinds.index("Pooling")].get("path") or "1_Pooling"
+    if not (path / folder / "config.json").exists():
+        raise UnsupportedModelFormat(f"{path}: modules.json names a Pooling module, but {folder}/config.json, which "
+                                     "says how to pool, is missing; copy it from the model's repository")
+    config = json.loads((path / folder / "config.json").read_text())
+    modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+             for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise UnsupportedModelFormat(f"{path}: pooling {modes or 'none'} is not supported; Impetus pools one of "
+                                     f"{', '.join(POOLING_MODES)}")
+    return Pooling(mode=modes[0], normalize="Normalize" in kinds, source="sentence-transformers modules.json")
+
+
+def supports_matryoshka(path: Path, config: dict[str, Any]) -> bool:
+    """Whether the model says its leading dimensions embed on their own: ``matryoshka_dimensions``
+    in config.json, or the ``matryoshka`` tag / MatryoshkaLoss in its model card."""
+    if config.get("matryoshka_dimensions"):
+        return True
+    readme = path / "README.md"
+    if not readme.exists():
+        return False
+    card = readme.read_text(errors="replace")
+    front = card.split("---", 2)[1] if card.startswith("---") and card.count("---") >= 2 else ""
+    return bool(re.search(r"^\s*-\s*matryoshka\s*$", front, re.MULTILINE | re.IGNORECASE)) or "MatryoshkaLoss" in front
+
+
+def max_sequence_length(path: Path, config: EncoderConfig) -> int:
+    """The fewest of what the positions allow and sentence-transformers' ``max_seq_length``."""
+    limit = config.max_tokens
+    st_config = path / "sentence_bert_config.json"
+    if st_config.exists():
+        declared = json.loads(st_config.read_text()).get("max_seq_length")
+        if isinstance(declared, int) and declared > 0:
+            limit = min(limit, declared)
+    return limit
+
+
+def _checkpoint_weights(path: Path, prefixes: tuple[str, ...]) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        weights.update(mx.load(str(file)))  # type: ignore[arg-type]
+    kept = {}
+    for name, value in weights.items():
+        # BertModel saves bare names, BertFor*/RobertaFor* prefix them; the heads are not ours.
+        name = re.sub(r"^(bert|roberta|model)\.", "", name)
+        if name.startswith(prefixes) and not name.endswith(("position_ids", "inv_freq")):  # buffers, not weights
+            kept[name] = value
+    return kept
+
+
+def load_encoder(path: Path, compute_dtype: str | None) -> tuple[EncoderModel, EncoderTokenizer, int]:
+    """The model, its tokenizer and its maximum input length in tokens."""
+    raw = json.loads((path / "config.json").read_text())
+    kind = str(raw.get("model_type", "")).lower().replace("_", "-")
+    if kind not in ENCODER_TYPES:
+        raise UnsupportedModelFormat(f"{path} is a {kind} embedding model, which Impetus cannot run yet; "
+                                     f"it runs {', '.join(ENCODER_TYPES)} encoders")
+    if not (path / "tokenizer.json").exists():
+        raise UnsupportedModelFormat(f"{path} is an embedding model without tokenizer.json")
+    try:
+        model = _build(kind, raw, read_pooling(path), supports_matryoshka(path, raw))
+        config = model.config
+        model.load_weights(list(_checkpoint_weights(path, model.weight_prefixes).items()), strict=True)
+        if compute_dtype is not None:
+            model.set_dtype(getattr(mx, compute_dtype))
+        mx.eval(model.parameters())
+        tokenizer = EncoderTokenizer(path / "tokenizer.json", config.vocab_size)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # bad config, missing or misshapen tensors, unreadable tokenizer
+        raise ModelLoadError(f"cannot load embedding model from {path}: {type(exc).__name__}: {exc}") from exc
+    return model, tokenizer, max_sequence_length(path, config)
+
+
+def _build(kind: str, raw: dict[str, Any], pooling: Pooling, matryoshka: bool) -> EncoderModel:
+    if kind == "nomic-bert":
+        from gerdsen_ai_server.engine.formats.encoder_nomic import (  # it builds on this module
+            NomicBertModel,
+            NomicConfig,
+        )
+
+        return NomicBertModel(NomicConfig.from_dict(raw), pooling, matryoshka)
+    config = EncoderConfig.from_dict(raw)
+    if config.hidden_act not in _ACTIVATIONS:
+        raise ValueError(f"activation {config.hidden_act!r} is not supported")
+    return BertModel(config, pooling, matryoshka)

@@ -1,0 +1,62 @@
+"""What kind of model a path holds, from its files alone (no MLX): 'mlx' (config.json +
+*.safetensors) or 'gguf' (one .gguf file); CoreML, ONNX and PyTorch checkpoints are refused with a
+how-to-convert hint. Used by the local scan (``impetus list``, /api/models) and the loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gerdsen_ai_server.store.errors import ModelNotFound, UnsupportedModelFormat
+
+_CONVERT_HINT = (
+    "convert the original Hugging Face model to MLX with "
+    "`python -m mlx_lm.convert --hf-path <hf-repo-or-local-folder> --mlx-path <models_dir>/<name>` "
+    "(add -q for 4-bit), then point IMPETUS_DEFAULT_MODEL at that folder"
+)
+# Suffix -> human name of formats we recognise but cannot run.
+_FOREIGN = {
+    ".mlmodel": "CoreML", ".mlpackage": "CoreML", ".onnx": "ONNX",
+    ".bin": "PyTorch", ".pt": "PyTorch", ".pth": "PyTorch",
+}
+
+
+def _foreign(path: Path, kind: str) -> UnsupportedModelFormat:
+    return UnsupportedModelFormat(f"{path} is a {kind} model, which Impetus cannot run; {_CONVERT_HINT}")
+
+
+
+def detect_format(path: Path) -> str:
+    """'mlx' for a config.json + *.safetensors folder; 'gguf' for a .gguf file or a folder holding one."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFound(f"no model at {path}")
+    if path.suffix.lower() in _FOREIGN:  # also .mlpackage, which is a folder
+        raise _foreign(path, _FOREIGN[path.suffix.lower()])
+    if path.is_file():
+        return _detect_file(path)
+    return _detect_folder(path)
+
+def _detect_file(path: Path) -> str:
+    if path.suffix.lower() == ".gguf":
+        return "gguf"
+    if path.suffix.lower() == ".safetensors":
+        raise UnsupportedModelFormat(
+            f"{path} is a bare weights file; point at the folder that also holds its config.json")
+    raise UnsupportedModelFormat(f"{path}: unknown model file type; expected an MLX folder or a .gguf file")
+
+def _detect_folder(path: Path) -> str:
+    names = [p.name for p in path.iterdir()]
+    suffixes = {Path(n).suffix.lower() for n in names}
+    if ".safetensors" in suffixes:
+        if "config.json" not in names:
+            raise UnsupportedModelFormat(f"{path} holds .safetensors weights but no config.json")
+        return "mlx"
+    ggufs = [n for n in names if n.lower().endswith(".gguf")]
+    if len(ggufs) == 1:
+        return "gguf"
+    if len(ggufs) > 1:
+        raise UnsupportedModelFormat(f"{path} holds several .gguf files ({', '.join(sorted(ggufs))}); name one")
+    for suffix, kind in _FOREIGN.items():
+        if suffix in suffixes:
+            raise _foreign(path, kind)
+    raise ModelNotFound(f"{path} holds no model files (config.json + *.safetensors, or a .gguf)")
