@@ -1,6 +1,7 @@
 /// <reference types="vitest/config" />
 import react from "@vitejs/plugin-react";
 import { defineConfig } from "vite";
+import { SERVER_PREFIXES } from "./src/api/endpoints";
 
 // `pnpm dev` proxies the API to a server started with `make run` (IMPETUS_URL to point elsewhere).
 const api = process.env.IMPETUS_URL ?? "http://127.0.0.1:8080";
@@ -11,7 +12,7 @@ export default defineConfig({
   build: { outDir: "dist", chunkSizeWarningLimit: 1500, reportCompressedSize: false },
   server: {
     proxy: Object.fromEntries(
-      ["/v1", "/api", "/health", "/metrics", "/openapi.json", "/docs"].map((p) => [p, api]),
+      SERVER_PREFIXES.map((p) => [p, api]),
     ),
   },
   test: {

@@ -1,4 +1,5 @@
 // A streamed chat completion through /v1/chat/completions, token by token.
+import { endpoints } from "../api/endpoints";
 import { ApiError, apiFetch } from "./api";
 import { readSSE } from "./sse";
 
@@ -29,7 +30,7 @@ export async function streamChat(
   signal?: AbortSignal,
 ): Promise<StreamResult> {
   const started = performance.now();
-  const response = await apiFetch("/v1/chat/completions", {
+  const response = await apiFetch(endpoints.chatCompletions, {
     method: "POST",
     body: JSON.stringify({ model, messages, stream: true, stream_options: { include_usage: true }, ...params }),
     signal,

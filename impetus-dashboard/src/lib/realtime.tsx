@@ -3,8 +3,10 @@
 // dropped connection; a refused key is asked for again through the shared prompt.
 import { createContext, useContext, useEffect, useRef, useState, type ReactNode } from "react";
 import { io, type Socket } from "socket.io-client";
+import { endpoints } from "../api/endpoints";
 import { authRequired, getApiKey, onKeyChange } from "./api";
 import { appendBounded, applyRequestEvent, meanTtft, sampleFromMetrics, type RequestRecord, type Sample } from "./metrics";
+import type { HardwareReport } from "./types";
 
 export type ConnectionState = "connecting" | "connected" | "reconnecting" | "offline" | "unauthorized";
 
@@ -18,7 +20,8 @@ interface Realtime {
   state: ConnectionState;
   samples: Sample[];
   requests: RequestRecord[];
-  hardware: unknown;
+  /** The latest `hardware` event: the /api/hardware report (with the server's `timestamp`). */
+  hardware: HardwareReport | null;
   lastEventAt: number | null;
   on: (event: string, handler: Handler) => () => void;
 }
@@ -60,7 +63,7 @@ export function RealtimeProvider({ children, url }: { children: ReactNode; url?:
   const [state, setState] = useState<ConnectionState>("connecting");
   const [samples, setSamples] = useState<Sample[]>([]);
   const [requests, setRequests] = useState<RequestRecord[]>([]);
-  const [hardware, setHardware] = useState<unknown>(null);
+  const [hardware, setHardware] = useState<HardwareReport | null>(null);
   const [lastEventAt, setLastEventAt] = useState<number | null>(null);
   const handlers = useRef(new Map<string, Set<Handler>>());
   const requestsRef = useRef<RequestRecord[]>([]);
@@ -75,7 +78,7 @@ export function RealtimeProvider({ children, url }: { children: ReactNode; url?:
 
   useEffect(() => {
     const socket: Socket = io(url ?? "/", {
-      path: "/socket.io",
+      path: endpoints.socketio,
       // Polling first, then the upgrade to a WebSocket: a refused handshake (401 without the key) is
       // then an HTTP answer whose status the page can read; a refused WebSocket shows no status.
       transports: ["polling", "websocket"],
@@ -132,7 +135,7 @@ export function RealtimeProvider({ children, url }: { children: ReactNode; url?:
       dispatch("request_event", payload);
     });
     socket.on("hardware", (payload: unknown) => {
-      setHardware(payload);
+      setHardware(payload as HardwareReport);
       dispatch("hardware", payload);
     });
     for (const event of ["model_event", "pull_progress"]) {

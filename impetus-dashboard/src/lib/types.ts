@@ -1,78 +1,32 @@
-// Wire formats of /api/models (gerdsen_ai_server/schemas/registry.py and schemas/models.py).
+// The wire formats the dashboard reads and sends: names for the types generated from the server's
+// OpenAPI document (../api/schema.d.ts, `make dashboard-types`), which pydantic's schemas define
+// (gerdsen_ai_server's schemas package). Never written by hand: a field the server adds, renames or
+// drops shows up here when the types are regenerated, and `tsc` names every place it matters.
+import type { components } from "../api/schema";
 
-export interface ModelInfo {
-  id: string;
-  state: "resident" | "local";
-  format: string | null;
-  path: string | null;
-  size_bytes: number | null;
-  memory_bytes: number | null;
-  context_length: number | null;
-  busy: boolean;
-  pinned: boolean;
-  keep_alive: number | null;
-  idle_seconds: number | null;
-  error: string | null;
-}
+type Schemas = components["schemas"];
 
-export interface ModelsOverview {
-  object: "list";
-  data: ModelInfo[];
-  memory_budget_bytes: number;
-  memory_used_bytes: number;
-}
+/** A request's body. openapi-typescript makes every field that has a default required: right for the
+ * responses, which always carry them, but a request may leave them out. So all but the fields `R`
+ * that the server requires are optional. */
+export type RequestBody<T, R extends keyof T> = Pick<T, R> & Partial<Omit<T, R>>;
 
-export interface PullStatus {
-  id: string;
-  model: string;
-  revision: string;
-  status: "queued" | "downloading" | "done" | "failed" | "cancelled";
-  bytes_done: number;
-  bytes_total: number | null;
-  path: string | null;
-  error: string | null;
-  created_at: number;
-  finished_at: number | null;
-}
+// /api/models and its neighbours
+export type ModelInfo = Schemas["ModelInfo"];
+export type ModelsOverview = Schemas["ModelsOverview"];
+export type LoadRequest = RequestBody<Schemas["LoadRequest"], "model">;
+export type UnloadRequest = RequestBody<Schemas["UnloadRequest"], "model">;
+export type PullRequest = RequestBody<Schemas["PullRequest"], "model">;
+export type PullStatus = Schemas["PullStatus"];
+export type PullList = Schemas["PullList"];
+export type DiscoveredModel = Schemas["DiscoveredModel"];
+export type DiscoverResponse = Schemas["DiscoverResponse"];
 
-export interface DiscoveredModel {
-  id: string;
-  source: "catalogue" | "hub";
-  description: string | null;
-  parameters: number | null;
-  quantization: string | null;
-  size_bytes: number | null;
-  memory_bytes: number | null;
-  fits: boolean | null;
-  downloads: number | null;
-  local: boolean;
-}
+// /v1 (OpenAI)
+export type ModelList = Schemas["ModelList"];
 
-export interface DiscoverResponse {
-  source: "catalogue" | "hub";
-  query: string | null;
-  memory_budget_bytes: number;
-  hub_error: string | null;
-  data: DiscoveredModel[];
-}
-
-export interface Health {
-  status: string;
-  ready?: boolean;
-  reason?: string;
-  version: string;
-  pid?: number;
-  uptime_s: number;
-  engine_alive?: boolean;
-  requests_in_flight: number;
-  compute_dtype: string;
-  blas: string;
-  allocator?: string;
-  prompt_cache_enabled?: boolean;
-  prompt_cache_bytes?: number;
-  prompt_cache_limit_bytes?: number;
-  max_batch?: number;
-  batch_limit?: number | null;
-  thermal_state?: string | null;
-  models: { id: string; path: string; context_length: number | null; bytes: number }[];
-}
+// Monitoring: /health, /api/hardware (also the Socket.IO `hardware` event), /api/config
+export type Health = Schemas["HealthReport"];
+export type HardwareReport = Schemas["HardwareReport"];
+export type ConfigEntry = Schemas["ConfigEntry"];
+export type ConfigList = Schemas["ConfigList"];

@@ -1,13 +1,16 @@
 import { fireEvent, screen, waitFor } from "@testing-library/react";
 import { afterEach, describe, expect, it, vi } from "vitest";
+import type { ModelInfo, ModelsOverview } from "../lib/types";
 import { fakeFetch, renderWithMantine } from "../test/render";
 import { Models } from "./Models";
 
 afterEach(() => vi.unstubAllGlobals());
 
-const model = (id: string, state: "resident" | "local", extra = {}) => ({
-  id, state, format: "mlx", path: `/m/${id}`, size_bytes: 1 << 20, memory_bytes: state === "resident" ? 2 << 20 : null,
-  context_length: 512, busy: false, pinned: false, keep_alive: 300, idle_seconds: 1, error: null, ...extra,
+// Typed as the server's wire format (generated from /openapi.json): a field it adds or renames fails `tsc` here.
+const model = (id: string, state: ModelInfo["state"], extra: Partial<ModelInfo> = {}): ModelInfo => ({
+  id, state, kind: "language", format: "mlx", path: `/m/${id}`, size_bytes: 1 << 20,
+  memory_bytes: state === "resident" ? 2 << 20 : null, context_length: 512, busy: false, pinned: false, keep_alive: 300,
+  idle_seconds: 1, error: null, warmup: null, ...extra,
 });
 
 describe("Models page", () => {
@@ -16,7 +19,7 @@ describe("Models page", () => {
       "GET /api/models": [200, {
         object: "list", memory_budget_bytes: 8 << 20, memory_used_bytes: 2 << 20,
         data: [model("default", "resident", { pinned: true }), model("tiny-a", "local")],
-      }],
+      } satisfies ModelsOverview],
       "POST /api/models/load": [200, model("tiny-a", "resident")],
     });
     vi.stubGlobal("fetch", fake.fn);

@@ -14,10 +14,13 @@ import {
   Tooltip,
 } from "@mantine/core";
 import { useEffect, useState } from "react";
+import { endpoints } from "../api/endpoints";
 import { ApiError, apiJson, postJson } from "../lib/api";
 import { formatBytes } from "../lib/format";
 import { useRealtimeEvent } from "../lib/realtime";
-import type { DiscoverResponse, ModelInfo, ModelsOverview, PullStatus } from "../lib/types";
+import type {
+  DiscoverResponse, LoadRequest, ModelInfo, ModelsOverview, PullList, PullRequest, PullStatus, UnloadRequest,
+} from "../lib/types";
 import { useApi } from "../lib/useApi";
 
 type Action = "load" | "unload" | "delete";
@@ -135,7 +138,7 @@ function PullPanel({ list, onStart, onCancel }: {
 function DiscoverPanel({ onPull }: { onPull: (id: string) => void }) {
   const [query, setQuery] = useState("");
   const [submitted, setSubmitted] = useState("");
-  const discover = useApi<DiscoverResponse>(`/api/models/discover${submitted ? `?q=${encodeURIComponent(submitted)}` : ""}`);
+  const discover = useApi<DiscoverResponse>(endpoints.discover(submitted));
   if (discover.missing) return null;
   const body = discover.data;
   return (
@@ -191,11 +194,11 @@ function DiscoverPanel({ onPull }: { onPull: (id: string) => void }) {
 }
 
 export function Models() {
-  const models = useApi<ModelsOverview>("/api/models", 10000);
+  const models = useApi<ModelsOverview>(endpoints.models, 10000);
   const [busy, setBusy] = useState<Record<string, Action>>({});
   const [error, setError] = useState<string | null>(null);
   const [pulling, setPulling] = useState(false);
-  const pullsApi = useApi<{ data: PullStatus[] }>("/api/models/pulls", pulling ? 1000 : 10000);
+  const pullsApi = useApi<PullList>(endpoints.pulls, pulling ? 1000 : 10000);
   const pullList = pullsApi.data?.data ?? [];
   const canDelete = !pullsApi.missing && pullsApi.data !== null; // DELETE /api/models/<id> came with pulls
   useRealtimeEvent("model_event", () => models.reload());
@@ -213,9 +216,9 @@ export function Models() {
     try {
       if (action === "delete") {
         if (!window.confirm(`Delete ${model.id} from disk?`)) return;
-        await apiJson(`/api/models/${model.id.split("/").map(encodeURIComponent).join("/")}`, { method: "DELETE" });
+        await apiJson(endpoints.model(model.id), { method: "DELETE" });
       } else {
-        await postJson(`/api/models/${action}`, { model: model.id });
+        await postJson(endpoints.modelAction[action], { model: model.id } satisfies LoadRequest & UnloadRequest);
       }
     } catch (e) {
       setError(e instanceof ApiError ? `${action} ${model.id}: ${e.message}` : String(e));
@@ -228,7 +231,7 @@ export function Models() {
   const pull = async (id: string): Promise<boolean> => {
     setError(null);
     try {
-      await postJson("/api/models/pull", { model: id });
+      await postJson(endpoints.pull, { model: id } satisfies PullRequest);
       setPulling(true);
       pullsApi.reload();
       return true;
@@ -239,7 +242,7 @@ export function Models() {
   };
 
   const cancelPull = (id: string) => {
-    apiJson(`/api/models/pulls/${id}`, { method: "DELETE" })
+    apiJson(endpoints.pullById(id), { method: "DELETE" })
       .catch((e: Error) => setError(e.message))
       .finally(pullsApi.reload);
   };
@@ -280,7 +283,7 @@ export function Models() {
         </Table.ScrollContainer>
       </Paper>
       {pullsApi.missing ? (
-        <Tooltip label="This server has no /api/models/pull endpoint.">
+        <Tooltip label={`This server has no ${endpoints.pull} endpoint.`}>
           <Text size="sm" c="dimmed" data-testid="pull-unavailable">Pulling models: not available on this server.</Text>
         </Tooltip>
       ) : (

@@ -2,8 +2,10 @@
 import { GaugeChart, LineChart } from "@mantine/charts";
 import { Alert, Badge, Group, Paper, SimpleGrid, Stack, Text, Title } from "@mantine/core";
 import { useEffect, useState } from "react";
+import { endpoints } from "../api/endpoints";
 import { formatBytes, formatClock, formatNumber } from "../lib/format";
 import { useRealtime } from "../lib/realtime";
+import type { HardwareReport } from "../lib/types";
 import type { Sample } from "../lib/metrics";
 import { useApi } from "../lib/useApi";
 
@@ -93,18 +95,10 @@ function Gauge({ label, value, detail }: { label: string; value: number | null; 
   );
 }
 
-interface Hardware {
-  cpu?: { brand?: string | null; cores_logical?: number | null } | null;
-  memory?: { total_bytes: number; available_bytes: number } | null;
-  gpus?: { name: string; utilization_percent?: number | null }[] | null;
-  mlx?: { device: string; active_memory_bytes?: number | null } | null;
-  thermal?: { state: string; source: string } | null;
-}
-
 export function Overview() {
   const { samples, state, hardware: liveHardware } = useRealtime();
-  const hardwareApi = useApi<Hardware>("/api/hardware", 15000);
-  const hardware = (liveHardware as Hardware | null) ?? hardwareApi.data;
+  const hardwareApi = useApi<HardwareReport>(endpoints.hardware, 15000);
+  const hardware = liveHardware ?? hardwareApi.data;
   const [waited, setWaited] = useState(false);
   useEffect(() => {
     const id = window.setTimeout(() => setWaited(true), 4000);

@@ -15,13 +15,11 @@ import {
   Title,
 } from "@mantine/core";
 import { useEffect, useRef, useState } from "react";
+import { endpoints } from "../api/endpoints";
 import { streamChat, type ChatMessage, type SamplingParams, type StreamResult } from "../lib/chat";
 import { formatNumber } from "../lib/format";
+import type { ModelList } from "../lib/types";
 import { useApi } from "../lib/useApi";
-
-interface ModelList {
-  data: { id: string }[];
-}
 
 function Bubble({ message, streaming }: { message: ChatMessage; streaming?: boolean }) {
   const user = message.role === "user";
@@ -44,7 +42,7 @@ function Bubble({ message, streaming }: { message: ChatMessage; streaming?: bool
 }
 
 export function Playground() {
-  const models = useApi<ModelList>("/v1/models", 15000);
+  const models = useApi<ModelList>(endpoints.openaiModels, 15000);
   const [model, setModel] = useState<string | null>(null);
   const [system, setSystem] = useState("You are a helpful assistant.");
   const [params, setParams] = useState<SamplingParams>({ temperature: 0.7, top_p: 0.95, max_tokens: 128 });

@@ -1,28 +1,11 @@
 // What this server is: version, health, configuration (read-only, secrets masked), API docs.
 import { Alert, Anchor, Badge, Code, Group, Paper, SimpleGrid, Stack, Table, Text, Title } from "@mantine/core";
 import { useEffect, useState } from "react";
+import { endpoints } from "../api/endpoints";
 import { endpointExists } from "../lib/api";
 import { formatBytes, formatDuration } from "../lib/format";
-import type { Health } from "../lib/types";
+import type { ConfigList, HardwareReport, Health } from "../lib/types";
 import { useApi } from "../lib/useApi";
-
-interface HardwareReport {
-  platform: { system: string; release: string; machine: string; python: string };
-  cpu: { brand: string | null; cores_physical: number | null; cores_logical: number | null } | null;
-  memory: { total_bytes: number; unified: boolean } | null;
-  gpus: { vendor: string; name: string }[] | null;
-  mlx: { version: string; device: string; device_name: string | null } | null;
-  thermal: { state: string; source: string } | null;
-  unavailable: Record<string, string>;
-}
-
-interface ConfigEntry {
-  name: string;
-  env: string;
-  value: unknown;
-  secret?: boolean;
-  description?: string;
-}
 
 function show(value: unknown): string {
   if (value === null || value === undefined || value === "") return "–";
@@ -47,12 +30,12 @@ function Facts({ rows }: { rows: [string, unknown][] }) {
 }
 
 export function Server() {
-  const health = useApi<Health>("/health", 5000);
-  const config = useApi<{ data: ConfigEntry[] }>("/api/config");
-  const hardware = useApi<HardwareReport>("/api/hardware");
+  const health = useApi<Health>(endpoints.health, 5000);
+  const config = useApi<ConfigList>(endpoints.config);
+  const hardware = useApi<HardwareReport>(endpoints.hardware);
   const [docs, setDocs] = useState<boolean | null>(null);
   useEffect(() => {
-    void endpointExists("/openapi.json").then(setDocs);
+    void endpointExists(endpoints.openapi).then(setDocs);
   }, []);
 
   const h = health.data;
@@ -61,12 +44,12 @@ export function Server() {
       <Group justify="space-between">
         <Title order={2}>Server</Title>
         {docs === null ? null : docs ? (
-          <Anchor href="/docs" target="_blank" data-testid="docs-link">API docs (/docs) ↗</Anchor>
+          <Anchor href={endpoints.docs} target="_blank" data-testid="docs-link">API docs (/docs) ↗</Anchor>
         ) : (
           <Text size="sm" c="dimmed" data-testid="docs-unavailable">API docs: not available on this server</Text>
         )}
       </Group>
-      {health.error && !h && <Alert color="red" title="/health did not answer">{health.error.message}</Alert>}
+      {health.error && !h && <Alert color="red" title={`${endpoints.health} did not answer`}>{health.error.message}</Alert>}
       {h && (
         <SimpleGrid cols={{ base: 1, md: 2 }}>
           <Paper withBorder p="md" radius="md">
@@ -103,13 +86,13 @@ export function Server() {
                 ["platform", `${hardware.data.platform.system} ${hardware.data.platform.release} (${hardware.data.platform.machine})`],
                 ["CPU", hardware.data.cpu
                   ? `${hardware.data.cpu.brand ?? "unknown"}, ${hardware.data.cpu.cores_physical ?? "?"} cores / ${hardware.data.cpu.cores_logical ?? "?"} threads`
-                  : hardware.data.unavailable.cpu],
+                  : hardware.data.unavailable?.cpu],
                 ["memory", hardware.data.memory
-                  ? `${formatBytes(hardware.data.memory.total_bytes)}${hardware.data.memory.unified ? " unified" : ""}` : hardware.data.unavailable.memory],
+                  ? `${formatBytes(hardware.data.memory.total_bytes)}${hardware.data.memory.unified ? " unified" : ""}` : hardware.data.unavailable?.memory],
                 ["GPU", hardware.data.gpus?.length ? hardware.data.gpus.map((g) => g.name).join(", ") : "none"],
-                ["MLX", hardware.data.mlx ? `${hardware.data.mlx.version} on ${hardware.data.mlx.device}` : hardware.data.unavailable.mlx],
+                ["MLX", hardware.data.mlx ? `${hardware.data.mlx.version} on ${hardware.data.mlx.device}` : hardware.data.unavailable?.mlx],
                 ["thermal", hardware.data.thermal ? `${hardware.data.thermal.state} (${hardware.data.thermal.source})`
-                  : hardware.data.unavailable.thermal ?? "unknown"],
+                  : hardware.data.unavailable?.thermal ?? "unknown"],
               ]} />
             </Paper>
           )}
