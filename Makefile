@@ -1,6 +1,7 @@
 # Impetus. On a fresh clone:
 #   make run    set everything up, then serve the embedded default model on http://127.0.0.1:8080/v1
 #   make test   set everything up, then run the whole test suite
+#   make test-fast  the unit and in-process tests only: no real server, no timing or slow test (under a minute)
 # Setup is idempotent: a stamp file makes repeated runs instant until a requirements file changes.
 
 PYTHON ?= python3
@@ -20,7 +21,7 @@ JEMALLOC_TRY := $(VENV)/.jemalloc-tried
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup openblas jemalloc redis-server nginx run test lint bench soak clean dashboard dashboard-if-node chromium node-clients
+.PHONY: setup openblas jemalloc redis-server nginx run test test-fast lint bench soak clean dashboard dashboard-if-node chromium node-clients
 
 setup: $(STAMP) openblas jemalloc redis-server nginx
 
@@ -163,6 +164,14 @@ run: setup dashboard-if-node
 test: setup dashboard chromium node-clients
 	$(PNPM) --dir $(DASH) exec vitest run
 	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The fast tier (markers in pyproject.toml): tests/unit and tests/inprocess (Flask's test client, no Gunicorn)
+# without the tests marked server, slow or timing; `make test` runs those too.
+FAST_TESTS := tests/unit $(wildcard tests/inprocess)
+
+test-fast: setup
+	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m pytest -q \
+	  -m "not server and not slow and not timing" $(FAST_TESTS) $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, start_server, stop_server
-from tests.tiny_models import build_tiny_bert
+from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+from tests.support.server import start_server, stop_server
+from tests.support.tiny_models import build_tiny_bert
 
 TEXT = "the cat sat on the mat " * 21  # 128 tokens with [CLS] and [SEP]
 

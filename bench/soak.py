@@ -34,7 +34,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import DEFAULT_MODEL, start_server, stop_server  # noqa: E402
+from tests.support import DEFAULT_MODEL  # noqa: E402
+from tests.support.server import start_server, stop_server  # noqa: E402
 
 PROMPTS = ["Write a short poem about the sea.", "What is 17 times 3?", "Name three colours.",
            "Explain what a CPU does.", "Tell me a fact about Paris.", "Give me a recipe for tea."]

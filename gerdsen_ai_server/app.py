@@ -1,4 +1,10 @@
-"""The app factory: settings, engine, blueprints, error handlers. Nothing happens at import time."""
+"""The app factory: settings, services, blueprints, error handlers. Nothing happens at import time.
+
+``create_app(config)`` builds and starts its own inference engine (and loads the default model);
+``create_app(config, engine=engine)`` serves an engine the caller built and owns instead: the
+factory neither starts it, nor loads a model into it, nor stops it at exit. The in-process tests
+(tests/inprocess/) share one engine between the apps they build that way.
+"""
 
 from __future__ import annotations
 
@@ -7,97 +13,100 @@ import logging
 import math
 import os
 import signal
+from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
 
-from gerdsen_ai_server.api import (  # noqa: F401  (on openai.bp)
-    anthropic,
-    chat,
-    embeddings,
-    hardware,
-    health,
-    models,
-    openai,
-    responses,
-    server_config,
-)
-from gerdsen_ai_server.api.dashboard import init_dashboard
-from gerdsen_ai_server.api.docs import bp as docs_bp
-from gerdsen_ai_server.api.metrics import init_metrics
-from gerdsen_ai_server.api.pulls import init_pulls
-from gerdsen_ai_server.api.realtime import init_realtime, socketio
-from gerdsen_ai_server.api.requests import bp as running_requests_bp
+from gerdsen_ai_server.api import anthropic
+from gerdsen_ai_server.api.admin import config as server_config
+from gerdsen_ai_server.api.admin import hardware, pulls
+from gerdsen_ai_server.api.admin import models as admin_models
+from gerdsen_ai_server.api.admin import requests as admin_requests
+from gerdsen_ai_server.api.openai import chat, completions, embeddings, responses
+from gerdsen_ai_server.api.openai import models as openai_models
+from gerdsen_ai_server.api.ops import health
+from gerdsen_ai_server.api.ops import metrics as metrics_route
+from gerdsen_ai_server.api.ops.dashboard import init_dashboard
+from gerdsen_ai_server.api.ops.docs import bp as docs_bp
+from gerdsen_ai_server.api.realtime import close_websockets, init_realtime, socketio
 from gerdsen_ai_server.config import Settings
+from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.benchmark import BenchmarkStore
 from gerdsen_ai_server.engine.engine import InferenceEngine
-from gerdsen_ai_server.engine.formats.loaders import LoadedModel
-from gerdsen_ai_server.monitoring.hardware import probe_for_this_machine
+from gerdsen_ai_server.engine.options import EngineOptions
 from gerdsen_ai_server.monitoring.monitor import Monitor
+from gerdsen_ai_server.monitoring.probes import probe_for_this_machine
 from gerdsen_ai_server.monitoring.prometheus import Metrics
+from gerdsen_ai_server.services import Services, init_services
+from gerdsen_ai_server.serving.running import RequestTable
 from gerdsen_ai_server.web.errors import register_error_handlers
 from gerdsen_ai_server.web.guard import init_guard
 from gerdsen_ai_server.web.request_log import configure_logging, init_request_log
+from gerdsen_ai_server.web.request_metrics import init_request_metrics
 from gerdsen_ai_server.web.security import init_security, trust_proxies
 from gerdsen_ai_server.web.shutdown import init_shutdown
 
 log = logging.getLogger(__name__)
 
 
-def create_app(config: dict[str, Any] | None = None) -> Flask:
+def create_app(config: dict[str, Any] | None = None, *, engine: InferenceEngine | None = None) -> Flask:
     settings = Settings.from_mapping(config)
     configure_logging(settings.log_level, settings.log_format)
     app = Flask(__name__)
     app.config["IMPETUS_SETTINGS"] = settings
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    engine = InferenceEngine(
-        models_dir=settings.models_dir,
-        max_batch=settings.max_batch,
-        max_queue=settings.max_queue,
-        compute_dtype=settings.compute_dtype,
-        prompt_cache_bytes=settings.prompt_cache_bytes,
-        memory_budget=settings.memory_budget_bytes(),
-        keep_alive=settings.keep_alive_seconds(),
-        on_crash=_exit_worker,
-        crash_after_steps=settings.fault_engine_crash_after_steps,
-        mlx_cache_limit=settings.mlx_cache_limit,
-        admit_window=settings.admit_window_ms / 1000,
-    )
-    engine.init_app(app)
-    engine.start()
-    atexit.register(engine.shutdown)
+    owned = engine is None
+    if engine is None:
+        engine = build_engine(settings, on_crash=_exit_worker)
+        engine.start()
+        atexit.register(engine.shutdown)
 
     monitor = Monitor(engine, probe_for_this_machine(settings.fault_thermal_state), engine.events,
                       interval=settings.metrics_interval, thermal_interval=settings.thermal_interval,
                       thermal_batch_size=settings.thermal_batch_size)
-    app.extensions[hardware.EXTENSION] = monitor
     atexit.register(monitor.stop)
+    init_services(app, Services(
+        settings=settings, engine=engine, monitor=monitor, running=RequestTable(),
+        benchmarks=BenchmarkStore(Path(engine.registry.models_dir) / ".impetus" / "benchmarks.json"),
+    ))
 
     register_error_handlers(app)
     init_request_log(app)  # first: every later hook and error already has the request id
-    init_metrics(app, Metrics(engine, monitor))  # before security: refused requests are counted and timed too
+    init_request_metrics(app, Metrics(engine, monitor))  # before security: refused requests are counted and timed too
     init_dashboard(app, settings.dashboard_path())  # before security: the page loads without a key, then asks
     init_security(app, settings)  # size limit, API keys, rate limits
-    app.register_blueprint(openai.bp)  # with /v1/chat/completions, which api/chat.py adds to it
-    app.register_blueprint(anthropic.bp)
+    for bp in (openai_models.bp, completions.bp, chat.bp, embeddings.bp, responses.bp, anthropic.bp):
+        app.register_blueprint(bp)  # /v1: OpenAI's API, then Anthropic's Messages
     app.register_blueprint(health.bp)
-    app.register_blueprint(models.bp)
+    app.register_blueprint(admin_models.bp)  # /api/models: list, load, unload, benchmark
     app.register_blueprint(server_config.bp)  # /api/config, for the dashboard
     app.register_blueprint(hardware.bp)
-    app.register_blueprint(running_requests_bp)  # GET/DELETE /api/requests (admin scope: security.py)
-    init_pulls(app)  # /api/models/pull, /pulls, /discover, DELETE /api/models/<id>
+    app.register_blueprint(admin_requests.bp)  # GET/DELETE /api/requests (admin scope: web/keys.py)
+    pulls.init_pulls(app)
+    app.register_blueprint(pulls.bp)  # /api/models/pull, /pulls, /discover, DELETE /api/models/<id>
     init_realtime(app)  # starts the monitor's loop as a Socket.IO background task
+    app.register_blueprint(metrics_route.bp)  # /metrics
     app.register_blueprint(docs_bp)  # /openapi.json, /docs
-    init_shutdown(app)  # SIGTERM: not ready, finish running requests (gunicorn_conf installs it)
+    # SIGTERM: not ready, finish running requests (gunicorn_conf installs it), then close the WebSockets
+    init_shutdown(app).on_drained(close_websockets)
     # Outside Socket.IO's middleware, so it covers both: Host allow-list, Socket.IO's Origin, key,
     # rate limit and caps before any Engine.IO session exists.
     init_guard(app, settings, socketio.server.eio)
     trust_proxies(app, settings)  # last: wraps every middleware, so all of them see the client's address
 
-    if settings.default_model:
+    if owned and settings.default_model:
         _load_default(app, engine, settings.default_model)
     return app
+
+
+def build_engine(settings: Settings, on_crash: Callable[[], None] | None = None) -> InferenceEngine:
+    """An engine as ``settings`` describe it, not started yet. ``create_app`` builds its own with
+    ``on_crash=_exit_worker``; a caller that owns one (the in-process tests) picks its own."""
+    return InferenceEngine(EngineOptions.from_settings(settings), on_crash=on_crash)
 
 
 def _exit_worker() -> None:

@@ -102,7 +102,7 @@ class Settings(BaseSettings):
         "(every GGUF on llama.cpp, the default model's included). MLX folders always run on MLX.",
     )
     llamacpp_threads: int = Field(0, ge=0, description="CPU threads of each llama.cpp model (0: all cores).")
-    # ---- monitoring (monitor.py, metrics.py, api/realtime.py)
+    # ---- monitoring (monitoring/, api/ops/metrics.py, api/realtime/)
     metrics_interval: float = Field(
         1.0, ge=0.05, le=3600, description="Seconds between 'metrics' pushes to Socket.IO clients (and monitor samples)."
     )
@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="'json': one JSON object per log line, with request id, route, status and duration."
     )
-    # ---- production hardening (security.py, request_log.py, shutdown.py)
+    # ---- production hardening (web/: security, keys, rate_limits, request_log, shutdown)
     api_keys: str = Field(
         "",
         description="Comma-separated inference API keys (at least 16 characters each; shorter ones stop the start); "

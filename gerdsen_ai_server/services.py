@@ -6,8 +6,9 @@ routers find their serving objects through one accessor. Fields filled by a late
 factory (the web layer's key checker, limiter, drain) start as ``None`` and are set by their
 ``init_*`` function; ``require`` names the missing one instead of an AttributeError deep in a hook.
 
-The web layer's types are imported for annotations only (``TYPE_CHECKING``): this module sits
-below web/ and api/ (see tests/unit/test_layers.py), and a type hint is no runtime dependency.
+The web and serving layers' types are imported for annotations only (``TYPE_CHECKING``): this
+module sits below serving/, web/ and api/ (see tests/unit/test_layers.py), and a type hint is no
+runtime dependency; ``create_app`` builds those objects and hands them in.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from gerdsen_ai_server.store.pulls import PullManager
 if TYPE_CHECKING:
     from flask_limiter import Limiter
 
-    from gerdsen_ai_server.web.security import FailedLogins, KeyChecker
+    from gerdsen_ai_server.serving.running import RequestTable
+    from gerdsen_ai_server.web.errors import Renderer
+    from gerdsen_ai_server.web.failed_logins import FailedLogins
+    from gerdsen_ai_server.web.keys import KeyChecker
     from gerdsen_ai_server.web.shutdown import Drain
 
 EXTENSION = "impetus"
@@ -46,12 +50,14 @@ class Services:
     metrics: Metrics | None = None
     pulls: PullManager | None = None
     benchmarks: BenchmarkStore | None = None
+    running: RequestTable | None = None  # the requests in flight (serving/running.py)
     keys: KeyChecker | None = None
     failed_logins: FailedLogins | None = None
     limiter: Limiter | None = None
     drain: Drain | None = None
     dashboard_dir: Path | None = None
     hub_search_slots: threading.BoundedSemaphore | None = None
+    error_shapes: dict[str, Renderer] = field(default_factory=dict)  # path prefix -> its API's error shape (web/errors.py)
     extra: dict[str, Any] = field(default_factory=dict)  # tests and plugins only; the server's own services are fields
 
 

@@ -46,6 +46,7 @@ def shown(path: Path) -> str:
 def openapi_document() -> dict[str, Any]:
     """GET /openapi.json from an app that loads no model; its engine thread is stopped before returning."""
     from gerdsen_ai_server.app import create_app
+    from gerdsen_ai_server.services import services
 
     with tempfile.TemporaryDirectory(prefix="impetus-openapi-") as models_dir:
         app = create_app({"default_model": "", "models_dir": models_dir, "protect_health": False,
@@ -53,9 +54,7 @@ def openapi_document() -> dict[str, Any]:
         try:
             response = app.test_client().get("/openapi.json")
         finally:
-            engine = app.extensions.get("impetus")  # the inference engine (create_app also stops it at exit)
-            if engine is not None and hasattr(engine, "shutdown"):
-                engine.shutdown()
+            services(app).engine.shutdown()  # the inference engine (create_app also stops it at exit)
     if response.status_code != 200:
         raise SystemExit(f"GET /openapi.json answered {response.status_code}: {response.get_data(as_text=True)[:500]}")
     document = response.get_json()

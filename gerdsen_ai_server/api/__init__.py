@@ -1,0 +1,1 @@
+"""Routes only: one Flask blueprint per file, registered explicitly in app.py."""

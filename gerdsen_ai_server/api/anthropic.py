@@ -1,41 +1,22 @@
-"""Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens) as a translation layer:
-the request becomes an OpenAI chat request and runs on the same engine path (prompt, tools,
-constrained decoding, streams); the answer is rendered in Anthropic's shapes and events."""
+"""Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens): the routes, and every error
+under /v1/messages in Anthropic's shape. The translation to and from the chat path is
+serving/anthropic.py's."""
 
 from __future__ import annotations
 
-import json
-import uuid
-from collections.abc import Iterator
-from typing import Any
+from flask import Blueprint, Response, jsonify, request
 
-from flask import Blueprint, Response, jsonify
-
-from gerdsen_ai_server.api.chat import chat_prompt, collect_answer, start_chat
-from gerdsen_ai_server.api.openai import SSE_HEADERS, cancel_all, parse_body, resident_model
-from gerdsen_ai_server.api.requests import ClientGone
-from gerdsen_ai_server.schemas.anthropic import (
-    CountTokensRequest,
-    CountTokensResponse,
-    Message,
-    MessageResponse,
-    MessagesRequest,
-    Usage,
-)
-from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, ToolCall
-from gerdsen_ai_server.serving.tools import ToolPlan, answer_parts, partial_arguments, plan_tools
+from gerdsen_ai_server.schemas.anthropic import CountTokensRequest, MessagesRequest
+from gerdsen_ai_server.serving.anthropic import count_tokens, error_type, message, message_events, start_message
+from gerdsen_ai_server.serving.body import parse_body
+from gerdsen_ai_server.serving.sse import sse_response
 from gerdsen_ai_server.web.errors import APIError, error_shape
 
 bp = Blueprint("anthropic", __name__, url_prefix="/v1")
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
-                429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
-
 
 def anthropic_error(error: APIError) -> Response:
-    kind = _ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
-    response = jsonify({"type": "error", "error": {"type": kind, "message": error.message}})
+    response = jsonify({"type": "error", "error": {"type": error_type(error.status), "message": error.message}})
     response.status_code = error.status
     response.headers.update(error.headers)
     return response
@@ -46,139 +27,15 @@ def anthropic_error(error: APIError) -> Response:
 bp.record_once(lambda state: error_shape(state.app, "/v1/messages", anthropic_error))
 
 
-def to_openai_messages(system: str | None, messages: list[Message]) -> list[dict[str, Any]]:
-    """The conversation as OpenAI chat messages. Thinking and redacted_thinking blocks replayed in
-    assistant turns are dropped (Anthropic drops earlier turns' thinking too, and this model did not
-    write them); cache_control and citations have no place in a prompt."""
-    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    for message in messages:
-        if isinstance(message.content, str):
-            out.append({"role": message.role, "content": message.content})
-            continue
-        text = "".join(b.text for b in message.content if b.type == "text")
-        calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
-                 for b in message.content if b.type == "tool_use"]
-        results = [{"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text()}
-                   for b in message.content if b.type == "tool_result"]
-        out += results  # tool results answer the previous assistant turn, before any new text
-        if text or calls or not results:
-            out.append({"role": message.role, "content": text, **({"tool_calls": calls} if calls else {})})
-    return out
-
-
-def to_openai(body: MessagesRequest | CountTokensRequest) -> ChatCompletionRequest:
-    request: dict[str, Any] = {"model": body.model, "messages": to_openai_messages(body.system_text(), body.messages)}
-    if body.tools:
-        request["tools"] = [{"type": "function", "function": {
-            "name": t.name, **({"description": t.description} if t.description else {}), "parameters": t.input_schema,
-            **({"strict": t.strict} if t.strict is not None else {}),
-        }} for t in body.tools]
-    choice = body.tool_choice
-    if choice is not None:
-        if choice.type == "tool":
-            if not choice.name:
-                raise APIError(400, "tool_choice of type 'tool' needs a name.", param="tool_choice")
-            request["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
-        else:
-            request["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
-        if choice.disable_parallel_tool_use:
-            request["parallel_tool_calls"] = False
-    output_format = body.output_config.format if body.output_config is not None else None
-    if output_format is not None:  # structured outputs: the same constrained decoding as response_format
-        request["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": "output", "schema": output_format.schema_, "strict": True}}
-    if isinstance(body, MessagesRequest):
-        request.update(max_tokens=body.max_tokens, temperature=body.temperature, stream=body.stream)
-        if body.top_p is not None:
-            request["top_p"] = body.top_p
-        if body.top_k:
-            request["top_k"] = body.top_k
-        if body.stop_sequences:
-            request["stop"] = body.stop_sequences
-    return ChatCompletionRequest.model_validate(request)
-
-
-def stop_reason(calls: list[ToolCall], finish: str | None, stop_sequence: str | None) -> str:
-    if finish == "length":  # a forced call cut short too (api/tools.py): its tool_use block holds what came
-        return "max_tokens"
-    if calls:
-        return "tool_use"
-    return "stop_sequence" if stop_sequence else "end_turn"
-
-
-def tool_use_block(call: ToolCall) -> dict[str, Any]:
-    return {"type": "tool_use", "id": call.id.replace("call_", "toolu_", 1), "name": call.function.name,
-            "input": partial_arguments(call.function.arguments)}  # as far as they go, if max_tokens cut them
-
-
 @bp.post("/messages")
 def messages() -> Response:
-    body = parse_body(MessagesRequest)
-    started = start_chat(to_openai(body), "messages")
-    message_id = f"msg_{uuid.uuid4().hex[:24]}"
-    model, prompt_tokens = started.loaded.model_id, len(started.prompt)
+    body = parse_body(MessagesRequest, request.get_data(cache=False))
+    msg_id, started = start_message(body)
     if body.stream:
-        return Response(stream_events(message_id, model, prompt_tokens, started.plan, started.streams),
-                        mimetype="text/event-stream", headers=SSE_HEADERS)
-    text, calls, last = collect_answer(started)
-    content = ([{"type": "text", "text": text}] if text else []) + [tool_use_block(c) for c in calls]
-    return jsonify(MessageResponse(
-        id=message_id, model=model, content=content,
-        stop_reason=stop_reason(calls, last.finish_reason, last.stop_sequence), stop_sequence=last.stop_sequence,
-        usage=Usage(input_tokens=prompt_tokens, output_tokens=last.completion_tokens),
-    ).model_dump())
+        return sse_response(message_events(msg_id, started))
+    return jsonify(message(body, msg_id, started).model_dump())
 
 
-def event(kind: str, payload: dict[str, Any]) -> str:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload})}\n\n"
-
-
-def stream_events(message_id: str, model: str, prompt_tokens: int, plan: ToolPlan, streams: list[Any]) -> Iterator[str]:
-    """Anthropic's event sequence: message_start, content blocks (start / deltas / stop),
-    message_delta with the stop reason and usage, message_stop."""
-    try:
-        yield event("message_start", {"message": {
-            "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
-        index, text_open = 0, False
-        for kind, value in answer_parts(plan, streams[0]):
-            if kind == "error":
-                yield event("error", {"error": {"type": "api_error", "message": value}})
-                return
-            if kind == "text":
-                if not text_open:
-                    yield event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
-                    text_open = True
-                yield event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": value}})
-                continue
-            calls, last = value
-            if text_open:
-                yield event("content_block_stop", {"index": index})
-                index += 1
-            for call in calls:
-                block = tool_use_block(call)
-                yield event("content_block_start", {"index": index, "content_block": {**block, "input": {}}})
-                yield event("content_block_delta", {"index": index, "delta": {
-                    "type": "input_json_delta", "partial_json": call.function.arguments}})
-                yield event("content_block_stop", {"index": index})
-                index += 1
-            yield event("message_delta", {
-                "delta": {"stop_reason": stop_reason(calls, last.finish_reason, last.stop_sequence),
-                          "stop_sequence": last.stop_sequence},
-                "usage": {"output_tokens": last.completion_tokens}})
-            yield event("message_stop", {})
-    except ClientGone:
-        return  # nobody to tell
-    except APIError as exc:  # the deadline, or an operator's cancel (api/requests.py)
-        yield event("error", {"error": {"type": _ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message}})
-    finally:
-        cancel_all(streams)  # a client that went away frees its slot
-
-
-@bp.post("/messages/count_tokens")
-def count_tokens() -> Response:
-    body = parse_body(CountTokensRequest)
-    chat = to_openai(body)
-    loaded = resident_model(chat.model)
-    return jsonify(CountTokensResponse(input_tokens=len(chat_prompt(chat, loaded, plan_tools(chat, loaded.tokenizer))))
-                   .model_dump())
+@bp.post("/messages/count_tokens", endpoint="count_tokens")
+def count_tokens_route() -> Response:
+    return jsonify(count_tokens(parse_body(CountTokensRequest, request.get_data(cache=False))).model_dump())

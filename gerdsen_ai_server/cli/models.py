@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int | None:
 def _pull(args: argparse.Namespace, models_dir: Path) -> int:
     from tqdm import tqdm
 
-    from gerdsen_ai_server.store import hub
+    from gerdsen_ai_server.store import download, hub
 
     bar = tqdm(desc=args.model, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, leave=True)
 
@@ -63,7 +63,7 @@ def _pull(args: argparse.Namespace, models_dir: Path) -> int:
 
     models_dir.mkdir(parents=True, exist_ok=True)
     try:
-        path = hub.pull(args.model, models_dir, revision=args.revision, gguf=args.gguf, on_progress=progress)
+        path = download.pull(args.model, models_dir, revision=args.revision, gguf=args.gguf, on_progress=progress)
     except hub.PullError as exc:
         bar.close()
         print(f"impetus: {exc}", file=sys.stderr)

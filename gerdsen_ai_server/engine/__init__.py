@@ -1,1 +1,1 @@
-"""Engine: model loading and the inference thread; no Flask here."""
+"""The engine: one OS thread owns every MLX call; model loading, batching, sampling. Never imports Flask."""

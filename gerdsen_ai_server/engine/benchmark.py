@@ -16,8 +16,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.engine import InferenceEngine
-from gerdsen_ai_server.engine.formats.loaders import LoadedModel
+from gerdsen_ai_server.engine.errors import BenchmarkFailed as BenchmarkFailed  # defined with the engine's errors
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams, TokenStream
 from gerdsen_ai_server.schemas.models import BenchmarkResult, WarmupResult
 
@@ -26,10 +27,6 @@ log = logging.getLogger(__name__)
 FILLER = "The quick brown fox jumps over the lazy dog while the engine measures how fast it reads. "
 WARMUP_PROMPT_TOKENS = 16
 WARMUP_MAX_TOKENS = 4
-
-
-class BenchmarkFailed(RuntimeError):
-    """The engine failed the timed request (the model was unloaded under it, or the engine stopped)."""
 
 
 def synthetic_prompt(tokenizer: Any, length: int) -> list[int]:

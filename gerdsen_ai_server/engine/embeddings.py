@@ -20,11 +20,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from gerdsen_ai_server.engine.formats.encoder import BATCH, EncoderModel
-
-
-class EmbeddingCancelled(RuntimeError):
-    """The caller gave up on the embeddings (it left, timed out, or an operator cancelled it)."""
+from gerdsen_ai_server.engine.errors import EmbeddingCancelled as EmbeddingCancelled  # defined with the engine's errors
+from gerdsen_ai_server.engine.formats.encoder_base import BATCH, EncoderModel
 
 
 def hidden_size(model: Any) -> int:

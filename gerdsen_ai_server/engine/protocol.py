@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gerdsen_ai_server.engine.errors import EngineGone as EngineGone  # raised here; defined with the engine's errors
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -68,10 +70,6 @@ class TokenEvent:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None or self.error is not None
-
-
-class EngineGone(RuntimeError):
-    """The engine thread stopped while a request was waiting on it."""
 
 
 # How often a reader waiting on its stream runs its ``watch`` (client still there? deadline?): often

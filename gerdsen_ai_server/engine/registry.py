@@ -10,10 +10,7 @@ estimated size is reserved in the budget while it runs.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import struct
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -22,79 +19,32 @@ from typing import Any
 
 import mlx.core as mx
 
-from gerdsen_ai_server.engine.formats.encoder import NoGeneration
-from gerdsen_ai_server.engine.formats.loaders import LoadedModel, LoaderFactory
+from gerdsen_ai_server.engine.backends.base import Backend, LoadedModel
+from gerdsen_ai_server.engine.errors import ModelBusy, ModelPinned, OverBudget
+from gerdsen_ai_server.engine.formats.loaders import LoaderFactory
 from gerdsen_ai_server.events import EventBus
 from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound, ModelRefused
 from gerdsen_ai_server.store.paths import redact_paths
 
+__all__ = ["ModelBusy", "ModelPinned", "ModelRegistry", "OverBudget", "PendingLoad", "Resident"]  # errors: errors.py
+
 log = logging.getLogger(__name__)
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1}
-
-
-class ModelBusy(ModelLoadError):
-    """The model is generating and cannot be unloaded now."""
-
-
-class ModelPinned(ModelLoadError):
-    """The model is the server's default, pinned so the server stays ready: never unloaded on request."""
-
-
-class OverBudget(ModelLoadError):
-    """The model does not fit the memory budget even after evicting every idle model."""
 
 
 @dataclass
 class Resident:
     loaded: LoadedModel
-    generator: Any
+    backend: Backend  # what generates with it (backends/base.py), opened by the engine when it loaded
     keep_alive: float  # seconds idle before unloading; math.inf keeps it
     pinned: bool = False
-    sequences: dict[int, Any] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     warmup: Any = None  # schemas.models.WarmupResult, once a load with warmup: true has run
 
     @property
-    def busy(self) -> bool:  # a llama.cpp model keeps its sequences itself
-        return bool(self.sequences) or bool(getattr(self.generator, "busy", False))
-
-
-def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
-    """Memory the weights will take once loaded, from the safetensors headers alone.
-
-    Quantized weights that will be dequantized to float32 count at 4 bytes per parameter
-    (each scale stands for ``group_size`` parameters, whatever the layer's bit width).
-    """
-    if path.suffix.lower() == ".gguf":  # the llama.cpp backend: the file plus its KV cache
-        from gerdsen_ai_server.engine.backends.llamacpp import estimate_bytes as gguf_bytes
-        from gerdsen_ai_server.engine.backends.llamacpp import n_sequences
-
-        return gguf_bytes(path, n_sequences())
-    config = json.loads((path / "config.json").read_text())
-    group_size = (config.get("quantization") or {}).get("group_size", 64)
-    tensors: dict[str, tuple[str, int]] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with file.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                tensors[name] = (info["dtype"], math.prod(info["shape"]))
-    total = 0
-    for name, (dtype, count) in tensors.items():
-        stored = count * _DTYPE_BYTES.get(dtype, 4)
-        if compute_dtype != "float32":
-            total += stored
-        elif name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] + ".weight" in tensors:
-            continue  # folded into the weights when dequantized
-        elif dtype == "U32" and (scales := tensors.get(name.rsplit(".", 1)[0] + ".scales")):
-            total += scales[1] * group_size * 4  # one fp32 parameter per quantized element
-        else:
-            total += count * 4
-    return total
+    def busy(self) -> bool:
+        """Whether its backend holds a request (running or waiting): never evicted or unloaded then."""
+        return self.backend.busy
 
 
 @dataclass
@@ -120,7 +70,7 @@ class ModelRegistry:
         compute_dtype: str | None,
         budget_bytes: int,
         keep_alive: float,
-        make_generator: Callable[[LoadedModel], Any],
+        open_backend: Callable[[LoadedModel], Backend],
         events: EventBus,
         on_unload: Callable[[str], None],
     ) -> None:
@@ -129,7 +79,7 @@ class ModelRegistry:
         self.compute_dtype = compute_dtype
         self.budget_bytes = budget_bytes
         self.keep_alive = keep_alive
-        self._make_generator = make_generator
+        self._open_backend = open_backend
         self._events = events
         self._on_unload = on_unload  # the engine drops what it keeps for the model (its prompt caches)
         self.residents: dict[str, Resident] = {}
@@ -177,7 +127,7 @@ class ModelRegistry:
             return self._join(known, keep_alive, pinned)
         keep = self.keep_alive if keep_alive is None else keep_alive
         try:
-            need = estimate_bytes(path, self.compute_dtype)
+            need = self.loader.estimate_bytes(path, self.compute_dtype)
             self._make_room(need, model_id)
         except Exception as exc:
             raise self._public(exc, spec, allowed) from None
@@ -227,8 +177,7 @@ class ModelRegistry:
             raise public from None
         del self.loading[pending.model_id]
         model_id = loaded.model_id = pending.model_id
-        generator = NoGeneration() if loaded.kind == "embedding" else self._make_generator(loaded)
-        resident = Resident(loaded, generator, keep_alive=pending.keep_alive, pinned=pending.pinned)
+        resident = Resident(loaded, self._open_backend(loaded), keep_alive=pending.keep_alive, pinned=pending.pinned)
         self.residents[model_id] = resident
         seconds = time.monotonic() - pending.started
         log.info("loaded %s (%.0f MB) in %.1f s", model_id, loaded.nbytes / 1e6, seconds)
@@ -256,10 +205,10 @@ class ModelRegistry:
             raise ModelPinned(f"The model '{model_id}' is the server's default model (IMPETUS_DEFAULT_MODEL), pinned "
                               "so that the server stays ready: it cannot be unloaded while the server runs.")
         if resident.busy:
-            raise ModelBusy(f"The model '{model_id}' is generating ({len(resident.sequences)} requests); "
+            raise ModelBusy(f"The model '{model_id}' is generating ({sum(resident.backend.counts())} requests); "
                             "unload it when they finish.")
         del self.residents[model_id]
-        resident.generator.close()
+        resident.backend.close()
         del resident
         self._on_unload(model_id)
         mx.clear_cache()  # hand the freed buffers back rather than keeping them cached

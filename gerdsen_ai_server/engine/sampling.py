@@ -1,9 +1,10 @@
-"""Per-request samplers, logits processors and stop-string matching.
+"""Per-request samplers and logits processors (stop strings are matched in text.py).
 
 Sampling itself is mlx-lm's (``make_sampler``, ``apply_top_p`` …, ``make_logits_processors``);
 what this adds is a *seeded* sampler that owns its own PRNG key, so a seeded request gives the
 same tokens whatever else is in the batch, and a text-level stop matcher that never lets a
-stop string (or its first half, split across tokens) reach the client.
+stop string (or its first half, split across tokens) reach the client (``StopMatcher``, which
+lives with the text step every backend shares, text.py).
 """
 
 from __future__ import annotations
@@ -87,42 +88,6 @@ def build_logits_processors(params: SamplingParams, max_tokens: int) -> list[Log
         frequency_penalty=params.frequency_penalty or None,
         frequency_context_size=max_tokens,
     )
-
-
-class StopMatcher:
-    """Finds stop strings in streamed text, holding back any tail that could start one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self._stops = [s for s in stops if s]
-        self._pending = ""
-
-    def feed(self, text: str) -> tuple[str, str | None]:
-        """Returns (text safe to emit, the stop string reached or None)."""
-        if not self._stops:
-            return text, None
-        self._pending += text
-        hits = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
-        if hits:
-            at, stop = min(hits)
-            out = self._pending[:at]
-            self._pending = ""
-            return out, stop
-        hold = self._longest_partial_stop()
-        cut = len(self._pending) - hold
-        out, self._pending = self._pending[:cut], self._pending[cut:]
-        return out, None
-
-    def flush(self) -> str:
-        out, self._pending = self._pending, ""
-        return out
-
-    def _longest_partial_stop(self) -> int:
-        pending = self._pending
-        for k in range(min(len(pending), max(len(s) for s in self._stops) - 1), 0, -1):
-            tail = pending[-k:]
-            if any(s.startswith(tail) for s in self._stops):
-                return k
-        return 0
 
 
 def token_logprob(logprobs: mx.array, token: int, top: int) -> TokenLogprob:

@@ -1,0 +1,1 @@
+"""Hardware probes, the monitor thread and the Prometheus collectors. No Flask."""

@@ -25,7 +25,7 @@ import psutil
 
 from gerdsen_ai_server.engine.engine import InferenceEngine
 from gerdsen_ai_server.events import EventBus
-from gerdsen_ai_server.monitoring.hardware import HardwareProbe, platform_info, read
+from gerdsen_ai_server.monitoring.probes.base import HardwareProbe, platform_info, read
 from gerdsen_ai_server.runtime.blas import blas_in_use
 from gerdsen_ai_server.runtime.memory import allocator
 from gerdsen_ai_server.schemas.hardware import (

@@ -1,0 +1,1 @@
+"""Process set-up before MLX loads: the BLAS library and the C allocator."""

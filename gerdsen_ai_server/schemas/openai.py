@@ -1,6 +1,6 @@
 """Pydantic models of the OpenAI wire format: requests we accept and responses we send.
 
-Only protocol here; turning a request into engine calls lives in ``api/openai.py``.
+Only protocol here; turning a request into engine calls lives in ``serving/`` (the routes: ``api/openai/``).
 Unknown fields are refused (``extra="forbid"``) so a typo or an unsupported option is a 400
 naming it, never silently ignored. Types are strict where OpenAI's are (``"stream": "yes"`` or
 ``"n": 1.5`` is a 400, as there, not coerced) and numbers finite (no NaN or Infinity); an integer

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gerdsen_ai_server.schemas.openai import REQUEST_CONFIG
 
-# ---- pulls, deletion and discovery (api/pulls.py) ---------------------------------------------
+# ---- pulls, deletion and discovery (api/admin/pulls.py) ---------------------------------------
 
 PullStatusName = Literal["queued", "downloading", "done", "failed", "cancelled"]
 

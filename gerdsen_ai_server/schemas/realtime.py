@@ -1,4 +1,4 @@
-"""Payloads a Socket.IO client sends (api/realtime.py): each is validated here, like an HTTP body,
+"""Payloads a Socket.IO client sends (api/realtime/): each is validated here, like an HTTP body,
 and a bad one is answered with OpenAI's error envelope."""
 
 from __future__ import annotations

@@ -72,12 +72,12 @@ class TextFormat(_Request):
 
 class TextConfig(_Request):
     format: TextFormat | None = None
-    verbosity: Verbosity | None = None  # "medium" only: api/responses.py
+    verbosity: Verbosity | None = None  # "medium" only: serving/responses.py
 
 
 class Reasoning(_Request):
     """OpenAI's reasoning options. Only an empty request is met: no model served here has an effort
-    control or reasoning summaries (api/responses.py refuses the rest, as OpenAI does for such a model)."""
+    control or reasoning summaries (serving/responses.py refuses the rest, as OpenAI does for such a model)."""
 
     effort: ReasoningEffort | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None

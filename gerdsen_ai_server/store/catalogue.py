@@ -66,7 +66,7 @@ def quantization_from_name(repo_id: str) -> str | None:
 
 
 def memory_bytes(parameters: int | None, size_bytes: int | None, compute_dtype: str | None) -> int | None:
-    """Bytes the registry will count for the model (as ``registry.estimate_bytes`` does):
+    """Bytes the registry will count for the model (as ``LoaderFactory.estimate_bytes`` in engine/formats/loaders.py does):
     4 per parameter when dequantized to float32, otherwise as stored."""
     if compute_dtype == "float32" and parameters:
         return parameters * 4

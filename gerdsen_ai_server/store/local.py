@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gerdsen_ai_server.store.download import read_manifest
 from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound
 from gerdsen_ai_server.store.formats import detect_format
-from gerdsen_ai_server.store.hub import STAGING, folder_name, read_manifest
-from gerdsen_ai_server.store.paths import plain_name
+from gerdsen_ai_server.store.hub import STAGING, folder_name
+from gerdsen_ai_server.store.paths import confine, plain_name
+
+REFUSED = ("requests cannot load this entry: its name is not a plain model id, or it (or a symlink in it) "
+           "leads out of the models dir; list its target in IMPETUS_MODEL_PATHS to allow it")
 
 
 @dataclass
@@ -39,12 +44,24 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def scan(models_dir: Path) -> list[LocalModel]:
+def scan(models_dir: Path, allowed: Sequence[Path] | None = None) -> list[LocalModel]:
+    """Every model entry of ``models_dir``, sorted by name; one it cannot use carries ``error``.
+
+    ``allowed`` (IMPETUS_MODEL_PATHS: the HTTP API's view, /api/models): an entry a request could
+    not load (``confine``: not a plain name, or it or a symlink in it leads out of the models dir and
+    those paths) is listed with why, and is neither read nor walked (size 0).
+    """
     models_dir = Path(models_dir)
     found = []
     for path in sorted(models_dir.iterdir()) if models_dir.is_dir() else []:
         if path.name.startswith(".") or path.suffix == ".lock":
             continue
+        if allowed is not None:
+            try:
+                confine(path.name, models_dir, allowed)  # what a request naming it gets
+            except ModelNotFound:
+                found.append(LocalModel(id=model_id(path), path=path, format=None, size_bytes=0, error=REFUSED))
+                continue
         manifest = read_manifest(path) or {}
         entry = LocalModel(id=model_id(path), path=path, format=None, size_bytes=folder_bytes(path),
                            repo=manifest.get("repo"), commit=manifest.get("commit"))

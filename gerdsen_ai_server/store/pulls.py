@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from gerdsen_ai_server.events import EventBus
-from gerdsen_ai_server.store.hub import PullCancelled, PullError, check_repo_id, pull
+from gerdsen_ai_server.store.download import pull
+from gerdsen_ai_server.store.hub import PullCancelled, PullError, check_repo_id
 
 log = logging.getLogger(__name__)
 

@@ -5,32 +5,32 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flask import Flask, Response, current_app, has_request_context, jsonify, request
+from flask import Flask, Response, has_request_context, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from gerdsen_ai_server.errors import APIError, error_body
+from gerdsen_ai_server.services import services
 
 __all__ = ["APIError", "error_body", "error_response", "error_shape", "register_error_handlers"]
 
 log = logging.getLogger(__name__)
 
 Renderer = Callable[[APIError], Response]
-SHAPES = "impetus_error_shapes"
 
 
 def error_shape(app: Flask, path_prefix: str, render: Renderer) -> None:
     """Routes under ``path_prefix`` answer errors in their API's own shape (Anthropic's on
     /v1/messages): every error, whether a view raised it or a hook did (401, 429, 503 while
     draining) or Werkzeug did (404, 405, 413), goes through ``render`` instead of the envelope."""
-    app.extensions.setdefault(SHAPES, {})[path_prefix] = render
+    services(app).error_shapes[path_prefix] = render
 
 
 def _renderer() -> Renderer | None:
     if not has_request_context():
         return None
     path = request.path
-    for prefix, render in current_app.extensions.get(SHAPES, {}).items():
+    for prefix, render in services().error_shapes.items():
         if path == prefix or path.startswith(prefix + "/"):
             return render
     return None

@@ -29,7 +29,7 @@ host are already in place):
 * **Rate limit.** Every request that opens a session (or names one that does not exist) spends
   the caller's ``IMPETUS_RATE_LIMIT`` budget, per key or per address, like an HTTP request. The
   transport traffic of a live session (long-poll GETs, which the server paces, and POSTs) is not
-  counted, as an SSE stream's chunks are not; each Socket.IO event is (api/realtime.py).
+  counted, as an SSE stream's chunks are not; each Socket.IO event is (api/realtime/channel.py).
 * **Caps.** At most ``IMPETUS_MAX_SOCKET_SESSIONS`` Engine.IO sessions at once (503 beyond); at most
   half of Gunicorn's threads held by Socket.IO requests at once, WebSockets and long-polls alike (a
   WebSocket holds its thread for its whole life, a long-poll for up to 45 s); and one long-poll at a
@@ -55,8 +55,10 @@ from flask import Flask, Response
 from werkzeug.exceptions import ClientDisconnected
 
 from gerdsen_ai_server.config import Settings
+from gerdsen_ai_server.services import services
 from gerdsen_ai_server.web.errors import APIError, error_response
-from gerdsen_ai_server.web.security import FAILED_LOGINS, KEYS, key_id, key_in_headers, spend_budget
+from gerdsen_ai_server.web.keys import key_id, key_in_headers
+from gerdsen_ai_server.web.rate_limits import spend_budget
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +244,8 @@ class Guard:
         the rate limit, the key, the session cap, in the order the HTTP hooks take them."""
         remote = environ.get("REMOTE_ADDR")
         with self.app.app_context():
-            checker = self.app.extensions.get(KEYS)
-            logins = self.app.extensions.get(FAILED_LOGINS)
+            found = services(self.app)
+            checker, logins = found.keys, found.failed_logins
             key = presented(environ, query) if checker else None
             ident = scope = None
             if key is not None and checker:

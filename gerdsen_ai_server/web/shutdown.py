@@ -7,7 +7,9 @@ socket on SIGTERM, but the worker holds its own; had the worker stopped acceptin
 default), new connections would queue in the kernel unanswered until the worker exits, and a load
 balancer's readiness check would hang instead of reading 503. So the worker goes on accepting and
 answering (probes: 503 not ready; new work: 503 ``server_shutting_down`` with ``Retry-After``)
-until its running requests are done or the grace period is over, and only then stops.
+until its running requests are done or the grace period is over, runs what was registered to run
+once the drain is over (``Drain.on_drained``: app.py registers closing Socket.IO's WebSockets, which
+would otherwise hold the worker for Gunicorn's whole graceful timeout), and only then stops.
 
 What counts as running: every HTTP request between the WSGI call and the close of its response
 (so an SSE stream until its last byte), except the probes and Socket.IO, whose long-lived
@@ -26,6 +28,7 @@ from typing import Any
 from flask import Flask, request
 from werkzeug.wsgi import ClosingIterator
 
+from gerdsen_ai_server.services import services
 from gerdsen_ai_server.web.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ class Drain:
         self.draining = threading.Event()
         self._active = 0
         self._idle = threading.Condition()
+        self._on_drained: list[Callable[[], None]] = []
 
     @property
     def active(self) -> int:
@@ -57,6 +61,19 @@ class Drain:
 
     def begin(self) -> None:
         self.draining.set()
+
+    def on_drained(self, close: Callable[[], None]) -> None:
+        """Run ``close`` once the drain is over, before the worker exits: for what holds a thread
+        and never ends by itself (a WebSocket). The web layer names no such thing; app.py wires it."""
+        self._on_drained.append(close)
+
+    def drained(self) -> None:
+        """The drain is over: run every ``on_drained`` callback (one that fails is logged, not fatal)."""
+        for close in self._on_drained:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - shutting down anyway
+                log.exception("closing %s after the drain failed", getattr(close, "__name__", close))
 
     def wait_idle(self, timeout: float) -> bool:
         """True when no counted request is running, False when ``timeout`` ran out first."""
@@ -89,13 +106,10 @@ class CountingMiddleware:
         return ClosingIterator(body, [self.drain.leave])
 
 
-def drain_of(app: Flask) -> Drain:
-    return app.extensions["impetus_drain"]
-
-
-def init_shutdown(app: Flask) -> None:
+def init_shutdown(app: Flask) -> Drain:
+    """Count requests, refuse new work while draining; the drain goes into ``services().drain``."""
     drain = Drain()
-    app.extensions["impetus_drain"] = drain
+    services(app).drain = drain
     app.wsgi_app = CountingMiddleware(app.wsgi_app, drain)  # type: ignore[method-assign]
 
     @app.before_request
@@ -104,26 +118,22 @@ def init_shutdown(app: Flask) -> None:
             raise APIError(503, "The server is shutting down; retry on another replica.",
                            code="server_shutting_down", headers={"Retry-After": "1"})
 
+    return drain
 
-def close_websockets(app: Flask) -> None:
-    """Each open Socket.IO WebSocket holds a Gunicorn thread until it closes: close them all once the
-    drain is over (their clients reconnect, to another replica), or the worker would wait out
-    Gunicorn's graceful timeout for connections that never end by themselves."""
-    socketio = app.extensions.get("socketio")
-    if socketio is None or socketio.server is None:
-        return
-    from gerdsen_ai_server.api.realtime import close_session
 
+def _drain_of(app: Any) -> Drain | None:
+    """The drain of an app that create_app built (None for any other WSGI app)."""
+    if not isinstance(app, Flask):
+        return None
     try:
-        close_session()  # every client, without waiting on a dead connection's queue
-    except Exception:  # noqa: BLE001 - shutting down anyway
-        log.exception("closing the Socket.IO connections failed")
+        return services(app).drain
+    except KeyError:  # a Flask app without the services
+        return None
 
 
 def install_sigterm_drain(worker: Any, grace: float) -> None:
     """Gunicorn ``post_worker_init``: SIGTERM drains first, then runs the worker's own exit."""
-    app = worker.wsgi
-    drain = drain_of(app) if isinstance(app, Flask) and "impetus_drain" in app.extensions else None
+    drain = _drain_of(worker.wsgi)
     if drain is None:
         return
     gunicorn_exit = worker.handle_exit
@@ -140,7 +150,7 @@ def install_sigterm_drain(worker: Any, grace: float) -> None:
             log.info("shutdown: %s after %.1f s; stopping the worker",
                      "requests finished" if idle else f"grace of {grace:g} s over, {drain.active} still running",
                      time.monotonic() - started)
-            close_websockets(app)
+            drain.drained()
             gunicorn_exit(signum, frame)
 
         threading.Thread(target=finish, name="impetus-drain", daemon=True).start()

@@ -8,7 +8,10 @@ import anthropic
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, Server
+from tests.support import DEFAULT_MODEL
+from tests.support.server import Server
+
+pytestmark = pytest.mark.server
 
 GREEDY = {"temperature": 0}  # the current SDK no longer names temperature; older clients send it
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -89,7 +92,7 @@ def test_errors_use_anthropic_shape(claude: anthropic.Anthropic, server: Server)
 
 
 def test_x_api_key_auth(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tests.conftest import start_server, stop_server
+    from tests.support.server import start_server, stop_server
 
     srv = start_server(tmp_path, IMPETUS_API_KEYS="sk-impetus-test-0123456789")
     try:

@@ -11,7 +11,10 @@ import anthropic
 import openai
 import pytest
 
-from tests.conftest import DEFAULT_MODEL, Server
+from tests.support import DEFAULT_MODEL
+from tests.support.server import Server
+
+pytestmark = pytest.mark.server
 
 GREEDY = {"temperature": 0}
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]

@@ -16,7 +16,9 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL
+from tests.support import DEFAULT_MODEL
+
+pytestmark = pytest.mark.server
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "clients.md"
 SECTION = "## Fields the SDKs send"

@@ -16,7 +16,10 @@ import anthropic
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, Server
+from tests.support import DEFAULT_MODEL
+from tests.support.server import Server
+
+pytestmark = pytest.mark.server
 
 # LangChain's standard-test tool: a bounded integer, annotations the grammar must ignore, no additionalProperties.
 BOUNDED = {"type": "object", "title": "magic_function", "description": "Applies a magic function to an input.",

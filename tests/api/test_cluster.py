@@ -25,18 +25,21 @@ import redis
 import requests
 import socketio
 
-from tests.conftest import DEFAULT_MODEL, ROOT, Recorder, Server, free_port, start_server, stop_server
+from tests.support import DEFAULT_MODEL, ROOT
+from tests.support.http import chat
+from tests.support.recorder import Recorder, listen
+from tests.support.server import Server, free_port, start_server, stop_server
 
 REDIS_SERVER = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
 RATE_LIMIT = 6  # requests per hour per key, across the cluster
 EVENTS_KEY, LIMIT_KEY, PROXY_KEY = "events-key-0123456789", "limit-key-0123456789", "proxy-key-0123456789"  # separate rate-limit buckets
 SOCKET_KEY = "socket-key-0123456789"  # the Socket.IO clients': each handshake spends a request of its budget
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.skipif(
     REDIS_SERVER is None,
     reason="redis-server is not installed: `make setup` installs Debian's redis-server with apt-get when it "
     "runs as root or with passwordless sudo and apt-get exists; it could not here (see .venv/.redis-tried).",
-)
+)]
 
 
 @dataclass
@@ -98,12 +101,9 @@ def connect() -> Iterator[Callable[[Server], Recorder]]:
     clients: list[socketio.Client] = []
 
     def make(server: Server) -> Recorder:
-        recorder = Recorder()
-        client = socketio.Client(reconnection=False)
-        for name in ("metrics", "request_event"):
-            client.on(name, recorder.record(name))
-        client.connect(server.url, transports=["websocket"], wait_timeout=30,  # the key in the handshake
-                       headers={"Authorization": f"Bearer {SOCKET_KEY}"}, auth={"rooms": ["metrics", "requests"]})
+        client, recorder = listen(server.url, ("metrics", "request_event"),  # the key in the handshake
+                                  headers={"Authorization": f"Bearer {SOCKET_KEY}"},
+                                  auth={"rooms": ["metrics", "requests"]})
         clients.append(client)
         return recorder
 
@@ -112,11 +112,10 @@ def connect() -> Iterator[Callable[[Server], Recorder]]:
         client.disconnect()
 
 
-def chat(server: Server) -> dict[str, Any]:
-    body = {"model": DEFAULT_MODEL, "max_tokens": 4, "temperature": 0,
-            "messages": [{"role": "user", "content": "Say hello."}]}
-    r = requests.post(f"{server.base_url}/chat/completions", json=body, timeout=120,
-                      headers={"Authorization": f"Bearer {EVENTS_KEY}"})
+def hello(server: Server) -> dict[str, Any]:
+    """A short chat on the events key's budget, answered."""
+    r = chat(server, max_tokens=4, messages=[{"role": "user", "content": "Say hello."}],
+             headers={"Authorization": f"Bearer {EVENTS_KEY}"})
     assert r.status_code == 200, r.text
     return dict(r.json())
 
@@ -139,7 +138,7 @@ def test_an_event_on_one_replica_reaches_clients_of_both(cluster: Cluster,
     replica_a, replica_b = own_replica(on_a), own_replica(on_b)
     assert replica_a != replica_b
 
-    answer = chat(cluster.b)
+    answer = hello(cluster.b)
     for recorder in (on_a, on_b):
         recorder.wait(lambda r=recorder: bool(finished(r)), timeout=15)
     time.sleep(0.5)  # a duplicate (the event delivered twice) would land by now
@@ -285,7 +284,7 @@ def test_killing_one_replica_leaves_the_other_serving(cluster: Cluster,
         requests.get(f"{cluster.b.url}/health/live", timeout=5)
 
     assert requests.get(f"{cluster.a.url}/health/ready", timeout=10).status_code == 200
-    answer = chat(cluster.a)
+    answer = hello(cluster.a)
     assert answer["choices"][0]["message"]["content"] is not None
     on_a.wait(lambda: bool(finished(on_a)), timeout=15)  # its own events still flow through Redis
     (_, event), = finished(on_a)
@@ -303,7 +302,7 @@ def test_a_hung_or_lost_redis_leaves_a_replica_serving(cluster: Cluster,
     try:
         started = time.monotonic()
         for _ in range(2):
-            chat(cluster.a)
+            hello(cluster.a)
         hung = time.monotonic() - started
         assert requests.get(f"{cluster.a.url}/health/ready", timeout=10).status_code == 200
     finally:
@@ -313,7 +312,7 @@ def test_a_hung_or_lost_redis_leaves_a_replica_serving(cluster: Cluster,
     cluster.redis.kill()
     cluster.redis.wait(30)
     started = time.monotonic()
-    chat(cluster.a)
+    hello(cluster.a)
     gone = time.monotonic() - started
     on_a.wait(lambda: len(finished(on_a)) >= 3, timeout=15)
     print(f"4-token chats on replica A: {hung / 2:.2f} s each with Redis hung, {gone:.2f} s with Redis gone")

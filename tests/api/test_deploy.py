@@ -11,13 +11,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 import yaml
 
 from gerdsen_ai_server.config import Settings
 from gerdsen_ai_server.web.guard import HostAllowList
-from gerdsen_ai_server.web.security import MIN_KEY_LENGTH, PROBE_PATHS
-from tests.conftest import ROOT, Server
+from gerdsen_ai_server.web.keys import MIN_KEY_LENGTH, PROBE_PATHS
+from tests.support import ROOT
+from tests.support.server import Server
+
+pytestmark = pytest.mark.server
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"

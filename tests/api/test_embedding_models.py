@@ -13,9 +13,13 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server
-from tests.tiny_models import bert_reference_forward as reference
-from tests.tiny_models import build_tiny_bert
+from tests.support import DEFAULT_MODEL
+from tests.support.models import default_model_folder
+from tests.support.server import Server, start_server, stop_server
+from tests.support.tiny_models import bert_reference_forward as reference
+from tests.support.tiny_models import build_tiny_bert
+
+pytestmark = pytest.mark.server
 
 BERT = "tiny-bert"  # mean pooling, normalised, Matryoshka, max_seq_length 16, tokenizer.json truncating at 8
 XLMR = "tiny-xlmr"  # CLS pooling, normalised, no Matryoshka
@@ -26,11 +30,7 @@ TEXTS = ["the cat sat on the mat", "the dog was blue", "the cat sat on the mat"]
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("embedding-models")
-    default = TEST_MODELS_DIR / DEFAULT_MODEL
-    if not default.exists():
-        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
-
-        ensure_default_model(TEST_MODELS_DIR)
+    default = default_model_folder()
     (root / DEFAULT_MODEL).symlink_to(default)
     build_tiny_bert(root / BERT, pooling="mean", normalize=True, matryoshka=True, max_seq_length=16)
     build_tiny_bert(root / XLMR, model_type="xlm-roberta", pooling="cls", normalize=True, prefix="roberta.", seed=1)
@@ -170,7 +170,7 @@ def test_models_say_which_kind_and_the_registry_holds_them(srv: Server, client: 
 
 
 def test_a_large_request_goes_to_the_engine_in_pieces_and_keeps_its_order(client: openai.OpenAI) -> None:
-    from gerdsen_ai_server.engine.formats.encoder import BATCH
+    from gerdsen_ai_server.engine.formats.encoder_base import BATCH
 
     words = ["the", "cat", "dog", "sat", "on", "mat", "red", "blue", "sky", "sea"]
     texts = [" ".join(words[(i + j * 3) % 10] for j in range(2 + i % 9)) for i in range(200)]

@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, Server, start_server, stop_server
+from tests.support import DEFAULT_MODEL
+from tests.support.http import health, wait_idle
+from tests.support.server import Server, start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 STORY = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
          "temperature": 0}
@@ -30,17 +34,6 @@ def small_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     stop_server(srv)
 
 
-def health(srv: Server) -> dict:  # type: ignore[type-arg]
-    return requests.get(f"{srv.url}/health", timeout=10).json()  # type: ignore[no-any-return]
-
-
-def wait_idle(srv: Server, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while health(srv)["requests_in_flight"]:
-        assert time.monotonic() < deadline, health(srv)
-        time.sleep(0.1)
-
-
 def rss(srv: Server) -> int:
     import psutil
 
@@ -48,6 +41,7 @@ def rss(srv: Server) -> int:
     return int(worker.memory_info().rss)
 
 
+@pytest.mark.slow
 def test_fifty_clients_disconnect_mid_stream(small_queue: Server) -> None:
     srv = small_queue
     host, port = srv.url.removeprefix("http://").split(":")
@@ -91,6 +85,8 @@ def test_fifty_clients_disconnect_mid_stream(small_queue: Server) -> None:
     assert growth < 0.25
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_burst_of_four_times_the_queue(small_queue: Server) -> None:
     srv = small_queue
     wait_idle(srv)
@@ -145,6 +141,7 @@ def test_corrupt_model_during_traffic(small_queue: Server) -> None:
     assert health(srv)["ready"] is True
 
 
+@pytest.mark.slow
 def test_engine_death_restarts_the_worker(tmp_path: Path) -> None:
     srv = start_server(tmp_path, IMPETUS_FAULT_ENGINE_CRASH_AFTER_STEPS="5")
     try:

@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import DEFAULT_MODEL, Server
+from tests.support import DEFAULT_MODEL
+from tests.support.server import Server
+
+pytestmark = pytest.mark.server
 
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages", "/v1/responses",
           "/api/models/load", "/api/models/unload", "/v1/messages/count_tokens"]

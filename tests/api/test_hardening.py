@@ -3,23 +3,19 @@ envelope (never a 5xx), and the server keeps answering. Generated ones: test_ope
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, Server
+from tests.support import DEFAULT_MODEL
+from tests.support.http import chat
+from tests.support.server import Server
+
+pytestmark = pytest.mark.server
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-def chat(server: Server, body: Any = None, *, data: bytes | None = None, **headers: str) -> requests.Response:
-    if data is None:
-        data = json.dumps(body).encode()
-    return requests.post(f"{server.base_url}/chat/completions", data=data, timeout=60,
-                         headers={"Content-Type": "application/json", **headers})
 
 
 def envelope(r: requests.Response, status: int, *, param: str | None = None, code: str | None = None) -> None:
@@ -164,12 +160,13 @@ def test_socketio_messages_are_bounded_like_http_bodies(server: Server) -> None:
     test_the_server_still_answers_afterwards(server)
 
 
+@pytest.mark.slow
 def test_websockets_never_take_every_thread(tmp_path_factory: pytest.TempPathFactory) -> None:
     """With 8 Gunicorn threads at most 4 WebSockets are open at once: a fifth is refused (503) before
     it opens, HTTP keeps its threads, and a closed one makes room again."""
     import socketio
 
-    from tests.conftest import start_server, stop_server
+    from tests.support.server import start_server, stop_server
 
     srv = start_server(tmp_path_factory.mktemp("threads"), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
                        IMPETUS_THREADS="8")
@@ -205,6 +202,7 @@ def test_websockets_never_take_every_thread(tmp_path_factory: pytest.TempPathFac
         stop_server(srv)
 
 
+@pytest.mark.slow
 def test_a_session_that_never_connects_is_closed(server: Server) -> None:
     """An Engine.IO session that never sends Socket.IO's CONNECT (so never shows a key) does not keep
     its WebSocket slot: it is closed within about 10 s, though it answers every ping."""

@@ -9,12 +9,16 @@ import time
 from typing import Any
 
 import psutil
+import pytest
 import requests
 import socketio
 from prometheus_client.parser import text_string_to_metric_families
 
 from gerdsen_ai_server.schemas.hardware import HardwareReport
-from tests.conftest import DEFAULT_MODEL, Server
+from tests.support import DEFAULT_MODEL
+from tests.support.server import Server
+
+pytestmark = pytest.mark.server
 
 SECTIONS = ("cpu", "memory", "gpus", "frequency", "thermal", "mlx")
 

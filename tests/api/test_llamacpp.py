@@ -26,7 +26,10 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make
 
 from tests.api import test_openai  # noqa: E402
 from tests.api.test_openai import *  # noqa: E402,F401,F403  # every conformance test, on llama.cpp
-from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server  # noqa: E402
+from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR  # noqa: E402
+from tests.support.server import Server, start_server, stop_server  # noqa: E402
+
+pytestmark = pytest.mark.server
 
 
 def f32_gguf() -> Path:
@@ -214,6 +217,9 @@ def test_auto_mode_runs_user_gguf_on_llama_cpp_and_keeps_the_default_on_mlx(tmp_
         assert all("Paris" in a for a in answers), answers
         info = requests.get(srv.url + "/api/models/mine.gguf", timeout=10).json()
         assert info["memory_bytes"] > f32_gguf().stat().st_size  # the weights plus the KV cache of 8 slots
+        assert info["format"] == "gguf"  # the backend's real format (every resident model said "mlx" once)
+        default = requests.get(srv.url + f"/api/models/{DEFAULT_MODEL}", timeout=10).json()
+        assert default["format"] == "mlx"  # auto mode: the embedded default stays on MLX
         r = requests.post(srv.url + "/api/models/unload", json={"model": "mine.gguf"}, timeout=60)
         assert r.status_code == 200, r.text
         ids = [m["id"] for m in requests.get(srv.url + "/health", timeout=10).json()["models"]]

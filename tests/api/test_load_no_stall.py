@@ -13,7 +13,11 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server
+from tests.support import DEFAULT_MODEL
+from tests.support.models import default_model_folder
+from tests.support.server import Server, start_server, stop_server
+
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timing]
 
 SECOND = "second-copy"
 
@@ -21,11 +25,7 @@ SECOND = "second-copy"
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("models")
-    default = TEST_MODELS_DIR / DEFAULT_MODEL
-    if not default.exists():
-        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
-
-        ensure_default_model(TEST_MODELS_DIR)
+    default = default_model_folder()
     shutil.copytree(default, root / DEFAULT_MODEL)
     shutil.copytree(default, root / SECOND)
     server = start_server(tmp_path_factory.mktemp("no-stall"), IMPETUS_MODELS_DIR=str(root),

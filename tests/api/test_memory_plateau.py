@@ -10,11 +10,16 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, start_server, stop_server
+from tests.support import DEFAULT_MODEL
+from tests.support.http import chat
+from tests.support.server import start_server, stop_server
+
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timing]
 
 PROMPTS = ["Write a short poem about the sea.", "What is 17 times 3?", "Name three colours.",
            "Explain what a CPU does.", "Tell me a fact about Paris.", "Give me a recipe for tea.",
@@ -54,10 +59,10 @@ def settled_free_bytes(url: str, bound: int = 100 << 20, wait: float = 15.0) -> 
     return free
 
 
-def chat(url: str, n: int) -> int:
-    body = {"model": DEFAULT_MODEL, "max_tokens": 16 + 4 * (n % 5), "temperature": 0.7, "seed": n,
+def varied(n: int) -> dict[str, Any]:
+    """The n-th chat of the rounds: lengths, seeds and prompts vary, as real traffic's do."""
+    return {"model": DEFAULT_MODEL, "max_tokens": 16 + 4 * (n % 5), "temperature": 0.7, "seed": n,
             "messages": [{"role": "user", "content": PROMPTS[n % len(PROMPTS)] + " " * (n % 7)}]}
-    return requests.post(f"{url}/v1/chat/completions", json=body, timeout=300).status_code
 
 
 def test_rss_levels_off_and_the_heap_keeps_little(small_cache_server) -> None:  # type: ignore[no-untyped-def]
@@ -65,7 +70,8 @@ def test_rss_levels_off_and_the_heap_keeps_little(small_cache_server) -> None:  
     rss, kept_free = [], []
     with ThreadPoolExecutor(8) as pool:
         for round_ in range(2):
-            assert list(pool.map(lambda n: chat(url, n), range(8 * round_, 8 * round_ + 8))) == [200] * 8
+            answers = pool.map(lambda n: chat(url, varied(n), timeout=300).status_code, range(8 * round_, 8 * round_ + 8))
+            assert list(answers) == [200] * 8
             rss.append(gauge(url, "impetus_process_resident_memory_bytes"))
             kept_free.append(settled_free_bytes(url))
     mib = [f"{r / 2**20:.0f}" for r in rss], [f"{f / 2**20:.0f}" for f in kept_free]

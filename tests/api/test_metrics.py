@@ -6,11 +6,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import pytest
 import requests
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import DEFAULT_MODEL, Server
+from tests.support import DEFAULT_MODEL
+from tests.support.server import Server
+
+pytestmark = pytest.mark.server
 
 CHAT = "/v1/chat/completions"
 FAMILIES = {

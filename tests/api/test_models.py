@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server
-from tests.tiny_models import build_tiny_llama, weights_bytes
+from tests.support import DEFAULT_MODEL
+from tests.support.http import chat
+from tests.support.models import default_model_folder
+from tests.support.server import Server, start_server, stop_server
+from tests.support.tiny_models import build_tiny_llama, weights_bytes
+
+pytestmark = pytest.mark.server
 
 DEFAULT_FP32_BYTES = 538_060_032  # SmolLM2-135M dequantized to float32 (its parameters' nbytes)
 
@@ -20,11 +25,7 @@ DEFAULT_FP32_BYTES = 538_060_032  # SmolLM2-135M dequantized to float32 (its par
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
-    default = TEST_MODELS_DIR / DEFAULT_MODEL
-    if not default.exists():  # the session server converts it; make sure it exists for copying
-        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
-
-        ensure_default_model(TEST_MODELS_DIR)
+    default = default_model_folder()
     shutil.copytree(default, root / DEFAULT_MODEL)
     for seed, name in enumerate(("tiny-a", "tiny-b", "org--tiny-c")):
         build_tiny_llama(root / name, default, seed=seed)
@@ -60,11 +61,6 @@ def resident(srv: Server) -> set[str]:
     return {k for k, v in listing(srv).items() if v["state"] == "resident"}
 
 
-def chat(srv: Server, model: str, max_tokens: int = 3) -> requests.Response:
-    return requests.post(f"{srv.base_url}/chat/completions", timeout=120, json={
-        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "temperature": 0})
-
-
 def unload_all_tiny(srv: Server) -> None:
     for model in resident(srv) - {DEFAULT_MODEL}:
         requests.post(f"{srv.url}/api/models/unload", json={"model": model}, timeout=60)
@@ -87,7 +83,7 @@ def test_load_generate_unload(srv: Server) -> None:
     r = requests.post(f"{srv.url}/api/models/load", json={"model": "tiny-a"}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "resident" and r.json()["keep_alive"] == 300
-    assert chat(srv, "tiny-a").json()["usage"]["completion_tokens"] >= 1
+    assert chat(srv, model="tiny-a").json()["usage"]["completion_tokens"] >= 1
     assert "tiny-a" in [m["id"] for m in requests.get(f"{srv.base_url}/models", timeout=30).json()["data"]]
     r = requests.post(f"{srv.url}/api/models/unload", json={"model": "tiny-a"}, timeout=60)
     assert r.status_code == 200
@@ -97,7 +93,7 @@ def test_load_generate_unload(srv: Server) -> None:
 
 def test_request_naming_a_local_model_loads_it_on_demand_even_with_a_slash(srv: Server) -> None:
     unload_all_tiny(srv)
-    r = chat(srv, "org/tiny-c")
+    r = chat(srv, model="org/tiny-c")
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "org/tiny-c"
     assert "org/tiny-c" in resident(srv)
@@ -105,14 +101,14 @@ def test_request_naming_a_local_model_loads_it_on_demand_even_with_a_slash(srv: 
 
 def test_lru_idle_model_is_evicted_to_make_room(srv: Server) -> None:
     unload_all_tiny(srv)
-    assert chat(srv, "tiny-a").status_code == 200
-    assert chat(srv, "tiny-b").status_code == 200  # does not fit beside tiny-a: tiny-a goes
+    assert chat(srv, model="tiny-a").status_code == 200
+    assert chat(srv, model="tiny-b").status_code == 200  # does not fit beside tiny-a: tiny-a goes
     assert resident(srv) == {DEFAULT_MODEL, "tiny-b"}
 
 
 def test_a_generating_model_is_never_evicted(srv: Server) -> None:
     unload_all_tiny(srv)
-    assert chat(srv, "tiny-a").status_code == 200
+    assert chat(srv, model="tiny-a").status_code == 200
     body = {"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
     with requests.post(f"{srv.base_url}/chat/completions", json=body, stream=True, timeout=120) as stream:
         lines = stream.iter_lines()
@@ -178,7 +174,7 @@ def test_concurrent_loads_of_one_model_load_it_once(srv: Server) -> None:
 def test_load_errors_are_clear_and_the_server_keeps_serving(srv: Server, model: str, status: int, code: str) -> None:
     r = requests.post(f"{srv.url}/api/models/load", json={"model": model}, timeout=120)
     assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
-    assert chat(srv, DEFAULT_MODEL).status_code == 200
+    assert chat(srv, model=DEFAULT_MODEL).status_code == 200
 
 
 def test_load_body_is_validated(srv: Server) -> None:
@@ -244,6 +240,7 @@ def test_benchmark_errors(srv: Server) -> None:
     assert (r.status_code, r.json()["error"]["code"]) == (400, "context_length_exceeded"), r.text
 
 
+@pytest.mark.slow
 def test_a_second_benchmark_of_a_model_while_one_runs_is_a_409(srv: Server) -> None:
     url = f"{srv.url}/api/models/{DEFAULT_MODEL}/benchmark"
     first: list[requests.Response] = []

@@ -8,7 +8,10 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server
+from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+from tests.support.server import Server
+
+pytestmark = pytest.mark.server
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import checks
 
-from tests.conftest import Server, start_server, stop_server
+from tests.support.server import Server, start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 # Loading or unloading models at random (names could be paths) is not what this test is about;
 # their validation is the same parse_body + pydantic path the other operations exercise.
@@ -64,13 +66,23 @@ def test_openapi_document_describes_the_api(keyed: Server) -> None:
 
 
 def test_protected_monitoring_is_documented_as_secured() -> None:
-    from gerdsen_ai_server.api.docs import build_spec
+    from gerdsen_ai_server.api.ops.docs import build_spec
 
     spec = build_spec(protect_health=True)
     for path in ("/health", "/metrics"):
         operation = spec["paths"][path]["get"]
         assert operation["security"] == [{"bearerAuth": []}] and "401" in operation["responses"], path
     assert "security" not in spec["paths"]["/health/ready"]["get"]
+
+
+def test_schema_names_do_not_depend_on_module_paths() -> None:
+    """Two wire models named Usage: pydantic would name both by module path, so a module move would
+    rename them in /openapi.json and in the dashboard's generated types. Their names are fixed."""
+    from gerdsen_ai_server.api.ops.docs import build_spec
+
+    names = set(build_spec()["components"]["schemas"])
+    assert {"Usage", "AnthropicUsage"} <= names
+    assert not [n for n in names if "gerdsen_ai_server" in n or "__" in n]
 
 
 def test_docs_page_uses_only_local_assets(keyed: Server) -> None:

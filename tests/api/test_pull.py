@@ -1,6 +1,6 @@
 """Pull, cancel, delete and discover over HTTP, on a real server whose HF_ENDPOINT is a stand-in hub on loopback.
 
-The server runs the real huggingface_hub download code; only the hub is ours (tests/hub_stub.py).
+The server runs the real huggingface_hub download code; only the hub is ours (tests/support/hub_stub.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import requests
 
 from gerdsen_ai_server.engine.formats.loaders import LoaderFactory
 from gerdsen_ai_server.events import EventBus
-from gerdsen_ai_server.store import hub
+from gerdsen_ai_server.store import download, hub
 from gerdsen_ai_server.store.pulls import PullManager
-from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server
-from tests.hub_stub import HubStub
-from tests.tiny_models import build_tiny_llama
+from tests.support.hub_stub import HubStub
+from tests.support.models import default_model_folder
+from tests.support.server import Server, start_server, stop_server
+from tests.support.tiny_models import build_tiny_llama
+
+pytestmark = pytest.mark.server
 
 REPO = "mlx-community/tiny-llama-test"
 WEIGHTS = "model.safetensors"
@@ -29,11 +32,7 @@ WEIGHTS = "model.safetensors"
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A loadable tiny llama (about 13 MB of weights) with the real SmolLM2 tokenizer."""
-    default = TEST_MODELS_DIR / DEFAULT_MODEL
-    if not default.exists():
-        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
-
-        ensure_default_model(TEST_MODELS_DIR)
+    default = default_model_folder()
     return build_tiny_llama(tmp_path_factory.mktemp("src") / "tiny", default)
 
 
@@ -206,33 +205,36 @@ def free_closed_port() -> int:
         return int(s.getsockname()[1])  # closed again when the block ends: nothing listens there
 
 
+@pytest.mark.timing
 def test_no_hub_fails_fast_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     endpoint = f"http://127.0.0.1:{free_closed_port()}"
     began = time.monotonic()
     with pytest.raises(hub.HubUnreachable, match=f"^cannot reach the Hugging Face hub at {endpoint}: .*refused"):
-        hub.pull(REPO, tmp_path, endpoint=endpoint)
+        download.pull(REPO, tmp_path, endpoint=endpoint)
     assert time.monotonic() - began < 5
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(hub.HubUnreachable, match="HF_HUB_OFFLINE is set"):
-        hub.pull(REPO, tmp_path, endpoint=endpoint)
+        download.pull(REPO, tmp_path, endpoint=endpoint)
     assert not list(tmp_path.iterdir())
 
 
 def test_discover_falls_back_to_the_catalogue_without_a_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gerdsen_ai_server.app import create_app
+    from gerdsen_ai_server.services import services
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_closed_port()}")
     app = create_app({"default_model": "", "models_dir": tmp_path, "memory_budget": 3_000_000_000})
     try:
         body = app.test_client().get("/api/models/discover?q=qwen2.5").get_json()
     finally:
-        app.extensions["impetus"].shutdown()
+        services(app).engine.shutdown()
     assert body["source"] == "catalogue" and "cannot reach the Hugging Face hub" in body["hub_error"]
     assert body["data"] and all("Qwen2.5" in m["id"] and m["source"] == "catalogue" for m in body["data"])
     fits = {m["id"]: m["fits"] for m in body["data"]}
     assert fits["mlx-community/Qwen2.5-0.5B-Instruct-4bit"] is True and fits["mlx-community/Qwen2.5-7B-Instruct-4bit"] is False
 
 
+@pytest.mark.timing
 def test_pull_manager_throttles_progress_events(tmp_path: Path, stub: HubStub) -> None:
     events: list[dict[str, Any]] = []
     bus = EventBus()

@@ -14,7 +14,12 @@ import pytest
 import requests
 import socketio
 
-from tests.conftest import DEFAULT_MODEL, Recorder, Server, start_server, stop_server
+from tests.support import DEFAULT_MODEL
+from tests.support.http import in_flight
+from tests.support.recorder import Recorder, listen
+from tests.support.server import Server, start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 LATENCY_P99_S = 0.050  # the issue's bound, server emit to client receipt
 
@@ -24,13 +29,11 @@ def connect(hot_server: Server) -> Iterator[Callable[..., tuple[socketio.Client,
     clients: list[socketio.Client] = []
 
     def make(**auth: Any) -> tuple[socketio.Client, Recorder]:
-        recorder = Recorder()
-        client = socketio.Client(reconnection_delay=0.2, reconnection_delay_max=0.5, randomization_factor=0)
-        for name in ("metrics", "hardware", "request_event", "model_event", "token", "generate_done",
-                     "generate_error"):
-            client.on(name, recorder.record(name))
-        client.on("connect", recorder.connected)
-        client.connect(hot_server.url, transports=["websocket"], auth=auth or None, wait_timeout=30)
+        client, recorder = listen(
+            hot_server.url, ("metrics", "hardware", "request_event", "model_event", "token", "generate_done",
+                             "generate_error"),
+            socketio.Client(reconnection_delay=0.2, reconnection_delay_max=0.5, randomization_factor=0),
+            auth=auth or None)
         clients.append(client)
         return client, recorder
 
@@ -47,6 +50,7 @@ def latency_window(recorder: Recorder, start: int, size: int = 30) -> tuple[floa
     return statistics.median(latencies), p99, received
 
 
+@pytest.mark.timing
 def test_metrics_arrive_on_time(connect: Callable[..., tuple[socketio.Client, Recorder]]) -> None:
     _, recorder = connect()
     # Up to three windows of 30 events (3 s each): on a shared 2-core machine another process can
@@ -241,10 +245,6 @@ def test_generate_errors_come_back_in_the_envelope(connect: Callable[..., tuple[
     assert recorder.of("generate_error")[0][1] == ack and not recorder.of("token")
 
 
-def in_flight(server: Server) -> int:
-    return int(requests.get(server.url + "/health", timeout=10).json()["requests_in_flight"])
-
-
 def test_disconnect_cancels_the_generation(connect: Callable[..., tuple[socketio.Client, Recorder]],
                                            hot_server: Server) -> None:
     _, watcher = connect(rooms=["requests"])
@@ -278,6 +278,8 @@ def test_cancel_stops_one_generation(connect: Callable[..., tuple[socketio.Clien
     assert in_flight(hot_server) == 0 and client.connected
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_generate_first_token_as_soon_as_sse(connect: Callable[..., tuple[socketio.Client, Recorder]],
                                              hot_server: Server) -> None:
     """The same request's time to first token over Socket.IO and over SSE, in alternating order

@@ -7,7 +7,9 @@ import json
 import openai
 import pytest
 
-from tests.conftest import DEFAULT_MODEL
+from tests.support import DEFAULT_MODEL
+
+pytestmark = pytest.mark.server
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],

@@ -16,7 +16,10 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, Server, start_server, stop_server
+from tests.support import DEFAULT_MODEL
+from tests.support.server import Server, start_server, stop_server
+
+pytestmark = [pytest.mark.server, pytest.mark.timing]
 
 INFERENCE_KEY = "sk-inference-abandoned-0123456789"
 ADMIN_KEY = "sk-admin-abandoned-0123456789abcd"
@@ -78,6 +81,7 @@ def test_a_non_streaming_request_whose_client_leaves_is_cancelled(srv: Server) -
     print(f"\nclient gone -> 0 sequences in flight after {took:.2f} s")
 
 
+@pytest.mark.slow
 def test_a_long_embedding_neither_stalls_a_short_chat_nor_outlives_its_client(srv: Server) -> None:
     # ~3000 tokens through the default model: before, computed whole on the engine thread (over
     # 10 s here), during which a 2-token chat waited; and it ran on after its client had gone.
@@ -163,6 +167,7 @@ def test_operators_list_and_cancel_running_requests(srv: Server) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "id"
 
 
+@pytest.mark.slow
 def test_the_request_deadline_ends_a_request_with_a_clear_error(srv: Server) -> None:
     started = time.monotonic()
     r = requests.post(f"{srv.base_url}/chat/completions", headers=INFERENCE, timeout=60,

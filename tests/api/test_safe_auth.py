@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server
+from tests.support import DEFAULT_MODEL
+from tests.support.models import default_model_folder
+from tests.support.server import Server, start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 INFER = "sk-inference-0123456789abcdef"
 ADMIN = "sk-admin-0123456789abcdef0123"
@@ -29,14 +33,10 @@ def auth(key: str, address: str = "198.51.100.1") -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from tests.tiny_models import build_tiny_llama
+    from tests.support.tiny_models import build_tiny_llama
 
     tmp = tmp_path_factory.mktemp("safe-auth")
-    default = TEST_MODELS_DIR / DEFAULT_MODEL
-    if not default.exists():
-        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
-
-        ensure_default_model(TEST_MODELS_DIR)
+    default = default_model_folder()
     models = tmp / "models"
     build_tiny_llama(models / TINY, default)
     # No default model: up in seconds; the tiny one is loaded on demand.

@@ -19,8 +19,11 @@ import pytest
 import requests
 import socketio
 
-from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server
-from tests.tiny_models import build_tiny_llama
+from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+from tests.support.server import Server, start_server, stop_server
+from tests.support.tiny_models import build_tiny_llama
+
+pytestmark = pytest.mark.server
 
 CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 JSON = {"Content-Type": "application/json"}
@@ -174,6 +177,7 @@ def test_strict_but_not_stricter_than_the_sdks(client: Any, server: Server) -> N
 # ---- counts and sizes before tokenizing ---------------------------------------------------------
 
 
+@pytest.mark.timing
 def test_input_counts_are_checked_before_any_tokenizing(server: Server) -> None:
     """20,000 prompts: refused for their number before any is looked at (the first one, an invalid
     token id, would be the first thing tokenizing finds)."""
@@ -250,6 +254,7 @@ def cpu_seconds(server: Server) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
 
 
+@pytest.mark.timing
 def test_a_slow_chat_template_is_stopped_and_its_thread_freed(template_server: Server) -> None:
     """More hostile requests than the server has threads: each ends at the deadline with a clear
     error, and afterwards the server answers and idles (no thread left spinning)."""
@@ -294,6 +299,7 @@ def test_a_template_computing_a_huge_value_is_refused(template_server: Server, m
     assert r.status_code == 500 and error_of(r)["code"] == "chat_template_unsafe", (r.status_code, r.text[:300])
 
 
+@pytest.mark.timing
 def test_the_deadline_costs_little_on_a_normal_template() -> None:
     """The SmolLM2 template over a 21-message chat, with and without the deadline's tracing."""
     from mlx_lm.utils import load_tokenizer

@@ -20,9 +20,13 @@ import socketio
 
 from gerdsen_ai_server.store.default_model import default_gguf_path
 from gerdsen_ai_server.store.paths import model_not_found
-from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR, Server, start_server, stop_server
-from tests.tiny_models import build_tiny_llama
+from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+from tests.support.models import default_model_folder
+from tests.support.server import Server, start_server, stop_server
+from tests.support.tiny_models import build_tiny_llama
 from tests.unit.test_model_confinement import snapshot
+
+pytestmark = pytest.mark.server
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -32,11 +36,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """root/models (the models dir) and root/outside, beside it."""
     root = tmp_path_factory.mktemp("safe-paths")
     models, outside = root / "models", root / "outside"
-    default = TEST_MODELS_DIR / DEFAULT_MODEL
-    if not default.exists():  # the session server converts it; make sure it exists for the tokenizer
-        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
-
-        ensure_default_model(TEST_MODELS_DIR)
+    default = default_model_folder()
     build_tiny_llama(models / "tiny", default, seed=1)
     shutil.copyfile(default_gguf_path(), models / "tiny.gguf")  # a GGUF named like the model folder beside it
     shutil.copyfile(default_gguf_path(), models / "..gguf")  # its stem is "."

@@ -21,7 +21,9 @@ import pytest
 import requests
 import socketio
 
-from tests.conftest import Server, start_server, stop_server
+from tests.support.server import Server, start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 KEY = "sk-preauth-handshake-0123456789"  # handshakes and Origin
 EVENTS_KEY = "sk-preauth-events-0123456789"  # its own rate-limit bucket, for the events test
@@ -179,6 +181,7 @@ def probe_latencies(server: Server, seconds: float) -> list[float]:
     return latencies
 
 
+@pytest.mark.slow
 def test_slow_heads_and_polling_sessions_leave_the_probes_answering(open_server: Server) -> None:
     """The issue's bar: 100 slow-header sockets and 100 long-polling sessions (on a server with 16
     threads), and /health/live answers within 1 s throughout. Plain gthread gave each slow head a
@@ -223,6 +226,7 @@ def test_a_second_long_poll_of_one_session_is_refused(open_server: Server) -> No
         waiting.join(10)
 
 
+@pytest.mark.slow
 def test_websockets_coming_and_going_never_kill_the_worker(open_server: Server) -> None:
     # A WebSocket's socket is closed by simple-websocket's reader thread, when it likes: a worker
     # that lingered on it in its selector found the next connection's descriptor "already
@@ -292,6 +296,7 @@ def test_oversized_websocket_messages_leave_no_thread_behind(open_server: Server
             client.disconnect()
 
 
+@pytest.mark.timing
 def test_a_body_dripped_slowly_gets_408(open_server: Server) -> None:
     """A body must keep coming: each read waits IMPETUS_READ_TIMEOUT (2 s here) at most, and the
     whole body must average 500 bytes/s after those 2 s, so a byte every 0.5 s is cut off."""

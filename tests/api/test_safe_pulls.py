@@ -1,7 +1,7 @@
 """Pulls and hub searches that a hostile or stalled hub cannot turn against the server (issue 23, items 2 and 8).
 
 A real server (no model: nothing here needs one) whose HF_ENDPOINT is the stand-in hub of
-tests/hub_stub.py, which can list hostile file names, say nothing (``hold``) or trickle its answer.
+tests/support/hub_stub.py, which can list hostile file names, say nothing (``hold``) or trickle its answer.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 import requests
 
-from gerdsen_ai_server.store import hub
+from gerdsen_ai_server.store import download, hub
 from gerdsen_ai_server.store.pulls import PullManager
-from tests.conftest import Server, start_server, stop_server
-from tests.hub_stub import HubStub
+from tests.support.hub_stub import HubStub
+from tests.support.server import Server, start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 MAX_PULLS = 3
 SEARCH_TIMEOUT = 2.0
@@ -120,11 +122,11 @@ def test_a_pull_writes_nothing_through_a_link_out_of_the_models_dir(tmp_path: Pa
     outside.mkdir()
     (models / ".pulls").symlink_to(outside)  # the staging folder leads out
     with pytest.raises(hub.UnsafeName, match="link or leads outside"):
-        hub.pull("test/linked", models, endpoint=stub.url)
+        download.pull("test/linked", models, endpoint=stub.url)
     (models / ".pulls").unlink()
     (models / "test--linked").symlink_to(outside)  # the model's own folder leads out
     with pytest.raises(hub.UnsafeName, match="link or leads outside"):
-        hub.pull("test/linked", models, endpoint=stub.url)
+        download.pull("test/linked", models, endpoint=stub.url)
     assert not list(outside.iterdir())
     assert (models / "test--linked").is_symlink()  # left as it was, not replaced
     assert sorted(p.name for p in models.iterdir()) == ["test--linked"]
@@ -177,6 +179,7 @@ def test_queued_pulls_hold_no_thread(tmp_path: Path, stub: HubStub) -> None:
     assert not [t for t in threading.enumerate() if t not in before and "process_request_thread" not in t.name]
 
 
+@pytest.mark.timing
 def test_discover_answers_in_time_when_the_hub_stalls(srv: Server, stub: HubStub) -> None:
     stub.hold("search=stalled")
     try:
@@ -201,6 +204,7 @@ def test_discover_answers_in_time_when_the_hub_stalls(srv: Server, stub: HubStub
         stub.release()
 
 
+@pytest.mark.timing
 def test_search_gives_up_on_a_hub_that_trickles(stub: HubStub) -> None:
     stub.trickle["search=trickle"] = 0.2  # a byte every 0.2 s: no read ever times out
     try:

@@ -12,7 +12,10 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, Server, start_server, stop_server
+from tests.support import DEFAULT_MODEL
+from tests.support.server import Server, start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 ENV_KEY = "sk-impetus-env-0123456789"
 FILE_KEY = "sk-impetus-file-abcdef"

@@ -10,28 +10,22 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from gerdsen_ai_server.runtime.memory import find_jemalloc
-from tests.conftest import DEFAULT_MODEL, Server, start_server, stop_server
+from tests.support import DEFAULT_MODEL
+from tests.support.http import in_flight, wait_idle
+from tests.support.server import Server, start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 # Greedy, this prompt gives a story of several hundred tokens (no early end-of-turn).
 LONG = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
         "temperature": 0}
 
 
-def in_flight(server: Server) -> int:
-    return int(requests.get(f"{server.url}/health", timeout=10).json()["requests_in_flight"])
-
-
-def wait_idle(server: Server, timeout: float = 30) -> float:
-    start = time.monotonic()
-    while in_flight(server) != 0:
-        assert time.monotonic() - start < timeout, "engine never drained"
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
+@pytest.mark.slow
 def test_first_chunk_arrives_before_generation_ends(server: Server) -> None:
     wait_idle(server)
     arrivals: list[float] = []
@@ -75,6 +69,7 @@ def test_disconnect_of_raw_socket_mid_stream(server: Server) -> None:
     wait_idle(server, timeout=10)
 
 
+@pytest.mark.timing
 def test_health_stays_fast_while_four_streams_generate(server: Server) -> None:
     wait_idle(server)
     stop = threading.Event()
@@ -111,6 +106,7 @@ def test_health_stays_fast_while_four_streams_generate(server: Server) -> None:
     assert p99 < 250, latencies
 
 
+@pytest.mark.slow
 def test_probes_before_the_model_is_ready(tmp_path: Path) -> None:
     srv = start_server(tmp_path, wait_ready=False, IMPETUS_DEFAULT_MODEL=str(tmp_path / "missing-model"),
                        IMPETUS_AUTOLOAD="false")
@@ -146,6 +142,8 @@ def test_health_reports_version_uptime_and_models(server: Server) -> None:
     assert requests.get(f"{server.url}/health/ready", timeout=10).status_code == 200
 
 
+@pytest.mark.slow
+@pytest.mark.timing
 def test_full_server_answers_503_with_retry_after_at_once(tmp_path: Path) -> None:
     srv = start_server(tmp_path, IMPETUS_MAX_BATCH="1", IMPETUS_MAX_QUEUE="0")
     try:

@@ -9,11 +9,16 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, start_server, stop_server
+from tests.support import DEFAULT_MODEL
+from tests.support.server import start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 
+@pytest.mark.slow
 def test_sigterm_drains_a_running_stream_then_exits_zero(tmp_path: Path) -> None:
     srv = start_server(tmp_path, IMPETUS_SHUTDOWN_GRACE="60", IMPETUS_LOG_FORMAT="text")
     try:
@@ -57,6 +62,7 @@ def test_sigterm_drains_a_running_stream_then_exits_zero(tmp_path: Path) -> None
         stop_server(srv)
 
 
+@pytest.mark.slow
 def test_sigterm_lets_a_socketio_generation_finish(tmp_path: Path) -> None:
     import socketio
 

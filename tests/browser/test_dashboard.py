@@ -16,7 +16,11 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, ROOT, TEST_MODELS_DIR, Server, start_server, stop_server
+from tests.support import DEFAULT_MODEL, ROOT
+from tests.support.models import default_model_folder
+from tests.support.server import Server, start_server, stop_server
+
+pytestmark = pytest.mark.server
 
 CHROMIUM = Path(os.environ.get("IMPETUS_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -157,15 +161,11 @@ def test_models_page_lists_the_default_model(page: Any, server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from tests.tiny_models import build_tiny_llama
+    from tests.support.tiny_models import build_tiny_llama
 
     tmp = tmp_path_factory.mktemp("dashboard")
     models = tmp / "models"
-    default = TEST_MODELS_DIR / DEFAULT_MODEL
-    if not default.exists():
-        from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
-
-        ensure_default_model(TEST_MODELS_DIR)
+    default = default_model_folder()
     build_tiny_llama(models / "tiny-dash", default)
     # No default model: the server starts at once and has only the tiny one to load.
     srv = start_server(tmp, wait_ready=False, IMPETUS_MODELS_DIR=str(models), IMPETUS_DEFAULT_MODEL="",

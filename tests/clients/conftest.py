@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Server
+from tests.support.server import Server
 
 
 @pytest.hookimpl(tryfirst=True)

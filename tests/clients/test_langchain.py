@@ -20,7 +20,10 @@ from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 from langchain_tests.integration_tests import ChatModelIntegrationTests, EmbeddingsIntegrationTests
 from openai import LengthFinishReasonError
 
-from tests.conftest import DEFAULT_MODEL, Server
+from tests.support import DEFAULT_MODEL
+from tests.support.server import Server
+
+pytestmark = pytest.mark.server
 
 # The session server's address, set before each test (chat_model_params is read inside some tests,
 # not only by the `model` fixture, so it cannot simply be a fixture argument).

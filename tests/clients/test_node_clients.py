@@ -9,30 +9,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 
-from tests.conftest import DEFAULT_MODEL, ROOT, Server
+from tests.support import DEFAULT_MODEL, ROOT
+from tests.support.node import require_node
+from tests.support.server import Server
+
+pytestmark = pytest.mark.server
 
 PACKAGE = ROOT / "tests" / "clients" / "node"
-NODE = shutil.which("node")
-MIN_NODE = 20  # the oldest the pinned packages declare they run on
-
-
-def node_major() -> int:
-    assert NODE is not None
-    version = subprocess.run([NODE, "--version"], capture_output=True, text=True, timeout=30).stdout
-    match = re.match(r"v(\d+)\.", version.strip())
-    return int(match.group(1)) if match else 0
-
-
-if NODE is None:
-    pytest.skip("Node.js is missing: install Node.js >= 20 (`make test` then installs the npm clients)",
-                allow_module_level=True)
-if node_major() < MIN_NODE:
-    pytest.skip(f"Node.js {MIN_NODE} or later is needed for the npm clients", allow_module_level=True)
+NODE = require_node("the npm clients", "`make test` then installs the npm clients")
 if not (PACKAGE / "node_modules" / ".modules.yaml").is_file():
     pytest.skip(f"{PACKAGE / 'node_modules'} is missing: `make test` installs it "
                 f"(pnpm --dir {PACKAGE.relative_to(ROOT)} install --frozen-lockfile)", allow_module_level=True)

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from gerdsen_ai_server.engine import engine as engine_module
-from gerdsen_ai_server.engine.engine import EngineOverloaded, InferenceEngine
-from gerdsen_ai_server.engine.formats.loaders import LoadedModel
+from gerdsen_ai_server.engine.admission import ADMIT_QUIET_S
+from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.engine import InferenceEngine
+from gerdsen_ai_server.engine.errors import ContextLengthExceeded, EngineOverloaded
+from gerdsen_ai_server.engine.options import EngineOptions
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams
-from tests.conftest import DEFAULT_MODEL, TEST_MODELS_DIR
-from tests.tiny_models import build_tiny_llama
+from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+from tests.support.tiny_models import build_tiny_llama
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = ["Tell me about the sea.", "What is 2 + 2?", "Name three colours.", "Write a haiku about rain.",
@@ -24,7 +26,7 @@ PROMPTS = ["Tell me about the sea.", "What is 2 + 2?", "Name three colours.", "W
 @pytest.fixture(scope="module")
 def engine() -> Iterator[InferenceEngine]:
     # One engine (one MLX thread) for the whole module: several MLX threads in a process is what we avoid.
-    eng = InferenceEngine(TEST_MODELS_DIR, max_batch=8, max_queue=4)
+    eng = InferenceEngine(EngineOptions(TEST_MODELS_DIR, max_batch=8, max_queue=4))
     eng.start()
     eng.load_model(DEFAULT_MODEL).result(timeout=300)
     yield eng
@@ -57,11 +59,12 @@ def tokens_of(stream) -> tuple[list[int], str]:  # type: ignore[no-untyped-def]
 
 def wait_idle(engine: InferenceEngine) -> None:
     deadline = time.monotonic() + 30
-    while engine.inflight or engine._unstored:  # noqa: SLF001  (caches are stored after the answers)
+    while engine.inflight or engine.prompt_cache.pending:  # caches are stored after the answers
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.9, top_p=0.95, seed=1234)],
                          ids=["greedy", "seeded"])
 def test_batch_invariance(engine: InferenceEngine, model: LoadedModel, sampling: SamplingParams) -> None:
@@ -76,6 +79,7 @@ def test_batch_invariance(engine: InferenceEngine, model: LoadedModel, sampling:
     assert len({tuple(t[0]) for t in together}) > 1  # the others really were different sequences
 
 
+@pytest.mark.slow
 def test_prefix_cache_reuses_history_and_keeps_output(engine: InferenceEngine, model: LoadedModel) -> None:
     history = [{"role": "user", "content": "Tell me about Paris."}]
     first = chat(model, "Tell me about Paris.")
@@ -144,6 +148,7 @@ def test_an_unloaded_model_takes_its_prompt_caches_along(engine: InferenceEngine
         engine.unload_model("swap").result(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_failing_request_fails_alone(engine: InferenceEngine, model: LoadedModel) -> None:
     calls = 0
 
@@ -165,6 +170,7 @@ def test_a_failing_request_fails_alone(engine: InferenceEngine, model: LoadedMod
     assert tokens_of(engine.submit(request(model, chat(model, PROMPTS[4]), max_tokens=4)))[0]
 
 
+@pytest.mark.timing
 def test_full_queue_is_refused_at_once(engine: InferenceEngine, model: LoadedModel) -> None:
     wait_idle(engine)
     capacity = engine.max_batch + engine.max_queue
@@ -194,12 +200,11 @@ def test_cancel_frees_the_slot_within_a_step(engine: InferenceEngine, model: Loa
 
 
 def test_context_overflow_is_refused(engine: InferenceEngine, model: LoadedModel) -> None:
-    from gerdsen_ai_server.engine.engine import ContextLengthExceeded
-
     with pytest.raises(ContextLengthExceeded):
         engine.submit(request(model, [1] * model.context_length, max_tokens=1))
 
 
+@pytest.mark.slow
 def test_prompt_cache_holds_only_what_it_counts(engine: InferenceEngine, model: LoadedModel) -> None:
     import mlx.core as mx
 
@@ -262,8 +267,8 @@ def test_requests_arriving_within_a_decode_step_share_one_prefill_pass(
         return list(passes), answers
 
     tokens_of(engine.submit(request(model, chat(model, PROMPTS[0]), max_tokens=8)))  # measures a decode step
-    step = engine._decode_seconds  # noqa: SLF001
-    gap = 2 * engine_module.ADMIT_QUIET_S  # beyond the burst gap: only the decode-step rule holds these
+    step = engine._admission.decode_seconds  # noqa: SLF001
+    gap = 2 * ADMIT_QUIET_S  # beyond the burst gap: only the decode-step rule holds these
     if step < 5 * gap:
         pytest.skip(f"a decode step takes {step * 1000:.1f} ms here: too short to tell the rules apart")
     engine.prompt_cache_enabled = False
@@ -282,7 +287,7 @@ def test_answers_ending_together_are_delivered_before_their_caches_are_stored(
     """Sequences that finish in the same step all get their last event before any of their KV
     caches goes into the prompt cache (each store waits on MLX for milliseconds): stored in between,
     the last client of a wave heard of its end ~30 ms after the first. The store is only observed here."""
-    cache = engine._prompt_cache  # noqa: SLF001
+    cache = engine.prompt_cache.lru
     prompts = [chat(model, f"{p} (together)") for p in PROMPTS]
     streams: list = []  # type: ignore[type-arg]
     answered_at_store: list[int] = []  # how many of the 8 had their last event when each cache was stored

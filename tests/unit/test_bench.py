@@ -16,27 +16,19 @@ from pathlib import Path
 import pytest
 
 from bench import client
+from bench.measure import cpu_times, steal_share
 from bench.model import TINY, cut_tokenizer
-from bench.run import (
-    BEGIN,
-    END,
-    GPU_BEGIN,
-    GPU_END,
-    cpu_times,
-    faster,
-    level_rounds,
-    measured,
-    paired_table,
-    steal_share,
-    summarize_profile,
-    targets,
-    thread_names,
-    write_doc,
-)
+from bench.profiling import summarize_profile, thread_names
+from bench.report import BEGIN, END, GPU_BEGIN, GPU_END, paired_table, write_doc
+from bench.schedule import faster, level_rounds, measured
+from bench.targets import targets
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.timeout(180)
 def test_tiny_bench_end_to_end(converted_default: Path, tmp_path: Path) -> None:
     out = tmp_path / "performance.md"

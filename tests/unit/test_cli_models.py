@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gerdsen_ai_server.cli import commands as cli
-from tests.hub_stub import HubStub
+from tests.support.hub_stub import HubStub
 
 REPO = "test-org/fake-model"
 FILES = {
@@ -82,6 +82,7 @@ def test_pull_gguf_by_pattern(hub_env: HubStub, tmp_path: Path, capsys: pytest.C
     assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["test-org/ggufs", "gguf"]
 
 
+@pytest.mark.timing
 def test_pull_without_a_hub_fails_fast(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

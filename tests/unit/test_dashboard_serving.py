@@ -7,15 +7,14 @@ from pathlib import Path
 import pytest
 from flask import Flask, jsonify
 
-from gerdsen_ai_server.api.dashboard import init_dashboard
-from gerdsen_ai_server.web.errors import register_error_handlers
+from gerdsen_ai_server.api.ops.dashboard import init_dashboard
+from tests.support.apps import bare_app
 
 INDEX = '<!doctype html><div id="root"></div><script type="module" src="/assets/index-abc.js"></script>'
 
 
 def make_app(dist: Path) -> Flask:
-    app = Flask(__name__)
-    register_error_handlers(app)
+    app, _ = bare_app()
     init_dashboard(app, dist)
 
     @app.post("/v1/chat/completions")

@@ -9,34 +9,18 @@ why, as the npm clients' test does.
 
 from __future__ import annotations
 
-import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
+from tests.support.node import require_node
+
 DASHBOARD = ROOT / "impetus-dashboard"
 SCHEMA_TS = DASHBOARD / "src" / "api" / "schema.d.ts"
 GENERATOR = DASHBOARD / "node_modules" / ".bin" / "openapi-typescript"
-NODE = shutil.which("node")
-MIN_NODE = 20  # the oldest the dashboard's pinned packages run on
-
-
-def node_major() -> int:
-    assert NODE is not None
-    version = subprocess.run([NODE, "--version"], capture_output=True, text=True, timeout=30).stdout
-    match = re.match(r"v(\d+)\.", version.strip())
-    return int(match.group(1)) if match else 0
-
-
-if NODE is None:
-    pytest.skip("Node.js is missing: install Node.js >= 20 (`make dashboard` then installs openapi-typescript)",
-                allow_module_level=True)
-if node_major() < MIN_NODE:
-    pytest.skip(f"Node.js {MIN_NODE} or later is needed for the dashboard's openapi-typescript", allow_module_level=True)
+NODE = require_node("the dashboard's openapi-typescript", "`make dashboard` then installs openapi-typescript")
 if not GENERATOR.exists():
     pytest.skip(f"{GENERATOR.relative_to(ROOT)} is missing: `make dashboard` installs the dashboard's dependencies "
                 "(pnpm --dir impetus-dashboard install --frozen-lockfile)", allow_module_level=True)

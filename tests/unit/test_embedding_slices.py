@@ -11,7 +11,7 @@ import numpy as np
 
 from gerdsen_ai_server.engine.embeddings import EmbeddingJob, embed
 from gerdsen_ai_server.engine.formats.encoder import load_encoder
-from tests.tiny_models import build_tiny_bert, build_tiny_llama
+from tests.support.tiny_models import build_tiny_bert, build_tiny_llama
 
 
 def sliced(model: Any, inputs: list[list[int]], tokens: int) -> tuple[list[list[float]], int]:

@@ -1,5 +1,5 @@
 """The BERT-family encoder (engine/encoder.py) against a reference forward pass written in numpy
-(tests/tiny_models.py) on the same random weights, and the loader's reading of a
+(tests/support/tiny_models.py) on the same random weights, and the loader's reading of a
 sentence-transformers folder."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from gerdsen_ai_server.engine.formats.encoder import EncoderModel, is_encoder, load_encoder
 from gerdsen_ai_server.engine.formats.loaders import LoaderFactory
 from gerdsen_ai_server.store.errors import ModelLoadError, UnsupportedModelFormat
-from tests.tiny_models import bert_reference_forward as reference
-from tests.tiny_models import build_tiny_bert
+from tests.support.tiny_models import bert_reference_forward as reference
+from tests.support.tiny_models import build_tiny_bert
 
 
 def pooled(hidden: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
@@ -96,8 +96,8 @@ def test_missing_tensors_are_a_load_error(tmp_path: Path) -> None:
 
 
 def test_a_sentence_transformers_repo_pulled_from_the_hub_loads_with_its_pooling(tmp_path: Path) -> None:
-    from gerdsen_ai_server.store.hub import pull
-    from tests.hub_stub import HubStub
+    from gerdsen_ai_server.store.download import pull
+    from tests.support.hub_stub import HubStub
 
     source = build_tiny_bert(tmp_path / "src", pooling="cls", normalize=False, matryoshka=True, max_seq_length=20)
     files = {str(p.relative_to(source)): p.read_bytes() for p in sorted(source.rglob("*")) if p.is_file()}

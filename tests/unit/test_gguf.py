@@ -30,6 +30,7 @@ def ask(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_tokens: 
     return text, last
 
 
+@pytest.mark.slow
 def test_default_model_answers_paris_and_stops_on_im_end(default_mlx: tuple[Any, Any]) -> None:
     model, tokenizer = default_mlx
     assert tokenizer.eos_token_ids == {tokenizer.convert_tokens_to_ids("<|im_end|>")}
@@ -66,6 +67,7 @@ def test_unpermute_inverts_llama_cpp_permutation() -> None:
     assert mx.array_equal(gguf._unpermute(permute_weights(rows, 2), 2), rows)
 
 
+@pytest.mark.timing
 def test_conversion_is_idempotent_and_leaves_no_temporaries(default_gguf: Path, converted_default: Path) -> None:
     stamp = (converted_default / "model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()

@@ -13,25 +13,24 @@ from typing import Any
 import psutil
 import pytest
 
-from gerdsen_ai_server.engine.engine import EngineStats
+from gerdsen_ai_server.engine.stats import EngineStats
 from gerdsen_ai_server.events import EventBus
-from gerdsen_ai_server.monitoring.hardware import (
-    SECTIONS,
-    InjectedThermal,
-    LinuxProbe,
-    ProbeUnavailable,
+from gerdsen_ai_server.monitoring.monitor import Monitor, ThermalGovernor, Throughput
+from gerdsen_ai_server.monitoring.probes.apple import (
     apple_cpu,
-    parse_cpuinfo,
-    parse_nvidia_smi,
     parse_pmset_therm,
     parse_sysctl,
     parse_system_profiler_displays,
-    read,
+)
+from gerdsen_ai_server.monitoring.probes.base import SECTIONS, InjectedThermal, ProbeUnavailable, read
+from gerdsen_ai_server.monitoring.probes.linux import (
+    LinuxProbe,
+    parse_cpuinfo,
     reading_state,
     thermal_from_sensors,
     thermal_from_sysfs,
 )
-from gerdsen_ai_server.monitoring.monitor import Monitor, ThermalGovernor, Throughput
+from gerdsen_ai_server.monitoring.probes.nvidia import parse_nvidia_smi
 from gerdsen_ai_server.schemas.hardware import CpuInfo, FrequencyInfo, GpuInfo, HardwareReport, MemoryInfo, ThermalInfo
 
 # ---- Apple: `sysctl KEYS`, `pmset -g therm`, `system_profiler SPDisplaysDataType` -------------------

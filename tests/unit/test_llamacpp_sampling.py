@@ -1,11 +1,14 @@
-"""The llama.cpp backend's numpy sampling (engine/backends/llamacpp.py): what each OpenAI parameter does."""
+"""The llama.cpp backend's numpy sampling (engine/backends/llamacpp_sampling.py): what each OpenAI parameter does."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gerdsen_ai_server.engine.backends.llamacpp import Sampler, _common_prefix, _log_softmax, _token_logprob
+from gerdsen_ai_server.engine.backends.llamacpp import _common_prefix
+from gerdsen_ai_server.engine.backends.llamacpp_sampling import Sampler
+from gerdsen_ai_server.engine.backends.llamacpp_sampling import log_softmax as _log_softmax
+from gerdsen_ai_server.engine.backends.llamacpp_sampling import token_logprob as _token_logprob
 from gerdsen_ai_server.engine.protocol import SamplingParams
 
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], dtype=np.float32)

@@ -10,7 +10,9 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from gerdsen_ai_server.engine.formats.loaders import LoadedModel, LoaderFactory, context_length
+from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.formats.loaders import LoaderFactory, context_length
+from gerdsen_ai_server.engine.options import BackendOptions
 from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID
 from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
 
@@ -81,7 +83,10 @@ def test_resolve_default_id_name_and_path(models_dir: Path, converted_default: P
 
 def test_resolve_gguf_converts_once_into_models_dir(tmp_path: Path, default_gguf: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IMPETUS_BACKEND", "mlx")  # in auto mode a user's GGUF runs on llama.cpp as is
+    # In auto mode a user's GGUF runs on llama.cpp as is; the options given say mlx, and the loader
+    # never reads the environment (settings are handed down), so IMPETUS_BACKEND there changes nothing.
+    monkeypatch.setenv("IMPETUS_BACKEND", "llamacpp")
+    factory = LoaderFactory(BackendOptions(backend="mlx"))
     gguf = tmp_path / "My-Model.Q4_1.gguf"
     gguf.symlink_to(default_gguf)
     models = tmp_path / "models"
@@ -168,7 +173,7 @@ def test_load_in_steps_matches_a_whole_load(models_dir: Path, converted_default:
 
 
 def test_truncated_weights_raise_model_load_error(tmp_path: Path, converted_default: Path) -> None:
-    from tests.tiny_models import build_tiny_llama
+    from tests.support.tiny_models import build_tiny_llama
 
     folder = build_tiny_llama(tmp_path / "cut", converted_default)
     weights = folder / "model.safetensors"

@@ -17,7 +17,7 @@ import pytest
 
 from gerdsen_ai_server.runtime.memory import allocator_env, find_jemalloc, malloc_info, set_mmap_threshold
 
-pytestmark = pytest.mark.skipif(malloc_info() is None, reason="needs glibc (mallinfo2, mallopt)")
+pytestmark = [pytest.mark.timing, pytest.mark.skipif(malloc_info() is None, reason="needs glibc (mallinfo2, mallopt)")]
 
 # 64 buffers of 4 MiB, most freed, three times over: the shape of a batch's KV and activation buffers.
 SCRIPT = """

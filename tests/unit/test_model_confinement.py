@@ -13,11 +13,12 @@ import pytest
 
 from gerdsen_ai_server.engine.formats.gguf import CONVERTED_DIR, convert_gguf_to_mlx, converted_name, is_converted
 from gerdsen_ai_server.engine.formats.loaders import LoaderFactory
+from gerdsen_ai_server.engine.options import BackendOptions
 from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID
 from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound
 from gerdsen_ai_server.store.paths import confine, model_not_found, model_paths, redact_paths
 
-factory = LoaderFactory()
+factory = LoaderFactory(BackendOptions(backend="mlx"))  # a GGUF converts, rather than run on llama.cpp
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -112,8 +113,7 @@ def test_error_text_that_leaves_the_engine_names_no_host_path(tree: tuple[Path, 
 # ---- item 2: conversion never deletes what it did not create -----------------------------------
 
 @pytest.fixture
-def gguf_models(tmp_path: Path, default_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("IMPETUS_BACKEND", "mlx")  # convert, rather than run the GGUF on llama.cpp
+def gguf_models(tmp_path: Path, default_gguf: Path) -> Path:
     models = tmp_path / "models"
     (models / "keep").mkdir(parents=True)
     (models / "keep" / "notes.txt").write_text("mine")

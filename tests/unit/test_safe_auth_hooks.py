@@ -11,21 +11,20 @@ from typing import Any
 import pytest
 from flask import Flask, jsonify, request
 
-from gerdsen_ai_server.api import server_config
+from gerdsen_ai_server.api.admin import config as server_config
 from gerdsen_ai_server.config import Settings
-from gerdsen_ai_server.web.errors import register_error_handlers
+from gerdsen_ai_server.web.keys import KeyChecker, load_keys, needs_admin
 from gerdsen_ai_server.web.request_log import printable
-from gerdsen_ai_server.web.security import KeyChecker, load_keys, needs_admin
+from tests.support.apps import bare_app
 
 INFER, ADMIN = "sk-inference-0123456789", "sk-admin-0123456789abc"
 
 
 def make_app(**settings: Any) -> Flask:
-    app = Flask(__name__)
-    register_error_handlers(app)
+    app, chosen = bare_app(**settings)
     from gerdsen_ai_server.web.security import init_security
 
-    init_security(app, Settings(**{"default_model": "", **settings}))
+    init_security(app, chosen)
 
     @app.route("/v1/chat/completions", methods=["POST"])
     @app.route("/api/models/load", methods=["POST"])

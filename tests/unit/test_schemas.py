@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gerdsen_ai_server.engine.sampling import StopMatcher
+from gerdsen_ai_server.engine.text import StopMatcher
 from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, CompletionRequest
 from gerdsen_ai_server.web.errors import validation_error
 

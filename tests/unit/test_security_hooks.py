@@ -11,14 +11,14 @@ import pytest
 from flask import Flask, jsonify, request
 
 from gerdsen_ai_server.config import Settings
-from gerdsen_ai_server.web.errors import register_error_handlers
-from gerdsen_ai_server.web.security import KeyChecker, init_security, is_loopback
+from gerdsen_ai_server.web.keys import KeyChecker
+from gerdsen_ai_server.web.security import init_security, is_loopback
+from tests.support.apps import bare_app
 
 
 def make_app(**settings: Any) -> Flask:
-    app = Flask(__name__)
-    register_error_handlers(app)
-    init_security(app, Settings(**{"default_model": "", **settings}))
+    app, chosen = bare_app(**settings)
+    init_security(app, chosen)
 
     @app.route("/v1/models", methods=["GET", "POST"])
     def models():  # type: ignore[no-untyped-def]
@@ -167,6 +167,6 @@ def test_no_rate_limit_by_default_and_a_bad_one_is_refused() -> None:
 
 
 def test_reset_durations_read_like_openai() -> None:
-    from gerdsen_ai_server.web.security import duration
+    from gerdsen_ai_server.web.rate_limits import duration
 
     assert [duration(s) for s in (0, 0.2, 59, 60, 61.5, 3725)] == ["0s", "1s", "59s", "1m0s", "1m2s", "1h2m5s"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from gerdsen_ai_server.api import server_config
+from gerdsen_ai_server.api.admin import config as server_config
 from gerdsen_ai_server.config import Settings
 
 

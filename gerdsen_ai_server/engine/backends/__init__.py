@@ -1,1 +1,1 @@
-"""Engines other than MLX behind the same ``submit(request) -> TokenStream`` interface."""
+"""Backends behind one contract (base.py): MLX and llama.cpp."""

@@ -1,19 +1,21 @@
 """GGUF models through llama.cpp (``llama-cpp-python``'s low-level bindings), continuously batched.
 
-Which backend loads a GGUF (``IMPETUS_BACKEND``): ``auto`` sends a user's ``.gguf`` file (or a
-folder holding one) here when ``llama_cpp`` is installed and converts it to MLX otherwise; the
-embedded default model stays on MLX in ``auto`` (it is converted once, as before). ``mlx``
-converts every GGUF to MLX; ``llamacpp`` runs every GGUF here, the embedded default model's
-included. MLX / safetensors folders always load on MLX.
+Which backend loads a GGUF (``IMPETUS_BACKEND``, handed down as ``BackendOptions.backend``):
+``auto`` sends a user's ``.gguf`` file (or a folder holding one) here when ``llama_cpp`` is
+installed and converts it to MLX otherwise; the embedded default model stays on MLX in ``auto``
+(it is converted once, as before). ``mlx`` converts every GGUF to MLX; ``llamacpp`` runs every
+GGUF here, the embedded default model's included. MLX / safetensors folders always load on MLX.
 
-One ``LlamaCppEngine`` per resident model: one llama.cpp context with a KV sequence per slot
-(``IMPETUS_MAX_BATCH`` slots, each with the model's context), its own thread, and the MLX engine's
-interface: ``submit`` hands a ``TokenStream`` back at once; the thread admits requests into free
-slots, puts every running sequence's next token (and prompt chunks of new ones) into one
-``llama_batch``, calls ``llama_decode`` once per step, and samples each sequence from its own
-logits in numpy with its own random generator (nothing that runs beside a seeded request draws
-from it). A finished sequence's KV cells stay in its slot: a later prompt that starts with the
-same tokens takes that slot and decodes only the rest (prompt-prefix reuse).
+One ``LlamaCppBackend`` per resident model: one llama.cpp context with a KV sequence per slot
+(``IMPETUS_MAX_BATCH`` slots, each with the model's context), its own thread, and the engine's
+``Backend`` contract (base.py, ``threaded``): ``admit`` queues a request from the caller's thread
+at once; the backend's thread puts waiting requests into free slots, puts every running
+sequence's next token (and prompt chunks of new ones) into one ``llama_batch``, calls
+``llama_decode`` once per step, and samples each sequence from its own logits in numpy with its
+own random generator (llamacpp_sampling.py: nothing that runs beside a seeded request draws from
+it); each token then goes through the text step both backends share (text.py). A finished
+sequence's KV cells stay in its slot: a later prompt that starts with the same tokens takes that
+slot and decodes only the rest (prompt-prefix reuse).
 
 Reproducibility: a repeated seeded request gives the same tokens and log-probabilities (tested).
 Beside other sequences its logits can differ in the last bits (~1e-3 measured: llama.cpp's CPU
@@ -21,202 +23,41 @@ kernels are not the same for every batch shape), so a seeded answer beside other
 take another token than alone; greedy answers were the same in our tests.
 
 Tokens and text: the GGUF's vocabulary is rebuilt as a Hugging Face tokenizer (as the MLX
-conversion does, engine/gguf.py) and loaded with mlx-lm's wrapper, so chat templates (from the
-GGUF metadata), tool calls, grammars (llguidance) and logprobs work exactly as on MLX.
+conversion does, formats/gguf_tokenizer.py) and loaded with mlx-lm's wrapper, so chat templates
+(from the GGUF metadata), tool calls, grammars (llguidance) and logprobs work exactly as on MLX.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import logging
 import os
 import queue
 import threading
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gerdsen_ai_server.engine.formats.gguf import _write_tokenizer, read_gguf_header
-from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob, TokenStream
-from gerdsen_ai_server.store.errors import ModelLoadError, UnsupportedModelFormat
+from gerdsen_ai_server.engine.backends.base import Capabilities, Host, LoadedModel
+from gerdsen_ai_server.engine.backends.llamacpp_sampling import Sampler, grammar_of, log_softmax, token_logprob
+from gerdsen_ai_server.engine.backends.llamacpp_sizing import kv_bytes, slot_context
+from gerdsen_ai_server.engine.formats.gguf_header import read_gguf_header
+from gerdsen_ai_server.engine.formats.gguf_tokenizer import load_tokenizer
+from gerdsen_ai_server.engine.options import BackendOptions
+from gerdsen_ai_server.engine.protocol import GenerationRequest, TokenEvent, TokenStream
+from gerdsen_ai_server.engine.text import TextStep
+from gerdsen_ai_server.store.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "mlx", "llamacpp")
 # Tokens put into one llama_decode call at most (decoding tokens first, then prompt chunks).
 BATCH_TOKENS = 512
-# Context per sequence when the GGUF declares none, and the cap on what one slot reserves.
-DEFAULT_CONTEXT = 2048
-MAX_SLOT_CONTEXT = 4096
+STOPPED = "the llama.cpp engine stopped"
 
 _init_lock = threading.Lock()
 _initialised = False
-
-
-def available() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def _settings() -> Any:
-    from gerdsen_ai_server.config import Settings
-
-    return Settings()
-
-
-def backend_setting() -> str:
-    try:
-        return str(_settings().backend)
-    except Exception:  # an invalid IMPETUS_* value fails the app's own Settings() with the details
-        return "auto"
-
-
-def n_sequences() -> int:
-    """Sequences (KV slots) of a llama.cpp model: IMPETUS_MAX_BATCH, as on MLX."""
-    return int(_settings().max_batch)
-
-
-def serves_gguf(is_default_model: bool, setting: str | None = None) -> bool:
-    """Whether a GGUF goes to llama.cpp (True) or is converted to MLX (False)."""
-    setting = setting or backend_setting()
-    if setting == "llamacpp":
-        if not available():
-            raise ModelLoadError("IMPETUS_BACKEND=llamacpp but llama-cpp-python is not installed "
-                                 "(make setup installs it)")
-        return True
-    if setting == "mlx":
-        return False
-    return not is_default_model and available()
-
-
-def kv_bytes(meta: dict[str, Any], n_seq: int) -> int:
-    """The KV cache of ``n_seq`` sequences of ``slot_context`` tokens each (f16 K and V)."""
-    arch = meta.get("general.architecture", "llama")
-    layers = int(meta.get(f"{arch}.block_count", 0))
-    heads = int(meta.get(f"{arch}.attention.head_count", 1))
-    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta.get(f"{arch}.embedding_length", 0)) // heads))
-    return 2 * 2 * layers * kv_heads * head_dim * slot_context(meta) * n_seq
-
-
-def estimate_bytes(path: Path, n_seq: int) -> int:
-    """What the registry reserves for a GGUF: the file (its weights) plus the KV cache."""
-    return path.stat().st_size + kv_bytes(read_gguf_header(path).metadata, n_seq)
-
-
-def slot_context(meta: dict[str, Any]) -> int:
-    arch = meta.get("general.architecture", "llama")
-    return min(int(meta.get(f"{arch}.context_length", DEFAULT_CONTEXT)), MAX_SLOT_CONTEXT)
-
-
-def load_tokenizer(gguf: Path, meta: dict[str, Any], cache_dir: Path) -> Any:
-    """mlx-lm's TokenizerWrapper over the GGUF's vocabulary, merges and chat template (no MLX)."""
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
-
-    if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise UnsupportedModelFormat(f"{gguf}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not "
-                                     "supported (only byte-level BPE 'gpt2')")
-    stat = gguf.stat()
-    folder = cache_dir / f"{gguf.stem.lower()}-{stat.st_size:x}-{int(stat.st_mtime):x}"
-    if not (folder / "tokenizer.json").is_file():
-        staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-        staging.mkdir(parents=True, exist_ok=True)
-        _write_tokenizer(meta, staging)
-        try:
-            os.replace(staging, folder)
-        except OSError:  # another process wrote it first
-            for f in staging.iterdir():
-                f.unlink()
-            staging.rmdir()
-    eos = sorted({int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta})
-    return mlx_load_tokenizer(folder, eos_token_ids=eos or None)
-
-
-# ---- sampling (numpy, per sequence) -----------------------------------------------------------
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max()
-    return x - (m + np.log(np.exp(x - m).sum()))
-
-
-class Sampler:
-    """OpenAI's sampling parameters over one sequence's logits, as mlx-lm applies them."""
-
-    def __init__(self, params: SamplingParams, grammar: Any | None) -> None:
-        self.p = params
-        self.rng = np.random.default_rng(params.seed)
-        self.counts: Counter[int] = Counter()
-        self.grammar = grammar  # an llguidance LLMatcher, or None
-        bias = params.logit_bias or {}
-        self.bias_ids = np.array(list(bias), dtype=np.int64)
-        self.bias_values = np.array(list(bias.values()), dtype=np.float32)
-
-    def process(self, logits: np.ndarray) -> np.ndarray:
-        logits = logits.astype(np.float32, copy=True)
-        p = self.p
-        if self.bias_ids.size:
-            logits[self.bias_ids] += self.bias_values
-        if self.counts:
-            ids = np.fromiter(self.counts.keys(), dtype=np.int64)
-            if p.repetition_penalty and p.repetition_penalty != 1.0:
-                sel = logits[ids]
-                logits[ids] = np.where(sel < 0, sel * p.repetition_penalty, sel / p.repetition_penalty)
-            if p.presence_penalty:
-                logits[ids] -= p.presence_penalty
-            if p.frequency_penalty:
-                logits[ids] -= p.frequency_penalty * np.fromiter(self.counts.values(), dtype=np.float32)
-        if self.grammar is not None:
-            bits = np.unpackbits(np.frombuffer(self.grammar.compute_bitmask(), dtype=np.uint8), bitorder="little")
-            allowed = np.zeros(logits.shape[0], dtype=bool)
-            n = min(logits.shape[0], bits.size)
-            allowed[:n] = bits[:n].astype(bool)
-            logits[~allowed] = -np.inf
-        return logits
-
-    def sample(self, logprobs: np.ndarray) -> int:
-        p = self.p
-        if p.temperature == 0:
-            return int(np.argmax(logprobs))
-        x = logprobs.copy()
-        if 0 < p.top_p < 1.0:  # keep the smallest set whose probability reaches top_p
-            order = np.argsort(-x)
-            cum = np.cumsum(np.exp(x[order]))
-            cut = int(np.searchsorted(cum, p.top_p)) + 1
-            x[order[cut:]] = -np.inf
-        if p.min_p > 0:
-            x[x < x.max() + np.log(p.min_p)] = -np.inf
-        if 0 < p.top_k < x.shape[0]:
-            kth = np.argpartition(-x, p.top_k - 1)[p.top_k - 1]
-            x[x < x[kth]] = -np.inf
-        scaled = x / p.temperature
-        probs = np.exp(scaled - scaled.max())
-        probs /= probs.sum()
-        return int(self.rng.choice(probs.shape[0], p=probs))
-
-    def accept(self, token: int) -> None:
-        self.counts[token] += 1
-        if self.grammar is not None and not self.grammar.consume_token(token):
-            raise ValueError(f"grammar rejected token {token}: {self.grammar.get_error()}")
-
-
-def _grammar_of(request: GenerationRequest) -> Any | None:
-    """The llguidance matcher of a request's grammar processor; any other processor is refused."""
-    from gerdsen_ai_server.engine.grammar import GrammarProcessor
-
-    matcher = None
-    for processor in request.logits_processors:
-        if isinstance(processor, GrammarProcessor) and matcher is None:
-            matcher = processor._matcher  # noqa: SLF001 - the same matcher, driven with numpy here
-        else:
-            raise ValueError(f"the llama.cpp backend cannot run the logits processor {processor!r}")
-    return matcher
-
-
-# ---- the engine -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -224,11 +65,8 @@ class _Seq:
     stream: TokenStream
     request: GenerationRequest
     sampler: Sampler
-    detokenizer: Any
-    stop: Any
+    text: TextStep
     pending: list[int]  # tokens to feed next (prompt rest, then the last sampled token)
-    completion_tokens: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -246,14 +84,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-class LlamaCppEngine:
-    """A resident GGUF model; stands where the registry keeps mlx-lm's BatchGenerator."""
+class LlamaCppBackend:
+    """A resident GGUF model: llama.cpp's context, its slots and the thread that steps them."""
 
-    # The MLX engine sets these on every resident's generator when the thermal governor caps the
-    # batch (InferenceEngine.set_batch_limit); 0: no cap, all slots.
-    completion_batch_size = 0
-    prefill_batch_size = 0
-    _generation_batch: tuple[()] = ()  # the MLX engine's own counters see no sequences here
+    name = "llamacpp"
+    # Grammars only (their llguidance matcher, driven in numpy), no other logits processor; no embeddings.
+    capabilities = Capabilities(threaded=True, logits_processors=False)
+    decode_seconds = 0.0  # its own thread decodes: the engine's admission never waits on its steps
 
     def __init__(self, path: Path, tokenizer: Any, n_seq: int, slot_ctx: int, n_threads: int | None = None,
                  kv_cache_bytes: int = 0) -> None:
@@ -295,31 +132,49 @@ class LlamaCppEngine:
         self._batch = lc.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(i) for i in range(n_seq)]
         self._waiting: list[_Seq] = []
-        self._inbox: queue.Queue[tuple[GenerationRequest, TokenStream, Any, Any]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[GenerationRequest, TokenStream]] = queue.Queue()
         self._wake = threading.Event()
         self._closed = False  # the thread stops (set by close(), or by the thread itself on a crash)
         self._freed = False  # context and model freed (close())
         self.prefix_tokens_reused = 0
+        self._bound: Host | None = None  # the engine's, bound before its first request (bind)
+        self._batch_limit = 0  # set_batch_limit: the thermal cap; 0: no cap, all slots
+        self._abort: str | None = None  # abort(): fail everything held, on the backend's thread
         self._thread = threading.Thread(target=self._run, name=f"impetus-llamacpp-{path.stem}", daemon=True)
         self._thread.start()
 
     # ---- any thread ---------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, stream: TokenStream, stats: Any, finish: Any) -> None:
-        """Queue ``request``; ``finish(stream, event)`` is the MLX engine's end-of-request bookkeeping."""
-        self._stats, self._finish = stats, finish
+    def bind(self, host: Host) -> None:
+        self._bound = host
+
+    @property
+    def _host(self) -> Host:
+        assert self._bound is not None, "bind() before admit()"
+        return self._bound
+
+    def admit(self, request: GenerationRequest, stream: TokenStream) -> None:
+        """Queue ``request`` for the backend's thread, which puts it into a free slot."""
         if self._closed or not self._thread.is_alive():  # never leave a caller waiting on a dead thread
-            finish(stream, TokenEvent(error="the llama.cpp engine stopped"))
+            self._host.finish(stream, TokenEvent(error=STOPPED))
             return
-        self._inbox.put((request, stream, stats, finish))
+        self._inbox.put((request, stream))
         self._wake.set()
 
     @property
     def busy(self) -> bool:
         return not self._inbox.empty() or bool(self._waiting) or any(s.seq for s in self._slots)
 
-    def sequence_counts(self) -> tuple[int, int]:
+    def counts(self) -> tuple[int, int]:
         """(running, waiting) for /metrics and the dashboard."""
         return sum(1 for s in self._slots if s.seq), len(self._waiting) + self._inbox.qsize()
+
+    def set_batch_limit(self, size: int) -> None:
+        self._batch_limit = size
+
+    def abort(self, message: str) -> None:
+        """Fail every request held, at the thread's next turn (it owns the slots)."""
+        self._abort = message
+        self._wake.set()
 
     def close(self) -> None:
         """Stop the thread (failing what is left) and free the context and the model."""
@@ -337,11 +192,14 @@ class LlamaCppEngine:
     def _run(self) -> None:
         try:
             while not self._closed:
+                if self._abort is not None:
+                    self._fail_all(self._abort)
+                    self._abort = None
                 self._take_new()
-                self._drop_cancelled()
-                self._admit()
+                self.cancel()
+                self._assign()
                 if any(s.seq for s in self._slots):
-                    self._step()
+                    self.step()
                 else:
                     self._wake.wait(0.5)
                     self._wake.clear()
@@ -349,34 +207,41 @@ class LlamaCppEngine:
             log.exception("llama.cpp engine thread crashed")
             self._closed = True
         finally:
-            for seq in [s.seq for s in self._slots if s.seq] + self._waiting:
-                self._end(seq, TokenEvent(error="the llama.cpp engine stopped"))
-            while not self._inbox.empty():
-                request, stream, _, finish = self._inbox.get_nowait()
-                finish(stream, TokenEvent(error="the llama.cpp engine stopped"))
+            self._fail_all(STOPPED)
+
+    def _fail_all(self, message: str) -> None:
+        held = [s.seq for s in self._slots if s.seq] + self._waiting
+        self._waiting = []
+        for slot in self._slots:
+            slot.seq = None
+        for seq in held:
+            self._end(seq, TokenEvent(error=message))
+        while not self._inbox.empty():
+            _, stream = self._inbox.get_nowait()
+            self._host.finish(stream, TokenEvent(error=message))
 
     def _take_new(self) -> None:
-        from gerdsen_ai_server.engine.engine import make_detokenizer
-        from gerdsen_ai_server.engine.sampling import StopMatcher
-
         while True:
             try:
-                request, stream, stats, finish = self._inbox.get_nowait()
+                request, stream = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            host = self._host
             try:
                 bad = [t for t in (request.sampling.logit_bias or {}) if not 0 <= t < self.n_vocab]
                 if bad:
                     raise ValueError(f"logit_bias names tokens outside the vocabulary: {bad}")
-                sampler = Sampler(request.sampling, _grammar_of(request))
+                sampler = Sampler(request.sampling, grammar_of(request))
             except Exception as exc:
-                finish(stream, TokenEvent(error=str(exc)))
+                host.finish(stream, TokenEvent(error=str(exc)))
                 continue
-            stats.prompt_tokens_total += len(request.prompt_tokens)
-            self._waiting.append(_Seq(stream, request, sampler, make_detokenizer(self.tokenizer, request.strip_leading_space),
-                                      StopMatcher(request.stop), list(request.prompt_tokens)))
+            host.stats.prompt_tokens_total += len(request.prompt_tokens)
+            host.touch()
+            self._waiting.append(_Seq(stream, request, sampler, TextStep(self.tokenizer, request),
+                                      list(request.prompt_tokens)))
 
-    def _drop_cancelled(self) -> None:
+    def cancel(self) -> None:
+        """Drop the sequences whose client left, waiting or running (the backend's thread)."""
         for seq in [q for q in self._waiting if q.stream.cancelled]:
             self._waiting.remove(seq)
             self._end(seq, None)
@@ -385,9 +250,9 @@ class LlamaCppEngine:
                 seq, slot.seq = slot.seq, None
                 self._end(seq, None)
 
-    def _admit(self) -> None:
+    def _assign(self) -> None:
         """Waiting requests into free slots, each into the slot whose cached tokens share the longest prefix."""
-        cap = min(self.n_seq, self.completion_batch_size or self.n_seq)
+        cap = min(self.n_seq, self._batch_limit or self.n_seq)
         while self._waiting:
             free = [s for s in self._slots if s.seq is None]
             if not free or self.n_seq - len(free) >= cap:
@@ -403,15 +268,16 @@ class LlamaCppEngine:
                 keep = 0
                 self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
             if keep:
-                self._stats.prompt_cache_hits_total += 1
+                self._host.stats.prompt_cache_hits_total += 1
                 self.prefix_tokens_reused += keep
             else:
-                self._stats.prompt_cache_misses_total += 1
+                self._host.stats.prompt_cache_misses_total += 1
             slot.tokens = prompt[:keep]
             seq.pending = prompt[keep:]
             slot.seq = seq
 
-    def _step(self) -> None:
+    def step(self) -> None:
+        """One ``llama_decode``: every running sequence's next token, then prompt chunks in the room left."""
         lc, batch = self._lc, self._batch
         n = 0
         outputs: list[tuple[_Slot, int]] = []
@@ -422,7 +288,7 @@ class LlamaCppEngine:
             seq = slot.seq
             assert seq is not None
             take = min(len(seq.pending), BATCH_TOKENS - n)
-            if take == len(seq.pending) - 1 > 0:  # nor does a long prompt's last token go alone (_admit)
+            if take == len(seq.pending) - 1 > 0:  # nor does a long prompt's last token go alone (_assign)
                 take -= 1
             if take <= 0:
                 break
@@ -440,7 +306,7 @@ class LlamaCppEngine:
             fed.append((slot, take))
         batch.n_tokens = n
         rc = lc.llama_decode(self._ctx, batch)
-        self._stats.steps_total += 1
+        self._host.stats.steps_total += 1
         if rc != 0:
             log.error("llama_decode returned %d", rc)
             for slot, _ in fed:
@@ -464,37 +330,22 @@ class LlamaCppEngine:
         assert seq is not None
         try:
             logits = seq.sampler.process(raw)
-            logprobs = _log_softmax(logits)
+            logprobs = log_softmax(logits)
             token = seq.sampler.sample(logprobs)
             seq.sampler.accept(token)
         except Exception as exc:  # one request's bad grammar never fails the others
             slot.seq = None
             self._end(seq, TokenEvent(error=f"Generation failed: {exc}"))
             return
-        self._stats.generated_tokens_total += 1
-        seq.completion_tokens += 1
+        self._host.stats.generated_tokens_total += 1
+        text = seq.text
         finish = None
-        eos = token in self.tokenizer.eos_token_ids
-        if eos:
+        if token in text.eos_ids:
             finish = "stop"
-        elif seq.completion_tokens >= seq.request.max_tokens:
+        elif text.completion_tokens + 1 >= seq.request.max_tokens:
             finish = "length"
-        lps: list[TokenLogprob] = []
-        if not eos:
-            seq.detokenizer.add_token(token)
-            if seq.request.logprobs is not None:
-                lps.append(_token_logprob(logprobs, token, seq.request.logprobs))
-        if finish is not None:
-            seq.detokenizer.finalize()
-        text, hit_stop = seq.stop.feed(seq.detokenizer.last_segment)
-        if hit_stop:
-            finish = "stop"
-        elif finish is not None:
-            text += seq.stop.flush()
-        event = TokenEvent(text=text, token_ids=[token], finish_reason=finish, stop_sequence=hit_stop,
-                           prompt_tokens=len(seq.request.prompt_tokens), completion_tokens=seq.completion_tokens,
-                           logprobs=lps)
-        if finish is None:
+        event = text.event(token, finish, lambda chosen, top: token_logprob(logprobs, chosen, top))
+        if event.finish_reason is None:
             seq.pending = [token]
             seq.stream.put(event)
         else:
@@ -502,18 +353,12 @@ class LlamaCppEngine:
             self._end(seq, event)
 
     def _end(self, seq: _Seq, event: TokenEvent | None) -> None:
+        host = self._host
         if event is None:
-            self._stats.requests_cancelled_total += 1
-        self._finish(seq.stream, event)
-
-
-def _token_logprob(logprobs: np.ndarray, token: int, top: int) -> TokenLogprob:
-    alternatives: list[tuple[int, float]] = []
-    if top > 0:
-        ids = np.argpartition(-logprobs, top - 1)[:top]
-        ids = ids[np.argsort(-logprobs[ids])]
-        alternatives = [(int(i), float(logprobs[i])) for i in ids]
-    return TokenLogprob(token, float(logprobs[token]), alternatives)
+            host.stats.requests_cancelled_total += 1
+        else:
+            host.touch()  # keep-alive counts from the last answer
+        host.finish(seq.stream, event)
 
 
 def _silence_llama_log(lc: Any) -> None:
@@ -528,18 +373,13 @@ def _silence_llama_log(lc: Any) -> None:
     lc.llama_log_set(callback, ctypes.c_void_p(0))
 
 
-def load(path: Path, model_id: str, cache_dir: Path) -> Any:
-    """A ``LoadedModel`` whose ``model`` is a running ``LlamaCppEngine`` (``kind`` 'llamacpp')."""
-    from gerdsen_ai_server.engine.formats.loaders import LoadedModel
-
-    settings = _settings()
+def load(path: Path, model_id: str, cache_dir: Path, options: BackendOptions) -> LoadedModel:
+    """A ``LoadedModel`` whose ``model`` is a running ``LlamaCppBackend`` (``backend`` 'llamacpp')."""
     meta = read_gguf_header(path).metadata
     tokenizer = load_tokenizer(path, meta, cache_dir)
     ctx = slot_context(meta)
-    engine = LlamaCppEngine(path, tokenizer, n_seq=settings.max_batch, slot_ctx=ctx,
-                            n_threads=settings.llamacpp_threads or None,
-                            kv_cache_bytes=kv_bytes(meta, settings.max_batch))
-    loaded = LoadedModel(model_id=model_id, path=path, model=engine, tokenizer=tokenizer, context_length=ctx,
-                         nbytes=engine.nbytes)
-    loaded.kind = "llamacpp"  # set after: older LoadedModels have no kind field
-    return loaded
+    backend = LlamaCppBackend(path, tokenizer, n_seq=options.sequences, slot_ctx=ctx,
+                              n_threads=options.llamacpp_threads or None,
+                              kv_cache_bytes=kv_bytes(meta, options.sequences))
+    return LoadedModel(model_id=model_id, path=path, model=backend, tokenizer=tokenizer, context_length=ctx,
+                       nbytes=backend.nbytes, backend="llamacpp")

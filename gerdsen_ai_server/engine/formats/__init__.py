@@ -1,0 +1,1 @@
+"""Model formats: the loader factory, GGUF conversion, BERT-family encoders."""

@@ -12,7 +12,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from gerdsen_ai_server.engine.formats.encoder import EncoderConfig, EncoderModel, Pooling
+from gerdsen_ai_server.engine.formats.encoder_base import EncoderConfig, EncoderModel, Pooling
 
 
 @dataclass(frozen=True)

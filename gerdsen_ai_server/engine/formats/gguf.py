@@ -4,9 +4,10 @@ MLX reads Q4_0/Q4_1/Q8_0 tensors straight into its own affine quantized
 layout (``.weight`` packed uint32, ``.scales``, ``.biases``; group size 32), so
 the conversion is a rename plus a few fixes, not a re-quantization.
 
-The header is parsed in Python first: it gives clear errors (truncated file,
+The header is parsed in Python first (gguf_header.py): it gives clear errors (truncated file,
 unknown architecture, unsupported tensor type) before MLX's C++ reader sees
-the file, and it gives the metadata as plain Python values.
+the file, and it gives the metadata as plain Python values. The tokenizer is rebuilt from the
+GGUF's vocabulary and merges (gguf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -16,42 +17,25 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
-import mmap
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from gerdsen_ai_server.engine.formats.gguf_header import GGUFHeader, read_gguf_header
+from gerdsen_ai_server.engine.formats.gguf_tokenizer import write_tokenizer
 from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID, default_gguf_path
 from gerdsen_ai_server.store.errors import ModelLoadError, UnsupportedModelFormat
 
 log = logging.getLogger(__name__)
 
-# ggml tensor type id -> (name, elements per block, bytes per block).
-_GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36),
-    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8),
-    28: ("F64", 1, 8), 30: ("BF16", 1, 2),
-}
 # Types mx.load can read (checked with MLX 0.32): Q4_0/Q4_1/Q8_0 as MLX quantized
 # arrays, F32/F16 as is; BF16 and the K-quants gguflib knows (Q2_K, Q4_K, Q6_K)
 # dequantized to float16. Others (Q5_*, Q3_K, Q5_K, IQ*) make it fail.
 _MLX_READABLE = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q4_K", "Q6_K"}
-
-# GGUF metadata value type id -> struct format (8 = string, 9 = array).
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f",
-               7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 _BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -63,107 +47,7 @@ _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 # rope_freqs holds llama-3.1 rope scaling factors; mlx-lm recomputes rope itself.
 _DROPPED = {"rope_freqs"}
 
-# llama.cpp pre-tokenizer names that split digits one by one before GPT-2's regex.
-_DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"}
-_LLAMA3_PRE = {"llama-bpe", "llama3", "falcon3", "smaug-bpe"}
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
-
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
-
-@dataclass
-class GGUFHeader:
-    version: int
-    metadata: dict[str, Any]
-    tensor_types: dict[str, str] = field(default_factory=dict)
-
-
-class _Truncated(Exception):
-    pass
-
-
-class _Reader:
-    """Bounds-checked cursor over the mmapped file: a corrupt length never reads past the end."""
-
-    def __init__(self, buf: mmap.mmap) -> None:
-        self.buf, self.pos, self.size = buf, 0, len(buf)
-
-    def take(self, n: int) -> int:
-        if n < 0 or self.pos + n > self.size:
-            raise _Truncated
-        start, self.pos = self.pos, self.pos + n
-        return start
-
-    def unpack(self, fmt: str) -> Any:
-        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        start = self.take(n)
-        return self.buf[start:start + n].decode("utf-8", "replace")
-
-    def value(self, vtype: int) -> Any:
-        if vtype in _SCALAR_FMT:
-            return self.unpack(_SCALAR_FMT[vtype])
-        if vtype == 8:
-            return self.string()
-        if vtype != 9:
-            raise ModelLoadError(f"unknown GGUF metadata type {vtype}")
-        etype, count = self.unpack("<I"), self.unpack("<Q")
-        if count * (8 if etype == 8 else 1) > self.size - self.pos:
-            raise _Truncated  # each element needs at least that many bytes
-        if etype == 8:
-            return [self.string() for _ in range(count)]
-        if etype not in _SCALAR_FMT:
-            raise ModelLoadError(f"unsupported GGUF metadata array type {etype}")
-        dtype = np.dtype(_SCALAR_FMT[etype])
-        start = self.take(count * dtype.itemsize)
-        return np.frombuffer(self.buf, dtype, count, start).tolist()
-
-
-def read_gguf_header(path: Path) -> GGUFHeader:
-    """Parse metadata and tensor table; raise ModelLoadError if the file is not a whole GGUF."""
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse_header(_Reader(buf), path)
-    except _Truncated:
-        raise ModelLoadError(f"{path} is truncated or corrupt (incomplete download?)") from None
-    except (OSError, ValueError) as exc:  # empty file (mmap ValueError), unreadable file
-        raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
-
-
-def _parse_header(r: _Reader, path: Path) -> GGUFHeader:
-    if r.size < 24 or r.buf[:4] != b"GGUF":
-        raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes)")
-    r.take(4)
-    version = r.unpack("<I")
-    if version not in (2, 3):
-        raise UnsupportedModelFormat(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
-    n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
-    if n_tensors > 1_000_000 or n_kv > 1_000_000:
-        raise ModelLoadError(f"{path} is corrupt (implausible header counts)")
-    metadata = {}
-    for _ in range(n_kv):
-        key = r.string()
-        metadata[key] = r.value(r.unpack("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name, ndim = r.string(), r.unpack("<I")
-        if ndim > 4:
-            raise ModelLoadError(f"{path} is corrupt (tensor {name!r} has {ndim} dims)")
-        dims = [r.unpack("<Q") for _ in range(ndim)]
-        infos.append((name, dims, r.unpack("<I"), r.unpack("<Q")))
-    align = int(metadata.get("general.alignment", 32)) or 32
-    data_start = -(-r.pos // align) * align
-    header = GGUFHeader(version, metadata)
-    for name, dims, ttype, offset in infos:
-        tname, block, nbytes = _GGML_TYPES.get(ttype, (f"type {ttype}", 0, 0))
-        header.tensor_types[name] = tname
-        if block and data_start + offset + math.prod(dims) // block * nbytes > r.size:
-            raise _Truncated
-    return header
 
 
 def _check_supported(header: GGUFHeader, path: Path) -> None:
@@ -284,57 +168,6 @@ def _build_config(meta: dict[str, Any], weights: dict[str, Any]) -> dict[str, An
     return config
 
 
-def _pre_tokenizer(pre: str | None) -> Any:
-    from tokenizers import Regex, pre_tokenizers
-
-    if pre in _DIGIT_SPLIT_PRE:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    if pre in _LLAMA3_PRE:
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated"),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    if pre not in (None, "default", "gpt2"):
-        log.warning("GGUF pre-tokenizer %r unknown; using GPT-2's byte-level split", pre)
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-
-
-def _write_tokenizer(meta: dict[str, Any], out: Path) -> None:
-    """Rebuild a Hugging Face byte-level BPE tokenizer.json + tokenizer_config.json."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                               fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
-    tok.decoder = decoders.ByteLevel()
-
-    def name(key: str) -> str | None:
-        idx = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(idx)] if idx is not None and 0 <= int(idx) < len(tokens) else None
-
-    bos, add_bos = name("bos"), bool(meta.get("tokenizer.ggml.add_bos_token", False))
-    if add_bos and bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types, strict=True) if ty == _CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types, strict=True) if ty == _USER_DEFINED])
-    tok.save(str(out / "tokenizer.json"))
-
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": name("eos"),
-           "pad_token": name("padding") or name("eos"), "unk_token": name("unknown"),
-           "add_bos_token": add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-           "model_max_length": int(meta.get("llama.context_length", 2048))}
-    if "tokenizer.chat_template" in meta:
-        cfg["chat_template"] = meta["tokenizer.chat_template"]
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
-
-
 def is_converted(out_dir: Path) -> bool:
     return all((out_dir / f).is_file() for f in MODEL_FILES)
 
@@ -440,7 +273,7 @@ def _convert_locked(gguf_path: Path, header: GGUFHeader, out_dir: Path) -> None:
         config = _build_config(header.metadata, weights)
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        _write_tokenizer(header.metadata, staging)
+        write_tokenizer(header.metadata, staging)
         _fsync_files(staging)  # the rename must not publish files still in the page cache only
         staging.chmod(0o755)  # mkdtemp makes it 0700; others (the server user) must read it
         _move_into_place(staging, out_dir)

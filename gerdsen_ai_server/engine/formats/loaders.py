@@ -1,51 +1,57 @@
 """Find, convert and load models: a model id or path in, an MLX model + tokenizer out.
 
-Formats: MLX / Hugging Face safetensors folders load directly (BERT-family embedding
-models as encoders, see encoder.py); GGUF files are
-converted once into ``models_dir/.impetus/converted``; CoreML, ONNX and PyTorch checkpoints are
-refused with a how-to-convert hint. Everything that touches MLX runs on the
-caller's engine thread; the only other thread is a helper that loads a tokenizer (no MLX).
+Formats: MLX / Hugging Face safetensors folders load directly (safetensors.py; BERT-family
+embedding models as encoders, see encoder.py); GGUF files run as they are on llama.cpp
+(backends/llamacpp.py) or are converted once into ``models_dir/.impetus/converted`` (gguf.py),
+as ``BackendOptions.backend`` (IMPETUS_BACKEND, handed in: never read here) says; CoreML, ONNX
+and PyTorch checkpoints are refused with a how-to-convert hint. Everything that touches MLX runs
+on the caller's engine thread; the only other thread is a helper that loads a tokenizer (no MLX).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from gerdsen_ai_server.engine.backends import llamacpp
+from gerdsen_ai_server.engine.backends import llamacpp, llamacpp_sizing
+from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.formats import safetensors
 from gerdsen_ai_server.engine.formats.encoder import is_encoder, load_encoder
 from gerdsen_ai_server.engine.formats.gguf import convert_gguf_to_mlx, converted_dir, ensure_default_model
+from gerdsen_ai_server.engine.formats.safetensors import context_length, parameter_nbytes
+from gerdsen_ai_server.engine.options import BackendOptions
 from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID, default_gguf_path
-from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound
+from gerdsen_ai_server.store.errors import ModelNotFound
 from gerdsen_ai_server.store.formats import detect_format
 from gerdsen_ai_server.store.paths import confine, inside_any, model_not_found
 
 log = logging.getLogger(__name__)
 
+__all__ = ["COMPUTE_DTYPES", "LOAD_CHUNK_BYTES", "LoaderFactory", "context_length", "parameter_nbytes"]
+
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_CONTEXT_LENGTH = 2048
 # Bytes of weights read or converted per load step (see LoaderFactory.load_steps): tens of ms on a CPU.
 LOAD_CHUNK_BYTES = 16 << 20
 
-@dataclass
-class LoadedModel:
-    model_id: str
-    path: Path
-    model: Any
-    tokenizer: Any
-    context_length: int
-    nbytes: int
-    kind: str = "language"  # or "embedding": a BERT-family encoder that only serves /v1/embeddings
-
 
 class LoaderFactory:
-    """Stateless: detect a format, resolve a spec to an MLX folder, load it."""
+    """Detect a format, resolve a spec to an MLX folder (or a GGUF for llama.cpp), load it.
+
+    Holds nothing but its ``options`` (which backend runs a GGUF, how a llama.cpp model is sized),
+    given by whoever read the settings (app.py through the engine's options, the CLI, a test).
+    """
+
+    def __init__(self, options: BackendOptions | None = None) -> None:
+        self.options = options or BackendOptions()
+
+    def estimate_bytes(self, path: Path, compute_dtype: str | None) -> int:
+        """Memory a resolved model will take once loaded: what the registry reserves while it loads.
+        A GGUF (llama.cpp): the file plus the KV cache of its sequences; a folder: its weights."""
+        if path.suffix.lower() == ".gguf":
+            return llamacpp_sizing.estimate_bytes(path, self.options.sequences)
+        return safetensors.estimate_bytes(path, compute_dtype)
 
     @staticmethod
     def detect(path: Path) -> str:
@@ -62,7 +68,7 @@ class LoaderFactory:
         """
         models_dir = Path(models_dir)
         if spec.strip().lower() == DEFAULT_MODEL_ID:
-            if llamacpp.serves_gguf(is_default_model=True):  # IMPETUS_BACKEND=llamacpp
+            if llamacpp_sizing.serves_gguf(True, self.options.backend):  # IMPETUS_BACKEND=llamacpp
                 return default_gguf_path()
             return ensure_default_model(models_dir)
         path = self._locate(spec, models_dir) if trusted else confine(spec, models_dir, allowed)
@@ -72,7 +78,7 @@ class LoaderFactory:
         if not trusted and not inside_any(gguf, [models_dir, *allowed]):
             log.warning("refused model %r: %s links outside the models dir and IMPETUS_MODEL_PATHS", spec, gguf)
             raise model_not_found(spec)
-        if llamacpp.serves_gguf(is_default_model=False):
+        if llamacpp_sizing.serves_gguf(False, self.options.backend):
             return gguf  # runs as is on llama.cpp (engine/backends/llamacpp.py)
         # Converted once, into a folder of our own whose name the GGUF's name cannot steer
         # (models_dir/.impetus/converted/<stem>-<hash>); later loads find it there.
@@ -134,12 +140,12 @@ class LoaderFactory:
     def _load_path_steps(self, path: Path, models_dir: Path, compute_dtype: str | None,
                          chunk_bytes: int) -> Generator[None, None, LoadedModel]:
         if path.suffix.lower() == ".gguf":  # resolved to a GGUF: the llama.cpp backend
-            return llamacpp.load(path, path.name, models_dir / ".impetus" / "llamacpp-tokenizers")
+            return llamacpp.load(path, path.name, models_dir / ".impetus" / "llamacpp-tokenizers", self.options)
         if is_encoder(path):
             encoder, encoder_tokenizer, max_tokens = load_encoder(path, compute_dtype)
             return LoadedModel(model_id=path.name, path=path, model=encoder, tokenizer=encoder_tokenizer,
                                context_length=max_tokens, nbytes=parameter_nbytes(encoder), kind="embedding")
-        model, tokenizer = yield from _mlx_load_steps(path, compute_dtype, chunk_bytes)
+        model, tokenizer = yield from safetensors.load_steps(path, compute_dtype, chunk_bytes)
         return LoadedModel(
             model_id=path.name,
             path=path,
@@ -150,128 +156,3 @@ class LoaderFactory:
         )
 
 
-def _load_error(path: Path, exc: Exception) -> ModelLoadError:
-    return ModelLoadError(f"cannot load model from {path}: {type(exc).__name__}: {exc}")
-
-
-def _mlx_load_steps(path: Path, compute_dtype: str | None, chunk_bytes: int) -> Generator[None, None, tuple[Any, Any]]:
-    from mlx_lm.utils import load_model, load_tokenizer
-
-    try:
-        # A local path: nothing here goes to the Hugging Face hub.
-        model, config = load_model(path, lazy=True)
-    except Exception as exc:  # anything (bad config, unreadable weights, missing tensors) is a load error
-        raise _load_error(path, exc) from exc
-    result: dict[str, Any] = {}
-
-    def load_tok() -> None:  # tokenizers and transformers only: no MLX on this thread
-        try:
-            result["tokenizer"] = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-        except Exception as exc:
-            result["error"] = exc
-
-    helper = threading.Thread(target=load_tok, name="impetus-tokenizer-load", daemon=True)
-    helper.start()
-    try:
-        yield from _materialize(model, compute_dtype, chunk_bytes)
-    except Exception as exc:  # a truncated file fails here, when its bytes are read
-        raise _load_error(path, exc) from exc
-    while helper.is_alive():  # on a failure above it finishes alone: a daemon, holding nothing
-        helper.join(0.005)
-        yield
-    if "error" in result:
-        raise _load_error(path, result["error"]) from result["error"]
-    return model, result["tokenizer"]
-
-
-def _materialize(model: Any, compute_dtype: str | None, chunk_bytes: int) -> Generator[None, None, None]:
-    """Evaluate a lazily loaded model's weights, converted to ``compute_dtype``, one bounded piece per step.
-
-    The same result as ``dequantize_model`` (float32 only) + ``set_dtype`` + ``mx.eval``: the stored
-    tensors are read a few at a time, then each converted tensor is computed in row blocks into
-    its buffer (MLX updates the buffer in place, as nothing else holds it).
-    """
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-    from mlx_lm.utils import dequantize_model
-
-    group: list[Any] = []
-    for _, array in tree_flatten(model.parameters()):
-        group.append(array)
-        if sum(a.nbytes for a in group) >= chunk_bytes:
-            mx.eval(group)
-            group = []
-            yield
-    if group:
-        mx.eval(group)
-        yield
-    if compute_dtype is None:
-        return
-    dtype = getattr(mx, compute_dtype)
-    if compute_dtype == "float32":
-        quantized = {name: (m.weight, m.scales, m.get("biases"), m.group_size, m.bits, m.mode)
-                     for name, m in model.named_modules()
-                     if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear))}
-        dequantize_model(model)  # new float modules, their weights still lazy (never evaluated)
-        modules = dict(model.named_modules())
-        for name, (w, scales, biases, group_size, bits, mode) in quantized.items():
-            def dequantized(rows: slice, w: Any = w, scales: Any = scales, biases: Any = biases,
-                            group_size: int = group_size, bits: int = bits, mode: str = mode) -> Any:
-                return mx.dequantize(w[rows], scales[rows], None if biases is None else biases[rows],
-                                     group_size, bits, mode).astype(dtype)
-
-            modules[name].weight = yield from _in_row_blocks(dequantized, modules[name].weight.shape, dtype,
-                                                             chunk_bytes)
-    converted = []
-    for name, array in tree_flatten(model.parameters()):
-        if mx.issubdtype(array.dtype, mx.floating) and array.dtype != dtype:
-            converted.append((name, (yield from _in_row_blocks(lambda rows, a=array: a[rows].astype(dtype),
-                                                                array.shape, dtype, chunk_bytes))))
-    if converted:
-        model.update(tree_unflatten(converted))
-
-
-def _in_row_blocks(compute: Any, shape: tuple[int, ...], dtype: Any, chunk_bytes: int) -> Generator[None, None, Any]:
-    """``compute(slice(None))``, evaluated a block of leading-axis rows per step."""
-    import math
-
-    import mlx.core as mx
-
-    rows = shape[0] if shape else 1
-    row_bytes = max(1, math.prod(shape[1:]) * dtype.size)
-    per_step = max(1, chunk_bytes // row_bytes)
-    if rows <= per_step or not shape:
-        out = compute(slice(None))
-        mx.eval(out)
-        yield
-        return out
-    # Allocating (and first touching) the whole buffer is itself one step.
-    out = mx.zeros(shape, dtype=dtype)
-    mx.eval(out)
-    yield
-    for start in range(0, rows, per_step):
-        out[start:start + per_step] = compute(slice(start, start + per_step))
-        mx.eval(out)
-        yield
-    return out
-
-
-def parameter_nbytes(model: Any) -> int:
-    from mlx.utils import tree_flatten
-
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-def context_length(path: Path) -> int:
-    """The model's trained context from config.json, or 2048 when it does not say."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return DEFAULT_CONTEXT_LENGTH
-    for source in (config, config.get("text_config") or {}):
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            if isinstance(source.get(key), int) and source[key] > 0:
-                return source[key]
-    return DEFAULT_CONTEXT_LENGTH

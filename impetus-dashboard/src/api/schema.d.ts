@@ -475,6 +475,13 @@ export interface components {
              */
             type: "custom" | null;
         };
+        /** Usage */
+        AnthropicUsage: {
+            /** Input Tokens */
+            input_tokens: number;
+            /** Output Tokens */
+            output_tokens: number;
+        };
         /** AssistantMessage */
         AssistantMessage: {
             /** Content */
@@ -649,7 +656,7 @@ export interface components {
             object: "chat.completion";
             /** System Fingerprint */
             system_fingerprint: string;
-            usage: components["schemas"]["gerdsen_ai_server__schemas__openai__Usage"];
+            usage: components["schemas"]["Usage"];
         };
         /** ChatCompletionRequest */
         ChatCompletionRequest: {
@@ -923,7 +930,7 @@ export interface components {
             /** System Fingerprint */
             system_fingerprint: string;
             /** @default null */
-            usage: components["schemas"]["gerdsen_ai_server__schemas__openai__Usage"] | null;
+            usage: components["schemas"]["Usage"] | null;
         };
         /** CompletionChoice */
         CompletionChoice: {
@@ -1767,7 +1774,7 @@ export interface components {
              * @constant
              */
             type: "message";
-            usage: components["schemas"]["gerdsen_ai_server__schemas__anthropic__Usage"];
+            usage: components["schemas"]["AnthropicUsage"];
         };
         /** MessagesRequest */
         MessagesRequest: {
@@ -2330,7 +2337,7 @@ export interface components {
         /**
          * Reasoning
          * @description OpenAI's reasoning options. Only an empty request is met: no model served here has an effort
-         *     control or reasoning summaries (api/responses.py refuses the rest, as OpenAI does for such a model).
+         *     control or reasoning summaries (serving/responses.py refuses the rest, as OpenAI does for such a model).
          */
         Reasoning: {
             /**
@@ -3035,6 +3042,15 @@ export interface components {
             /** Model */
             model: string;
         };
+        /** Usage */
+        Usage: {
+            /** Completion Tokens */
+            completion_tokens: number;
+            /** Prompt Tokens */
+            prompt_tokens: number;
+            /** Total Tokens */
+            total_tokens: number;
+        };
         /** WarmupResult */
         WarmupResult: {
             /**
@@ -3059,22 +3075,6 @@ export interface components {
              * @description Time to first token of the same-length request right after it.
              */
             warm_ttft_ms: number;
-        };
-        /** Usage */
-        gerdsen_ai_server__schemas__anthropic__Usage: {
-            /** Input Tokens */
-            input_tokens: number;
-            /** Output Tokens */
-            output_tokens: number;
-        };
-        /** Usage */
-        gerdsen_ai_server__schemas__openai__Usage: {
-            /** Completion Tokens */
-            completion_tokens: number;
-            /** Prompt Tokens */
-            prompt_tokens: number;
-            /** Total Tokens */
-            total_tokens: number;
         };
     };
     responses: never;

@@ -1,0 +1,30 @@
+"""GET /v1/models and /v1/models/<id>: the resident models, as OpenAI lists them (with what an
+embedding model serves, its pooling and its dimensions)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from gerdsen_ai_server.errors import APIError
+from gerdsen_ai_server.schemas.openai import ModelList
+from gerdsen_ai_server.services import services
+from gerdsen_ai_server.serving.models import model_card
+
+bp = Blueprint("openai_models", __name__, url_prefix="/v1")
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    engine = services().engine
+    created = int(engine.started_at)
+    return jsonify(ModelList(data=[model_card(m, created) for m in engine.models()]).model_dump())
+
+
+@bp.get("/models/<path:model_id>")
+def get_model(model_id: str) -> Response:
+    engine = services().engine
+    resident = engine.registry.get(model_id)
+    if resident is None:
+        raise APIError(404, f"The model '{model_id}' does not exist or is not loaded.", param="model",
+                       code="model_not_found")
+    return jsonify(model_card(resident.loaded, int(engine.started_at)).model_dump())

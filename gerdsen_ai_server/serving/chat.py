@@ -1,0 +1,195 @@
+"""Chat: messages (and tools) into a prompt, the engine's streams into chat completions — plain
+JSON or Server-Sent Events — with tool calls and JSON-constrained output. ``start_chat`` is the one
+path every chat-shaped API (OpenAI chat, Anthropic Messages, Responses, Socket.IO ``generate``)
+takes into the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2.exceptions import SecurityError
+
+from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.grammar import GrammarError, GrammarProcessor, compile_json_schema, strict_schema
+from gerdsen_ai_server.engine.protocol import TokenEvent, TokenStream
+from gerdsen_ai_server.errors import APIError, error_body
+from gerdsen_ai_server.schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    DeltaToolCall,
+    ToolCall,
+)
+from gerdsen_ai_server.services import services
+from gerdsen_ai_server.serving.chat_template import TemplateTimeout, render_chat_template
+from gerdsen_ai_server.serving.envelope import chunk_payload, request_meta, usage
+from gerdsen_ai_server.serving.generation import cancel_all, check_supported, collect, relay, submit_all
+from gerdsen_ai_server.serving.logprobs import chat_logprobs
+from gerdsen_ai_server.serving.models import resident_model
+from gerdsen_ai_server.serving.prompts import check_text_size
+from gerdsen_ai_server.serving.sse import sse
+from gerdsen_ai_server.serving.tools import (
+    ToolCallSplitter,
+    ToolPlan,
+    answer_parts,
+    finish_reason,
+    plan_tools,
+    split_answer,
+    template_messages,
+)
+
+
+def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> list[int]:
+    """The prompt's token ids: the model's chat template rendered within its deadline and bounds
+    (serving/chat_template.py), the text's size checked against the context, then tokenized."""
+    tokenizer = loaded.tokenizer
+    if not getattr(tokenizer, "has_chat_template", True):
+        raise APIError(400, f"The model '{loaded.model_id}' has no chat template; use /v1/completions.",
+                       param="model", code="invalid_value")
+    messages, extra = template_messages(body, plan, tokenizer)
+    seconds = services().settings.template_timeout
+    try:
+        text = render_chat_template(tokenizer, messages, extra, seconds)
+    except TemplateTimeout:
+        raise APIError(500, f"The model '{loaded.model_id}' has a chat template that took more than {seconds:g} s to "
+                       "render these messages (IMPETUS_TEMPLATE_TIMEOUT); it was stopped.",
+                       code="chat_template_timeout") from None
+    except SecurityError as exc:
+        raise APIError(500, f"The model '{loaded.model_id}' has a chat template that was stopped: {exc}.",
+                       code="chat_template_unsafe") from None
+    except RecursionError:
+        raise APIError(500, f"The model '{loaded.model_id}' has a chat template that recursed too deeply.",
+                       code="chat_template_unsafe") from None
+    except Exception as exc:  # a template may reject e.g. a role order it does not support
+        raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages",
+                       code="invalid_value") from None
+    check_text_size(loaded, [text], "messages")
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def constraint_factory(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> Callable[[], list[Any]]:
+    """A new grammar processor per choice when the output must be a tool call or follow a schema.
+    A ``json_schema`` is held to OpenAI's strict semantics whatever its ``strict`` flag (as the tools'
+    schemas are, in ``plan_tools``): clients such as LangChain leave the flag unset and still expect
+    output that validates with no undeclared keys."""
+    schema, param = (plan.schema, "tools") if plan.schema is not None else (body.json_schema(), "response_format")
+    if schema is None:
+        return list
+    if plan.schema is None and body.response_format is not None and body.response_format.type == "json_schema":
+        schema = strict_schema(schema)
+    try:
+        grammar = compile_json_schema(loaded.tokenizer, schema)
+    except GrammarError as exc:
+        raise APIError(400, f"Invalid JSON schema in {param}: {exc}", param=param, code="invalid_value") from None
+    return lambda: [GrammarProcessor(loaded.tokenizer, grammar)]
+
+
+@dataclass
+class Started:
+    loaded: LoadedModel
+    plan: ToolPlan
+    prompt: list[int]
+    streams: list[TokenStream]
+
+
+def start_chat(chat: ChatCompletionRequest, param: str) -> Started:
+    """Validate, build the prompt and submit: the one path every chat-shaped API (OpenAI chat,
+    Anthropic Messages, Responses) takes into the engine."""
+    check_supported(chat)
+    loaded = resident_model(chat.model, chat.keep_alive)
+    plan = plan_tools(chat, loaded.tokenizer)
+    prompt = chat_prompt(chat, loaded, plan)
+    streams = submit_all(chat, loaded, [prompt], chat.max_completion_tokens or chat.max_tokens, param,
+                         constraint_factory(chat, loaded, plan))
+    return Started(loaded, plan, prompt, streams)
+
+
+def collect_answer(started: Started) -> tuple[str, list[ToolCall], TokenEvent]:
+    """The first choice read to its end: its text, tool calls and final event."""
+    text: list[str] = []
+    try:
+        for kind, value in answer_parts(started.plan, started.streams[0]):
+            if kind == "error":
+                raise APIError(500, value, code="generation_failed")
+            if kind == "text":
+                text.append(value)
+            else:
+                calls, last = value
+    finally:
+        cancel_all(started.streams)
+    return "".join(text), calls, last
+
+
+def chat_completion(body: ChatCompletionRequest, started: Started, meta: dict[str, Any]) -> ChatCompletion:
+    """Every choice read to its end, as one ``ChatCompletion`` (its tool calls split from its text)."""
+    loaded, plan = started.loaded, started.plan
+    choices = []
+    results = collect(started.streams)
+    for i, r in enumerate(results):
+        content, calls, complete = split_answer(plan, r.text)
+        choices.append(ChatChoice(
+            index=i, message=AssistantMessage(content=content, tool_calls=calls or None),
+            finish_reason=finish_reason(calls, complete, r.finish_reason),
+            logprobs=chat_logprobs(r.logprobs, loaded.tokenizer) if body.logprobs else None,
+        ))
+    total = usage(len(started.prompt), sum(r.completion_tokens for r in results))
+    return ChatCompletion(**meta, choices=choices, usage=total)
+
+
+def chat_meta(started: Started) -> dict[str, Any]:
+    """The response's id (``chatcmpl-...``), creation time, model and fingerprint."""
+    return request_meta("chatcmpl", started.loaded)
+
+
+def chat_chunks(body: ChatCompletionRequest, started: Started, meta: dict[str, Any]) -> Iterator[str]:
+    """The chat completion's chunks: a role delta per choice, its text (or tool calls, sent whole
+    once complete), its finish reason, and the usage when ``stream_options`` asks for it."""
+    streams, prompt_tokens, loaded, plan = started.streams, len(started.prompt), started.loaded, started.plan
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    logprobs = body.logprobs
+    def chunk(index: int, delta: ChatDelta, finish: str | None = None, lp: ChatLogprobs | None = None) -> str:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=lp)
+        return sse(chunk_payload(ChatCompletionChunk(**meta, choices=[choice]), include_usage))
+
+    def call_deltas(calls: list[ToolCall]) -> ChatDelta:
+        return ChatDelta(tool_calls=[DeltaToolCall(index=n, **c.model_dump()) for n, c in enumerate(calls)])
+
+    completion_tokens = 0
+    begun: set[int] = set()
+    splitter = ToolCallSplitter(plan)
+    forced_text: list[str] = []
+    for index, event in relay(streams):
+        if index not in begun:
+            begun.add(index)
+            splitter = ToolCallSplitter(plan)
+            forced_text = []
+            yield chunk(index, ChatDelta(role="assistant", content=""))
+        if event.error:
+            yield sse(error_body(500, event.error, code="generation_failed"))
+            return
+        if plan.mode == "forced":
+            forced_text.append(event.text)  # one call, sent whole once it is complete
+            text = ""
+        elif plan.mode == "auto":
+            text = splitter.feed(event.text, final=event.done)
+        else:
+            text = event.text
+        if text or (logprobs and event.logprobs):
+            lp = chat_logprobs(event.logprobs, loaded.tokenizer) if logprobs else None
+            yield chunk(index, ChatDelta(content=text), lp=lp)
+        if event.finish_reason:
+            completion_tokens += event.completion_tokens
+            calls, complete = (split_answer(plan, "".join(forced_text))[1:] if plan.mode == "forced"
+                               else (splitter.calls, True))
+            if calls:
+                yield chunk(index, call_deltas(calls))
+            yield chunk(index, ChatDelta(), finish_reason(calls, complete, event.finish_reason))
+    if include_usage:
+        yield sse(ChatCompletionChunk(**meta, choices=[], usage=usage(prompt_tokens, completion_tokens)).model_dump())

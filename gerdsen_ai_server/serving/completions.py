@@ -1,0 +1,75 @@
+"""OpenAI completions (/v1/completions): prompts in, the engine's streams out as a ``Completion``
+(plain JSON) or its chunks (Server-Sent Events)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.protocol import TokenStream
+from gerdsen_ai_server.errors import error_body
+from gerdsen_ai_server.schemas.openai import Completion, CompletionChoice, CompletionRequest
+from gerdsen_ai_server.services import services
+from gerdsen_ai_server.serving.envelope import chunk_payload, request_meta, usage
+from gerdsen_ai_server.serving.generation import check_supported, collect, relay, submit_all
+from gerdsen_ai_server.serving.logprobs import completion_logprobs
+from gerdsen_ai_server.serving.models import resident_model
+from gerdsen_ai_server.serving.prompts import capacity, completion_prompts
+from gerdsen_ai_server.serving.sse import sse
+
+
+@dataclass
+class CompletionStarted:
+    body: CompletionRequest
+    loaded: LoadedModel
+    meta: dict[str, Any]
+    prompt_tokens: int
+    streams: list[TokenStream]
+
+
+def start_completion(body: CompletionRequest) -> CompletionStarted:
+    """Validate, tokenize the prompts and submit one engine request per prompt and choice."""
+    check_supported(body)
+    loaded = resident_model(body.model, body.keep_alive)
+    prompts = completion_prompts(body, loaded, capacity(services().engine))
+    streams = submit_all(body, loaded, prompts, body.max_tokens, "prompt")
+    return CompletionStarted(body, loaded, request_meta("cmpl", loaded), sum(len(p) for p in prompts), streams)
+
+
+def completion(started: CompletionStarted) -> Completion:
+    """Every choice read to its end, as one ``Completion``."""
+    body, loaded = started.body, started.loaded
+    results = collect(started.streams)
+    top = bool(body.logprobs)
+    choices = [
+        CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason,
+                         logprobs=None if body.logprobs is None else completion_logprobs(r.logprobs, loaded.tokenizer,
+                                                                                         0, top))
+        for i, r in enumerate(results)
+    ]
+    total = usage(started.prompt_tokens, sum(r.completion_tokens for r in results))
+    return Completion(**started.meta, choices=choices, usage=total)
+
+
+def completion_chunks(started: CompletionStarted) -> Iterator[str]:
+    body, loaded, meta, streams = started.body, started.loaded, started.meta, started.streams
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    completion_tokens = 0
+    offsets = [0] * len(streams)
+    for index, event in relay(streams):
+        if event.error:
+            yield sse(error_body(500, event.error, code="generation_failed"))
+            return
+        if event.text or event.finish_reason or (body.logprobs is not None and event.logprobs):
+            lp = None
+            if body.logprobs is not None:
+                lp = completion_logprobs(event.logprobs, loaded.tokenizer, offsets[index], bool(body.logprobs))
+            offsets[index] += len(event.text)
+            choice = CompletionChoice(index=index, text=event.text, finish_reason=event.finish_reason, logprobs=lp)
+            yield sse(chunk_payload(Completion(**meta, choices=[choice]), include_usage))
+        if event.done:
+            completion_tokens += event.completion_tokens
+    if include_usage:
+        yield sse(Completion(**meta, choices=[], usage=usage(started.prompt_tokens, completion_tokens)).model_dump())

@@ -1,0 +1,113 @@
+"""One launcher for every real server the tests and the benchmark start: ours (``impetus serve``, a real
+Gunicorn), and the benchmark's peers (``mlx_lm.server``, llama-cpp-python's server).
+
+``launch`` starts any command in its own session (so a stop reaches Gunicorn's worker too), logs to a
+file and waits until a readiness path answers 200; ``start_server`` is ``impetus serve`` on a free
+loopback port with the tests' models folder; ``stop_server`` ends either kind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from tests.support import ROOT, TEST_MODELS_DIR
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A server process on loopback. ``name``, ``model`` and ``info`` are the benchmark's (which server,
+    the model id it serves, what it says of itself)."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    name: str = "server"
+    model: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+
+def launch(cmd: Sequence[str], env: dict[str, str], port: int, logs: Path, *, name: str = "server",
+           ready_path: str = "/health/ready", timeout: float = 180) -> Server:
+    """Start ``cmd`` (listening on ``port``) and return once ``GET ready_path`` answers 200.
+
+    Raises, with the log, when the process exits first, when our server says its default model
+    failed to load (its readiness reason), or after ``timeout`` seconds (a busy machine answers
+    late: a poll that times out is asked again)."""
+    log_path = logs / f"{name.replace(' ', '_').replace('/', '_')}-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{server.log_tail(200)}")
+        try:
+            r = requests.get(server.url + ready_path, timeout=5)
+            if r.status_code == 200:
+                return server
+            if "failed to load" in str(r.json().get("reason", "")):  # ours: it will never be ready
+                stop_server(server)
+                raise RuntimeError(f"{name}'s default model failed to load:\n{server.log_tail(200)}")
+        except (requests.RequestException, ValueError, AttributeError):  # not up yet, or a peer's non-JSON answer
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"{name} not ready in {timeout:.0f} s:\n{server.log_tail(200)}")
+
+
+def start_server(tmp: Path, *, wait_ready: bool = True, **env: str) -> Server:
+    """``impetus serve`` (``python -m gerdsen_ai_server.cli serve``) on a free loopback port, this process's
+    environment plus ``env``, models from TEST_MODELS_DIR; ready (default model loaded) or, with
+    ``wait_ready=False``, only live."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "IMPETUS_HOST": "127.0.0.1",
+        "IMPETUS_PORT": str(port),
+        "IMPETUS_MODELS_DIR": str(TEST_MODELS_DIR),
+        "PYTHONUNBUFFERED": "1",
+        **env,
+    }
+    return launch([sys.executable, "-m", "gerdsen_ai_server.cli", "serve"], environment, port, tmp,
+                  ready_path="/health/ready" if wait_ready else "/health/live")
+
+
+def stop_server(server: Server) -> None:
+    """SIGTERM to the server's process group (Gunicorn's master and worker), SIGKILL after 30 s."""
+    if server.process.poll() is None:
+        try:
+            os.killpg(server.process.pid, signal.SIGTERM)
+            server.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(10)
+        except ProcessLookupError:
+            pass
