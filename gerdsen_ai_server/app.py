@@ -40,7 +40,7 @@ from gerdsen_ai_server.engine.options import EngineOptions
 from gerdsen_ai_server.monitoring.monitor import Monitor
 from gerdsen_ai_server.monitoring.probes import probe_for_this_machine
 from gerdsen_ai_server.monitoring.prometheus import Metrics
-from gerdsen_ai_server.services import Services, init_services
+from gerdsen_ai_server.services import Services, init_services, services
 from gerdsen_ai_server.serving.running import RequestTable
 from gerdsen_ai_server.web.errors import register_error_handlers
 from gerdsen_ai_server.web.guard import init_guard
@@ -56,7 +56,6 @@ def create_app(config: dict[str, Any] | None = None, *, engine: InferenceEngine 
     settings = Settings.from_mapping(config)
     configure_logging(settings.log_level, settings.log_format)
     app = Flask(__name__)
-    app.config["IMPETUS_SETTINGS"] = settings
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     owned = engine is None
@@ -122,7 +121,7 @@ def _load_default(app: Flask, engine: InferenceEngine, spec: str) -> None:
     def done(future: Future[LoadedModel]) -> None:
         exc = future.exception()
         if exc is not None:
-            app.config["IMPETUS_LOAD_ERROR"] = str(exc)
+            services(app).load_error = str(exc)
             log.error("default model %s failed to load: %s", spec, exc)
         else:
             log.info("model %s ready", future.result().model_id)

@@ -58,6 +58,7 @@ class Services:
     dashboard_dir: Path | None = None
     hub_search_slots: threading.BoundedSemaphore | None = None
     error_shapes: dict[str, Renderer] = field(default_factory=dict)  # path prefix -> its API's error shape (web/errors.py)
+    load_error: str | None = None  # why the default model failed to load (readiness says so)
     extra: dict[str, Any] = field(default_factory=dict)  # tests and plugins only; the server's own services are fields
 
 

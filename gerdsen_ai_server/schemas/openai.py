@@ -19,7 +19,6 @@ from gerdsen_ai_server.schemas.parts import refuse_unsupported_parts
 
 MAX_STOP_SEQUENCES = 4
 MAX_MESSAGES = 2048  # OpenAI's own cap on a chat request's messages
-MAX_EMBEDDING_INPUTS = 256  # inputs per /v1/embeddings request, counted before any is tokenized
 # A token id: ASCII digits only ("²".isdigit() is true, and int() of 5,000 digits raises), and
 # few enough that int() is cheap; the vocabulary check happens once the model is known.
 TOKEN_ID = re.compile(r"[0-9]{1,9}")
@@ -289,14 +288,6 @@ class CompletionRequest(_Generation):
         return None
 
 
-class EmbeddingRequest(_Request):
-    model: str = Field(min_length=1)
-    input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
-    user: str | None = None
-
-
 # ---- responses ----------------------------------------------------------------------------
 
 
@@ -413,21 +404,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class Embedding(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str
-
-
-class EmbeddingUsage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class EmbeddingList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Embedding]
-    model: str
-    usage: EmbeddingUsage

@@ -19,7 +19,7 @@ from gerdsen_ai_server.engine.errors import EmbeddingCancelled, EngineGone, Engi
 from gerdsen_ai_server.engine.formats.encoder import EncoderModel
 from gerdsen_ai_server.engine.protocol import WATCH_INTERVAL_S
 from gerdsen_ai_server.errors import APIError
-from gerdsen_ai_server.schemas.openai import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from gerdsen_ai_server.schemas.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from gerdsen_ai_server.services import services
 from gerdsen_ai_server.serving.models import resident_model
 from gerdsen_ai_server.serving.prompts import capacity, completion_prompts

@@ -14,7 +14,8 @@ from typing import Any
 from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.engine import InferenceEngine
 from gerdsen_ai_server.errors import APIError
-from gerdsen_ai_server.schemas.openai import MAX_EMBEDDING_INPUTS, CompletionRequest, EmbeddingRequest
+from gerdsen_ai_server.schemas.embeddings import MAX_EMBEDDING_INPUTS, EmbeddingRequest
+from gerdsen_ai_server.schemas.openai import CompletionRequest
 
 _TOKEN_CHARS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 # A token covers at most its vocabulary entry's length of text ("Ġthe" four bytes, "▁the" four

@@ -150,8 +150,7 @@ def test_config_masks_passwords_in_urls() -> None:
     }
     for url, shown in cases.items():
         assert server_config.shown("redis_url", url) == shown, url
-    app = Flask(__name__)
-    app.config["IMPETUS_SETTINGS"] = Settings(default_model="", redis_url="redis://cache:6379/0?password=hunter2")
+    app, _ = bare_app(redis_url="redis://cache:6379/0?password=hunter2")
     app.register_blueprint(server_config.bp)
     text = app.test_client().get("/api/config").get_data(as_text=True)
     assert "hunter2" not in text and f"password={mask}" in text

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Flask
-
 from gerdsen_ai_server.api.admin import config as server_config
 from gerdsen_ai_server.config import Settings
+from tests.support.apps import bare_app
 
 
 def client(**overrides: object):  # type: ignore[no-untyped-def]
-    app = Flask(__name__)
-    app.config["IMPETUS_SETTINGS"] = Settings.from_mapping(overrides)
+    app, _ = bare_app(**overrides)
     app.register_blueprint(server_config.bp)
     return app.test_client()
 

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
 from gerdsen_ai_server.config import Settings
 from gerdsen_ai_server.schemas.server import ConfigEntry, ConfigList
+from gerdsen_ai_server.services import services
 
 bp = Blueprint("server_config", __name__, url_prefix="/api")
 
@@ -79,5 +80,5 @@ def entries(settings: Settings) -> list[ConfigEntry]:
 
 @bp.get("/config")
 def config() -> Response:
-    settings: Settings = current_app.config["IMPETUS_SETTINGS"]
+    settings: Settings = services().settings
     return jsonify(ConfigList(data=entries(settings)).model_dump(mode="json"))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, jsonify, request
 from huggingface_hub import ModelInfo
 
 from gerdsen_ai_server.schemas.pulls import (
@@ -100,7 +100,7 @@ def cancel_pull(pull_id: str) -> Response:
 
 @bp.delete("/<path:model_id>")
 def delete_model(model_id: str) -> Response:
-    models_dir = Path(current_app.config["IMPETUS_SETTINGS"].models_dir)
+    models_dir = Path(services().settings.models_dir)
     try:
         path = local_models.find(models_dir, model_id)
     except ModelNotFound:
@@ -109,7 +109,7 @@ def delete_model(model_id: str) -> Response:
     resolved = path.resolve()
     loaded = [r for r in services().engine.residents() if r.loaded.model_id == model_id
               or r.loaded.path.resolve() == resolved or resolved in r.loaded.path.resolve().parents]
-    if any(r.pinned for r in loaded) or model_id == current_app.config["IMPETUS_SETTINGS"].default_model:
+    if any(r.pinned for r in loaded) or model_id == services().settings.default_model:
         raise APIError(409, f"The model '{model_id}' is the server's default model (IMPETUS_DEFAULT_MODEL), pinned "
                        "so that the server stays ready: it cannot be deleted while the server runs.",
                        param="model", code="model_pinned")
@@ -130,7 +130,7 @@ def discover() -> Response:
     query, author, limit = params.q.strip() or None, params.author or None, params.limit
     registry = services().engine.registry
     budget, dtype = registry.budget_bytes, registry.compute_dtype
-    settings = current_app.config["IMPETUS_SETTINGS"]
+    settings = services().settings
     models_dir = Path(settings.models_dir)
     hub_error = None
     slots = require(services().hub_search_slots, "hub_search_slots")

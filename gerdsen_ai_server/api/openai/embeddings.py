@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 
-from gerdsen_ai_server.schemas.openai import EmbeddingRequest
+from gerdsen_ai_server.schemas.embeddings import EmbeddingRequest
 from gerdsen_ai_server.serving.body import parse_body
 from gerdsen_ai_server.serving.embeddings import embed
 

@@ -24,8 +24,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import CoreModeRef, DefsRef, GenerateJsonSchema, models_json_schema
 
 from gerdsen_ai_server import __version__
-from gerdsen_ai_server.schemas import anthropic, hardware, health, models, openai, pulls, responses, server
+from gerdsen_ai_server.schemas import anthropic, embeddings, hardware, health, models, openai, pulls, responses, server
 from gerdsen_ai_server.schemas import requests as running
+from gerdsen_ai_server.services import services
 from gerdsen_ai_server.web.keys import needs_admin
 
 bp = Blueprint("docs", __name__)
@@ -112,7 +113,7 @@ OPERATIONS: list[Operation] = [
     ("/v1/completions", "post", "OpenAI", "Create a text completion",
      openai.CompletionRequest, openai.Completion, True, True),
     ("/v1/embeddings", "post", "OpenAI", "Embed text (mean-pooled hidden states of a language model)",
-     openai.EmbeddingRequest, openai.EmbeddingList, False, True),
+     embeddings.EmbeddingRequest, embeddings.EmbeddingList, False, True),
     ("/v1/models", "get", "OpenAI", "List the loaded models", None, openai.ModelList, False, True),
     ("/v1/models/{model_id}", "get", "OpenAI", "Describe a loaded model", None, openai.ModelCard, False, True),
     ("/v1/responses", "post", "OpenAI", "Create a response (stateless Responses API)",
@@ -338,7 +339,7 @@ ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favico
 
 @bp.get("/openapi.json")
 def openapi_json() -> Response:
-    return jsonify(_spec(current_app.config["IMPETUS_SETTINGS"].protect_health))
+    return jsonify(_spec(services().settings.protect_health))
 
 
 @bp.get("/docs")

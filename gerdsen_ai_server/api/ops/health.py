@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
 from gerdsen_ai_server import __version__
 from gerdsen_ai_server.runtime.blas import blas_in_use
@@ -30,10 +30,10 @@ def readiness(detail: bool = True) -> tuple[bool, str]:
         return False, "the server is shutting down"
     if not engine.is_alive():
         return False, "the inference engine thread is not running"
-    if current_app.config.get("IMPETUS_LOAD_ERROR"):
+    if found.load_error:
         if not detail:
             return False, "the default model failed to load (the details need an API key)"
-        return False, f"the default model failed to load: {current_app.config['IMPETUS_LOAD_ERROR']}"
+        return False, f"the default model failed to load: {found.load_error}"
     if not engine.models():
         return False, "the default model is still loading"
     return True, "ready"
@@ -58,7 +58,7 @@ def health() -> Response:
         allocator=allocator(),
         prompt_cache_enabled=engine.prompt_cache_enabled,
         prompt_cache_bytes=engine.stats().prompt_cache_bytes,
-        prompt_cache_limit_bytes=current_app.config["IMPETUS_SETTINGS"].prompt_cache_bytes,
+        prompt_cache_limit_bytes=services().settings.prompt_cache_bytes,
         max_batch=engine.max_batch,
         batch_limit=engine.batch_limit,  # set while the machine is hot (thermal adaptation)
         thermal_state=_thermal_state(),

@@ -87,14 +87,14 @@ def init_realtime(app: Flask) -> None:
     """Socket.IO on ``app``, the channel's handlers, and its background tasks: the idle-handshake
     sweep, the outbox (with Redis), the monitor's loop; room events forwarded from the event bus."""
     options: dict[str, Any] = {}
-    redis_url = app.config["IMPETUS_SETTINGS"].redis_url
+    redis_url = services(app).settings.redis_url
     if redis_url:
         # A bounded connect: an unreachable Redis must not hold up the thread that publishes (the
         # engine's, for request and model events) for the kernel's TCP timeout. No read timeout: the
         # listener's subscription waits for messages indefinitely.
         options["client_manager"] = RedisManager(redis_url, channel="impetus-socketio",
                                                  redis_options={"socket_connect_timeout": 2})
-    settings = app.config["IMPETUS_SETTINGS"]
+    settings = services(app).settings
     limit = settings.max_request_bytes
     # Engine.IO checks Origin with the guard's policy (guard.py refuses first, in the API's envelope)
     # and, for an origin it allows, sends the CORS headers a cross-origin polling client needs.

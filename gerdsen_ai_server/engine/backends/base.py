@@ -101,6 +101,20 @@ class Backend(Protocol):
         """Free the model's memory (and stop its thread); nothing is admitted after."""
 
 
+class Reports:
+    """What both generating backends share: the ``Host`` they report to, bound once before any ``admit``."""
+
+    _bound: Host | None = None
+
+    def bind(self, host: Host) -> None:
+        self._bound = host
+
+    @property
+    def _host(self) -> Host:
+        assert self._bound is not None, "bind() before admit()"
+        return self._bound
+
+
 class NoGeneration:
     """The backend of a model that only embeds (an encoder): it never has sequences."""
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from gerdsen_ai_server.engine.backends.base import Capabilities, Host, LoadedModel
+from gerdsen_ai_server.engine.backends.base import Capabilities, LoadedModel, Reports
 from gerdsen_ai_server.engine.backends.llamacpp_sampling import Sampler, grammar_of, log_softmax, token_logprob
 from gerdsen_ai_server.engine.backends.llamacpp_sizing import kv_bytes, slot_context
 from gerdsen_ai_server.engine.formats.gguf_header import read_gguf_header
@@ -84,7 +84,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(Reports):
     """A resident GGUF model: llama.cpp's context, its slots and the thread that steps them."""
 
     name = "llamacpp"
@@ -137,21 +137,12 @@ class LlamaCppBackend:
         self._closed = False  # the thread stops (set by close(), or by the thread itself on a crash)
         self._freed = False  # context and model freed (close())
         self.prefix_tokens_reused = 0
-        self._bound: Host | None = None  # the engine's, bound before its first request (bind)
         self._batch_limit = 0  # set_batch_limit: the thermal cap; 0: no cap, all slots
         self._abort: str | None = None  # abort(): fail everything held, on the backend's thread
         self._thread = threading.Thread(target=self._run, name=f"impetus-llamacpp-{path.stem}", daemon=True)
         self._thread.start()
 
     # ---- any thread ---------------------------------------------------------------------------
-    def bind(self, host: Host) -> None:
-        self._bound = host
-
-    @property
-    def _host(self) -> Host:
-        assert self._bound is not None, "bind() before admit()"
-        return self._bound
-
     def admit(self, request: GenerationRequest, stream: TokenStream) -> None:
         """Queue ``request`` for the backend's thread, which puts it into a free slot."""
         if self._closed or not self._thread.is_alive():  # never leave a caller waiting on a dead thread

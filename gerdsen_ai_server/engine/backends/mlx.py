@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
-from gerdsen_ai_server.engine.backends.base import Capabilities, Host, LoadedModel
+from gerdsen_ai_server.engine.backends.base import Capabilities, LoadedModel, Reports
 from gerdsen_ai_server.engine.mlxlm import DecodeBatch
 from gerdsen_ai_server.engine.prompt_cache import PrefixCache
 from gerdsen_ai_server.engine.protocol import GenerationRequest, TokenEvent, TokenStream
@@ -43,7 +43,7 @@ class _Sequence:
     errors: list[Exception]  # what its logits processors raised (sampling.guarded)
 
 
-class MLXBackend:
+class MLXBackend(Reports):
     """A resident MLX model's batch: mlx-lm's BatchGenerator and the sequences it runs."""
 
     name = "mlx"
@@ -51,7 +51,6 @@ class MLXBackend:
 
     def __init__(self, loaded: LoadedModel, prompt_cache: PrefixCache, max_batch: int, batch_size: int) -> None:
         self.loaded = loaded
-        self._bound: Host | None = None  # the engine's, bound before its first request (bind)
         self._prompt_cache = prompt_cache
         self._max_batch = max_batch
         self._batch_size = batch_size  # max_batch, or the thermal cap below it (set_batch_limit)
@@ -75,14 +74,6 @@ class MLXBackend:
         """Kept as plain ints after every change, for readers on other threads (stats, /metrics)."""
         active = len(self._generator._generation_batch)  # noqa: SLF001
         self._counts = (active, len(self._sequences) - active)
-
-    def bind(self, host: Host) -> None:
-        self._bound = host
-
-    @property
-    def _host(self) -> Host:
-        assert self._bound is not None, "bind() before admit()"
-        return self._bound
 
     def _new_generator(self) -> BatchGenerator:
         loaded = self.loaded
