@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import TINY_EMBEDDER
 from tests.support.server import Server
 
 
@@ -64,3 +65,24 @@ def loopback_only(server: Server) -> Iterator[None]:
         yield
     finally:
         socket.socket.connect = true_connect  # type: ignore[method-assign]
+
+
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """This folder's own server: the default model on the llama.cpp backend (IMPETUS_BACKEND=llamacpp)
+    beside a tiny MLX embedding model (TINY_EMBEDDER) for the embeddings clients.
+
+    The suites test the wire formats the clients speak, which both backends share (tests/api covers
+    each backend's generation); on a CPU llama.cpp decodes the 135M model ~6x faster than MLX, which
+    makes LangChain's ~100 cases of up to 64 tokens about a minute's work instead of four."""
+    from tests.support.server import start_server, stop_server
+    from tests.support.tiny_models import build_tiny_bert
+
+    models = tmp_path_factory.mktemp("clients-models")
+    build_tiny_bert(models / TINY_EMBEDDER)
+    srv = start_server(tmp_path_factory.mktemp("clients-server"), IMPETUS_BACKEND="llamacpp",
+                       IMPETUS_MODELS_DIR=str(models))
+    yield srv
+    stop_server(srv)

@@ -21,6 +21,7 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests, Embeddi
 from openai import LengthFinishReasonError
 
 from tests.support import DEFAULT_MODEL
+from tests.support import TINY_EMBEDDER as EMBEDDER
 from tests.support.server import Server
 
 pytestmark = pytest.mark.server
@@ -160,5 +161,5 @@ class TestOpenAIEmbeddings(EmbeddingsIntegrationTests):
         # check_embedding_ctx_length=False: send the texts as they are (LangChain would otherwise
         # tokenize them with tiktoken's cl100k_base, downloaded from the internet, and send token ids
         # in OpenAI's vocabulary, meaningless to any other model).
-        return {"model": DEFAULT_MODEL, "base_url": BASE["url"] + "/v1", "api_key": "not-needed",
+        return {"model": EMBEDDER, "base_url": BASE["url"] + "/v1", "api_key": "not-needed",
                 "check_embedding_ctx_length": False, "max_retries": 0, "timeout": 120}

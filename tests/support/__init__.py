@@ -25,3 +25,4 @@ ROOT = Path(__file__).resolve().parents[2]
 # Converted models are cached here between runs (the first conversion takes a few seconds).
 TEST_MODELS_DIR = Path(os.environ.get("IMPETUS_TEST_MODELS_DIR", ROOT / "build" / "test-models"))
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_EMBEDDER = "tiny-embedder"  # a BERT-family embedding model the client suites build (32 dimensions, random weights)
