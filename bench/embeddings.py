@@ -34,7 +34,7 @@ def in_process(folder: Path, inputs: int) -> None:
     for per_call in (1, 32):
         began = time.perf_counter()
         for start in range(0, inputs, per_call):
-            model.embed(ids[start:start + per_call])
+            model.embed(ids[start : start + per_call])
         took = time.perf_counter() - began
         print(f"in process, {per_call:>2} x {len(ids[0])} tokens a call: {inputs * len(ids[0]) / took:,.0f} tokens/s")
 
@@ -48,14 +48,21 @@ def through_server(root: Path, inputs: int) -> None:
         began = time.perf_counter()
         reply = client.embeddings.create(model="minilm", input=[TEXT] * inputs)
         alone = time.perf_counter() - began
-        print(f"server, {inputs} x {reply.usage.prompt_tokens // inputs} tokens in one request: {alone:.2f} s "
-              f"({reply.usage.prompt_tokens / alone:,.0f} tokens/s)")
+        print(
+            f"server, {inputs} x {reply.usage.prompt_tokens // inputs} tokens in one request: {alone:.2f} s "
+            f"({reply.usage.prompt_tokens / alone:,.0f} tokens/s)"
+        )
         gaps: list[float] = []
 
         def chat() -> None:
             last = time.perf_counter()
-            for _ in client.chat.completions.create(model=DEFAULT_MODEL, max_tokens=300, temperature=0, stream=True,
-                                                    messages=[{"role": "user", "content": "Tell me a long story."}]):
+            for _ in client.chat.completions.create(
+                model=DEFAULT_MODEL,
+                max_tokens=300,
+                temperature=0,
+                stream=True,
+                messages=[{"role": "user", "content": "Tell me a long story."}],
+            ):
                 now = time.perf_counter()
                 gaps.append(now - last)
                 last = now
@@ -68,8 +75,10 @@ def through_server(root: Path, inputs: int) -> None:
         beside = time.perf_counter() - began
         streaming.join()
         steady = sorted(gaps[2:])
-        print(f"server, the same request beside a streaming chat: {beside:.2f} s; the stream's longest gap "
-              f"{steady[-1]:.2f} s, median {steady[len(steady) // 2] * 1000:.0f} ms")
+        print(
+            f"server, the same request beside a streaming chat: {beside:.2f} s; the stream's longest gap "
+            f"{steady[-1]:.2f} s, median {steady[len(steady) // 2] * 1000:.0f} ms"
+        )
     finally:
         stop_server(server)
 

@@ -73,7 +73,9 @@ def write_gguf(folder: Path, out: Path | None = None) -> Path:
 
     hidden = config["hidden_size"]
     metadata = {
-        "general.architecture": "llama", "general.name": folder.name, "general.alignment": u32(32),
+        "general.architecture": "llama",
+        "general.name": folder.name,
+        "general.alignment": u32(32),
         "general.file_type": u32(0),  # all f32
         "llama.context_length": u32(config["max_position_embeddings"]),
         "llama.embedding_length": u32(hidden),
@@ -89,8 +91,9 @@ def write_gguf(folder: Path, out: Path | None = None) -> Path:
         "tokenizer.ggml.pre": "smollm",
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.token_type": mx.array([_CONTROL if i in special else _NORMAL for i in range(len(tokens))],
-                                              dtype=mx.int32),
+        "tokenizer.ggml.token_type": mx.array(
+            [_CONTROL if i in special else _NORMAL for i in range(len(tokens))], dtype=mx.int32
+        ),
         "tokenizer.ggml.bos_token_id": u32(config.get("bos_token_id", 1)),
         "tokenizer.ggml.eos_token_id": u32(eos),
         "tokenizer.ggml.add_bos_token": mx.array(False),

@@ -27,9 +27,19 @@ from tests.support.server import Server
 
 def raw_cmd(model_dir: Path, dtype: str, args: argparse.Namespace) -> list[str]:
     """``bench.raw`` on the bench model, as a full pass and as the resident process (``--serve``) alike."""
-    return [sys.executable, "-m", "bench.raw", "--single-reps", "1" if args.tiny else "3", "--model", str(model_dir),
-            "--max-tokens", str(args.max_tokens), "--prompt-words", str(args.prompt_words)] + (
-        ["--dtype", dtype] if dtype else [])
+    return [
+        sys.executable,
+        "-m",
+        "bench.raw",
+        "--single-reps",
+        "1" if args.tiny else "3",
+        "--model",
+        str(model_dir),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--prompt-words",
+        str(args.prompt_words),
+    ] + (["--dtype", dtype] if dtype else [])
 
 
 def run_raw(label: str, model_dir: Path, env: dict[str, str], dtype: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -40,14 +50,27 @@ def run_raw(label: str, model_dir: Path, env: dict[str, str], dtype: str, args: 
         raise RuntimeError(f"bench.raw ({label}) failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["label"] = label
-    say(f"  one stream {result['single']['decode_tps']:.1f} tok/s; "
-        + ", ".join(f"batch {b['n']}: {b['e2e_tps']:.1f}" for b in result["batch"]))
+    say(
+        f"  one stream {result['single']['decode_tps']:.1f} tok/s; "
+        + ", ".join(f"batch {b['n']}: {b['e2e_tps']:.1f}" for b in result["batch"])
+    )
     return result
 
 
 def run_raw_llamacpp(gguf: Path, env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.raw_llamacpp", "--model", str(gguf), "--max-tokens", str(args.max_tokens),
-           "--prompt-words", str(args.prompt_words), "--single-reps", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.raw_llamacpp",
+        "--model",
+        str(gguf),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--prompt-words",
+        str(args.prompt_words),
+        "--single-reps",
+        "3",
+    ]
     say("raw llama.cpp (llama-cpp-python, in process), one stream ...")
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
@@ -69,10 +92,12 @@ def measure_level(server: Server, args: argparse.Namespace, streams: int, round_
     cpu0 = server_cpu(server)
     level = client.run_level(server.url, server.model, prompts, streams, args.max_tokens)
     level.server_cores = (server_cpu(server) - cpu0) / level.wall
-    say(f"  {server.name}, {streams:>2} streams: {level.aggregate_tps:6.1f} tok/s, TTFT p50 "
+    say(
+        f"  {server.name}, {streams:>2} streams: {level.aggregate_tps:6.1f} tok/s, TTFT p50 "
         f"{level.ttft(0.5) * 1000:6.0f} ms p99 {level.ttft(0.99) * 1000:6.0f} ms ({len(level.ok)}/{n} ok, "
         f"{level.tokens} tokens, {level.wall:.1f} s, load {os.getloadavg()[0]:.1f})"
-        f"{'  errors: ' + '; '.join(level.errors[:3]) if level.errors else ''}")
+        f"{'  errors: ' + '; '.join(level.errors[:3]) if level.errors else ''}"
+    )
     return level
 
 
@@ -80,12 +105,20 @@ class RawWorker:
     """``bench.raw --serve``: the reference configuration loaded once, measuring a limit when asked (idle
     in between), so that the limits are taken in the same rounds as the servers' levels."""
 
-    def __init__(self, label: str, model_dir: Path, env: dict[str, str], dtype: str, args: argparse.Namespace,
-                 logs: Path) -> None:
+    def __init__(
+        self, label: str, model_dir: Path, env: dict[str, str], dtype: str, args: argparse.Namespace, logs: Path
+    ) -> None:
         self.label, self.log_path = label, logs / "raw-worker.log"
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(raw_cmd(model_dir, dtype, args) + ["--serve"], cwd=ROOT, env=env,
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+            self.process = subprocess.Popen(
+                raw_cmd(model_dir, dtype, args) + ["--serve"],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
         self._answer()  # {"ready": ...} once the model is loaded and warm
         self.rounds: dict[int, list[dict[str, Any]]] = {n: [] for n in PAIRED}
 
@@ -104,8 +137,10 @@ class RawWorker:
         out = self._answer()
         self.rounds[streams].append(out)
         figure = out["decode_tps"] if streams == 1 else out["e2e_tps"]
-        say(f"  raw {self.label}, {'one stream' if streams == 1 else 'batch_generate 8'}: {figure:6.1f} tok/s "
-            f"(load {os.getloadavg()[0]:.1f})")
+        say(
+            f"  raw {self.label}, {'one stream' if streams == 1 else 'batch_generate 8'}: {figure:6.1f} tok/s "
+            f"(load {os.getloadavg()[0]:.1f})"
+        )
 
     def best(self) -> dict[str, Any]:
         """The best round of each limit: ``single`` by decode rate, ``batch8`` by tokens over wall time."""
@@ -165,8 +200,10 @@ def measure_chat(server: Server, args: argparse.Namespace, reps: int) -> dict[st
         if not cold.ok:
             say(f"  chat cold failed: {cold.error}")
             continue
-        more = history + [{"role": "assistant", "content": cold.text},
-                          {"role": "user", "content": "Thank you. One more question: why?"}]
+        more = history + [
+            {"role": "assistant", "content": cold.text},
+            {"role": "user", "content": "Thank you. One more question: why?"},
+        ]
         warm = client.chat(server.url, server.model, more, max_tokens=16)
         if not warm.ok:
             say(f"  chat warm failed: {warm.error}")
@@ -176,13 +213,21 @@ def measure_chat(server: Server, args: argparse.Namespace, reps: int) -> dict[st
         return {}
     cold_ttft = statistics.median(c.ttft for c, _ in pairs)
     warm_ttft = statistics.median(w.ttft for _, w in pairs)
-    result = {"history_tokens": pairs[0][0].prompt_tokens, "warm_prompt_tokens": pairs[0][1].prompt_tokens,
-              "cold": cold_ttft, "warm": warm_ttft, "reps": len(pairs), "hits": None}
+    result = {
+        "history_tokens": pairs[0][0].prompt_tokens,
+        "warm_prompt_tokens": pairs[0][1].prompt_tokens,
+        "cold": cold_ttft,
+        "warm": warm_ttft,
+        "reps": len(pairs),
+        "hits": None,
+    }
     hits1 = cache_hits(server)
     if hits0 is not None and hits1 is not None:
         result["hits"] = hits1 - hits0
-    say(f"  chat, {result['history_tokens']}-token history: cold TTFT {cold_ttft * 1000:.0f} ms, "
-        f"warm {warm_ttft * 1000:.0f} ms ({cold_ttft / warm_ttft:.1f}x)")
+    say(
+        f"  chat, {result['history_tokens']}-token history: cold TTFT {cold_ttft * 1000:.0f} ms, "
+        f"warm {warm_ttft * 1000:.0f} ms ({cold_ttft / warm_ttft:.1f}x)"
+    )
     return result
 
 
@@ -194,8 +239,10 @@ def best_of(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         if part in a and part in b:
             out[part] = {k: (max(a[part][k], b[part][k]) if k.endswith("tps") else a[part][k]) for k in a[part]}
     by_n = {x["n"]: x for x in b["batch"]}
-    out["batch"] = [{k: (max(x[k], by_n[x["n"]][k]) if k.endswith("tps") and x["n"] in by_n else x[k]) for k in x}
-                    for x in a["batch"]]
+    out["batch"] = [
+        {k: (max(x[k], by_n[x["n"]][k]) if k.endswith("tps") and x["n"] in by_n else x[k]) for k in x}
+        for x in a["batch"]
+    ]
     return out
 
 

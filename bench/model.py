@@ -137,8 +137,14 @@ def silent_token_ids(tokenizer_json: dict) -> list[int]:
     return sorted(silent)
 
 
-def build(out: Path, spec: Spec = BENCH, models_dir: Path | None = None, *, quiet: bool = False,
-          tokenizer_from: Path | None = None) -> Path:
+def build(
+    out: Path,
+    spec: Spec = BENCH,
+    models_dir: Path | None = None,
+    *,
+    quiet: bool = False,
+    tokenizer_from: Path | None = None,
+) -> Path:
     """Build the model into ``out`` unless a folder of the same recipe is already there.
 
     The tokenizer comes from the converted default model, or from ``tokenizer_from``: a folder
@@ -159,11 +165,21 @@ def build(out: Path, spec: Spec = BENCH, models_dir: Path | None = None, *, quie
     never = silent_token_ids(tokenizer)
 
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": spec.hidden, "num_hidden_layers": spec.layers, "intermediate_size": spec.intermediate,
-        "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads, "rms_norm_eps": 1e-5,
-        "vocab_size": spec.vocab, "max_position_embeddings": spec.context, "rope_theta": 10000.0,
-        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": spec.dtype,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": spec.hidden,
+        "num_hidden_layers": spec.layers,
+        "intermediate_size": spec.intermediate,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": spec.vocab,
+        "max_position_embeddings": spec.context,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": spec.dtype,
     }
     mx.random.seed(spec.seed)
     model = Model(ModelArgs.from_dict(config))

@@ -61,8 +61,23 @@ def run_profile(server: Server, args: argparse.Namespace, expected_wall: float) 
     time.sleep(1.0)  # past admission and the first prefill
     # Sample while the pass is surely still decoding: from 1 s in to ~1.5 s before its expected end.
     duration = max(2, min(20, int(expected_wall - 2.5)))
-    spy_cmd = [spy, "record", "--pid", str(worker.pid), "--threads", "--idle", "--nonblocking", "--rate", "200",
-               "--duration", str(duration), "--format", "raw", "--output", str(out)]
+    spy_cmd = [
+        spy,
+        "record",
+        "--pid",
+        str(worker.pid),
+        "--threads",
+        "--idle",
+        "--nonblocking",
+        "--rate",
+        "200",
+        "--duration",
+        str(duration),
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+    ]
     cpu0, wall0 = thread_cpu(), time.perf_counter()
     proc = subprocess.run(spy_cmd, capture_output=True, text=True)
     cpu1, wall1 = thread_cpu(), time.perf_counter()
@@ -76,10 +91,15 @@ def run_profile(server: Server, args: argparse.Namespace, expected_wall: float) 
     groups: dict[str, float] = {}
     for tid, cpu in cpu1.items():
         name = names.get(tid, "")
-        group = ("engine thread (Python + MLX calls made on it)" if name == "impetus-engine"
-                 else "HTTP request threads (Gunicorn gthread)" if name.startswith("ThreadPoolExecutor")
-                 else f"Python thread {name}" if name
-                 else "native threads (MLX CPU stream, OpenBLAS workers)")
+        group = (
+            "engine thread (Python + MLX calls made on it)"
+            if name == "impetus-engine"
+            else "HTTP request threads (Gunicorn gthread)"
+            if name.startswith("ThreadPoolExecutor")
+            else f"Python thread {name}"
+            if name
+            else "native threads (MLX CPU stream, OpenBLAS workers)"
+        )
         groups[group] = groups.get(group, 0.0) + (cpu - cpu0.get(tid, 0.0)) / (wall1 - wall0)
     summary["cpu"] = sorted(((g, c) for g, c in groups.items() if c >= 0.005), key=lambda kv: -kv[1])
     summary["tps"] = result["level"].aggregate_tps if "level" in result else float("nan")
@@ -94,7 +114,7 @@ def thread_names(raw: str) -> dict[int, str]:
         stack, _, count = line.rpartition(" ")
         head = stack.split(";", 1)[0] if count.isdigit() else ""
         if head.startswith("thread (") and "):" in head:
-            tid, _, name = head[len("thread ("):].partition("):")
+            tid, _, name = head[len("thread (") :].partition("):")
             if tid.strip().isdigit():
                 names[int(tid)] = name.strip()
     return names
@@ -145,5 +165,8 @@ def summarize_profile(raw: str) -> dict[str, Any]:
         bucket = _bucket(frames[1:])
         buckets[bucket] = buckets.get(bucket, 0) + count
         leaves[frames[-1]] = leaves.get(frames[-1], 0) + count
-    return {"engine_samples": total, "buckets": sorted(buckets.items(), key=lambda kv: -kv[1]),
-            "top_leaves": sorted(leaves.items(), key=lambda kv: -kv[1])[:8]}
+    return {
+        "engine_samples": total,
+        "buckets": sorted(buckets.items(), key=lambda kv: -kv[1]),
+        "top_leaves": sorted(leaves.items(), key=lambda kv: -kv[1])[:8],
+    }

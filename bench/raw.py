@@ -44,8 +44,14 @@ def one_stream(model: Any, tokenizer: Any, prompt: list[int], max_tokens: int, r
                 first = time.perf_counter() - start
         wall = time.perf_counter() - start
         assert response is not None
-        singles.append({"tokens": response.generation_tokens, "decode_tps": response.generation_tps,
-                        "ttft_s": first, "e2e_tps": response.generation_tokens / wall})
+        singles.append(
+            {
+                "tokens": response.generation_tokens,
+                "decode_tps": response.generation_tps,
+                "ttft_s": first,
+                "e2e_tps": response.generation_tokens / wall,
+            }
+        )
     singles.sort(key=lambda r: r["decode_tps"])
     return singles[len(singles) // 2]
 
@@ -58,8 +64,13 @@ def batch(model: Any, tokenizer: Any, prompts: list[list[int]], max_tokens: int)
     res = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True)
     wall = time.perf_counter() - start
     tokens = sum(len(t) for t in res.token_ids)
-    return {"n": len(prompts), "tokens": tokens, "e2e_tps": tokens / wall, "decode_tps": res.stats.generation_tps,
-            "prompt_tps": res.stats.prompt_tps}
+    return {
+        "n": len(prompts),
+        "tokens": tokens,
+        "e2e_tps": tokens / wall,
+        "decode_tps": res.stats.generation_tps,
+        "prompt_tps": res.stats.prompt_tps,
+    }
 
 
 def serve(model: Any, tokenizer: Any, args: argparse.Namespace, info: dict[str, Any]) -> int:
@@ -115,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     result["single"] = one_stream(model, tokenizer, prompts[0], args.max_tokens, args.single_reps)
     # The same single stream through BatchGenerator (what both servers decode with).
     alone = batch(model, tokenizer, prompts[:1], args.max_tokens)
-    result["single_batchgen"] = {"tokens": alone["tokens"], "decode_tps": alone["decode_tps"],
-                                 "e2e_tps": alone["e2e_tps"]}
+    result["single_batchgen"] = {
+        "tokens": alone["tokens"],
+        "decode_tps": alone["decode_tps"],
+        "e2e_tps": alone["e2e_tps"],
+    }
     result["batch"] = [batch(model, tokenizer, prompts[:n], args.max_tokens) for n in batches]
     print(json.dumps(result))
     return 0

@@ -31,8 +31,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.prompts import completion_prompts
 
-    llm = Llama(model_path=args.model, n_ctx=4096, n_batch=512, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False, logits_all=False)
+    llm = Llama(
+        model_path=args.model,
+        n_ctx=4096,
+        n_batch=512,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+        logits_all=False,
+    )
     prompt = llm.tokenize(completion_prompts(1, args.prompt_words, seed=1)[0].encode(), add_bos=False)
 
     def run(max_tokens: int) -> dict[str, float]:
@@ -46,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
             llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         end = time.perf_counter()
-        return {"tokens": max_tokens, "decode_tps": (max_tokens - 1) / (end - t1), "ttft_s": first,
-                "e2e_tps": max_tokens / (end - start)}
+        return {
+            "tokens": max_tokens,
+            "decode_tps": (max_tokens - 1) / (end - t1),
+            "ttft_s": first,
+            "e2e_tps": max_tokens / (end - start),
+        }
 
     run(4)  # warm-up
     singles = sorted((run(args.max_tokens) for _ in range(args.single_reps)), key=lambda r: r["decode_tps"])

@@ -93,12 +93,18 @@ from tests.support.server import Server, stop_server  # noqa: E402
 
 # ---------------------------------------------------------------- options
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="~2-minute smoke run: 1 and 8 streams, 32 tokens")
-    p.add_argument("--tiny", action="store_true", help="tests: a 2-layer hidden-64 model, 1 and 2 streams, 8 tokens, "
-                   "no mlx_lm.server, no profile, docs untouched unless --out")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tests: a 2-layer hidden-64 model, 1 and 2 streams, 8 tokens, "
+        "no mlx_lm.server, no profile, docs untouched unless --out",
+    )
     p.add_argument("--streams", help="concurrency levels (default 1,4,8,16)")
     p.add_argument("--batches", help="batch_generate sizes (default 4,8,16)")
     p.add_argument("--max-tokens", type=int, help="output tokens per request (default 64)")
@@ -106,27 +112,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-requests", type=int, help="at least this many requests a level (default 4)")
     p.add_argument("--prompt-words", type=int, default=12, help="words per completion prompt (~2.7 tokens each)")
     p.add_argument("--history-tokens", type=int, help="multi-turn history length (default 1000)")
-    p.add_argument("--chat-reps", type=int, help="cold/warm pairs on our server, each on its own history (default 3; "
-                   "one for each mlx_lm.server)")
+    p.add_argument(
+        "--chat-reps",
+        type=int,
+        help="cold/warm pairs on our server, each on its own history (default 3; one for each mlx_lm.server)",
+    )
     p.add_argument("--skip-mlx-server", action="store_true", help="do not run python -m mlx_lm.server")
-    p.add_argument("--skip-mlx-openblas", action="store_true",
-                   help="run mlx_lm.server only as shipped (not again with OpenBLAS, bf16 and fp32)")
+    p.add_argument(
+        "--skip-mlx-openblas",
+        action="store_true",
+        help="run mlx_lm.server only as shipped (not again with OpenBLAS, bf16 and fp32)",
+    )
     p.add_argument("--skip-raw", action="store_true", help="do not measure raw in-process mlx-lm")
-    p.add_argument("--skip-llamacpp", action="store_true",
-                   help="no llama.cpp rows (our llama.cpp backend, llama-cpp-python's server, raw llama.cpp)")
+    p.add_argument(
+        "--skip-llamacpp",
+        action="store_true",
+        help="no llama.cpp rows (our llama.cpp backend, llama-cpp-python's server, raw llama.cpp)",
+    )
     p.add_argument("--raw-repeats", type=int, help="full raw passes (start, end); each figure the best (default 1)")
-    p.add_argument("--level-repeats", type=int, help="rounds of the 1- and 8-stream levels on every server and on "
-                   "the resident raw process; the targets take the median of the rounds' ratios (default 9)")
-    p.add_argument("--sequential", action="store_true",
-                   help="start, measure and stop one server at a time (default: all started, levels interleaved, "
-                        "so a shared machine's changing load hits every server alike)")
-    p.add_argument("--profile", dest="profile", action="store_true", default=None,
-                   help="py-spy the engine thread during an extra 8-stream pass (default: on when py-spy is installed)")
+    p.add_argument(
+        "--level-repeats",
+        type=int,
+        help="rounds of the 1- and 8-stream levels on every server and on "
+        "the resident raw process; the targets take the median of the rounds' ratios (default 9)",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="start, measure and stop one server at a time (default: all started, levels interleaved, "
+        "so a shared machine's changing load hits every server alike)",
+    )
+    p.add_argument(
+        "--profile",
+        dest="profile",
+        action="store_true",
+        default=None,
+        help="py-spy the engine thread during an extra 8-stream pass (default: on when py-spy is installed)",
+    )
     p.add_argument("--no-profile", dest="profile", action="store_false")
-    p.add_argument("--ours-env", action="append", default=[], metavar="IMPETUS_X=VALUE",
-                   help="a setting for our server (repeatable), e.g. IMPETUS_ADMIT_WINDOW_MS=0 for an A/B run")
-    p.add_argument("--skip-malloc-variant", action="store_true",
-                   help=f"on Linux, do not run our server a second time with {MALLOC_VARIANT[0]}={MALLOC_VARIANT[1]}")
+    p.add_argument(
+        "--ours-env",
+        action="append",
+        default=[],
+        metavar="IMPETUS_X=VALUE",
+        help="a setting for our server (repeatable), e.g. IMPETUS_ADMIT_WINDOW_MS=0 for an A/B run",
+    )
+    p.add_argument(
+        "--skip-malloc-variant",
+        action="store_true",
+        help=f"on Linux, do not run our server a second time with {MALLOC_VARIANT[0]}={MALLOC_VARIANT[1]}",
+    )
     p.add_argument("--model-dir", type=Path, help="bench model folder (default build/bench-model[-tiny])")
     p.add_argument("--models-dir", type=Path, help="where the default model is converted (the tokenizer source)")
     p.add_argument("--out", type=Path, help=f"markdown file to write (default {DOC.relative_to(ROOT)})")
@@ -134,8 +169,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     if args.tiny:
-        defaults = dict(streams="1,2", batches="2", max_tokens=8, requests_per_stream=1, history_tokens=150,
-                        chat_reps=1, raw_repeats=1, min_requests=1)
+        defaults = dict(
+            streams="1,2",
+            batches="2",
+            max_tokens=8,
+            requests_per_stream=1,
+            history_tokens=150,
+            chat_reps=1,
+            raw_repeats=1,
+            min_requests=1,
+        )
         args.skip_mlx_server = True
         args.skip_llamacpp = True
         args.skip_malloc_variant = True
@@ -143,13 +186,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.out is None:
             args.no_write = True
     elif args.quick:
-        defaults = dict(streams="1,8", batches="8", max_tokens=32, requests_per_stream=1, history_tokens=1000,
-                        chat_reps=1, raw_repeats=1, min_requests=4)
+        defaults = dict(
+            streams="1,8",
+            batches="8",
+            max_tokens=32,
+            requests_per_stream=1,
+            history_tokens=1000,
+            chat_reps=1,
+            raw_repeats=1,
+            min_requests=4,
+        )
         args.skip_mlx_openblas = True
         args.profile = False if args.profile is None else args.profile
     else:
-        defaults = dict(streams="1,4,8,16", batches="4,8,16", max_tokens=64, requests_per_stream=2,
-                        history_tokens=1000, chat_reps=3, raw_repeats=1, min_requests=4)
+        defaults = dict(
+            streams="1,4,8,16",
+            batches="4,8,16",
+            max_tokens=64,
+            requests_per_stream=2,
+            history_tokens=1000,
+            chat_reps=3,
+            raw_repeats=1,
+            min_requests=4,
+        )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -163,6 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- main
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -182,9 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.model", "--out", str(model_dir), "--models-dir", str(models_dir)]
         subprocess.run(cmd + (["--tiny"] if args.tiny else []), cwd=ROOT, env=env, check=True)
     config = json.loads((model_dir / "config.json").read_text())
-    model_desc = (f"random llama, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
-                  f"{config['num_attention_heads']} heads, intermediate {config['intermediate_size']}, "
-                  f"vocab {config['vocab_size']}, stored in {config.get('torch_dtype', '?')} (`{model_dir.name}`)")
+    model_desc = (
+        f"random llama, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"{config['num_attention_heads']} heads, intermediate {config['intermediate_size']}, "
+        f"vocab {config['vocab_size']}, stored in {config.get('torch_dtype', '?')} (`{model_dir.name}`)"
+    )
     args.turns = history_turns(args.history_tokens, model_dir / "tokenizer.json")
     logs = Path(tempfile.mkdtemp(prefix="impetus-bench-"))
     say(f"bench: {model_desc}; logs in {logs}")
@@ -198,8 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.skip_raw:
         raw["bf16"] = run_raw("bf16 as stored, reference BLAS", model_dir, env, "", args)
         has_blas = find_openblas() is not None
-        raw["fp32"] = run_raw("fp32, OpenBLAS" if has_blas else "fp32, reference BLAS (no OpenBLAS)",
-                              model_dir, openblas_env(env), "float32", args)
+        raw["fp32"] = run_raw(
+            "fp32, OpenBLAS" if has_blas else "fp32, reference BLAS (no OpenBLAS)",
+            model_dir,
+            openblas_env(env),
+            "float32",
+            args,
+        )
     gguf: Path | None = None
     if not args.skip_llamacpp and importlib.util.find_spec("llama_cpp") is not None:
         gguf = gguf_file(model_dir, env)
@@ -215,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         server = start(key, label, spec_env, env, model_dir, models_dir, args, logs)
         if key == "ours":
             ours_info.update(server.info)
-            say(f"  compute dtype {ours_info.get('compute_dtype')}, BLAS {ours_info.get('blas')}, "
-                f"allocator {ours_info.get('allocator')}")
+            say(
+                f"  compute dtype {ours_info.get('compute_dtype')}, BLAS {ours_info.get('blas')}, "
+                f"allocator {ours_info.get('allocator')}"
+            )
         warm_up(server, args)
         return server
 
@@ -234,8 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     worker: RawWorker | None = None
     ref = "bf16" if args.gpu else "fp32"  # the reference our server's targets use: fp32 + OpenBLAS on a CPU
     if not args.skip_raw:
-        worker = RawWorker(raw[ref]["label"], model_dir, env if args.gpu else openblas_env(env),
-                           "" if args.gpu else "float32", args, logs)
+        worker = RawWorker(
+            raw[ref]["label"],
+            model_dir,
+            env if args.gpu else openblas_env(env),
+            "" if args.gpu else "float32",
+            args,
+            logs,
+        )
 
     def paired(n: int, round_: int) -> None:
         if worker is not None and n in PAIRED:
@@ -299,13 +374,29 @@ def main(argv: list[str] | None = None) -> int:
     if "fp32" in raw and args.raw_repeats > 1:  # again at the end: each figure is the best of the passes
         for _ in range(args.raw_repeats - 1):
             for key in ["fp32"]:  # the reference for our server's targets (bf16 is slow and informational)
-                again = run_raw(raw[key]["label"], model_dir, openblas_env(env) if key == "fp32" else env,
-                                "float32" if key == "fp32" else "", args)
+                again = run_raw(
+                    raw[key]["label"],
+                    model_dir,
+                    openblas_env(env) if key == "fp32" else env,
+                    "float32" if key == "fp32" else "",
+                    args,
+                )
                 raw[key] = best_of(raw[key], again)
         loads.append(("after raw again", os.getloadavg()))
 
-    body = report(args, command, started, loads, raw, servers, ours_info, time.monotonic() - t0, model_desc,
-                  raw_llama, steal_share(steal0, cpu_times()))
+    body = report(
+        args,
+        command,
+        started,
+        loads,
+        raw,
+        servers,
+        ours_info,
+        time.monotonic() - t0,
+        model_desc,
+        raw_llama,
+        steal_share(steal0, cpu_times()),
+    )
     print()
     print(body)
     if not args.no_write:

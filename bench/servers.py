@@ -43,10 +43,12 @@ def accelerator(env: dict[str, str]) -> str:
     """'' when MLX computes on the CPU here; else the GPU it computes on (MLX's CUDA or Metal build).
 
     Asked in a subprocess, as the servers and raw runs see it (this process never imports MLX)."""
-    code = ("import mlx.core as mx\n"
-            "if mx.default_device() == mx.cpu: print('')\n"
-            "elif mx.metal.is_available(): print('Metal')\n"
-            "else: print('CUDA')")
+    code = (
+        "import mlx.core as mx\n"
+        "if mx.default_device() == mx.cpu: print('')\n"
+        "elif mx.metal.is_available(): print('Metal')\n"
+        "else: print('CUDA')"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         raise RuntimeError(f"MLX does not start here:\n{out.stderr[-2000:]}")
@@ -55,8 +57,15 @@ def accelerator(env: dict[str, str]) -> str:
         from shutil import which
 
         smi = which("nvidia-smi")
-        gpu = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=30).stdout.strip().splitlines() if smi else []
+        gpu = (
+            subprocess.run(
+                [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            )
+            .stdout.strip()
+            .splitlines()
+            if smi
+            else []
+        )
         name = f"CUDA, {gpu[0]}" if gpu else "CUDA"
     return name
 
@@ -82,21 +91,29 @@ def server_cpu(server: Server) -> float:
 
 
 def gguf_file(model_dir: Path, env: dict[str, str]) -> Path:
-    code = ("import sys; from pathlib import Path; from bench.gguf_model import write_gguf; "
-            "print(write_gguf(Path(sys.argv[1])))")
-    out = subprocess.run([sys.executable, "-c", code, str(model_dir)], cwd=ROOT, env=env, check=True,
-                         capture_output=True, text=True)
+    code = (
+        "import sys; from pathlib import Path; from bench.gguf_model import write_gguf; "
+        "print(write_gguf(Path(sys.argv[1])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model_dir)], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
     return Path(out.stdout.strip().splitlines()[-1])
 
 
 def fp32_folder(model_dir: Path, env: dict[str, str]) -> Path:
-    code = "import sys; from pathlib import Path; from bench.model import fp32_copy; print(fp32_copy(Path(sys.argv[1])))"
-    out = subprocess.run([sys.executable, "-c", code, str(model_dir)], cwd=ROOT, env=env, check=True,
-                         capture_output=True, text=True)
+    code = (
+        "import sys; from pathlib import Path; from bench.model import fp32_copy; print(fp32_copy(Path(sys.argv[1])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model_dir)], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def plan(args: argparse.Namespace, env: dict[str, str], model_dir: Path, gguf: Path | None) -> list[tuple[str, str, Any]]:
+def plan(
+    args: argparse.Namespace, env: dict[str, str], model_dir: Path, gguf: Path | None
+) -> list[tuple[str, str, Any]]:
     """The servers of this run, in order: (key, label, what ``start`` needs of that kind)."""
     runs: list[tuple[str, str, Any]] = [("ours", "ours (impetus serve)", {})]
     if not args.skip_malloc_variant and sys.platform.startswith("linux") and not args.gpu:
@@ -115,31 +132,70 @@ def plan(args: argparse.Namespace, env: dict[str, str], model_dir: Path, gguf: P
     return runs
 
 
-def start(key: str, label: str, spec_env: Any, env: dict[str, str], model_dir: Path, models_dir: Path,
-          args: argparse.Namespace, logs: Path) -> Server:
+def start(
+    key: str,
+    label: str,
+    spec_env: Any,
+    env: dict[str, str],
+    model_dir: Path,
+    models_dir: Path,
+    args: argparse.Namespace,
+    logs: Path,
+) -> Server:
     """Start one server of ``plan`` on a free port and wait until it is ready; ours also says how it
     computes (``Server.info``: its /health)."""
     port = free_port()
     if key in ("ours", "ours malloc"):
-        server_env = {**env, "IMPETUS_HOST": "127.0.0.1", "IMPETUS_PORT": str(port),
-                      "IMPETUS_DEFAULT_MODEL": str(model_dir), "IMPETUS_MODELS_DIR": str(models_dir),
-                      "IMPETUS_MAX_BATCH": "16", "IMPETUS_LOG_LEVEL": "warning",
-                      **dict(kv.split("=", 1) for kv in args.ours_env), **spec_env}
+        server_env = {
+            **env,
+            "IMPETUS_HOST": "127.0.0.1",
+            "IMPETUS_PORT": str(port),
+            "IMPETUS_DEFAULT_MODEL": str(model_dir),
+            "IMPETUS_MODELS_DIR": str(models_dir),
+            "IMPETUS_MAX_BATCH": "16",
+            "IMPETUS_LOG_LEVEL": "warning",
+            **dict(kv.split("=", 1) for kv in args.ours_env),
+            **spec_env,
+        }
         cmd = [sys.executable, "-m", "gerdsen_ai_server.cli", "serve"]
         ready = "/health/ready"
     elif key == "ours llama.cpp":
-        server_env = {**env, "IMPETUS_HOST": "127.0.0.1", "IMPETUS_PORT": str(port),
-                      "IMPETUS_DEFAULT_MODEL": str(spec_env), "IMPETUS_MODELS_DIR": str(models_dir),
-                      "IMPETUS_BACKEND": "llamacpp", "IMPETUS_MAX_BATCH": "16", "IMPETUS_LOG_LEVEL": "warning"}
+        server_env = {
+            **env,
+            "IMPETUS_HOST": "127.0.0.1",
+            "IMPETUS_PORT": str(port),
+            "IMPETUS_DEFAULT_MODEL": str(spec_env),
+            "IMPETUS_MODELS_DIR": str(models_dir),
+            "IMPETUS_BACKEND": "llamacpp",
+            "IMPETUS_MAX_BATCH": "16",
+            "IMPETUS_LOG_LEVEL": "warning",
+        }
         cmd = [sys.executable, "-m", "gerdsen_ai_server.cli", "serve"]
         ready = "/health/ready"
     elif key == "llama-cpp-python server":
         server_env = dict(env)
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(spec_env), "--port", str(port),
-               "--host", "127.0.0.1", "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 1),
-               "--n_threads_batch", str(os.cpu_count() or 1), "--verbose", "false",
-               # by default a new request interrupts the one running: queue them instead
-               "--interrupt_requests", "false"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(spec_env),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--n_ctx",
+            "4096",
+            "--n_threads",
+            str(os.cpu_count() or 1),
+            "--n_threads_batch",
+            str(os.cpu_count() or 1),
+            "--verbose",
+            "false",
+            # by default a new request interrupts the one running: queue them instead
+            "--interrupt_requests",
+            "false",
+        ]
         ready = "/v1/models"
     else:
         server_env, folder = spec_env
@@ -149,9 +205,11 @@ def start(key: str, label: str, spec_env: Any, env: dict[str, str], model_dir: P
         ready = "/health"
     say(f"{label}: starting on port {port} ...")
     server = launch(cmd, server_env, port, logs, name=label, ready_path=ready, timeout=300)
-    server.model = model_id(server) if key in ("ours", "ours malloc", "ours llama.cpp", "llama-cpp-python server") \
+    server.model = (
+        model_id(server)
+        if key in ("ours", "ours malloc", "ours llama.cpp", "llama-cpp-python server")
         else "default_model"
+    )
     if key == "ours":
         server.info = requests.get(server.url + "/health", timeout=10).json()
     return server
-

@@ -37,8 +37,14 @@ sys.path.insert(0, str(ROOT))
 from tests.support import DEFAULT_MODEL  # noqa: E402
 from tests.support.server import start_server, stop_server  # noqa: E402
 
-PROMPTS = ["Write a short poem about the sea.", "What is 17 times 3?", "Name three colours.",
-           "Explain what a CPU does.", "Tell me a fact about Paris.", "Give me a recipe for tea."]
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "What is 17 times 3?",
+    "Name three colours.",
+    "Explain what a CPU does.",
+    "Tell me a fact about Paris.",
+    "Give me a recipe for tea.",
+]
 # Warm-up lasts until the prompt cache has reached its bound: within 5 %, as eviction drops whole
 # entries and keeps it a little under (measured: 252-256 MiB of 256 once full).
 CACHE_FULL = 0.95
@@ -60,8 +66,13 @@ def one_request(base: str, kind: str, rng: random.Random, tally: Tally) -> None:
     tokens = 0
     try:
         if kind == "chat_stream":
-            body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
-                    "max_tokens": rng.randint(16, 64), "stream": True, "stream_options": {"include_usage": True}}
+            body = {
+                "model": DEFAULT_MODEL,
+                "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+                "max_tokens": rng.randint(16, 64),
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             with requests.post(f"{base}/v1/chat/completions", json=body, stream=True, timeout=300) as r:
                 status = r.status_code
                 for line in r.iter_lines():
@@ -75,8 +86,10 @@ def one_request(base: str, kind: str, rng: random.Random, tally: Tally) -> None:
                             first = time.perf_counter() - start
         elif kind in ("chat", "completion"):
             if kind == "chat":
-                url, body = f"{base}/v1/chat/completions", {
-                    "messages": [{"role": "user", "content": rng.choice(PROMPTS)}]}
+                url, body = (
+                    f"{base}/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": rng.choice(PROMPTS)}]},
+                )
             else:
                 url, body = f"{base}/v1/completions", {"prompt": rng.choice(PROMPTS)}
             r = requests.post(url, json={"model": DEFAULT_MODEL, "max_tokens": rng.randint(8, 48), **body}, timeout=300)
@@ -102,10 +115,15 @@ def worker_rss(pid: int) -> int:
     return int(children[0].memory_info().rss) if children else 0
 
 
-SERIES = [("rss", None), ("mlx_active", "impetus_mlx_active_memory_bytes"),
-          ("mlx_cache", "impetus_mlx_cache_memory_bytes"), ("prompt_cache", "impetus_prompt_cache_bytes"),
-          ("malloc_in_use", "impetus_malloc_in_use_bytes"), ("malloc_free", "impetus_malloc_free_bytes"),
-          ("py_objects", "impetus_python_gc_objects")]
+SERIES = [
+    ("rss", None),
+    ("mlx_active", "impetus_mlx_active_memory_bytes"),
+    ("mlx_cache", "impetus_mlx_cache_memory_bytes"),
+    ("prompt_cache", "impetus_prompt_cache_bytes"),
+    ("malloc_in_use", "impetus_malloc_in_use_bytes"),
+    ("malloc_free", "impetus_malloc_free_bytes"),
+    ("py_objects", "impetus_python_gc_objects"),
+]
 
 
 def sample(base: str, pid: int) -> dict[str, float]:
@@ -143,9 +161,13 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-requests", type=int, default=100_000, help="stop after this many requests")
-    parser.add_argument("--warmup", type=float, default=0.25,
-                        help="fraction of the run that is warm-up at least; it also lasts until the prompt cache "
-                             "has reached 95%% of its bound (at most two thirds of the run)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=0.25,
+        help="fraction of the run that is warm-up at least; it also lasts until the prompt cache "
+        "has reached 95%% of its bound (at most two thirds of the run)",
+    )
     parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples")
     parser.add_argument("--write", action="store_true", help="write the report to docs/reliability.md")
     args = parser.parse_args()
@@ -180,12 +202,19 @@ def main() -> int:
         cache_limit = requests.get(f"{server.url}/health", timeout=30).json()["prompt_cache_limit_bytes"]
         run_s = args.minutes * 60
         while any(t.is_alive() for t in threads):
-            point = {"t": time.monotonic() - started, "done": float(sum(tally.outcomes.values())),
-                     **sample(server.url, server.process.pid)}
+            point = {
+                "t": time.monotonic() - started,
+                "done": float(sum(tally.outcomes.values())),
+                **sample(server.url, server.process.pid),
+            }
             series.append(point)
-            print(f"{point['t']:6.0f} s {point['done']:5.0f} requests  "
-                  + "  ".join(f"{k} {point[k] if k == 'py_objects' else point[k] / 2**20:.0f}"
-                              for k, _ in SERIES if k in point), flush=True)
+            print(
+                f"{point['t']:6.0f} s {point['done']:5.0f} requests  "
+                + "  ".join(
+                    f"{k} {point[k] if k == 'py_objects' else point[k] / 2**20:.0f}" for k, _ in SERIES if k in point
+                ),
+                flush=True,
+            )
             if cache_full_at is None and point.get("prompt_cache", 0) >= CACHE_FULL * cache_limit:
                 cache_full_at = point["t"]
             if warm_index is None and (
@@ -198,8 +227,9 @@ def main() -> int:
         for t in threads:
             t.join()
         duration = time.monotonic() - started
-        series.append({"t": duration, "done": float(sum(tally.outcomes.values())),
-                       **sample(server.url, server.process.pid)})
+        series.append(
+            {"t": duration, "done": float(sum(tally.outcomes.values())), **sample(server.url, server.process.pid)}
+        )
     finally:
         stop_server(server)
     if warm_index is None:
@@ -207,8 +237,10 @@ def main() -> int:
     csv = ROOT / "build" / "soak-series.csv"
     csv.parent.mkdir(exist_ok=True)
     columns = ["t", "done", *(k for k, _ in SERIES)]
-    csv.write_text("\n".join([",".join(columns), *(",".join(f"{p.get(c, float('nan')):.0f}" for c in columns)
-                                                     for p in series)]) + "\n")
+    csv.write_text(
+        "\n".join([",".join(columns), *(",".join(f"{p.get(c, float('nan')):.0f}" for c in columns) for p in series)])
+        + "\n"
+    )
 
     errors = {k: v for k, v in tally.outcomes.items() if not k.endswith((" 200", " 429", " 503"))}
     warm, after = series[warm_index], series[warm_index:]
@@ -222,52 +254,70 @@ def main() -> int:
     # Levelled off: the last third of the post-warm-up series rose less than 1 % above the middle third's peak.
     third = max(1, len(after) // 3)
     late_rise = max(p["rss"] for p in after[-third:]) / max(p["rss"] for p in after[:-third] or after) - 1
-    table = [p for i, p in enumerate(series) if i in (0, warm_index, len(series) - 1)
-             or int(p["t"] // 60) != int(series[i - 1]["t"] // 60)]
+    table = [
+        p
+        for i, p in enumerate(series)
+        if i in (0, warm_index, len(series) - 1) or int(p["t"] // 60) != int(series[i - 1]["t"] // 60)
+    ]
     series_rows = [
         f"| {p['t']:.0f}{' (warm)' if p is warm else ''} | {p['done']:.0f} | {mib(p['rss'])} | {mib(p.get('mlx_active'))} "
         f"| {mib(p.get('mlx_cache'))} | {mib(p.get('prompt_cache'))} | {mib(p.get('malloc_in_use'))} "
-        f"| {mib(p.get('malloc_free'))} | {p.get('py_objects', float('nan')):.0f} |" for p in table]
-    warm_how = (f"prompt cache at {CACHE_FULL:.0%} of its bound after {cache_full_at:.0f} s, and at least "
-                f"{args.warmup:.0%} of the run" if cache_full_at is not None and cache_full_at <= warm["t"]
-                else "cut at two thirds of the run: the prompt cache had not yet "
-                f"reached {CACHE_FULL:.0%} of its bound, so the growth below includes it filling")
-    rows = [f"| {kind} | {len(v)} | {pct(v, 0.5) * 1000:.0f} | {pct(v, 0.99) * 1000:.0f} |"
-            for kind, v in sorted(tally.latency.items())]
-    report = "\n".join([
-        f"Soak run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, "
-        f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
-        f"`python -m bench.soak --minutes {args.minutes:g} --concurrency {args.concurrency}` "
-        f"({duration:.0f} s, {sum(tally.outcomes.values())} requests).",
-        "",
-        "| outcome | count |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in sorted(tally.outcomes.items())],
-        "",
-        "| request | ok | p50 ms | p99 ms |", "|---|---|---|---|", *rows,
-        "",
-        f"- time to first token (streams): p50 {pct(tally.ttft, 0.5) * 1000:.0f} ms, "
-        f"p99 {pct(tally.ttft, 0.99) * 1000:.0f} ms",
-        f"- output tokens: {tally.tokens} ({tally.tokens / duration:.1f} tok/s aggregate)",
-        f"- errors other than deliberate 429/503: {sum(errors.values())} {errors or ''} (target 0)",
-        f"- worker RSS: {mib(series[0]['rss'])} MiB at the start; warm-up ended at {warm['t']:.0f} s ({warm_how}), "
-        f"its last minute peaked at {mib(base)} MiB; peak after "
-        f"warm-up {mib(peak['rss'])} MiB at {peak['t']:.0f} s (**{growth:+.1%}**; target < +5 %); "
-        f"{mib(series[-1]['rss'])} MiB at the end ({end_growth:+.1%})",
-        f"- plateau: the last third of the run after warm-up peaked {late_rise:+.1%} against the rest of it "
-        f"({'levelled off' if late_rise < 0.01 else 'still rising'}; levelled off means < +1 %)",
-        "",
-        f"Memory series (MiB; one row a minute of {len(series)} samples, every {args.sample_every:g} s, "
-        "all in build/soak-series.csv): RSS of the worker, MLX's active and cached buffers, the prompt cache, "
-        "the C heap's bytes in use and freed-but-kept, and Python's gc-tracked objects.",
-        "",
-        "| s | requests | RSS | MLX active | MLX cache | prompt cache | malloc in use | malloc free | py objects |",
-        "|---|---|---|---|---|---|---|---|---|", *series_rows,
-    ])
+        f"| {mib(p.get('malloc_free'))} | {p.get('py_objects', float('nan')):.0f} |"
+        for p in table
+    ]
+    warm_how = (
+        f"prompt cache at {CACHE_FULL:.0%} of its bound after {cache_full_at:.0f} s, and at least "
+        f"{args.warmup:.0%} of the run"
+        if cache_full_at is not None and cache_full_at <= warm["t"]
+        else "cut at two thirds of the run: the prompt cache had not yet "
+        f"reached {CACHE_FULL:.0%} of its bound, so the growth below includes it filling"
+    )
+    rows = [
+        f"| {kind} | {len(v)} | {pct(v, 0.5) * 1000:.0f} | {pct(v, 0.99) * 1000:.0f} |"
+        for kind, v in sorted(tally.latency.items())
+    ]
+    report = "\n".join(
+        [
+            f"Soak run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, "
+            f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
+            f"`python -m bench.soak --minutes {args.minutes:g} --concurrency {args.concurrency}` "
+            f"({duration:.0f} s, {sum(tally.outcomes.values())} requests).",
+            "",
+            "| outcome | count |",
+            "|---|---|",
+            *[f"| {k} | {v} |" for k, v in sorted(tally.outcomes.items())],
+            "",
+            "| request | ok | p50 ms | p99 ms |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"- time to first token (streams): p50 {pct(tally.ttft, 0.5) * 1000:.0f} ms, "
+            f"p99 {pct(tally.ttft, 0.99) * 1000:.0f} ms",
+            f"- output tokens: {tally.tokens} ({tally.tokens / duration:.1f} tok/s aggregate)",
+            f"- errors other than deliberate 429/503: {sum(errors.values())} {errors or ''} (target 0)",
+            f"- worker RSS: {mib(series[0]['rss'])} MiB at the start; warm-up ended at {warm['t']:.0f} s ({warm_how}), "
+            f"its last minute peaked at {mib(base)} MiB; peak after "
+            f"warm-up {mib(peak['rss'])} MiB at {peak['t']:.0f} s (**{growth:+.1%}**; target < +5 %); "
+            f"{mib(series[-1]['rss'])} MiB at the end ({end_growth:+.1%})",
+            f"- plateau: the last third of the run after warm-up peaked {late_rise:+.1%} against the rest of it "
+            f"({'levelled off' if late_rise < 0.01 else 'still rising'}; levelled off means < +1 %)",
+            "",
+            f"Memory series (MiB; one row a minute of {len(series)} samples, every {args.sample_every:g} s, "
+            "all in build/soak-series.csv): RSS of the worker, MLX's active and cached buffers, the prompt cache, "
+            "the C heap's bytes in use and freed-but-kept, and Python's gc-tracked objects.",
+            "",
+            "| s | requests | RSS | MLX active | MLX cache | prompt cache | malloc in use | malloc free | py objects |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *series_rows,
+        ]
+    )
     print(report)
     if args.write:
         path = ROOT / "docs" / "reliability.md"
-        head = ("# Reliability\n\nFigures from `make soak` (`python -m bench.soak`) and the fault tests in "
-                "`tests/api/test_faults.py` (run by `make test`).\n\n## Latest soak\n\n")
+        head = (
+            "# Reliability\n\nFigures from `make soak` (`python -m bench.soak`) and the fault tests in "
+            "`tests/api/test_faults.py` (run by `make test`).\n\n## Latest soak\n\n"
+        )
         path.write_text(head + report + "\n" + keep_tail(path))
         print(f"wrote {path}")
     return 1 if errors or growth > 0.05 else 0

@@ -49,13 +49,15 @@ def limit_rows(what: str, where: str, ratios: list[float] | None, best_text: str
     median = statistics.median(ratios)
     listed = ", ".join(f"{r:.0%}" for r in ratios)
     which = f"median of the {len(ratios)} rounds' ratios" if len(ratios) > 1 else "the one round's ratio"
-    return [ratio_row(f"{what} ({where}): {which}", f"{listed} → {median:.0%}",
-                      "≥ 95 %", median >= 0.95),
-            ratio_row(f"{what}: each side's best round", best_text, "(for information)", None)]
+    return [
+        ratio_row(f"{what} ({where}): {which}", f"{listed} → {median:.0%}", "≥ 95 %", median >= 0.95),
+        ratio_row(f"{what}: each side's best round", best_text, "(for information)", None),
+    ]
 
 
-def targets(raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]], ours_info: dict[str, Any],
-            gpu: str = "") -> list[str]:
+def targets(
+    raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]], ours_info: dict[str, Any], gpu: str = ""
+) -> list[str]:
     """The issue 3 targets, from this run's figures (``gpu``: the GPU MLX computed on, '' for the CPU)."""
     rows = ["| target | measured | goal | verdict |", "|---|---|---|---|"]
     ours = servers.get("ours")
@@ -74,55 +76,118 @@ def targets(raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, Any]], 
     same_rounds = paired_ratios(pair, ours)
     if single and one:
         best = one.stream_decode_tps / single["decode_tps"]
-        rows += limit_rows("one stream: ours / raw in-process decode", where, same_rounds.get(1),
-                           f"{fmt(one.stream_decode_tps)} / {fmt(single['decode_tps'])} = {best:.0%}", best)
+        rows += limit_rows(
+            "one stream: ours / raw in-process decode",
+            where,
+            same_rounds.get(1),
+            f"{fmt(one.stream_decode_tps)} / {fmt(single['decode_tps'])} = {best:.0%}",
+            best,
+        )
         r2 = one.aggregate_tps / single["e2e_tps"]
-        rows.append(ratio_row("one stream, end to end (TTFT included): ours / raw",
-                              f"{fmt(one.aggregate_tps)} / {fmt(single['e2e_tps'])} = {r2:.0%}",
-                              "(for information)", None))
+        rows.append(
+            ratio_row(
+                "one stream, end to end (TTFT included): ours / raw",
+                f"{fmt(one.aggregate_tps)} / {fmt(single['e2e_tps'])} = {r2:.0%}",
+                "(for information)",
+                None,
+            )
+        )
     if eight and ceiling:
         best = eight.aggregate_tps / ceiling["e2e_tps"]
-        rows += limit_rows("8 streams: ours / batch_generate-8 ceiling", f"{where}, prefill included",
-                           same_rounds.get(8), f"{fmt(eight.aggregate_tps)} / {fmt(ceiling['e2e_tps'])} = {best:.0%}",
-                           best)
+        rows += limit_rows(
+            "8 streams: ours / batch_generate-8 ceiling",
+            f"{where}, prefill included",
+            same_rounds.get(8),
+            f"{fmt(eight.aggregate_tps)} / {fmt(ceiling['e2e_tps'])} = {best:.0%}",
+            best,
+        )
         r3 = eight.aggregate_tps / ceiling["decode_tps"]
-        rows.append(ratio_row("8 streams: ours / batch_generate-8 decode-only rate",
-                              f"{fmt(eight.aggregate_tps)} / {fmt(ceiling['decode_tps'])} = {r3:.0%}",
-                              "(for information)", None))
+        rows.append(
+            ratio_row(
+                "8 streams: ours / batch_generate-8 decode-only rate",
+                f"{fmt(eight.aggregate_tps)} / {fmt(ceiling['decode_tps'])} = {r3:.0%}",
+                "(for information)",
+                None,
+            )
+        )
     variant = servers.get("ours malloc")
     v8 = level_of(variant["levels"], 8) if variant else None
     if v8 and ceiling:
         r = v8.aggregate_tps / ceiling["e2e_tps"]
-        rows.append(ratio_row(f"8 streams: {variant['label']} / batch_generate-8 ceiling (same run)",
-                              f"{fmt(v8.aggregate_tps)} / {fmt(ceiling['e2e_tps'])} = {r:.0%}", "(for information)",
-                              None))
-    for key, label in (("mlx", "mlx_lm.server as shipped"), ("mlx+openblas", "mlx_lm.server + OpenBLAS"),
-                       ("mlx+openblas fp32", "mlx_lm.server + OpenBLAS, fp32 copy")):
+        rows.append(
+            ratio_row(
+                f"8 streams: {variant['label']} / batch_generate-8 ceiling (same run)",
+                f"{fmt(v8.aggregate_tps)} / {fmt(ceiling['e2e_tps'])} = {r:.0%}",
+                "(for information)",
+                None,
+            )
+        )
+    for key, label in (
+        ("mlx", "mlx_lm.server as shipped"),
+        ("mlx+openblas", "mlx_lm.server + OpenBLAS"),
+        ("mlx+openblas fp32", "mlx_lm.server + OpenBLAS, fp32 copy"),
+    ):
         other = servers.get(key)
         o8 = level_of(other["levels"], 8) if other else None
         if not (eight and o8):
             continue
         r = eight.aggregate_tps / o8.aggregate_tps
-        rows.append(ratio_row(f"8 streams: ours / {label}, aggregate tok/s",
-                              f"{fmt(eight.aggregate_tps)} / {fmt(o8.aggregate_tps)} = {r:.2f}x", "≥ 1x", r >= 1))
+        rows.append(
+            ratio_row(
+                f"8 streams: ours / {label}, aggregate tok/s",
+                f"{fmt(eight.aggregate_tps)} / {fmt(o8.aggregate_tps)} = {r:.2f}x",
+                "≥ 1x",
+                r >= 1,
+            )
+        )
         p50 = eight.ttft(0.5) / o8.ttft(0.5)
-        rows.append(ratio_row(f"8 streams: p50 TTFT ours / {label}",
-                              f"{ms(eight.ttft(0.5))} / {ms(o8.ttft(0.5))} ms = {p50:.2f}x", "≤ 0.7x", p50 <= 0.7))
+        rows.append(
+            ratio_row(
+                f"8 streams: p50 TTFT ours / {label}",
+                f"{ms(eight.ttft(0.5))} / {ms(o8.ttft(0.5))} ms = {p50:.2f}x",
+                "≤ 0.7x",
+                p50 <= 0.7,
+            )
+        )
         p99 = eight.ttft(0.99) / o8.ttft(0.99)
-        rows.append(ratio_row(f"8 streams: p99 TTFT ours / {label}",
-                              f"{ms(eight.ttft(0.99))} / {ms(o8.ttft(0.99))} ms = {p99:.2f}x", "≤ 1x", p99 <= 1))
+        rows.append(
+            ratio_row(
+                f"8 streams: p99 TTFT ours / {label}",
+                f"{ms(eight.ttft(0.99))} / {ms(o8.ttft(0.99))} ms = {p99:.2f}x",
+                "≤ 1x",
+                p99 <= 1,
+            )
+        )
         if key == "mlx" and sys.platform.startswith("linux") and not gpu:
-            rows.append(ratio_row("Linux: 8 streams ours / mlx_lm.server as shipped (same bf16 checkpoint)",
-                                  f"{r:.2f}x", "≥ 4x", r >= 4))
+            rows.append(
+                ratio_row(
+                    "Linux: 8 streams ours / mlx_lm.server as shipped (same bf16 checkpoint)",
+                    f"{r:.2f}x",
+                    "≥ 4x",
+                    r >= 4,
+                )
+            )
     if gpu and one and eight:
         r = eight.aggregate_tps / one.aggregate_tps
-        rows.append(ratio_row(f"GPU ({gpu}): 8 streams / one stream, our aggregate tok/s",
-                              f"{fmt(eight.aggregate_tps)} / {fmt(one.aggregate_tps)} = {r:.2f}x", "≥ 3x", r >= 3))
+        rows.append(
+            ratio_row(
+                f"GPU ({gpu}): 8 streams / one stream, our aggregate tok/s",
+                f"{fmt(eight.aggregate_tps)} / {fmt(one.aggregate_tps)} = {r:.2f}x",
+                "≥ 3x",
+                r >= 3,
+            )
+        )
     chat = ours.get("chat") or {}
     if chat:
         r = chat["cold"] / chat["warm"]
-        rows.append(ratio_row(f"multi-turn ({chat['history_tokens']}-token history): cold / warm TTFT",
-                              f"{ms(chat['cold'])} / {ms(chat['warm'])} ms = {r:.1f}x", "≥ 5x", r >= 5))
+        rows.append(
+            ratio_row(
+                f"multi-turn ({chat['history_tokens']}-token history): cold / warm TTFT",
+                f"{ms(chat['cold'])} / {ms(chat['warm'])} ms = {r:.1f}x",
+                "≥ 5x",
+                r >= 5,
+            )
+        )
     return rows
 
 
@@ -133,22 +198,45 @@ def llamacpp_targets(raw_llama: dict[str, Any], servers: dict[str, dict[str, Any
     if one and raw_llama.get("single"):
         ref = raw_llama["single"]["decode_tps"]
         r = one.stream_decode_tps / ref
-        rows.append(ratio_row("one stream: ours (llama.cpp) / raw in-process llama.cpp decode",
-                              f"{fmt(one.stream_decode_tps)} / {fmt(ref)} = {r:.0%}", "≥ 95 %", r >= 0.95))
+        rows.append(
+            ratio_row(
+                "one stream: ours (llama.cpp) / raw in-process llama.cpp decode",
+                f"{fmt(one.stream_decode_tps)} / {fmt(ref)} = {r:.0%}",
+                "≥ 95 %",
+                r >= 0.95,
+            )
+        )
     if one and eight:
         r = eight.aggregate_tps / one.aggregate_tps
-        rows.append(ratio_row("8 streams / 1 stream, aggregate tok/s (ours, llama.cpp)",
-                              f"{fmt(eight.aggregate_tps)} / {fmt(one.aggregate_tps)} = {r:.2f}x", "≥ 2x", r >= 2))
+        rows.append(
+            ratio_row(
+                "8 streams / 1 stream, aggregate tok/s (ours, llama.cpp)",
+                f"{fmt(eight.aggregate_tps)} / {fmt(one.aggregate_tps)} = {r:.2f}x",
+                "≥ 2x",
+                r >= 2,
+            )
+        )
     peer = servers.get("llama-cpp-python server")
     for lv in ours if peer else []:
         other = level_of(peer["levels"], lv.streams)
         if other and other.aggregate_tps > 0:
             r = lv.aggregate_tps / other.aggregate_tps
-            rows.append(ratio_row(f"{lv.streams} stream(s): ours (llama.cpp) / llama-cpp-python server",
-                                  f"{fmt(lv.aggregate_tps)} / {fmt(other.aggregate_tps)} = {r:.2f}x", "≥ 1x", r >= 1))
+            rows.append(
+                ratio_row(
+                    f"{lv.streams} stream(s): ours (llama.cpp) / llama-cpp-python server",
+                    f"{fmt(lv.aggregate_tps)} / {fmt(other.aggregate_tps)} = {r:.2f}x",
+                    "≥ 1x",
+                    r >= 1,
+                )
+            )
     mlx_ours = servers.get("ours")
     if mlx_ours and eight and (m8 := level_of(mlx_ours["levels"], 8)):
-        rows.append(ratio_row("8 streams: ours on llama.cpp / ours on MLX (same weights)",
-                              f"{fmt(eight.aggregate_tps)} / {fmt(m8.aggregate_tps)} = "
-                              f"{eight.aggregate_tps / m8.aggregate_tps:.2f}x", "(for information)", None))
+        rows.append(
+            ratio_row(
+                "8 streams: ours on llama.cpp / ours on MLX (same weights)",
+                f"{fmt(eight.aggregate_tps)} / {fmt(m8.aggregate_tps)} = {eight.aggregate_tps / m8.aggregate_tps:.2f}x",
+                "(for information)",
+                None,
+            )
+        )
     return rows

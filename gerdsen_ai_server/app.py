@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 def create_app(config: dict[str, Any] | None = None, *, engine: InferenceEngine | None = None) -> Flask:
     settings = Settings.from_mapping(config)
+    settings.check_profile()  # ProfileError: a production profile never serves openly beyond loopback
     configure_logging(settings.log_level, settings.log_format)
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -64,14 +65,25 @@ def create_app(config: dict[str, Any] | None = None, *, engine: InferenceEngine 
         engine.start()
         atexit.register(engine.shutdown)
 
-    monitor = Monitor(engine, probe_for_this_machine(settings.fault_thermal_state), engine.events,
-                      interval=settings.metrics_interval, thermal_interval=settings.thermal_interval,
-                      thermal_batch_size=settings.thermal_batch_size)
+    monitor = Monitor(
+        engine,
+        probe_for_this_machine(settings.fault_thermal_state),
+        engine.events,
+        interval=settings.metrics_interval,
+        thermal_interval=settings.thermal_interval,
+        thermal_batch_size=settings.thermal_batch_size,
+    )
     atexit.register(monitor.stop)
-    init_services(app, Services(
-        settings=settings, engine=engine, monitor=monitor, running=RequestTable(),
-        benchmarks=BenchmarkStore(Path(engine.registry.models_dir) / ".impetus" / "benchmarks.json"),
-    ))
+    init_services(
+        app,
+        Services(
+            settings=settings,
+            engine=engine,
+            monitor=monitor,
+            running=RequestTable(),
+            benchmarks=BenchmarkStore(Path(engine.registry.models_dir) / ".impetus" / "benchmarks.json"),
+        ),
+    )
 
     register_error_handlers(app)
     init_request_log(app)  # first: every later hook and error already has the request id

@@ -1,15 +1,23 @@
 """Every setting of the server, read from ``IMPETUS_*`` environment variables.
 
 One pydantic-settings class; ``docs/configuration.md`` documents each field.
+
+Profiles (``IMPETUS_PROFILE``): ``development`` (the default) keeps every default below; ``production``
+changes the defaults in ``PROFILE_DEFAULTS`` and, on a bind beyond loopback, requires API keys and a
+Host allow-list (``Settings.check_profile``: ``impetus serve`` and ``create_app`` refuse to start
+without them). A setting given explicitly, in the environment or in ``create_app``'s mapping, always
+wins over its profile's default: the profile only fills what nobody set (pydantic's
+``model_fields_set``), so an operator can still turn one thing off, e.g. ``IMPETUS_RATE_LIMIT=``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,16 +25,56 @@ def _default_models_dir() -> Path:
     return Path.home() / ".cache" / "impetus" / "models"
 
 
+Profile = Literal["development", "production"]
+
+# What each profile sets, unless the setting is given explicitly. Development is the plain defaults:
+# a loopback server for one user. Production: logs a collector can parse, /health and /metrics behind
+# the key (no host paths or PIDs for anonymous callers), a per-key request budget.
+PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "development": {},
+    "production": {"log_format": "json", "protect_health": True, "rate_limit": "600/minute"},
+}
+# What a profile requires of a bind beyond loopback (docs/configuration.md renders these): without it,
+# a production server reachable from the network would serve anyone, or any DNS name (rebinding).
+PROFILE_REQUIRES: dict[str, tuple[str, ...]] = {
+    "development": (),
+    "production": ("api_keys", "allowed_hosts"),
+}
+
+
+class ProfileError(RuntimeError):
+    """The profile's requirements are not met: the server must not start (``impetus serve`` exits 2)."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a bind address is reachable from this machine only (an empty or wildcard one is not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(BaseSettings):
     # allow_inf_nan: a NaN keep-alive never expires a model; "inf" for a timeout is spelt 0 (no limit) here.
     model_config = SettingsConfigDict(env_prefix="IMPETUS_", extra="ignore", allow_inf_nan=False)
 
+    profile: Profile = Field(
+        "development",
+        description="'production' changes the defaults shown in docs/configuration.md's profiles table (JSON logs, /health "
+        "and /metrics behind the key, a rate limit) and, on a bind beyond loopback, refuses to start without API "
+        "keys and IMPETUS_ALLOWED_HOSTS. A setting given explicitly always wins over its profile's default.",
+    )
     host: str = Field("127.0.0.1", description="Address Gunicorn binds to.")
     port: int = Field(8080, ge=0, le=65535, description="Port Gunicorn binds to.")
     threads: int = Field(64, ge=4, description="Gunicorn gthread threads: one per open stream, plus headroom.")
-    models_dir: Path = Field(default_factory=_default_models_dir, description="Where local models and converted models live.")
+    models_dir: Path = Field(
+        default_factory=_default_models_dir, description="Where local models and converted models live."
+    )
     dashboard_dir: Path | None = Field(
-        None, description="The dashboard's build served at / (index.html and assets/); unset: impetus-dashboard/dist of this checkout."
+        None,
+        description="The dashboard's build served at / (index.html and assets/); unset: impetus-dashboard/dist of this checkout.",
     )
     default_model: str = Field(
         "smollm2-135m-instruct",
@@ -45,10 +93,14 @@ class Settings(BaseSettings):
         description="float32, bfloat16, float16, or 'auto' (float32 on CPU, where BLAS makes it the fast path; as stored on GPU).",
     )
     max_tokens_default: int = Field(512, ge=1, description="max_tokens used when a request gives none.")
-    max_queue: int = Field(32, ge=0, description="Requests waiting for the engine beyond the running batch; more get 503.")
+    max_queue: int = Field(
+        32, ge=0, description="Requests waiting for the engine beyond the running batch; more get 503."
+    )
     max_batch: int = Field(8, ge=1, description="Sequences decoded together in one engine step.")
     admit_window_ms: float = Field(
-        50.0, ge=0, le=1000,
+        50.0,
+        ge=0,
+        le=1000,
         description="A new request waits up to this long for the rest of its burst (while more keep arriving, at "
         "most one decode step apart), so that requests sent together, or clients coming back together, are "
         "prefilled in one pass instead of one stall of every stream each. 0: never wait.",
@@ -57,7 +109,8 @@ class Settings(BaseSettings):
         256 << 20, ge=0, description="Bytes of KV cache kept for reuse by later prompts sharing a prefix (0 disables)."
     )
     mlx_cache_limit: int = Field(
-        512 << 20, ge=0,
+        512 << 20,
+        ge=0,
         description="Bytes of freed buffers MLX may keep for reuse (mx.set_cache_limit); bounds RSS growth.",
     )
     malloc: Literal["auto", "jemalloc", "glibc"] = Field(
@@ -67,14 +120,18 @@ class Settings(BaseSettings):
         "at 8 streams on a 2-core CPU), else glibc; 'glibc' keeps glibc's malloc with the two settings below.",
     )
     malloc_mmap_threshold: int = Field(
-        256 << 10, ge=0, le=32 << 20,
+        256 << 10,
+        ge=0,
+        le=32 << 20,
         description="glibc: blocks of this many bytes or more get their own mapping and go back to the system when "
         "freed (mallopt M_MMAP_THRESHOLD); without it freed KV/activation buffers stay in the heap and RSS creeps up. "
         "At most 32 MiB; 0: glibc's default (no creep control, but no page faults for fresh mappings: ~12 % more "
         "throughput at 8 streams on a 2-core CPU, docs/performance.md). Not used under jemalloc.",
     )
     malloc_arena_max: int = Field(
-        2, ge=0, le=64,
+        2,
+        ge=0,
+        le=64,
         description="glibc: heaps shared by all threads (mallopt M_ARENA_MAX); fewer arenas keep fewer freed scraps "
         "across Gunicorn's threads. 0: glibc's default (8 per core). Not used under jemalloc.",
     )
@@ -86,12 +143,16 @@ class Settings(BaseSettings):
     )
     autoload: bool = Field(True, description="Load a local model on demand when a request names one not resident.")
     max_pulls: int = Field(
-        16, ge=1, le=1000,
+        16,
+        ge=1,
+        le=1000,
         description="Hub pulls queued or downloading at once (two download at a time, each on one thread); "
         "POST /api/models/pull beyond it answers 429 with Retry-After.",
     )
     hub_search_timeout: float = Field(
-        10.0, gt=0, le=120,
+        10.0,
+        gt=0,
+        le=120,
         description="Seconds a hub search of /api/models/discover may take (connect, each read and the whole "
         "answer; a hub trickling bytes at most twice this); past it the catalogue is answered with hub_error.",
     )
@@ -104,14 +165,18 @@ class Settings(BaseSettings):
     llamacpp_threads: int = Field(0, ge=0, description="CPU threads of each llama.cpp model (0: all cores).")
     # ---- monitoring (monitoring/, api/ops/metrics.py, api/realtime/)
     metrics_interval: float = Field(
-        1.0, ge=0.05, le=3600, description="Seconds between 'metrics' pushes to Socket.IO clients (and monitor samples)."
+        1.0,
+        ge=0.05,
+        le=3600,
+        description="Seconds between 'metrics' pushes to Socket.IO clients (and monitor samples).",
     )
     thermal_interval: float = Field(5.0, ge=0.05, description="Seconds between readings of the thermal state.")
     thermal_batch_size: int = Field(
         2, ge=0, description="Batch size while the thermal state is serious or critical (0: no thermal adaptation)."
     )
     fault_thermal_state: str = Field(
-        "", pattern="^(|nominal|fair|serious|critical)$",
+        "",
+        pattern="^(|nominal|fair|serious|critical)$",
         description="Testing only: report this thermal state (nominal, fair, serious, critical) instead of the machine's.",
     )
     fault_engine_crash_after_steps: int = Field(
@@ -160,7 +225,9 @@ class Settings(BaseSettings):
         "clients of every replica) and the rate-limit counters; empty: both in-process. See docs/deployment.md.",
     )
     trusted_proxies: int = Field(
-        0, ge=0, le=16,
+        0,
+        ge=0,
+        le=16,
         description="Proxies in front of the server (load balancer hops) that set X-Forwarded-For/-Proto/-Host: "
         "the client's address for rate limits and logs is taken that many hops back; 0: the headers are ignored.",
     )
@@ -176,26 +243,33 @@ class Settings(BaseSettings):
         "The port is ignored.",
     )
     header_timeout: float = Field(
-        10.0, gt=0, le=300,
+        10.0,
+        gt=0,
+        le=300,
         description="Seconds a client has to send a request's line and headers (from connecting, or a kept-alive "
         "connection's first byte); heads are read without holding a thread, and a late one closes the "
         "connection (nginx's client_header_timeout).",
     )
     read_timeout: float = Field(
-        30.0, gt=0, le=3600,
+        30.0,
+        gt=0,
+        le=3600,
         description="Seconds one read of a request body or one write of a response may wait on the client; a "
         "body must also average 500 bytes/s after this many seconds (Apache mod_reqtimeout's MinRate); a body "
         "read that times out gets 408. WebSockets are exempt.",
     )
     max_socket_sessions: int = Field(
-        256, ge=1,
+        256,
+        ge=1,
         description="Socket.IO (Engine.IO) sessions open at once, each a dashboard tab or client; a handshake "
         "beyond gets 503. Whatever their transport, Socket.IO requests hold at most half the threads "
         "(IMPETUS_THREADS // 2) at once, and a session one long-poll at a time.",
     )
     max_request_bytes: int = Field(8 << 20, ge=1024, description="Largest request body accepted; larger gets 413.")
     template_timeout: float = Field(
-        2.0, gt=0, le=600,
+        2.0,
+        gt=0,
+        le=600,
         description="Seconds a model's chat template may take to render one request's messages; beyond, the request "
         "ends with 500 chat_template_timeout and its thread is free again (a template is code from the model's files: "
         "nested loops once held a thread and a core for hours). Normal templates take about a millisecond.",
@@ -204,13 +278,15 @@ class Settings(BaseSettings):
         32768, ge=1, description="Largest max_tokens a request may ask for (the model's context bounds it too)."
     )
     max_request_tokens: int = Field(
-        65536, ge=1,
+        65536,
+        ge=1,
         description="Most token work one request may ask for: the completion tokens of all its choices "
         "(n x max_tokens, times its prompts), as OpenAI counts max_tokens x n against a token budget up front; "
         "for /v1/embeddings, the tokens of all its inputs. More gets 400 naming the parameter.",
     )
     request_timeout: float = Field(
-        600.0, ge=0,
+        600.0,
+        ge=0,
         description="Seconds a generation or embedding may run, streaming or not, queue time included; then its "
         "sequences are cancelled and it ends with an error (504 request_timeout). 600 follows llama.cpp's server "
         "(--timeout) and the OpenAI SDK's default; 0: no limit.",
@@ -218,6 +294,43 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM; readiness is 503 meanwhile."
     )
+
+    @model_validator(mode="after")
+    def _apply_profile(self) -> Settings:
+        """Fill the profile's defaults into the fields nobody set. ``model_fields_set`` holds exactly the
+        fields given by the environment or the mapping; it is restored afterwards, so that it still says
+        what was explicit (the profile's values are defaults, not choices)."""
+        explicit = set(self.model_fields_set)
+        for name, value in PROFILE_DEFAULTS[self.profile].items():
+            if name not in explicit:
+                setattr(self, name, value)
+        self.__pydantic_fields_set__ = explicit
+        return self
+
+    def profile_problems(self) -> list[str]:
+        """What the profile requires and this configuration lacks (empty: it may start)."""
+        required = PROFILE_REQUIRES[self.profile]
+        if not required or is_loopback_host(self.host):
+            return []
+        problems = []
+        keys = [k for k in f"{self.api_keys},{self.admin_keys}".split(",") if k.strip()]
+        if "api_keys" in required and not keys and self.api_key_file is None:
+            problems.append("no API key (set IMPETUS_API_KEYS, and IMPETUS_ADMIN_KEYS, or IMPETUS_API_KEY_FILE)")
+        if "allowed_hosts" in PROFILE_REQUIRES[self.profile] and not self.allowed_host_list():
+            problems.append(
+                "no Host allow-list (set IMPETUS_ALLOWED_HOSTS to the names clients use, e.g. "
+                "api.example.com; '*' answers to any name)"
+            )
+        return problems
+
+    def check_profile(self) -> None:
+        """Refuse to serve a production profile openly on the network (``ProfileError``)."""
+        problems = self.profile_problems()
+        if problems:
+            raise ProfileError(
+                f"IMPETUS_PROFILE={self.profile} refuses to start on {self.host or '(all addresses)'}, beyond "
+                f"loopback: {'; '.join(problems)}. Or bind 127.0.0.1 (IMPETUS_HOST), or use IMPETUS_PROFILE=development."
+            )
 
     def memory_budget_bytes(self) -> int:
         if self.memory_budget:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, current_app
+from flask.sansio.app import App
 
 from gerdsen_ai_server.config import Settings
 from gerdsen_ai_server.engine.benchmark import BenchmarkStore
@@ -57,7 +58,9 @@ class Services:
     drain: Drain | None = None
     dashboard_dir: Path | None = None
     hub_search_slots: threading.BoundedSemaphore | None = None
-    error_shapes: dict[str, Renderer] = field(default_factory=dict)  # path prefix -> its API's error shape (web/errors.py)
+    error_shapes: dict[str, Renderer] = field(
+        default_factory=dict
+    )  # path prefix -> its API's error shape (web/errors.py)
     load_error: str | None = None  # why the default model failed to load (readiness says so)
     extra: dict[str, Any] = field(default_factory=dict)  # tests and plugins only; the server's own services are fields
 
@@ -67,10 +70,11 @@ def init_services(app: Flask, services: Services) -> Services:
     return services
 
 
-def services(app: Flask | None = None) -> Services:
+def services(app: App | None = None) -> Services:
     """The services of ``app`` (default: the app handling this request or context)."""
     found = (app or current_app).extensions[EXTENSION]
-    assert isinstance(found, Services), "create_app binds Services with init_services"
+    if not isinstance(found, Services):
+        raise RuntimeError("create_app binds Services with init_services")
     return found
 
 

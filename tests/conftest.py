@@ -35,7 +35,12 @@ def client(server: Server) -> OpenAI:
 def hot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server told its machine is in a serious thermal state (batch capped at 2), pushing
     Socket.IO metrics every 0.1 s: for the thermal-adaptation and real-time tests."""
-    srv = start_server(tmp_path_factory.mktemp("hot-server"), IMPETUS_FAULT_THERMAL_STATE="serious",
-                       IMPETUS_THERMAL_BATCH_SIZE="2", IMPETUS_THERMAL_INTERVAL="0.5", IMPETUS_METRICS_INTERVAL="0.1")
+    srv = start_server(
+        tmp_path_factory.mktemp("hot-server"),
+        IMPETUS_FAULT_THERMAL_STATE="serious",
+        IMPETUS_THERMAL_BATCH_SIZE="2",
+        IMPETUS_THERMAL_INTERVAL="0.5",
+        IMPETUS_METRICS_INTERVAL="0.1",
+    )
     yield srv
     stop_server(srv)

@@ -37,7 +37,7 @@ _SERVE_ENV = {
 
 def base_url(host: str, port: int) -> str:
     """The OpenAI base URL a client should use for a server bound to host:port."""
-    if host in ("", "0.0.0.0", "::", "[::]"):
+    if host in ("", "0.0.0.0", "::", "[::]"):  # nosec B104  # recognises a wildcard bind to print a reachable URL; binds nothing
         host = "127.0.0.1"  # a wildcard bind is reachable on loopback
     elif ":" in host and not host.startswith("["):
         host = f"[{host}]"  # IPv6 literal
@@ -50,15 +50,18 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the API server (Gunicorn, one worker, gthread)")
-    serve.add_argument("--model", help="model to load at start: the embedded default id, a local folder or a .gguf file")
+    serve.add_argument(
+        "--model", help="model to load at start: the embedded default id, a local folder or a .gguf file"
+    )
     serve.add_argument("--host", help="address to bind (default 127.0.0.1, or IMPETUS_HOST)")
     serve.add_argument("--port", type=int, help="port to bind (default 8080, or IMPETUS_PORT)")
     serve.add_argument("--threads", type=int, help="Gunicorn threads: one per open stream plus headroom (default 64)")
     serve.add_argument("--log-level", help="debug, info, warning, error")
     cli_models.add_parsers(sub)
     # Its options are bench.run's own (main() hands them over unparsed): see `impetus bench --help`.
-    sub.add_parser("bench", add_help=False,
-                   help="side-by-side benchmark against python -m mlx_lm.server (same as make bench)")
+    sub.add_parser(
+        "bench", add_help=False, help="side-by-side benchmark against python -m mlx_lm.server (same as make bench)"
+    )
     return parser
 
 
@@ -66,8 +69,11 @@ def _bench(argv: list[str]) -> int:
     """Run ``python -m bench.run`` with ``argv``; bench/ lives in the source tree, not the wheel."""
     root = Path(__file__).resolve().parents[2]
     if not (root / "bench" / "run.py").is_file():
-        print("impetus bench: the benchmark runs from a source checkout (bench/ is not installed with the "
-              "package); clone the repository and run `make bench`.", file=sys.stderr)
+        print(
+            "impetus bench: the benchmark runs from a source checkout (bench/ is not installed with the "
+            "package); clone the repository and run `make bench`.",
+            file=sys.stderr,
+        )
         return 2
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
@@ -88,14 +94,18 @@ def _serve(args: argparse.Namespace) -> int:
     # a Gunicorn worker. Settings reads os.environ, so apply the overrides for the check.
     from pydantic import ValidationError
 
-    from gerdsen_ai_server.config import Settings
+    from gerdsen_ai_server.config import ProfileError, Settings
 
     saved = dict(os.environ)
     os.environ.update(env)
     try:
         settings = Settings()
+        settings.check_profile()  # production beyond loopback: keys and a Host allow-list, or no start
     except ValidationError as exc:
         print(f"impetus: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    except ProfileError as exc:
+        print(f"impetus: {exc}", file=sys.stderr)
         return 2
     finally:
         os.environ.clear()
@@ -117,13 +127,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"impetus: {exc}", file=sys.stderr)
         return 2
 
-    print(f"impetus {__version__}: model {settings.default_model!r}, {settings.threads} threads, BLAS: {blas}, "
-          f"allocator: {env['IMPETUS_ALLOCATOR']}")
+    print(
+        f"impetus {__version__}: model {settings.default_model!r}, {settings.threads} threads, BLAS: {blas}, "
+        f"allocator: {env['IMPETUS_ALLOCATOR']}"
+    )
     print(f"impetus: serving the OpenAI API at {base_url(settings.host, settings.port)}", flush=True)
 
     argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, WSGI_APP]
     sys.stderr.flush()
-    os.execve(sys.executable, argv, env)
+    os.execve(sys.executable, argv, env)  # nosec B606  # becomes Gunicorn: our own interpreter, a constant argv
     return 0  # not reached
 
 

@@ -70,14 +70,16 @@ keepalive = 5
 accesslog = None  # the app logs each request, with its id, route and duration (request_log.py)
 errorlog = "-"
 loglevel = _settings.log_level
-logger_class = "gerdsen_ai_server.cli.gunicorn_conf.JsonLogger" if _settings.log_format == "json" else "gunicorn.glogging.Logger"
+logger_class = (
+    "gerdsen_ai_server.cli.gunicorn_conf.JsonLogger" if _settings.log_format == "json" else "gunicorn.glogging.Logger"
+)
 proc_name = "impetus"
 # Gunicorn's control socket defaults to one fixed path per user ($XDG_RUNTIME_DIR or ~/.gunicorn),
 # which two servers on one machine (tests, replicas) would fight over. We do not use gunicornc.
 control_socket_disable = True
 
 
-def when_ready(server) -> None:  # type: ignore[no-untyped-def]
+def when_ready(server) -> None:
     """Log the base URL once the sockets are bound (the real port, when IMPETUS_PORT=0)."""
     host, port = _settings.host, _settings.port
     for listener in getattr(server, "LISTENERS", []):
@@ -97,7 +99,7 @@ def _version() -> str:
     return __version__
 
 
-def post_fork(server, worker) -> None:  # type: ignore[no-untyped-def]
+def post_fork(server, worker) -> None:
     """In the new worker, before the app and MLX allocate anything or start a thread: under glibc's
     malloc, fix its mmap threshold, so freed KV-cache and activation buffers go back to the system,
     and cap its arenas (gerdsen_ai_server.runtime.memory; jemalloc, when preloaded, needs neither)."""
@@ -108,7 +110,7 @@ def post_fork(server, worker) -> None:  # type: ignore[no-untyped-def]
         set_arena_max(_settings.malloc_arena_max)
 
 
-def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
+def post_worker_init(worker) -> None:
     """Log which BLAS the worker's MLX actually got (see gerdsen_ai_server.runtime.blas); make SIGTERM drain."""
     from gerdsen_ai_server.runtime.blas import blas_in_use
     from gerdsen_ai_server.web.shutdown import install_sigterm_drain
@@ -120,12 +122,12 @@ def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
     install_sigterm_drain(worker, _settings.shutdown_grace)
 
 
-def worker_int(worker) -> None:  # type: ignore[no-untyped-def]
+def worker_int(worker) -> None:
     """SIGINT / SIGQUIT: Gunicorn's quick exit, no drain; running streams are cut."""
     worker.log.warning("worker interrupted: quick shutdown, running requests are cut")
 
 
-def worker_abort(worker) -> None:  # type: ignore[no-untyped-def]
+def worker_abort(worker) -> None:
     """SIGABRT: the master found the worker's main loop wedged past ``timeout``."""
     worker.log.error("worker timed out (no heartbeat for %s s): aborting it", timeout)
 
@@ -133,7 +135,7 @@ def worker_abort(worker) -> None:  # type: ignore[no-untyped-def]
 class JsonLogger(_GunicornLogger):
     """Gunicorn's own lines (start, bind, worker exits) as JSON too, with IMPETUS_LOG_FORMAT=json."""
 
-    def _set_handler(self, log, output, fmt, stream=None):  # type: ignore[no-untyped-def]
+    def _set_handler(self, log, output, fmt, stream=None):
         from gerdsen_ai_server.web.request_log import JsonFormatter
 
         super()._set_handler(log, output, JsonFormatter(), stream)

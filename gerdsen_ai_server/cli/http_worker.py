@@ -62,16 +62,21 @@ RECV_SIZE = 65536
 
 def _refusal(status: str, message: str, code: str) -> bytes:
     """A complete HTTP response in the API's error envelope, for refusals made before any app runs."""
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
-    head = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n")
+    body = json.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
-HEAD_TOO_LARGE = _refusal("431 Request Header Fields Too Large",
-                          f"The request's line and headers are larger than {HEAD_LIMIT // 1024} KiB.",
-                          "request_header_too_large")
+HEAD_TOO_LARGE = _refusal(
+    "431 Request Header Fields Too Large",
+    f"The request's line and headers are larger than {HEAD_LIMIT // 1024} KiB.",
+    "request_header_too_large",
+)
 
 
 def recv_nowait(sock: socket.socket) -> bytes | None:
@@ -159,8 +164,9 @@ class TimedConn(TConn):
         if self.received:
             unreader.unread(self.received)
             self.received = b""
-        unreader.head(self.head_deadline if self.head_deadline is not None
-                      else time.monotonic() + self.worker.header_timeout)
+        unreader.head(
+            self.head_deadline if self.head_deadline is not None else time.monotonic() + self.worker.header_timeout
+        )
 
     def close(self, graceful: bool = False) -> None:
         if self.upgraded:
@@ -190,8 +196,11 @@ class ImpetusWorker(ThreadWorker):
         self.read_timeout = settings.read_timeout or None
         # Reading heads on the main loop needs the raw bytes: not with Gunicorn's own TLS, or with
         # h2c prior knowledge (which sniffs the socket for HTTP/2's preface itself).
-        self.head_first = (not self.cfg.is_ssl and self.cfg.protocol == "http"
-                           and self.cfg.http2_cleartext not in ("prior-knowledge", "both"))
+        self.head_first = (
+            not self.cfg.is_ssl
+            and self.cfg.protocol == "http"
+            and self.cfg.http2_cleartext not in ("prior-knowledge", "both")
+        )
         self.heads: deque[TimedConn] = deque()  # reading their head, oldest deadline first
         self.lingering: deque[TimedConn] = deque()  # closing: waiting for the client's FIN
 
@@ -230,7 +239,7 @@ class ImpetusWorker(ThreadWorker):
             self._end_head(conn)
             self._close(conn)
 
-    def on_client_socket_readable(self, conn: TimedConn, client: Any) -> None:  # type: ignore[override]
+    def on_client_socket_readable(self, conn: TimedConn, client: Any) -> None:
         """A kept-alive connection sent something: read its next head here too, not in a thread."""
         if not self.head_first:
             super().on_client_socket_readable(conn, client)
@@ -341,7 +350,7 @@ class ImpetusWorker(ThreadWorker):
                 util.close(conn.sock)
 
     # ---- a pool thread: one request ------------------------------------------------------------
-    def handle(self, conn: TimedConn) -> Any:  # type: ignore[override]
+    def handle(self, conn: TimedConn) -> Any:
         if conn.head_deadline is None:  # a pipelined request, or heads read in the thread
             conn.head_deadline = time.monotonic() + self.header_timeout
         if conn.parser is not None:
@@ -349,7 +358,7 @@ class ImpetusWorker(ThreadWorker):
         # (a new connection's parser is made in conn.init(), which starts the head itself)
         return super().handle(conn)
 
-    def handle_request(self, req: Any, conn: TimedConn) -> Any:  # type: ignore[override]
+    def handle_request(self, req: Any, conn: TimedConn) -> Any:
         """The head is in: from here the body and the response are bounded per read and write,
         except for an upgrade (a WebSocket lives on the socket for as long as it is open)."""
         conn.head_deadline = None  # the next request's head gets a deadline of its own
@@ -361,7 +370,7 @@ class ImpetusWorker(ThreadWorker):
         conn.sock.settimeout(timeout)
         return super().handle_request(req, conn)
 
-    def _keepalive_after(self, conn: TimedConn, keepalive: Any) -> bool:  # type: ignore[override]
+    def _keepalive_after(self, conn: TimedConn, keepalive: Any) -> bool:
         unreader = getattr(conn.parser, "unreader", None)
         if isinstance(unreader, TimedUnreader):
             unreader.unbounded()  # Gunicorn's drain sets its own per-read timeouts

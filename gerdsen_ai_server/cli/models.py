@@ -21,7 +21,9 @@ def add_parsers(sub: Any) -> None:
     pull = sub.add_parser("pull", help="download a model from the Hugging Face hub into the models dir")
     pull.add_argument("model", metavar="ID", help="Hugging Face repo id, e.g. mlx-community/Qwen2.5-0.5B-Instruct-4bit")
     pull.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
-    pull.add_argument("--gguf", metavar="PATTERN", help="fetch the one .gguf file matching PATTERN instead of safetensors")
+    pull.add_argument(
+        "--gguf", metavar="PATTERN", help="fetch the one .gguf file matching PATTERN instead of safetensors"
+    )
     listing = sub.add_parser("list", help="list the models in the models dir")
     remove = sub.add_parser("rm", help="delete a model from the models dir")
     remove.add_argument("model", metavar="ID", help="model id as `impetus list` shows it")
@@ -74,7 +76,7 @@ def _pull(args: argparse.Namespace, models_dir: Path) -> int:
         return 130
     bar.close()
     print(f"impetus: pulled {args.model} into {path}")
-    print(f"impetus: use it as \"model\": \"{args.model}\", or `impetus serve --model {args.model}`")
+    print(f'impetus: use it as "model": "{args.model}", or `impetus serve --model {args.model}`')
     return 0
 
 

@@ -42,8 +42,12 @@ def synthetic_prompt(tokenizer: Any, length: int) -> list[int]:
 def timed_run(engine: InferenceEngine, loaded: LoadedModel, prompt: list[int], max_tokens: int) -> TokenStream:
     """Submit one greedy request with end-of-sequence suppressed and read it to the end."""
     bias = {int(t): -1e9 for t in loaded.tokenizer.eos_token_ids}
-    request = GenerationRequest(model=loaded.model_id, prompt_tokens=prompt, max_tokens=max_tokens,
-                                sampling=SamplingParams(temperature=0.0, logit_bias=bias))
+    request = GenerationRequest(
+        model=loaded.model_id,
+        prompt_tokens=prompt,
+        max_tokens=max_tokens,
+        sampling=SamplingParams(temperature=0.0, logit_bias=bias),
+    )
     stream = engine.submit(request)
     try:
         _, last = stream.collect()
@@ -61,9 +65,13 @@ def warm_up(engine: InferenceEngine, loaded: LoadedModel) -> WarmupResult:
     for _ in range(2):
         stream = timed_run(engine, loaded, synthetic_prompt(loaded.tokenizer, WARMUP_PROMPT_TOKENS), WARMUP_MAX_TOKENS)
         ttfts.append((stream.first_token_at - stream.created) * 1000)  # type: ignore[operator]
-    return WarmupResult(prompt_tokens=WARMUP_PROMPT_TOKENS, cold_ttft_ms=round(ttfts[0], 2),
-                        warm_ttft_ms=round(ttfts[1], 2), seconds=round(time.monotonic() - started, 3),
-                        finished_at=time.time())
+    return WarmupResult(
+        prompt_tokens=WARMUP_PROMPT_TOKENS,
+        cold_ttft_ms=round(ttfts[0], 2),
+        warm_ttft_ms=round(ttfts[1], 2),
+        seconds=round(time.monotonic() - started, 3),
+        finished_at=time.time(),
+    )
 
 
 def benchmark(engine: InferenceEngine, loaded: LoadedModel, prompt_tokens: int, max_tokens: int) -> BenchmarkResult:
@@ -80,12 +88,19 @@ def benchmark(engine: InferenceEngine, loaded: LoadedModel, prompt_tokens: int, 
     generated = stream.completion_tokens
     decode = done - first  # type: ignore[operator]
     return BenchmarkResult(
-        id=f"bench-{uuid.uuid4().hex[:16]}", model=loaded.model_id, created_at=created,
-        prompt_tokens=prompt_tokens, generated_tokens=generated, ttft_ms=round(ttft * 1000, 2),
+        id=f"bench-{uuid.uuid4().hex[:16]}",
+        model=loaded.model_id,
+        created_at=created,
+        prompt_tokens=prompt_tokens,
+        generated_tokens=generated,
+        ttft_ms=round(ttft * 1000, 2),
         prompt_tokens_per_second=round(prompt_tokens / ttft, 2),
         generation_tokens_per_second=round((generated - 1) / decode, 2) if generated > 1 and decode > 0 else 0.0,
-        peak_memory_bytes=int(peak) or None, model_memory_bytes=loaded.nbytes,
-        compute_dtype=engine.compute_dtype or "as stored", device=mx.default_device().type.name, other_requests=other,
+        peak_memory_bytes=int(peak) or None,
+        model_memory_bytes=loaded.nbytes,
+        compute_dtype=engine.compute_dtype or "as stored",
+        device=mx.default_device().type.name,
+        other_requests=other,
     )
 
 
@@ -128,7 +143,7 @@ class BenchmarkStore:
     def add(self, result: BenchmarkResult) -> None:
         with self._lock:
             models = self._read()
-            runs = [*models.pop(result.model, []), result.model_dump()][-self.per_model:]
+            runs = [*models.pop(result.model, []), result.model_dump()][-self.per_model :]
             models[result.model] = runs  # re-inserted last: the most recently benchmarked model
             while len(models) > self.max_models:
                 models.pop(next(iter(models)))

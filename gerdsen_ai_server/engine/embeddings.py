@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
@@ -86,7 +86,7 @@ class EmbeddingJob:
         # One forward pass of up to BATCH inputs whose padded size fits ``tokens`` (at least one:
         # an encoder input is bounded by its position table, a few hundred tokens).
         group = [self._order[self._next]]
-        for index in self._order[self._next + 1:self._next + BATCH]:
+        for index in self._order[self._next + 1 : self._next + BATCH]:
             if (len(group) + 1) * len(self.inputs[index]) > tokens:
                 break
             group.append(index)
@@ -112,7 +112,7 @@ class EmbeddingJob:
                 continue
             if self._cache is None:
                 self._cache = make_prompt_cache(model)
-            piece = tokens[self._offset:self._offset + budget]
+            piece = tokens[self._offset : self._offset + budget]
             hidden = body(mx.array([piece]), cache=self._cache)[0].astype(mx.float32)
             total = hidden.sum(axis=0)
             self._sum = total if self._sum is None else self._sum + total
@@ -127,7 +127,7 @@ class EmbeddingJob:
         if pending:
             mx.eval([vector for _, vector in pending])
             for index, vector in pending:
-                self.vectors[index] = vector.tolist()
+                self.vectors[index] = cast(list[float], vector.tolist())  # a 1-D array
 
 
 def embed(model: Any, inputs: list[list[int]]) -> list[list[float]]:

@@ -52,8 +52,14 @@ def default_compute_dtype(setting: str) -> str | None:
 
 
 class InferenceEngine:
-    def __init__(self, options: EngineOptions, *, loader: LoaderFactory | None = None,
-                 events: EventBus | None = None, on_crash: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        options: EngineOptions,
+        *,
+        loader: LoaderFactory | None = None,
+        events: EventBus | None = None,
+        on_crash: Callable[[], None] | None = None,
+    ) -> None:
         self.options = options
         self.models_dir = options.models_dir
         self.max_batch = options.max_batch
@@ -121,8 +127,15 @@ class InferenceEngine:
         self._admission.window = seconds
 
     # ---- caller side (any thread) ------------------------------------------------------
-    def load_model(self, spec: str, keep_alive: float | None = None, pinned: bool = False, *,
-                   trusted: bool = False, allowed: Sequence[Path] = ()) -> Future[LoadedModel]:
+    def load_model(
+        self,
+        spec: str,
+        keep_alive: float | None = None,
+        pinned: bool = False,
+        *,
+        trusted: bool = False,
+        allowed: Sequence[Path] = (),
+    ) -> Future[LoadedModel]:
         """Load on the engine thread (``keep_alive``: idle seconds, None for the server default, inf to keep).
 
         ``spec`` is untrusted unless ``trusted`` (only the operator's own, never a request's): it then
@@ -225,8 +238,9 @@ class InferenceEngine:
             while not self._stopping.is_set():
                 decoding = any(b.busy for b in self._stepped())
                 busy = decoding or bool(self.registry.loading) or bool(self._embeddings.jobs)
-                self._drain_commands(None if busy or self.prompt_cache.pending else
-                                     ADMIT_POLL_S if self._admission.held else 0.5)
+                self._drain_commands(
+                    None if busy or self.prompt_cache.pending else ADMIT_POLL_S if self._admission.held else 0.5
+                )
                 self._admit_held()
                 for backend in self._stepped():
                     backend.cancel()
@@ -295,8 +309,13 @@ class InferenceEngine:
     def _load(self, command: Load) -> None:
         future = command.reply
         try:
-            found = self.registry.begin_load(command.spec, keep_alive=command.keep_alive, pinned=command.pinned,
-                                             trusted=command.trusted, allowed=command.allowed)
+            found = self.registry.begin_load(
+                command.spec,
+                keep_alive=command.keep_alive,
+                pinned=command.pinned,
+                trusted=command.trusted,
+                allowed=command.allowed,
+            )
         except ModelLoadError as exc:
             future.set_exception(exc)
             return

@@ -12,8 +12,17 @@ from __future__ import annotations
 from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound, ModelRefused, UnsupportedModelFormat
 
 __all__ = [
-    "BenchmarkFailed", "ContextLengthExceeded", "EmbeddingCancelled", "EngineGone", "EngineOverloaded",
-    "ModelBusy", "ModelLoadError", "ModelNotFound", "ModelPinned", "ModelRefused", "OverBudget",
+    "BenchmarkFailed",
+    "ContextLengthExceeded",
+    "EmbeddingCancelled",
+    "EngineGone",
+    "EngineOverloaded",
+    "ModelBusy",
+    "ModelLoadError",
+    "ModelNotFound",
+    "ModelPinned",
+    "ModelRefused",
+    "OverBudget",
     "UnsupportedModelFormat",
 ]
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -58,8 +58,19 @@ def ll_tokenizer(tokenizer: Any) -> LLTokenizer:
 
 
 # Keywords whose value is one subschema, a map of name -> subschema, or a list of subschemas.
-_ONE = ("items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames",
-        "additionalItems", "unevaluatedProperties", "unevaluatedItems")
+_ONE = (
+    "items",
+    "additionalProperties",
+    "not",
+    "contains",
+    "if",
+    "then",
+    "else",
+    "propertyNames",
+    "additionalItems",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+)
 _MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
 
@@ -72,8 +83,11 @@ def map_schema(schema: Any, fn: Callable[[dict[str, Any], bool], dict[str, Any]]
     out: dict[str, Any] = {}
     for key, value in schema.items():
         if key in _ONE:
-            out[key] = ([map_schema(v, fn) for v in value] if key == "items" and isinstance(value, list)
-                        else map_schema(value, fn))
+            out[key] = (
+                [map_schema(v, fn) for v in value]
+                if key == "items" and isinstance(value, list)
+                else map_schema(value, fn)
+            )
         elif key in _MAP and isinstance(value, dict):
             out[key] = {name: map_schema(sub, fn) for name, sub in value.items()}
         elif key in _LIST and isinstance(value, list):
@@ -89,8 +103,9 @@ def _strict_one(schema: dict[str, Any], in_all_of: bool) -> dict[str, Any]:
         kinds = kind if isinstance(kind, list) else [kind]
         schema["type"] = kinds if "null" in kinds else [*kinds, "null"]
         kind = schema["type"]
-    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind) or (
-        kind is None and "properties" in schema)
+    is_object = (
+        kind == "object" or (isinstance(kind, list) and "object" in kind) or (kind is None and "properties" in schema)
+    )
     # allOf members are intersected: "no other keys" on one would forbid the keys the others declare
     # (and on the schema holding the allOf, the keys its members declare), so those keep JSON Schema's default.
     if is_object and not in_all_of and not {"additionalProperties", "patternProperties", "allOf"} & schema.keys():
@@ -129,7 +144,7 @@ class GrammarProcessor:
         self._consumed = 0
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        new = tokens.tolist()[self._consumed:] if tokens.size else []
+        new = cast(list[int], tokens.tolist())[self._consumed :] if tokens.size else []  # 1-D token ids
         for token in new:
             if not self._matcher.consume_token(int(token)):
                 raise ValueError(f"grammar rejected token {token}: {self._matcher.get_error()}")

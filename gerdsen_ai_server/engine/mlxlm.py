@@ -7,7 +7,7 @@ Everything else (sampling, logits processors, KV caches, the LRU and its byte bu
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationBatch
@@ -31,11 +31,13 @@ class DecodeBatch(GenerationBatch):
     def _step(self) -> tuple[list[int], list[mx.array]]:
         self.forwarded = not self.uids or any(n + 1 < m for n, m in zip(self._num_tokens, self.max_tokens, strict=True))
         if self.forwarded:
-            return super()._step()  # type: ignore[no-any-return]
-        self._current_tokens = self._next_tokens
-        self._current_logprobs = self._next_logprobs
-        mx.eval(self._current_tokens, self._current_logprobs)
-        return self._current_tokens.tolist(), self._current_logprobs
+            return super()._step()
+        tokens, logprobs = self._next_tokens, self._next_logprobs
+        # mlx-lm declares _current_tokens by its first value, None; it holds the step's token array
+        self._current_tokens = tokens  # type: ignore[assignment]
+        self._current_logprobs = logprobs
+        mx.eval(tokens, logprobs)
+        return cast(list[int], tokens.tolist()), logprobs
 
 
 class _PromptTrie(PromptTrie):
@@ -82,7 +84,7 @@ class PromptCache(LRUPromptCache):
 
     def __init__(self, max_size: int, max_bytes: int) -> None:
         super().__init__(max_size=max_size, max_bytes=max_bytes)
-        self._trie = _PromptTrie()
+        self._trie = _PromptTrie()  # type: ignore[no-untyped-call]  # mlx-lm's PromptTrie.__init__ is unannotated
 
     def drop_model(self, model: Any) -> None:
         """Forget every cached prompt of ``model``, which has left memory: its KV caches free their

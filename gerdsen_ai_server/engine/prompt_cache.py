@@ -79,7 +79,7 @@ class PrefixCache:
         mx.eval([c.state for _, _, cache in stored for c in cache])
         for model_id, tokens, cache in stored:
             self.lru.insert_cache(model_id, list(tokens), cache)
-        del self._unstored[:len(stored)]  # only now: until stored, they count as pending
+        del self._unstored[: len(stored)]  # only now: until stored, they count as pending
 
     def forget(self, model_id: str) -> None:
         """An unloaded model's prompt caches go with it (registry.unload, on the engine thread)."""

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gerdsen_ai_server.engine.errors import EngineGone as EngineGone  # raised here; defined with the engine's errors
 
@@ -75,6 +75,15 @@ class TokenEvent:
 # How often a reader waiting on its stream runs its ``watch`` (client still there? deadline?): often
 # enough that an abandoned request's sequences leave the batch within about a second.
 WATCH_INTERVAL_S = 0.25
+
+
+class EventSource(Protocol):
+    """What the serving layer reads a choice from: a ``TokenStream``, or a wrapper that sees its
+    events go by (the Responses API's ``LogprobTap``)."""
+
+    def __iter__(self) -> Iterator[TokenEvent]: ...
+
+    def cancel(self) -> None: ...
 
 
 class TokenStream:

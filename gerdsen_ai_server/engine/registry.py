@@ -103,8 +103,15 @@ class ModelRegistry:
         path = Path(spec)
         return path.name if path.is_absolute() or spec.startswith((".", "~")) else spec
 
-    def begin_load(self, spec: str, *, keep_alive: float | None = None, pinned: bool = False,
-                   trusted: bool = False, allowed: Sequence[Path] = ()) -> Resident | PendingLoad:
+    def begin_load(
+        self,
+        spec: str,
+        *,
+        keep_alive: float | None = None,
+        pinned: bool = False,
+        trusted: bool = False,
+        allowed: Sequence[Path] = (),
+    ) -> Resident | PendingLoad:
         """The resident model, or its load in progress (started now if none is): finish it with ``advance``.
 
         ``spec`` is untrusted unless ``trusted`` (the operator's own: the default model, the CLI): an
@@ -158,8 +165,9 @@ class ModelRegistry:
             log.exception("loading %s failed", spec)
             exc = ModelLoadError(f"Could not load '{spec}': {type(exc).__name__}: {exc}")
         else:  # a missing model is routine (info); one that fails to load is worth a warning
-            log.log(logging.INFO if isinstance(exc, ModelNotFound) else logging.WARNING, "loading %r failed: %s",
-                    spec, exc)
+            log.log(
+                logging.INFO if isinstance(exc, ModelNotFound) else logging.WARNING, "loading %r failed: %s", spec, exc
+            )
         return type(exc)(redact_paths(str(exc), self.models_dir, allowed))
 
     def advance(self, pending: PendingLoad) -> Resident | None:
@@ -181,8 +189,9 @@ class ModelRegistry:
         self.residents[model_id] = resident
         seconds = time.monotonic() - pending.started
         log.info("loaded %s (%.0f MB) in %.1f s", model_id, loaded.nbytes / 1e6, seconds)
-        self._events.publish("model_event", event="loaded", model=model_id, bytes=loaded.nbytes,
-                             seconds=round(seconds, 3))
+        self._events.publish(
+            "model_event", event="loaded", model=model_id, bytes=loaded.nbytes, seconds=round(seconds, 3)
+        )
         return resident
 
     def abandon_loads(self) -> list[PendingLoad]:
@@ -202,11 +211,15 @@ class ModelRegistry:
         if resident is None:
             return
         if resident.pinned:
-            raise ModelPinned(f"The model '{model_id}' is the server's default model (IMPETUS_DEFAULT_MODEL), pinned "
-                              "so that the server stays ready: it cannot be unloaded while the server runs.")
+            raise ModelPinned(
+                f"The model '{model_id}' is the server's default model (IMPETUS_DEFAULT_MODEL), pinned "
+                "so that the server stays ready: it cannot be unloaded while the server runs."
+            )
         if resident.busy:
-            raise ModelBusy(f"The model '{model_id}' is generating ({sum(resident.backend.counts())} requests); "
-                            "unload it when they finish.")
+            raise ModelBusy(
+                f"The model '{model_id}' is generating ({sum(resident.backend.counts())} requests); "
+                "unload it when they finish."
+            )
         del self.residents[model_id]
         resident.backend.close()
         del resident
@@ -222,15 +235,17 @@ class ModelRegistry:
 
     def _make_room(self, need: int, model_id: str) -> None:
         if need > self.budget_bytes:
-            raise OverBudget(f"The model '{model_id}' needs about {need / 2**30:.2f} GiB, more than the whole "
-                             f"memory budget ({self.budget_bytes / 2**30:.2f} GiB, IMPETUS_MEMORY_BUDGET).")
-        idle = sorted((r for r in self.residents.values() if not r.busy and not r.pinned),
-                      key=lambda r: r.last_used)
+            raise OverBudget(
+                f"The model '{model_id}' needs about {need / 2**30:.2f} GiB, more than the whole "
+                f"memory budget ({self.budget_bytes / 2**30:.2f} GiB, IMPETUS_MEMORY_BUDGET)."
+            )
+        idle = sorted((r for r in self.residents.values() if not r.busy and not r.pinned), key=lambda r: r.last_used)
         while self.used_bytes() + self.reserved_bytes() + need > self.budget_bytes:
             if not idle:
                 raise OverBudget(
                     f"The model '{model_id}' needs about {need / 2**30:.2f} GiB; "
                     f"{(self.used_bytes() + self.reserved_bytes()) / 2**30:.2f} of {self.budget_bytes / 2**30:.2f} "
                     "GiB are held by models that are generating, pinned or loading. Unload one or raise "
-                    "IMPETUS_MEMORY_BUDGET.")
+                    "IMPETUS_MEMORY_BUDGET."
+                )
             self.unload(idle.pop(0).loaded.model_id, reason="evicted")

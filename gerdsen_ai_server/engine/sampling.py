@@ -10,6 +10,7 @@ lives with the text step every backend shares, text.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import mlx.core as mx
 from mlx_lm.sample_utils import (
@@ -97,5 +98,8 @@ def token_logprob(logprobs: mx.array, token: int, top: int) -> TokenLogprob:
         ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
         values = logprobs[ids]
         order = mx.argsort(-values)
-        alternatives = list(zip(ids[order].tolist(), values[order].tolist(), strict=True))
-    return TokenLogprob(token, logprobs[token].item(), alternatives)
+        # 1-D arrays: tolist() is a flat list (mlx's stubs allow any nesting)
+        alternatives = list(
+            zip(cast(list[int], ids[order].tolist()), cast(list[float], values[order].tolist()), strict=True)
+        )
+    return TokenLogprob(token, cast(float, logprobs[token].item()), alternatives)

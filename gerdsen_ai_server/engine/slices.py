@@ -112,16 +112,23 @@ class Embeddings:
             job = self.jobs[0]
             resident = self.registry.get(job.model_id)
             if job.cancelled or resident is None:
-                self.end(job, EmbeddingCancelled("cancelled") if job.cancelled else
-                         ModelNotFound(f"The model '{job.model_id}' is not loaded."))
+                self.end(
+                    job,
+                    EmbeddingCancelled("cancelled")
+                    if job.cancelled
+                    else ModelNotFound(f"The model '{job.model_id}' is not loaded."),
+                )
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             per_token = self._seconds_per_token.get(job.model_id)
             low_tokens, high_tokens = EMBED_SLICE_TOKENS
-            tokens = EMBED_FIRST_SLICE_TOKENS if per_token is None else int(
-                min(max(left / max(per_token, 1e-7), low_tokens), high_tokens))
+            tokens = (
+                EMBED_FIRST_SLICE_TOKENS
+                if per_token is None
+                else int(min(max(left / max(per_token, 1e-7), low_tokens), high_tokens))
+            )
             before, started = job.tokens_done, time.monotonic()
             try:
                 finished = job.advance(resident.loaded.model, tokens)
@@ -133,8 +140,7 @@ class Embeddings:
             if done > 0:
                 measured = (time.monotonic() - started) / done
                 per_token = self._seconds_per_token.get(job.model_id)
-                self._seconds_per_token[job.model_id] = (
-                    measured if per_token is None else (per_token + measured) / 2)
+                self._seconds_per_token[job.model_id] = measured if per_token is None else (per_token + measured) / 2
             self.registry.touch(resident)
             if finished:
                 self.end(job, None)

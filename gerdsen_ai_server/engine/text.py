@@ -73,8 +73,7 @@ class TextStep:
         self.logprobs = request.logprobs  # None: none; k: the chosen token's and k alternatives
         self.completion_tokens = 0
 
-    def event(self, token: int, finish: str | None,
-              logprob_of: Callable[[int, int], TokenLogprob]) -> TokenEvent:
+    def event(self, token: int, finish: str | None, logprob_of: Callable[[int, int], TokenLogprob]) -> TokenEvent:
         """The event of ``token`` (``finish``: the backend's own reason to end here, or None).
 
         ``logprob_of(token, top)`` is called only when the request asked for log-probabilities.

@@ -109,16 +109,27 @@ class ThermalGovernor:
             return self.limit
         want = self.reduced if state in HOT else None
         if want != self.limit:
-            log.warning("thermal state %s: batch size %s", state,
-                        f"capped at {want}" if want is not None else f"back to {self.max_batch}")
+            log.warning(
+                "thermal state %s: batch size %s",
+                state,
+                f"capped at {want}" if want is not None else f"back to {self.max_batch}",
+            )
             self.limit = want
             self.set_limit(want)
         return self.limit
 
 
 class Monitor:
-    def __init__(self, engine: InferenceEngine, probe: HardwareProbe, events: EventBus, *, interval: float = 1.0,
-                 thermal_interval: float = 5.0, thermal_batch_size: int = 0) -> None:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        probe: HardwareProbe,
+        events: EventBus,
+        *,
+        interval: float = 1.0,
+        thermal_interval: float = 5.0,
+        thermal_batch_size: int = 0,
+    ) -> None:
         self.engine = engine
         self.probe = probe
         self.events = events
@@ -185,8 +196,11 @@ class Monitor:
             "tokens_per_second_recent": self.throughput.recent(),
             "models": [{"id": m.model_id, "bytes": m.nbytes} for m in self.engine.models()],
             "process": {"rss_bytes": self._process.memory_info().rss, "cpu_percent": self._process.cpu_percent(None)},
-            "system": {"cpu_percent": psutil.cpu_percent(None), "memory_used_percent": vm.percent,
-                       "memory_available_bytes": vm.available},
+            "system": {
+                "cpu_percent": psutil.cpu_percent(None),
+                "memory_used_percent": vm.percent,
+                "memory_available_bytes": vm.available,
+            },
             "mlx": dict(self.mlx_memory),
             "thermal_state": self.thermal.state if self.thermal else None,
         }
@@ -196,9 +210,13 @@ class Monitor:
             import mlx.core as mx
 
             info = mx.device_info()
-            self.mlx_device = {"version": mx.__version__, "device": mx.default_device().type.name,
-                               "device_name": str(info.get("device_name") or "") or None,
-                               "architecture": str(info.get("architecture") or "") or None}
+            version: str = getattr(mx, "__version__", "")  # mlx.core's stubs omit it; the module has it
+            self.mlx_device = {
+                "version": version,
+                "device": mx.default_device().type.name,
+                "device_name": str(info.get("device_name") or "") or None,
+                "architecture": str(info.get("architecture") or "") or None,
+            }
         except Exception as exc:
             log.warning("could not read MLX's device: %s", exc)
 
@@ -206,17 +224,24 @@ class Monitor:
         try:
             import mlx.core as mx
 
-            self.mlx_memory = {"active_memory_bytes": mx.get_active_memory(), "peak_memory_bytes": mx.get_peak_memory(),
-                               "cache_memory_bytes": mx.get_cache_memory()}
+            self.mlx_memory = {
+                "active_memory_bytes": mx.get_active_memory(),
+                "peak_memory_bytes": mx.get_peak_memory(),
+                "cache_memory_bytes": mx.get_cache_memory(),
+            }
         except Exception as exc:
             log.debug("could not read MLX's memory counters: %s", exc)
 
     def mlx_info(self) -> MlxInfo | None:
         if not self.mlx_device:
             return None
-        return MlxInfo(**self.mlx_device, **self.mlx_memory,  # type: ignore[arg-type]
-                       compute_dtype=self.engine.compute_dtype or "as stored", blas=blas_in_use(),
-                       allocator=allocator())
+        return MlxInfo(
+            **self.mlx_device,
+            **self.mlx_memory,
+            compute_dtype=self.engine.compute_dtype or "as stored",
+            blas=blas_in_use(),
+            allocator=allocator(),
+        )
 
     def throttling(self, frequency: FrequencyInfo | None, thermal: ThermalInfo | None) -> ThrottlingInfo:
         reasons = []
@@ -236,7 +261,9 @@ class Monitor:
         known = ratio is not None or thermal is not None
         recent = self.throughput.recent()
         return ThrottlingInfo(
-            throttled=bool(reasons) if (known or reasons) else None, reasons=reasons, cpu_frequency_ratio=ratio,
+            throttled=bool(reasons) if (known or reasons) else None,
+            reasons=reasons,
+            cpu_frequency_ratio=ratio,
             tokens_per_second_recent=round(recent, 3) if recent is not None else None,
             tokens_per_second_peak=round(self.throughput.peak, 3) if self.throughput.peak else None,
             throughput_drop=round(drop, 3) if drop is not None else None,
@@ -264,9 +291,15 @@ class Monitor:
         if mlx is None:
             unavailable["mlx"] = "MLX's device has not been read yet"
         return HardwareReport(
-            platform=platform_info(self.probe), mlx=mlx, **values,
+            platform=platform_info(self.probe),
+            mlx=mlx,
+            **values,
             throttling=self.throttling(values["frequency"], values["thermal"]),
-            batch=BatchInfo(max_batch=self.engine.max_batch, batch_limit=self.engine.batch_limit,
-                            thermal_batch_size=self.thermal_batch_size),
-            unavailable=unavailable, sampled_at=time.time(),
+            batch=BatchInfo(
+                max_batch=self.engine.max_batch,
+                batch_limit=self.engine.batch_limit,
+                thermal_batch_size=self.thermal_batch_size,
+            ),
+            unavailable=unavailable,
+            sampled_at=time.time(),
         )

@@ -19,20 +19,32 @@ from gerdsen_ai_server.monitoring.prometheus import Metrics
 def publish_started(events: EventBus, streams: list[TokenStream], route: str) -> None:
     """``request_event`` started: the request's id, model, route, sequences and prompt tokens."""
     first = streams[0].request
-    events.publish("request_event", event="started", id=first.request_id, model=first.model, route=route,
-                   sequences=len(streams), prompt_tokens=sum(len(s.request.prompt_tokens) for s in streams))
+    events.publish(
+        "request_event",
+        event="started",
+        id=first.request_id,
+        model=first.model,
+        route=route,
+        sequences=len(streams),
+        prompt_tokens=sum(len(s.request.prompt_tokens) for s in streams),
+    )
 
 
-def publish_finished(metrics: Metrics, events: EventBus, streams: list[TokenStream], route: str, status: int,
-                     elapsed: float | None) -> None:
+def publish_finished(
+    metrics: Metrics, events: EventBus, streams: list[TokenStream], route: str, status: int, elapsed: float | None
+) -> None:
     """Measure every stream (Prometheus) and publish ``request_event`` finished with the totals."""
     measured = [metrics.observe_stream(s) for s in streams]
     ttfts = [m.ttft_s for m in measured if m.ttft_s is not None]
     rates = [m.tokens_per_second for m in measured if m.tokens_per_second is not None]
     outcomes = {m.outcome for m in measured}
     payload: dict[str, Any] = {
-        "id": streams[0].request.request_id, "model": streams[0].request.model, "route": route, "status": status,
-        "sequences": len(streams), "outcome": outcomes.pop() if len(outcomes) == 1 else "mixed",
+        "id": streams[0].request.request_id,
+        "model": streams[0].request.model,
+        "route": route,
+        "status": status,
+        "sequences": len(streams),
+        "outcome": outcomes.pop() if len(outcomes) == 1 else "mixed",
         "prompt_tokens": sum(m.prompt_tokens for m in measured),
         "completion_tokens": sum(m.completion_tokens for m in measured),
         "ttft_s": round(min(ttfts), 4) if ttfts else None,  # the first token of any choice

@@ -49,8 +49,21 @@ JEMALLOC_CONF = "background_thread:true,oversize_threshold:0,dirty_decay_ms:1000
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -104,13 +117,21 @@ def malloc_info() -> dict[str, int] | None:
         epoch = ctypes.c_uint64(1)  # refresh jemalloc's cached statistics
         _MALLCTL(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch))
         allocated, resident = _jemalloc_stat("stats.allocated"), _jemalloc_stat("stats.resident")
-        return {"in_use_bytes": allocated, "free_bytes": max(resident - allocated, 0),
-                "arena_bytes": _jemalloc_stat("stats.mapped"), "mmap_bytes": 0}
+        return {
+            "in_use_bytes": allocated,
+            "free_bytes": max(resident - allocated, 0),
+            "arena_bytes": _jemalloc_stat("stats.mapped"),
+            "mmap_bytes": 0,
+        }
     if _LIBC is None:
         return None
     info = _LIBC.mallinfo2()
-    return {"in_use_bytes": info.uordblks + info.hblkhd, "free_bytes": info.fordblks,
-            "arena_bytes": info.arena, "mmap_bytes": info.hblkhd}
+    return {
+        "in_use_bytes": info.uordblks + info.hblkhd,
+        "free_bytes": info.fordblks,
+        "arena_bytes": info.arena,
+        "mmap_bytes": info.hblkhd,
+    }
 
 
 def set_mmap_threshold(nbytes: int) -> bool:
@@ -119,7 +140,6 @@ def set_mmap_threshold(nbytes: int) -> bool:
     if _LIBC is None or nbytes <= 0:
         return False
     return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, nbytes))
-
 
 
 def set_arena_max(arenas: int) -> bool:

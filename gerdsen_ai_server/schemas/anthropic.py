@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    ModelWrapValidatorHandler,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from gerdsen_ai_server.errors import APIError
@@ -64,8 +73,9 @@ def _text_or_blocks(value: Any) -> str:
 class ToolResultBlock(_Request):
     type: Literal["tool_result"]
     tool_use_id: str
-    content: Annotated[Annotated[str, Tag("text")] | Annotated[list[TextBlock], Tag("blocks")],
-                       Discriminator(_text_or_blocks)] = ""
+    content: Annotated[
+        Annotated[str, Tag("text")] | Annotated[list[TextBlock], Tag("blocks")], Discriminator(_text_or_blocks)
+    ] = ""
     is_error: bool | None = None
     cache_control: CacheControl | None = None
     toolset_name: str | None = None
@@ -92,8 +102,9 @@ class RedactedThinkingBlock(_Request):
     cache_control: CacheControl | None = None
 
 
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
-                  Field(discriminator="type")]
+Block = Annotated[
+    TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock, Field(discriminator="type")
+]
 
 
 class Message(_Request):
@@ -102,12 +113,13 @@ class Message(_Request):
     role: Literal["user", "assistant", "system"]
     # A callable discriminator, so a bad block list reports the block's own error, never the
     # misleading "Input should be a valid string" of the str branch.
-    content: Annotated[Annotated[str, Tag("text")] | Annotated[list[Block], Tag("blocks")],
-                       Discriminator(_text_or_blocks)]
+    content: Annotated[
+        Annotated[str, Tag("text")] | Annotated[list[Block], Tag("blocks")], Discriminator(_text_or_blocks)
+    ]
 
     @model_validator(mode="wrap")
     @classmethod
-    def _plain_locations(cls, data: Any, handler: Any) -> Message:
+    def _plain_locations(cls, data: Any, handler: ModelWrapValidatorHandler[Message]) -> Message:
         """Errors located the way the API documents the request (``content.0.text``), without
         pydantic's union labels (``blocks``, the block's tag) in the path."""
         try:
@@ -120,8 +132,11 @@ class Message(_Request):
                     del loc[3]  # the block's type tag (message content is a union tagged by type)
                 # "text"/"blocks" after any "content": which branch of str | list was tried, not a field.
                 loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] == "content" and isinstance(p, str))]
-                details.append(InitErrorDetails(type=PydanticCustomError(error["type"], error["msg"]),
-                                                loc=tuple(loc), input=error["input"]))
+                details.append(
+                    InitErrorDetails(
+                        type=PydanticCustomError(error["type"], error["msg"]), loc=tuple(loc), input=error["input"]
+                    )
+                )
             raise ValidationError.from_exception_data(cls.__name__, details) from None
 
 
@@ -188,8 +203,10 @@ class ContextManagement(_Request):
     def _only_thinking(self) -> ContextManagement:
         for edit in self.edits:
             if not edit.type.startswith("clear_thinking_"):
-                raise ValueError(f"context edits of type '{edit.type}' are not supported by this server "
-                                 "(only clear_thinking_* edits, which it always applies)")
+                raise ValueError(
+                    f"context edits of type '{edit.type}' are not supported by this server "
+                    "(only clear_thinking_* edits, which it always applies)"
+                )
         return self
 
 
@@ -198,8 +215,10 @@ def _refused_block(kind: str, allowed: frozenset[str]) -> str:
         return f"{kind} blocks are not supported by this text model"
     if kind in MESSAGE_BLOCKS:
         return f"{kind} blocks are not allowed here (allowed: {', '.join(sorted(allowed))})"
-    return (f"blocks of type '{kind}' are not supported by this server (Anthropic's server-side tools and "
-            f"their results are not run here; allowed: {', '.join(sorted(allowed))})")
+    return (
+        f"blocks of type '{kind}' are not supported by this server (Anthropic's server-side tools and "
+        f"their results are not run here; allowed: {', '.join(sorted(allowed))})"
+    )
 
 
 def _block_lists(data: dict[str, Any]) -> list[tuple[str, list[Any], frozenset[str]]]:
@@ -212,10 +231,15 @@ def _block_lists(data: dict[str, Any]) -> list[tuple[str, list[Any], frozenset[s
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, list):
             continue
-        lists.append((f"messages.{i}.content", content,
-                      SYSTEM_BLOCKS if message.get("role") == "system" else MESSAGE_BLOCKS))
+        lists.append(
+            (f"messages.{i}.content", content, SYSTEM_BLOCKS if message.get("role") == "system" else MESSAGE_BLOCKS)
+        )
         for j, block in enumerate(content):
-            if isinstance(block, dict) and block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+            if (
+                isinstance(block, dict)
+                and block.get("type") == "tool_result"
+                and isinstance(block.get("content"), list)
+            ):
                 lists.append((f"messages.{i}.content.{j}.content", block["content"], TOOL_RESULT_BLOCKS))
     return lists
 
@@ -228,15 +252,23 @@ def refuse_unsupported_blocks(data: Any) -> Any:
         for j, block in enumerate(blocks):
             kind = block.get("type") if isinstance(block, dict) else None
             if isinstance(kind, str) and kind not in allowed:
-                raise APIError(400, f"{where}.{j}: {_refused_block(kind[:50], allowed)}", param=f"{where}.{j}",
-                               code="unsupported_content")
+                raise APIError(
+                    400,
+                    f"{where}.{j}: {_refused_block(kind[:50], allowed)}",
+                    param=f"{where}.{j}",
+                    code="unsupported_content",
+                )
     tools = data.get("tools")
     for i, tool in enumerate(tools if isinstance(tools, list) else []):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if isinstance(kind, str) and kind != "custom":
-            raise APIError(400, f"tools.{i}: tools of type '{kind[:50]}' are Anthropic's server-side tools, which this "
-                           "server does not run; declare a custom tool (name, input_schema) instead.",
-                           param=f"tools.{i}.type", code="unsupported_tool")
+            raise APIError(
+                400,
+                f"tools.{i}: tools of type '{kind[:50]}' are Anthropic's server-side tools, which this "
+                "server does not run; declare a custom tool (name, input_schema) instead.",
+                param=f"tools.{i}.type",
+                code="unsupported_tool",
+            )
     return data
 
 
@@ -281,8 +313,12 @@ class MessagesRequest(_Conversation):
     @model_validator(mode="after")
     def _budget_below_max_tokens(self) -> MessagesRequest:
         budget = self.thinking.budget_tokens if self.thinking is not None else None
-        if self.thinking is not None and self.thinking.type == "enabled" and budget is not None \
-                and budget >= self.max_tokens:
+        if (
+            self.thinking is not None
+            and self.thinking.type == "enabled"
+            and budget is not None
+            and budget >= self.max_tokens
+        ):
             raise ValueError("thinking.budget_tokens must be less than max_tokens")
         return self
 

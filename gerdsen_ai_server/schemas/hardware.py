@@ -23,7 +23,9 @@ class PlatformInfo(BaseModel):
 
 
 class CpuInfo(BaseModel):
-    brand: str | None = Field(None, description="Apple: sysctl machdep.cpu.brand_string; Linux: /proc/cpuinfo model name.")
+    brand: str | None = Field(
+        None, description="Apple: sysctl machdep.cpu.brand_string; Linux: /proc/cpuinfo model name."
+    )
     cores_physical: int | None = None
     cores_logical: int | None = None
     performance_cores: int | None = Field(None, description="Apple Silicon: hw.perflevel0.physicalcpu.")
@@ -112,6 +114,7 @@ class HardwareReport(BaseModel):
     throttling: ThrottlingInfo
     batch: BatchInfo
     unavailable: dict[str, str] = Field(
-        default_factory=dict, description="Section name -> why it is null (a probe that failed never fails the request)."
+        default_factory=dict,
+        description="Section name -> why it is null (a probe that failed never fails the request).",
     )
     sampled_at: float = Field(description="Unix time of the reading.")

@@ -32,7 +32,9 @@ class HealthReport(BaseModel):
     prompt_cache_bytes: int
     prompt_cache_limit_bytes: int
     max_batch: int
-    batch_limit: int | None = Field(description="The batch size while the machine is hot (thermal adaptation); null otherwise.")
+    batch_limit: int | None = Field(
+        description="The batch size while the machine is hot (thermal adaptation); null otherwise."
+    )
     thermal_state: ThermalState | None
     models: list[ResidentModel]
 

@@ -34,8 +34,9 @@ class JSONShapeError(ValueError):
 
 def reject_constant(name: str) -> Any:
     """``parse_constant`` for ``json.loads``: NaN and ±Infinity are refused at parse time."""
-    raise JSONShapeError(f"The JSON body holds {name}, which is not a JSON number: send a finite number.",
-                         "invalid_json")
+    raise JSONShapeError(
+        f"The JSON body holds {name}, which is not a JSON number: send a finite number.", "invalid_json"
+    )
 
 
 def check_json_value(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
@@ -49,19 +50,24 @@ def check_json_value(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
     while stack:
         node, path = stack.pop()
         if len(path) >= max_depth:
-            raise JSONShapeError(f"The JSON body is nested more than {max_depth} levels deep.", "nesting_too_deep",
-                                 str(path[0]))
+            raise JSONShapeError(
+                f"The JSON body is nested more than {max_depth} levels deep.", "nesting_too_deep", str(path[0])
+            )
         children = node.values() if isinstance(node, dict) else node
         kinds = set(map(type, children))
         if not kinds & _NEEDS_A_LOOK:
             continue
-        for key, child in (node.items() if isinstance(node, dict) else enumerate(node)):
+        for key, child in node.items() if isinstance(node, dict) else enumerate(node):
             if isinstance(child, dict | list):
                 stack.append((child, (*path, key)))
             elif isinstance(child, float) and not math.isfinite(child):
                 where = ".".join(map(str, (*path, key)))
-                raise JSONShapeError(f"The JSON body holds a non-finite number ({child}) at {where}: send a finite "
-                                     "number (an overflowing one like 1e999 is infinite too).", "invalid_json", where)
+                raise JSONShapeError(
+                    f"The JSON body holds a non-finite number ({child}) at {where}: send a finite "
+                    "number (an overflowing one like 1e999 is infinite too).",
+                    "invalid_json",
+                    where,
+                )
     if isinstance(value, float) and not math.isfinite(value):
         raise JSONShapeError("The JSON body is a non-finite number.", "invalid_json")
 
@@ -78,8 +84,11 @@ def check_unicode(value: Any) -> None:
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise JSONShapeError("The JSON body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which "
-                             "is not a Unicode character.", "invalid_json") from None
+        raise JSONShapeError(
+            "The JSON body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which "
+            "is not a Unicode character.",
+            "invalid_json",
+        ) from None
 
 
 _NEEDS_A_LOOK = frozenset({dict, list, float})  # what json.loads makes that may nest or be non-finite

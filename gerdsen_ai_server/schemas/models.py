@@ -20,7 +20,8 @@ class LoadRequest(BaseModel):
         None, description="Seconds to stay loaded when idle; negative keeps it; omitted uses IMPETUS_KEEP_ALIVE."
     )
     warmup: bool = Field(
-        False, description="After loading, run a short prompt through the engine twice (the first run builds the "
+        False,
+        description="After loading, run a short prompt through the engine twice (the first run builds the "
         "sampler's compiled graph and the buffers) so the first real request is fast; reports TTFT cold vs warm.",
     )
 
@@ -49,7 +50,9 @@ class ModelInfo(BaseModel):
     state: Literal["resident", "local"]
     format: str | None = None
     kind: Literal["language", "embedding"] | None = Field(
-        None, description="language: generates (and embeds); embedding: a dedicated embedding model, /v1/embeddings only.")
+        None,
+        description="language: generates (and embeds); embedding: a dedicated embedding model, /v1/embeddings only.",
+    )
     path: str | None = None
     size_bytes: int | None = Field(None, description="Bytes on disk.")
     memory_bytes: int | None = Field(None, description="Bytes of weights in memory while resident.")
@@ -87,7 +90,8 @@ class BenchmarkResult(BaseModel):
     prompt_tokens_per_second: float = Field(description="prompt_tokens / TTFT.")
     generation_tokens_per_second: float = Field(description="Tokens after the first / time from first to last token.")
     peak_memory_bytes: int | None = Field(
-        None, description="MLX's peak allocation during the run: every resident model and cache, not this one alone.")
+        None, description="MLX's peak allocation during the run: every resident model and cache, not this one alone."
+    )
     model_memory_bytes: int = Field(description="Bytes of this model's weights in memory.")
     compute_dtype: str = Field(description="Weights' dtype in memory ('as stored' when unchanged).")
     device: str = Field(description="MLX device the engine runs on (cpu or gpu).")

@@ -130,8 +130,9 @@ class StreamOptions(_Request):
     include_obfuscation: bool | None = None
 
 
-Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
-                     Field(max_length=16)]  # OpenAI's limits: 16 pairs, keys <= 64, values <= 512 characters
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)
+]  # OpenAI's limits: 16 pairs, keys <= 64, values <= 512 characters
 ServiceTier = Literal["auto", "default", "flex", "scale", "priority", "fast"]
 # OpenAI's reasoning efforts; OpenAI answers a model without the control with a 400, as we do (check_supported).
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
@@ -261,7 +262,8 @@ class ChatCompletionRequest(_Generation, SDKFields):
             return None
         if fmt.type == "json_object":
             return {"type": "object"}
-        assert fmt.json_schema is not None  # checked by ResponseFormat
+        if fmt.json_schema is None:  # ResponseFormat rejects this at validation
+            raise ValueError("response_format json_schema without a schema")
         return fmt.json_schema.schema_
 
 

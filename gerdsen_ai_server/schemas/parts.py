@@ -26,8 +26,15 @@ def refuse_unsupported_parts(data: Any) -> Any:
         for j, part in enumerate(content if isinstance(content, list) else []):
             kind = part.get("type") if isinstance(part, dict) else None
             if isinstance(kind, str) and kind not in allowed:
-                why = ("are not supported by this text model" if kind in MEDIA_PARTS
-                       else f"are not supported (allowed: {', '.join(sorted(allowed))})")
-                raise APIError(400, f"messages.{i}.content.{j}: content parts of type '{kind[:50]}' {why}",
-                               param=f"messages.{i}.content.{j}", code="unsupported_content")
+                why = (
+                    "are not supported by this text model"
+                    if kind in MEDIA_PARTS
+                    else f"are not supported (allowed: {', '.join(sorted(allowed))})"
+                )
+                raise APIError(
+                    400,
+                    f"messages.{i}.content.{j}: content parts of type '{kind[:50]}' {why}",
+                    param=f"messages.{i}.content.{j}",
+                    code="unsupported_content",
+                )
     return data

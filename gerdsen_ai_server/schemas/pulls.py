@@ -16,11 +16,18 @@ PullStatusName = Literal["queued", "downloading", "done", "failed", "cancelled"]
 class PullRequest(BaseModel):
     model_config = REQUEST_CONFIG  # strict types, as every JSON body (schemas/openai.py)
 
-    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$",
-                       description="Hugging Face repo id, 'org/name'.", examples=["mlx-community/Qwen2.5-0.5B-Instruct-4bit"])
+    model: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$",
+        description="Hugging Face repo id, 'org/name'.",
+        examples=["mlx-community/Qwen2.5-0.5B-Instruct-4bit"],
+    )
     revision: str = Field("main", min_length=1, description="Branch, tag or commit.")
-    gguf: str | None = Field(None, min_length=1, description="Fetch the one .gguf file matching this name or pattern "
-                             "(e.g. '*Q4_K_M.gguf') instead of safetensors weights.")
+    gguf: str | None = Field(
+        None,
+        min_length=1,
+        description="Fetch the one .gguf file matching this name or pattern "
+        "(e.g. '*Q4_K_M.gguf') instead of safetensors weights.",
+    )
 
 
 class PullStatus(BaseModel):
@@ -55,7 +62,9 @@ class DiscoveredModel(BaseModel):
     parameters: int | None = None
     quantization: str | None = None
     size_bytes: int | None = Field(None, description="Approximate bytes on disk.")
-    memory_bytes: int | None = Field(None, description="Approximate bytes it takes resident, with this server's compute dtype.")
+    memory_bytes: int | None = Field(
+        None, description="Approximate bytes it takes resident, with this server's compute dtype."
+    )
     fits: bool | None = Field(None, description="Whether memory_bytes is within the memory budget; null if unknown.")
     downloads: int | None = None
     local: bool = Field(False, description="Already in the models dir.")
@@ -76,5 +85,7 @@ class DiscoverResponse(BaseModel):
     source: Literal["catalogue", "hub"]
     query: str | None = None
     memory_budget_bytes: int
-    hub_error: str | None = Field(None, description="Why the hub was not searched, when a query fell back to the catalogue.")
+    hub_error: str | None = Field(
+        None, description="Why the hub was not searched, when a query fell back to the catalogue."
+    )
     data: list[DiscoveredModel]

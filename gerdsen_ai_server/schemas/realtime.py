@@ -55,8 +55,11 @@ class GenerateRequest(ChatCompletionRequest):
     limits are applied here, before the fields are (the ``Any`` parts, tool parameters and JSON
     schemas, are not typed finely enough for the schema to see a NaN in them)."""
 
-    id: str | None = Field(None, pattern=GENERATION_ID,
-                           description="The client's name for this generation, echoed in its events; default: one made up.")
+    id: str | None = Field(
+        None,
+        pattern=GENERATION_ID,
+        description="The client's name for this generation, echoed in its events; default: one made up.",
+    )
 
     @model_validator(mode="before")
     @classmethod

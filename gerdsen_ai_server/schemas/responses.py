@@ -92,16 +92,24 @@ class ResponsesStreamOptions(_Request):
 
 # What ``include`` may ask for. Only the logprobs add anything here: the others add data to output items
 # of built-in tools, images or reasoning, which never occur (those tools and inputs are refused).
-Includable = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
-                     "message.input_image.image_url", "computer_call_output.output.image_url",
-                     "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs"]
+Includable = Literal[
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+    "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+]
 LOGPROBS = "message.output_text.logprobs"
 
 
 class ResponsesRequest(SDKFields):
     model: str = Field(min_length=1)
-    input: str | Annotated[list[InputMessage | FunctionCallItem | FunctionCallOutputItem],
-                           Field(max_length=MAX_MESSAGES)]
+    input: (
+        str | Annotated[list[InputMessage | FunctionCallItem | FunctionCallOutputItem], Field(max_length=MAX_MESSAGES)]
+    )
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -171,8 +179,9 @@ class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
-    logprobs: list[OutputLogprob] = Field(default_factory=list,
-                                          description="With include message.output_text.logprobs (or top_logprobs).")
+    logprobs: list[OutputLogprob] = Field(
+        default_factory=list, description="With include message.output_text.logprobs (or top_logprobs)."
+    )
 
 
 class OutputMessage(BaseModel):

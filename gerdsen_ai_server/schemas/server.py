@@ -18,3 +18,4 @@ class ConfigEntry(BaseModel):
 class ConfigList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ConfigEntry]
+    version: str = Field(description="The server's version: the package's, as /health and `impetus --version` give it.")

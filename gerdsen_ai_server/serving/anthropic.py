@@ -25,9 +25,17 @@ from gerdsen_ai_server.serving.models import resident_model
 from gerdsen_ai_server.serving.running import ClientGone
 from gerdsen_ai_server.serving.tools import ToolPlan, answer_parts, partial_arguments, plan_tools
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
-               429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
 
 
 def error_type(status: int) -> str:
@@ -45,10 +53,16 @@ def to_openai_messages(system: str | None, messages: list[Message]) -> list[dict
             out.append({"role": message.role, "content": message.content})
             continue
         text = "".join(b.text for b in message.content if b.type == "text")
-        calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
-                 for b in message.content if b.type == "tool_use"]
-        results = [{"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text()}
-                   for b in message.content if b.type == "tool_result"]
+        calls = [
+            {"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
+            for b in message.content
+            if b.type == "tool_use"
+        ]
+        results = [
+            {"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text()}
+            for b in message.content
+            if b.type == "tool_result"
+        ]
         out += results  # tool results answer the previous assistant turn, before any new text
         if text or calls or not results:
             out.append({"role": message.role, "content": text, **({"tool_calls": calls} if calls else {})})
@@ -58,10 +72,18 @@ def to_openai_messages(system: str | None, messages: list[Message]) -> list[dict
 def to_openai(body: MessagesRequest | CountTokensRequest) -> ChatCompletionRequest:
     request: dict[str, Any] = {"model": body.model, "messages": to_openai_messages(body.system_text(), body.messages)}
     if body.tools:
-        request["tools"] = [{"type": "function", "function": {
-            "name": t.name, **({"description": t.description} if t.description else {}), "parameters": t.input_schema,
-            **({"strict": t.strict} if t.strict is not None else {}),
-        }} for t in body.tools]
+        request["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    **({"description": t.description} if t.description else {}),
+                    "parameters": t.input_schema,
+                    **({"strict": t.strict} if t.strict is not None else {}),
+                },
+            }
+            for t in body.tools
+        ]
     choice = body.tool_choice
     if choice is not None:
         if choice.type == "tool":
@@ -74,8 +96,10 @@ def to_openai(body: MessagesRequest | CountTokensRequest) -> ChatCompletionReque
             request["parallel_tool_calls"] = False
     output_format = body.output_config.format if body.output_config is not None else None
     if output_format is not None:  # structured outputs: the same constrained decoding as response_format
-        request["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": "output", "schema": output_format.schema_, "strict": True}}
+        request["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": output_format.schema_, "strict": True},
+        }
     if isinstance(body, MessagesRequest):
         request.update(max_tokens=body.max_tokens, temperature=body.temperature, stream=body.stream)
         if body.top_p is not None:
@@ -96,8 +120,12 @@ def stop_reason(calls: list[ToolCall], finish: str | None, stop_sequence: str | 
 
 
 def tool_use_block(call: ToolCall) -> dict[str, Any]:
-    return {"type": "tool_use", "id": call.id.replace("call_", "toolu_", 1), "name": call.function.name,
-            "input": partial_arguments(call.function.arguments)}  # as far as they go, if max_tokens cut them
+    return {
+        "type": "tool_use",
+        "id": call.id.replace("call_", "toolu_", 1),
+        "name": call.function.name,
+        "input": partial_arguments(call.function.arguments),
+    }  # as far as they go, if max_tokens cut them
 
 
 def message_id() -> str:
@@ -114,8 +142,11 @@ def message(body: MessagesRequest, msg_id: str, started: Started) -> MessageResp
     text, calls, last = collect_answer(started)
     content = ([{"type": "text", "text": text}] if text else []) + [tool_use_block(c) for c in calls]
     return MessageResponse(
-        id=msg_id, model=started.loaded.model_id, content=content,
-        stop_reason=stop_reason(calls, last.finish_reason, last.stop_sequence), stop_sequence=last.stop_sequence,
+        id=msg_id,
+        model=started.loaded.model_id,
+        content=content,
+        stop_reason=stop_reason(calls, last.finish_reason, last.stop_sequence),
+        stop_sequence=last.stop_sequence,
         usage=Usage(input_tokens=len(started.prompt), output_tokens=last.completion_tokens),
     )
 
@@ -132,9 +163,21 @@ def stream_events(message_id: str, model: str, prompt_tokens: int, plan: ToolPla
     """Anthropic's event sequence: message_start, content blocks (start / deltas / stop),
     message_delta with the stop reason and usage, message_stop."""
     try:
-        yield event("message_start", {"message": {
-            "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
+        yield event(
+            "message_start",
+            {
+                "message": {
+                    "id": message_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+                }
+            },
+        )
         index, text_open = 0, False
         for kind, value in answer_parts(plan, streams[0]):
             if kind == "error":
@@ -153,14 +196,22 @@ def stream_events(message_id: str, model: str, prompt_tokens: int, plan: ToolPla
             for call in calls:
                 block = tool_use_block(call)
                 yield event("content_block_start", {"index": index, "content_block": {**block, "input": {}}})
-                yield event("content_block_delta", {"index": index, "delta": {
-                    "type": "input_json_delta", "partial_json": call.function.arguments}})
+                yield event(
+                    "content_block_delta",
+                    {"index": index, "delta": {"type": "input_json_delta", "partial_json": call.function.arguments}},
+                )
                 yield event("content_block_stop", {"index": index})
                 index += 1
-            yield event("message_delta", {
-                "delta": {"stop_reason": stop_reason(calls, last.finish_reason, last.stop_sequence),
-                          "stop_sequence": last.stop_sequence},
-                "usage": {"output_tokens": last.completion_tokens}})
+            yield event(
+                "message_delta",
+                {
+                    "delta": {
+                        "stop_reason": stop_reason(calls, last.finish_reason, last.stop_sequence),
+                        "stop_sequence": last.stop_sequence,
+                    },
+                    "usage": {"output_tokens": last.completion_tokens},
+                },
+            )
             yield event("message_stop", {})
     except ClientGone:
         return  # nobody to tell

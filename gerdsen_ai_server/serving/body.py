@@ -37,8 +37,9 @@ def parse_body(schema: type[Schema], data: bytes) -> Schema:
     except JSONShapeError as exc:
         raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
     except RecursionError:
-        raise APIError(400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.",
-                       code="nesting_too_deep") from None
+        raise APIError(
+            400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="nesting_too_deep"
+        ) from None
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
     if not isinstance(body, dict):

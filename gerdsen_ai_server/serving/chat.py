@@ -5,7 +5,7 @@ takes into the engine."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ from jinja2.exceptions import SecurityError
 
 from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.grammar import GrammarError, GrammarProcessor, compile_json_schema, strict_schema
-from gerdsen_ai_server.engine.protocol import TokenEvent, TokenStream
+from gerdsen_ai_server.engine.protocol import EventSource, TokenEvent, TokenStream
 from gerdsen_ai_server.errors import APIError, error_body
 from gerdsen_ai_server.schemas.openai import (
     AssistantMessage,
@@ -51,25 +51,39 @@ def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan
     (serving/chat_template.py), the text's size checked against the context, then tokenized."""
     tokenizer = loaded.tokenizer
     if not getattr(tokenizer, "has_chat_template", True):
-        raise APIError(400, f"The model '{loaded.model_id}' has no chat template; use /v1/completions.",
-                       param="model", code="invalid_value")
+        raise APIError(
+            400,
+            f"The model '{loaded.model_id}' has no chat template; use /v1/completions.",
+            param="model",
+            code="invalid_value",
+        )
     messages, extra = template_messages(body, plan, tokenizer)
     seconds = services().settings.template_timeout
     try:
         text = render_chat_template(tokenizer, messages, extra, seconds)
     except TemplateTimeout:
-        raise APIError(500, f"The model '{loaded.model_id}' has a chat template that took more than {seconds:g} s to "
-                       "render these messages (IMPETUS_TEMPLATE_TIMEOUT); it was stopped.",
-                       code="chat_template_timeout") from None
+        raise APIError(
+            500,
+            f"The model '{loaded.model_id}' has a chat template that took more than {seconds:g} s to "
+            "render these messages (IMPETUS_TEMPLATE_TIMEOUT); it was stopped.",
+            code="chat_template_timeout",
+        ) from None
     except SecurityError as exc:
-        raise APIError(500, f"The model '{loaded.model_id}' has a chat template that was stopped: {exc}.",
-                       code="chat_template_unsafe") from None
+        raise APIError(
+            500,
+            f"The model '{loaded.model_id}' has a chat template that was stopped: {exc}.",
+            code="chat_template_unsafe",
+        ) from None
     except RecursionError:
-        raise APIError(500, f"The model '{loaded.model_id}' has a chat template that recursed too deeply.",
-                       code="chat_template_unsafe") from None
+        raise APIError(
+            500,
+            f"The model '{loaded.model_id}' has a chat template that recursed too deeply.",
+            code="chat_template_unsafe",
+        ) from None
     except Exception as exc:  # a template may reject e.g. a role order it does not support
-        raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages",
-                       code="invalid_value") from None
+        raise APIError(
+            400, f"The chat template rejected these messages: {exc}", param="messages", code="invalid_value"
+        ) from None
     check_text_size(loaded, [text], "messages")
     return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -106,16 +120,26 @@ def start_chat(chat: ChatCompletionRequest, param: str) -> Started:
     loaded = resident_model(chat.model, chat.keep_alive)
     plan = plan_tools(chat, loaded.tokenizer)
     prompt = chat_prompt(chat, loaded, plan)
-    streams = submit_all(chat, loaded, [prompt], chat.max_completion_tokens or chat.max_tokens, param,
-                         constraint_factory(chat, loaded, plan))
+    streams = submit_all(
+        chat,
+        loaded,
+        [prompt],
+        chat.max_completion_tokens or chat.max_tokens,
+        param,
+        constraint_factory(chat, loaded, plan),
+    )
     return Started(loaded, plan, prompt, streams)
 
 
-def collect_answer(started: Started) -> tuple[str, list[ToolCall], TokenEvent]:
-    """The first choice read to its end: its text, tool calls and final event."""
+def collect_answer(
+    started: Started, streams: Sequence[EventSource] | None = None
+) -> tuple[str, list[ToolCall], TokenEvent]:
+    """The first choice read to its end: its text, tool calls and final event. ``streams``: what to
+    read instead of ``started.streams`` (the Responses API reads the first through a LogprobTap)."""
+    choices = started.streams if streams is None else streams
     text: list[str] = []
     try:
-        for kind, value in answer_parts(started.plan, started.streams[0]):
+        for kind, value in answer_parts(started.plan, choices[0]):
             if kind == "error":
                 raise APIError(500, value, code="generation_failed")
             if kind == "text":
@@ -123,7 +147,7 @@ def collect_answer(started: Started) -> tuple[str, list[ToolCall], TokenEvent]:
             else:
                 calls, last = value
     finally:
-        cancel_all(started.streams)
+        cancel_all(choices)
     return "".join(text), calls, last
 
 
@@ -134,11 +158,14 @@ def chat_completion(body: ChatCompletionRequest, started: Started, meta: dict[st
     results = collect(started.streams)
     for i, r in enumerate(results):
         content, calls, complete = split_answer(plan, r.text)
-        choices.append(ChatChoice(
-            index=i, message=AssistantMessage(content=content, tool_calls=calls or None),
-            finish_reason=finish_reason(calls, complete, r.finish_reason),
-            logprobs=chat_logprobs(r.logprobs, loaded.tokenizer) if body.logprobs else None,
-        ))
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=content, tool_calls=calls or None),
+                finish_reason=finish_reason(calls, complete, r.finish_reason),
+                logprobs=chat_logprobs(r.logprobs, loaded.tokenizer) if body.logprobs else None,
+            )
+        )
     total = usage(len(started.prompt), sum(r.completion_tokens for r in results))
     return ChatCompletion(**meta, choices=choices, usage=total)
 
@@ -154,6 +181,7 @@ def chat_chunks(body: ChatCompletionRequest, started: Started, meta: dict[str, A
     streams, prompt_tokens, loaded, plan = started.streams, len(started.prompt), started.loaded, started.plan
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     logprobs = body.logprobs
+
     def chunk(index: int, delta: ChatDelta, finish: str | None = None, lp: ChatLogprobs | None = None) -> str:
         choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=lp)
         return sse(chunk_payload(ChatCompletionChunk(**meta, choices=[choice]), include_usage))
@@ -186,8 +214,9 @@ def chat_chunks(body: ChatCompletionRequest, started: Started, meta: dict[str, A
             yield chunk(index, ChatDelta(content=text), lp=lp)
         if event.finish_reason:
             completion_tokens += event.completion_tokens
-            calls, complete = (split_answer(plan, "".join(forced_text))[1:] if plan.mode == "forced"
-                               else (splitter.calls, True))
+            calls, complete = (
+                split_answer(plan, "".join(forced_text))[1:] if plan.mode == "forced" else (splitter.calls, True)
+            )
             if calls:
                 yield chunk(index, call_deltas(calls))
             yield chunk(index, ChatDelta(), finish_reason(calls, complete, event.finish_reason))

@@ -105,10 +105,12 @@ def install_bounded_sandbox() -> bool:
         except ImportError:
             return False
         if not hasattr(hf, "ImmutableSandboxedEnvironment") or not hasattr(hf, "_compile_jinja_template"):
-            log.warning("transformers compiles chat templates differently than expected: templates run without "
-                        "operator bounds (the deadline still applies)")
+            log.warning(
+                "transformers compiles chat templates differently than expected: templates run without "
+                "operator bounds (the deadline still applies)"
+            )
             return False
-        hf.ImmutableSandboxedEnvironment = BoundedSandbox
+        hf.ImmutableSandboxedEnvironment = BoundedSandbox  # type: ignore[misc]  # the patch itself: a class swap
         hf._compile_jinja_template.cache_clear()
         _installed = True
         return True
@@ -149,6 +151,7 @@ def render_chat_template(tokenizer: Any, messages: list[dict[str, Any]], extra: 
     The deadline covers the Jinja rendering when the bounded sandbox is in place (a template
     written in Python by mlx-lm is trusted code and runs as it is); otherwise the whole call.
     """
+
     def render() -> Any:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
 

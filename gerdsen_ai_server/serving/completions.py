@@ -44,9 +44,12 @@ def completion(started: CompletionStarted) -> Completion:
     results = collect(started.streams)
     top = bool(body.logprobs)
     choices = [
-        CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason,
-                         logprobs=None if body.logprobs is None else completion_logprobs(r.logprobs, loaded.tokenizer,
-                                                                                         0, top))
+        CompletionChoice(
+            index=i,
+            text=r.text,
+            finish_reason=r.finish_reason,
+            logprobs=None if body.logprobs is None else completion_logprobs(r.logprobs, loaded.tokenizer, 0, top),
+        )
         for i, r in enumerate(results)
     ]
     total = usage(started.prompt_tokens, sum(r.completion_tokens for r in results))

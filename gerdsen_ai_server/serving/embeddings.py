@@ -16,7 +16,7 @@ import numpy as np
 
 from gerdsen_ai_server.engine.embeddings import EmbeddingJob, hidden_size
 from gerdsen_ai_server.engine.errors import EmbeddingCancelled, EngineGone, EngineOverloaded
-from gerdsen_ai_server.engine.formats.encoder import EncoderModel
+from gerdsen_ai_server.engine.formats.encoder_base import EncoderModel
 from gerdsen_ai_server.engine.protocol import WATCH_INTERVAL_S
 from gerdsen_ai_server.errors import APIError
 from gerdsen_ai_server.schemas.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
@@ -42,26 +42,47 @@ def embed(body: EmbeddingRequest) -> EmbeddingList:
         if not tokens:
             raise APIError(400, "An input must not be empty.", param="input", code="invalid_value")
         if len(tokens) > loaded.context_length:  # refused, never silently truncated
-            raise APIError(400, f"An input has {len(tokens)} tokens; this model's maximum context length is "
-                           f"{loaded.context_length}.", param="input", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"An input has {len(tokens)} tokens; this model's maximum context length is {loaded.context_length}.",
+                param="input",
+                code="context_length_exceeded",
+            )
     if loaded.backend == "llamacpp":
-        raise APIError(400, f"The model '{loaded.model_id}' runs on llama.cpp, which serves no embeddings here; "
-                       "use an MLX model (IMPETUS_BACKEND=mlx converts GGUF files to MLX).", param="model",
-                       code="model_not_supported")
+        raise APIError(
+            400,
+            f"The model '{loaded.model_id}' runs on llama.cpp, which serves no embeddings here; "
+            "use an MLX model (IMPETUS_BACKEND=mlx converts GGUF files to MLX).",
+            param="model",
+            code="model_not_supported",
+        )
     size = hidden_size(loaded.model)
     matryoshka = isinstance(loaded.model, EncoderModel) and loaded.model.matryoshka
     if body.dimensions is not None and body.dimensions > size:
-        raise APIError(400, f"dimensions is {body.dimensions}; this model's embeddings have {size}.",
-                       param="dimensions", code="invalid_value")
+        raise APIError(
+            400,
+            f"dimensions is {body.dimensions}; this model's embeddings have {size}.",
+            param="dimensions",
+            code="invalid_value",
+        )
     if body.dimensions is not None and body.dimensions != size and not matryoshka:
-        raise APIError(400, f"This model's embeddings have {size} dimensions and cannot be shortened (it does not "
-                       "declare Matryoshka training).", param="dimensions", code="invalid_value")
-    tokens = sum(len(t) for t in inputs)
+        raise APIError(
+            400,
+            f"This model's embeddings have {size} dimensions and cannot be shortened (it does not "
+            "declare Matryoshka training).",
+            param="dimensions",
+            code="invalid_value",
+        )
+    total = sum(len(t) for t in inputs)
     limit = services().settings.max_request_tokens
-    if tokens > limit:
-        raise APIError(400, f"The input has {tokens} tokens in all; this server embeds at most {limit} per request "
-                       "(IMPETUS_MAX_REQUEST_TOKENS). Send fewer or shorter inputs.", param="input",
-                       code="invalid_value")
+    if total > limit:
+        raise APIError(
+            400,
+            f"The input has {total} tokens in all; this server embeds at most {limit} per request "
+            "(IMPETUS_MAX_REQUEST_TOKENS). Send fewer or shorter inputs.",
+            param="input",
+            code="invalid_value",
+        )
     try:
         job = engine.embed(loaded.model_id, inputs)
     except EngineOverloaded as exc:
@@ -71,9 +92,18 @@ def embed(body: EmbeddingRequest) -> EmbeddingList:
     vectors = wait(job, watch_embedding(job))
     if body.dimensions is not None and body.dimensions != size:
         vectors = shorten(vectors, body.dimensions, renormalise=loaded.model.pooling.normalize)
-    data = [Embedding(index=i, embedding=v if body.encoding_format == "float" else
-                      base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()) for i, v in enumerate(vectors)]
-    return EmbeddingList(data=data, model=loaded.model_id, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+    data = [
+        Embedding(
+            index=i,
+            embedding=v
+            if body.encoding_format == "float"
+            else base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode(),
+        )
+        for i, v in enumerate(vectors)
+    ]
+    return EmbeddingList(
+        data=data, model=loaded.model_id, usage=EmbeddingUsage(prompt_tokens=total, total_tokens=total)
+    )
 
 
 def wait(job: EmbeddingJob, entry: Running) -> list[list[float]]:
@@ -104,4 +134,5 @@ def shorten(vectors: list[list[float]], dimensions: int, renormalise: bool) -> l
     short = np.asarray(vectors, dtype=np.float64)[:, :dimensions]
     if renormalise:
         short /= np.maximum(np.linalg.norm(short, axis=1, keepdims=True), 1e-12)
-    return short.tolist()
+    vectors_out: list[list[float]] = short.tolist()
+    return vectors_out

@@ -15,8 +15,12 @@ FINGERPRINT = f"fp_impetus_{__version__}"
 
 
 def request_meta(prefix: str, loaded: LoadedModel) -> dict[str, Any]:
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": loaded.model_id,
-            "system_fingerprint": FINGERPRINT}
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": loaded.model_id,
+        "system_fingerprint": FINGERPRINT,
+    }
 
 
 def usage(prompt: int, completion: int) -> Usage:

@@ -6,7 +6,7 @@ reading the streams to their end, and cancelling them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.errors import ContextLengthExceeded, EngineOverloaded
 from gerdsen_ai_server.engine.protocol import (
     EngineGone,
+    EventSource,
     GenerationRequest,
     SamplingParams,
     TokenEvent,
@@ -53,7 +54,7 @@ UNSUPPORTED_WHY = {
     "web_search_options": "This server has no web search; the answer would not be grounded in one.",
     "moderation": "This server runs no moderation model; the output would not be checked.",
     "reasoning_effort": "'reasoning_effort' is not supported with the models served here (they have no "
-                        "reasoning effort control).",
+    "reasoning effort control).",
     "verbosity": "The models served here have no verbosity control; only 'medium' is supported.",
 }
 
@@ -64,26 +65,39 @@ def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
     if name is not None:
         message = UNSUPPORTED_WHY.get(name, f"The parameter '{name}' is not supported by this server yet.")
         raise APIError(400, message, param=name, code="unsupported_parameter")
-    check_sequence_count(len(prompt_items(body.prompt)) if isinstance(body, CompletionRequest) else 1, body.n,
-                         capacity(services().engine))
+    check_sequence_count(
+        len(prompt_items(body.prompt)) if isinstance(body, CompletionRequest) else 1,
+        body.n,
+        capacity(services().engine),
+    )
     if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs", code="invalid_value")
     if body.stream_options is not None and not body.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options",
-                       code="invalid_value")
+        raise APIError(
+            400, "stream_options is only allowed when stream is true.", param="stream_options", code="invalid_value"
+        )
     vocab = None
-    for token in (body.logit_bias or {}):
+    for token in body.logit_bias or {}:
         vocab = vocab or len(resident_model(body.model).tokenizer)
         if int(token) >= vocab:
-            raise APIError(400, f"logit_bias names token {token}, outside the vocabulary.", param="logit_bias",
-                           code="invalid_value")
+            raise APIError(
+                400,
+                f"logit_bias names token {token}, outside the vocabulary.",
+                param="logit_bias",
+                code="invalid_value",
+            )
     if body.top_k:
         # mlx-lm refuses top_k >= vocabulary inside the engine's batched step (and that failure used to
         # break every later request): refuse it here, as a 400.
         vocab = vocab or len(resident_model(body.model).tokenizer)
         if body.top_k >= vocab:
-            raise APIError(400, f"top_k is {body.top_k}, but the model's vocabulary has {vocab} tokens; use a "
-                           "smaller value, or 0 for no top-k filtering.", param="top_k", code="invalid_value")
+            raise APIError(
+                400,
+                f"top_k is {body.top_k}, but the model's vocabulary has {vocab} tokens; use a "
+                "smaller value, or 0 for no top-k filtering.",
+                param="top_k",
+                code="invalid_value",
+            )
 
 
 def completion_budget(loaded: LoadedModel, prompt_len: int, requested: int | None, settings: Settings) -> int:
@@ -91,19 +105,31 @@ def completion_budget(loaded: LoadedModel, prompt_len: int, requested: int | Non
     limit = settings.max_tokens_limit
     if requested is not None:
         if requested > limit:
-            raise APIError(400, f"max_tokens is {requested}, but this server allows at most {limit} "
-                           "(IMPETUS_MAX_TOKENS_LIMIT).", param="max_tokens", code="invalid_value")
+            raise APIError(
+                400,
+                f"max_tokens is {requested}, but this server allows at most {limit} (IMPETUS_MAX_TOKENS_LIMIT).",
+                param="max_tokens",
+                code="invalid_value",
+            )
         return requested
     room = loaded.context_length - prompt_len
     if room < 1:
-        raise APIError(400, str(ContextLengthExceeded(prompt_len, 1, loaded.context_length)), param="messages",
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            str(ContextLengthExceeded(prompt_len, 1, loaded.context_length)),
+            param="messages",
+            code="context_length_exceeded",
+        )
     return min(settings.max_tokens_default, room, limit)
 
 
 def submit_all(
-    body: ChatCompletionRequest | CompletionRequest, loaded: LoadedModel, prompts: list[list[int]],
-    requested: int | None, param: str, processors: Callable[[], list[Any]] = list,
+    body: ChatCompletionRequest | CompletionRequest,
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    requested: int | None,
+    param: str,
+    processors: Callable[[], list[Any]] = list,
 ) -> list[TokenStream]:
     """One engine request per prompt and choice (``n``), in choice-index order, registered with
     the running requests (serving/running.py): their readers end them when the client leaves, the
@@ -122,10 +148,14 @@ def submit_all(
     limit = settings.max_request_tokens
     if sum(budgets) * body.n > limit:
         prompts_part = f" x {len(prompts)} prompts" if len(prompts) > 1 else ""
-        raise APIError(400, f"This request asks for up to {sum(budgets) * body.n} completion tokens (n={body.n} x "
-                       f"max_tokens={max(budgets)}{prompts_part}); this server allows at most {limit} per request "
-                       "(IMPETUS_MAX_REQUEST_TOKENS). Lower n or max_tokens.",
-                       param="n" if body.n > 1 else "max_tokens", code="invalid_value")
+        raise APIError(
+            400,
+            f"This request asks for up to {sum(budgets) * body.n} completion tokens (n={body.n} x "
+            f"max_tokens={max(budgets)}{prompts_part}); this server allows at most {limit} per request "
+            "(IMPETUS_MAX_REQUEST_TOKENS). Lower n or max_tokens.",
+            param="n" if body.n > 1 else "max_tokens",
+            code="invalid_value",
+        )
     streams: list[TokenStream] = []
     try:
         for tokens, max_tokens in zip(prompts, budgets, strict=True):
@@ -155,7 +185,7 @@ def submit_all(
     return streams
 
 
-def cancel_all(streams: list[TokenStream]) -> None:
+def cancel_all(streams: Sequence[EventSource]) -> None:
     for stream in streams:
         stream.cancel()
 
@@ -170,7 +200,7 @@ class Finished:
     logprobs: list[TokenLogprob]
 
 
-def collect(streams: list[TokenStream]) -> list[Finished]:
+def collect(streams: Sequence[EventSource]) -> list[Finished]:
     results = []
     try:
         for stream in streams:
@@ -181,7 +211,8 @@ def collect(streams: list[TokenStream]) -> list[Finished]:
                 parts.append(event.text)
                 logprobs += event.logprobs
                 last = event
-            assert last is not None
+            if last is None:
+                raise RuntimeError("the token stream ended without a final event")
             if last.error:
                 raise APIError(500, last.error, code="generation_failed")
             results.append(Finished("".join(parts), last.finish_reason, last.completion_tokens, logprobs))
@@ -192,7 +223,7 @@ def collect(streams: list[TokenStream]) -> list[Finished]:
     return results
 
 
-def relay(streams: list[TokenStream]) -> Iterator[tuple[int, TokenEvent]]:
+def relay(streams: Sequence[EventSource]) -> Iterator[tuple[int, TokenEvent]]:
     """Every stream's events, tagged with the choice index. All run together in the engine's
     batch; we relay them in order, so later choices arrive from their buffer at once."""
     for index, stream in enumerate(streams):

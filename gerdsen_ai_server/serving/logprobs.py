@@ -25,10 +25,13 @@ def chat_logprobs(entries: list[TokenLogprob], tokenizer: Any) -> ChatLogprobs:
     content = []
     for entry in entries:
         text = _text(tokenizer, entry.token_id)
-        top = [TopLogprob(token=(t := _text(tokenizer, i)), logprob=_finite(lp), bytes=list(t.encode()))
-               for i, lp in entry.top]
-        content.append(ChatTokenLogprob(token=text, logprob=_finite(entry.logprob), bytes=list(text.encode()),
-                                        top_logprobs=top))
+        top = [
+            TopLogprob(token=(t := _text(tokenizer, i)), logprob=_finite(lp), bytes=list(t.encode()))
+            for i, lp in entry.top
+        ]
+        content.append(
+            ChatTokenLogprob(token=text, logprob=_finite(entry.logprob), bytes=list(text.encode()), top_logprobs=top)
+        )
     return ChatLogprobs(content=content)
 
 
@@ -42,5 +45,6 @@ def completion_logprobs(entries: list[TokenLogprob], tokenizer: Any, offset: int
         tops.append({_text(tokenizer, i): _finite(lp) for i, lp in entry.top})
         offsets.append(offset)
         offset += len(text)
-    return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops if with_top else None,
-                              text_offset=offsets)
+    return CompletionLogprobs(
+        tokens=tokens, token_logprobs=values, top_logprobs=tops if with_top else None, text_offset=offsets
+    )

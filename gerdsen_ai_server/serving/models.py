@@ -59,8 +59,9 @@ def load(spec: str, keep_alive: float | None = None) -> Resident:
     if keep_alive is not None and keep_alive < 0:
         keep_alive = math.inf  # Ollama's convention: negative keeps the model loaded
     try:
-        loaded = engine.load_model(spec, keep_alive=keep_alive, trusted=False,
-                                   allowed=allowed_paths()).result(timeout=LOAD_TIMEOUT_S)
+        loaded = engine.load_model(spec, keep_alive=keep_alive, trusted=False, allowed=allowed_paths()).result(
+            timeout=LOAD_TIMEOUT_S
+        )
     except ModelLoadError as exc:
         raise model_error(exc) from None
     resident = engine.registry.get(loaded.model_id)
@@ -76,8 +77,13 @@ def resident_model(model_id: str, keep_alive: float | None = None, *, embedding:
     """
     loaded = _resident_model(model_id, keep_alive)
     if loaded.kind == "embedding" and not embedding:
-        raise APIError(400, f"The model '{model_id}' is an embedding model: it serves /v1/embeddings only, not "
-                       "chat, completions or messages.", param="model", code="model_not_supported")
+        raise APIError(
+            400,
+            f"The model '{model_id}' is an embedding model: it serves /v1/embeddings only, not "
+            "chat, completions or messages.",
+            param="model",
+            code="model_not_supported",
+        )
     return loaded
 
 
@@ -86,8 +92,12 @@ def _resident_model(model_id: str, keep_alive: float | None) -> LoadedModel:
     if resident is not None and keep_alive is None:
         return resident.loaded
     if resident is None and not services().settings.autoload:
-        raise APIError(404, f"The model '{model_id}' is not loaded (IMPETUS_AUTOLOAD is off).", param="model",
-                       code="model_not_found")
+        raise APIError(
+            404,
+            f"The model '{model_id}' is not loaded (IMPETUS_AUTOLOAD is off).",
+            param="model",
+            code="model_not_found",
+        )
     try:
         return load(model_id, keep_alive).loaded
     except APIError as exc:
@@ -110,12 +120,19 @@ def model_card(loaded: LoadedModel, created: int) -> ModelCard:
 def resident_info(resident: Resident) -> ModelInfo:
     loaded = resident.loaded
     return ModelInfo(
-        id=loaded.model_id, state="resident", format="gguf" if loaded.backend == "llamacpp" else "mlx", path=str(loaded.path),
+        id=loaded.model_id,
+        state="resident",
+        format="gguf" if loaded.backend == "llamacpp" else "mlx",
+        path=str(loaded.path),
         kind="embedding" if loaded.kind == "embedding" else "language",
-        size_bytes=folder_bytes(loaded.path), memory_bytes=loaded.nbytes, context_length=loaded.context_length,
-        busy=resident.busy, pinned=resident.pinned,
+        size_bytes=folder_bytes(loaded.path),
+        memory_bytes=loaded.nbytes,
+        context_length=loaded.context_length,
+        busy=resident.busy,
+        pinned=resident.pinned,
         keep_alive=None if math.isinf(resident.keep_alive) else resident.keep_alive,
-        idle_seconds=round(time.monotonic() - resident.last_used, 3), warmup=resident.warmup,
+        idle_seconds=round(time.monotonic() - resident.last_used, 3),
+        warmup=resident.warmup,
     )
 
 
@@ -128,9 +145,14 @@ def local_models() -> list[ModelInfo]:
         if entry.error is not None:
             found[entry.id] = ModelInfo(id=entry.id, state="local", path=str(entry.path), error=entry.error)
         else:
-            found[entry.id] = ModelInfo(id=entry.id, state="local", format=entry.format, path=str(entry.path),
-                                        kind="embedding" if is_encoder(entry.path) else "language",
-                                        size_bytes=entry.size_bytes)
+            found[entry.id] = ModelInfo(
+                id=entry.id,
+                state="local",
+                format=entry.format,
+                path=str(entry.path),
+                kind="embedding" if is_encoder(entry.path) else "language",
+                size_bytes=entry.size_bytes,
+            )
     found.setdefault(DEFAULT_MODEL_ID, ModelInfo(id=DEFAULT_MODEL_ID, state="local", format="gguf"))
     return list(found.values())
 

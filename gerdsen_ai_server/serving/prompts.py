@@ -33,8 +33,13 @@ def check_sequence_count(prompts: int, n: int, capacity: int) -> None:
     """Refuses more sequences than the engine runs and queues, before anything is tokenized: 20,000
     prompts used to cost ~6 s of CPU in the tokenizer before ``submit_all`` refused them."""
     if prompts * n > capacity:
-        raise APIError(400, f"This request asks for {prompts * n} sequences; this server runs at most "
-                       f"{capacity} at once (IMPETUS_MAX_BATCH + IMPETUS_MAX_QUEUE).", param="n", code="invalid_value")
+        raise APIError(
+            400,
+            f"This request asks for {prompts * n} sequences; this server runs at most "
+            f"{capacity} at once (IMPETUS_MAX_BATCH + IMPETUS_MAX_QUEUE).",
+            param="n",
+            code="invalid_value",
+        )
 
 
 def max_token_chars(tokenizer: Any) -> int | None:
@@ -68,8 +73,13 @@ def check_text_size(loaded: LoadedModel, texts: list[str], param: str) -> None:
         return
     limit = loaded.context_length * per_token * TEXT_SIZE_MARGIN
     if longest > limit:
-        raise APIError(400, f"A text in '{param}' has {longest} characters, more than any text that fits this "
-                       f"model's context of {loaded.context_length} tokens.", param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"A text in '{param}' has {longest} characters, more than any text that fits this "
+            f"model's context of {loaded.context_length} tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Any]:
@@ -82,8 +92,9 @@ def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
     return list(prompt)
 
 
-def completion_prompts(body: CompletionRequest | EmbeddingRequest, loaded: LoadedModel,
-                       capacity: int) -> list[list[int]]:
+def completion_prompts(
+    body: CompletionRequest | EmbeddingRequest, loaded: LoadedModel, capacity: int
+) -> list[list[int]]:
     """Each prompt (or embedding input) as token ids. Counts and sizes are checked before the
     tokenizer runs, so a request that will be refused costs no tokenizing."""
     prompt = body.prompt if isinstance(body, CompletionRequest) else body.input
@@ -101,7 +112,11 @@ def completion_prompts(body: CompletionRequest | EmbeddingRequest, loaded: Loade
     for item in batches:
         tokens = loaded.tokenizer.encode(item) if isinstance(item, str) else list(item)
         if any(t < 0 or t >= vocab for t in tokens):
-            raise APIError(400, f"The {param} holds token ids outside the vocabulary (0..{vocab - 1}).",
-                           param=param, code="invalid_value")
+            raise APIError(
+                400,
+                f"The {param} holds token ids outside the vocabulary (0..{vocab - 1}).",
+                param=param,
+                code="invalid_value",
+            )
         out.append(tokens)
     return out

@@ -11,10 +11,10 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from gerdsen_ai_server.engine.protocol import TokenEvent, TokenLogprob, TokenStream
+from gerdsen_ai_server.engine.protocol import EventSource, TokenEvent, TokenLogprob, TokenStream
 from gerdsen_ai_server.errors import APIError
 from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, ToolCall
 from gerdsen_ai_server.schemas.responses import (
@@ -32,7 +32,7 @@ from gerdsen_ai_server.serving.tools import ToolPlan, answer_parts
 # Why each known field we cannot honour is refused rather than ignored (docs/clients.md).
 REFUSED = {
     "previous_response_id": "This server does not store responses; send the whole conversation as input instead "
-                            "of previous_response_id.",
+    "of previous_response_id.",
     "conversation": "This server keeps no conversations; send the whole conversation as input instead.",
     "prompt": "This server has no stored prompt templates; send the instructions and input instead.",
     "context_management": "This server does not compact conversations; send a shorter input instead.",
@@ -45,19 +45,25 @@ REFUSED = {
 def to_openai(body: ResponsesRequest) -> ChatCompletionRequest:
     name = body.unsupported()
     if name is not None:
-        message = REFUSED.get(name, f"'{name}' is not supported with the models served here (they have no "
-                                    "reasoning controls).")
+        message = REFUSED.get(
+            name, f"'{name}' is not supported with the models served here (they have no reasoning controls)."
+        )
         raise APIError(400, message, param=name, code="unsupported_parameter")
     if body.stream_options is not None and not body.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options",
-                       code="invalid_value")
+        raise APIError(
+            400, "stream_options is only allowed when stream is true.", param="stream_options", code="invalid_value"
+        )
     messages: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     for item in items:
         if isinstance(item, dict):
             messages.append(item)
         elif isinstance(item, FunctionCallItem):
-            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
             if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
                 messages[-1].setdefault("tool_calls", []).append(call)  # parallel calls share one turn
             else:
@@ -69,23 +75,32 @@ def to_openai(body: ResponsesRequest) -> ChatCompletionRequest:
     request: dict[str, Any] = {"model": body.model, "messages": messages, "stream": body.stream}
     if body.logprob_count() is not None:  # include message.output_text.logprobs, or top_logprobs
         request["logprobs"], request["top_logprobs"] = True, body.logprob_count()
-    for ours, theirs in (("max_tokens", body.max_output_tokens), ("temperature", body.temperature),
-                         ("top_p", body.top_p), ("parallel_tool_calls", body.parallel_tool_calls)):
+    for ours, theirs in (
+        ("max_tokens", body.max_output_tokens),
+        ("temperature", body.temperature),
+        ("top_p", body.top_p),
+        ("parallel_tool_calls", body.parallel_tool_calls),
+    ):
         if theirs is not None:
             request[ours] = theirs
     if body.tools:
-        request["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type", "strict"}, exclude_none=True)}
-                            for t in body.tools]
+        request["tools"] = [
+            {"type": "function", "function": t.model_dump(exclude={"type", "strict"}, exclude_none=True)}
+            for t in body.tools
+        ]
     if body.tool_choice is not None:
         choice = body.tool_choice
-        request["tool_choice"] = choice if isinstance(choice, str) else {"type": "function",
-                                                                          "function": {"name": choice.name}}
+        request["tool_choice"] = (
+            choice if isinstance(choice, str) else {"type": "function", "function": {"name": choice.name}}
+        )
     fmt = body.text.format if body.text else None
     if fmt is not None and fmt.type == "json_schema":
         if fmt.schema_ is None:
             raise APIError(400, "text.format of type json_schema needs a schema.", param="text.format.schema")
-        request["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": fmt.name or "output", "schema": fmt.schema_, "strict": fmt.strict}}
+        request["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": fmt.name or "output", "schema": fmt.schema_, "strict": fmt.strict},
+        }
     elif fmt is not None and fmt.type == "json_object":
         request["response_format"] = {"type": "json_object"}
     return ChatCompletionRequest.model_validate(request)
@@ -102,36 +117,67 @@ class Rendering:
         self.logprobs: list[dict[str, Any]] = []  # the text's, when asked for (include / top_logprobs)
 
     def message_item(self, status: str = "completed") -> dict[str, Any]:
-        content = [{"type": "output_text", "text": "".join(self.text), "annotations": [], "logprobs": self.logprobs}
-                   ] if status == "completed" else []
+        content = (
+            [{"type": "output_text", "text": "".join(self.text), "annotations": [], "logprobs": self.logprobs}]
+            if status == "completed"
+            else []
+        )
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
 
     @staticmethod
     def call_item(call: ToolCall, arguments: str | None = None, status: str = "completed") -> dict[str, Any]:
-        return {"type": "function_call", "id": f"fc_{call.id.removeprefix('call_')}", "call_id": call.id,
-                "name": call.function.name, "arguments": call.function.arguments if arguments is None else arguments,
-                "status": status}
+        return {
+            "type": "function_call",
+            "id": f"fc_{call.id.removeprefix('call_')}",
+            "call_id": call.id,
+            "name": call.function.name,
+            "arguments": call.function.arguments if arguments is None else arguments,
+            "status": status,
+        }
 
-    def response(self, status: str, output: list[dict[str, Any]], completion_tokens: int = 0,
-                 finish: str | None = None) -> dict[str, Any]:
+    def response(
+        self, status: str, output: list[dict[str, Any]], completion_tokens: int = 0, finish: str | None = None
+    ) -> dict[str, Any]:
         body = self.body
         incomplete = status == "incomplete"
-        return ResponseObject.model_validate({
-            "id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
-            "output": output, "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "temperature": body.temperature, "top_p": body.top_p,
-            "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "tool_choice": (body.tool_choice if isinstance(body.tool_choice, str) or body.tool_choice is None
-                            else body.tool_choice.model_dump()) or "auto",
-            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
-            "text": body.text.model_dump(by_alias=True, exclude_none=True) if body.text else {"format": {"type": "text"}},
-            "store": False, "metadata": body.metadata or {}, "previous_response_id": None, "user": body.user,
-            "usage": {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                      "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                      "total_tokens": self.prompt_tokens + completion_tokens},
-        }).model_dump(mode="json")  # through the documented model: the answer cannot drift from /openapi.json
+        return ResponseObject.model_validate(
+            {
+                "id": self.id,
+                "object": "response",
+                "created_at": self.created,
+                "status": status,
+                "model": self.model,
+                "output": output,
+                "error": None,
+                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                "instructions": body.instructions,
+                "max_output_tokens": body.max_output_tokens,
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "parallel_tool_calls": body.parallel_tool_calls is not False,
+                "tool_choice": (
+                    body.tool_choice
+                    if isinstance(body.tool_choice, str) or body.tool_choice is None
+                    else body.tool_choice.model_dump()
+                )
+                or "auto",
+                "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+                "text": body.text.model_dump(by_alias=True, exclude_none=True)
+                if body.text
+                else {"format": {"type": "text"}},
+                "store": False,
+                "metadata": body.metadata or {},
+                "previous_response_id": None,
+                "user": body.user,
+                "usage": {
+                    "input_tokens": self.prompt_tokens,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": completion_tokens,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": self.prompt_tokens + completion_tokens,
+                },
+            }
+        ).model_dump(mode="json")  # through the documented model: the answer cannot drift from /openapi.json
 
     def final(self, calls: list[ToolCall], last: Any) -> dict[str, Any]:
         # "length" with calls: a forced call cut by max_output_tokens (serving/tools.py), an incomplete item.
@@ -170,21 +216,23 @@ class ResponseRun:
     rendering: Rendering
     started: Started
     tap: LogprobTap | None
+    streams: list[EventSource]  # started's streams, the first read through the tap when there is one
 
 
 def start_response(body: ResponsesRequest) -> ResponseRun:
     started = start_chat(to_openai(body), "input")
     rendering = Rendering(body, started.loaded.model_id, len(started.prompt))
     tap = None
+    streams: list[EventSource] = list(started.streams)
     if body.logprob_count() is not None:
         tap = LogprobTap(started.streams[0], started.loaded.tokenizer)
-        started = replace(started, streams=[tap, *started.streams[1:]])
-    return ResponseRun(rendering, started, tap)
+        streams[0] = tap
+    return ResponseRun(rendering, started, tap, streams)
 
 
 def final_response(run: ResponseRun) -> dict[str, Any]:
     """The answer read to its end, as one response object."""
-    text, calls, last = collect_answer(run.started)
+    text, calls, last = collect_answer(run.started, run.streams)
     if text:
         run.rendering.text.append(text)
         run.rendering.logprobs = run.tap.take() if run.tap else []
@@ -192,7 +240,7 @@ def final_response(run: ResponseRun) -> dict[str, Any]:
 
 
 def response_events(run: ResponseRun) -> Iterator[str]:
-    return stream_events(run.rendering, run.started.plan, run.started.streams, run.tap)
+    return stream_events(run.rendering, run.started.plan, run.streams, run.tap)
 
 
 def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any], tap: LogprobTap | None = None) -> Iterator[str]:
@@ -215,8 +263,11 @@ def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any], tap: Logprob
             if kind == "text":
                 if not r.text:
                     yield event("response.output_item.added", output_index=0, item=r.message_item("in_progress"))
-                    yield event("response.content_part.added", **where,
-                                part={"type": "output_text", "text": "", "annotations": []})
+                    yield event(
+                        "response.content_part.added",
+                        **where,
+                        part={"type": "output_text", "text": "", "annotations": []},
+                    )
                 r.text.append(value)
                 logprobs = tap.take() if tap else []
                 r.logprobs += logprobs
@@ -226,23 +277,38 @@ def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any], tap: Logprob
             if r.text:
                 text = "".join(r.text)
                 yield event("response.output_text.done", **where, text=text, logprobs=r.logprobs)
-                yield event("response.content_part.done", **where,
-                            part={"type": "output_text", "text": text, "annotations": [], "logprobs": r.logprobs})
+                yield event(
+                    "response.content_part.done",
+                    **where,
+                    part={"type": "output_text", "text": text, "annotations": [], "logprobs": r.logprobs},
+                )
                 yield event("response.output_item.done", output_index=0, item=r.message_item())
                 index = 1
             for call in calls:
                 item = r.call_item(call, status="incomplete" if last.finish_reason == "length" else "completed")
-                yield event("response.output_item.added", output_index=index, item={**r.call_item(call, ""),
-                                                                                    "status": "in_progress"})
-                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                            delta=item["arguments"])
-                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                            arguments=item["arguments"])
+                yield event(
+                    "response.output_item.added",
+                    output_index=index,
+                    item={**r.call_item(call, ""), "status": "in_progress"},
+                )
+                yield event(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=index,
+                    delta=item["arguments"],
+                )
+                yield event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    arguments=item["arguments"],
+                )
                 yield event("response.output_item.done", output_index=index, item=item)
                 index += 1
             final = r.final(calls, last)
-            yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
-                        response=final)
+            yield event(
+                "response.completed" if final["status"] == "completed" else "response.incomplete", response=final
+            )
     except ClientGone:
         return  # nobody to tell
     except APIError as exc:  # the deadline, or an operator's cancel (serving/running.py)

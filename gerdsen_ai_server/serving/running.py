@@ -46,16 +46,22 @@ from gerdsen_ai_server.services import require, services
 from gerdsen_ai_server.serving.tracking import route
 
 NO_RETRY = {"x-should-retry": "false"}
-KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/messages": "messages",
-         "/v1/responses": "responses", "/v1/embeddings": "embeddings"}
+KINDS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/messages": "messages",
+    "/v1/responses": "responses",
+    "/v1/embeddings": "embeddings",
+}
 
 
 class ClientGone(APIError):
     """The client closed its connection: the request's work is cancelled and nothing is answered."""
 
     def __init__(self) -> None:
-        super().__init__(499, "The client closed the connection; its request was cancelled.",
-                         code="client_closed_request")
+        super().__init__(
+            499, "The client closed the connection; its request was cancelled.", code="client_closed_request"
+        )
 
 
 def peer_closed(sock: Any) -> bool:
@@ -113,12 +119,18 @@ class Running:
     def check(self) -> None:
         """Raise if this request should end now; run by the thread that waits for its results."""
         if self.cancelled:
-            raise APIError(503, "This request was cancelled by the server's operator.", code="request_cancelled",
-                           headers=NO_RETRY)
+            raise APIError(
+                503, "This request was cancelled by the server's operator.", code="request_cancelled", headers=NO_RETRY
+            )
         if self.timeout and time.monotonic() - self.started > self.timeout:
-            raise APIError(504, f"The request ran longer than this server allows ({self.timeout:g} s, "
-                           "IMPETUS_REQUEST_TIMEOUT) and was cancelled; ask for fewer tokens (max_tokens, n) or "
-                           "fewer inputs.", code="request_timeout", headers=NO_RETRY)
+            raise APIError(
+                504,
+                f"The request ran longer than this server allows ({self.timeout:g} s, "
+                "IMPETUS_REQUEST_TIMEOUT) and was cancelled; ask for fewer tokens (max_tokens, n) or "
+                "fewer inputs.",
+                code="request_timeout",
+                headers=NO_RETRY,
+            )
         if self.sock is not None and peer_closed(self.sock):
             raise ClientGone()
 
@@ -139,13 +151,22 @@ class Running:
     def describe(self) -> RunningRequest:
         age = time.monotonic() - self.started
         return RunningRequest(
-            id=self.id, kind=self.kind, route=self.route, model=self.model, sequences=len(self.streams),
-            prompt_tokens=(sum(len(s.request.prompt_tokens) for s in self.streams) if self.job is None
-                           else self.job.tokens_total),
+            id=self.id,
+            kind=self.kind,
+            route=self.route,
+            model=self.model,
+            sequences=len(self.streams),
+            prompt_tokens=(
+                sum(len(s.request.prompt_tokens) for s in self.streams) if self.job is None else self.job.tokens_total
+            ),
             completion_tokens=sum(s.completion_tokens for s in self.streams),
             embedded_tokens=self.job.tokens_done if self.job is not None else 0,
-            age_s=round(age, 3), deadline_in_s=round(max(self.timeout - age, 0.0), 3) if self.timeout else None,
-            client=self.client, key_id=self.key_id, request_id=self.request_id, cancelled=self.cancelled,
+            age_s=round(age, 3),
+            deadline_in_s=round(max(self.timeout - age, 0.0), 3) if self.timeout else None,
+            client=self.client,
+            key_id=self.key_id,
+            request_id=self.request_id,
+            cancelled=self.cancelled,
         )
 
 
@@ -187,13 +208,23 @@ def _register(model: str, *, streams: list[TokenStream] | None = None, job: Embe
     path = route()
     # A Socket.IO event's environ is its connection's (a polling request long answered, or the
     # WebSocket's): its socket says nothing about this generation. realtime.py cancels on disconnect.
-    sock = None if request.path.startswith("/socket.io") else (
-        request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"))
+    sock = (
+        None
+        if request.path.startswith("/socket.io")
+        else (request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket"))
+    )
     entry = Running(
         id=streams[0].request.request_id if streams else uuid.uuid4().hex,
-        kind=KINDS.get(path, "generate" if request.path.startswith("/socket.io") else path), route=path,
-        model=model, client=request.remote_addr, key_id=g.get("api_key_id"), request_id=g.get("request_id"),
-        timeout=services().settings.request_timeout, streams=streams or [], job=job, sock=sock,
+        kind=KINDS.get(path, "generate" if request.path.startswith("/socket.io") else path),
+        route=path,
+        model=model,
+        client=request.remote_addr,
+        key_id=g.get("api_key_id"),
+        request_id=g.get("request_id"),
+        timeout=services().settings.request_timeout,
+        streams=streams or [],
+        job=job,
+        sock=sock,
     )
     table().add(entry)
     return entry

@@ -61,17 +61,31 @@ def plan_tools(body: ChatCompletionRequest, tokenizer: Any) -> ToolPlan:
     offered = {t.function.name: t.function for t in body.tools}
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in offered:
-            raise APIError(400, f"tool_choice names '{choice.function.name}', which is not among the tools.",
-                           param="tool_choice", code="invalid_value")
+            raise APIError(
+                400,
+                f"tool_choice names '{choice.function.name}', which is not among the tools.",
+                param="tool_choice",
+                code="invalid_value",
+            )
         offered = {choice.function.name: offered[choice.function.name]}
     single = len(offered) == 1
-    calls = [{"type": "object", "properties": {
-        "name": {"const": name},
-        # The parameters sit inside the call's schema: their local $refs ("#/$defs/X") must point there.
-        # ``parameters: {}`` (some clients' spelling of "no arguments") is an empty object, not "any JSON".
-        "arguments": _rebase_refs(fn.parameters or {"type": "object", "properties": {}},
-                                  ("" if single else f"/anyOf/{i}") + "/properties/arguments")},
-        "required": ["name", "arguments"], "additionalProperties": False} for i, (name, fn) in enumerate(offered.items())]
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": name},
+                # The parameters sit inside the call's schema: their local $refs ("#/$defs/X") must point there.
+                # ``parameters: {}`` (some clients' spelling of "no arguments") is an empty object, not "any JSON".
+                "arguments": _rebase_refs(
+                    fn.parameters or {"type": "object", "properties": {}},
+                    ("" if single else f"/anyOf/{i}") + "/properties/arguments",
+                ),
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for i, (name, fn) in enumerate(offered.items())
+    ]
     plan.mode, plan.names = "forced", list(offered)
     plan.schema = strict_schema(calls[0] if single else {"anyOf": calls})
     return plan
@@ -79,16 +93,19 @@ def plan_tools(body: ChatCompletionRequest, tokenizer: Any) -> ToolPlan:
 
 def _rebase_refs(schema: dict[str, Any], at: str) -> dict[str, Any]:
     """``schema`` moved to JSON pointer ``at`` of a larger document: local ``$ref``s follow it."""
+
     def rebase(sub: dict[str, Any], _: bool) -> dict[str, Any]:
         ref = sub.get("$ref")
         if isinstance(ref, str) and ref.startswith("#"):
             sub["$ref"] = "#" + at + ref[1:]
         return sub
+
     return map_schema(schema, rebase)  # type: ignore[no-any-return]
 
 
-def template_messages(body: ChatCompletionRequest, plan: ToolPlan, tokenizer: Any) -> tuple[list[dict[str, Any]],
-                                                                                          dict[str, Any]]:
+def template_messages(
+    body: ChatCompletionRequest, plan: ToolPlan, tokenizer: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Messages and extra template arguments for ``apply_chat_template``."""
     native = plan.mode != "none" and "tools" in str(getattr(tokenizer, "chat_template", "") or "")
     messages: list[dict[str, Any]] = []
@@ -98,8 +115,10 @@ def template_messages(body: ChatCompletionRequest, plan: ToolPlan, tokenizer: An
         if m.tool_calls:
             calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)} for c in m.tool_calls]
             if native:
-                message["tool_calls"] = [{"type": "function", "id": c.id, "function": call}
-                                         for c, call in zip(m.tool_calls, calls, strict=True)]
+                message["tool_calls"] = [
+                    {"type": "function", "id": c.id, "function": call}
+                    for c, call in zip(m.tool_calls, calls, strict=True)
+                ]
             else:
                 message["content"] += "".join(f"{plan.start}{json.dumps(call)}{plan.end}" for call in calls)
         if m.role == "tool":
@@ -130,15 +149,23 @@ def _arguments(text: str) -> Any:
         value = json.loads(text, parse_constant=reject_constant)
         check_json_value(value)
     except (ValueError, RecursionError):
-        raise APIError(400, "A tool call's arguments must be a JSON string (finite numbers, nested at most "
-                       f"{MAX_JSON_DEPTH} levels).", param="messages", code="invalid_value") from None
+        raise APIError(
+            400,
+            f"A tool call's arguments must be a JSON string (finite numbers, nested at most {MAX_JSON_DEPTH} levels).",
+            param="messages",
+            code="invalid_value",
+        ) from None
     return value
 
 
 def make_call(parsed: dict[str, Any]) -> ToolCall:
     arguments = parsed.get("arguments", {})
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
-        name=str(parsed["name"]), arguments=arguments if isinstance(arguments, str) else json.dumps(arguments)))
+    return ToolCall(
+        id=f"call_{uuid.uuid4().hex[:24]}",
+        function=FunctionCall(
+            name=str(parsed["name"]), arguments=arguments if isinstance(arguments, str) else json.dumps(arguments)
+        ),
+    )
 
 
 # The grammar writes a forced call compactly, "name" first: {"name": "f", "arguments": {...}}.
@@ -200,7 +227,7 @@ class ToolCallSplitter:
                     out.append(self.plan.start + self._buffer[:at] + self.plan.end)
             else:
                 out.append(self._buffer[:at])
-            self._buffer, self._inside = self._buffer[at + len(marker):], not self._inside
+            self._buffer, self._inside = self._buffer[at + len(marker) :], not self._inside
         if final:
             if self._inside and not self._parse(self._buffer):  # cut by max_tokens
                 out.append(self.plan.start + self._buffer)
@@ -208,10 +235,16 @@ class ToolCallSplitter:
                 out.append(self._buffer)
             self._buffer = ""
         elif not self._inside:
-            keep = next((k for k in range(min(len(self._buffer), len(self.plan.start) - 1), 0, -1)
-                         if self.plan.start.startswith(self._buffer[-k:])), 0)
+            keep = next(
+                (
+                    k
+                    for k in range(min(len(self._buffer), len(self.plan.start) - 1), 0, -1)
+                    if self.plan.start.startswith(self._buffer[-k:])
+                ),
+                0,
+            )
             out.append(self._buffer[: len(self._buffer) - keep])
-            self._buffer = self._buffer[len(self._buffer) - keep:]
+            self._buffer = self._buffer[len(self._buffer) - keep :]
         return "".join(out)
 
     def _parse(self, text: str) -> bool:
@@ -260,8 +293,9 @@ def answer_parts(plan: ToolPlan, events: Iterable[TokenEvent]) -> Iterator[tuple
         elif event.text:
             yield "text", event.text
         if event.done:
-            calls, complete = (split_answer(plan, "".join(forced))[1:] if plan.mode == "forced"
-                               else (splitter.calls, True))
+            calls, complete = (
+                split_answer(plan, "".join(forced))[1:] if plan.mode == "forced" else (splitter.calls, True)
+            )
             # The last event's finish reason is the answer's (``finish_reason``): "tool_calls" for
             # whole calls, "length" for a forced call cut short, so every API tells them apart.
             yield "end", (calls, replace(event, finish_reason=finish_reason(calls, complete, event.finish_reason)))

@@ -28,7 +28,8 @@ def track(streams: list[TokenStream]) -> None:
 
 def tracked_streams() -> list[TokenStream]:
     """The streams ``track`` left with this request (none for a request that generated nothing)."""
-    return g.get("impetus_streams", [])
+    streams: list[TokenStream] = g.get("impetus_streams", [])
+    return streams
 
 
 def route() -> str:

@@ -12,8 +12,20 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -26,32 +38,93 @@ class CatalogueModel:
 
 
 CATALOGUE: tuple[CatalogueModel, ...] = (
-    CatalogueModel("mlx-community/SmolLM2-135M-Instruct", 135_000_000, "bf16", 270_000_000,
-                   "SmolLM2 135M: tiny and fast; quick tasks and testing"),
-    CatalogueModel("mlx-community/SmolLM2-360M-Instruct", 362_000_000, "bf16", 725_000_000,
-                   "SmolLM2 360M: small general chat"),
-    CatalogueModel("mlx-community/SmolLM2-1.7B-Instruct-4bit", 1_710_000_000, "4bit", 960_000_000,
-                   "SmolLM2 1.7B: the strongest SmolLM2"),
-    CatalogueModel("mlx-community/Qwen2.5-0.5B-Instruct-4bit", 494_000_000, "4bit", 278_000_000,
-                   "Qwen2.5 0.5B: multilingual, small"),
-    CatalogueModel("mlx-community/Qwen2.5-1.5B-Instruct-4bit", 1_540_000_000, "4bit", 870_000_000,
-                   "Qwen2.5 1.5B: multilingual, good tool use for its size"),
-    CatalogueModel("mlx-community/Qwen2.5-3B-Instruct-4bit", 3_090_000_000, "4bit", 1_740_000_000,
-                   "Qwen2.5 3B: balanced quality and speed"),
-    CatalogueModel("mlx-community/Llama-3.2-1B-Instruct-4bit", 1_240_000_000, "4bit", 700_000_000,
-                   "Llama 3.2 1B: small, 128k context"),
-    CatalogueModel("mlx-community/Llama-3.2-3B-Instruct-4bit", 3_210_000_000, "4bit", 1_810_000_000,
-                   "Llama 3.2 3B: general chat, 128k context"),
-    CatalogueModel("mlx-community/gemma-2-2b-it-4bit", 2_610_000_000, "4bit", 1_490_000_000,
-                   "Gemma 2 2B: Google's small instruction model"),
-    CatalogueModel("mlx-community/Phi-3.5-mini-instruct-4bit", 3_820_000_000, "4bit", 2_150_000_000,
-                   "Phi-3.5 mini: reasoning and code, 128k context"),
-    CatalogueModel("mlx-community/Mistral-7B-Instruct-v0.3-4bit", 7_250_000_000, "4bit", 4_080_000_000,
-                   "Mistral 7B v0.3: strong general 7B, function calling"),
-    CatalogueModel("mlx-community/Qwen2.5-7B-Instruct-4bit", 7_620_000_000, "4bit", 4_280_000_000,
-                   "Qwen2.5 7B: strong multilingual 7B"),
-    CatalogueModel("mlx-community/Meta-Llama-3.1-8B-Instruct-4bit", 8_030_000_000, "4bit", 4_520_000_000,
-                   "Llama 3.1 8B: strong general 8B, 128k context"),
+    CatalogueModel(
+        "mlx-community/SmolLM2-135M-Instruct",
+        135_000_000,
+        "bf16",
+        270_000_000,
+        "SmolLM2 135M: tiny and fast; quick tasks and testing",
+    ),
+    CatalogueModel(
+        "mlx-community/SmolLM2-360M-Instruct", 362_000_000, "bf16", 725_000_000, "SmolLM2 360M: small general chat"
+    ),
+    CatalogueModel(
+        "mlx-community/SmolLM2-1.7B-Instruct-4bit",
+        1_710_000_000,
+        "4bit",
+        960_000_000,
+        "SmolLM2 1.7B: the strongest SmolLM2",
+    ),
+    CatalogueModel(
+        "mlx-community/Qwen2.5-0.5B-Instruct-4bit",
+        494_000_000,
+        "4bit",
+        278_000_000,
+        "Qwen2.5 0.5B: multilingual, small",
+    ),
+    CatalogueModel(
+        "mlx-community/Qwen2.5-1.5B-Instruct-4bit",
+        1_540_000_000,
+        "4bit",
+        870_000_000,
+        "Qwen2.5 1.5B: multilingual, good tool use for its size",
+    ),
+    CatalogueModel(
+        "mlx-community/Qwen2.5-3B-Instruct-4bit",
+        3_090_000_000,
+        "4bit",
+        1_740_000_000,
+        "Qwen2.5 3B: balanced quality and speed",
+    ),
+    CatalogueModel(
+        "mlx-community/Llama-3.2-1B-Instruct-4bit",
+        1_240_000_000,
+        "4bit",
+        700_000_000,
+        "Llama 3.2 1B: small, 128k context",
+    ),
+    CatalogueModel(
+        "mlx-community/Llama-3.2-3B-Instruct-4bit",
+        3_210_000_000,
+        "4bit",
+        1_810_000_000,
+        "Llama 3.2 3B: general chat, 128k context",
+    ),
+    CatalogueModel(
+        "mlx-community/gemma-2-2b-it-4bit",
+        2_610_000_000,
+        "4bit",
+        1_490_000_000,
+        "Gemma 2 2B: Google's small instruction model",
+    ),
+    CatalogueModel(
+        "mlx-community/Phi-3.5-mini-instruct-4bit",
+        3_820_000_000,
+        "4bit",
+        2_150_000_000,
+        "Phi-3.5 mini: reasoning and code, 128k context",
+    ),
+    CatalogueModel(
+        "mlx-community/Mistral-7B-Instruct-v0.3-4bit",
+        7_250_000_000,
+        "4bit",
+        4_080_000_000,
+        "Mistral 7B v0.3: strong general 7B, function calling",
+    ),
+    CatalogueModel(
+        "mlx-community/Qwen2.5-7B-Instruct-4bit",
+        7_620_000_000,
+        "4bit",
+        4_280_000_000,
+        "Qwen2.5 7B: strong multilingual 7B",
+    ),
+    CatalogueModel(
+        "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit",
+        8_030_000_000,
+        "4bit",
+        4_520_000_000,
+        "Llama 3.1 8B: strong general 8B, 128k context",
+    ),
 )
 
 _QUANT = re.compile(r"(?<![0-9])([2-8])[-_]?bits?\b|\b(bf16|fp16|f16|fp32|f32)\b", re.IGNORECASE)
@@ -89,9 +162,16 @@ def from_safetensors_info(repo_id: str, parameters_by_dtype: dict[str, int] | No
 
 def describe(model: CatalogueModel, compute_dtype: str | None, budget_bytes: int) -> dict[str, Any]:
     memory = memory_bytes(model.parameters, model.size_bytes, compute_dtype)
-    return {"id": model.id, "source": "catalogue", "description": model.description,
-            "parameters": model.parameters, "quantization": model.quantization, "size_bytes": model.size_bytes,
-            "memory_bytes": memory, "fits": memory is not None and memory <= budget_bytes}
+    return {
+        "id": model.id,
+        "source": "catalogue",
+        "description": model.description,
+        "parameters": model.parameters,
+        "quantization": model.quantization,
+        "size_bytes": model.size_bytes,
+        "memory_bytes": memory,
+        "fits": memory is not None and memory <= budget_bytes,
+    }
 
 
 def search_catalogue(query: str | None) -> list[CatalogueModel]:

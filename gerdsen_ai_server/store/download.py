@@ -50,9 +50,17 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]  # (bytes_done, bytes_total)
 
 
-def pull(repo_id: str, models_dir: Path, *, revision: str = "main", gguf: str | None = None,
-         endpoint: str | None = None, token: str | bool | None = None,
-         on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> Path:
+def pull(
+    repo_id: str,
+    models_dir: Path,
+    *,
+    revision: str = "main",
+    gguf: str | None = None,
+    endpoint: str | None = None,
+    token: str | bool | None = None,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> Path:
     """Download ``repo_id`` into ``models_dir/<org>--<name>`` and return that folder.
 
     Continues the partial files of an earlier, interrupted pull; raises PullCancelled when
@@ -81,8 +89,14 @@ def pull(repo_id: str, models_dir: Path, *, revision: str = "main", gguf: str | 
     return dest
 
 
-def _download_all(the_plan: PullPlan, staging: Path, endpoint: str, token: str | bool | None,
-                  report: ProgressCallback, cancel: threading.Event) -> None:
+def _download_all(
+    the_plan: PullPlan,
+    staging: Path,
+    endpoint: str,
+    token: str | bool | None,
+    report: ProgressCallback,
+    cancel: threading.Event,
+) -> None:
     total = the_plan.total_bytes
     done = 0
     partial_bytes = 0
@@ -93,8 +107,10 @@ def _download_all(the_plan: PullPlan, staging: Path, endpoint: str, token: str |
             partial_bytes += _partial(staging, f).stat().st_size
     free = shutil.disk_usage(staging).free
     if total - done - partial_bytes > free:
-        raise PullError(f"not enough disk space for {the_plan.repo_id}: needs {_gb(total - done - partial_bytes)}, "
-                        f"{_gb(free)} free in {staging}")
+        raise PullError(
+            f"not enough disk space for {the_plan.repo_id}: needs {_gb(total - done - partial_bytes)}, "
+            f"{_gb(free)} free in {staging}"
+        )
     report(done, total)
     headers = build_hf_headers(token=token)
     for f in the_plan.files:
@@ -124,8 +140,15 @@ def _download_all(the_plan: PullPlan, staging: Path, endpoint: str, token: str |
             # http_get reads constants.DOWNLOAD_CHUNK_SIZE per call; see CHUNK_BYTES.
             constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, CHUNK_BYTES)
             with partial.open("ab") as out:
-                http_get(url, out, resume_size=resume, headers=headers, expected_size=f.size,
-                         displayed_filename=f.name, tqdm_class=_progress_hook(on_bytes))
+                http_get(
+                    url,
+                    out,
+                    resume_size=resume,
+                    headers=headers,
+                    expected_size=f.size,
+                    displayed_filename=f.name,
+                    tqdm_class=_progress_hook(on_bytes),
+                )
         except (httpx2.TransportError, OfflineModeIsEnabled) as exc:
             raise unreachable(endpoint, exc) from None
         except HfHubHTTPError as exc:
@@ -179,8 +202,10 @@ def _verify(path: Path, f: RemoteFile, repo_id: str) -> None:
     got = digest.hexdigest()
     if got != expected.lower():
         path.unlink(missing_ok=True)
-        raise ChecksumMismatch(f"{f.name} of {repo_id} is corrupt: its {algo} is {got}, the hub says {expected}; "
-                               "the file was discarded, pull again")
+        raise ChecksumMismatch(
+            f"{f.name} of {repo_id} is corrupt: its {algo} is {got}, the hub says {expected}; "
+            "the file was discarded, pull again"
+        )
 
 
 @contextlib.contextmanager
@@ -213,9 +238,14 @@ def _write_manifest(staging: Path, the_plan: PullPlan, endpoint: str) -> None:
     (staging / ".commit").unlink(missing_ok=True)
     for stale in staging.rglob("*.incomplete"):
         stale.unlink()
-    manifest = {"repo": the_plan.repo_id, "revision": the_plan.revision, "commit": the_plan.commit,
-                "endpoint": endpoint, "pulled_at": time.time(),
-                "files": {f.name: {"size": f.size, "sha256": f.sha256, "blob_id": f.blob_id} for f in the_plan.files}}
+    manifest = {
+        "repo": the_plan.repo_id,
+        "revision": the_plan.revision,
+        "commit": the_plan.commit,
+        "endpoint": endpoint,
+        "pulled_at": time.time(),
+        "files": {f.name: {"size": f.size, "sha256": f.sha256, "blob_id": f.blob_id} for f in the_plan.files},
+    }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -240,11 +270,12 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def _up_to_date(dest: Path, the_plan: PullPlan) -> bool:
     manifest = read_manifest(dest)
-    return (manifest is not None and manifest.get("commit") == the_plan.commit
-            and all((dest / f.name).is_file() for f in the_plan.files))
+    return (
+        manifest is not None
+        and manifest.get("commit") == the_plan.commit
+        and all((dest / f.name).is_file() for f in the_plan.files)
+    )
 
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
-
-

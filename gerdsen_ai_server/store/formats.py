@@ -15,14 +15,17 @@ _CONVERT_HINT = (
 )
 # Suffix -> human name of formats we recognise but cannot run.
 _FOREIGN = {
-    ".mlmodel": "CoreML", ".mlpackage": "CoreML", ".onnx": "ONNX",
-    ".bin": "PyTorch", ".pt": "PyTorch", ".pth": "PyTorch",
+    ".mlmodel": "CoreML",
+    ".mlpackage": "CoreML",
+    ".onnx": "ONNX",
+    ".bin": "PyTorch",
+    ".pt": "PyTorch",
+    ".pth": "PyTorch",
 }
 
 
 def _foreign(path: Path, kind: str) -> UnsupportedModelFormat:
     return UnsupportedModelFormat(f"{path} is a {kind} model, which Impetus cannot run; {_CONVERT_HINT}")
-
 
 
 def detect_format(path: Path) -> str:
@@ -36,13 +39,16 @@ def detect_format(path: Path) -> str:
         return _detect_file(path)
     return _detect_folder(path)
 
+
 def _detect_file(path: Path) -> str:
     if path.suffix.lower() == ".gguf":
         return "gguf"
     if path.suffix.lower() == ".safetensors":
         raise UnsupportedModelFormat(
-            f"{path} is a bare weights file; point at the folder that also holds its config.json")
+            f"{path} is a bare weights file; point at the folder that also holds its config.json"
+        )
     raise UnsupportedModelFormat(f"{path}: unknown model file type; expected an MLX folder or a .gguf file")
+
 
 def _detect_folder(path: Path) -> str:
     names = [p.name for p in path.iterdir()]

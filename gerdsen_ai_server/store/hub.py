@@ -113,8 +113,10 @@ def folder_name(repo_id: str) -> str:
 def check_repo_id(repo_id: str) -> str:
     """The repo id, if it is one by the hub's rules; it names a folder, so nothing else gets through."""
     if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
-        raise UnsafeName(f"{repo_id!r} is not a Hugging Face repo id (expected 'org/name': letters, digits, "
-                         "'-', '_' and '.', at most 96 each, no '..' or '--')")
+        raise UnsafeName(
+            f"{repo_id!r} is not a Hugging Face repo id (expected 'org/name': letters, digits, "
+            "'-', '_' and '.', at most 96 each, no '..' or '--')"
+        )
     return repo_id
 
 
@@ -150,8 +152,10 @@ def confined(path: Path, root: Path) -> Path:
     """
     resolved = path.resolve()
     if resolved != path or root not in resolved.parents:
-        raise UnsafeName(f"{path.name!r} would not be a plain child of {root.name or root}: "
-                         "it is a link or leads outside; refusing to write there")
+        raise UnsafeName(
+            f"{path.name!r} would not be a plain child of {root.name or root}: "
+            "it is a link or leads outside; refusing to write there"
+        )
     return path
 
 
@@ -181,6 +185,7 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> None:
 
 # ---- planning: which files, how big, which checksums ------------------------------------------
 
+
 @dataclass(frozen=True)
 class RemoteFile:
     name: str
@@ -201,8 +206,14 @@ class PullPlan:
         return sum(f.size or 0 for f in self.files)
 
 
-def plan(repo_id: str, *, revision: str = "main", gguf: str | None = None, endpoint: str | None = None,
-         token: str | bool | None = None) -> PullPlan:
+def plan(
+    repo_id: str,
+    *,
+    revision: str = "main",
+    gguf: str | None = None,
+    endpoint: str | None = None,
+    token: str | bool | None = None,
+) -> PullPlan:
     """Ask the hub for the repo's files at ``revision`` and pick those a model needs."""
     check_repo_id(repo_id)
     endpoint = endpoint or hub_endpoint()
@@ -210,7 +221,8 @@ def plan(repo_id: str, *, revision: str = "main", gguf: str | None = None, endpo
         raise unreachable(endpoint, "HF_HUB_OFFLINE is set")
     try:
         info = HfApi(endpoint=endpoint, token=token).model_info(
-            repo_id, revision=revision, files_metadata=True, timeout=HUB_TIMEOUT_S)
+            repo_id, revision=revision, files_metadata=True, timeout=HUB_TIMEOUT_S
+        )
     except (httpx2.TransportError, OfflineModeIsEnabled) as exc:
         raise unreachable(endpoint, exc) from None
     except GatedRepoError:
@@ -225,15 +237,21 @@ def plan(repo_id: str, *, revision: str = "main", gguf: str | None = None, endpo
     for sibling in listed:  # a hub listing such a name is broken or hostile: pull nothing from it
         problem = file_name_problem(sibling.rfilename)
         if problem is not None:
-            raise UnsafeName(f"{repo_id} on {endpoint} lists a file named {sibling.rfilename!r} ({problem}); "
-                             "refusing to pull it")
-    siblings = [RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, s.blob_id)
-                for s in listed if "/" not in s.rfilename or _SUBFOLDER_FILES.fullmatch(s.rfilename)]
+            raise UnsafeName(
+                f"{repo_id} on {endpoint} lists a file named {sibling.rfilename!r} ({problem}); refusing to pull it"
+            )
+    siblings = [
+        RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, s.blob_id)
+        for s in listed
+        if "/" not in s.rfilename or _SUBFOLDER_FILES.fullmatch(s.rfilename)
+    ]
     chosen = _select(repo_id, siblings, gguf)
     hidden = [f.name for f in chosen if is_hidden(f.name)]
     if hidden:  # e.g. '.impetus-pull.json' would pass for this server's own manifest
-        raise UnsafeName(f"{repo_id} would put hidden files into the model's folder ({', '.join(map(repr, hidden))}); "
-                         "refusing to pull it")
+        raise UnsafeName(
+            f"{repo_id} would put hidden files into the model's folder ({', '.join(map(repr, hidden))}); "
+            "refusing to pull it"
+        )
     return PullPlan(repo_id, revision, info.sha or revision, tuple(chosen))
 
 
@@ -257,18 +275,33 @@ def _select(repo_id: str, files: list[RemoteFile], gguf: str | None) -> list[Rem
     if len(ggufs) == 1:
         return ggufs
     if ggufs:
-        raise PullError(f"{repo_id} holds several GGUF files ({', '.join(f.name for f in ggufs)}); "
-                        "choose one with gguf (a file name or pattern such as '*Q4_K_M.gguf')")
+        raise PullError(
+            f"{repo_id} holds several GGUF files ({', '.join(f.name for f in ggufs)}); "
+            "choose one with gguf (a file name or pattern such as '*Q4_K_M.gguf')"
+        )
     foreign = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".onnx", ".mlmodel"))]
-    hint = (f" (it holds {', '.join(foreign[:3])}: convert it with "
-            f"`python -m mlx_lm.convert --hf-path {repo_id}` on a machine that reaches the hub)") if foreign else ""
+    hint = (
+        (
+            f" (it holds {', '.join(foreign[:3])}: convert it with "
+            f"`python -m mlx_lm.convert --hf-path {repo_id}` on a machine that reaches the hub)"
+        )
+        if foreign
+        else ""
+    )
     raise PullError(f"{repo_id} holds no .safetensors or .gguf weights{hint}")
 
 
 # ---- searching --------------------------------------------------------------------------------
 
-def search(query: str, *, author: str | None = "mlx-community", limit: int = 20, endpoint: str | None = None,
-           timeout: float = SEARCH_TIMEOUT_S) -> list[ModelInfo]:
+
+def search(
+    query: str,
+    *,
+    author: str | None = "mlx-community",
+    limit: int = 20,
+    endpoint: str | None = None,
+    timeout: float = SEARCH_TIMEOUT_S,
+) -> list[ModelInfo]:
     """Models on the hub matching ``query`` (huggingface_hub ModelInfo objects, most downloaded first).
 
     Answers within ``timeout`` seconds (twice that for a hub that trickles its answer) or raises
@@ -278,8 +311,12 @@ def search(query: str, *, author: str | None = "mlx-community", limit: int = 20,
     endpoint = endpoint or hub_endpoint()
     deadline = time.monotonic() + timeout
     probe(endpoint, timeout=min(PROBE_TIMEOUT_S, timeout))
-    params: dict[str, Any] = {"search": query, "limit": limit, "sort": "downloads",
-                              "expand": ["safetensors", "downloads", "tags"]}
+    params: dict[str, Any] = {
+        "search": query,
+        "limit": limit,
+        "sort": "downloads",
+        "expand": ["safetensors", "downloads", "tags"],
+    }
     if author:
         params["author"] = author
     body = _get_json(f"{endpoint}/api/models", params, deadline, timeout, endpoint)
@@ -303,8 +340,9 @@ def _get_json(url: str, params: dict[str, Any], deadline: float, timeout: float,
             for chunk in response.iter_bytes():
                 body += chunk
                 if len(body) > SEARCH_MAX_BYTES:
-                    raise PullError(f"the hub at {endpoint} answered the search with more than "
-                                    f"{SEARCH_MAX_BYTES >> 20} MiB")
+                    raise PullError(
+                        f"the hub at {endpoint} answered the search with more than {SEARCH_MAX_BYTES >> 20} MiB"
+                    )
                 if time.monotonic() > deadline:
                     raise expired
             status = response.status_code

@@ -19,8 +19,10 @@ from gerdsen_ai_server.store.formats import detect_format
 from gerdsen_ai_server.store.hub import STAGING, folder_name
 from gerdsen_ai_server.store.paths import confine, plain_name
 
-REFUSED = ("requests cannot load this entry: its name is not a plain model id, or it (or a symlink in it) "
-           "leads out of the models dir; list its target in IMPETUS_MODEL_PATHS to allow it")
+REFUSED = (
+    "requests cannot load this entry: its name is not a plain model id, or it (or a symlink in it) "
+    "leads out of the models dir; list its target in IMPETUS_MODEL_PATHS to allow it"
+)
 
 
 @dataclass
@@ -63,8 +65,14 @@ def scan(models_dir: Path, allowed: Sequence[Path] | None = None) -> list[LocalM
                 found.append(LocalModel(id=model_id(path), path=path, format=None, size_bytes=0, error=REFUSED))
                 continue
         manifest = read_manifest(path) or {}
-        entry = LocalModel(id=model_id(path), path=path, format=None, size_bytes=folder_bytes(path),
-                           repo=manifest.get("repo"), commit=manifest.get("commit"))
+        entry = LocalModel(
+            id=model_id(path),
+            path=path,
+            format=None,
+            size_bytes=folder_bytes(path),
+            repo=manifest.get("repo"),
+            commit=manifest.get("commit"),
+        )
         try:
             entry.format = detect_format(path)
         except ModelLoadError as exc:

@@ -29,8 +29,10 @@ def model_not_found(spec: str) -> ModelRefused:
     the path is outside the models dir, or a symlink leaves it (no existence oracle), naming no
     host path (the spec is echoed as sent, never expanded)."""
     shown = spec if len(spec) <= 80 else spec[:77] + "..."
-    return ModelRefused(f"The model '{shown}' does not exist or you do not have access to it: a request may "
-                         "name a model in the models dir, or a path the operator listed in IMPETUS_MODEL_PATHS.")
+    return ModelRefused(
+        f"The model '{shown}' does not exist or you do not have access to it: a request may "
+        "name a model in the models dir, or a path the operator listed in IMPETUS_MODEL_PATHS."
+    )
 
 
 def model_paths(setting: str) -> tuple[Path, ...]:
@@ -102,8 +104,13 @@ def confine(spec: str, models_dir: Path, allowed: Sequence[Path] = ()) -> Path:
             if os.path.lexists(candidate):
                 found = candidate
                 break
-    elif allowed and name.startswith("/") and len(name) <= 4096 and _NAME_CHARS.fullmatch(name) \
-            and ".." not in name.split("/"):
+    elif (
+        allowed
+        and name.startswith("/")
+        and len(name) <= 4096
+        and _NAME_CHARS.fullmatch(name)
+        and ".." not in name.split("/")
+    ):
         path = Path(name)
         if os.path.lexists(path) and any(path.is_relative_to(root) for root in allowed):
             found = path
@@ -113,8 +120,12 @@ def confine(spec: str, models_dir: Path, allowed: Sequence[Path] = ()) -> Path:
         log.warning("refused model %r: %s resolves outside the models dir and IMPETUS_MODEL_PATHS", spec, found)
         raise model_not_found(spec)
     if (link := _links_outside(found, roots)) is not None:
-        log.warning("refused model %r: %s links outside the models dir and IMPETUS_MODEL_PATHS "
-                    "(list its target there to allow it)", spec, link)
+        log.warning(
+            "refused model %r: %s links outside the models dir and IMPETUS_MODEL_PATHS "
+            "(list its target there to allow it)",
+            spec,
+            link,
+        )
         raise model_not_found(spec)
     return found
 

@@ -50,17 +50,34 @@ class Pull:
     last_event: float = field(default=0.0, repr=False)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"id": self.id, "model": self.repo, "revision": self.revision, "status": self.status,
-                "bytes_done": self.bytes_done, "bytes_total": self.bytes_total, "path": self.path,
-                "error": self.error, "created_at": self.created_at, "finished_at": self.finished_at}
+        return {
+            "id": self.id,
+            "model": self.repo,
+            "revision": self.revision,
+            "status": self.status,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "path": self.path,
+            "error": self.error,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+        }
 
 
 class PullManager:
     """Pulls run by at most ``max_parallel`` threads, at most ``max_pulls`` queued or running."""
 
-    def __init__(self, models_dir: Path, events: EventBus | None = None, *, max_parallel: int = 2,
-                 max_pulls: int = 16, events_per_second: float = 4.0, keep_finished: int = 100,
-                 endpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        events: EventBus | None = None,
+        *,
+        max_parallel: int = 2,
+        max_pulls: int = 16,
+        events_per_second: float = 4.0,
+        keep_finished: int = 100,
+        endpoint: str | None = None,
+    ) -> None:
         self.models_dir = Path(models_dir)
         self.events = events or EventBus()
         self.endpoint = endpoint
@@ -87,8 +104,10 @@ class PullManager:
                         return existing.snapshot()
                     active += 1
             if active >= self.max_pulls:
-                raise PullQueueFull(f"{active} pulls are already queued or downloading (IMPETUS_MAX_PULLS="
-                                    f"{self.max_pulls}); retry when one has finished, or cancel one")
+                raise PullQueueFull(
+                    f"{active} pulls are already queued or downloading (IMPETUS_MAX_PULLS="
+                    f"{self.max_pulls}); retry when one has finished, or cancel one"
+                )
             pull_ = Pull(id=f"pull-{uuid.uuid4().hex[:12]}", repo=repo_id, revision=revision, gguf=gguf)
             self._pulls[pull_.id] = pull_  # counts against max_pulls from here on
             self._forget_old()
@@ -155,9 +174,15 @@ class PullManager:
         try:
             pull_.status = "downloading"
             self._publish(pull_, force=True)
-            path = pull(pull_.repo, self.models_dir, revision=pull_.revision, gguf=pull_.gguf,
-                        endpoint=self.endpoint, cancel=pull_.cancel,
-                        on_progress=lambda done, total: self._progress(pull_, done, total))
+            path = pull(
+                pull_.repo,
+                self.models_dir,
+                revision=pull_.revision,
+                gguf=pull_.gguf,
+                endpoint=self.endpoint,
+                cancel=pull_.cancel,
+                on_progress=lambda done, total: self._progress(pull_, done, total),
+            )
             pull_.path = str(path)
             self._finish(pull_, "done")
         except PullCancelled:

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from flask import Flask, Response, has_request_context, jsonify, request
+from flask.sansio.app import App
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 Renderer = Callable[[APIError], Response]
 
 
-def error_shape(app: Flask, path_prefix: str, render: Renderer) -> None:
+def error_shape(app: App, path_prefix: str, render: Renderer) -> None:
     """Routes under ``path_prefix`` answer errors in their API's own shape (Anthropic's on
     /v1/messages): every error, whether a view raised it or a hook did (401, 429, 503 while
     draining) or Werkzeug did (404, 405, 413), goes through ``render`` instead of the envelope."""
@@ -80,4 +81,6 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
-        return error_response(APIError(500, "The server had an error while processing your request.", code="internal_error"))
+        return error_response(
+            APIError(500, "The server had an error while processing your request.", code="internal_error")
+        )

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from operator import methodcaller
 from typing import TYPE_CHECKING, Any
 
 from gerdsen_ai_server.errors import APIError
@@ -40,9 +41,11 @@ class FailedLogins:
 
         self.items = parse_many(limit) if limit.strip() else []
         self._memory = MovingWindowRateLimiter(MemoryStorage())
-        self._shared = (MovingWindowRateLimiter(storage_from_string(redis_url, socket_timeout=1,
-                                                                   socket_connect_timeout=1))
-                        if redis_url else self._memory)
+        self._shared = (
+            MovingWindowRateLimiter(storage_from_string(redis_url, socket_timeout=1, socket_connect_timeout=1))
+            if redis_url
+            else self._memory
+        )
 
     def _run(self, call: Callable[[MovingWindowRateLimiter], Any]) -> Any:
         try:
@@ -56,14 +59,14 @@ class FailedLogins:
     def fail(self, remote: str | None) -> None:
         """Count one failed authentication from ``remote``."""
         for item in self.items:
-            self._run(lambda limiter, item=item: limiter.hit(item, FAILED_LOGINS, remote or "unknown"))
+            self._run(methodcaller("hit", item, FAILED_LOGINS, remote or "unknown"))
 
     def wait(self, remote: str | None) -> int:
         """Seconds until ``remote`` may try again: 0 while its budget lasts."""
         ids = (FAILED_LOGINS, remote or "unknown")
         for item in self.items:
-            if not self._run(lambda limiter, item=item: limiter.test(item, *ids)):
-                stats = self._run(lambda limiter, item=item: limiter.get_window_stats(item, *ids))
+            if not self._run(methodcaller("test", item, *ids)):
+                stats = self._run(methodcaller("get_window_stats", item, *ids))
                 return max(1, math.ceil(stats.reset_time - time.time()))
         return 0
 
@@ -71,6 +74,10 @@ class FailedLogins:
         """429 for an address whose failed-login budget is spent (a Socket.IO handshake asks too)."""
         wait = self.wait(remote)
         if wait:
-            raise APIError(429, "Too many failed authentications from this client address "
-                           f"(IMPETUS_AUTH_FAIL_LIMIT). Please try again in {wait}s.",
-                           code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
+            raise APIError(
+                429,
+                "Too many failed authentications from this client address "
+                f"(IMPETUS_AUTH_FAIL_LIMIT). Please try again in {wait}s.",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(wait)},
+            )

@@ -75,7 +75,7 @@ def host_name(host: str) -> str:
     """The name in a ``Host`` header, lower-cased, without port, brackets or a trailing dot."""
     host = host.strip().lower()
     if host.startswith("["):  # [v6]:port
-        return host[1:host.find("]")] if "]" in host else host
+        return host[1 : host.find("]")] if "]" in host else host
     if host.count(":") == 1:
         host = host.partition(":")[0]
     return host.rstrip(".")
@@ -156,8 +156,12 @@ def _send(start_response: StartResponse, error: APIError) -> Iterable[bytes]:
         reason = HTTPStatus(error.status).phrase
     except ValueError:
         reason = "Error"
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-               ("X-Content-Type-Options", "nosniff"), *error.headers.items()]
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("X-Content-Type-Options", "nosniff"),
+        *error.headers.items(),
+    ]
     start_response(f"{error.status} {reason}", headers)
     return [body]
 
@@ -174,8 +178,7 @@ def presented(environ: dict[str, Any], query: dict[str, list[str]]) -> str | Non
 class Guard:
     """The WSGI middleware (see the module's doc)."""
 
-    def __init__(self, app: Flask, wsgi_app: Callable[..., Iterable[bytes]], settings: Settings,
-                 engineio: Any) -> None:
+    def __init__(self, app: Flask, wsgi_app: Callable[..., Iterable[bytes]], settings: Settings, engineio: Any) -> None:
         self.app, self.wsgi_app, self.engineio = app, wsgi_app, engineio
         self.hosts = HostAllowList(settings)
         self.origins = OriginPolicy(settings)
@@ -188,9 +191,15 @@ class Guard:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         host = environ.get("HTTP_HOST")
         if host is not None and not self.hosts.allows(host):
-            return _send(start_response, APIError(
-                421, f"This server does not answer for the host '{host_name(host)[:100]}'. Use its address, or "
-                "list the name in IMPETUS_ALLOWED_HOSTS.", code="host_not_allowed"))
+            return _send(
+                start_response,
+                APIError(
+                    421,
+                    f"This server does not answer for the host '{host_name(host)[:100]}'. Use its address, or "
+                    "list the name in IMPETUS_ALLOWED_HOSTS.",
+                    code="host_not_allowed",
+                ),
+            )
         if not environ.get("PATH_INFO", "").startswith(SOCKETIO_PREFIX):
             return self.wsgi_app(environ, start_response)
         return self.socketio(environ, start_response)
@@ -198,9 +207,15 @@ class Guard:
     def socketio(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         origin = environ.get("HTTP_ORIGIN")
         if origin is not None and not self.origins.allows(origin, environ):
-            return _send(start_response, APIError(
-                403, "Socket.IO refused this page's origin: it takes connections from this server's own pages "
-                "and from the origins in IMPETUS_CORS_ORIGINS.", code="origin_not_allowed"))
+            return _send(
+                start_response,
+                APIError(
+                    403,
+                    "Socket.IO refused this page's origin: it takes connections from this server's own pages "
+                    "and from the origins in IMPETUS_CORS_ORIGINS.",
+                    code="origin_not_allowed",
+                ),
+            )
         if environ.get("REQUEST_METHOD") == "OPTIONS":
             return self.wsgi_app(environ, start_response)  # a CORS preflight: no credentials by design
         query = parse_qs(environ.get("QUERY_STRING", ""))
@@ -218,17 +233,24 @@ class Guard:
             return self.wsgi_app(environ, start_response)
         with self._lock:
             if self.held >= self.thread_cap:
-                refusal = APIError(503, f"This server has {self.thread_cap} Socket.IO connections running, its most; "
-                                   "retry later or on another replica.", code="too_many_connections",
-                                   headers={"Retry-After": "5"})
+                refusal = APIError(
+                    503,
+                    f"This server has {self.thread_cap} Socket.IO connections running, its most; "
+                    "retry later or on another replica.",
+                    code="too_many_connections",
+                    headers={"Retry-After": "5"},
+                )
             elif poll and sid in self.polling:
-                refusal = APIError(400, "This Socket.IO session already has a long-poll running; one at a time.",
-                                   code="overlapping_poll")
+                refusal = APIError(
+                    400,
+                    "This Socket.IO session already has a long-poll running; one at a time.",
+                    code="overlapping_poll",
+                )
             else:
                 refusal = None
                 self.held += 1
                 if poll:
-                    self.polling.add(sid)  # type: ignore[arg-type]
+                    self.polling.add(sid)
         if refusal is not None:
             return _send(start_response, refusal)
         try:  # Engine.IO answers within this call (a WebSocket is served whole inside it)
@@ -237,7 +259,7 @@ class Guard:
             with self._lock:
                 self.held -= 1
                 if poll:
-                    self.polling.discard(sid)  # type: ignore[arg-type]
+                    self.polling.discard(sid)
 
     def admit(self, environ: dict[str, Any], query: dict[str, list[str]], *, handshake: bool) -> APIError | None:
         """A request that would open a session (or names none that exists): the failed-login lockout,
@@ -262,22 +284,31 @@ class Guard:
             if checker and ident is None:
                 if logins is not None:
                     logins.fail(remote)
-                message = ("This server needs an API key to open a Socket.IO session: send 'Authorization: Bearer KEY' "
-                           f"or, from a browser, the query parameter {KEY_QUERY}=KEY." if key is None
-                           else "Incorrect API key provided.")
+                message = (
+                    "This server needs an API key to open a Socket.IO session: send 'Authorization: Bearer KEY' "
+                    f"or, from a browser, the query parameter {KEY_QUERY}=KEY."
+                    if key is None
+                    else "Incorrect API key provided."
+                )
                 return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         # (a closed session stays in Engine.IO's table until its sweep, up to ping_timeout later)
         if sum(not session.closed for session in list(self.engineio.sockets.values())) >= self.session_cap:
-            return APIError(503, f"This server has {self.session_cap} Socket.IO sessions open, its most; retry later "
-                            "or on another replica.", code="too_many_connections", headers={"Retry-After": "5"})
+            return APIError(
+                503,
+                f"This server has {self.session_cap} Socket.IO sessions open, its most; retry later "
+                "or on another replica.",
+                code="too_many_connections",
+                headers={"Retry-After": "5"},
+            )
         if ident is not None:
             environ[KEY_ID], environ[KEY_SCOPE] = ident, scope
         return None
 
 
 def _timed_out(_exc: Exception) -> Response:
-    response = error_response(APIError(408, "The request body did not arrive in time (IMPETUS_READ_TIMEOUT).",
-                                       code="request_timeout"))
+    response = error_response(
+        APIError(408, "The request body did not arrive in time (IMPETUS_READ_TIMEOUT).", code="request_timeout")
+    )
     response.headers["Connection"] = "close"
     return response
 

@@ -136,8 +136,9 @@ def read_key_file(path: Path) -> tuple[list[str], list[str]]:
             continue
         if len(words) > 2 or (len(words) == 2 and words[1] not in SCOPES):
             # Never echo the line: it holds a key.
-            raise RuntimeError(f"IMPETUS_API_KEY_FILE {path} line {number}: expected 'KEY', 'KEY inference' or "
-                               "'KEY admin'")
+            raise RuntimeError(
+                f"IMPETUS_API_KEY_FILE {path} line {number}: expected 'KEY', 'KEY inference' or 'KEY admin'"
+            )
         (admin if words[1:] == [ADMIN] else inference).append(words[0])
     return inference, admin
 
@@ -161,6 +162,8 @@ def load_keys(settings: Settings) -> KeyChecker:
     for source, keys in sources:
         for key in keys:
             if len(key) < MIN_KEY_LENGTH:
-                raise RuntimeError(f"{source} holds a key of {len(key)} characters; API keys need at least "
-                                   f"{MIN_KEY_LENGTH}, so that they cannot be guessed ({KEY_HINT})")
+                raise RuntimeError(
+                    f"{source} holds a key of {len(key)} characters; API keys need at least "
+                    f"{MIN_KEY_LENGTH}, so that they cannot be guessed ({KEY_HINT})"
+                )
     return KeyChecker(inference, admin)

@@ -52,8 +52,12 @@ def spend_budget(key: str | None, remote: str | None) -> None:
                 reset = limiter.limiter.get_window_stats(item, *args).reset_time
                 wait = max(1, math.ceil(reset - time.time()))
                 who = "this API key" if key else "this client address"
-                raise APIError(429, f"Rate limit reached for {who}: {item}. Please try again in {wait}s.",
-                               code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
+                raise APIError(
+                    429,
+                    f"Rate limit reached for {who}: {item}. Please try again in {wait}s.",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(wait)},
+                )
     except APIError:
         raise
     except Exception:  # storage unreachable: fail open, as the HTTP limiter does
@@ -62,8 +66,13 @@ def spend_budget(key: str | None, remote: str | None) -> None:
 
 def rate_exempt() -> bool:
     path = request.path
-    return (request.method == "OPTIONS" or path in PROBE_PATHS or path in MONITORING_PATHS or path in DOCS_PATHS
-            or path.startswith(DOCS_PREFIX))
+    return (
+        request.method == "OPTIONS"
+        or path in PROBE_PATHS
+        or path in MONITORING_PATHS
+        or path in DOCS_PATHS
+        or path.startswith(DOCS_PREFIX)
+    )
 
 
 def duration(seconds: float) -> str:
@@ -101,10 +110,14 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
     def _too_many(exc: RateLimitExceeded) -> Response:
         wait = max(1, math.ceil(seconds_to_reset()))
         who = "this API key" if g.get("api_key_id") else "this client address"
-        return error_response(APIError(
-            429, f"Rate limit reached for {who}: {exc.limit.limit}. Please try again in {wait}s.",
-            code="rate_limit_exceeded", headers={"Retry-After": str(wait)},
-        ))
+        return error_response(
+            APIError(
+                429,
+                f"Rate limit reached for {who}: {exc.limit.limit}. Please try again in {wait}s.",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(wait)},
+            )
+        )
 
     @app.after_request
     def _rate_headers(response: Response) -> Response:

@@ -55,8 +55,12 @@ def refuse_cross_origin(settings: Settings) -> None:
     allowed = settings.cors_origin_list()
     if "*" in allowed or (origin and origin in allowed):
         return
-    raise APIError(403, "Cross-origin request refused: this server takes state-changing requests from its own "
-                   "pages, and from the origins in IMPETUS_CORS_ORIGINS.", code="cross_origin_request")
+    raise APIError(
+        403,
+        "Cross-origin request refused: this server takes state-changing requests from its own "
+        "pages, and from the origins in IMPETUS_CORS_ORIGINS.",
+        code="cross_origin_request",
+    )
 
 
 def require_json() -> None:
@@ -70,24 +74,29 @@ def require_json() -> None:
     if request.is_json:  # application/json (any parameters) or application/*+json
         return
     given = request.mimetype or "no Content-Type"
-    raise APIError(415, f"Unsupported Content-Type '{given}': send the body as JSON with "
-                   "'Content-Type: application/json'.", code="unsupported_media_type")
+    raise APIError(
+        415,
+        f"Unsupported Content-Type '{given}': send the body as JSON with 'Content-Type: application/json'.",
+        code="unsupported_media_type",
+    )
 
 
 # ---- browsers ----------------------------------------------------------------------------------
 
-CONTENT_SECURITY_POLICY = "; ".join([
-    "default-src 'self'",
-    "script-src 'self'",
-    "style-src 'self' 'unsafe-inline'",  # Swagger UI and React set inline styles
-    "img-src 'self' data:",
-    "font-src 'self' data:",
-    "connect-src 'self'",  # the API and Socket.IO, same origin (ws: included)
-    "object-src 'none'",
-    "base-uri 'none'",
-    "form-action 'self'",
-    "frame-ancestors 'none'",
-])
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self' 'unsafe-inline'",  # Swagger UI and React set inline styles
+        "img-src 'self' data:",
+        "font-src 'self' data:",
+        "connect-src 'self'",  # the API and Socket.IO, same origin (ws: included)
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -96,10 +105,23 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 # What a browser client may send and read across origins (OpenAI's and Anthropic's SDKs included).
-CORS_ALLOW_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "x-api-key", "anthropic-version",
-                      "OpenAI-Organization", "OpenAI-Project", "X-Stainless-.*"]
-CORS_EXPOSE_HEADERS = ["X-Request-ID", "Retry-After", "x-ratelimit-limit-requests",
-                       "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"]
+CORS_ALLOW_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "X-Request-ID",
+    "x-api-key",
+    "anthropic-version",
+    "OpenAI-Organization",
+    "OpenAI-Project",
+    "X-Stainless-.*",
+]
+CORS_EXPOSE_HEADERS = [
+    "X-Request-ID",
+    "Retry-After",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+]
 
 
 def add_security_headers(response: Response) -> Response:
@@ -112,5 +134,11 @@ def init_browser_policy(app: Flask, settings: Settings) -> None:
     app.after_request(add_security_headers)
     origins = settings.cors_origin_list()
     if origins:
-        CORS(app, origins="*" if "*" in origins else origins, allow_headers=CORS_ALLOW_HEADERS,
-             expose_headers=CORS_EXPOSE_HEADERS, supports_credentials=False, max_age=600)
+        CORS(
+            app,
+            origins="*" if "*" in origins else origins,
+            allow_headers=CORS_ALLOW_HEADERS,
+            expose_headers=CORS_EXPOSE_HEADERS,
+            supports_credentials=False,
+            max_age=600,
+        )

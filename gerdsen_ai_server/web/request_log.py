@@ -115,8 +115,9 @@ def _finish(response: Response) -> Response:
 
     def log_line() -> None:
         fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
-        access_log.info("%s %s %s %.1fms", fields["method"], fields["path"], fields["status"],
-                        fields["duration_ms"], extra=fields)
+        access_log.info(
+            "%s %s %s %.1fms", fields["method"], fields["path"], fields["status"], fields["duration_ms"], extra=fields
+        )
 
     response.call_on_close(log_line)
     return response

@@ -79,8 +79,10 @@ def authenticate(settings: Settings, logins: FailedLogins) -> None:
     if g.get("api_key_id") is not None or not needs_key(request.path, settings):
         return
     if presented_key() is None:
-        message = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
-                   "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+        message = (
+            "You didn't provide an API key. You need to provide your API key in an Authorization header "
+            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
     else:
         logins.fail(request.remote_addr)
         message = "Incorrect API key provided."
@@ -100,10 +102,16 @@ def authorize(checker: KeyChecker) -> None:
         return
     if g.get("api_key_id") is None:
         return  # an open path; authenticate refused everything else
-    hint = ("" if checker.has_admin else
-            " No admin key is configured: set IMPETUS_ADMIN_KEYS, or mark a line of IMPETUS_API_KEY_FILE 'KEY admin'.")
-    raise APIError(403, f"This API key may not manage the server: {request.method} {request.path} needs an admin "
-                   f"key.{hint}", code="insufficient_scope")
+    hint = (
+        ""
+        if checker.has_admin
+        else " No admin key is configured: set IMPETUS_ADMIN_KEYS, or mark a line of IMPETUS_API_KEY_FILE 'KEY admin'."
+    )
+    raise APIError(
+        403,
+        f"This API key may not manage the server: {request.method} {request.path} needs an admin key.{hint}",
+        code="insufficient_scope",
+    )
 
 
 def may_see_details() -> bool:
@@ -153,8 +161,10 @@ def init_security(app: Flask, settings: Settings) -> None:
         app.before_request(lambda: authenticate(settings, logins))
         app.before_request(lambda: authorize(checker))
         if not checker.has_admin:  # a choice, not a mistake: management then happens by restart or CLI
-            log.info("No admin key is configured (IMPETUS_ADMIN_KEYS, or 'KEY admin' in IMPETUS_API_KEY_FILE): "
-                        "loading, unloading, pulling and deleting models and /api/config are refused to every key.")
+            log.info(
+                "No admin key is configured (IMPETUS_ADMIN_KEYS, or 'KEY admin' in IMPETUS_API_KEY_FILE): "
+                "loading, unloading, pulling and deleting models and /api/config are refused to every key."
+            )
     elif not is_loopback(settings.host):
         log.warning(
             "\n" + "!" * 78 + "\n"

@@ -115,8 +115,12 @@ def init_shutdown(app: Flask) -> Drain:
     @app.before_request
     def _refuse_new_work() -> None:
         if drain.draining.is_set() and not request.path.startswith(UNCOUNTED_PREFIXES):
-            raise APIError(503, "The server is shutting down; retry on another replica.",
-                           code="server_shutting_down", headers={"Retry-After": "1"})
+            raise APIError(
+                503,
+                "The server is shutting down; retry on another replica.",
+                code="server_shutting_down",
+                headers={"Retry-After": "1"},
+            )
 
     return drain
 
@@ -147,9 +151,11 @@ def install_sigterm_drain(worker: Any, grace: float) -> None:
             log.info("SIGTERM: not ready; letting %d running request(s) finish (up to %g s)", drain.active, grace)
             started = time.monotonic()
             idle = drain.wait_idle(grace)
-            log.info("shutdown: %s after %.1f s; stopping the worker",
-                     "requests finished" if idle else f"grace of {grace:g} s over, {drain.active} still running",
-                     time.monotonic() - started)
+            log.info(
+                "shutdown: %s after %.1f s; stopping the worker",
+                "requests finished" if idle else f"grace of {grace:g} s over, {drain.active} still running",
+                time.monotonic() - started,
+            )
             drain.drained()
             gunicorn_exit(signum, frame)
 

@@ -15,9 +15,16 @@ pytestmark = pytest.mark.server
 
 GREEDY = {"temperature": 0}  # the current SDK no longer names temperature; older clients send it
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
-WEATHER = {"name": "get_weather", "description": "Current weather in a city",
-           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-                            "additionalProperties": False}}
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +41,14 @@ def test_message(claude: anthropic.Anthropic) -> None:
 
 
 def test_system_blocks_stop_sequences_and_max_tokens(claude: anthropic.Anthropic) -> None:
-    reply = claude.messages.create(model=DEFAULT_MODEL, max_tokens=30, extra_body=GREEDY, messages=CAPITAL,
-                                   system=[{"type": "text", "text": "You are terse.",
-                                            "cache_control": {"type": "ephemeral"}}],
-                                   stop_sequences=["France"])
+    reply = claude.messages.create(
+        model=DEFAULT_MODEL,
+        max_tokens=30,
+        extra_body=GREEDY,
+        messages=CAPITAL,
+        system=[{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}],
+        stop_sequences=["France"],
+    )
     assert reply.stop_reason == "stop_sequence" and reply.stop_sequence == "France"
     assert "France" not in reply.content[0].text
     short = claude.messages.create(model=DEFAULT_MODEL, max_tokens=2, extra_body=GREEDY, messages=CAPITAL)
@@ -55,9 +66,14 @@ def test_stream_event_sequence(claude: anthropic.Anthropic) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_forced_tool_use_and_result(claude: anthropic.Anthropic, stream: bool) -> None:
-    args = dict(model=DEFAULT_MODEL, max_tokens=60, extra_body=GREEDY, tools=[WEATHER],
-                tool_choice={"type": "tool", "name": "get_weather"},
-                messages=[{"role": "user", "content": "Weather in Paris?"}])
+    args = dict(
+        model=DEFAULT_MODEL,
+        max_tokens=60,
+        extra_body=GREEDY,
+        tools=[WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+    )
     if stream:
         with claude.messages.stream(**args) as s:
             reply = s.get_final_message()
@@ -66,11 +82,18 @@ def test_forced_tool_use_and_result(claude: anthropic.Anthropic, stream: bool) -
     assert reply.stop_reason == "tool_use"
     use = [b for b in reply.content if b.type == "tool_use"][0]
     assert use.name == "get_weather" and isinstance(use.input["city"], str) and use.id.startswith("toolu_")
-    follow = claude.messages.create(model=DEFAULT_MODEL, max_tokens=20, extra_body=GREEDY, tools=[WEATHER], messages=[
-        {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": [b.model_dump() for b in reply.content]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "21 C, sunny"}]},
-    ], tool_choice={"type": "none"})
+    follow = claude.messages.create(
+        model=DEFAULT_MODEL,
+        max_tokens=20,
+        extra_body=GREEDY,
+        tools=[WEATHER],
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [b.model_dump() for b in reply.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "21 C, sunny"}]},
+        ],
+        tool_choice={"type": "none"},
+    )
     assert follow.content[0].type == "text" and follow.stop_reason in ("end_turn", "max_tokens")
 
 
@@ -113,8 +136,11 @@ def test_size_and_method_errors_use_anthropic_shape(claude: anthropic.Anthropic,
     with pytest.raises(anthropic.APIStatusError) as info:
         claude.messages.create(**huge)
     assert info.value.status_code == 413
-    assert info.value.body == {"type": "error", "error": {"type": "request_too_large", "message": info.value.body[
-        "error"]["message"]}} and info.value.body["error"]["message"]
+    assert (
+        info.value.body
+        == {"type": "error", "error": {"type": "request_too_large", "message": info.value.body["error"]["message"]}}
+        and info.value.body["error"]["message"]
+    )
     r = requests.get(f"{server.url}/v1/messages", timeout=30)
     assert r.status_code == 405 and r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
     r = requests.post(f"{server.url}/v1/chat/completions", json=huge, timeout=30)  # the OpenAI routes keep theirs

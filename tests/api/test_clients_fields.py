@@ -22,8 +22,12 @@ pytestmark = pytest.mark.server
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "clients.md"
 SECTION = "## Fields the SDKs send"
-PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
-         "responses": "/responses"}
+PATHS = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+    "responses": "/responses",
+}
 # The smallest request each endpoint answers; a row's example is merged into it.
 BASE: dict[str, dict[str, Any]] = {
     "chat": {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
@@ -71,9 +75,23 @@ CASES = [(row, endpoint) for row in ROWS for endpoint in row.endpoints]
 def test_the_table_covers_what_the_sdks_send_by_default() -> None:
     """The fields the issue names, and the Agents SDK's default ``include``, each have a row."""
     fields = {row.field for row in ROWS}
-    for name in ("include", "store", "metadata", "parallel_tool_calls", "user", "service_tier", "prompt_cache_key",
-                 "safety_identifier", "truncation", "text.verbosity", "stream_options.include_obfuscation",
-                 "prompt_cache_retention", "reasoning", "top_logprobs", "modalities"):
+    for name in (
+        "include",
+        "store",
+        "metadata",
+        "parallel_tool_calls",
+        "user",
+        "service_tier",
+        "prompt_cache_key",
+        "safety_identifier",
+        "truncation",
+        "text.verbosity",
+        "stream_options.include_obfuscation",
+        "prompt_cache_retention",
+        "reasoning",
+        "top_logprobs",
+        "modalities",
+    ):
         assert name in fields, name
     assert any(row.example == {"include": []} and row.outcome == "accepted" for row in ROWS)
 
@@ -102,13 +120,17 @@ def test_unknown_fields_are_still_refused(server) -> None:  # type: ignore[no-un
     for endpoint, field in (("chat", "parallel_tool_call"), ("responses", "includes"), ("responses", "stor")):
         reply = requests.post(server.base_url + PATHS[endpoint], json={**BASE[endpoint], field: True}, timeout=60)
         assert reply.status_code == 400 and reply.json()["error"]["message"] == (
-            f"Unrecognized request argument supplied: {field}"), reply.text
-    reply = requests.post(server.base_url + "/responses", json={**BASE["responses"], "include": ["everything"]},
-                          timeout=60)
+            f"Unrecognized request argument supplied: {field}"
+        ), reply.text
+    reply = requests.post(
+        server.base_url + "/responses", json={**BASE["responses"], "include": ["everything"]}, timeout=60
+    )
     assert reply.status_code == 400 and reply.json()["error"]["param"].startswith("include"), reply.text
-    reply = requests.post(server.base_url + "/responses", json={**BASE["responses"],
-                                                                "metadata": {f"k{i}": "v" for i in range(17)}},
-                          timeout=60)
+    reply = requests.post(
+        server.base_url + "/responses",
+        json={**BASE["responses"], "metadata": {f"k{i}": "v" for i in range(17)}},
+        timeout=60,
+    )
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "metadata", reply.text
 
 
@@ -117,16 +139,23 @@ def test_unknown_fields_are_still_refused(server) -> None:  # type: ignore[no-un
 
 def test_agents_sdk_default_include_is_accepted(client) -> None:  # type: ignore[no-untyped-def]
     """The OpenAI Agents SDK's Responses call: ``include=[]`` on every request (a 400 before)."""
-    response = client.responses.create(model=DEFAULT_MODEL, input="Say hi", include=[], max_output_tokens=4,
-                                       temperature=0)
+    response = client.responses.create(
+        model=DEFAULT_MODEL, input="Say hi", include=[], max_output_tokens=4, temperature=0
+    )
     assert response.status in ("completed", "incomplete") and response.output_text
     assert response.output[0].content[0].logprobs == []  # asked for none
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_include_logprobs_returns_them(client, stream: bool) -> None:  # type: ignore[no-untyped-def]
-    args = dict(model=DEFAULT_MODEL, input="Say hi", include=["message.output_text.logprobs"], top_logprobs=2,
-                max_output_tokens=4, temperature=0)
+    args = dict(
+        model=DEFAULT_MODEL,
+        input="Say hi",
+        include=["message.output_text.logprobs"],
+        top_logprobs=2,
+        max_output_tokens=4,
+        temperature=0,
+    )
     if stream:
         events = list(client.responses.create(**args, stream=True))
         deltas = [e for e in events if e.type == "response.output_text.delta"]
@@ -145,21 +174,33 @@ def test_include_logprobs_returns_them(client, stream: bool) -> None:  # type: i
 
 
 def test_top_logprobs_alone_returns_logprobs(client) -> None:  # type: ignore[no-untyped-def]
-    response = client.responses.create(model=DEFAULT_MODEL, input="Say hi", top_logprobs=0, max_output_tokens=3,
-                                       temperature=0)
+    response = client.responses.create(
+        model=DEFAULT_MODEL, input="Say hi", top_logprobs=0, max_output_tokens=3, temperature=0
+    )
     part = response.output[0].content[0]
     assert part.logprobs and all(lp.top_logprobs == [] for lp in part.logprobs)
 
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}}}}
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
 # A history in which the assistant called the tool twice at once: at temperature 0 the model does it
 # again, so the answer has two calls unless parallel_tool_calls is false.
 TWO_CALLS = [
     {"role": "user", "content": "Weather in Paris and London?"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-        {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "London"}'}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {
+                "id": "call_2",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "London"}'},
+            },
+        ],
+    },
     {"role": "user", "content": "Again: weather in Paris and London?"},
 ]
 
@@ -167,14 +208,19 @@ TWO_CALLS = [
 @pytest.mark.parametrize("stream", [False, True])
 def test_parallel_tool_calls_false_means_one_call(client, stream: bool) -> None:  # type: ignore[no-untyped-def]
     def calls(parallel: bool | None) -> list[str]:
-        args: dict[str, Any] = dict(model=DEFAULT_MODEL, messages=TWO_CALLS, tools=[WEATHER], temperature=0,
-                                    max_tokens=64)
+        args: dict[str, Any] = dict(
+            model=DEFAULT_MODEL, messages=TWO_CALLS, tools=[WEATHER], temperature=0, max_tokens=64
+        )
         if parallel is not None:
             args["parallel_tool_calls"] = parallel
         if stream:
             chunks = list(client.chat.completions.create(**args, stream=True))
-            found = [tc.function.arguments for c in chunks if c.choices and c.choices[0].delta.tool_calls
-                     for tc in c.choices[0].delta.tool_calls]
+            found = [
+                tc.function.arguments
+                for c in chunks
+                if c.choices and c.choices[0].delta.tool_calls
+                for tc in c.choices[0].delta.tool_calls
+            ]
             assert chunks[-1].choices[0].finish_reason == "tool_calls"
             assert "tool_call" not in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             return found
@@ -190,10 +236,12 @@ def test_parallel_tool_calls_false_means_one_call(client, stream: bool) -> None:
 
 def test_parallel_tool_calls_false_on_responses(client) -> None:  # type: ignore[no-untyped-def]
     tool = {"type": "function", **WEATHER["function"]}
-    items = [TWO_CALLS[0],
-             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
-             {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": '{"city": "London"}'},
-             TWO_CALLS[2]]
+    items = [
+        TWO_CALLS[0],
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": '{"city": "London"}'},
+        TWO_CALLS[2],
+    ]
     args = dict(model=DEFAULT_MODEL, input=items, tools=[tool], temperature=0, max_output_tokens=64)
     both = [i for i in client.responses.create(**args).output if i.type == "function_call"]
     one = [i for i in client.responses.create(**args, parallel_tool_calls=False).output if i.type == "function_call"]
@@ -206,8 +254,12 @@ def test_refusals_say_why(client) -> None:  # type: ignore[no-untyped-def]
         client.responses.create(model=DEFAULT_MODEL, input="hi", reasoning={"effort": "high"})
     assert info.value.body["param"] == "reasoning.effort" and "reasoning" in info.value.body["message"]
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}],
-                                       modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            modalities=["text", "audio"],
+            audio={"voice": "alloy", "format": "wav"},
+        )
     assert info.value.body["param"] in ("audio", "modalities") and "audio" in info.value.body["message"]
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model=DEFAULT_MODEL, input="hi", stream_options={"include_obfuscation": False})

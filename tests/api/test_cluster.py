@@ -30,16 +30,26 @@ from tests.support.http import chat
 from tests.support.recorder import Recorder, listen
 from tests.support.server import Server, free_port, start_server, stop_server
 
-REDIS_SERVER = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+REDIS_SERVER = shutil.which("redis-server") or (
+    "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+)
 RATE_LIMIT = 6  # requests per hour per key, across the cluster
-EVENTS_KEY, LIMIT_KEY, PROXY_KEY = "events-key-0123456789", "limit-key-0123456789", "proxy-key-0123456789"  # separate rate-limit buckets
+EVENTS_KEY, LIMIT_KEY, PROXY_KEY = (
+    "events-key-0123456789",
+    "limit-key-0123456789",
+    "proxy-key-0123456789",
+)  # separate rate-limit buckets
 SOCKET_KEY = "socket-key-0123456789"  # the Socket.IO clients': each handshake spends a request of its budget
 
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.skipif(
-    REDIS_SERVER is None,
-    reason="redis-server is not installed: `make setup` installs Debian's redis-server with apt-get when it "
-    "runs as root or with passwordless sudo and apt-get exists; it could not here (see .venv/.redis-tried).",
-)]
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        REDIS_SERVER is None,
+        reason="redis-server is not installed: `make setup` installs Debian's redis-server with apt-get when it "
+        "runs as root or with passwordless sudo and apt-get exists; it could not here (see .venv/.redis-tried).",
+    ),
+]
 
 
 @dataclass
@@ -54,9 +64,24 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = (tmp / "redis.log").open("wb")
     process = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--daemonize", "no", "--dir", str(tmp)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 30
@@ -76,8 +101,12 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     redis_process, url = start_redis(tmp)
-    env = {"IMPETUS_REDIS_URL": url, "IMPETUS_API_KEYS": f"{EVENTS_KEY},{LIMIT_KEY},{PROXY_KEY},{SOCKET_KEY}",
-           "IMPETUS_RATE_LIMIT": f"{RATE_LIMIT}/hour", "IMPETUS_METRICS_INTERVAL": "0.2"}
+    env = {
+        "IMPETUS_REDIS_URL": url,
+        "IMPETUS_API_KEYS": f"{EVENTS_KEY},{LIMIT_KEY},{PROXY_KEY},{SOCKET_KEY}",
+        "IMPETUS_RATE_LIMIT": f"{RATE_LIMIT}/hour",
+        "IMPETUS_METRICS_INTERVAL": "0.2",
+    }
     servers: list[Server] = []
     try:
         started = time.monotonic()
@@ -101,9 +130,12 @@ def connect() -> Iterator[Callable[[Server], Recorder]]:
     clients: list[socketio.Client] = []
 
     def make(server: Server) -> Recorder:
-        client, recorder = listen(server.url, ("metrics", "request_event"),  # the key in the handshake
-                                  headers={"Authorization": f"Bearer {SOCKET_KEY}"},
-                                  auth={"rooms": ["metrics", "requests"]})
+        client, recorder = listen(
+            server.url,
+            ("metrics", "request_event"),  # the key in the handshake
+            headers={"Authorization": f"Bearer {SOCKET_KEY}"},
+            auth={"rooms": ["metrics", "requests"]},
+        )
         clients.append(client)
         return recorder
 
@@ -114,8 +146,12 @@ def connect() -> Iterator[Callable[[Server], Recorder]]:
 
 def hello(server: Server) -> dict[str, Any]:
     """A short chat on the events key's budget, answered."""
-    r = chat(server, max_tokens=4, messages=[{"role": "user", "content": "Say hello."}],
-             headers={"Authorization": f"Bearer {EVENTS_KEY}"})
+    r = chat(
+        server,
+        max_tokens=4,
+        messages=[{"role": "user", "content": "Say hello."}],
+        headers={"Authorization": f"Bearer {EVENTS_KEY}"},
+    )
     assert r.status_code == 200, r.text
     return dict(r.json())
 
@@ -132,8 +168,9 @@ def own_replica(recorder: Recorder) -> str:
     return names.pop()
 
 
-def test_an_event_on_one_replica_reaches_clients_of_both(cluster: Cluster,
-                                                         connect: Callable[[Server], Recorder]) -> None:
+def test_an_event_on_one_replica_reaches_clients_of_both(
+    cluster: Cluster, connect: Callable[[Server], Recorder]
+) -> None:
     on_a, on_b = connect(cluster.a), connect(cluster.b)
     replica_a, replica_b = own_replica(on_a), own_replica(on_b)
     assert replica_a != replica_b
@@ -142,16 +179,19 @@ def test_an_event_on_one_replica_reaches_clients_of_both(cluster: Cluster,
     for recorder in (on_a, on_b):
         recorder.wait(lambda r=recorder: bool(finished(r)), timeout=15)
     time.sleep(0.5)  # a duplicate (the event delivered twice) would land by now
-    (at_a, event_a), = finished(on_a)
-    (_, event_b), = finished(on_b)
+    ((at_a, event_a),) = finished(on_a)
+    ((_, event_b),) = finished(on_b)
     assert event_a == event_b  # the same event, once, on both replicas' clients
     assert event_a["replica"] == replica_b and event_a["route"] == "/v1/chat/completions"
     assert event_a["status"] == 200 and event_a["completion_tokens"] == answer["usage"]["completion_tokens"]
     assert {d["replica"] for _, d in on_a.of("metrics")} == {replica_a}  # metrics stay on their replica
     print(f"request_event from replica B to a client of replica A: {(at_a - event_a['timestamp']) * 1e3:.1f} ms")
     for name, server in (("A", cluster.a), ("B", cluster.b)):
-        rss = re.search(r"^impetus_process_resident_memory_bytes (\S+)$",
-                        requests.get(f"{server.url}/metrics", timeout=10).text, re.M)
+        rss = re.search(
+            r"^impetus_process_resident_memory_bytes (\S+)$",
+            requests.get(f"{server.url}/metrics", timeout=10).text,
+            re.M,
+        )
         assert rss is not None
         print(f"replica {name} resident memory with the default model: {float(rss.group(1)) / 2**20:.0f} MiB")
 
@@ -184,30 +224,42 @@ def nginx(cluster: Cluster, tmp_path: Path) -> Iterator[str]:
     """deploy/nginx.conf in front of the two replicas: only the addresses, the listen port and the
     files nginx writes are changed (Compose's names resolve only inside Compose)."""
     if not NGINX.exists():
-        pytest.skip("nginx is not available: `make setup` unpacks Debian's nginx into .venv/nginx "
-                    "(apt-get download nginx, dpkg-deb -x); it could not here (see .venv/.nginx-tried)")
+        pytest.skip(
+            "nginx is not available: `make setup` unpacks Debian's nginx into .venv/nginx "
+            "(apt-get download nginx, dpkg-deb -x); it could not here (see .venv/.nginx-tried)"
+        )
     version = subprocess.run([str(NGINX), "-v"], capture_output=True, text=True, timeout=30)
     if version.returncode != 0:  # unpacked, not installed: a shared library it needs may be missing
         pytest.skip(f"the nginx in .venv/nginx does not run here: {version.stderr.strip()}")
     port = free_port()
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     addresses = [s.url.removeprefix("http://") for s in (cluster.a, cluster.b)]
-    conf, upstreams = re.subn(r"server impetus:8080( [^;]*)?;",
-                              lambda m: "\n        ".join(f"server {a}{m.group(1) or ''};" for a in addresses), conf)
+    conf, upstreams = re.subn(
+        r"server impetus:8080( [^;]*)?;",
+        lambda m: "\n        ".join(f"server {a}{m.group(1) or ''};" for a in addresses),
+        conf,
+    )
     assert upstreams == 2, conf
     conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
     # As root, nginx's workers would run as nobody, who cannot enter pytest's private temporary folder.
     user = "user root;\n" if os.geteuid() == 0 else ""
     conf = conf.replace("pid /tmp/nginx.pid;", f"{user}pid {tmp_path}/nginx.pid;")
-    conf = conf.replace("access_log /dev/stdout;", f"access_log {tmp_path}/access.log;\n" + "".join(
-        f"    {kind}_temp_path {tmp_path}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")))
+    conf = conf.replace(
+        "access_log /dev/stdout;",
+        f"access_log {tmp_path}/access.log;\n"
+        + "".join(
+            f"    {kind}_temp_path {tmp_path}/{kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        ),
+    )
     (tmp_path / "nginx.conf").write_text(conf)
     command = [str(NGINX), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"]
     checked = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, checked.stderr
     log = (tmp_path / "nginx.log").open("wb")
-    process = subprocess.Popen([*command, "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [*command, "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -227,8 +279,13 @@ def test_through_nginx(cluster: Cluster, nginx: str) -> None:
     session reaches one replica (ip_hash); SSE arrives as it is generated; a body over the server's
     limit gets the server's 413 envelope, not nginx's page; the API is spread over both replicas."""
     headers = {"Authorization": f"Bearer {PROXY_KEY}"}
-    body = {"model": DEFAULT_MODEL, "max_tokens": 24, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": "Count to twenty."}]}
+    body = {
+        "model": DEFAULT_MODEL,
+        "max_tokens": 24,
+        "temperature": 0,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Count to twenty."}],
+    }
     received: list[Any] = []
 
     def finished_events(n: int) -> None:
@@ -242,8 +299,7 @@ def test_through_nginx(cluster: Cluster, nginx: str) -> None:
     client.connect(nginx, transports=["polling"], wait_timeout=30, headers=headers, auth={"rooms": ["requests"]})
     try:
         arrivals = []
-        with requests.post(f"{nginx}/v1/chat/completions", json=body, headers=headers, stream=True,
-                           timeout=120) as r:
+        with requests.post(f"{nginx}/v1/chat/completions", json=body, headers=headers, stream=True, timeout=120) as r:
             assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
             for line in r.iter_lines():
                 if line.startswith(b"data: {"):
@@ -252,8 +308,12 @@ def test_through_nginx(cluster: Cluster, nginx: str) -> None:
         finished_events(1)  # over long-polling, through nginx
         # least_conn: idle replicas take turns, so the next two cannot both land where the first did.
         for _ in range(2):
-            r = requests.post(f"{nginx}/v1/chat/completions", headers=headers, timeout=120,
-                              json={**body, "stream": False, "max_tokens": 1})
+            r = requests.post(
+                f"{nginx}/v1/chat/completions",
+                headers=headers,
+                timeout=120,
+                json={**body, "stream": False, "max_tokens": 1},
+            )
             assert r.status_code == 200, r.text
         finished_events(3)
         assert client.transport() == "polling"
@@ -265,8 +325,14 @@ def test_through_nginx(cluster: Cluster, nginx: str) -> None:
     big = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "x" * (8 << 20)}]}
     r = requests.post(f"{nginx}/v1/chat/completions", json=big, headers=headers, timeout=60)
     assert r.status_code == 413 and r.headers["Content-Type"].startswith("application/json"), r.text[:300]
-    assert r.json() == {"error": {"message": "The request body is larger than 8 MiB.", "type": "invalid_request_error",
-                                  "param": None, "code": "request_too_large"}}
+    assert r.json() == {
+        "error": {
+            "message": "The request body is larger than 8 MiB.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "request_too_large",
+        }
+    }
     r = requests.post(f"{nginx}/v1/messages", json=big, headers=headers, timeout=60)
     assert r.status_code == 413 and r.json()["type"] == "error" and r.json()["error"]["type"] == "request_too_large"
     # Just under it, the body reaches the server (a context-length 400, from the replica).
@@ -275,8 +341,7 @@ def test_through_nginx(cluster: Cluster, nginx: str) -> None:
     assert r.status_code == 400 and r.json()["error"]["code"], r.text[:300]
 
 
-def test_killing_one_replica_leaves_the_other_serving(cluster: Cluster,
-                                                      connect: Callable[[Server], Recorder]) -> None:
+def test_killing_one_replica_leaves_the_other_serving(cluster: Cluster, connect: Callable[[Server], Recorder]) -> None:
     on_a = connect(cluster.a)
     os.killpg(cluster.b.process.pid, signal.SIGKILL)  # a crash: no drain, no goodbye
     cluster.b.process.wait(30)
@@ -287,12 +352,11 @@ def test_killing_one_replica_leaves_the_other_serving(cluster: Cluster,
     answer = hello(cluster.a)
     assert answer["choices"][0]["message"]["content"] is not None
     on_a.wait(lambda: bool(finished(on_a)), timeout=15)  # its own events still flow through Redis
-    (_, event), = finished(on_a)
+    ((_, event),) = finished(on_a)
     assert event["replica"] == own_replica(on_a)
 
 
-def test_a_hung_or_lost_redis_leaves_a_replica_serving(cluster: Cluster,
-                                                       connect: Callable[[Server], Recorder]) -> None:
+def test_a_hung_or_lost_redis_leaves_a_replica_serving(cluster: Cluster, connect: Callable[[Server], Recorder]) -> None:
     """Redis hung (stopped: it neither answers nor refuses): requests are served, rate limits fail
     open to in-process counters after a 1 s timeout, and the events wait for Redis instead of
     holding up the engine thread (it would never finish a request if it published to Redis itself).

@@ -65,8 +65,11 @@ def dockerfile_env() -> dict[str, str]:
 def settings_from(env: dict[str, str]) -> Settings:
     unknown = {k for k in env if k.startswith("IMPETUS_")} - SETTINGS
     assert not unknown, f"not settings of gerdsen_ai_server/config.py: {sorted(unknown)}"
-    values = {k.removeprefix("IMPETUS_").lower(): v for k, v in env.items()
-              if k.startswith("IMPETUS_") and "<secret>" not in v and "${" not in v}
+    values = {
+        k.removeprefix("IMPETUS_").lower(): v
+        for k, v in env.items()
+        if k.startswith("IMPETUS_") and "<secret>" not in v and "${" not in v
+    }
     return Settings(**values)  # type: ignore[arg-type]  # a bad value raises ValidationError
 
 
@@ -81,7 +84,11 @@ def test_every_manifest_parses() -> None:
 
 
 def test_settings_are_real_and_valid() -> None:
-    for env in (k8s_env(), dockerfile_env(), {k: str(v) for k, v in compose()["services"]["impetus"]["environment"].items()}):
+    for env in (
+        k8s_env(),
+        dockerfile_env(),
+        {k: str(v) for k, v in compose()["services"]["impetus"]["environment"].items()},
+    ):
         settings = settings_from(env)
         if "IMPETUS_PORT" in env:  # the image's defaults: every interface, on the port the manifests use
             assert settings.port == 8080 and settings.host == "0.0.0.0"
@@ -161,6 +168,7 @@ def test_probes_and_metric_answer_on_the_real_server(server: Server) -> None:
 
 # ---- safe by default (issue 23, item 9) -------------------------------------------------------
 
+
 def all_k8s() -> list[dict[str, Any]]:
     return [d for path in sorted(K8S.glob("*.yaml")) for d in documents(path)]
 
@@ -188,7 +196,8 @@ def test_kubernetes_stays_inside_the_cluster_behind_the_ingress() -> None:
         if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
             pod = doc["spec"]["template"]["spec"]
             assert not pod.get("hostNetwork") and not any(
-                "hostPort" in p for c in pod["containers"] for p in c.get("ports", [])), doc["metadata"]["name"]
+                "hostPort" in p for c in pod["containers"] for p in c.get("ports", [])
+            ), doc["metadata"]["name"]
     assert k8s("Service")["spec"]["type"] == "ClusterIP"
     ingress = k8s("Ingress")
     hosts = [rule["host"] for rule in ingress["spec"]["rules"]]
@@ -199,8 +208,12 @@ def test_kubernetes_stays_inside_the_cluster_behind_the_ingress() -> None:
     # Only the replicas may reach Redis (no password), where the cluster enforces NetworkPolicy.
     policy = k8s("NetworkPolicy", "impetus-redis")["spec"]
     assert policy["podSelector"]["matchLabels"] == k8s("Deployment", "impetus-redis")["spec"]["selector"]["matchLabels"]
-    assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": k8s("Deployment")["spec"]["selector"]["matchLabels"]}}],
-                                  "ports": [{"protocol": "TCP", "port": 6379}]}]
+    assert policy["ingress"] == [
+        {
+            "from": [{"podSelector": {"matchLabels": k8s("Deployment")["spec"]["selector"]["matchLabels"]}}],
+            "ports": [{"protocol": "TCP", "port": 6379}],
+        }
+    ]
     assert "networkpolicy.yaml" in documents(K8S / "kustomization.yaml")[0]["resources"]
 
 
@@ -208,7 +221,10 @@ def test_kubernetes_keys_come_from_a_secret_and_hosts_are_allowed() -> None:
     env = {e["name"]: e for e in container()["env"]}
     for name in ("IMPETUS_API_KEYS", "IMPETUS_ADMIN_KEYS"):
         assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"] == "impetus-api-keys"
-    assert env["IMPETUS_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"] != env["IMPETUS_ADMIN_KEYS"]["valueFrom"]["secretKeyRef"]["key"]
+    assert (
+        env["IMPETUS_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"]
+        != env["IMPETUS_ADMIN_KEYS"]["valueFrom"]["secretKeyRef"]["key"]
+    )
     settings = settings_from(k8s_env())
     assert settings.rate_limit
     allowed = HostAllowList(settings)
@@ -261,8 +277,16 @@ def test_example_commands_use_keys_that_start_and_publish_on_loopback() -> None:
 def test_the_docs_say_what_must_front_a_public_bind() -> None:
     text = DOCS.read_text()
     section = text.split("## Before a public bind", 1)[1].split("\n## ", 1)[0]
-    for needed in ("TLS-terminating proxy", "IMPETUS_API_KEYS", "IMPETUS_ADMIN_KEYS", "IMPETUS_ALLOWED_HOSTS",
-                   "IMPETUS_RATE_LIMIT", "IMPETUS_TRUSTED_PROXIES", "127.0.0.1:8080", "ClusterIP"):
+    for needed in (
+        "TLS-terminating proxy",
+        "IMPETUS_API_KEYS",
+        "IMPETUS_ADMIN_KEYS",
+        "IMPETUS_ALLOWED_HOSTS",
+        "IMPETUS_RATE_LIMIT",
+        "IMPETUS_TRUSTED_PROXIES",
+        "127.0.0.1:8080",
+        "ClusterIP",
+    ):
         assert needed in section, needed
     for name in re.findall(r"IMPETUS_[A-Z_]+", section):
         assert name in SETTINGS, f"{name} in docs/deployment.md is not a setting"

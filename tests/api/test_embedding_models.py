@@ -133,16 +133,20 @@ def test_generation_on_an_embedding_model_is_a_clear_400(srv: Server, client: op
         client.completions.create(model=XLMR, prompt="the cat", max_tokens=3)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=BERT, messages=[{"role": "user", "content": "hi"}], stream=True)
-    answer = requests.post(f"{srv.url}/v1/messages", timeout=60, json={
-        "model": BERT, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+    answer = requests.post(
+        f"{srv.url}/v1/messages",
+        timeout=60,
+        json={"model": BERT, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert answer.status_code == 400
     warm = requests.post(f"{srv.url}/api/models/load", json={"model": XLMR, "warmup": True}, timeout=60)
     assert warm.status_code == 400 and warm.json()["error"]["param"] == "warmup"
     bench = requests.post(f"{srv.url}/api/models/{BERT}/benchmark", timeout=60)
     assert bench.status_code == 400 and bench.json()["error"]["code"] == "model_not_supported"
     # The language model next to it still generates and embeds.
-    chat = client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=2, temperature=0)
+    chat = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0
+    )
     assert chat.choices[0].message.content is not None
     assert len(client.embeddings.create(model=DEFAULT_MODEL, input="hi").data[0].embedding) == 576
 
@@ -176,7 +180,8 @@ def test_a_large_request_goes_to_the_engine_in_pieces_and_keeps_its_order(client
     texts = [" ".join(words[(i + j * 3) % 10] for j in range(2 + i % 9)) for i in range(200)]
     reply = client.embeddings.create(model=BERT, input=texts)
     assert len(texts) > 2 * BATCH  # at least three forward passes, in the engine's slices
-    pieces = np.concatenate([vectors(client.embeddings.create(model=BERT, input=texts[i:i + 20]))
-                             for i in range(0, len(texts), 20)])
+    pieces = np.concatenate(
+        [vectors(client.embeddings.create(model=BERT, input=texts[i : i + 20])) for i in range(0, len(texts), 20)]
+    )
     np.testing.assert_allclose(vectors(reply), pieces, atol=1e-5)
     assert len({tuple(np.round(v, 4)) for v in pieces}) > 50  # distinct texts, distinct vectors

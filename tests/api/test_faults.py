@@ -21,8 +21,11 @@ from tests.support.server import Server, start_server, stop_server
 
 pytestmark = pytest.mark.server
 
-STORY = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
-         "temperature": 0}
+STORY = {
+    "model": DEFAULT_MODEL,
+    "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+    "temperature": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +49,10 @@ def test_fifty_clients_disconnect_mid_stream(small_queue: Server) -> None:
     srv = small_queue
     host, port = srv.url.removeprefix("http://").split(":")
     body = requests.models.complexjson.dumps({**STORY, "max_tokens": 400, "stream": True})
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
     rng = random.Random(7)
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
@@ -129,8 +134,11 @@ def test_corrupt_model_during_traffic(small_queue: Server) -> None:
 
     def traffic() -> None:
         for _ in range(3):
-            results.append(requests.post(f"{srv.base_url}/chat/completions", json={**STORY, "max_tokens": 8},
-                                         timeout=120).status_code)
+            results.append(
+                requests.post(
+                    f"{srv.base_url}/chat/completions", json={**STORY, "max_tokens": 8}, timeout=120
+                ).status_code
+            )
 
     worker = threading.Thread(target=traffic)
     worker.start()

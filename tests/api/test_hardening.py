@@ -28,17 +28,40 @@ def envelope(r: requests.Response, status: int, *, param: str | None = None, cod
         assert error["code"] == code, error
 
 
-@pytest.mark.parametrize("data", [b"{", b"{'model': 1}", b"", b"null", b"[]", b'"text"', b"\xff\xfe\xfa{}",
-                                  b'{"model": "m", "messages": [}', b"{" * 10_000])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"{",
+        b"{'model': 1}",
+        b"",
+        b"null",
+        b"[]",
+        b'"text"',
+        b"\xff\xfe\xfa{}",
+        b'{"model": "m", "messages": [}',
+        b"{" * 10_000,
+    ],
+)
 def test_malformed_json_and_invalid_utf8(server: Server, data: bytes) -> None:
     envelope(chat(server, data=data), 400, code="invalid_json")
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("messages", "hi"), ("messages", [{"role": "wizard", "content": "hi"}]), ("temperature", "hot"),
-    ("max_tokens", "five"), ("max_tokens", 2.5), ("stream", "maybe"), ("n", [1]), ("stop", 5), ("model", 7),
-    ("logit_bias", {"x": 1}), ("seed", "one"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("messages", "hi"),
+        ("messages", [{"role": "wizard", "content": "hi"}]),
+        ("temperature", "hot"),
+        ("max_tokens", "five"),
+        ("max_tokens", 2.5),
+        ("stream", "maybe"),
+        ("n", [1]),
+        ("stop", 5),
+        ("model", 7),
+        ("logit_bias", {"x": 1}),
+        ("seed", "one"),
+    ],
+)
 def test_wrong_types_name_the_field(server: Server, field: str, value: Any) -> None:
     body = {"model": DEFAULT_MODEL, "messages": MESSAGES, "max_tokens": 1, field: value}
     r = chat(server, body)
@@ -46,11 +69,23 @@ def test_wrong_types_name_the_field(server: Server, field: str, value: Any) -> N
     assert r.json()["error"]["param"].split(".")[0] == field
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("max_tokens", 10**30), ("max_tokens", 2**63), ("max_tokens", 40_000), ("max_tokens", -1), ("max_tokens", 0),
-    ("temperature", 1e308), ("temperature", -1e-9), ("seed", 2**80), ("n", 10**9), ("top_logprobs", 10**6),
-    ("presence_penalty", 1e300), ("top_p", 0),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", 10**30),
+        ("max_tokens", 2**63),
+        ("max_tokens", 40_000),
+        ("max_tokens", -1),
+        ("max_tokens", 0),
+        ("temperature", 1e308),
+        ("temperature", -1e-9),
+        ("seed", 2**80),
+        ("n", 10**9),
+        ("top_logprobs", 10**6),
+        ("presence_penalty", 1e300),
+        ("top_p", 0),
+    ],
+)
 def test_huge_and_negative_numbers(server: Server, field: str, value: Any) -> None:
     body = {"model": DEFAULT_MODEL, "messages": MESSAGES, "max_tokens": 1, "logprobs": True, field: value}
     envelope(chat(server, body), 400, param=field)
@@ -59,7 +94,9 @@ def test_huge_and_negative_numbers(server: Server, field: str, value: Any) -> No
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
 def test_non_finite_numbers(server: Server, literal: bytes) -> None:
     data = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": %s}' % (
-        DEFAULT_MODEL.encode(), literal)
+        DEFAULT_MODEL.encode(),
+        literal,
+    )
     assert chat(server, data=data).status_code == 400
 
 
@@ -92,8 +129,7 @@ def test_a_long_message_over_the_context_is_400(server: Server) -> None:
 
 def test_nul_bytes_and_odd_unicode_are_just_text(server: Server) -> None:
     for content in ("a\x00b", "\x00" * 50, "\u202e\ufeff\U0001f600", "\ud800"):
-        r = chat(server, {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": content}],
-                          "max_tokens": 1})
+        r = chat(server, {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 1})
         assert r.status_code in (200, 400), (content, r.text[:200])
     r = chat(server, {"model": "bad\x00model", "messages": MESSAGES})
     envelope(r, 404, param="model")
@@ -120,8 +156,11 @@ def test_top_k_beyond_the_vocabulary_is_400_and_harms_nobody(server: Server, top
     for stream in (False, True):
         body = {"model": DEFAULT_MODEL, "messages": MESSAGES, "max_tokens": 1, "top_k": top_k, "stream": stream}
         envelope(chat(server, body), 400, param="top_k")
-    r = requests.post(f"{server.url}/v1/messages", timeout=60, json={
-        "model": DEFAULT_MODEL, "max_tokens": 1, "top_k": top_k, "messages": MESSAGES})
+    r = requests.post(
+        f"{server.url}/v1/messages",
+        timeout=60,
+        json={"model": DEFAULT_MODEL, "max_tokens": 1, "top_k": top_k, "messages": MESSAGES},
+    )
     assert r.status_code == 400 and r.json()["type"] == "error"
     test_the_server_still_answers_afterwards(server)
 
@@ -168,8 +207,9 @@ def test_websockets_never_take_every_thread(tmp_path_factory: pytest.TempPathFac
 
     from tests.support.server import start_server, stop_server
 
-    srv = start_server(tmp_path_factory.mktemp("threads"), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
-                       IMPETUS_THREADS="8")
+    srv = start_server(
+        tmp_path_factory.mktemp("threads"), wait_ready=False, IMPETUS_DEFAULT_MODEL="", IMPETUS_THREADS="8"
+    )
     clients: list[socketio.Client] = []
     try:
         for _ in range(4):
@@ -179,9 +219,16 @@ def test_websockets_never_take_every_thread(tmp_path_factory: pytest.TempPathFac
         extra = socketio.Client(reconnection=False)
         with pytest.raises(socketio.exceptions.ConnectionError):
             extra.connect(srv.url, transports=["websocket"], auth={"rooms": []}, wait_timeout=10)
-        r = requests.get(srv.url + "/socket.io/?EIO=4&transport=websocket", timeout=10,
-                         headers={"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-                                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        r = requests.get(
+            srv.url + "/socket.io/?EIO=4&transport=websocket",
+            timeout=10,
+            headers={
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+        )
         assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_connections"
         for _ in range(20):  # HTTP still has its threads
             assert requests.get(srv.url + "/health/live", timeout=5).status_code == 200

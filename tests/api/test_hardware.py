@@ -34,7 +34,10 @@ def test_hardware_report(server: Server) -> None:
     health = requests.get(f"{server.url}/health", timeout=30).json()
     assert report.mlx is not None
     assert (report.mlx.compute_dtype, report.mlx.blas, report.mlx.allocator) == (
-        health["compute_dtype"], health["blas"], health["allocator"])
+        health["compute_dtype"],
+        health["blas"],
+        health["allocator"],
+    )
     assert report.mlx.active_memory_bytes and report.mlx.active_memory_bytes > 0  # the model is in memory
     assert report.batch.max_batch == health["max_batch"] and report.batch.batch_limit is None
     if sys.platform.startswith("linux"):
@@ -73,9 +76,14 @@ def test_a_capped_batch_runs_two_sequences_at_a_time(hot_server: Server) -> None
     sio.on("metrics", lambda data: seen.append(data["engine"]))
     sio.connect(hot_server.url, transports=["websocket"], auth={"rooms": ["metrics"]}, wait_timeout=30)
     try:
+
         def ask(i: int) -> None:
-            body = {"model": DEFAULT_MODEL, "max_tokens": 8, "temperature": 0,
-                    "messages": [{"role": "user", "content": f"Count to {i + 3}."}]}
+            body = {
+                "model": DEFAULT_MODEL,
+                "max_tokens": 8,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": f"Count to {i + 3}."}],
+            }
             r = requests.post(f"{hot_server.base_url}/chat/completions", json=body, timeout=120)
             assert r.status_code == 200, r.text
 

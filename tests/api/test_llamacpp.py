@@ -37,8 +37,10 @@ def f32_gguf() -> Path:
     from bench.gguf_model import write_gguf
     from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
 
-    return write_gguf(ensure_default_model(TEST_MODELS_DIR),
-                      TEST_MODELS_DIR / "llamacpp" / DEFAULT_MODEL / f"{DEFAULT_MODEL}-f32.gguf")
+    return write_gguf(
+        ensure_default_model(TEST_MODELS_DIR),
+        TEST_MODELS_DIR / "llamacpp" / DEFAULT_MODEL / f"{DEFAULT_MODEL}-f32.gguf",
+    )
 
 
 # One llama.cpp thread: on a shared 2-core machine, two spinning threads stall whenever a core is busy.
@@ -110,22 +112,40 @@ def test_embeddings(client) -> None:  # type: ignore[no-untyped-def]  # replaces
 
 
 STORY = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper."}]
-OTHERS = ["Name three fruits.", "What is 2 + 2?", "Describe the sea.", "Write a haiku about snow.",
-          "List some colours.", "Why is the sky blue?", "Say hello in French."]
+OTHERS = [
+    "Name three fruits.",
+    "What is 2 + 2?",
+    "Describe the sea.",
+    "Write a haiku about snow.",
+    "List some colours.",
+    "Why is the sky blue?",
+    "Say hello in French.",
+]
 
 
 def test_greedy_alone_equals_greedy_beside_seven_others(client, server: Server) -> None:  # type: ignore[no-untyped-def]
     def greedy() -> str:
-        return client.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, max_tokens=48,
-                                              temperature=0).choices[0].message.content
+        return (
+            client.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, max_tokens=48, temperature=0)
+            .choices[0]
+            .message.content
+        )
 
     alone = greedy()
     results: dict[str, str] = {}
 
     def other(i: int) -> None:
-        results[f"o{i}"] = client.chat.completions.create(
-            model=DEFAULT_MODEL, messages=[{"role": "user", "content": OTHERS[i]}], max_tokens=64,
-            temperature=0.9, seed=i).choices[0].message.content
+        results[f"o{i}"] = (
+            client.chat.completions.create(
+                model=DEFAULT_MODEL,
+                messages=[{"role": "user", "content": OTHERS[i]}],
+                max_tokens=64,
+                temperature=0.9,
+                seed=i,
+            )
+            .choices[0]
+            .message.content
+        )
 
     def target() -> None:
         time.sleep(0.3)  # join a batch already running
@@ -140,13 +160,24 @@ def test_greedy_alone_equals_greedy_beside_seven_others(client, server: Server) 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(client) -> None:  # type: ignore[no-untyped-def]
     def sample() -> str:
-        return client.completions.create(model=DEFAULT_MODEL, prompt="Once upon a time", max_tokens=24,
-                                         temperature=1.0, seed=1234).choices[0].text
+        return (
+            client.completions.create(
+                model=DEFAULT_MODEL, prompt="Once upon a time", max_tokens=24, temperature=1.0, seed=1234
+            )
+            .choices[0]
+            .text
+        )
 
     alone = sample()
     out: list[str] = []
-    noise = [threading.Thread(target=lambda: client.completions.create(
-        model=DEFAULT_MODEL, prompt="The weather today", max_tokens=40, temperature=1.0)) for _ in range(3)]
+    noise = [
+        threading.Thread(
+            target=lambda: client.completions.create(
+                model=DEFAULT_MODEL, prompt="The weather today", max_tokens=40, temperature=1.0
+            )
+        )
+        for _ in range(3)
+    ]
     for t in noise:
         t.start()
     out.append(sample())
@@ -159,8 +190,9 @@ def test_a_repeated_seeded_request_reads_the_same_logprobs(client, server: Serve
     # The repeat finds the prompt cached and feeds only its end. Fed as a one-token chunk, the end
     # came out of llama.cpp's CPU products a few 1e-3 off, and at temperature 1 the answer changed.
     def sample() -> tuple[str, list[float]]:
-        choice = client.completions.create(model=DEFAULT_MODEL, prompt="A dragon and a knight met", max_tokens=16,
-                                           temperature=1.0, seed=3, logprobs=1).choices[0]
+        choice = client.completions.create(
+            model=DEFAULT_MODEL, prompt="A dragon and a knight met", max_tokens=16, temperature=1.0, seed=3, logprobs=1
+        ).choices[0]
         return choice.text, choice.logprobs.token_logprobs
 
     first = sample()
@@ -172,8 +204,9 @@ def test_a_repeated_seeded_request_reads_the_same_logprobs(client, server: Serve
 def test_a_closed_stream_frees_its_sequence(client, server: Server, tokenizer) -> None:  # type: ignore[no-untyped-def]
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     before = metric(server, 'impetus_engine_requests_total{outcome="cancelled"}')
-    stream = client.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, max_tokens=3000, stream=True,
-                                            logit_bias={str(eos): -100})
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=STORY, max_tokens=3000, stream=True, logit_bias={str(eos): -100}
+    )
     for i, _ in enumerate(stream):
         if i == 5:
             break
@@ -202,8 +235,9 @@ def test_auto_mode_runs_user_gguf_on_llama_cpp_and_keeps_the_default_on_mlx(tmp_
     user.mkdir()
     (user / "mine.gguf").symlink_to(f32_gguf())
     # A request may name a file outside the models dir only when the operator lists it (issue 23).
-    srv = start_server(tmp_path, IMPETUS_BACKEND="auto", IMPETUS_LLAMACPP_THREADS="1",
-                       IMPETUS_MODEL_PATHS=str(user / "mine.gguf"))
+    srv = start_server(
+        tmp_path, IMPETUS_BACKEND="auto", IMPETUS_LLAMACPP_THREADS="1", IMPETUS_MODEL_PATHS=str(user / "mine.gguf")
+    )
     try:
         r = requests.post(srv.url + "/api/models/load", json={"model": str(user / "mine.gguf")}, timeout=300)
         assert r.status_code == 200, r.text
@@ -211,9 +245,12 @@ def test_auto_mode_runs_user_gguf_on_llama_cpp_and_keeps_the_default_on_mlx(tmp_
         assert paths[DEFAULT_MODEL].endswith(DEFAULT_MODEL)  # the converted MLX folder
         assert paths["mine.gguf"].endswith(".gguf")
         client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=120)
-        answers = [client.chat.completions.create(model=m, messages=test_openai.CAPITAL, max_tokens=12,
-                                                  temperature=0).choices[0].message.content
-                   for m in (DEFAULT_MODEL, "mine.gguf")]
+        answers = [
+            client.chat.completions.create(model=m, messages=test_openai.CAPITAL, max_tokens=12, temperature=0)
+            .choices[0]
+            .message.content
+            for m in (DEFAULT_MODEL, "mine.gguf")
+        ]
         assert all("Paris" in a for a in answers), answers
         info = requests.get(srv.url + "/api/models/mine.gguf", timeout=10).json()
         assert info["memory_bytes"] > f32_gguf().stat().st_size  # the weights plus the KV cache of 8 slots
@@ -229,8 +266,14 @@ def test_auto_mode_runs_user_gguf_on_llama_cpp_and_keeps_the_default_on_mlx(tmp_
 
 
 def test_a_hot_machine_caps_the_llama_cpp_batch(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, IMPETUS_DEFAULT_MODEL=str(f32_gguf().parent), IMPETUS_FAULT_THERMAL_STATE="serious",
-                       IMPETUS_THERMAL_BATCH_SIZE="2", IMPETUS_THERMAL_INTERVAL="0.5", **ENV)
+    srv = start_server(
+        tmp_path,
+        IMPETUS_DEFAULT_MODEL=str(f32_gguf().parent),
+        IMPETUS_FAULT_THERMAL_STATE="serious",
+        IMPETUS_THERMAL_BATCH_SIZE="2",
+        IMPETUS_THERMAL_INTERVAL="0.5",
+        **ENV,
+    )
     try:
         deadline = time.monotonic() + 30
         while requests.get(srv.url + "/health", timeout=10).json()["batch_limit"] != 2:

@@ -28,16 +28,23 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     default = default_model_folder()
     shutil.copytree(default, root / DEFAULT_MODEL)
     shutil.copytree(default, root / SECOND)
-    server = start_server(tmp_path_factory.mktemp("no-stall"), IMPETUS_MODELS_DIR=str(root),
-                          IMPETUS_MEMORY_BUDGET=str(3 << 30))
+    server = start_server(
+        tmp_path_factory.mktemp("no-stall"), IMPETUS_MODELS_DIR=str(root), IMPETUS_MEMORY_BUDGET=str(3 << 30)
+    )
     yield server
     stop_server(server)
 
 
 def stream_times(srv: Server, stop: threading.Event, arrivals: list[float]) -> None:
     """Stream a long completion from the default model, noting when each token arrives."""
-    body = {"model": DEFAULT_MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "stream": True,
-            "temperature": 0, "logit_bias": {"0": -100, "2": -100}}  # no end-of-text: it runs until closed
+    body = {
+        "model": DEFAULT_MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 1500,
+        "stream": True,
+        "temperature": 0,
+        "logit_bias": {"0": -100, "2": -100},
+    }  # no end-of-text: it runs until closed
     with requests.post(f"{srv.base_url}/completions", json=body, stream=True, timeout=300) as r:
         assert r.status_code == 200, r.text
         for line in r.iter_lines():
@@ -76,13 +83,18 @@ def test_loading_a_model_does_not_stall_another_models_stream(srv: Server) -> No
         reader.join()
     load_s, during = ended - started, max_gap(arrivals, started, ended)
     tokens = sum(started <= t <= ended for t in arrivals)
-    print(f"\nload {load_s:.2f} s; tokens during it {tokens}; max gap steady {steady * 1000:.0f} ms, "
-          f"during the load {during * 1000:.0f} ms")
+    print(
+        f"\nload {load_s:.2f} s; tokens during it {tokens}; max gap steady {steady * 1000:.0f} ms, "
+        f"during the load {during * 1000:.0f} ms"
+    )
     # Before the load was done in steps, the stream stopped for the whole load (gap = load time).
     assert during < 0.5 * load_s, (during, load_s)
     assert tokens >= 3
     # The loaded model answers, and so does the one that streamed.
     for model in (SECOND, DEFAULT_MODEL):
-        r = requests.post(f"{srv.base_url}/completions", timeout=120,
-                          json={"model": model, "prompt": "Hello", "max_tokens": 2, "temperature": 0})
+        r = requests.post(
+            f"{srv.base_url}/completions",
+            timeout=120,
+            json={"model": model, "prompt": "Hello", "max_tokens": 2, "temperature": 0},
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text

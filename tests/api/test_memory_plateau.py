@@ -21,9 +21,16 @@ from tests.support.server import start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timing]
 
-PROMPTS = ["Write a short poem about the sea.", "What is 17 times 3?", "Name three colours.",
-           "Explain what a CPU does.", "Tell me a fact about Paris.", "Give me a recipe for tea.",
-           "Count from one to twenty.", "What is the capital of France?"]
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "What is 17 times 3?",
+    "Name three colours.",
+    "Explain what a CPU does.",
+    "Tell me a fact about Paris.",
+    "Give me a recipe for tea.",
+    "Count from one to twenty.",
+    "What is the capital of France?",
+]
 
 
 def gauge(url: str, name: str) -> float:
@@ -61,8 +68,13 @@ def settled_free_bytes(url: str, bound: int = 100 << 20, wait: float = 15.0) -> 
 
 def varied(n: int) -> dict[str, Any]:
     """The n-th chat of the rounds: lengths, seeds and prompts vary, as real traffic's do."""
-    return {"model": DEFAULT_MODEL, "max_tokens": 16 + 4 * (n % 5), "temperature": 0.7, "seed": n,
-            "messages": [{"role": "user", "content": PROMPTS[n % len(PROMPTS)] + " " * (n % 7)}]}
+    return {
+        "model": DEFAULT_MODEL,
+        "max_tokens": 16 + 4 * (n % 5),
+        "temperature": 0.7,
+        "seed": n,
+        "messages": [{"role": "user", "content": PROMPTS[n % len(PROMPTS)] + " " * (n % 7)}],
+    }
 
 
 def test_rss_levels_off_and_the_heap_keeps_little(small_cache_server) -> None:  # type: ignore[no-untyped-def]
@@ -70,7 +82,9 @@ def test_rss_levels_off_and_the_heap_keeps_little(small_cache_server) -> None:  
     rss, kept_free = [], []
     with ThreadPoolExecutor(8) as pool:
         for round_ in range(2):
-            answers = pool.map(lambda n: chat(url, varied(n), timeout=300).status_code, range(8 * round_, 8 * round_ + 8))
+            answers = pool.map(
+                lambda n: chat(url, varied(n), timeout=300).status_code, range(8 * round_, 8 * round_ + 8)
+            )
             assert list(answers) == [200] * 8
             rss.append(gauge(url, "impetus_process_resident_memory_bytes"))
             kept_free.append(settled_free_bytes(url))

@@ -18,14 +18,23 @@ pytestmark = pytest.mark.server
 
 CHAT = "/v1/chat/completions"
 FAMILIES = {
-    "impetus_http_requests": "counter", "impetus_http_request_duration_seconds": "histogram",
-    "impetus_time_to_first_token_seconds": "histogram", "impetus_prompt_tokens": "counter",
-    "impetus_completion_tokens": "counter", "impetus_request_tokens_per_second": "histogram",
-    "impetus_queue_depth": "gauge", "impetus_active_sequences": "gauge", "impetus_batch_size_limit": "gauge",
-    "impetus_prompt_cache_hits": "counter", "impetus_prompt_cache_misses": "counter",
-    "impetus_model_resident_bytes": "gauge", "impetus_process_resident_memory_bytes": "gauge",
-    "impetus_tokens_per_second": "gauge", "impetus_engine_generated_tokens": "counter",
-    "impetus_thermal_state": "gauge", "impetus_engine_alive": "gauge",
+    "impetus_http_requests": "counter",
+    "impetus_http_request_duration_seconds": "histogram",
+    "impetus_time_to_first_token_seconds": "histogram",
+    "impetus_prompt_tokens": "counter",
+    "impetus_completion_tokens": "counter",
+    "impetus_request_tokens_per_second": "histogram",
+    "impetus_queue_depth": "gauge",
+    "impetus_active_sequences": "gauge",
+    "impetus_batch_size_limit": "gauge",
+    "impetus_prompt_cache_hits": "counter",
+    "impetus_prompt_cache_misses": "counter",
+    "impetus_model_resident_bytes": "gauge",
+    "impetus_process_resident_memory_bytes": "gauge",
+    "impetus_tokens_per_second": "gauge",
+    "impetus_engine_generated_tokens": "counter",
+    "impetus_thermal_state": "gauge",
+    "impetus_engine_alive": "gauge",
 }
 
 
@@ -55,13 +64,18 @@ def test_exposition_has_every_family(server: Server) -> None:
 
 def test_counters_move_after_chat_requests(server: Server) -> None:
     _, before = scrape(server)
-    body = {"model": DEFAULT_MODEL, "max_tokens": 6, "temperature": 0,
-            "messages": [{"role": "user", "content": "Say hello."}]}
+    body = {
+        "model": DEFAULT_MODEL,
+        "max_tokens": 6,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hello."}],
+    }
     r = requests.post(f"{server.base_url}/chat/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
-    with requests.post(f"{server.base_url}/chat/completions", json={**body, "stream": True}, stream=True,
-                       timeout=120) as streamed:
+    with requests.post(
+        f"{server.base_url}/chat/completions", json={**body, "stream": True}, stream=True, timeout=120
+    ) as streamed:
         assert streamed.status_code == 200
         assert b"[DONE]" in b"".join(streamed.iter_content(None))
     bad = requests.post(f"{server.base_url}/chat/completions", json={"model": DEFAULT_MODEL}, timeout=30)
@@ -77,8 +91,10 @@ def test_counters_move_after_chat_requests(server: Server) -> None:
     deadline = time.monotonic() + 10
     while True:
         latest.append(scrape(server)[1])
-        settled = (moved("impetus_http_request_duration_seconds_count", route=CHAT, method="POST") >= 3
-                   and moved("impetus_time_to_first_token_seconds_count", model=DEFAULT_MODEL) >= 2)
+        settled = (
+            moved("impetus_http_request_duration_seconds_count", route=CHAT, method="POST") >= 3
+            and moved("impetus_time_to_first_token_seconds_count", model=DEFAULT_MODEL) >= 2
+        )
         if settled or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -46,8 +46,12 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def srv(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Server]:
     # Room for the default model and exactly one tiny model, not two; the big one never fits.
     budget = DEFAULT_FP32_BYTES + int(weights_bytes(models_dir / "tiny-a") * 1.5)
-    server = start_server(tmp_path_factory.mktemp("registry"), IMPETUS_MODELS_DIR=str(models_dir),
-                          IMPETUS_MEMORY_BUDGET=str(budget), IMPETUS_KEEP_ALIVE="300")
+    server = start_server(
+        tmp_path_factory.mktemp("registry"),
+        IMPETUS_MODELS_DIR=str(models_dir),
+        IMPETUS_MEMORY_BUDGET=str(budget),
+        IMPETUS_KEEP_ALIVE="300",
+    )
     yield server
     stop_server(server)
 
@@ -142,8 +146,11 @@ def test_keep_alive_unloads_an_idle_model(srv: Server) -> None:
 
 def test_per_request_keep_alive(srv: Server) -> None:
     unload_all_tiny(srv)
-    r = requests.post(f"{srv.base_url}/completions", timeout=120, json={
-        "model": "tiny-b", "prompt": "hi", "max_tokens": 2, "keep_alive": -1})
+    r = requests.post(
+        f"{srv.base_url}/completions",
+        timeout=120,
+        json={"model": "tiny-b", "prompt": "hi", "max_tokens": 2, "keep_alive": -1},
+    )
     assert r.status_code == 200, r.text
     assert listing(srv)["tiny-b"]["keep_alive"] is None  # kept loaded
 
@@ -165,12 +172,15 @@ def test_concurrent_loads_of_one_model_load_it_once(srv: Server) -> None:
     assert srv.log().count("loaded tiny-a (") == before + 1
 
 
-@pytest.mark.parametrize(("model", "status", "code"), [
-    ("exported-onnx", 422, "unsupported_model_format"),
-    ("broken", 422, "model_load_failed"),
-    ("truncated", 422, "model_load_failed"),
-    ("no-such-model", 404, "model_not_found"),
-])
+@pytest.mark.parametrize(
+    ("model", "status", "code"),
+    [
+        ("exported-onnx", 422, "unsupported_model_format"),
+        ("broken", 422, "model_load_failed"),
+        ("truncated", 422, "model_load_failed"),
+        ("no-such-model", 404, "model_not_found"),
+    ],
+)
 def test_load_errors_are_clear_and_the_server_keeps_serving(srv: Server, model: str, status: int, code: str) -> None:
     r = requests.post(f"{srv.url}/api/models/load", json={"model": model}, timeout=120)
     assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
@@ -216,8 +226,10 @@ def test_benchmark_measures_and_keeps_a_history_for_an_id_with_a_slash(srv: Serv
     assert run["ttft_ms"] > 0 and run["prompt_tokens_per_second"] > 0 and run["generation_tokens_per_second"] > 0
     assert run["peak_memory_bytes"] >= run["model_memory_bytes"] > 0
     assert run["compute_dtype"] == "float32" and run["device"] == "cpu"
-    print(f"org/tiny-c: prompt {run['prompt_tokens_per_second']} tok/s, generation "
-          f"{run['generation_tokens_per_second']} tok/s, TTFT {run['ttft_ms']} ms, peak {run['peak_memory_bytes']} B")
+    print(
+        f"org/tiny-c: prompt {run['prompt_tokens_per_second']} tok/s, generation "
+        f"{run['generation_tokens_per_second']} tok/s, TTFT {run['ttft_ms']} ms, peak {run['peak_memory_bytes']} B"
+    )
     history = requests.get(url, timeout=30).json()["data"]
     assert [h["id"] for h in history] == [r["id"] for r in runs]
     assert (models_dir / ".impetus" / "benchmarks.json").is_file()
@@ -235,8 +247,9 @@ def test_benchmark_errors(srv: Server) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_tokens"
     r = requests.post(f"{srv.url}/api/models/tiny-a/benchmark", json={"runs": 3}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "runs"
-    r = requests.post(f"{srv.url}/api/models/tiny-a/benchmark", json={"prompt_tokens": 500, "max_tokens": 100},
-                      timeout=120)  # the tiny models' context is 512
+    r = requests.post(
+        f"{srv.url}/api/models/tiny-a/benchmark", json={"prompt_tokens": 500, "max_tokens": 100}, timeout=120
+    )  # the tiny models' context is 512
     assert (r.status_code, r.json()["error"]["code"]) == (400, "context_length_exceeded"), r.text
 
 
@@ -263,10 +276,23 @@ def test_benchmark_store_is_bounded(tmp_path: Path) -> None:
     from gerdsen_ai_server.schemas.models import BenchmarkResult
 
     store = BenchmarkStore(tmp_path / "b.json", per_model=3, max_models=2)
+
     def run(model: str, n: int) -> BenchmarkResult:
-        return BenchmarkResult(id=f"{model}-{n}", model=model, created_at=n, prompt_tokens=1, generated_tokens=2,
-                               ttft_ms=1, prompt_tokens_per_second=1, generation_tokens_per_second=1,
-                               model_memory_bytes=1, compute_dtype="float32", device="cpu", other_requests=0)
+        return BenchmarkResult(
+            id=f"{model}-{n}",
+            model=model,
+            created_at=n,
+            prompt_tokens=1,
+            generated_tokens=2,
+            ttft_ms=1,
+            prompt_tokens_per_second=1,
+            generation_tokens_per_second=1,
+            model_memory_bytes=1,
+            compute_dtype="float32",
+            device="cpu",
+            other_requests=0,
+        )
+
     for n in range(5):
         store.add(run("a", n))
     store.add(run("b", 0))

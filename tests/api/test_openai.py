@@ -38,10 +38,16 @@ def test_chat_answers_paris_with_true_usage(client, tokenizer) -> None:  # type:
 
 def test_chat_stream_matches_plain_and_reports_usage(client) -> None:  # type: ignore[no-untyped-def]
     plain = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=12)
-    chunks = list(client.chat.completions.create(
-        model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=12, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=CAPITAL,
+            temperature=0,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content
@@ -53,16 +59,18 @@ def test_chat_stream_matches_plain_and_reports_usage(client) -> None:  # type: i
 
 
 def test_completion_hits_length(client) -> None:  # type: ignore[no-untyped-def]
-    reply = client.completions.create(model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=5,
-                                      temperature=0)
+    reply = client.completions.create(
+        model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=5, temperature=0
+    )
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 5
     assert reply.choices[0].text.strip()
 
 
 def test_completion_with_several_prompts(client) -> None:  # type: ignore[no-untyped-def]
-    reply = client.completions.create(model=DEFAULT_MODEL, prompt=["One, two,", "Red, green,"], max_tokens=3,
-                                      temperature=0)
+    reply = client.completions.create(
+        model=DEFAULT_MODEL, prompt=["One, two,", "Red, green,"], max_tokens=3, temperature=0
+    )
     assert [c.index for c in reply.choices] == [0, 1]
     assert reply.usage.completion_tokens == 6
     alone = client.completions.create(model=DEFAULT_MODEL, prompt="Red, green,", max_tokens=3, temperature=0)
@@ -71,11 +79,11 @@ def test_completion_with_several_prompts(client) -> None:  # type: ignore[no-unt
 
 def test_completion_stream_with_token_prompt(client, tokenizer) -> None:  # type: ignore[no-untyped-def]
     ids = tokenizer.encode("The capital of France is")
-    chunks = list(client.completions.create(model=DEFAULT_MODEL, prompt=ids, max_tokens=4, temperature=0,
-                                            stream=True))
+    chunks = list(client.completions.create(model=DEFAULT_MODEL, prompt=ids, max_tokens=4, temperature=0, stream=True))
     text = "".join(c.choices[0].text for c in chunks)
-    plain = client.completions.create(model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=4,
-                                      temperature=0)
+    plain = client.completions.create(
+        model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=4, temperature=0
+    )
     assert text == plain.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
 
@@ -90,8 +98,9 @@ def test_models(client) -> None:  # type: ignore[no-untyped-def]
 
 def test_seed_reproduces_sampling(client) -> None:  # type: ignore[no-untyped-def]
     def sample(seed: int) -> str:
-        reply = client.completions.create(model=DEFAULT_MODEL, prompt="Once upon a time", max_tokens=12,
-                                          temperature=1.0, seed=seed)
+        reply = client.completions.create(
+            model=DEFAULT_MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=seed
+        )
         return reply.choices[0].text
 
     first = sample(7)
@@ -144,8 +153,11 @@ def test_bad_parameters_are_400_naming_the_param(client, extra: dict, param: str
 
 
 def test_unknown_parameter_is_named(server: Server) -> None:
-    r = requests.post(f"{server.base_url}/chat/completions",
-                      json={"model": DEFAULT_MODEL, "messages": CAPITAL, "temprature": 0.5}, timeout=30)
+    r = requests.post(
+        f"{server.base_url}/chat/completions",
+        json={"model": DEFAULT_MODEL, "messages": CAPITAL, "temprature": 0.5},
+        timeout=30,
+    )
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "temprature"
     assert r.json()["error"]["code"] == "unknown_parameter"
@@ -154,14 +166,21 @@ def test_unknown_parameter_is_named(server: Server) -> None:
 def test_missing_messages_and_wrong_types(server: Server) -> None:
     r = requests.post(f"{server.base_url}/chat/completions", json={"model": DEFAULT_MODEL}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-    r = requests.post(f"{server.base_url}/chat/completions",
-                      json={"model": DEFAULT_MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, timeout=30)
+    r = requests.post(
+        f"{server.base_url}/chat/completions",
+        json={"model": DEFAULT_MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
+        timeout=30,
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
 
 
 def test_malformed_json_is_400(server: Server) -> None:
-    r = requests.post(f"{server.base_url}/chat/completions", data="{not json", timeout=30,
-                      headers={"Content-Type": "application/json"})
+    r = requests.post(
+        f"{server.base_url}/chat/completions",
+        data="{not json",
+        timeout=30,
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "invalid_json"
     r = requests.post(f"{server.base_url}/completions", json=[1, 2], timeout=30)
@@ -197,8 +216,9 @@ def test_sse_wire_format(server: Server) -> None:
 
 
 def test_chat_logprobs_match_the_tokens(client, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=30,
-                                           logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=30, logprobs=True, top_logprobs=3
+    )
     content = reply.choices[0].logprobs.content
     assert "".join(t.token for t in content) == reply.choices[0].message.content
     for entry in content:
@@ -210,15 +230,19 @@ def test_chat_logprobs_match_the_tokens(client, tokenizer) -> None:  # type: ign
 
 
 def test_chat_logprobs_stream(client) -> None:  # type: ignore[no-untyped-def]
-    chunks = list(client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=30,
-                                                 logprobs=True, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=30, logprobs=True, stream=True
+        )
+    )
     tokens = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert "".join(tokens) == "The capital of France is Paris."
 
 
 def test_completion_logprobs_shape(client) -> None:  # type: ignore[no-untyped-def]
-    reply = client.completions.create(model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=4,
-                                      temperature=0, logprobs=2)
+    reply = client.completions.create(
+        model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2
+    )
     lp = reply.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
     assert "".join(lp.tokens) == reply.choices[0].text
@@ -226,45 +250,71 @@ def test_completion_logprobs_shape(client) -> None:  # type: ignore[no-untyped-d
 
 
 def test_n_choices(client) -> None:  # type: ignore[no-untyped-def]
-    reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=3, seed=11,
-                                           temperature=1.0)
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=3, seed=11, temperature=1.0
+    )
     assert [c.index for c in reply.choices] == [0, 1, 2]
     assert len({c.message.content for c in reply.choices}) > 1
-    again = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=3, seed=11,
-                                           temperature=1.0)
+    again = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=3, seed=11, temperature=1.0
+    )
     assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
-    one = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=1, seed=11,
-                                         temperature=1.0)
+    one = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=1, seed=11, temperature=1.0
+    )
     assert reply.usage.prompt_tokens == one.usage.prompt_tokens
-    chunks = list(client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=2,
-                                                 temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=CAPITAL, max_tokens=8, n=2, temperature=0, stream=True
+        )
+    )
     finished = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
     assert finished == [0, 1]
 
 
-PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                                           "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]}},
-          "required": ["name", "age", "city"], "additionalProperties": False}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_json_schema_output_always_validates(client, temperature: float) -> None:  # type: ignore[no-untyped-def]
     reply = client.chat.completions.create(
-        model=DEFAULT_MODEL, temperature=temperature, max_tokens=120, seed=3,
+        model=DEFAULT_MODEL,
+        temperature=temperature,
+        max_tokens=120,
+        seed=3,
         messages=[{"role": "user", "content": "Invent a person."}],
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
     )
     person = json.loads(reply.choices[0].message.content)
     assert set(person) == {"name", "age", "city"}
-    assert isinstance(person["name"], str) and isinstance(person["age"], int) and person["city"] in PERSON["properties"]["city"]["enum"]  # type: ignore[index]
+    assert (
+        isinstance(person["name"], str)
+        and isinstance(person["age"], int)
+        and person["city"] in PERSON["properties"]["city"]["enum"]
+    )  # type: ignore[index]
     assert reply.choices[0].finish_reason == "stop"
 
 
 def test_json_object_output_parses(client) -> None:  # type: ignore[no-untyped-def]
-    chunks = list(client.chat.completions.create(
-        model=DEFAULT_MODEL, temperature=0, max_tokens=60, stream=True,
-        messages=[{"role": "user", "content": "Describe Paris as JSON."}], response_format={"type": "json_object"},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            temperature=0,
+            max_tokens=60,
+            stream=True,
+            messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+            response_format={"type": "json_object"},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     if finish == ["stop"]:
@@ -275,29 +325,49 @@ def test_json_object_output_parses(client) -> None:  # type: ignore[no-untyped-d
 
 def test_bad_schema_is_400(client) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, response_format={
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}})
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=CAPITAL,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}},
+        )
     assert info.value.body["param"] == "response_format"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, response_format={"type": "json_schema"})
     assert info.value.body["param"].startswith("response_format")
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_named_tool_choice_returns_a_valid_call(client, stream: bool) -> None:  # type: ignore[no-untyped-def]
-    args = dict(model=DEFAULT_MODEL, messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=60,
-                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    args = dict(
+        model=DEFAULT_MODEL,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        temperature=0,
+        max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     if stream:
         chunks = list(client.chat.completions.create(**args, stream=True))
-        calls = [tc for c in chunks if c.choices and c.choices[0].delta.tool_calls for tc in c.choices[0].delta.tool_calls]
+        calls = [
+            tc for c in chunks if c.choices and c.choices[0].delta.tool_calls for tc in c.choices[0].delta.tool_calls
+        ]
         finish = chunks[-1].choices[0].finish_reason
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
     else:
@@ -311,16 +381,18 @@ def test_named_tool_choice_returns_a_valid_call(client, stream: bool) -> None:  
 
 
 def test_required_tool_choice_and_the_round_trip(client) -> None:  # type: ignore[no-untyped-def]
-    reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=ASK, tools=[WEATHER, TIME], temperature=0,
-                                           max_tokens=60, tool_choice="required")
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=60, tool_choice="required"
+    )
     call = reply.choices[0].message.tool_calls[0]
     assert call.function.name in ("get_weather", "get_time")
     follow_up = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "unit": "C"}'},
     ]
-    answer = client.chat.completions.create(model=DEFAULT_MODEL, messages=follow_up, tools=[WEATHER, TIME],
-                                            tool_choice="none", temperature=0, max_tokens=20)
+    answer = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=follow_up, tools=[WEATHER, TIME], tool_choice="none", temperature=0, max_tokens=20
+    )
     assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
 
 
@@ -328,8 +400,12 @@ def test_auto_tool_calls_are_parsed_from_markers() -> None:
     from gerdsen_ai_server.serving.tools import ToolCallSplitter, ToolPlan
 
     splitter = ToolCallSplitter(ToolPlan("auto"))
-    pieces = ['Let me check. <tool', '_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_c',
-              'all> and <tool_call>not json</tool_call>', ' done']
+    pieces = [
+        "Let me check. <tool",
+        '_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_c',
+        "all> and <tool_call>not json</tool_call>",
+        " done",
+    ]
     content = "".join(splitter.feed(p) for p in pieces) + splitter.feed("", final=True)
     assert content == "Let me check.  and <tool_call>not json</tool_call> done"
     assert [c.function.name for c in splitter.calls] == ["get_weather"]
@@ -338,8 +414,12 @@ def test_auto_tool_calls_are_parsed_from_markers() -> None:
 
 def test_tool_choice_errors(client) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=DEFAULT_MODEL, messages=ASK, tools=[WEATHER],
-                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=ASK,
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
     assert info.value.body["param"] == "tool_choice"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=DEFAULT_MODEL, messages=ASK, tool_choice="required")
@@ -374,15 +454,19 @@ def test_embeddings(client) -> None:  # type: ignore[no-untyped-def]
 
 def test_sampling_extensions_take_effect(client, tokenizer) -> None:  # type: ignore[no-untyped-def]
     def complete(**kw) -> str:  # type: ignore[no-untyped-def]
-        return client.completions.create(model=DEFAULT_MODEL, prompt="One, two, three, four,", max_tokens=12,
-                                         **kw).choices[0].text
+        return (
+            client.completions.create(model=DEFAULT_MODEL, prompt="One, two, three, four,", max_tokens=12, **kw)
+            .choices[0]
+            .text
+        )
 
     greedy = complete(temperature=0)
     assert complete(temperature=1.0, seed=5, extra_body={"top_k": 1}) == greedy  # top-1 sampling is greedy
     assert complete(temperature=1.0, seed=5, extra_body={"min_p": 1.0}) == greedy
     token = tokenizer.encode(" banana")[0]
-    forced = client.completions.create(model=DEFAULT_MODEL, prompt="Hi", max_tokens=4, temperature=0,
-                                       logit_bias={str(token): 100})
+    forced = client.completions.create(
+        model=DEFAULT_MODEL, prompt="Hi", max_tokens=4, temperature=0, logit_bias={str(token): 100}
+    )
     assert forced.choices[0].text == tokenizer.decode([token] * 4)
     assert complete(temperature=0, frequency_penalty=2.0) != greedy
     assert complete(temperature=0, presence_penalty=2.0) != greedy

@@ -37,8 +37,9 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """With a key, so the generated requests also prove that a wrong or missing key gets a 401;
     with a tiny default budget, so a request that reaches the model is over quickly."""
     # HF_HUB_OFFLINE: a generated discover query must not reach for the real hub (no network in tests).
-    srv = start_server(tmp_path_factory.mktemp("openapi"), IMPETUS_ADMIN_KEYS=KEY, IMPETUS_MAX_TOKENS_DEFAULT="4",
-                       HF_HUB_OFFLINE="1")
+    srv = start_server(
+        tmp_path_factory.mktemp("openapi"), IMPETUS_ADMIN_KEYS=KEY, IMPETUS_MAX_TOKENS_DEFAULT="4", HF_HUB_OFFLINE="1"
+    )
     yield srv
     stop_server(srv)
 
@@ -46,8 +47,15 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def test_openapi_document_describes_the_api(keyed: Server) -> None:
     spec = requests.get(keyed.url + "/openapi.json", timeout=10).json()
     assert spec["openapi"] == "3.1.0"
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/messages",
-            "/v1/responses", "/health/ready"} <= set(spec["paths"])
+    assert {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/messages",
+        "/v1/responses",
+        "/health/ready",
+    } <= set(spec["paths"])
     chat = spec["paths"]["/v1/chat/completions"]["post"]
     assert chat["security"] == [{"bearerAuth": []}]
     assert {"200", "400", "401", "413", "429", "503"} <= set(chat["responses"])
@@ -57,8 +65,12 @@ def test_openapi_document_describes_the_api(keyed: Server) -> None:
     assert "Rate limits" in spec["info"]["description"]
     # Every route has a real response model, so schemathesis checks what each one answers.
     assert {"/api/hardware", "/api/config", "/metrics", "/health", "/health/live"} <= set(spec["paths"])
-    for path, method, model in (("/v1/responses", "post", "ResponseObject"), ("/health", "get", "HealthReport"),
-                                ("/api/hardware", "get", "HardwareReport"), ("/health/ready", "get", "Readiness")):
+    for path, method, model in (
+        ("/v1/responses", "post", "ResponseObject"),
+        ("/health", "get", "HealthReport"),
+        ("/api/hardware", "get", "HardwareReport"),
+        ("/health/ready", "get", "Readiness"),
+    ):
         schema = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
         assert schema == {"$ref": f"#/components/schemas/{model}"}, (path, schema)
     assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
@@ -102,22 +114,32 @@ def test_docs_page_uses_only_local_assets(keyed: Server) -> None:
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_generated_requests(keyed: Server, mode: str) -> None:
     # schemathesis's own pytest plugin does not load under pytest 9: drive hypothesis per operation.
-    api = schemathesis.openapi.from_url(keyed.url + "/openapi.json").exclude(path_regex=SKIP_OPERATIONS).exclude(
-        method="DELETE", path="/api/models/{model_id}")
+    api = (
+        schemathesis.openapi.from_url(keyed.url + "/openapi.json")
+        .exclude(path_regex=SKIP_OPERATIONS)
+        .exclude(method="DELETE", path="/api/models/{model_id}")
+    )
     generation_mode = schemathesis.GenerationMode(mode)
     for result in api.get_all_operations():
         operation = result.ok()
 
         @given(case=operation.as_strategy(generation_mode=generation_mode))
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, phases=NO_SHRINKING,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            phases=NO_SHRINKING,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case) -> None:  # type: ignore[no-untyped-def]
             if isinstance(case.body, dict):  # bodies that do reach the model generate a few tokens at most
                 for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                     if type(case.body.get(field)) is int and case.body[field] > 4:
                         case.body[field] = 4
-            case.call_and_validate(timeout=60, headers={"Authorization": f"Bearer {KEY}"},
-                                   excluded_checks=EXCLUDED_CHECKS)
+            case.call_and_validate(
+                timeout=60, headers={"Authorization": f"Bearer {KEY}"}, excluded_checks=EXCLUDED_CHECKS
+            )
 
         try:
             check()

@@ -54,9 +54,15 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, source: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, stub: HubStub, models_dir: Path) -> Iterator[Server]:
-    server = start_server(tmp_path_factory.mktemp("pull"), IMPETUS_MODELS_DIR=str(models_dir),
-                          IMPETUS_DEFAULT_MODEL=str(models_dir / "tiny-default"), HF_ENDPOINT=stub.url,
-                          HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+    server = start_server(
+        tmp_path_factory.mktemp("pull"),
+        IMPETUS_MODELS_DIR=str(models_dir),
+        IMPETUS_DEFAULT_MODEL=str(models_dir / "tiny-default"),
+        HF_ENDPOINT=stub.url,
+        HF_HUB_OFFLINE="0",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+    )
     yield server
     stop_server(server)
 
@@ -106,8 +112,11 @@ def test_pull_reports_progress_then_the_model_loads_and_deletes(srv: Server, sou
     assert again["status"] == "done"
 
     # The pulled model serves requests under its repo id...
-    r = requests.post(f"{srv.base_url}/chat/completions", timeout=120, json={
-        "model": REPO, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    r = requests.post(
+        f"{srv.base_url}/chat/completions",
+        timeout=120,
+        json={"model": REPO, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     assert r.status_code == 200, r.text
     # ...cannot be deleted while loaded, and can once unloaded.
     url = f"{srv.url}/api/models/{REPO}"
@@ -122,8 +131,9 @@ def test_pull_reports_progress_then_the_model_loads_and_deletes(srv: Server, sou
     assert requests.delete(f"{srv.url}/api/models/tiny-default", timeout=30).status_code == 409  # the default
 
 
-def test_an_interrupted_download_resumes_where_it_stopped(srv: Server, stub: HubStub, source: Path,
-                                                         models_dir: Path) -> None:
+def test_an_interrupted_download_resumes_where_it_stopped(
+    srv: Server, stub: HubStub, source: Path, models_dir: Path
+) -> None:
     cut = 3 * hub.CHUNK_BYTES  # whole chunks: http_get writes what it has read in whole chunks
     stub.drop_once[("test/tiny-drop", WEIGHTS)] = cut
     last = wait(srv, start(srv, "test/tiny-drop")["id"])[-1]
@@ -144,8 +154,9 @@ def test_a_checksum_mismatch_fails_clearly_and_keeps_nothing(srv: Server, stub: 
     assert wait(srv, start(srv, "test/tiny-corrupt")["id"])[-1]["status"] == "done"
 
 
-def test_cancel_stops_the_pull_and_a_later_pull_continues_it(srv: Server, stub: HubStub, source: Path,
-                                                            models_dir: Path) -> None:
+def test_cancel_stops_the_pull_and_a_later_pull_continues_it(
+    srv: Server, stub: HubStub, source: Path, models_dir: Path
+) -> None:
     repo = "test/tiny-slow"
     stub.throttle[(repo, WEIGHTS)] = 4_000_000  # bytes per second: about 3 s for the weights
     pull_id = start(srv, repo)["id"]
@@ -189,11 +200,16 @@ def test_discover_lists_the_catalogue_and_searches_the_hub(srv: Server) -> None:
     assert tiny["parameters"] > 3_000_000 and tiny["size_bytes"] > 12_000_000 and tiny["fits"] is True
 
 
-@pytest.mark.parametrize(("params", "param", "code"), [
-    ({"limit": "abc"}, "limit", "invalid_value"), ({"limit": "0"}, "limit", "invalid_value"),
-    ({"limit": "1000"}, "limit", "invalid_value"), ({"q": "x" * 201}, "q", "invalid_value"),
-    ({"sort": "downloads"}, "sort", "unknown_parameter"),
-])
+@pytest.mark.parametrize(
+    ("params", "param", "code"),
+    [
+        ({"limit": "abc"}, "limit", "invalid_value"),
+        ({"limit": "0"}, "limit", "invalid_value"),
+        ({"limit": "1000"}, "limit", "invalid_value"),
+        ({"q": "x" * 201}, "q", "invalid_value"),
+        ({"sort": "downloads"}, "sort", "unknown_parameter"),
+    ],
+)
 def test_discover_query_parameters_are_validated(srv: Server, params: dict[str, str], param: str, code: str) -> None:
     r = requests.get(f"{srv.url}/api/models/discover", params=params, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == param and r.json()["error"]["code"] == code, r.text
@@ -231,7 +247,10 @@ def test_discover_falls_back_to_the_catalogue_without_a_hub(tmp_path: Path, monk
     assert body["source"] == "catalogue" and "cannot reach the Hugging Face hub" in body["hub_error"]
     assert body["data"] and all("Qwen2.5" in m["id"] and m["source"] == "catalogue" for m in body["data"])
     fits = {m["id"]: m["fits"] for m in body["data"]}
-    assert fits["mlx-community/Qwen2.5-0.5B-Instruct-4bit"] is True and fits["mlx-community/Qwen2.5-7B-Instruct-4bit"] is False
+    assert (
+        fits["mlx-community/Qwen2.5-0.5B-Instruct-4bit"] is True
+        and fits["mlx-community/Qwen2.5-7B-Instruct-4bit"] is False
+    )
 
 
 @pytest.mark.timing

@@ -30,10 +30,11 @@ def connect(hot_server: Server) -> Iterator[Callable[..., tuple[socketio.Client,
 
     def make(**auth: Any) -> tuple[socketio.Client, Recorder]:
         client, recorder = listen(
-            hot_server.url, ("metrics", "hardware", "request_event", "model_event", "token", "generate_done",
-                             "generate_error"),
+            hot_server.url,
+            ("metrics", "hardware", "request_event", "model_event", "token", "generate_done", "generate_error"),
             socketio.Client(reconnection_delay=0.2, reconnection_delay_max=0.5, randomization_factor=0),
-            auth=auth or None)
+            auth=auth or None,
+        )
         clients.append(client)
         return client, recorder
 
@@ -44,7 +45,7 @@ def connect(hot_server: Server) -> Iterator[Callable[..., tuple[socketio.Client,
 
 def latency_window(recorder: Recorder, start: int, size: int = 30) -> tuple[float, float, list[tuple[float, Any]]]:
     recorder.wait(lambda: len(recorder.of("metrics")) >= start + size)
-    received = recorder.of("metrics")[start:start + size]
+    received = recorder.of("metrics")[start : start + size]
     latencies = sorted(at - data["timestamp"] for at, data in received)
     p99 = statistics.quantiles(latencies, n=100, method="inclusive")[98]
     return statistics.median(latencies), p99, received
@@ -77,13 +78,18 @@ def test_metrics_arrive_on_time(connect: Callable[..., tuple[socketio.Client, Re
 
 def test_request_events(connect: Callable[..., tuple[socketio.Client, Recorder]], hot_server: Server) -> None:
     _, recorder = connect(rooms=["requests"])
-    body = {"model": DEFAULT_MODEL, "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": "Tell me a fact."}]}
+    body = {
+        "model": DEFAULT_MODEL,
+        "max_tokens": 8,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Tell me a fact."}],
+    }
     r = requests.post(f"{hot_server.base_url}/chat/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     recorder.wait(lambda: any(d["event"] == "finished" for _, d in recorder.of("request_event")), timeout=10)
-    started, finished = (next(d for _, d in recorder.of("request_event") if d["event"] == kind)
-                         for kind in ("started", "finished"))
+    started, finished = (
+        next(d for _, d in recorder.of("request_event") if d["event"] == kind) for kind in ("started", "finished")
+    )
     assert started["id"] == finished["id"] and started["model"] == finished["model"] == DEFAULT_MODEL
     assert started["route"] == "/v1/chat/completions" and started["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
     assert finished["status"] == 200 and finished["outcome"] == "finished" and finished["error"] is None
@@ -97,7 +103,9 @@ def test_subscribe_and_unsubscribe(connect: Callable[..., tuple[socketio.Client,
     client, recorder = connect(rooms=[])
     time.sleep(0.3)
     assert not recorder.of("metrics") and not recorder.of("hardware")
-    assert client.call("subscribe", {"rooms": ["metrics", "requests"]}, timeout=10) == {"rooms": ["metrics", "requests"]}
+    assert client.call("subscribe", {"rooms": ["metrics", "requests"]}, timeout=10) == {
+        "rooms": ["metrics", "requests"]
+    }
     recorder.wait(lambda: len(recorder.of("metrics")) >= 2)
     assert client.call("unsubscribe", "metrics", timeout=10) == {"rooms": ["requests"]}
     time.sleep(0.3)  # let anything already in flight land
@@ -131,8 +139,13 @@ AUTHORIZED = {"Authorization": f"Bearer {SOCKET_KEY}"}
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # No model: connecting needs none, and the server is up in seconds.
-    srv = start_server(tmp_path_factory.mktemp("keyed"), wait_ready=False, IMPETUS_API_KEYS=SOCKET_KEY,
-                       IMPETUS_DEFAULT_MODEL="", IMPETUS_METRICS_INTERVAL="0.1")
+    srv = start_server(
+        tmp_path_factory.mktemp("keyed"),
+        wait_ready=False,
+        IMPETUS_API_KEYS=SOCKET_KEY,
+        IMPETUS_DEFAULT_MODEL="",
+        IMPETUS_METRICS_INTERVAL="0.1",
+    )
     yield srv
     stop_server(srv)
 
@@ -141,6 +154,7 @@ def test_api_key_required_on_connect(keyed_server: Server) -> None:
     """The key is asked for in the Engine.IO handshake, before a session exists (guard.py): a header,
     or the query parameter api_key (a browser's WebSocket). A key in connect's auth alone comes too
     late; one there as well must be right. Over polling the refusal's envelope reaches the client."""
+
     def attempt(transport: str = "websocket", **kwargs: Any) -> tuple[socketio.Client, list[Any]]:
         errors: list[Any] = []
         client = socketio.Client(reconnection=False)
@@ -161,8 +175,11 @@ def test_api_key_required_on_connect(keyed_server: Server) -> None:
     for auth in ({"api_key": SOCKET_KEY, "rooms": ["nope"]}, {"api_key": 5}, {"api_key": SOCKET_KEY, "x": 1}):
         client, errors = attempt(auth=auth, headers=AUTHORIZED)  # a malformed connect payload is refused, saying why
         assert not client.connected and errors and "invalid_request_error" in str(errors[0]), (auth, errors)
-    for kwargs in ({"auth": {"api_key": SOCKET_KEY, "rooms": ["metrics"]}, "headers": AUTHORIZED},
-                   {"headers": AUTHORIZED}, {"url_key": True}):
+    for kwargs in (
+        {"auth": {"api_key": SOCKET_KEY, "rooms": ["metrics"]}, "headers": AUTHORIZED},
+        {"headers": AUTHORIZED},
+        {"url_key": True},
+    ):
         if kwargs.pop("url_key", False):  # the query parameter, as the dashboard sends it
             client = socketio.Client(reconnection=False)
             client.connect(f"{keyed_server.url}?api_key={SOCKET_KEY}", transports=["websocket"], wait_timeout=30)
@@ -183,13 +200,22 @@ def test_api_key_required_on_connect(keyed_server: Server) -> None:
 
 # ---- generate: tokens streamed to the browser ------------------------------------------------------
 
-CHAT = {"model": DEFAULT_MODEL, "temperature": 0, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
-LONG = {"model": DEFAULT_MODEL, "temperature": 0, "max_tokens": 2000,
-        "messages": [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]}
+CHAT = {
+    "model": DEFAULT_MODEL,
+    "temperature": 0,
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+}
+LONG = {
+    "model": DEFAULT_MODEL,
+    "temperature": 0,
+    "max_tokens": 2000,
+    "messages": [{"role": "user", "content": "Count from 1 to 1000, one number per line."}],
+}
 
 
-def test_generate_streams_tokens_to_this_client_only(connect: Callable[..., tuple[socketio.Client, Recorder]],
-                                                     hot_server: Server) -> None:
+def test_generate_streams_tokens_to_this_client_only(
+    connect: Callable[..., tuple[socketio.Client, Recorder]], hot_server: Server
+) -> None:
     client, recorder = connect(rooms=[])
     _, bystander = connect(rooms=["metrics", "requests", "models"])
     done = client.call("generate", {**CHAT, "max_tokens": 30, "id": "answer-1"}, timeout=120)
@@ -205,13 +231,20 @@ def test_generate_streams_tokens_to_this_client_only(connect: Callable[..., tupl
     assert all(data["timestamp"] <= done["timestamp"] for data in tokens)
     assert not bystander.of("token") and not bystander.of("generate_done")  # to that client only
     delays = sorted(at - data["timestamp"] for at, data in recorder.of("token"))
-    print(f"token events: {len(delays)}, server emit to client receipt p50 {statistics.median(delays) * 1e3:.2f} ms, "
-          f"max {delays[-1] * 1e3:.2f} ms")
+    print(
+        f"token events: {len(delays)}, server emit to client receipt p50 {statistics.median(delays) * 1e3:.2f} ms, "
+        f"max {delays[-1] * 1e3:.2f} ms"
+    )
     # The bystander watching "requests" saw it as a request like any other, named by its Socket.IO event.
-    bystander.wait(lambda: any(d["event"] == "finished" and d["route"] == "socket.io:generate"
-                               for _, d in bystander.of("request_event")), timeout=10)
-    finished = next(d for _, d in bystander.of("request_event") if d["route"] == "socket.io:generate"
-                    and d["event"] == "finished")
+    bystander.wait(
+        lambda: any(
+            d["event"] == "finished" and d["route"] == "socket.io:generate" for _, d in bystander.of("request_event")
+        ),
+        timeout=10,
+    )
+    finished = next(
+        d for _, d in bystander.of("request_event") if d["route"] == "socket.io:generate" and d["event"] == "finished"
+    )
     assert finished["outcome"] == "finished" and finished["completion_tokens"] == done["usage"]["completion_tokens"]
     access = [line for line in hot_server.log().splitlines() if "impetus.access [answer-1]" in line]
     assert len(access) == 1 and "EMIT generate 200" in access[0], access  # one access line, named by its id
@@ -220,33 +253,42 @@ def test_generate_streams_tokens_to_this_client_only(connect: Callable[..., tupl
     assert f'impetus_sequences_total{{model="{DEFAULT_MODEL}",outcome="finished"}}' in generated
 
 
-@pytest.mark.parametrize(("payload", "status_type", "param", "code"), [
-    ("hi", "invalid_request_error", None, None),
-    ({**CHAT, "messages": []}, "invalid_request_error", "messages", "invalid_value"),
-    ({**CHAT, "temperature": "hot"}, "invalid_request_error", "temperature", "invalid_value"),
-    ({**CHAT, "max_tokens": -1}, "invalid_request_error", "max_tokens", "invalid_value"),
-    ({**CHAT, "surprise": True}, "invalid_request_error", "surprise", "unknown_parameter"),
-    ({**CHAT, "n": 2}, "invalid_request_error", "n", "invalid_value"),
-    ({**CHAT, "logprobs": True}, "invalid_request_error", "logprobs", "unsupported_parameter"),
-    ({**CHAT, "id": "no spaces"}, "invalid_request_error", "id", "invalid_value"),
-    ({**CHAT, "model": "absent-model"}, "not_found_error", "model", "model_not_found"),
-    ({**CHAT, "max_tokens": 30_000}, "invalid_request_error", "messages", "context_length_exceeded"),
-])
-def test_generate_errors_come_back_in_the_envelope(connect: Callable[..., tuple[socketio.Client, Recorder]],
-                                                   payload: Any, status_type: str, param: str | None,
-                                                   code: str | None) -> None:
+@pytest.mark.parametrize(
+    ("payload", "status_type", "param", "code"),
+    [
+        ("hi", "invalid_request_error", None, None),
+        ({**CHAT, "messages": []}, "invalid_request_error", "messages", "invalid_value"),
+        ({**CHAT, "temperature": "hot"}, "invalid_request_error", "temperature", "invalid_value"),
+        ({**CHAT, "max_tokens": -1}, "invalid_request_error", "max_tokens", "invalid_value"),
+        ({**CHAT, "surprise": True}, "invalid_request_error", "surprise", "unknown_parameter"),
+        ({**CHAT, "n": 2}, "invalid_request_error", "n", "invalid_value"),
+        ({**CHAT, "logprobs": True}, "invalid_request_error", "logprobs", "unsupported_parameter"),
+        ({**CHAT, "id": "no spaces"}, "invalid_request_error", "id", "invalid_value"),
+        ({**CHAT, "model": "absent-model"}, "not_found_error", "model", "model_not_found"),
+        ({**CHAT, "max_tokens": 30_000}, "invalid_request_error", "messages", "context_length_exceeded"),
+    ],
+)
+def test_generate_errors_come_back_in_the_envelope(
+    connect: Callable[..., tuple[socketio.Client, Recorder]],
+    payload: Any,
+    status_type: str,
+    param: str | None,
+    code: str | None,
+) -> None:
     client, recorder = connect(rooms=[])
     ack = client.call("generate", payload, timeout=60)
     error = ack["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"], ack
     assert (error["type"], error["param"], error["code"]) == (status_type, param, code) or (
-        param is None and error["type"] == status_type), ack
+        param is None and error["type"] == status_type
+    ), ack
     recorder.wait(lambda: len(recorder.of("generate_error")) == 1)
     assert recorder.of("generate_error")[0][1] == ack and not recorder.of("token")
 
 
-def test_disconnect_cancels_the_generation(connect: Callable[..., tuple[socketio.Client, Recorder]],
-                                           hot_server: Server) -> None:
+def test_disconnect_cancels_the_generation(
+    connect: Callable[..., tuple[socketio.Client, Recorder]], hot_server: Server
+) -> None:
     _, watcher = connect(rooms=["requests"])
     client, recorder = connect(rooms=[])
     client.emit("generate", {**LONG, "id": "long-1"})
@@ -257,14 +299,19 @@ def test_disconnect_cancels_the_generation(connect: Callable[..., tuple[socketio
     while in_flight(hot_server) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert in_flight(hot_server) == 0
-    watcher.wait(lambda: any(d["event"] == "finished" and d["route"] == "socket.io:generate"
-                             for _, d in watcher.of("request_event")), timeout=15)
+    watcher.wait(
+        lambda: any(
+            d["event"] == "finished" and d["route"] == "socket.io:generate" for _, d in watcher.of("request_event")
+        ),
+        timeout=15,
+    )
     finished = next(d for _, d in watcher.of("request_event") if d["event"] == "finished")
     assert finished["outcome"] == "cancelled" and finished["completion_tokens"] < 2000
 
 
-def test_cancel_stops_one_generation(connect: Callable[..., tuple[socketio.Client, Recorder]],
-                                     hot_server: Server) -> None:
+def test_cancel_stops_one_generation(
+    connect: Callable[..., tuple[socketio.Client, Recorder]], hot_server: Server
+) -> None:
     client, recorder = connect(rooms=[])
     client.emit("generate", {**LONG, "id": "long-2"})
     recorder.wait(lambda: len(recorder.of("token")) >= 3, timeout=60)
@@ -280,8 +327,9 @@ def test_cancel_stops_one_generation(connect: Callable[..., tuple[socketio.Clien
 
 @pytest.mark.slow
 @pytest.mark.timing
-def test_generate_first_token_as_soon_as_sse(connect: Callable[..., tuple[socketio.Client, Recorder]],
-                                             hot_server: Server) -> None:
+def test_generate_first_token_as_soon_as_sse(
+    connect: Callable[..., tuple[socketio.Client, Recorder]], hot_server: Server
+) -> None:
     """The same request's time to first token over Socket.IO and over SSE, in alternating order
     (figures printed; the bound is loose, the machine is shared: it catches a path that waits)."""
     client, recorder = connect(rooms=[])
@@ -294,11 +342,15 @@ def test_generate_first_token_as_soon_as_sse(connect: Callable[..., tuple[socket
 
     def over_sse() -> float:
         began, first = time.time(), None
-        with requests.post(f"{hot_server.base_url}/chat/completions", json={**body, "stream": True}, stream=True,
-                           timeout=120) as r:
+        with requests.post(
+            f"{hot_server.base_url}/chat/completions", json={**body, "stream": True}, stream=True, timeout=120
+        ) as r:
             for line in r.iter_lines(decode_unicode=True):
-                if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get(
-                        "content"):
+                if (
+                    first is None
+                    and line.startswith("data: {")
+                    and json.loads(line[6:])["choices"][0]["delta"].get("content")
+                ):
                     first = time.time() - began
         assert first is not None
         return first
@@ -312,5 +364,7 @@ def test_generate_first_token_as_soon_as_sse(connect: Callable[..., tuple[socket
             sse_ttft.append(over_sse())
             socket_ttft.append(over_socket(attempt))
     socket_p50, sse_p50 = statistics.median(socket_ttft), statistics.median(sse_ttft)
-    print(f"time to first token, 6 requests each: Socket.IO p50 {socket_p50 * 1e3:.1f} ms, SSE p50 {sse_p50 * 1e3:.1f} ms")
+    print(
+        f"time to first token, 6 requests each: Socket.IO p50 {socket_p50 * 1e3:.1f} ms, SSE p50 {sse_p50 * 1e3:.1f} ms"
+    )
     assert socket_p50 < 3 * sse_p50 + 1.0, (socket_ttft, sse_ttft)

@@ -27,14 +27,22 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 INFERENCE = {"Authorization": f"Bearer {INFERENCE_KEY}"}
 TIMEOUT_S = 6  # IMPETUS_REQUEST_TIMEOUT here: every other request in this file ends well before it
 # No end-of-text or end-of-turn token (SmolLM2's 0 and 2): a generation runs until max_tokens or a cancel.
-ENDLESS = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
-           "temperature": 0, "logit_bias": {"0": -100, "2": -100}}
+ENDLESS = {
+    "model": DEFAULT_MODEL,
+    "messages": [{"role": "user", "content": "Tell me a very long story."}],
+    "temperature": 0,
+    "logit_bias": {"0": -100, "2": -100},
+}
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tmp_path_factory.mktemp("abandoned"), IMPETUS_API_KEYS=INFERENCE_KEY,
-                          IMPETUS_ADMIN_KEYS=ADMIN_KEY, IMPETUS_REQUEST_TIMEOUT=str(TIMEOUT_S))
+    server = start_server(
+        tmp_path_factory.mktemp("abandoned"),
+        IMPETUS_API_KEYS=INFERENCE_KEY,
+        IMPETUS_ADMIN_KEYS=ADMIN_KEY,
+        IMPETUS_REQUEST_TIMEOUT=str(TIMEOUT_S),
+    )
     yield server
     stop_server(server)
 
@@ -63,8 +71,12 @@ def raw_post(srv: Server, path: str, body: dict[str, Any]) -> socket.socket:
     host, port = srv.url.removeprefix("http://").split(":")
     data = json.dumps(body)
     sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                  f"Authorization: Bearer {INFERENCE_KEY}\r\nContent-Length: {len(data)}\r\n\r\n{data}").encode())
+    sock.sendall(
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {INFERENCE_KEY}\r\nContent-Length: {len(data)}\r\n\r\n{data}"
+        ).encode()
+    )
     return sock
 
 
@@ -98,8 +110,12 @@ def test_a_long_embedding_neither_stalls_a_short_chat_nor_outlives_its_client(sr
 
     def embed() -> None:
         try:  # the client gives up after the chat's bound, and closes its connection
-            requests.post(f"{srv.base_url}/embeddings", headers=INFERENCE, timeout=bound_s + 2,
-                          json={"model": DEFAULT_MODEL, "input": long_input})
+            requests.post(
+                f"{srv.base_url}/embeddings",
+                headers=INFERENCE,
+                timeout=bound_s + 2,
+                json={"model": DEFAULT_MODEL, "input": long_input},
+            )
         except requests.Timeout:
             pass
         left.set()
@@ -118,13 +134,20 @@ def test_a_long_embedding_neither_stalls_a_short_chat_nor_outlives_its_client(sr
         took = wait_for(lambda: in_flight(srv) == 0, 4, "the embedding leaving the engine after its client")
     finally:
         thread.join(30)
-    print(f"\n2-token chat alone {alone_s:.2f} s, beside a 3000-token embedding {chat_s:.2f} s; embedding gone "
-          f"{took:.2f} s after its client")
+    print(
+        f"\n2-token chat alone {alone_s:.2f} s, beside a 3000-token embedding {chat_s:.2f} s; embedding gone "
+        f"{took:.2f} s after its client"
+    )
 
 
 def test_operators_list_and_cancel_running_requests(srv: Server) -> None:
-    with requests.post(f"{srv.base_url}/chat/completions", headers=INFERENCE, stream=True, timeout=60,
-                       json={**ENDLESS, "max_tokens": 2000, "stream": True}) as stream:
+    with requests.post(
+        f"{srv.base_url}/chat/completions",
+        headers=INFERENCE,
+        stream=True,
+        timeout=60,
+        json={**ENDLESS, "max_tokens": 2000, "stream": True},
+    ) as stream:
         lines = stream.iter_lines()
         assert next(line for line in lines if line.startswith(b"data: {"))
         (entry,) = running(srv)
@@ -142,19 +165,25 @@ def test_operators_list_and_cancel_running_requests(srv: Server) -> None:
         assert r.status_code == 200, r.text
         assert r.json()["id"] == entry["id"] and r.json()["cancelled"] is True
         rest = [line for line in lines if line.startswith(b"data: ")]
-    errors = [json.loads(line[6:])["error"] for line in rest if line.startswith(b"data: {\"error\"")]
+    errors = [json.loads(line[6:])["error"] for line in rest if line.startswith(b'data: {"error"')]
     assert [e["code"] for e in errors] == ["request_cancelled"], rest[-3:]
     assert rest[-1] == b"data: [DONE]"
     wait_for(lambda: in_flight(srv) == 0, 2, "the cancelled request leaving the engine")
 
     # A non-streaming request answers the cancel as an error its SDK will not retry.
     answer: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: answer.update(r=requests.post(
-        f"{srv.base_url}/chat/completions", headers=INFERENCE, timeout=60, json={**ENDLESS, "max_tokens": 2000})))
+    thread = threading.Thread(
+        target=lambda: answer.update(
+            r=requests.post(
+                f"{srv.base_url}/chat/completions", headers=INFERENCE, timeout=60, json={**ENDLESS, "max_tokens": 2000}
+            )
+        )
+    )
     thread.start()
     wait_for(lambda: bool(running(srv)), 10, "the request running")
-    assert requests.delete(f"{srv.url}/api/requests/{running(srv)[0]['id']}", headers=ADMIN,
-                           timeout=10).status_code == 200
+    assert (
+        requests.delete(f"{srv.url}/api/requests/{running(srv)[0]['id']}", headers=ADMIN, timeout=10).status_code == 200
+    )
     thread.join(10)
     assert answer["r"].status_code == 503 and answer["r"].json()["error"]["code"] == "request_cancelled"
     assert answer["r"].headers["x-should-retry"] == "false"
@@ -170,8 +199,9 @@ def test_operators_list_and_cancel_running_requests(srv: Server) -> None:
 @pytest.mark.slow
 def test_the_request_deadline_ends_a_request_with_a_clear_error(srv: Server) -> None:
     started = time.monotonic()
-    r = requests.post(f"{srv.base_url}/chat/completions", headers=INFERENCE, timeout=60,
-                      json={**ENDLESS, "n": 2, "max_tokens": 2000})
+    r = requests.post(
+        f"{srv.base_url}/chat/completions", headers=INFERENCE, timeout=60, json={**ENDLESS, "n": 2, "max_tokens": 2000}
+    )
     took = time.monotonic() - started
     assert r.status_code == 504, r.text
     assert r.json()["error"]["code"] == "request_timeout" and "IMPETUS_REQUEST_TIMEOUT" in r.json()["error"]["message"]
@@ -182,16 +212,25 @@ def test_the_request_deadline_ends_a_request_with_a_clear_error(srv: Server) -> 
 
 def test_token_work_beyond_the_request_budget_is_refused_up_front(srv: Server) -> None:
     # The issue's request: 40 choices of 2000 tokens, 80,000 tokens of decoding, over 65,536.
-    r = requests.post(f"{srv.base_url}/chat/completions", headers=INFERENCE, timeout=30,
-                      json={**ENDLESS, "n": 40, "max_tokens": 2000})
+    r = requests.post(
+        f"{srv.base_url}/chat/completions", headers=INFERENCE, timeout=30, json={**ENDLESS, "n": 40, "max_tokens": 2000}
+    )
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "n" and "IMPETUS_MAX_REQUEST_TOKENS" in error["message"] and "80000" in error["message"]
-    r = requests.post(f"{srv.base_url}/completions", headers=INFERENCE, timeout=30,
-                      json={"model": DEFAULT_MODEL, "prompt": ["a", "b", "c"], "max_tokens": 30000})
+    r = requests.post(
+        f"{srv.base_url}/completions",
+        headers=INFERENCE,
+        timeout=30,
+        json={"model": DEFAULT_MODEL, "prompt": ["a", "b", "c"], "max_tokens": 30000},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
     # Embeddings weigh their input tokens against the same budget.
-    r = requests.post(f"{srv.base_url}/embeddings", headers=INFERENCE, timeout=30,
-                      json={"model": DEFAULT_MODEL, "input": [[1000 + i % 700 for i in range(7500)]] * 9})
+    r = requests.post(
+        f"{srv.base_url}/embeddings",
+        headers=INFERENCE,
+        timeout=30,
+        json={"model": DEFAULT_MODEL, "input": [[1000 + i % 700 for i in range(7500)]] * 9},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
     assert in_flight(srv) == 0

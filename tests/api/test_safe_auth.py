@@ -40,9 +40,16 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     models = tmp / "models"
     build_tiny_llama(models / TINY, default)
     # No default model: up in seconds; the tiny one is loaded on demand.
-    srv = start_server(tmp, wait_ready=False, IMPETUS_MODELS_DIR=str(models), IMPETUS_DEFAULT_MODEL="",
-                       IMPETUS_API_KEYS=INFER, IMPETUS_ADMIN_KEYS=ADMIN, IMPETUS_TRUSTED_PROXIES="1",
-                       IMPETUS_LOG_FORMAT="text")
+    srv = start_server(
+        tmp,
+        wait_ready=False,
+        IMPETUS_MODELS_DIR=str(models),
+        IMPETUS_DEFAULT_MODEL="",
+        IMPETUS_API_KEYS=INFER,
+        IMPETUS_ADMIN_KEYS=ADMIN,
+        IMPETUS_TRUSTED_PROXIES="1",
+        IMPETUS_LOG_FORMAT="text",
+    )
     yield srv
     stop_server(srv)
     shutil.rmtree(models, ignore_errors=True)
@@ -81,11 +88,19 @@ def test_text_plain_and_form_posts_get_415_and_load_nothing(keyed: Server) -> No
         assert r.status_code == 415  # multipart/form-data
     assert states(keyed)[TINY] == "local"  # nothing was loaded, so nothing generated
     # JSON, with a charset or as a +json type, goes through.
-    r = requests.post(keyed.url + "/v1/chat/completions", data=body.encode(), timeout=120,
-                      headers={**auth(INFER), "Content-Type": "application/json; charset=utf-8"})
+    r = requests.post(
+        keyed.url + "/v1/chat/completions",
+        data=body.encode(),
+        timeout=120,
+        headers={**auth(INFER), "Content-Type": "application/json; charset=utf-8"},
+    )
     assert r.status_code == 200, r.text[:300]
-    r = requests.post(keyed.url + "/api/models/unload", data=json.dumps({"model": TINY}).encode(), timeout=60,
-                      headers={**auth(ADMIN), "Content-Type": "application/merge-patch+json"})
+    r = requests.post(
+        keyed.url + "/api/models/unload",
+        data=json.dumps({"model": TINY}).encode(),
+        timeout=60,
+        headers={**auth(ADMIN), "Content-Type": "application/merge-patch+json"},
+    )
     assert r.status_code == 200, r.text[:300]
 
 
@@ -156,9 +171,12 @@ def test_a_cross_site_page_cannot_post_without_a_body(server: Server) -> None:
     """No body, so no content type to refuse: `fetch(url, {method: "POST", mode: "no-cors"})` from any
     page reached a benchmark run of the default model. Browsers say where a request comes from."""
     url = f"{server.url}/api/models/{DEFAULT_MODEL}/benchmark"
-    for headers in ({"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
-                    {"Sec-Fetch-Site": "same-site", "Origin": "http://localhost:9999"},
-                    {"Origin": "https://evil.example"}, {"Origin": "null"}):
+    for headers in (
+        {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+        {"Sec-Fetch-Site": "same-site", "Origin": "http://localhost:9999"},
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+    ):
         r = requests.post(url, headers=headers, timeout=60)
         assert r.status_code == 403, (headers, r.status_code, r.text[:200])
         assert r.json()["error"]["code"] == "cross_origin_request"
@@ -177,8 +195,9 @@ def test_wrong_keys_on_an_unrouted_path_are_401_then_429(keyed: Server) -> None:
     guesser = "203.0.113.40"
     statuses = []
     for n in range(40):
-        r = requests.get(f"{keyed.url}/v1/no-such-route", headers=auth(f"sk-guess-{n:04d}-0123456789", guesser),
-                         timeout=10)
+        r = requests.get(
+            f"{keyed.url}/v1/no-such-route", headers=auth(f"sk-guess-{n:04d}-0123456789", guesser), timeout=10
+        )
         statuses.append(r.status_code)
         if r.status_code == 429:
             break
@@ -197,8 +216,9 @@ def test_wrong_keys_on_an_unrouted_path_are_401_then_429(keyed: Server) -> None:
 
 def test_an_unknown_path_does_not_tell_a_valid_key(keyed: Server) -> None:
     address = "203.0.113.50"
-    wrong = requests.get(f"{keyed.url}/api/nothing-here", headers=auth("sk-wrong-0123456789abcdef", address),
-                         timeout=10)
+    wrong = requests.get(
+        f"{keyed.url}/api/nothing-here", headers=auth("sk-wrong-0123456789abcdef", address), timeout=10
+    )
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     right = requests.get(f"{keyed.url}/api/nothing-here", headers=auth(INFER, address), timeout=10)
     assert right.status_code == 404

@@ -36,6 +36,7 @@ def post(server: Server, path: str, body: str | dict[str, Any], timeout: float =
 
 def strict_json(text: str) -> Any:
     """Parse as JSON is defined (RFC 8259): NaN and Infinity are not numbers there, nor in JS."""
+
     def refuse(name: str) -> Any:
         raise ValueError(f"not JSON: {name}")
 
@@ -52,19 +53,31 @@ def error_of(response: requests.Response) -> dict[str, Any]:
 # ---- NaN and Infinity ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/api/models/load", f'{{"model": "{DEFAULT_MODEL}", "keep_alive": NaN}}'),
-    ("/api/models/load", f'{{"model": "{DEFAULT_MODEL}", "keep_alive": 1e999}}'),  # overflows to inf
-    ("/v1/chat/completions", json.dumps(CHAT)[:-1] + ', "keep_alive": Infinity}'),
-    ("/v1/chat/completions", json.dumps(CHAT)[:-1] + ', "logit_bias": {"1": -Infinity}}'),
-    ("/v1/chat/completions", json.dumps(CHAT)[:-1] + ', "tools": [{"type": "function", "function": {"name": "f", '
-     '"parameters": {"type": "object", "properties": {"x": {"type": "number", "default": NaN}}}}}]}'),
-    ("/v1/completions", f'{{"model": "{DEFAULT_MODEL}", "prompt": "hi", "max_tokens": 2, "keep_alive": NaN}}'),
-    ("/v1/messages", f'{{"model": "{DEFAULT_MODEL}", "max_tokens": 2, "messages": [{{"role": "user", '
-     '"content": "hi"}], "metadata": {"score": NaN}}'),
-    ("/v1/responses", f'{{"model": "{DEFAULT_MODEL}", "input": "hi", "max_output_tokens": 2, '
-     '"text": {"format": {"type": "json_schema", "name": "n", "schema": {"maximum": Infinity}}}}'),
-])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/models/load", f'{{"model": "{DEFAULT_MODEL}", "keep_alive": NaN}}'),
+        ("/api/models/load", f'{{"model": "{DEFAULT_MODEL}", "keep_alive": 1e999}}'),  # overflows to inf
+        ("/v1/chat/completions", json.dumps(CHAT)[:-1] + ', "keep_alive": Infinity}'),
+        ("/v1/chat/completions", json.dumps(CHAT)[:-1] + ', "logit_bias": {"1": -Infinity}}'),
+        (
+            "/v1/chat/completions",
+            json.dumps(CHAT)[:-1] + ', "tools": [{"type": "function", "function": {"name": "f", '
+            '"parameters": {"type": "object", "properties": {"x": {"type": "number", "default": NaN}}}}}]}',
+        ),
+        ("/v1/completions", f'{{"model": "{DEFAULT_MODEL}", "prompt": "hi", "max_tokens": 2, "keep_alive": NaN}}'),
+        (
+            "/v1/messages",
+            f'{{"model": "{DEFAULT_MODEL}", "max_tokens": 2, "messages": [{{"role": "user", '
+            '"content": "hi"}], "metadata": {"score": NaN}}',
+        ),
+        (
+            "/v1/responses",
+            f'{{"model": "{DEFAULT_MODEL}", "input": "hi", "max_output_tokens": 2, '
+            '"text": {"format": {"type": "json_schema", "name": "n", "schema": {"maximum": Infinity}}}}',
+        ),
+    ],
+)
 def test_nan_and_infinity_are_refused_at_parse_time(server: Server, path: str, body: str) -> None:
     r = post(server, path, body)
     assert r.status_code == 400, (r.status_code, r.text[:300])
@@ -83,8 +96,19 @@ def test_socketio_generate_refuses_nan(server: Server) -> None:
     try:
         ack = client.call("generate", {**CHAT, "keep_alive": float("nan")}, timeout=60)
         assert ack.get("error") and "non-finite" in ack["error"]["message"] and "keep_alive" in ack["error"]["message"]
-        ack = client.call("generate", {**CHAT, "tools": [{"type": "function", "function": {
-            "name": "f", "parameters": {"type": "object", "default": float("inf")}}}]}, timeout=60)
+        ack = client.call(
+            "generate",
+            {
+                **CHAT,
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "object", "default": float("inf")}},
+                    }
+                ],
+            },
+            timeout=60,
+        )
         assert ack.get("error") and "non-finite" in ack["error"]["message"], ack
     finally:
         client.disconnect()
@@ -111,8 +135,11 @@ def test_deeply_nested_json_is_a_400(server: Server) -> None:
     assert r.status_code == 400 and error_of(r)["code"] == "nesting_too_deep", (r.status_code, r.text[:300])
     # A past tool call's arguments are JSON in a string: parsed with the same limits.
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": nested(100_000)}}
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "1"}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "1"},
+    ]
     r = post(server, "/v1/chat/completions", {**CHAT, "messages": messages})
     assert r.status_code == 400 and error_of(r)["param"] == "messages", (r.status_code, r.text[:300])
 
@@ -131,29 +158,43 @@ def test_logit_bias_keys_must_be_ascii_token_ids(server: Server, key: str) -> No
 # ---- strict types -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "body", "param"), [
-    ("/v1/chat/completions", {**CHAT, "stream": "yes"}, "stream"),
-    ("/v1/chat/completions", {**CHAT, "max_tokens": "2"}, "max_tokens"),
-    ("/v1/chat/completions", {**CHAT, "n": 1.0}, "n"),
-    ("/v1/chat/completions", {**CHAT, "logprobs": 1}, "logprobs"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, "messages.0.content"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": None}]}, "messages.0.content"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant"}, {"role": "user", "content": "x"}]},
-     "messages.0.content"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x"},
-                                                   {"role": "tool", "content": "1"}]}, "messages.1.tool_call_id"),
-    ("/v1/completions", {"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 2, "stream": "yes"}, "stream"),
-    ("/v1/completions", {"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 2, "seed": "7"}, "seed"),
-    ("/v1/embeddings", {"model": DEFAULT_MODEL, "input": "hi", "dimensions": 576.0}, "dimensions"),
-    ("/v1/messages", {"model": DEFAULT_MODEL, "max_tokens": 2, "stream": "yes",
-                      "messages": [{"role": "user", "content": "hi"}]}, None),
-    ("/v1/responses", {"model": DEFAULT_MODEL, "input": "hi", "max_output_tokens": 2, "stream": "yes"}, "stream"),
-    ("/api/models/load", {"model": DEFAULT_MODEL, "warmup": "true"}, "warmup"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {**CHAT, "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": "2"}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "n": 1.0}, "n"),
+        ("/v1/chat/completions", {**CHAT, "logprobs": 1}, "logprobs"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, "messages.0.content"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": None}]}, "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "assistant"}, {"role": "user", "content": "x"}]},
+            "messages.0.content",
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}]},
+            "messages.1.tool_call_id",
+        ),
+        ("/v1/completions", {"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 2, "stream": "yes"}, "stream"),
+        ("/v1/completions", {"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 2, "seed": "7"}, "seed"),
+        ("/v1/embeddings", {"model": DEFAULT_MODEL, "input": "hi", "dimensions": 576.0}, "dimensions"),
+        (
+            "/v1/messages",
+            {"model": DEFAULT_MODEL, "max_tokens": 2, "stream": "yes", "messages": [{"role": "user", "content": "hi"}]},
+            None,
+        ),
+        ("/v1/responses", {"model": DEFAULT_MODEL, "input": "hi", "max_output_tokens": 2, "stream": "yes"}, "stream"),
+        ("/api/models/load", {"model": DEFAULT_MODEL, "warmup": "true"}, "warmup"),
+    ],
+)
 def test_types_are_strict_where_openai_is(server: Server, path: str, body: dict[str, Any], param: str | None) -> None:
     r = post(server, path, body)
     assert r.status_code == 400 and r.headers["Content-Type"].startswith("application/json"), (
-        r.status_code, r.text[:300])
+        r.status_code,
+        r.text[:300],
+    )
     error = error_of(r)
     if param is not None:
         assert error["param"] == param, error
@@ -164,13 +205,24 @@ def test_types_are_strict_where_openai_is(server: Server, path: str, body: dict[
 def test_strict_but_not_stricter_than_the_sdks(client: Any, server: Server) -> None:
     """A string is not a bool, but an int is a valid float, as the SDKs send ``temperature=1``."""
     with pytest.raises(openai.BadRequestError, match="stream"):
-        client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT["messages"], max_tokens=2,
-                                       extra_body={"stream": "yes"})
-    reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT["messages"], max_tokens=2,
-                                           temperature=1, top_p=1, presence_penalty=0, logit_bias={"0": -1})
+        client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=CHAT["messages"], max_tokens=2, extra_body={"stream": "yes"}
+        )
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=CHAT["messages"],
+        max_tokens=2,
+        temperature=1,
+        top_p=1,
+        presence_penalty=0,
+        logit_bias={"0": -1},
+    )
     assert reply.choices[0].finish_reason == "length"
-    r = post(server, "/v1/messages", {"model": DEFAULT_MODEL, "max_tokens": 2, "temperature": 1,
-                                      "messages": [{"role": "user", "content": "hi"}]})
+    r = post(
+        server,
+        "/v1/messages",
+        {"model": DEFAULT_MODEL, "max_tokens": 2, "temperature": 1, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 200, r.text[:300]
 
 
@@ -196,8 +248,11 @@ def test_input_counts_are_checked_before_any_tokenizing(server: Server) -> None:
 def test_a_text_too_long_for_the_context_is_refused_before_tokenizing(server: Server, path: str) -> None:
     """6 MB of text cannot fit 8,192 tokens: refused from its length (tokenizing it took seconds)."""
     text = "hello " * 1_000_000
-    body = ({"model": DEFAULT_MODEL, "prompt": text, "max_tokens": 2} if path == "/v1/completions"
-            else {**CHAT, "messages": [{"role": "user", "content": text}]})
+    body = (
+        {"model": DEFAULT_MODEL, "prompt": text, "max_tokens": 2}
+        if path == "/v1/completions"
+        else {**CHAT, "messages": [{"role": "user", "content": text}]}
+    )
     r = post(server, path, body)
     assert r.status_code == 400, (r.status_code, r.text[:300])
     error = error_of(r)
@@ -209,11 +264,24 @@ def test_a_text_too_long_for_the_context_is_refused_before_tokenizing(server: Se
 
 def test_logprobs_under_a_grammar_are_finite(server: Server) -> None:
     """A grammar masks tokens to -inf; their top_logprobs entries are OpenAI's -9999.0, not -Infinity."""
-    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
-              "additionalProperties": False}
-    r = post(server, "/v1/chat/completions", {
-        **CHAT, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 20,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}})
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {
+            **CHAT,
+            "max_tokens": 6,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}},
+        },
+    )
     assert r.status_code == 200, r.text[:300]
     content = strict_json(r.text)["choices"][0]["logprobs"]["content"]
     values = [t["logprob"] for t in content] + [alt["logprob"] for t in content for alt in t["top_logprobs"]]
@@ -239,12 +307,20 @@ def template_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
     """Tiny models with hostile chat templates, 4 request threads, a 0.5 s template deadline."""
     root = tmp_path_factory.mktemp("templates")
     default = build_tiny_llama(root / "tiny-default", TEST_MODELS_DIR / DEFAULT_MODEL)
-    for name, template in (("tiny-slow", SLOW_TEMPLATE), ("tiny-power", POWER_TEMPLATE),
-                           ("tiny-repeat", REPEAT_TEMPLATE)):
+    for name, template in (
+        ("tiny-slow", SLOW_TEMPLATE),
+        ("tiny-power", POWER_TEMPLATE),
+        ("tiny-repeat", REPEAT_TEMPLATE),
+    ):
         shutil.copytree(default, root / name)
         with_template(root / name, template)
-    srv = start_server(tmp_path_factory.mktemp("template-server"), IMPETUS_MODELS_DIR=str(root),
-                       IMPETUS_DEFAULT_MODEL=str(default), IMPETUS_THREADS="4", IMPETUS_TEMPLATE_TIMEOUT="0.5")
+    srv = start_server(
+        tmp_path_factory.mktemp("template-server"),
+        IMPETUS_MODELS_DIR=str(root),
+        IMPETUS_DEFAULT_MODEL=str(default),
+        IMPETUS_THREADS="4",
+        IMPETUS_TEMPLATE_TIMEOUT="0.5",
+    )
     yield srv
     stop_server(srv)
 
@@ -283,12 +359,16 @@ def test_a_slow_chat_template_is_stopped_and_its_thread_freed(template_server: S
     assert cpu_seconds(template_server) - before < 1.0  # a template loop left running would use ~2 s
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/v1/messages/count_tokens", {"model": "tiny-slow", "messages": [{"role": "user", "content": "hi"}]}),
-    ("/v1/responses", {"model": "tiny-slow", "input": "hi", "max_output_tokens": 2}),
-])
-def test_every_chat_shaped_api_renders_under_the_deadline(template_server: Server, path: str,
-                                                         body: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/messages/count_tokens", {"model": "tiny-slow", "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/responses", {"model": "tiny-slow", "input": "hi", "max_output_tokens": 2}),
+    ],
+)
+def test_every_chat_shaped_api_renders_under_the_deadline(
+    template_server: Server, path: str, body: dict[str, Any]
+) -> None:
     r = post(template_server, path, body, timeout=30)
     assert r.status_code == 500 and "IMPETUS_TEMPLATE_TIMEOUT" in error_of(r)["message"], (r.status_code, r.text)
 
@@ -308,7 +388,8 @@ def test_the_deadline_costs_little_on_a_normal_template() -> None:
 
     tokenizer = load_tokenizer(TEST_MODELS_DIR / DEFAULT_MODEL)
     messages = [{"role": "system", "content": "Be brief."}] + [
-        {"role": ("user", "assistant")[i % 2], "content": "hello there " * 20} for i in range(20)]
+        {"role": ("user", "assistant")[i % 2], "content": "hello there " * 20} for i in range(20)
+    ]
     install_bounded_sandbox()
 
     def stock() -> str:

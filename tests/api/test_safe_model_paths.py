@@ -51,18 +51,36 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, tree: Path) -> Iterator[Server]:
     # The default model is an operator path outside the models dir: it still loads (trusted).
-    server = start_server(tmp_path_factory.mktemp("safe-paths-server"), IMPETUS_MODELS_DIR=str(tree / "models"),
-                          IMPETUS_DEFAULT_MODEL=str(TEST_MODELS_DIR / DEFAULT_MODEL), IMPETUS_BACKEND="mlx",
-                          IMPETUS_MODEL_PATHS=str(tree / "outside" / "allowed-tiny"))
+    server = start_server(
+        tmp_path_factory.mktemp("safe-paths-server"),
+        IMPETUS_MODELS_DIR=str(tree / "models"),
+        IMPETUS_DEFAULT_MODEL=str(TEST_MODELS_DIR / DEFAULT_MODEL),
+        IMPETUS_BACKEND="mlx",
+        IMPETUS_MODEL_PATHS=str(tree / "outside" / "allowed-tiny"),
+    )
     yield server
     stop_server(server)
 
 
 def refused_specs(tree: Path) -> list[str]:
     outside = tree / "outside"
-    return ["/etc/passwd", "/etc/no-such-file", "~/x", "~root/.bashrc", "../outside/secret-tiny", "../x",
-            str(outside / "secret-tiny"), str(tree / "models" / "tiny"), "escape", "a\\b", "..\\outside\\secret-tiny",
-            "no-such-model", ".impetus", "..gguf", f"{outside / 'allowed-tiny'}/../secret-tiny"]
+    return [
+        "/etc/passwd",
+        "/etc/no-such-file",
+        "~/x",
+        "~root/.bashrc",
+        "../outside/secret-tiny",
+        "../x",
+        str(outside / "secret-tiny"),
+        str(tree / "models" / "tiny"),
+        "escape",
+        "a\\b",
+        "..\\outside\\secret-tiny",
+        "no-such-model",
+        ".impetus",
+        "..gguf",
+        f"{outside / 'allowed-tiny'}/../secret-tiny",
+    ]
 
 
 def user_entries(models: Path) -> dict[str, tuple[int, int]]:
@@ -86,7 +104,10 @@ def test_every_route_refuses_specs_outside_the_models_dir_alike(srv: Server, tre
         for spec in refused_specs(tree):
             r = requests.post(f"{srv.url}/api/models/load", json={"model": spec}, timeout=60)
             assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["param"]) == (
-                404, "model_not_found", "model"), (spec, r.text)
+                404,
+                "model_not_found",
+                "model",
+            ), (spec, r.text)
             assert_uniform(spec, r.json()["error"]["message"], r.text, tree)
 
             with pytest.raises(openai.NotFoundError) as oai_info:
@@ -96,8 +117,12 @@ def test_every_route_refuses_specs_outside_the_models_dir_alike(srv: Server, tre
 
             with pytest.raises(anthropic.NotFoundError) as claude_info:
                 claude.messages.create(model=spec, max_tokens=2, messages=HI)  # type: ignore[arg-type]
-            assert_uniform(spec, claude_info.value.body["error"]["message"],  # type: ignore[index]
-                           claude_info.value.response.text, tree)
+            assert_uniform(
+                spec,
+                claude_info.value.body["error"]["message"],  # type: ignore[index]
+                claude_info.value.response.text,
+                tree,
+            )
 
             ack: dict[str, Any] = sio.call("generate", {"model": spec, "messages": HI, "max_tokens": 2}, timeout=60)
             assert ack["error"]["code"] == "model_not_found", ack
@@ -105,8 +130,12 @@ def test_every_route_refuses_specs_outside_the_models_dir_alike(srv: Server, tre
     finally:
         sio.disconnect()
     for spec in ("/etc/passwd", "escape", "~/x"):  # the other routes that name a model load it the same way
-        for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}), ("/v1/embeddings", {"input": "hi"}),
-                           ("/v1/responses", {"input": "hi"}), ("/v1/messages/count_tokens", {"messages": HI})):
+        for path, body in (
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+            ("/v1/embeddings", {"input": "hi"}),
+            ("/v1/responses", {"input": "hi"}),
+            ("/v1/messages/count_tokens", {"messages": HI}),
+        ):
             r = requests.post(srv.url + path, json={"model": spec, **body}, timeout=60)
             assert r.status_code == 404, (path, spec, r.text)
             message = r.json()["error"]["message"]
@@ -120,8 +149,11 @@ def test_model_paths_allows_a_listed_outside_folder(srv: Server, tree: Path) -> 
     r = requests.post(f"{srv.url}/api/models/load", json={"model": allowed}, timeout=120)
     assert r.status_code == 200 and r.json()["id"] == "allowed-tiny", r.text
     try:
-        r = requests.post(f"{srv.base_url}/chat/completions", timeout=120,
-                          json={"model": "allowed-tiny", "messages": HI, "max_tokens": 2})
+        r = requests.post(
+            f"{srv.base_url}/chat/completions",
+            timeout=120,
+            json={"model": "allowed-tiny", "messages": HI, "max_tokens": 2},
+        )
         assert r.status_code == 200 and r.json()["model"] == "allowed-tiny", r.text
     finally:
         requests.post(f"{srv.url}/api/models/unload", json={"model": "allowed-tiny"}, timeout=60)

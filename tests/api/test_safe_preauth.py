@@ -37,19 +37,32 @@ CORS_ORIGIN = "http://app.example"
 def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # 110 connections at most (Gunicorn's worker_connections, 1000 by default), which the slow heads
     # and long-polls of the first test pass: idle ones must make way for probes.
-    srv = start_server(tmp_path_factory.mktemp("preauth-open"), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
-                       GUNICORN_CMD_ARGS="--worker-connections 110",
-                       IMPETUS_THREADS=str(THREADS), IMPETUS_HEADER_TIMEOUT="3", IMPETUS_READ_TIMEOUT="2",
-                       IMPETUS_MAX_SOCKET_SESSIONS=str(SESSIONS), IMPETUS_MAX_REQUEST_BYTES=str(64 << 10))
+    srv = start_server(
+        tmp_path_factory.mktemp("preauth-open"),
+        wait_ready=False,
+        IMPETUS_DEFAULT_MODEL="",
+        GUNICORN_CMD_ARGS="--worker-connections 110",
+        IMPETUS_THREADS=str(THREADS),
+        IMPETUS_HEADER_TIMEOUT="3",
+        IMPETUS_READ_TIMEOUT="2",
+        IMPETUS_MAX_SOCKET_SESSIONS=str(SESSIONS),
+        IMPETUS_MAX_REQUEST_BYTES=str(64 << 10),
+    )
     yield srv
     stop_server(srv)
 
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("preauth-keyed"), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
-                       IMPETUS_API_KEYS=f"{KEY},{EVENTS_KEY}", IMPETUS_RATE_LIMIT=f"{RATE}/minute",
-                       IMPETUS_ALLOWED_HOSTS=".impetus.test,api.example", IMPETUS_CORS_ORIGINS=CORS_ORIGIN)
+    srv = start_server(
+        tmp_path_factory.mktemp("preauth-keyed"),
+        wait_ready=False,
+        IMPETUS_DEFAULT_MODEL="",
+        IMPETUS_API_KEYS=f"{KEY},{EVENTS_KEY}",
+        IMPETUS_RATE_LIMIT=f"{RATE}/minute",
+        IMPETUS_ALLOWED_HOSTS=".impetus.test,api.example",
+        IMPETUS_CORS_ORIGINS=CORS_ORIGIN,
+    )
     yield srv
     stop_server(srv)
 
@@ -200,9 +213,11 @@ def test_slow_heads_and_polling_sessions_leave_the_probes_answering(open_server:
         # ...and no slow head outlived IMPETUS_HEADER_TIMEOUT (3 s, checked each second), though each
         # kept sending; past 110 connections the oldest went sooner, to make room.
         assert len(slow.lifetimes) >= 100 and max(slow.lifetimes) < 5.5, sorted(slow.lifetimes)[-5:]
-        print(f"probe p50 {sorted(latencies)[len(latencies) // 2] * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms "
-              f"({len(latencies)} probes); long-polls answered {held}, refused {refused}; "
-              f"slow heads closed {len(slow.lifetimes)}, after at most {max(slow.lifetimes):.1f} s")
+        print(
+            f"probe p50 {sorted(latencies)[len(latencies) // 2] * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms "
+            f"({len(latencies)} probes); long-polls answered {held}, refused {refused}; "
+            f"slow heads closed {len(slow.lifetimes)}, after at most {max(slow.lifetimes):.1f} s"
+        )
     finally:
         slow.close()
         pollers.close()
@@ -302,8 +317,10 @@ def test_a_body_dripped_slowly_gets_408(open_server: Server) -> None:
     whole body must average 500 bytes/s after those 2 s, so a byte every 0.5 s is cut off."""
     sock = socket.create_connection(("127.0.0.1", port(open_server)), timeout=10)
     try:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )
         began = time.monotonic()
         answer = b""
         sock.settimeout(0.5)
@@ -350,16 +367,30 @@ def test_a_host_outside_the_allow_list_gets_421(open_server: Server, path: str) 
 
 
 def test_local_names_and_ip_literals_pass(open_server: Server) -> None:
-    for host in ("localhost", "LOCALHOST:1234", "127.0.0.1", f"127.0.0.1:{port(open_server)}", "[::1]",
-                 "[::1]:8080", "10.1.2.3:8080", "localhost."):
+    for host in (
+        "localhost",
+        "LOCALHOST:1234",
+        "127.0.0.1",
+        f"127.0.0.1:{port(open_server)}",
+        "[::1]",
+        "[::1]:8080",
+        "10.1.2.3:8080",
+        "localhost.",
+    ):
         r = requests.get(f"{open_server.url}/health/live", headers={"Host": host}, timeout=10)
         assert r.status_code == 200, (host, r.text)
 
 
 def test_allowed_hosts_setting(keyed: Server) -> None:
-    for host, status in (("api.example", 200), ("api.example:443", 200), ("impetus.test", 200),
-                         ("node-1.impetus.test", 200), ("evil.example", 421), ("impetus.test.evil.example", 421),
-                         ("xapi.example", 421)):
+    for host, status in (
+        ("api.example", 200),
+        ("api.example:443", 200),
+        ("impetus.test", 200),
+        ("node-1.impetus.test", 200),
+        ("evil.example", 421),
+        ("impetus.test.evil.example", 421),
+        ("xapi.example", 421),
+    ):
         r = requests.get(f"{keyed.url}/health/live", headers={"Host": host}, timeout=10)
         assert r.status_code == status, (host, r.text)
 
@@ -372,9 +403,17 @@ def test_socketio_from_another_site_is_refused(open_server: Server) -> None:
     envelope(handshake(open_server, **evil), 403, "origin_not_allowed")
     envelope(handshake(open_server, Origin="null"), 403, "origin_not_allowed")
     envelope(handshake(open_server, Origin=f"http://127.0.0.1:{port(open_server) + 1}"), 403, "origin_not_allowed")
-    r = requests.get(f"{open_server.url}/socket.io/?EIO=4&transport=websocket", timeout=10, headers={
-        **evil, "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    r = requests.get(
+        f"{open_server.url}/socket.io/?EIO=4&transport=websocket",
+        timeout=10,
+        headers={
+            **evil,
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
     envelope(r, 403, "origin_not_allowed")
     # python-socketio's WebSocket (websocket-client) sends Origin: the server's own by default.
     client = socketio.Client(reconnection=False, websocket_extra_options={"origin": "http://evil.example"})
@@ -396,8 +435,7 @@ def test_a_cors_origin_may_use_socketio(keyed: Server) -> None:
     r = handshake(keyed, Origin=CORS_ORIGIN, Authorization=f"Bearer {KEY}")
     opened(r)
     assert r.headers["Access-Control-Allow-Origin"] == CORS_ORIGIN
-    envelope(handshake(keyed, Origin="http://evil.example", Authorization=f"Bearer {KEY}"), 403,
-             "origin_not_allowed")
+    envelope(handshake(keyed, Origin="http://evil.example", Authorization=f"Bearer {KEY}"), 403, "origin_not_allowed")
 
 
 # ---- item 3: the key in the Engine.IO handshake, before a session exists ----------------------
@@ -409,9 +447,16 @@ def test_a_handshake_without_the_key_is_refused_before_a_session_exists(keyed: S
     error = envelope(handshake(keyed), 401, "invalid_api_key")
     assert "api_key=" in error["message"]
     envelope(handshake(keyed, Authorization="Bearer sk-wrong-key-0123456789"), 401, "invalid_api_key")
-    r = requests.get(f"{keyed.url}/socket.io/?EIO=4&transport=websocket", timeout=10, headers={
-        "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    r = requests.get(
+        f"{keyed.url}/socket.io/?EIO=4&transport=websocket",
+        timeout=10,
+        headers={
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
     envelope(r, 401, "invalid_api_key")
     assert r.headers["WWW-Authenticate"] == "Bearer"
     # With the key: in a header, or (a browser's WebSocket) in the query.
@@ -422,8 +467,13 @@ def test_a_handshake_without_the_key_is_refused_before_a_session_exists(keyed: S
         client.connect(keyed.url, transports=["websocket"], auth={"api_key": KEY, "rooms": []}, wait_timeout=10)
     for options in ({"headers": {"Authorization": f"Bearer {KEY}"}}, {"url": f"{keyed.url}?api_key={KEY}"}):
         client = socketio.Client(reconnection=False)
-        client.connect(options.get("url", keyed.url), transports=["websocket"], auth={"rooms": []},
-                       headers=options.get("headers", {}), wait_timeout=30)
+        client.connect(
+            options.get("url", keyed.url),
+            transports=["websocket"],
+            auth={"rooms": []},
+            headers=options.get("headers", {}),
+            wait_timeout=30,
+        )
         try:
             assert client.connected
         finally:
@@ -436,16 +486,26 @@ def test_a_handshake_without_the_key_is_refused_before_a_session_exists(keyed: S
 
 def test_every_socketio_event_spends_the_rate_limit(keyed: Server) -> None:
     client = socketio.Client(reconnection=False)
-    client.connect(keyed.url, transports=["websocket"], headers={"Authorization": f"Bearer {EVENTS_KEY}"},
-                   auth={"rooms": []}, wait_timeout=30)  # the handshake spends one request
+    client.connect(
+        keyed.url,
+        transports=["websocket"],
+        headers={"Authorization": f"Bearer {EVENTS_KEY}"},
+        auth={"rooms": []},
+        wait_timeout=30,
+    )  # the handshake spends one request
     try:
         answers = [client.call("hardware", timeout=30) for _ in range(RATE)]
         ok = [a for a in answers if "error" not in a]
         assert len(ok) == RATE - 1 and all(a["platform"] for a in ok), answers
         limited = answers[-1]["error"]
         assert limited["code"] == "rate_limit_exceeded" and limited["type"] == "rate_limit_error", limited
-        for event, data in (("subscribe", ["metrics"]), ("unsubscribe", ["metrics"]), ("cancel", {"id": "gen-1"}),
-                            ("made-up", {}), ("hardware", None)):
+        for event, data in (
+            ("subscribe", ["metrics"]),
+            ("unsubscribe", ["metrics"]),
+            ("cancel", {"id": "gen-1"}),
+            ("made-up", {}),
+            ("hardware", None),
+        ):
             answer = client.call(event, data, timeout=30)
             assert answer["error"]["code"] == "rate_limit_exceeded", (event, answer)
         assert client.call("subscribe", ["metrics"], timeout=30)["rooms"] == []  # refused: nothing joined
@@ -469,6 +529,7 @@ def test_the_hardware_report_is_read_once_a_second() -> None:
                 reads.append(section)
                 time.sleep(0.05)  # a probe takes a while: concurrent callers must not start their own
                 raise RuntimeError("no such sensor here")
+
             return read
 
     engine = SimpleNamespace(max_batch=8, batch_limit=None, set_batch_limit=lambda limit: None)

@@ -27,10 +27,16 @@ MAX_PULLS = 3
 SEARCH_TIMEOUT = 2.0
 # Enough of a model for a pull to pick it (weights and a config); nothing here loads it.
 MODEL_FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"\0" * 4096}
-HOSTILE = {"../escape": "'..' path segment", "/abs": "an absolute path", "a\\b": "the character '\\\\'",
-           ".hidden.json": "hidden files", ".impetus-pull.json": "hidden files",
-           "sub/../../escape.json": "'..' path segment", "tokenizer\x1b[2J.json": "the character '\\x1b'",
-           "weights\u202esnoj.json": "the character '\\u202e'"}
+HOSTILE = {
+    "../escape": "'..' path segment",
+    "/abs": "an absolute path",
+    "a\\b": "the character '\\\\'",
+    ".hidden.json": "hidden files",
+    ".impetus-pull.json": "hidden files",
+    "sub/../../escape.json": "'..' path segment",
+    "tokenizer\x1b[2J.json": "the character '\\x1b'",
+    "weights\u202esnoj.json": "the character '\\u202e'",
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +45,9 @@ def stub() -> Iterator[HubStub]:
     for n, name in enumerate(HOSTILE):
         stub.add_repo(f"test/odd-{n}", {**MODEL_FILES, name: b"{}"})
     stub.add_repo("test/odd-all", {**MODEL_FILES, **{name: b"{}" for name in ("../escape", "/abs", "a\\b", ".hidden")}})
-    stub.add_repo("test/with-git-files", {**MODEL_FILES, ".gitattributes": b"*.safetensors filter=lfs\n",
-                                          ".hidden": b"x"})
+    stub.add_repo(
+        "test/with-git-files", {**MODEL_FILES, ".gitattributes": b"*.safetensors filter=lfs\n", ".hidden": b"x"}
+    )
     yield stub
     stub.stop()
 
@@ -53,10 +60,18 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, stub: HubStub, models_dir: Path) -> Iterator[Server]:
     models_dir.mkdir()
-    server = start_server(tmp_path_factory.mktemp("safe-pulls"), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
-                          IMPETUS_MODELS_DIR=str(models_dir), IMPETUS_MAX_PULLS=str(MAX_PULLS),
-                          IMPETUS_HUB_SEARCH_TIMEOUT=str(SEARCH_TIMEOUT), HF_ENDPOINT=stub.url,
-                          HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+    server = start_server(
+        tmp_path_factory.mktemp("safe-pulls"),
+        wait_ready=False,
+        IMPETUS_DEFAULT_MODEL="",
+        IMPETUS_MODELS_DIR=str(models_dir),
+        IMPETUS_MAX_PULLS=str(MAX_PULLS),
+        IMPETUS_HUB_SEARCH_TIMEOUT=str(SEARCH_TIMEOUT),
+        HF_ENDPOINT=stub.url,
+        HF_HUB_OFFLINE="0",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+    )
     yield server
     stop_server(server)
 
@@ -102,8 +117,9 @@ def test_hidden_git_files_are_never_pulled_but_do_not_stop_a_pull(srv: Server, m
     assert sorted(p.name for p in folder.iterdir()) == [".impetus-pull.json", "config.json", "model.safetensors"]
 
 
-@pytest.mark.parametrize("repo", ["org/.hidden", "a--b/c", "org/name-", "org/name.", ".org/name", "org/..x",
-                                  "org/" + "n" * 97])
+@pytest.mark.parametrize(
+    "repo", ["org/.hidden", "a--b/c", "org/name-", "org/name.", ".org/name", "org/..x", "org/" + "n" * 97]
+)
 def test_repo_ids_that_are_not_the_hubs_are_refused(srv: Server, repo: str) -> None:
     r = post_pull(srv, repo)
     assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
@@ -194,8 +210,14 @@ def test_discover_answers_in_time_when_the_hub_stalls(srv: Server, stub: HubStub
 
         # A burst of searches holds at most HUB_SEARCHES request threads; the rest answer at once.
         with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda _: requests.get(f"{srv.url}/api/models/discover",
-                                                           params={"q": "stalled"}, timeout=30).json(), range(8)))
+            answers = list(
+                pool.map(
+                    lambda _: requests.get(
+                        f"{srv.url}/api/models/discover", params={"q": "stalled"}, timeout=30
+                    ).json(),
+                    range(8),
+                )
+            )
         errors = [a["hub_error"] for a in answers]
         assert all(a["source"] == "catalogue" for a in answers)
         assert sum("already running" in e for e in errors) >= 3, errors

@@ -30,8 +30,14 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("secured")
     key_file = tmp / "keys.txt"
     key_file.write_text(f"# one key per line\n{FILE_KEY}\n")
-    srv = start_server(tmp, IMPETUS_API_KEYS=f"{ENV_KEY},{RATE_KEY}", IMPETUS_API_KEY_FILE=str(key_file),
-                       IMPETUS_RATE_LIMIT="5/2 second", IMPETUS_CORS_ORIGINS=ORIGIN, IMPETUS_LOG_FORMAT="json")
+    srv = start_server(
+        tmp,
+        IMPETUS_API_KEYS=f"{ENV_KEY},{RATE_KEY}",
+        IMPETUS_API_KEY_FILE=str(key_file),
+        IMPETUS_RATE_LIMIT="5/2 second",
+        IMPETUS_CORS_ORIGINS=ORIGIN,
+        IMPETUS_LOG_FORMAT="json",
+    )
     yield srv
     stop_server(srv)
 
@@ -54,8 +60,9 @@ def test_openai_sdk_with_a_key_from_the_environment_or_the_file(secured: Server)
 
     for key in (ENV_KEY, FILE_KEY):
         client = OpenAI(base_url=secured.base_url, api_key=key, max_retries=0, timeout=60)
-        reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=2)
+        reply = client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
         assert reply.choices[0].message.content is not None
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=secured.base_url, api_key="sk-wrong", max_retries=0).models.list()
@@ -92,8 +99,12 @@ def test_security_headers_on_every_response(secured: Server) -> None:
         requests.get(secured.url + "/health/live", timeout=10),
         requests.get(f"{secured.base_url}/models", timeout=10),  # 401
         requests.get(f"{secured.base_url}/nope", headers=AUTH, timeout=10),  # 404
-        requests.post(f"{secured.base_url}/chat/completions", data=b"{", timeout=10,
-                      headers={**AUTH, "Content-Type": "application/json"}),  # 400
+        requests.post(
+            f"{secured.base_url}/chat/completions",
+            data=b"{",
+            timeout=10,
+            headers={**AUTH, "Content-Type": "application/json"},
+        ),  # 400
     ]
     assert [r.status_code for r in responses] == [200, 401, 404, 400]
     for r in responses:
@@ -105,8 +116,11 @@ def test_security_headers_on_every_response(secured: Server) -> None:
 
 
 def test_cors_answers_only_the_configured_origin(secured: Server) -> None:
-    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-lang"}
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-lang",
+    }
     r = requests.options(f"{secured.base_url}/chat/completions", headers=preflight, timeout=10)
     assert r.status_code == 200  # no key needed for a preflight
     assert r.headers["Access-Control-Allow-Origin"] == ORIGIN
@@ -124,11 +138,13 @@ def test_request_ids_are_honoured_or_made_and_logged_without_prompts(secured: Se
     given = "trace-7f3a.b_9:1"
     secret_prompt = "zebra-marmalade-42 is my secret prompt"
     body = {**CHAT, "messages": [{"role": "user", "content": secret_prompt}]}
-    r = requests.post(f"{secured.base_url}/chat/completions", json=body, timeout=60,
-                      headers={**AUTH, "X-Request-ID": given})
+    r = requests.post(
+        f"{secured.base_url}/chat/completions", json=body, timeout=60, headers={**AUTH, "X-Request-ID": given}
+    )
     assert r.status_code == 200 and r.headers["X-Request-ID"] == given
-    made = requests.get(f"{secured.base_url}/models", headers={**AUTH, "X-Request-ID": "no spaces allowed"},
-                        timeout=10).headers["X-Request-ID"]
+    made = requests.get(
+        f"{secured.base_url}/models", headers={**AUTH, "X-Request-ID": "no spaces allowed"}, timeout=10
+    ).headers["X-Request-ID"]
     assert len(made) == 32 and made != "no spaces allowed"
     assert requests.get(f"{secured.base_url}/models", timeout=10).headers["X-Request-ID"]  # on a 401 too
 
@@ -151,11 +167,19 @@ def test_request_ids_are_honoured_or_made_and_logged_without_prompts(secured: Se
 
 # ---- behind a load balancer: IMPETUS_TRUSTED_PROXIES ---------------------------------------------
 
+
 def limited_server(tmp_path_factory: pytest.TempPathFactory, name: str, **env: str) -> Server:
     # No model (up in seconds): /v1/models and count_tokens for a model that is not there answer
     # without one, and every request spends the client address's budget.
-    return start_server(tmp_path_factory.mktemp(name), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
-                        IMPETUS_AUTOLOAD="false", IMPETUS_RATE_LIMIT="3/minute", IMPETUS_LOG_FORMAT="json", **env)
+    return start_server(
+        tmp_path_factory.mktemp(name),
+        wait_ready=False,
+        IMPETUS_DEFAULT_MODEL="",
+        IMPETUS_AUTOLOAD="false",
+        IMPETUS_RATE_LIMIT="3/minute",
+        IMPETUS_LOG_FORMAT="json",
+        **env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +197,10 @@ def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def spend(server: Server, forwarded_for: str, times: int) -> list[requests.Response]:
-    return [requests.get(f"{server.base_url}/models", headers={"X-Forwarded-For": forwarded_for}, timeout=10)
-            for _ in range(times)]
+    return [
+        requests.get(f"{server.base_url}/models", headers={"X-Forwarded-For": forwarded_for}, timeout=10)
+        for _ in range(times)
+    ]
 
 
 def test_with_trusted_proxies_x_forwarded_for_picks_the_bucket(behind_proxy: Server) -> None:
@@ -191,31 +217,43 @@ def test_with_trusted_proxies_x_forwarded_for_picks_the_bucket(behind_proxy: Ser
     remotes: set[str] = set()
     while "203.0.113.8" not in remotes and time.monotonic() < deadline:
         lines = [json.loads(line) for line in behind_proxy.log().splitlines() if line.startswith("{")]
-        remotes = {line["remote"] for line in lines
-                   if line.get("logger") == "impetus.access" and line["path"] == "/v1/models"}
+        remotes = {
+            line["remote"] for line in lines if line.get("logger") == "impetus.access" and line["path"] == "/v1/models"
+        }
         time.sleep(0.2)
     assert {"203.0.113.7", "203.0.113.8"} <= remotes and "127.0.0.1" not in remotes, remotes
 
 
 def test_without_trusted_proxies_x_forwarded_for_is_ignored(direct: Server) -> None:
-    statuses = [r.status_code for ip in ("203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4")
-                for r in spend(direct, ip, 1)]
+    statuses = [
+        r.status_code
+        for ip in ("203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4")
+        for r in spend(direct, ip, 1)
+    ]
     assert statuses == [200, 200, 200, 429]  # one bucket: the connection's address
 
 
 def test_anthropic_rate_limit_error_shape(behind_proxy: Server) -> None:
     from anthropic import Anthropic, NotFoundError, RateLimitError
 
-    client = Anthropic(base_url=behind_proxy.url, api_key="unused", max_retries=0, timeout=30,
-                       default_headers={"X-Forwarded-For": "203.0.113.50"})
+    client = Anthropic(
+        base_url=behind_proxy.url,
+        api_key="unused",
+        max_retries=0,
+        timeout=30,
+        default_headers={"X-Forwarded-For": "203.0.113.50"},
+    )
     for _ in range(3):
         with pytest.raises(NotFoundError):
             client.messages.count_tokens(model="absent", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(RateLimitError) as info:
         client.messages.count_tokens(model="absent", messages=[{"role": "user", "content": "hi"}])
     body = info.value.body
-    assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error" and set(body["error"]) == {
-        "type", "message"}
+    assert (
+        body["type"] == "error"
+        and body["error"]["type"] == "rate_limit_error"
+        and set(body["error"]) == {"type", "message"}
+    )
     assert "Rate limit reached" in body["error"]["message"]
     assert 1 <= int(info.value.response.headers["Retry-After"]) <= 60
     assert info.value.response.headers["x-ratelimit-remaining-requests"] == "0"
@@ -241,14 +279,21 @@ def test_socketio_generate_spends_the_same_rate_limit_budget(behind_proxy: Serve
 
 
 def test_protect_health_puts_health_and_metrics_behind_the_key(tmp_path_factory: pytest.TempPathFactory) -> None:
-    srv = start_server(tmp_path_factory.mktemp("protected"), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
-                       IMPETUS_API_KEYS=ENV_KEY, IMPETUS_PROTECT_HEALTH="true")
+    srv = start_server(
+        tmp_path_factory.mktemp("protected"),
+        wait_ready=False,
+        IMPETUS_DEFAULT_MODEL="",
+        IMPETUS_API_KEYS=ENV_KEY,
+        IMPETUS_PROTECT_HEALTH="true",
+    )
     try:
         for path in ("/health", "/metrics"):
             r = requests.get(srv.url + path, timeout=10)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
-            assert requests.get(srv.url + path, headers={"Authorization": f"Bearer {ENV_KEY}"},
-                                timeout=10).status_code == 200, path
+            assert (
+                requests.get(srv.url + path, headers={"Authorization": f"Bearer {ENV_KEY}"}, timeout=10).status_code
+                == 200
+            ), path
         assert requests.get(srv.url + "/health/live", timeout=10).status_code == 200  # probes stay open
         assert requests.get(srv.url + "/health/ready", timeout=10).status_code == 503  # no model: open, not ready
         spec = requests.get(srv.url + "/openapi.json", timeout=10).json()  # and the document says so
@@ -261,24 +306,35 @@ def test_failed_socketio_logins_spend_the_address_budget(tmp_path_factory: pytes
     """Guessing keys over the Socket.IO handshake is limited like guessing them over HTTP."""
     import socketio
 
-    srv = start_server(tmp_path_factory.mktemp("socket-logins"), wait_ready=False, IMPETUS_DEFAULT_MODEL="",
-                       IMPETUS_API_KEYS=ENV_KEY, IMPETUS_RATE_LIMIT="3/minute")
+    srv = start_server(
+        tmp_path_factory.mktemp("socket-logins"),
+        wait_ready=False,
+        IMPETUS_DEFAULT_MODEL="",
+        IMPETUS_API_KEYS=ENV_KEY,
+        IMPETUS_RATE_LIMIT="3/minute",
+    )
     try:
         refusals = []
         for guess in ("sk-a", "sk-b", "sk-c", "sk-d"):  # the key is asked for in the handshake (guard.py)
             client = socketio.Client(reconnection=False)
             client.on("connect_error", refusals.append)
             with pytest.raises(socketio.exceptions.ConnectionError):  # over polling the envelope comes through
-                client.connect(srv.url, transports=["polling"], headers={"Authorization": f"Bearer {guess}"},
-                               wait_timeout=30)
+                client.connect(
+                    srv.url, transports=["polling"], headers={"Authorization": f"Bearer {guess}"}, wait_timeout=30
+                )
         codes = [r["error"]["code"] for r in refusals]
         assert codes == ["invalid_api_key"] * 3 + ["rate_limit_exceeded"], refusals
         assert refusals[-1]["error"]["message"].startswith("Rate limit reached for this client address")
         r = requests.get(f"{srv.base_url}/models", timeout=10)  # the same bucket as HTTP without a key
         assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
         good = socketio.Client(reconnection=False)  # a right key is never refused for the address's failures
-        good.connect(srv.url, transports=["websocket"], headers={"Authorization": f"Bearer {ENV_KEY}"},
-                     auth={"rooms": []}, wait_timeout=30)
+        good.connect(
+            srv.url,
+            transports=["websocket"],
+            headers={"Authorization": f"Bearer {ENV_KEY}"},
+            auth={"rooms": []},
+            wait_timeout=30,
+        )
         assert good.connected
         good.disconnect()
     finally:

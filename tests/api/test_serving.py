@@ -21,8 +21,11 @@ from tests.support.server import Server, start_server, stop_server
 pytestmark = pytest.mark.server
 
 # Greedy, this prompt gives a story of several hundred tokens (no early end-of-turn).
-LONG = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
-        "temperature": 0}
+LONG = {
+    "model": DEFAULT_MODEL,
+    "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+    "temperature": 0,
+}
 
 
 @pytest.mark.slow
@@ -108,8 +111,9 @@ def test_health_stays_fast_while_four_streams_generate(server: Server) -> None:
 
 @pytest.mark.slow
 def test_probes_before_the_model_is_ready(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, wait_ready=False, IMPETUS_DEFAULT_MODEL=str(tmp_path / "missing-model"),
-                       IMPETUS_AUTOLOAD="false")
+    srv = start_server(
+        tmp_path, wait_ready=False, IMPETUS_DEFAULT_MODEL=str(tmp_path / "missing-model"), IMPETUS_AUTOLOAD="false"
+    )
     try:
         assert requests.get(f"{srv.url}/health/live", timeout=10).status_code == 200
         deadline = time.monotonic() + 30
@@ -121,8 +125,11 @@ def test_probes_before_the_model_is_ready(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert "failed to load" in r.json()["reason"]
         assert requests.get(f"{srv.url}/health", timeout=10).json()["ready"] is False
-        r = requests.post(f"{srv.base_url}/chat/completions",
-                          json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+        r = requests.post(
+            f"{srv.base_url}/chat/completions",
+            json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            timeout=10,
+        )
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     finally:
         stop_server(srv)
@@ -158,7 +165,9 @@ def test_full_server_answers_503_with_retry_after_at_once(tmp_path: Path) -> Non
         assert refused.json()["error"]["code"] == "server_overloaded"
         assert elapsed < 2.0
         wait_idle(srv)
-        assert requests.post(f"{srv.base_url}/chat/completions", json={**LONG, "max_tokens": 3},
-                             timeout=60).status_code == 200
+        assert (
+            requests.post(f"{srv.base_url}/chat/completions", json={**LONG, "max_tokens": 3}, timeout=60).status_code
+            == 200
+        )
     finally:
         stop_server(srv)

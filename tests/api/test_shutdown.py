@@ -22,8 +22,13 @@ pytestmark = pytest.mark.server
 def test_sigterm_drains_a_running_stream_then_exits_zero(tmp_path: Path) -> None:
     srv = start_server(tmp_path, IMPETUS_SHUTDOWN_GRACE="60", IMPETUS_LOG_FORMAT="text")
     try:
-        body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Count from one to fifty."}],
-                "max_tokens": 48, "temperature": 0, "stream": True}
+        body = {
+            "model": DEFAULT_MODEL,
+            "messages": [{"role": "user", "content": "Count from one to fifty."}],
+            "max_tokens": 48,
+            "temperature": 0,
+            "stream": True,
+        }
         lines: list[str] = []
         first_chunk = threading.Event()
 
@@ -46,8 +51,9 @@ def test_sigterm_drains_a_running_stream_then_exits_zero(tmp_path: Path) -> None
             time.sleep(0.05)
         assert ready.status_code == 503 and ready.json()["reason"] == "the server is shutting down"
         assert reader.is_alive(), "the stream should still be running (make max_tokens larger)"
-        refused = requests.post(f"{srv.base_url}/chat/completions", timeout=10,
-                                json={**body, "stream": False, "max_tokens": 1})
+        refused = requests.post(
+            f"{srv.base_url}/chat/completions", timeout=10, json={**body, "stream": False, "max_tokens": 1}
+        )
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
         assert refused.headers["Retry-After"] == "1"
 
@@ -80,8 +86,15 @@ def test_sigterm_lets_a_socketio_generation_finish(tmp_path: Path) -> None:
         client.on("token", on_token)
         client.on("generate_done", done.append)
         client.connect(srv.url, transports=["websocket"], auth={"rooms": []}, wait_timeout=30)
-        client.emit("generate", {"model": DEFAULT_MODEL, "max_tokens": 48, "temperature": 0,
-                                 "messages": [{"role": "user", "content": "Count from one to fifty."}]})
+        client.emit(
+            "generate",
+            {
+                "model": DEFAULT_MODEL,
+                "max_tokens": 48,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Count from one to fifty."}],
+            },
+        )
         assert first_token.wait(60)
         srv.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -89,8 +102,11 @@ def test_sigterm_lets_a_socketio_generation_finish(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert not done, "the generation should still be running (make max_tokens larger)"
-        refused = client.call("generate", {"model": DEFAULT_MODEL, "max_tokens": 1,
-                                           "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        refused = client.call(
+            "generate",
+            {"model": DEFAULT_MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
         assert refused["error"]["code"] == "server_shutting_down"
         deadline = time.monotonic() + 60
         while not done:

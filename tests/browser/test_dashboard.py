@@ -23,16 +23,26 @@ from tests.support.server import Server, start_server, stop_server
 pytestmark = pytest.mark.server
 
 CHROMIUM = Path(os.environ.get("IMPETUS_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+]
 DIST = ROOT / "impetus-dashboard" / "dist"
 KEY = "sk-dashboard-test-0123456789"
 VIEWPORT = {"width": 1200, "height": 800}
 TIMEOUT_MS = 30_000
 
 if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-    pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (`make test` does, as root or with sudo)",
-                allow_module_level=True)
+    pytest.skip(
+        f"{CHROMIUM} is missing: install Debian's chromium (`make test` does, as root or with sudo)",
+        allow_module_level=True,
+    )
 if not (DIST / "index.html").is_file():
     pytest.skip(f"{DIST / 'index.html'} is missing: build the dashboard with `make dashboard`", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing (requirements-dev.txt)")
@@ -90,7 +100,8 @@ def test_page_loads_and_metrics_update_live(page: Any, server: Server) -> None:
         pytest.skip("this server sends no Socket.IO `metrics` events")
     first = page.text_content("[data-testid=feed-latency]")
     page.wait_for_function(
-        "prev => document.querySelector('[data-testid=feed-latency]').textContent !== prev", arg=first, timeout=6000)
+        "prev => document.querySelector('[data-testid=feed-latency]').textContent !== prev", arg=first, timeout=6000
+    )
     assert page.text_content("[data-testid=value-tokensPerSecond]").split()[0] != "–"
     assert page.text_content("[data-testid=value-queueDepth]").split()[0] != "–"
     assert page.locator("[data-testid=gauge-memory]").inner_text().count("%") == 1
@@ -168,8 +179,9 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     default = default_model_folder()
     build_tiny_llama(models / "tiny-dash", default)
     # No default model: the server starts at once and has only the tiny one to load.
-    srv = start_server(tmp, wait_ready=False, IMPETUS_MODELS_DIR=str(models), IMPETUS_DEFAULT_MODEL="",
-                       IMPETUS_ADMIN_KEYS=KEY)  # an admin key: the page loads and unloads models
+    srv = start_server(
+        tmp, wait_ready=False, IMPETUS_MODELS_DIR=str(models), IMPETUS_DEFAULT_MODEL="", IMPETUS_ADMIN_KEYS=KEY
+    )  # an admin key: the page loads and unloads models
     yield srv
     stop_server(srv)
     shutil.rmtree(models, ignore_errors=True)
@@ -184,7 +196,8 @@ def test_the_key_is_asked_for_and_a_wrong_one_refused(page: Any, keyed: Server) 
     page.fill("[data-testid=api-key-input]", "sk-wrong")
     page.click("[data-testid=api-key-save]")
     page.wait_for_function(
-        "() => document.querySelector('[data-testid=api-key-reason]')?.textContent.includes('refused')")
+        "() => document.querySelector('[data-testid=api-key-reason]')?.textContent.includes('refused')"
+    )
     assert page.locator("[data-testid=model-row-tiny-dash]").count() == 0
     page.fill("[data-testid=api-key-input]", KEY)
     page.click("[data-testid=api-key-save]")

@@ -67,8 +67,6 @@ def loopback_only(server: Server) -> Iterator[None]:
         socket.socket.connect = true_connect  # type: ignore[method-assign]
 
 
-
-
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """This folder's own server: the default model on the llama.cpp backend (IMPETUS_BACKEND=llamacpp)
@@ -82,7 +80,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
     models = tmp_path_factory.mktemp("clients-models")
     build_tiny_bert(models / TINY_EMBEDDER)
-    srv = start_server(tmp_path_factory.mktemp("clients-server"), IMPETUS_BACKEND="llamacpp",
-                       IMPETUS_MODELS_DIR=str(models))
+    srv = start_server(
+        tmp_path_factory.mktemp("clients-server"), IMPETUS_BACKEND="llamacpp", IMPETUS_MODELS_DIR=str(models)
+    )
     yield srv
     stop_server(srv)

@@ -39,13 +39,21 @@ def point_at_server(server: Server) -> Iterator[None]:
 
 # Short answers keep the ~50 cases a class cheap; 64 tokens still fit every tool call and schema the
 # suite asks for when the model writes it sensibly.
-COMMON: dict[str, Any] = {"model": DEFAULT_MODEL, "api_key": "not-needed", "temperature": 0, "max_tokens": 64,
-                          "timeout": 120, "max_retries": 0}
+COMMON: dict[str, Any] = {
+    "model": DEFAULT_MODEL,
+    "api_key": "not-needed",
+    "temperature": 0,
+    "max_tokens": 64,
+    "timeout": 120,
+    "max_retries": 0,
+}
 
 # The cases the 135M model fails by itself, each with the exception that failure raises: any other
 # failure (a 400, a connection error, a malformed reply) still fails the test.
-LOOPS = ("the 135M model repeats itself inside a JSON string ('A cat is a cat, a cat is a cat, ...') until "
-         "max_tokens at temperature 0: the grammar keeps the JSON valid, but it never ends")
+LOOPS = (
+    "the 135M model repeats itself inside a JSON string ('A cat is a cat, a cat is a cat, ...') until "
+    "max_tokens at temperature 0: the grammar keeps the JSON valid, but it never ends"
+)
 XFAIL: dict[tuple[str, str], tuple[str, tuple[type[BaseException], ...]]] = {
     ("TestChatOpenAI", "test_structured_output"): (LOOPS, (LengthFinishReasonError,)),
     ("TestChatOpenAI", "test_structured_output_async"): (LOOPS, (LengthFinishReasonError,)),
@@ -54,14 +62,19 @@ XFAIL: dict[tuple[str, str], tuple[str, tuple[type[BaseException], ...]]] = {
     # and the cut call parses to None.
     ("TestChatOpenAI", "test_structured_output_pydantic_2_v1"): (LOOPS, (AssertionError,)),
     ("TestChatOpenAI", "test_json_mode"): (
-        "JSON mode guarantees JSON, not the schema (it is only in the prompt): the 135M model leaves out "
-        "'punchline'", (OutputParserException,)),
+        "JSON mode guarantees JSON, not the schema (it is only in the prompt): the 135M model leaves out 'punchline'",
+        (OutputParserException,),
+    ),
     ("TestChatOpenAI", "test_agent_loop"): (
         "tool_choice auto: the 135M model answers 'What is the weather in San Francisco?' from its own "
-        "head instead of calling get_weather", (AssertionError,)),
+        "head instead of calling get_weather",
+        (AssertionError,),
+    ),
     ("TestChatAnthropic", "test_agent_loop"): (
         "tool_choice auto: the 135M model answers 'What is the weather in San Francisco?' from its own "
-        "head instead of calling get_weather", (AssertionError,)),
+        "head instead of calling get_weather",
+        (AssertionError,),
+    ),
 }
 
 
@@ -161,5 +174,11 @@ class TestOpenAIEmbeddings(EmbeddingsIntegrationTests):
         # check_embedding_ctx_length=False: send the texts as they are (LangChain would otherwise
         # tokenize them with tiktoken's cl100k_base, downloaded from the internet, and send token ids
         # in OpenAI's vocabulary, meaningless to any other model).
-        return {"model": EMBEDDER, "base_url": BASE["url"] + "/v1", "api_key": "not-needed",
-                "check_embedding_ctx_length": False, "max_retries": 0, "timeout": 120}
+        return {
+            "model": EMBEDDER,
+            "base_url": BASE["url"] + "/v1",
+            "api_key": "not-needed",
+            "check_embedding_ctx_length": False,
+            "max_retries": 0,
+            "timeout": 120,
+        }

@@ -63,8 +63,11 @@ async def test_plain_agent(model: Model) -> None:
 async def test_streamed_agent(model: Model) -> None:
     agent = Agent(name="greeter", instructions="Answer in one short sentence.", model=model, model_settings=SHORT)
     result = Runner.run_streamed(agent, "Say hello to Ada.")
-    deltas = [event.data.delta async for event in result.stream_events()
-              if event.type == "raw_response_event" and isinstance(event.data, ResponseTextDeltaEvent)]
+    deltas = [
+        event.data.delta
+        async for event in result.stream_events()
+        if event.type == "raw_response_event" and isinstance(event.data, ResponseTextDeltaEvent)
+    ]
     assert len(deltas) > 1, "the answer came in one piece, not streamed"
     assert "".join(deltas) == result.final_output and result.final_output.strip()
 
@@ -83,16 +86,23 @@ async def test_forced_tool_call_then_answer(model: Model) -> None:
     # choose, "auto" after the call, the 135M model calls the tool again until max_turns.) A generous
     # max_tokens: the model tends to echo the random call id, and the SDK fails a Responses run cut
     # short ("incomplete") where a chat completion would return the cut text.
-    caller = Agent(name="weather", instructions="You answer questions about the weather using the tool.",
-                   model=model, tools=[get_weather], tool_use_behavior="stop_on_first_tool",
-                   model_settings=ModelSettings(temperature=0, max_tokens=64, tool_choice="required"))
+    caller = Agent(
+        name="weather",
+        instructions="You answer questions about the weather using the tool.",
+        model=model,
+        tools=[get_weather],
+        tool_use_behavior="stop_on_first_tool",
+        model_settings=ModelSettings(temperature=0, max_tokens=64, tool_choice="required"),
+    )
     first = await Runner.run(caller, "What is the weather in Paris?")
     assert len(calls) == 1 and isinstance(calls[0], str) and calls[0].strip()
     assert [type(item) for item in first.new_items] == [ToolCallItem, ToolCallOutputItem]
     assert first.final_output == f"It is sunny and 21 degrees in {calls[0]}."
 
-    answerer = caller.clone(tool_use_behavior="run_llm_again",
-                            model_settings=ModelSettings(temperature=0, max_tokens=256, tool_choice="none"))
+    answerer = caller.clone(
+        tool_use_behavior="run_llm_again",
+        model_settings=ModelSettings(temperature=0, max_tokens=256, tool_choice="none"),
+    )
     second = await Runner.run(answerer, first.to_input_list())
     assert len(calls) == 1
     assert isinstance(second.final_output, str) and second.final_output.strip()
@@ -108,8 +118,13 @@ async def test_structured_output(model: Model) -> None:
     # output_type: the SDK sends a strict json_schema (response_format on chat completions, text.format
     # on Responses) and validates the answer into the pydantic model, failing the run when it does not fit.
     # (No float field: the 135M model writes a number's digits until max_tokens; JSON bounds no number.)
-    agent = Agent(name="facts", instructions="Answer with facts about the city.", model=model,
-                  model_settings=ModelSettings(temperature=0, max_tokens=64), output_type=City)
+    agent = Agent(
+        name="facts",
+        instructions="Answer with facts about the city.",
+        model=model,
+        model_settings=ModelSettings(temperature=0, max_tokens=64),
+        output_type=City,
+    )
     result = await Runner.run(agent, "Tell me about Paris.")
     assert isinstance(result.final_output, City)
     assert result.final_output.name.strip() and result.final_output.country.strip()

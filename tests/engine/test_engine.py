@@ -19,8 +19,16 @@ from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
 from tests.support.tiny_models import build_tiny_llama
 
 GREEDY = SamplingParams(temperature=0)
-PROMPTS = ["Tell me about the sea.", "What is 2 + 2?", "Name three colours.", "Write a haiku about rain.",
-           "Who wrote Hamlet?", "Describe a cat.", "What is the capital of Spain?", "Give me a recipe for tea."]
+PROMPTS = [
+    "Tell me about the sea.",
+    "What is 2 + 2?",
+    "Name three colours.",
+    "Write a haiku about rain.",
+    "Who wrote Hamlet?",
+    "Describe a cat.",
+    "What is the capital of Spain?",
+    "Give me a recipe for tea.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +50,9 @@ def chat(model: LoadedModel, text: str) -> list[int]:
     return list(model.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
 
 
-def request(model: LoadedModel, tokens: list[int], max_tokens: int = 24, sampling: SamplingParams = GREEDY,
-            **kw) -> GenerationRequest:  # type: ignore[no-untyped-def]
+def request(
+    model: LoadedModel, tokens: list[int], max_tokens: int = 24, sampling: SamplingParams = GREEDY, **kw
+) -> GenerationRequest:  # type: ignore[no-untyped-def]
     return GenerationRequest(model=model.model_id, prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, **kw)
 
 
@@ -65,8 +74,9 @@ def wait_idle(engine: InferenceEngine) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.9, top_p=0.95, seed=1234)],
-                         ids=["greedy", "seeded"])
+@pytest.mark.parametrize(
+    "sampling", [GREEDY, SamplingParams(temperature=0.9, top_p=0.95, seed=1234)], ids=["greedy", "seeded"]
+)
 def test_batch_invariance(engine: InferenceEngine, model: LoadedModel, sampling: SamplingParams) -> None:
     engine.prompt_cache_enabled = False
     try:
@@ -110,8 +120,9 @@ def test_exact_repeat_hits_the_cache(engine: InferenceEngine, model: LoadedModel
     assert engine.stats().prompt_cache_hits_total == hits + 1
 
 
-def test_an_unloaded_model_takes_its_prompt_caches_along(engine: InferenceEngine, model: LoadedModel,
-                                                          tmp_path: Path) -> None:
+def test_an_unloaded_model_takes_its_prompt_caches_along(
+    engine: InferenceEngine, model: LoadedModel, tmp_path: Path
+) -> None:
     # Two different models known by one id (two folders named "swap"), loaded one after the other.
     first = build_tiny_llama(tmp_path / "a" / "swap", TEST_MODELS_DIR / DEFAULT_MODEL, seed=1)
     second = build_tiny_llama(tmp_path / "b" / "swap", TEST_MODELS_DIR / DEFAULT_MODEL, seed=2)
@@ -119,8 +130,9 @@ def test_an_unloaded_model_takes_its_prompt_caches_along(engine: InferenceEngine
 
     def answer() -> list[tuple[int, float]]:
         # Log-probabilities too: a tiny random model's greedy tokens hardly depend on the context.
-        stream = engine.submit(GenerationRequest(model="swap", prompt_tokens=prompt, max_tokens=16,
-                                                 sampling=GREEDY, logprobs=0))
+        stream = engine.submit(
+            GenerationRequest(model="swap", prompt_tokens=prompt, max_tokens=16, sampling=GREEDY, logprobs=0)
+        )
         return [(lp.token_id, lp.logprob) for event in stream for lp in event.logprobs]
 
     wait_idle(engine)
@@ -227,17 +239,18 @@ def test_a_failed_batch_step_does_not_poison_later_requests(engine: InferenceEng
     wait_idle(engine)
     # top_k beyond the vocabulary makes mlx-lm's compiled sampler raise inside the batched step
     # (the API refuses it with a 400; the engine must survive it anyway).
-    bad = engine.submit(request(model, chat(model, PROMPTS[0]), max_tokens=4,
-                                sampling=SamplingParams(temperature=1.0, top_k=10**7)))
+    bad = engine.submit(
+        request(model, chat(model, PROMPTS[0]), max_tokens=4, sampling=SamplingParams(temperature=1.0, top_k=10**7))
+    )
     assert list(bad)[-1].error
     for sampling in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5), GREEDY):
-        ids, finish = tokens_of(engine.submit(request(model, chat(model, PROMPTS[1]), max_tokens=4,
-                                                      sampling=sampling)))
+        ids, finish = tokens_of(engine.submit(request(model, chat(model, PROMPTS[1]), max_tokens=4, sampling=sampling)))
         assert ids and finish in ("stop", "length")
 
 
 def test_requests_arriving_within_a_decode_step_share_one_prefill_pass(
-        engine: InferenceEngine, model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine: InferenceEngine, model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Requests arriving a few ms apart (more than the 2 ms burst gap, less than one decode step:
     like closed-loop clients coming back together) wait for each other within the admission window
     (IMPETUS_ADMIT_WINDOW_MS) and share one prefill pass; without the window the first one starts
@@ -282,8 +295,10 @@ def test_requests_arriving_within_a_decode_step_share_one_prefill_pass(
     assert len(apart) >= 2 and apart[0] < 6
     assert with_window == without  # greedy: the same answers either way
 
+
 def test_answers_ending_together_are_delivered_before_their_caches_are_stored(
-        engine: InferenceEngine, model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine: InferenceEngine, model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Sequences that finish in the same step all get their last event before any of their KV
     caches goes into the prompt cache (each store waits on MLX for milliseconds): stored in between,
     the last client of a wave heard of its end ~30 ms after the first. The store is only observed here."""
@@ -294,7 +309,7 @@ def test_answers_ending_together_are_delivered_before_their_caches_are_stored(
     insert = cache.insert_cache
 
     def observed(model_id, tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if any(list(tokens[:len(p)]) == p for p in prompts):  # not an earlier test's store
+        if any(list(tokens[: len(p)]) == p for p in prompts):  # not an earlier test's store
             answered_at_store.append(sum(s.finished_at is not None for s in streams))
         return insert(model_id, tokens, *args, **kwargs)
 
@@ -317,7 +332,8 @@ def test_answers_ending_together_are_delivered_before_their_caches_are_stored(
 
 
 def test_no_forward_pass_is_started_for_a_token_nobody_reads(
-        engine: InferenceEngine, model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine: InferenceEngine, model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """mlx-lm starts each step's forward pass on the tokens it returns, so that the next tokens compute
     while these go out. At the step where every sequence of the batch reaches max_tokens, that pass
     only delays what comes next (the next prompts' prefill, the cache store): it is skipped. Counted

@@ -19,16 +19,25 @@ from gerdsen_ai_server.services import services
 from gerdsen_ai_server.store.default_model import default_gguf_path
 
 
-def test_create_app_overrides_reach_the_loader_not_the_environment(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_create_app_overrides_reach_the_loader_not_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("IMPETUS_BACKEND", "llamacpp")  # what the environment says: run GGUFs on llama.cpp
     monkeypatch.setenv("IMPETUS_MAX_BATCH", "7")
     models = tmp_path / "models"
     models.mkdir()
     gguf = tmp_path / "user-model.gguf"
     gguf.symlink_to(default_gguf_path())
-    app = create_app({"default_model": "", "models_dir": models, "backend": "mlx", "max_batch": 3,
-                      "llamacpp_threads": 1, "log_level": "warning"})
+    app = create_app(
+        {
+            "default_model": "",
+            "models_dir": models,
+            "backend": "mlx",
+            "max_batch": 3,
+            "llamacpp_threads": 1,
+            "log_level": "warning",
+        }
+    )
     engine = services(app).engine
     try:
         loader = engine.registry.loader

@@ -30,8 +30,14 @@ from tests.support import TEST_MODELS_DIR
 from tests.support.tiny_models import build_tiny_bert, build_tiny_llama
 
 BASE: dict[str, Any] = {
-    "default_model": "", "log_level": "warning", "max_batch": 4, "max_queue": 4, "max_tokens_default": 8,
-    "max_tokens_limit": 400, "max_request_tokens": 1000, "prompt_cache_bytes": 0,
+    "default_model": "",
+    "log_level": "warning",
+    "max_batch": 4,
+    "max_queue": 4,
+    "max_tokens_default": 8,
+    "max_tokens_limit": 400,
+    "max_request_tokens": 1000,
+    "prompt_cache_bytes": 0,
 }
 
 

@@ -21,8 +21,11 @@ NO_END = {"0": -100, "2": -100}  # <|endoftext|>, <|im_end|>: a random model may
 def sse_payloads(response: TestResponse) -> list[Any]:
     """Each ``data:`` payload of an SSE answer, JSON-decoded (``[DONE]`` kept as the string)."""
     text = response.get_data(as_text=True)
-    return [line[6:] if line[6:] == "[DONE]" else json.loads(line[6:])
-            for line in text.splitlines() if line.startswith("data: ")]
+    return [
+        line[6:] if line[6:] == "[DONE]" else json.loads(line[6:])
+        for line in text.splitlines()
+        if line.startswith("data: ")
+    ]
 
 
 def event_names(response: TestResponse) -> list[str]:
@@ -37,14 +40,20 @@ def test_chat_completion(client: FlaskClient) -> None:
     choice = body["choices"][0]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("length", "stop")
     usage = body["usage"]
-    assert 0 < usage["completion_tokens"] <= 3 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert (
+        0 < usage["completion_tokens"] <= 3
+        and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    )
     assert len(choice["logprobs"]["content"]) == usage["completion_tokens"]
     assert all(len(t["top_logprobs"]) == 2 for t in choice["logprobs"]["content"])
 
 
 def test_chat_stream_ends_with_done_and_usage(client: FlaskClient) -> None:
-    r = post(client, "/v1/chat/completions", chat_body(max_tokens=4, n=2, stream=True,
-                                                       stream_options={"include_usage": True}))
+    r = post(
+        client,
+        "/v1/chat/completions",
+        chat_body(max_tokens=4, n=2, stream=True, stream_options={"include_usage": True}),
+    )
     assert r.status_code == 200 and r.mimetype == "text/event-stream" and r.headers["X-Accel-Buffering"] == "no"
     payloads = sse_payloads(r)
     assert payloads[-1] == "[DONE]"
@@ -58,8 +67,11 @@ def test_chat_stream_ends_with_done_and_usage(client: FlaskClient) -> None:
 
 
 def test_completions_with_several_prompts_and_logprobs(client: FlaskClient) -> None:
-    r = post(client, "/v1/completions", {"model": LLAMA, "prompt": ["one", "two"], "max_tokens": 2, "logprobs": 1,
-                                         "logit_bias": NO_END})
+    r = post(
+        client,
+        "/v1/completions",
+        {"model": LLAMA, "prompt": ["one", "two"], "max_tokens": 2, "logprobs": 1, "logit_bias": NO_END},
+    )
     body = r.get_json()
     assert r.status_code == 200 and body["object"] == "text_completion", body
     assert [c["index"] for c in body["choices"]] == [0, 1]
@@ -106,8 +118,9 @@ def test_responses_and_their_events(client: FlaskClient) -> None:
 
 
 def _stream(client: FlaskClient, max_tokens: int) -> tuple[TestResponse, Iterator[bytes]]:
-    r = client.post("/v1/chat/completions", json=chat_body(max_tokens=max_tokens, stream=True, logit_bias=NO_END),
-                    buffered=False)
+    r = client.post(
+        "/v1/chat/completions", json=chat_body(max_tokens=max_tokens, stream=True, logit_bias=NO_END), buffered=False
+    )
     assert r.status_code == 200
     chunks = iter(r.response)
     assert b"assistant" in next(chunks)  # the first chunk: the request is running

@@ -62,14 +62,17 @@ def test_an_inference_key_uses_the_api(client: FlaskClient) -> None:
     assert r.status_code == 200 and any(m["id"] == LLAMA for m in r.get_json()["data"])
 
 
-@pytest.mark.parametrize(("method", "path", "body"), [
-    ("POST", "/api/models/load", {"model": LLAMA}),
-    ("POST", "/api/models/unload", {"model": LLAMA}),
-    ("DELETE", "/api/models/" + LLAMA, None),
-    ("GET", "/api/requests", None),
-    ("DELETE", "/api/requests/" + "0" * 32, None),
-    ("GET", "/api/config", None),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/api/models/load", {"model": LLAMA}),
+        ("POST", "/api/models/unload", {"model": LLAMA}),
+        ("DELETE", "/api/models/" + LLAMA, None),
+        ("GET", "/api/requests", None),
+        ("DELETE", "/api/requests/" + "0" * 32, None),
+        ("GET", "/api/config", None),
+    ],
+)
 def test_an_inference_key_may_not_manage(client: FlaskClient, method: str, path: str, body: Any) -> None:
     r = client.open(path, method=method, json=body, headers=bearer(INFER))
     error = error_of(r)

@@ -27,8 +27,12 @@ def routed(app: Flask) -> set[tuple[str, str]]:
 
 def documented(client: FlaskClient) -> set[tuple[str, str]]:
     spec = client.get("/openapi.json").get_json()
-    return {(path, method) for path, item in spec["paths"].items() for method in item
-            if method in ("get", "post", "put", "patch", "delete")}
+    return {
+        (path, method)
+        for path, item in spec["paths"].items()
+        for method in item
+        if method in ("get", "post", "put", "patch", "delete")
+    }
 
 
 def test_every_route_is_documented_and_every_operation_routed(app: Flask, client: FlaskClient) -> None:
@@ -42,9 +46,12 @@ def test_the_document_describes_the_api(client: FlaskClient) -> None:
     spec = r.get_json()
     assert r.status_code == 200 and spec["openapi"] == "3.1.0"
     chat = spec["paths"]["/v1/chat/completions"]["post"]
-    assert chat["security"] == [{"bearerAuth": []}] and {"200", "400", "401", "413", "429", "503"} <= set(chat["responses"])
+    assert chat["security"] == [{"bearerAuth": []}] and {"200", "400", "401", "413", "429", "503"} <= set(
+        chat["responses"]
+    )
     assert chat["requestBody"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/ChatCompletionRequest"}
+        "$ref": "#/components/schemas/ChatCompletionRequest"
+    }
     assert "security" not in spec["paths"]["/health/live"]["get"]
 
 

@@ -22,13 +22,16 @@ RESPONSES = {"model": LLAMA, "input": "hi", "max_output_tokens": 2}
 # ---- JSON itself ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/v1/chat/completions", json.dumps(chat_body())[:-1] + ', "keep_alive": Infinity}'),
-    ("/v1/chat/completions", json.dumps(chat_body())[:-1] + ', "logit_bias": {"1": -Infinity}}'),
-    ("/v1/completions", json.dumps(COMPLETION)[:-1] + ', "keep_alive": NaN}'),
-    ("/v1/responses", json.dumps(RESPONSES)[:-1] + ', "temperature": NaN}'),
-    ("/api/models/load", f'{{"model": "{LLAMA}", "keep_alive": 1e999}}'),  # overflows to inf
-])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", json.dumps(chat_body())[:-1] + ', "keep_alive": Infinity}'),
+        ("/v1/chat/completions", json.dumps(chat_body())[:-1] + ', "logit_bias": {"1": -Infinity}}'),
+        ("/v1/completions", json.dumps(COMPLETION)[:-1] + ', "keep_alive": NaN}'),
+        ("/v1/responses", json.dumps(RESPONSES)[:-1] + ', "temperature": NaN}'),
+        ("/api/models/load", f'{{"model": "{LLAMA}", "keep_alive": 1e999}}'),  # overflows to inf
+    ],
+)
 def test_nan_and_infinity_are_refused_at_parse_time(client: FlaskClient, path: str, body: str) -> None:
     r = post(client, path, body)
     assert r.status_code == 400 and error_of(r)["code"] == "invalid_json", (r.status_code, r.get_data(as_text=True))
@@ -43,12 +46,15 @@ def test_anthropic_errors_keep_anthropic_shape(client: FlaskClient) -> None:
     assert r.status_code == 405 and r.get_json()["type"] == "error", r.get_json()
 
 
-@pytest.mark.parametrize(("body", "code"), [
-    ("[" * 100_000 + "]" * 100_000, "nesting_too_deep"),  # a RecursionError (500) in the parser once
-    ("{not json", "invalid_json"),
-    ("[1, 2]", "invalid_json"),  # JSON, but not an object
-    ("", "invalid_json"),
-])
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nesting_too_deep"),  # a RecursionError (500) in the parser once
+        ("{not json", "invalid_json"),
+        ("[1, 2]", "invalid_json"),  # JSON, but not an object
+        ("", "invalid_json"),
+    ],
+)
 def test_bodies_that_are_not_a_json_object(client: FlaskClient, body: str, code: str) -> None:
     r = post(client, "/v1/chat/completions", body)
     assert r.status_code == 400 and error_of(r)["code"] == code, r.get_json()
@@ -63,37 +69,57 @@ def test_a_lone_surrogate_is_refused(client: FlaskClient) -> None:
 # ---- the schema: strict types, unknown fields ------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "body", "param"), [
-    ("/v1/chat/completions", chat_body(stream="yes"), "stream"),
-    ("/v1/chat/completions", chat_body(max_tokens="2"), "max_tokens"),
-    ("/v1/chat/completions", chat_body(n=1.0), "n"),
-    ("/v1/chat/completions", chat_body(messages=[{"role": "user"}]), "messages.0.content"),
-    ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}]),
-     "messages.1.tool_call_id"),
-    ("/v1/chat/completions", chat_body(temprature=0.5), "temprature"),  # a typo is named, never ignored
-    ("/v1/completions", {**COMPLETION, "seed": "7"}, "seed"),
-    ("/v1/embeddings", {"model": BERT, "input": "hi", "dimensions": 16.0}, "dimensions"),
-    ("/v1/responses", {**RESPONSES, "stream": "yes"}, "stream"),
-    ("/api/models/load", {"model": LLAMA, "warmup": "true"}, "warmup"),
-])
-def test_types_are_strict_and_unknown_fields_named(client: FlaskClient, path: str, body: dict[str, Any],
-                                                   param: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", chat_body(stream="yes"), "stream"),
+        ("/v1/chat/completions", chat_body(max_tokens="2"), "max_tokens"),
+        ("/v1/chat/completions", chat_body(n=1.0), "n"),
+        ("/v1/chat/completions", chat_body(messages=[{"role": "user"}]), "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            chat_body(messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}]),
+            "messages.1.tool_call_id",
+        ),
+        ("/v1/chat/completions", chat_body(temprature=0.5), "temprature"),  # a typo is named, never ignored
+        ("/v1/completions", {**COMPLETION, "seed": "7"}, "seed"),
+        ("/v1/embeddings", {"model": BERT, "input": "hi", "dimensions": 16.0}, "dimensions"),
+        ("/v1/responses", {**RESPONSES, "stream": "yes"}, "stream"),
+        ("/api/models/load", {"model": LLAMA, "warmup": "true"}, "warmup"),
+    ],
+)
+def test_types_are_strict_and_unknown_fields_named(
+    client: FlaskClient, path: str, body: dict[str, Any], param: str
+) -> None:
     r = post(client, path, body)
     assert r.status_code == 400 and r.content_type.startswith("application/json"), r.get_data(as_text=True)
     assert error_of(r)["param"] == param, error_of(r)
 
 
-@pytest.mark.parametrize(("path", "body", "param", "code"), [
-    ("/v1/chat/completions", chat_body(audio={"voice": "alloy", "format": "mp3"}), "audio", "unsupported_parameter"),
-    ("/v1/chat/completions", chat_body(reasoning_effort="high"), "reasoning_effort", "unsupported_parameter"),
-    ("/v1/chat/completions", chat_body(top_logprobs=2), "top_logprobs", "invalid_value"),
-    ("/v1/chat/completions", chat_body(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
-    ("/v1/completions", {**COMPLETION, "echo": True}, "echo", "unsupported_parameter"),
-    ("/v1/responses", {**RESPONSES, "previous_response_id": "resp_1"}, "previous_response_id",
-     "unsupported_parameter"),
-])
-def test_what_the_schema_cannot_check_is_refused_by_name(client: FlaskClient, path: str, body: dict[str, Any],
-                                                         param: str, code: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "param", "code"),
+    [
+        (
+            "/v1/chat/completions",
+            chat_body(audio={"voice": "alloy", "format": "mp3"}),
+            "audio",
+            "unsupported_parameter",
+        ),
+        ("/v1/chat/completions", chat_body(reasoning_effort="high"), "reasoning_effort", "unsupported_parameter"),
+        ("/v1/chat/completions", chat_body(top_logprobs=2), "top_logprobs", "invalid_value"),
+        ("/v1/chat/completions", chat_body(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
+        ("/v1/completions", {**COMPLETION, "echo": True}, "echo", "unsupported_parameter"),
+        (
+            "/v1/responses",
+            {**RESPONSES, "previous_response_id": "resp_1"},
+            "previous_response_id",
+            "unsupported_parameter",
+        ),
+    ],
+)
+def test_what_the_schema_cannot_check_is_refused_by_name(
+    client: FlaskClient, path: str, body: dict[str, Any], param: str, code: str
+) -> None:
     r = post(client, path, body)
     assert r.status_code == 400, r.get_data(as_text=True)
     assert (error_of(r)["param"], error_of(r)["code"]) == (param, code), error_of(r)
@@ -108,7 +134,9 @@ def test_logit_bias_and_top_k_are_held_to_the_vocabulary(client: FlaskClient) ->
     r = post(client, "/v1/chat/completions", chat_body(top_k=10_000_000))
     assert r.status_code == 400 and error_of(r)["param"] == "top_k" and "vocabulary" in error_of(r)["message"]
     r = post(client, "/v1/completions", {**COMPLETION, "prompt": [1, 2, 10_000_000]})
-    assert r.status_code == 400 and error_of(r)["param"] == "prompt" and "outside the vocabulary" in error_of(r)["message"]
+    assert (
+        r.status_code == 400 and error_of(r)["param"] == "prompt" and "outside the vocabulary" in error_of(r)["message"]
+    )
 
 
 @pytest.mark.timing
@@ -117,8 +145,11 @@ def test_a_text_too_long_for_the_context_is_refused_before_tokenizing(client: Fl
     """About 1 MB of text cannot fit 512 tokens: refused from its length (the message counts characters,
     which only the check before the tokenizer does)."""
     text = "hello " * 170_000
-    body = {**COMPLETION, "prompt": text} if path == "/v1/completions" else chat_body(
-        messages=[{"role": "user", "content": text}])
+    body = (
+        {**COMPLETION, "prompt": text}
+        if path == "/v1/completions"
+        else chat_body(messages=[{"role": "user", "content": text}])
+    )
     r = post(client, path, body)
     assert r.status_code == 400, r.get_data(as_text=True)[:300]
     assert error_of(r)["code"] == "context_length_exceeded" and "characters" in error_of(r)["message"]

@@ -13,6 +13,7 @@ def write_gguf(path: Path, metadata: dict[str, str], tensors: Tensors) -> Path:
 
     Lets tests build files with architectures or tensor types MLX does not ship examples of.
     """
+
     def string(s: str) -> bytes:
         raw = s.encode()
         return struct.pack("<Q", len(raw)) + raw

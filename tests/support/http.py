@@ -13,8 +13,12 @@ from tests.support import DEFAULT_MODEL
 from tests.support.server import Server
 
 # A short greedy chat with the default model: what ``chat()`` sends unless told otherwise.
-CHAT_BODY: dict[str, Any] = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}],
-                             "max_tokens": 3, "temperature": 0}
+CHAT_BODY: dict[str, Any] = {
+    "model": DEFAULT_MODEL,
+    "messages": [{"role": "user", "content": "hi"}],
+    "max_tokens": 3,
+    "temperature": 0,
+}
 
 
 def root_url(server: Server | str) -> str:
@@ -22,8 +26,15 @@ def root_url(server: Server | str) -> str:
     return server.url if isinstance(server, Server) else server.rstrip("/")
 
 
-def chat(server: Server | str, body: Mapping[str, Any] | None = None, *, data: bytes | None = None,
-         headers: Mapping[str, str] | None = None, timeout: float = 120, **fields: Any) -> requests.Response:
+def chat(
+    server: Server | str,
+    body: Mapping[str, Any] | None = None,
+    *,
+    data: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 120,
+    **fields: Any,
+) -> requests.Response:
     """``POST /v1/chat/completions`` and its response, whatever its status.
 
     The body is ``body`` as given (valid or not: the hardening tests send broken ones), else CHAT_BODY
@@ -31,8 +42,12 @@ def chat(server: Server | str, body: Mapping[str, Any] | None = None, *, data: b
     ``data`` sends those raw bytes instead, as JSON."""
     if data is None:
         data = json.dumps(dict(body) if body is not None else {**CHAT_BODY, **fields}).encode()
-    return requests.post(f"{root_url(server)}/v1/chat/completions", data=data, timeout=timeout,
-                         headers={"Content-Type": "application/json", **(headers or {})})
+    return requests.post(
+        f"{root_url(server)}/v1/chat/completions",
+        data=data,
+        timeout=timeout,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
 
 
 def health(server: Server | str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:

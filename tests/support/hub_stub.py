@@ -57,7 +57,7 @@ class StubRepo:
         for name, data in self.files.items():
             if name.endswith(".safetensors"):
                 (size,) = struct.unpack("<Q", data[:8])
-                for key, info in json.loads(data[8:8 + size]).items():
+                for key, info in json.loads(data[8 : 8 + size]).items():
                     if key != "__metadata__":
                         n = 1
                         for dim in info["shape"]:
@@ -171,14 +171,21 @@ class _Handler(BaseHTTPRequestHandler):
         search = (query.get("search") or [""])[0].lower()
         author = (query.get("author") or [None])[0]
         limit = int((query.get("limit") or ["1000"])[0])
-        found = [r for r in self.hub.repos.values()
-                 if search in r.repo_id.lower() and (author is None or r.repo_id.split("/")[0] == author)]
+        found = [
+            r
+            for r in self.hub.repos.values()
+            if search in r.repo_id.lower() and (author is None or r.repo_id.split("/")[0] == author)
+        ]
         found.sort(key=lambda r: -r.downloads)
         data = []
         for repo in found[:limit]:
             params = repo.safetensors_parameters()
-            entry: dict[str, Any] = {"id": repo.repo_id, "_id": repo.commit[:24], "downloads": repo.downloads,
-                                     "tags": ["mlx", "safetensors"]}
+            entry: dict[str, Any] = {
+                "id": repo.repo_id,
+                "_id": repo.commit[:24],
+                "downloads": repo.downloads,
+                "tags": ["mlx", "safetensors"],
+            }
             if params:
                 entry["safetensors"] = {"parameters": params, "total": sum(params.values())}
             data.append(entry)
@@ -188,8 +195,18 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(repo_id, revision, body)
         if repo is None:
             return
-        self._json(200, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.commit, "private": False,
-                         "tags": ["mlx"], "siblings": [repo.sibling(n) for n in sorted(repo.files)]}, body)
+        self._json(
+            200,
+            {
+                "id": repo.repo_id,
+                "modelId": repo.repo_id,
+                "sha": repo.commit,
+                "private": False,
+                "tags": ["mlx"],
+                "siblings": [repo.sibling(n) for n in sorted(repo.files)],
+            },
+            body,
+        )
 
     def _resolve(self, repo_id: str, revision: str, name: str, body: bool) -> None:
         repo = self._repo(repo_id, revision, body)
@@ -203,11 +220,11 @@ class _Handler(BaseHTTPRequestHandler):
         etag = sibling["lfs"]["sha256"] if "lfs" in sibling else sibling["blobId"]
         if key in self.hub.corrupt:
             middle = len(data) // 2
-            data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+            data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
         start = 0
         range_header = self.headers.get("Range")
         if range_header and range_header.startswith("bytes=") and range_header.endswith("-"):
-            start = int(range_header[len("bytes="):-1])
+            start = int(range_header[len("bytes=") : -1])
         self.send_response(206 if start else 200)
         self.send_header("X-Repo-Commit", repo.commit)
         self.send_header("ETag", f'"{etag}"')
@@ -237,7 +254,7 @@ class _Handler(BaseHTTPRequestHandler):
         step = max(1, rate // 20)
         try:
             for offset in range(0, len(payload), step):
-                self.wfile.write(payload[offset:offset + step])
+                self.wfile.write(payload[offset : offset + step])
                 self.wfile.flush()
                 time.sleep(step / rate)
         except (BrokenPipeError, ConnectionResetError):
@@ -251,7 +268,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         try:
             for offset in range(len(payload)):
-                self.wfile.write(payload[offset:offset + 1])
+                self.wfile.write(payload[offset : offset + 1])
                 self.wfile.flush()
                 time.sleep(every)
         except (BrokenPipeError, ConnectionResetError):

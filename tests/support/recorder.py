@@ -24,6 +24,7 @@ class Recorder:
             with self.cond:
                 self.events.append((name, time.time(), data))
                 self.cond.notify_all()
+
         return handler
 
     def connected(self) -> None:
@@ -40,8 +41,9 @@ class Recorder:
             assert self.cond.wait_for(predicate, timeout), f"timed out; saw {[e[0] for e in self.events][-20:]}"
 
 
-def listen(url: str, events: Iterable[str], client: socketio.Client | None = None,
-           **connect: Any) -> tuple[socketio.Client, Recorder]:
+def listen(
+    url: str, events: Iterable[str], client: socketio.Client | None = None, **connect: Any
+) -> tuple[socketio.Client, Recorder]:
     """A Socket.IO client (``client``, else one that does not reconnect) recording ``events`` and its
     connects, connected to ``url`` over WebSocket (``connect``: ``socketio.Client.connect``'s options)."""
     client = client if client is not None else socketio.Client(reconnection=False)

@@ -53,8 +53,16 @@ class Server:
         return "\n".join(self.log().splitlines()[-n:])
 
 
-def launch(cmd: Sequence[str], env: dict[str, str], port: int, logs: Path, *, name: str = "server",
-           ready_path: str = "/health/ready", timeout: float = 180) -> Server:
+def launch(
+    cmd: Sequence[str],
+    env: dict[str, str],
+    port: int,
+    logs: Path,
+    *,
+    name: str = "server",
+    ready_path: str = "/health/ready",
+    timeout: float = 180,
+) -> Server:
     """Start ``cmd`` (listening on ``port``) and return once ``GET ready_path`` answers 200.
 
     Raises, with the log, when the process exits first, when our server says its default model
@@ -62,8 +70,9 @@ def launch(cmd: Sequence[str], env: dict[str, str], port: int, logs: Path, *, na
     late: a poll that times out is asked again)."""
     log_path = logs / f"{name.replace(' ', '_').replace('/', '_')}-{port}.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            list(cmd), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     server = Server(f"http://127.0.0.1:{port}", process, log_path, name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,8 +105,13 @@ def start_server(tmp: Path, *, wait_ready: bool = True, **env: str) -> Server:
         "PYTHONUNBUFFERED": "1",
         **env,
     }
-    return launch([sys.executable, "-m", "gerdsen_ai_server.cli", "serve"], environment, port, tmp,
-                  ready_path="/health/ready" if wait_ready else "/health/live")
+    return launch(
+        [sys.executable, "-m", "gerdsen_ai_server.cli", "serve"],
+        environment,
+        port,
+        tmp,
+        ready_path="/health/ready" if wait_ready else "/health/live",
+    )
 
 
 def stop_server(server: Server) -> None:

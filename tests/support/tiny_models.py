@@ -22,9 +22,17 @@ def build_tiny_llama(out: Path, tokenizer_from: Path, *, hidden: int = 64, layer
 
     vocab = json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
     config = {
-        "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": hidden * 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": vocab,
-        "max_position_embeddings": 512, "tie_word_embeddings": True, "rope_theta": 10000.0,
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": hidden * 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
     }
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(config))
@@ -41,15 +49,28 @@ def weights_bytes(folder: Path) -> int:
     return (folder / "model.safetensors").stat().st_size
 
 
-BERT_SPECIALS = {"bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-                 "roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]}
+BERT_SPECIALS = {
+    "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    "roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+}
 BERT_WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "is", "was", "red", "blue", "sky", "sea", "and", "of"]
 
 
 def build_tiny_bert(
-    out: Path, *, model_type: str = "bert", hidden: int = 32, layers: int = 2, heads: int = 4,
-    max_positions: int = 64, pooling: str | None = "mean", normalize: bool = True, max_seq_length: int | None = None,
-    matryoshka: bool = False, prefix: str = "", seed: int = 0, tokenizer_truncation: int | None = 8,
+    out: Path,
+    *,
+    model_type: str = "bert",
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 64,
+    pooling: str | None = "mean",
+    normalize: bool = True,
+    max_seq_length: int | None = None,
+    matryoshka: bool = False,
+    prefix: str = "",
+    seed: int = 0,
+    tokenizer_truncation: int | None = 8,
 ) -> Path:
     """A Hugging Face BERT-family folder of random fp32 weights under Hugging Face's own tensor
     names, a WordPiece tokenizer.json made with ``tokenizers``, and (``pooling`` not None)
@@ -62,23 +83,32 @@ def build_tiny_bert(
     specials = BERT_SPECIALS[family]
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'")
     vocab = specials + chars + [f"##{c}" for c in chars] + BERT_WORDS
-    unk, cls, sep = (specials[1], specials[2], specials[3]) if family == "bert" else (specials[3], specials[0],
-                                                                                      specials[2])
+    unk, cls, sep = (
+        (specials[1], specials[2], specials[3]) if family == "bert" else (specials[3], specials[0], specials[2])
+    )
     tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token=unk))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}", special_tokens=[(cls, vocab.index(cls)), (sep, vocab.index(sep))])
+        single=f"{cls} $A {sep}", special_tokens=[(cls, vocab.index(cls)), (sep, vocab.index(sep))]
+    )
     tokenizer.decoder = decoders.WordPiece()
     if tokenizer_truncation:
         tokenizer.enable_truncation(max_length=tokenizer_truncation)
     pad_id = vocab.index(specials[0] if family == "bert" else specials[1])
     config: dict[str, object] = {
-        "model_type": model_type, "architectures": ["BertModel" if family == "bert" else "XLMRobertaModel"],
-        "vocab_size": len(vocab), "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "intermediate_size": hidden * 4, "max_position_embeddings": max_positions,
-        "type_vocab_size": 2 if family == "bert" else 1, "layer_norm_eps": 1e-12 if family == "bert" else 1e-5,
-        "hidden_act": "gelu", "pad_token_id": pad_id,
+        "model_type": model_type,
+        "architectures": ["BertModel" if family == "bert" else "XLMRobertaModel"],
+        "vocab_size": len(vocab),
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": hidden * 4,
+        "max_position_embeddings": max_positions,
+        "type_vocab_size": 2 if family == "bert" else 1,
+        "layer_norm_eps": 1e-12 if family == "bert" else 1e-5,
+        "hidden_act": "gelu",
+        "pad_token_id": pad_id,
     }
     rng = np.random.default_rng(seed)
 
@@ -89,9 +119,11 @@ def build_tiny_bert(
         "embeddings.word_embeddings.weight": normal(len(vocab), hidden),
         "embeddings.position_embeddings.weight": normal(max_positions, hidden),
         "embeddings.token_type_embeddings.weight": normal(int(config["type_vocab_size"]), hidden),  # type: ignore[call-overload]
-        "embeddings.LayerNorm.weight": normal(hidden, mean=1.0), "embeddings.LayerNorm.bias": normal(hidden),
+        "embeddings.LayerNorm.weight": normal(hidden, mean=1.0),
+        "embeddings.LayerNorm.bias": normal(hidden),
         "embeddings.position_ids": np.arange(max_positions, dtype=np.int64)[None],  # HF leaves it; unused
-        "pooler.dense.weight": normal(hidden, hidden), "pooler.dense.bias": normal(hidden),  # BertModel's head
+        "pooler.dense.weight": normal(hidden, hidden),
+        "pooler.dense.bias": normal(hidden),  # BertModel's head
     }
     for i in range(layers):
         p = f"encoder.layer.{i}."
@@ -99,24 +131,50 @@ def build_tiny_bert(
             tensors[f"{p}{name}.weight"], tensors[f"{p}{name}.bias"] = normal(hidden, hidden), normal(hidden)
         tensors[f"{p}intermediate.dense.weight"] = normal(hidden * 4, hidden)
         tensors[f"{p}intermediate.dense.bias"] = normal(hidden * 4)
-        tensors[f"{p}output.dense.weight"], tensors[f"{p}output.dense.bias"] = normal(hidden, hidden * 4), normal(hidden)
+        tensors[f"{p}output.dense.weight"], tensors[f"{p}output.dense.bias"] = (
+            normal(hidden, hidden * 4),
+            normal(hidden),
+        )
         for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
             tensors[f"{p}{norm}.weight"], tensors[f"{p}{norm}.bias"] = normal(hidden, mean=1.0), normal(hidden)
     if model_type == "nomic_bert":  # rotary positions, fused QKV, SwiGLU; GPT-2-style config names
-        config = {"model_type": "nomic_bert", "architectures": ["NomicBertModel"], "vocab_size": len(vocab),
-                  "n_embd": hidden, "n_layer": layers, "n_head": heads, "n_inner": hidden * 4,
-                  "n_positions": max_positions * 2, "max_trained_positions": max_positions, "type_vocab_size": 2,
-                  "layer_norm_epsilon": 1e-12, "activation_function": "swiglu", "rotary_emb_fraction": 1.0,
-                  "rotary_emb_base": 1000, "rotary_emb_interleaved": False, "qkv_proj_bias": False,
-                  "mlp_fc1_bias": False, "mlp_fc2_bias": False, "prenorm": False, "causal": False}
-        tensors = {"embeddings.word_embeddings.weight": normal(len(vocab), hidden),
-                   "embeddings.token_type_embeddings.weight": normal(2, hidden),
-                   "emb_ln.weight": normal(hidden, mean=1.0), "emb_ln.bias": normal(hidden)}
+        config = {
+            "model_type": "nomic_bert",
+            "architectures": ["NomicBertModel"],
+            "vocab_size": len(vocab),
+            "n_embd": hidden,
+            "n_layer": layers,
+            "n_head": heads,
+            "n_inner": hidden * 4,
+            "n_positions": max_positions * 2,
+            "max_trained_positions": max_positions,
+            "type_vocab_size": 2,
+            "layer_norm_epsilon": 1e-12,
+            "activation_function": "swiglu",
+            "rotary_emb_fraction": 1.0,
+            "rotary_emb_base": 1000,
+            "rotary_emb_interleaved": False,
+            "qkv_proj_bias": False,
+            "mlp_fc1_bias": False,
+            "mlp_fc2_bias": False,
+            "prenorm": False,
+            "causal": False,
+        }
+        tensors = {
+            "embeddings.word_embeddings.weight": normal(len(vocab), hidden),
+            "embeddings.token_type_embeddings.weight": normal(2, hidden),
+            "emb_ln.weight": normal(hidden, mean=1.0),
+            "emb_ln.bias": normal(hidden),
+        }
         for i in range(layers):
             p = f"encoder.layers.{i}."
-            tensors |= {f"{p}attn.Wqkv.weight": normal(3 * hidden, hidden), f"{p}attn.out_proj.weight": normal(hidden, hidden),
-                        f"{p}mlp.fc11.weight": normal(hidden * 4, hidden), f"{p}mlp.fc12.weight": normal(hidden * 4, hidden),
-                        f"{p}mlp.fc2.weight": normal(hidden, hidden * 4)}
+            tensors |= {
+                f"{p}attn.Wqkv.weight": normal(3 * hidden, hidden),
+                f"{p}attn.out_proj.weight": normal(hidden, hidden),
+                f"{p}mlp.fc11.weight": normal(hidden * 4, hidden),
+                f"{p}mlp.fc12.weight": normal(hidden * 4, hidden),
+                f"{p}mlp.fc2.weight": normal(hidden, hidden * 4),
+            }
             for norm in ("norm1", "norm2"):
                 tensors[f"{p}{norm}.weight"], tensors[f"{p}{norm}.bias"] = normal(hidden, mean=1.0), normal(hidden)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,20 +182,33 @@ def build_tiny_bert(
     (out / "config.json").write_text(json.dumps(config))
     tokenizer.save(str(out / "tokenizer.json"))
     if pooling is not None:
-        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
         if normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                            "type": "sentence_transformers.models.Normalize"})
+            modules.append(
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+            )
         (out / "modules.json").write_text(json.dumps(modules))
         (out / "1_Pooling").mkdir(exist_ok=True)
-        modes = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens",
-                 "weightedmean": "weightedmean_tokens", "lasttoken": "lasttoken"}
-        (out / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"word_embedding_dimension": hidden, **{f"pooling_mode_{m}": k == pooling for k, m in modes.items()}}))
+        modes = {
+            "cls": "cls_token",
+            "mean": "mean_tokens",
+            "max": "max_tokens",
+            "mean_sqrt_len": "mean_sqrt_len_tokens",
+            "weightedmean": "weightedmean_tokens",
+            "lasttoken": "lasttoken",
+        }
+        (out / "1_Pooling" / "config.json").write_text(
+            json.dumps(
+                {"word_embedding_dimension": hidden, **{f"pooling_mode_{m}": k == pooling for k, m in modes.items()}}
+            )
+        )
     if max_seq_length is not None:
-        (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
-                                                                   "do_lower_case": False}))
+        (out / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+        )
     if matryoshka:
         (out / "README.md").write_text("---\ntags:\n- sentence-transformers\n- matryoshka\n---\n# tiny\n")
     return out
@@ -147,8 +218,10 @@ def bert_weights(folder: Path) -> dict[str, np.ndarray]:
     """The folder's tensors as numpy arrays, under Hugging Face's names without a head prefix."""
     from safetensors.numpy import load_file
 
-    return {k.removeprefix("bert.").removeprefix("roberta."): v
-            for k, v in load_file(str(folder / "model.safetensors")).items()}
+    return {
+        k.removeprefix("bert.").removeprefix("roberta."): v
+        for k, v in load_file(str(folder / "model.safetensors")).items()
+    }
 
 
 _erf = np.vectorize(math.erf)
@@ -169,8 +242,11 @@ def bert_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:
     eps, heads = config["layer_norm_eps"], config["num_attention_heads"]
     n = len(ids)
     start = 0 if config["model_type"] == "bert" else config["pad_token_id"] + 1
-    x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][start:start + n]
-         + w["embeddings.token_type_embeddings.weight"][0])
+    x = (
+        w["embeddings.word_embeddings.weight"][ids]
+        + w["embeddings.position_embeddings.weight"][start : start + n]
+        + w["embeddings.token_type_embeddings.weight"][0]
+    )
     x = layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
 
     def linear(name: str, h: np.ndarray) -> np.ndarray:
@@ -178,18 +254,25 @@ def bert_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:
 
     for i in range(config["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
-        q, k, v = (linear(p + f"attention.self.{m}", x).reshape(n, heads, -1).transpose(1, 0, 2)
-                   for m in ("query", "key", "value"))
+        q, k, v = (
+            linear(p + f"attention.self.{m}", x).reshape(n, heads, -1).transpose(1, 0, 2)
+            for m in ("query", "key", "value")
+        )
         scores = q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1])
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         context = (probs @ v).transpose(1, 0, 2).reshape(n, -1)
-        h = layer_norm(linear(p + "attention.output.dense", context) + x, w[p + "attention.output.LayerNorm.weight"],
-                       w[p + "attention.output.LayerNorm.bias"], eps)
+        h = layer_norm(
+            linear(p + "attention.output.dense", context) + x,
+            w[p + "attention.output.LayerNorm.weight"],
+            w[p + "attention.output.LayerNorm.bias"],
+            eps,
+        )
         inner = linear(p + "intermediate.dense", h)
         inner = 0.5 * inner * (1 + _erf(inner / math.sqrt(2)))
-        x = layer_norm(linear(p + "output.dense", inner) + h, w[p + "output.LayerNorm.weight"],
-                       w[p + "output.LayerNorm.bias"], eps)
+        x = layer_norm(
+            linear(p + "output.dense", inner) + h, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], eps
+        )
     return x
 
 
@@ -210,8 +293,9 @@ def nomic_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:
 
     for i in range(config["n_layer"]):
         p = f"encoder.layers.{i}."
-        q, k, v = (m.reshape(n, heads, head).transpose(1, 0, 2)
-                   for m in np.split(x @ w[p + "attn.Wqkv.weight"].T, 3, axis=1))
+        q, k, v = (
+            m.reshape(n, heads, head).transpose(1, 0, 2) for m in np.split(x @ w[p + "attn.Wqkv.weight"].T, 3, axis=1)
+        )
         q, k = rotate(q), rotate(k)
         scores = q @ k.transpose(0, 2, 1) / math.sqrt(head)
         probs = np.exp(scores - scores.max(-1, keepdims=True))

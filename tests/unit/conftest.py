@@ -39,6 +39,7 @@ def default_mlx(converted_default: Path) -> tuple[Any, Any]:
 @pytest.fixture
 def make_gguf(tmp_path: Path) -> Callable[[str, dict[str, str], Tensors], Path]:
     """``make_gguf(name, metadata, tensors)``: a minimal GGUF file in this test's folder (tests.support.gguf)."""
+
     def make(name: str, metadata: dict[str, str], tensors: Tensors) -> Path:
         return write_gguf(tmp_path / name, metadata, tensors)
 

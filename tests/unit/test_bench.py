@@ -34,18 +34,36 @@ def test_tiny_bench_end_to_end(converted_default: Path, tmp_path: Path) -> None:
     out = tmp_path / "performance.md"
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "gerdsen_ai_server.cli", "bench", "--tiny", "--no-profile",
-         "--model-dir", str(tmp_path / "bench-model"), "--models-dir", str(converted_default.parent),
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=170,
+        [
+            sys.executable,
+            "-m",
+            "gerdsen_ai_server.cli",
+            "bench",
+            "--tiny",
+            "--no-profile",
+            "--model-dir",
+            str(tmp_path / "bench-model"),
+            "--models-dir",
+            str(converted_default.parent),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert time.monotonic() - start < 120  # typically ~10 s
 
     doc = out.read_text()
     assert doc.startswith("# Performance") and BEGIN in doc and END in doc
-    for heading in ("### Raw in-process mlx-lm", "### Servers, same streaming client",
-                    "### Multi-turn chat", "### Targets (issue 3)"):
+    for heading in (
+        "### Raw in-process mlx-lm",
+        "### Servers, same streaming client",
+        "### Multi-turn chat",
+        "### Targets (issue 3)",
+    ):
         assert heading in doc, heading
     assert "| bf16 as stored, reference BLAS |" in doc
     assert "| ours (impetus serve) | 1 |" in doc and "| ours (impetus serve) | 2 |" in doc
@@ -91,17 +109,19 @@ def test_level_result_counts_only_ok_requests() -> None:
 
 
 def test_profile_summary_buckets_the_engine_thread() -> None:
-    raw = "\n".join([
-        "thread (11): impetus-engine;Thread.run (threading.py:982);InferenceEngine._run (engine.py:1);"
-        "InferenceEngine._step (engine.py:2);BatchGenerator.next (mlx_lm/generate.py:1);"
-        "GenerationBatch._step (mlx_lm/generate.py:1434) 70",
-        "thread (11): impetus-engine;Thread.run (threading.py:982);InferenceEngine._run (engine.py:1);"
-        "InferenceEngine._emit (engine.py:3) 20",
-        "thread (11): impetus-engine;Thread.run (threading.py:982);InferenceEngine._run (engine.py:1);"
-        "InferenceEngine._drain_commands (engine.py:4);Queue.get (queue.py:180) 10",
-        "thread (12): ThreadPoolExecutor-0_0;Thread.run (threading.py:982);Queue.get (queue.py:180) 100",
-        "thread (11): impetus-engine 3",  # a sample caught outside any Python frame (it broke a full run)
-    ])
+    raw = "\n".join(
+        [
+            "thread (11): impetus-engine;Thread.run (threading.py:982);InferenceEngine._run (engine.py:1);"
+            "InferenceEngine._step (engine.py:2);BatchGenerator.next (mlx_lm/generate.py:1);"
+            "GenerationBatch._step (mlx_lm/generate.py:1434) 70",
+            "thread (11): impetus-engine;Thread.run (threading.py:982);InferenceEngine._run (engine.py:1);"
+            "InferenceEngine._emit (engine.py:3) 20",
+            "thread (11): impetus-engine;Thread.run (threading.py:982);InferenceEngine._run (engine.py:1);"
+            "InferenceEngine._drain_commands (engine.py:4);Queue.get (queue.py:180) 10",
+            "thread (12): ThreadPoolExecutor-0_0;Thread.run (threading.py:982);Queue.get (queue.py:180) 100",
+            "thread (11): impetus-engine 3",  # a sample caught outside any Python frame (it broke a full run)
+        ]
+    )
     summary = summarize_profile(raw)
     assert summary["engine_samples"] == 103
     buckets = dict(summary["buckets"])
@@ -143,10 +163,17 @@ def _level(streams: int, tokens_per_s: float) -> client.LevelResult:
 
 
 def test_gpu_targets_check_batching_scales_and_drop_the_cpu_fast_path_target() -> None:
-    raw = {"bf16": {"label": "bf16 as stored, GPU", "single": {"decode_tps": 100.0, "e2e_tps": 90.0},
-                    "batch": [{"n": 8, "e2e_tps": 400.0, "decode_tps": 450.0}]}}
-    servers = {"ours": {"levels": [_level(1, 100.0), _level(8, 350.0)]},
-               "mlx": {"levels": [_level(1, 90.0), _level(8, 300.0)]}}
+    raw = {
+        "bf16": {
+            "label": "bf16 as stored, GPU",
+            "single": {"decode_tps": 100.0, "e2e_tps": 90.0},
+            "batch": [{"n": 8, "e2e_tps": 400.0, "decode_tps": 450.0}],
+        }
+    }
+    servers = {
+        "ours": {"levels": [_level(1, 100.0), _level(8, 350.0)]},
+        "mlx": {"levels": [_level(1, 90.0), _level(8, 300.0)]},
+    }
     gpu_rows = "\n".join(targets(raw, servers, {"compute_dtype": "as stored"}, gpu="CUDA"))
     assert "8 streams / one stream" in gpu_rows and "3.50x | ≥ 3x | **met**" in gpu_rows
     assert "≥ 4x" not in gpu_rows
@@ -167,14 +194,21 @@ def test_the_1_and_8_stream_levels_are_repeated_and_their_faster_round_counts() 
 def test_targets_compare_with_the_limits_measured_in_the_same_rounds() -> None:
     """The raw pass at the start says 200 tok/s for batch_generate-8; measured beside the servers, the
     best round said 180: the target uses 180, and the round-by-round table shows both rounds."""
-    raw = {"fp32": {"label": "fp32, OpenBLAS", "single": {"decode_tps": 60.0, "e2e_tps": 55.0},
-                    "batch": [{"n": 8, "e2e_tps": 200.0, "decode_tps": 230.0}]}}
+    raw = {
+        "fp32": {
+            "label": "fp32, OpenBLAS",
+            "single": {"decode_tps": 60.0, "e2e_tps": 55.0},
+            "batch": [{"n": 8, "e2e_tps": 200.0, "decode_tps": 230.0}],
+        }
+    }
     servers = {"ours": {"levels": [_level(1, 40.0), _level(8, 171.0)]}}
     info = {"compute_dtype": "float32"}
     rows = "\n".join(targets(raw, servers, info))
     assert "171.0 / 200.0 = 86% | ≥ 95 % | not met" in rows
-    rounds = {1: [{"decode_tps": 44.0, "e2e_tps": 40.0}, {"decode_tps": 41.0, "e2e_tps": 38.0}],
-              8: [{"e2e_tps": 170.0, "decode_tps": 190.0}, {"e2e_tps": 180.0, "decode_tps": 200.0}]}
+    rounds = {
+        1: [{"decode_tps": 44.0, "e2e_tps": 40.0}, {"decode_tps": 41.0, "e2e_tps": 38.0}],
+        8: [{"e2e_tps": 170.0, "decode_tps": 190.0}, {"e2e_tps": 180.0, "decode_tps": 200.0}],
+    }
     raw["fp32"]["paired"] = {"single": rounds[1][0], "batch8": rounds[8][1], "rounds": rounds}
     rows = "\n".join(targets(raw, servers, info))
     assert "fp32, OpenBLAS, same rounds" in rows

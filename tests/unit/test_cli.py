@@ -101,8 +101,13 @@ def test_allocator_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_serve_rejects_an_unknown_allocator() -> None:
-    result = subprocess.run([sys.executable, "-m", "gerdsen_ai_server.cli", "serve"], capture_output=True, text=True,
-                            env={**os.environ, "IMPETUS_MALLOC": "tcmalloc"}, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "gerdsen_ai_server.cli", "serve"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "IMPETUS_MALLOC": "tcmalloc"},
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "malloc" in result.stderr
 

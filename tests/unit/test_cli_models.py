@@ -49,8 +49,12 @@ def test_pull_list_rm(hub_env: HubStub, tmp_path: Path, capsys: pytest.CaptureFi
     folder = tmp_path / "test-org--fake-model"
     assert f"pulled {REPO} into {folder}" in out.out
     assert "B/s" in out.err or "B" in out.err  # the tqdm bar
-    assert sorted(p.name for p in folder.iterdir()) == [".impetus-pull.json", "config.json", "model.safetensors",
-                                                       "tokenizer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".impetus-pull.json",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     assert (folder / "model.safetensors").read_bytes() == FILES["model.safetensors"]
 
     (tmp_path / "local-only").mkdir()
@@ -89,8 +93,13 @@ def test_pull_without_a_hub_fails_fast(tmp_path: Path) -> None:
         endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
     env = {**os.environ, "HF_ENDPOINT": endpoint, "IMPETUS_MODELS_DIR": str(tmp_path)}
     began = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "gerdsen_ai_server.cli", "pull", REPO],
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "gerdsen_ai_server.cli", "pull", REPO],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert f"impetus: cannot reach the Hugging Face hub at {endpoint}: " in result.stderr
     assert time.monotonic() - began < 20  # a Python start plus one refused connection

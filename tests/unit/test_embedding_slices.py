@@ -26,7 +26,8 @@ def sliced(model: Any, inputs: list[list[int]], tokens: int) -> tuple[list[list[
 
 
 def test_a_language_model_embeds_a_long_input_in_pieces_as_it_does_whole(
-        tmp_path: Path, converted_default: Path) -> None:
+    tmp_path: Path, converted_default: Path
+) -> None:
     import mlx_lm
 
     model, _ = mlx_lm.load(str(build_tiny_llama(tmp_path / "llama", converted_default)))

@@ -23,12 +23,19 @@ def pooled(hidden: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
     return vector / np.linalg.norm(vector) if normalize else vector
 
 
-@pytest.mark.parametrize(("model_type", "mode", "normalize", "prefix"), [
-    ("bert", "mean", True, ""), ("bert", "cls", False, "bert."), ("xlm-roberta", "lasttoken", True, "roberta."),
-    ("roberta", "mean", False, ""), ("nomic_bert", "mean", True, ""),
-])
-def test_forward_matches_the_numpy_reference(tmp_path: Path, model_type: str, mode: str, normalize: bool,
-                                             prefix: str) -> None:
+@pytest.mark.parametrize(
+    ("model_type", "mode", "normalize", "prefix"),
+    [
+        ("bert", "mean", True, ""),
+        ("bert", "cls", False, "bert."),
+        ("xlm-roberta", "lasttoken", True, "roberta."),
+        ("roberta", "mean", False, ""),
+        ("nomic_bert", "mean", True, ""),
+    ],
+)
+def test_forward_matches_the_numpy_reference(
+    tmp_path: Path, model_type: str, mode: str, normalize: bool, prefix: str
+) -> None:
     folder = build_tiny_bert(tmp_path / "m", model_type=model_type, pooling=mode, normalize=normalize, prefix=prefix)
     model, tokenizer, _ = load_encoder(folder, "float32")
     texts = ["the cat sat on the mat", "blue", "a red dog was on the sea and the sky was blue"]
@@ -58,8 +65,9 @@ def test_loader_detects_and_describes_an_embedding_model(tmp_path: Path) -> None
     assert loaded.context_length == 16  # sentence-transformers' max_seq_length beats the 64 positions
     assert loaded.model.pooling.mode == "cls" and loaded.model.pooling.normalize and loaded.model.matryoshka
     assert loaded.nbytes > 0
-    roberta = LoaderFactory().load(str(build_tiny_bert(tmp_path / "r", model_type="xlm-roberta", pooling=None)),
-                                   tmp_path, trusted=True)
+    roberta = LoaderFactory().load(
+        str(build_tiny_bert(tmp_path / "r", model_type="xlm-roberta", pooling=None)), tmp_path, trusted=True
+    )
     assert roberta.context_length == 64 - 2  # positions start after the padding index
     assert roberta.model.pooling.mode == "mean" and not roberta.model.matryoshka
     nomic = build_tiny_bert(tmp_path / "n", model_type="nomic_bert", pooling="mean")
@@ -70,16 +78,36 @@ def test_loader_detects_and_describes_an_embedding_model(tmp_path: Path) -> None
     assert loaded.context_length == 64  # its trained length (max_trained_positions), not n_positions (128)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda f: (f / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True})),
-     "pooling \\['max'\\] is not supported"),
-    (lambda f: (f / "modules.json").write_text(json.dumps(
-        [{"path": "", "type": "sentence_transformers.models.Transformer"},
-         {"path": "2_Dense", "type": "sentence_transformers.models.Dense"}])), "Dense"),
-    (lambda f: (f / "1_Pooling" / "config.json").unlink(), "1_Pooling/config.json, which says how to pool, is missing"),
-    (lambda f: (f / "config.json").write_text(json.dumps(
-        {**json.loads((f / "config.json").read_text()), "model_type": "distilbert"})), "distilbert embedding model"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda f: (f / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True})),
+            "pooling \\['max'\\] is not supported",
+        ),
+        (
+            lambda f: (f / "modules.json").write_text(
+                json.dumps(
+                    [
+                        {"path": "", "type": "sentence_transformers.models.Transformer"},
+                        {"path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+                    ]
+                )
+            ),
+            "Dense",
+        ),
+        (
+            lambda f: (f / "1_Pooling" / "config.json").unlink(),
+            "1_Pooling/config.json, which says how to pool, is missing",
+        ),
+        (
+            lambda f: (f / "config.json").write_text(
+                json.dumps({**json.loads((f / "config.json").read_text()), "model_type": "distilbert"})
+            ),
+            "distilbert embedding model",
+        ),
+    ],
+)
 def test_unsupported_embedding_folders_are_refused_clearly(tmp_path: Path, change: Any, message: str) -> None:
     folder = build_tiny_bert(tmp_path / "m")
     change(folder)
@@ -109,8 +137,7 @@ def test_a_sentence_transformers_repo_pulled_from_the_hub_loads_with_its_pooling
     finally:
         stub.stop()
     assert not (folder / "onnx").exists()
-    loaded = LoaderFactory().load(str(folder), tmp_path / "models", compute_dtype="float32",
-                                  trusted=True)
+    loaded = LoaderFactory().load(str(folder), tmp_path / "models", compute_dtype="float32", trusted=True)
     assert loaded.kind == "embedding" and loaded.context_length == 20
     assert loaded.model.pooling.mode == "cls" and not loaded.model.pooling.normalize and loaded.model.matryoshka
     ids = loaded.tokenizer.encode("the cat sat")

@@ -150,8 +150,9 @@ def test_missing_default_package_raises_model_not_found(monkeypatch: pytest.Monk
         default_model.default_gguf_path()
 
 
-def test_incomplete_output_folder_not_ours_is_left_alone(tmp_path: Path, default_gguf: Path,
-                                                         converted_default: Path) -> None:
+def test_incomplete_output_folder_not_ours_is_left_alone(
+    tmp_path: Path, default_gguf: Path, converted_default: Path
+) -> None:
     out = tmp_path / "model"
     out.mkdir()
     (out / "config.json").write_text("{}")  # a crash of some older tool, not ours
@@ -172,8 +173,10 @@ def test_two_processes_convert_once(tmp_path: Path) -> None:
         "print(ensure_default_model(Path(sys.argv[1])))"
     )
     root = Path(__file__).resolve().parents[2]
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=root, stdout=subprocess.PIPE)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=root, stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120)[0].decode().strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert outputs == [str(tmp_path / DEFAULT_MODEL_ID)] * 2

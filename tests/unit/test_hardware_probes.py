@@ -111,8 +111,9 @@ NVIDIA_SMI = """\
 
 def test_sysctl_apple_silicon() -> None:
     cpu = apple_cpu(parse_sysctl(SYSCTL_M2_PRO))
-    assert cpu == CpuInfo(brand="Apple M2 Pro", cores_physical=12, cores_logical=12, performance_cores=8,
-                          efficiency_cores=4)
+    assert cpu == CpuInfo(
+        brand="Apple M2 Pro", cores_physical=12, cores_logical=12, performance_cores=8, efficiency_cores=4
+    )
 
 
 def test_sysctl_intel_mac_has_no_core_kinds() -> None:
@@ -121,15 +122,18 @@ def test_sysctl_intel_mac_has_no_core_kinds() -> None:
     assert cpu.performance_cores is None and cpu.efficiency_cores is None
 
 
-@pytest.mark.parametrize(("text", "state", "limit"), [
-    (PMSET_QUIET, "nominal", None),
-    (PMSET_THROTTLED, "serious", 62),
-    (PMSET_THROTTLED.replace("= 62", "= 90"), "fair", 90),
-    (PMSET_THROTTLED.replace("= 62", "= 30"), "critical", 30),
-    (PMSET_THROTTLED.replace("= 62", "= 100"), "nominal", 100),
-    (PMSET_WARNING, "serious", None),
-    (PMSET_WARNING.replace("= 2", "= 0"), "nominal", None),
-])
+@pytest.mark.parametrize(
+    ("text", "state", "limit"),
+    [
+        (PMSET_QUIET, "nominal", None),
+        (PMSET_THROTTLED, "serious", 62),
+        (PMSET_THROTTLED.replace("= 62", "= 90"), "fair", 90),
+        (PMSET_THROTTLED.replace("= 62", "= 30"), "critical", 30),
+        (PMSET_THROTTLED.replace("= 62", "= 100"), "nominal", 100),
+        (PMSET_WARNING, "serious", None),
+        (PMSET_WARNING.replace("= 2", "= 0"), "nominal", None),
+    ],
+)
 def test_pmset_therm(text: str, state: str, limit: int | None) -> None:
     info = parse_pmset_therm(text)
     assert (info.state, info.cpu_speed_limit_percent, info.source) == (state, limit, "pmset")
@@ -152,9 +156,17 @@ def test_system_profiler_two_gpus_with_vram() -> None:
 
 def test_nvidia_smi_csv() -> None:
     h100, rtx = parse_nvidia_smi(NVIDIA_SMI)
-    assert h100 == GpuInfo(vendor="NVIDIA", name="NVIDIA H100 80GB HBM3", index=0, memory_total_bytes=81559 << 20,
-                           memory_used_bytes=1 << 20, utilization_percent=0, temperature_c=31, clock_mhz=345,
-                           clock_max_mhz=1980)
+    assert h100 == GpuInfo(
+        vendor="NVIDIA",
+        name="NVIDIA H100 80GB HBM3",
+        index=0,
+        memory_total_bytes=81559 << 20,
+        memory_used_bytes=1 << 20,
+        utilization_percent=0,
+        temperature_c=31,
+        clock_mhz=345,
+        clock_max_mhz=1980,
+    )
     assert (rtx.index, rtx.clock_mhz, rtx.clock_max_mhz) == (1, None, 3120)  # [N/A] is null
 
 
@@ -191,8 +203,12 @@ def test_sensor_thresholds_map_to_states() -> None:
     assert reading_state(85, 80, 100) == "serious"
     assert reading_state(101, 80, 100) == "critical"
     assert reading_state(90, None, None) == "serious"  # no thresholds: typical CPU limits
-    info = thermal_from_sensors({"coretemp": [Temp("Package id 0", 55.0, 80.0, 100.0), Temp("Core 0", 86.0, 80.0, 100.0)],
-                                 "acpitz": [Temp("", 30.0, None, None)]})
+    info = thermal_from_sensors(
+        {
+            "coretemp": [Temp("Package id 0", 55.0, 80.0, 100.0), Temp("Core 0", 86.0, 80.0, 100.0)],
+            "acpitz": [Temp("", 30.0, None, None)],
+        }
+    )
     assert info.state == "serious" and info.source == "psutil" and len(info.sensors) == 3
     assert info.sensors[2].label == "acpitz"
     with pytest.raises(ProbeUnavailable):
@@ -252,8 +268,15 @@ def test_a_failing_probe_reads_as_null_with_a_reason() -> None:
 
 def stub_engine(**stats: Any) -> SimpleNamespace:
     limits: list[int | None] = []
-    engine = SimpleNamespace(max_batch=8, batch_limit=None, compute_dtype="float32", limits=limits,
-                             stats=lambda: EngineStats(**stats), models=lambda: [], is_alive=lambda: True)
+    engine = SimpleNamespace(
+        max_batch=8,
+        batch_limit=None,
+        compute_dtype="float32",
+        limits=limits,
+        stats=lambda: EngineStats(**stats),
+        models=lambda: [],
+        is_alive=lambda: True,
+    )
     engine.set_batch_limit = lambda n: (limits.append(n), setattr(engine, "batch_limit", n))
     return engine
 
@@ -272,8 +295,12 @@ def test_injected_thermal_state_drives_the_governor() -> None:
     events: list[tuple[str, dict[str, Any]]] = []
     bus = EventBus()
     bus.subscribe(lambda kind, payload: events.append((kind, payload)))
-    monitor = Monitor(engine, InjectedThermal(BrokenProbe(), "critical"), bus,  # type: ignore[arg-type]
-                      thermal_batch_size=2)
+    monitor = Monitor(
+        engine,
+        InjectedThermal(BrokenProbe(), "critical"),
+        bus,  # type: ignore[arg-type]
+        thermal_batch_size=2,
+    )
     monitor.tick()
     assert engine.limits == [2] and monitor.thermal is not None and monitor.thermal.source == "injected"
     kind, payload = events[-1]

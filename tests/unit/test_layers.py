@@ -27,8 +27,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "gerdsen_ai_server"
 RANKS: dict[str, float] = {
-    "app": 8, "cli": 8, "api": 7, "web": 6, "serving": 5, "services": 4.5, "monitoring": 4,
-    "engine": 3, "store": 2, "schemas": 1, "runtime": 1, "config": 0, "events": 0, "errors": 0, "": 0,
+    "app": 8,
+    "cli": 8,
+    "api": 7,
+    "web": 6,
+    "serving": 5,
+    "services": 4.5,
+    "monitoring": 4,
+    "engine": 3,
+    "store": 2,
+    "schemas": 1,
+    "runtime": 1,
+    "config": 0,
+    "events": 0,
+    "errors": 0,
+    "": 0,
 }
 NO_FLASK = ("engine", "store", "schemas", "runtime", "monitoring")  # below the web: no Flask, no Werkzeug
 NO_MLX = ("store", "schemas", "runtime", "config", "events", "errors")
@@ -50,7 +63,8 @@ def layer(module: str) -> str:
 def _type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports(path: Path) -> list[tuple[int, str]]:
@@ -74,8 +88,9 @@ def imports(path: Path) -> list[tuple[int, str]]:
                 base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
             found.append((node.lineno, base))
             for alias in node.names:  # ``from pkg import module`` imports the module
-                if (PACKAGE.parent / (base.replace(".", "/") + "/" + alias.name + ".py")).exists() or \
-                        (PACKAGE.parent / base.replace(".", "/") / alias.name / "__init__.py").exists():
+                if (PACKAGE.parent / (base.replace(".", "/") + "/" + alias.name + ".py")).exists() or (
+                    PACKAGE.parent / base.replace(".", "/") / alias.name / "__init__.py"
+                ).exists():
                     found.append((node.lineno, f"{base}.{alias.name}"))
     return found
 
@@ -106,14 +121,17 @@ def test_imports_point_down() -> None:
             if there == here or dep == "gerdsen_ai_server":  # within a package; the package's __version__
                 continue
             if RANKS.get(there, 99) >= RANKS.get(here, -1):
-                wrong.append(f"{module}:{line} imports {dep} ({here or 'base'} {RANKS.get(here)} -> "
-                             f"{there or 'base'} {RANKS.get(there)}: up or sideways)")
+                wrong.append(
+                    f"{module}:{line} imports {dep} ({here or 'base'} {RANKS.get(here)} -> "
+                    f"{there or 'base'} {RANKS.get(there)}: up or sideways)"
+                )
     assert not wrong, "imports must point down only:\n" + "\n".join(wrong)
 
 
 def test_no_import_cycles() -> None:
-    edges = {m: sorted({d for _, d in deps if d.startswith("gerdsen_ai_server") and d != m})
-             for m, deps in graph().items()}
+    edges = {
+        m: sorted({d for _, d in deps if d.startswith("gerdsen_ai_server") and d != m}) for m, deps in graph().items()
+    }
     modules = set(edges)
     # A dependency on a name inside a module counts as one on the module.
     for m, deps in edges.items():
@@ -156,8 +174,9 @@ def test_no_import_cycles() -> None:
 
 def _init_reexport(component: list[str]) -> bool:
     """``cli`` <-> ``cli.commands``: the package's __init__ names its submodule's function."""
-    return len(component) == 2 and (component[0].startswith(component[1] + ".") or
-                                     component[1].startswith(component[0] + "."))
+    return len(component) == 2 and (
+        component[0].startswith(component[1] + ".") or component[1].startswith(component[0] + ".")
+    )
 
 
 @pytest.mark.parametrize("module", ["gerdsen_ai_server.engine", "gerdsen_ai_server.store"])
@@ -165,9 +184,11 @@ def test_layer_never_imports_flask_at_runtime(module: str) -> None:
     import subprocess
     import sys
 
-    code = (f"import sys, pkgutil, importlib, {module} as p\n"
-            f"[importlib.import_module(m.name) for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.')]\n"
-            "print('flask' in sys.modules)")
+    code = (
+        f"import sys, pkgutil, importlib, {module} as p\n"
+        f"[importlib.import_module(m.name) for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.')]\n"
+        "print('flask' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False", f"importing {module} pulls in Flask"

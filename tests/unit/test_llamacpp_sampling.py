@@ -45,9 +45,11 @@ def test_a_seed_reproduces_and_no_seed_varies() -> None:
 
 def test_logit_bias_and_penalties_change_the_logits() -> None:
     assert set(draw(SamplingParams(temperature=0, logit_bias={5: 100.0}), 5)) == {5}
-    for params in (SamplingParams(temperature=0, presence_penalty=2.0),
-                   SamplingParams(temperature=0, frequency_penalty=2.0),
-                   SamplingParams(temperature=0, repetition_penalty=10.0)):
+    for params in (
+        SamplingParams(temperature=0, presence_penalty=2.0),
+        SamplingParams(temperature=0, frequency_penalty=2.0),
+        SamplingParams(temperature=0, repetition_penalty=10.0),
+    ):
         sampler = Sampler(params, None)
         first = sampler.sample(_log_softmax(sampler.process(LOGITS)))
         sampler.accept(first)

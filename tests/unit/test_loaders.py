@@ -29,8 +29,13 @@ def answer(loaded: LoadedModel) -> str:
 
 @pytest.mark.parametrize(
     ("name", "kind"),
-    [("model.onnx", "ONNX"), ("pytorch_model.bin", "PyTorch"), ("model.pt", "PyTorch"),
-     ("model.pth", "PyTorch"), ("Model.mlmodel", "CoreML")],
+    [
+        ("model.onnx", "ONNX"),
+        ("pytorch_model.bin", "PyTorch"),
+        ("model.pt", "PyTorch"),
+        ("model.pth", "PyTorch"),
+        ("Model.mlmodel", "CoreML"),
+    ],
 )
 def test_foreign_files_are_refused_with_convert_hint(tmp_path: Path, name: str, kind: str) -> None:
     path = tmp_path / name
@@ -81,8 +86,9 @@ def test_resolve_default_id_name_and_path(models_dir: Path, converted_default: P
     assert factory.resolve(str(converted_default), Path("/nonexistent"), trusted=True) == converted_default
 
 
-def test_resolve_gguf_converts_once_into_models_dir(tmp_path: Path, default_gguf: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_gguf_converts_once_into_models_dir(
+    tmp_path: Path, default_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # In auto mode a user's GGUF runs on llama.cpp as is; the options given say mlx, and the loader
     # never reads the environment (settings are handed down), so IMPETUS_BACKEND there changes nothing.
     monkeypatch.setenv("IMPETUS_BACKEND", "llamacpp")
@@ -142,8 +148,9 @@ def test_context_length_falls_back_to_2048(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16", None])
-def test_load_in_steps_matches_a_whole_load(models_dir: Path, converted_default: Path,
-                                            compute_dtype: str | None) -> None:
+def test_load_in_steps_matches_a_whole_load(
+    models_dir: Path, converted_default: Path, compute_dtype: str | None
+) -> None:
     """What the engine interleaves with decoding: many bounded steps, the same weights as mlx-lm's
     eager load followed by the conversion (dequantize to float32, or cast)."""
     import mlx_lm

@@ -42,8 +42,9 @@ print(process.memory_info().rss - base - sum(a.nbytes for a in kept), malloc_inf
 
 
 def kept_after_free(threshold: int) -> tuple[int, int]:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(threshold)], capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(threshold)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
     return int(out[0]), int(out[1])
 
 
@@ -55,7 +56,9 @@ def test_fixed_threshold_returns_freed_buffers() -> None:
 
 def test_glibc_default_keeps_them() -> None:
     rss_kept, heap_free = kept_after_free(0)
-    assert rss_kept > 96 << 20, f"glibc's default kept only {rss_kept >> 20} MiB: the control no longer shows the problem"
+    assert rss_kept > 96 << 20, (
+        f"glibc's default kept only {rss_kept >> 20} MiB: the control no longer shows the problem"
+    )
     assert heap_free > 96 << 20
 
 
@@ -106,8 +109,9 @@ print(allocator(), faults, rss_kept())
 def reuse(threshold: int, jemalloc: bool) -> tuple[str, int, int]:
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_CONF", "IMPETUS_MALLOC")}
     env = allocator_env({**env, "IMPETUS_MALLOC": "jemalloc" if jemalloc else "glibc"})
-    out = subprocess.run([sys.executable, "-c", REUSE, str(threshold)], capture_output=True, text=True, env=env,
-                         timeout=120, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", REUSE, str(threshold)], capture_output=True, text=True, env=env, timeout=120, check=True
+    ).stdout.split()
     return out[0], int(out[1]), int(out[2])
 
 

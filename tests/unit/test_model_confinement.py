@@ -52,9 +52,32 @@ def tree(tmp_path: Path) -> tuple[Path, Path]:
     return models, outside
 
 
-REFUSED = ["/etc/passwd", "/etc/no-such-file", "~/x", "~", "~root/.ssh", "~no-such-user/x", "../outside/secret",
-           "..", ".", "", "  ", "tiny/../escape", "org/tiny/extra", "a\\b", "..\\outside", "tiny\x00", ".impetus",
-           "escape", "leaky", "no-such-model", "x" * 5000, "tiny\n", "/", "//etc/passwd"]
+REFUSED = [
+    "/etc/passwd",
+    "/etc/no-such-file",
+    "~/x",
+    "~",
+    "~root/.ssh",
+    "~no-such-user/x",
+    "../outside/secret",
+    "..",
+    ".",
+    "",
+    "  ",
+    "tiny/../escape",
+    "org/tiny/extra",
+    "a\\b",
+    "..\\outside",
+    "tiny\x00",
+    ".impetus",
+    "escape",
+    "leaky",
+    "no-such-model",
+    "x" * 5000,
+    "tiny\n",
+    "/",
+    "//etc/passwd",
+]
 
 
 @pytest.mark.parametrize("spec", REFUSED)
@@ -85,8 +108,12 @@ def test_model_paths_allow_a_listed_outside_path_and_nothing_beside_it(tree: tup
     assert confine(str(outside / "secret.gguf"), models, allowed) == outside / "secret.gguf"
     assert confine("escape", models, allowed) == models / "escape"  # its target is listed now
     assert confine("leaky", models, allowed) == models / "leaky"
-    for spec in (str(outside), str(outside / "secret" / ".." / "secret.gguf"), "/etc/passwd",
-                 str(models.parent / "models" / "tiny")):  # only the listed paths, never by their side
+    for spec in (
+        str(outside),
+        str(outside / "secret" / ".." / "secret.gguf"),
+        "/etc/passwd",
+        str(models.parent / "models" / "tiny"),
+    ):  # only the listed paths, never by their side
         with pytest.raises(ModelNotFound):
             confine(spec, models, allowed)
     (outside / "secret" / "link").symlink_to("/etc")  # inside a listed folder, leading out of it
@@ -105,12 +132,12 @@ def test_error_text_that_leaves_the_engine_names_no_host_path(tree: tuple[Path, 
     models, outside = tree
     text = f"cannot load model from {models}/broken: see {Path.home()}/.cache/x and {outside}/secret/model"
     redacted = redact_paths(text, models, model_paths(str(outside / "secret")))
-    assert redacted == ("cannot load model from <models_dir>/broken: see ~/.cache/x and "
-                        "<model_paths>/secret/model")
+    assert redacted == ("cannot load model from <models_dir>/broken: see ~/.cache/x and <model_paths>/secret/model")
     assert redact_paths("the models dir holds models", Path("models")) == "the models dir holds models"
 
 
 # ---- item 2: conversion never deletes what it did not create -----------------------------------
+
 
 @pytest.fixture
 def gguf_models(tmp_path: Path, default_gguf: Path) -> Path:

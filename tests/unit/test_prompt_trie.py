@@ -40,12 +40,16 @@ def test_search_agrees_with_mlx_lm(seed: int) -> None:
         if stored(theirs, tokens):
             theirs.pop("m", tokens)
             ours.pop("m", tokens)
-    queries = [e[: rng.randrange(0, len(e) + 1)] + [rng.randrange(8) for _ in range(rng.randrange(0, 4))]
-               for e in entries] + entries
+    queries = [
+        e[: rng.randrange(0, len(e) + 1)] + [rng.randrange(8) for _ in range(rng.randrange(0, 4))] for e in entries
+    ] + entries
     for query in queries:
         expected, got = theirs.search("m", query), ours.search("m", query)
-        assert (got.exact, got.shorter, got.common_prefix) == (expected.exact, expected.shorter,
-                                                               expected.common_prefix), query
+        assert (got.exact, got.shorter, got.common_prefix) == (
+            expected.exact,
+            expected.shorter,
+            expected.common_prefix,
+        ), query
         assert (got.longer is None) == (expected.longer is None), query
         if got.longer is not None:  # maybe another of the sequences extending the common prefix
             assert got.longer[: got.common_prefix] == query[: got.common_prefix]

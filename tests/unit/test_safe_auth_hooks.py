@@ -68,14 +68,29 @@ def test_keys_shorter_than_16_characters_stop_the_start(setting: str, tmp_path: 
 
 
 def test_management_is_every_change_under_api_and_the_admin_reads() -> None:
-    for method, path in [("POST", "/api/models/load"), ("POST", "/api/models/unload"), ("POST", "/api/models/pull"),
-                         ("DELETE", "/api/models/pulls/x"), ("DELETE", "/api/models/org/name"),
-                         ("POST", "/api/models/x/benchmark"), ("GET", "/api/config"), ("GET", "/api/requests"),
-                         ("DELETE", "/api/requests/r1"), ("PATCH", "/api/anything-new")]:
+    for method, path in [
+        ("POST", "/api/models/load"),
+        ("POST", "/api/models/unload"),
+        ("POST", "/api/models/pull"),
+        ("DELETE", "/api/models/pulls/x"),
+        ("DELETE", "/api/models/org/name"),
+        ("POST", "/api/models/x/benchmark"),
+        ("GET", "/api/config"),
+        ("GET", "/api/requests"),
+        ("DELETE", "/api/requests/r1"),
+        ("PATCH", "/api/anything-new"),
+    ]:
         assert needs_admin(method, path), (method, path)
-    for method, path in [("GET", "/api/models"), ("GET", "/api/models/pulls"), ("GET", "/api/hardware"),
-                         ("GET", "/api/configuration"), ("POST", "/v1/chat/completions"), ("OPTIONS", "/api/config"),
-                         ("HEAD", "/api/models"), ("GET", "/api/models/x/benchmark")]:
+    for method, path in [
+        ("GET", "/api/models"),
+        ("GET", "/api/models/pulls"),
+        ("GET", "/api/hardware"),
+        ("GET", "/api/configuration"),
+        ("POST", "/v1/chat/completions"),
+        ("OPTIONS", "/api/config"),
+        ("HEAD", "/api/models"),
+        ("GET", "/api/models/x/benchmark"),
+    ]:
         assert not needs_admin(method, path), (method, path)
 
 
@@ -96,15 +111,25 @@ def test_scope_refusals_and_no_keys_open() -> None:
 
 def test_only_json_bodies_reach_a_view() -> None:
     client = make_app().test_client()
-    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-                         "application/jsonx", "text/json", ""):
+    for content_type in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonx",
+        "text/json",
+        "",
+    ):
         r = client.post("/v1/chat/completions", data=b"{}", content_type=content_type or None)
         assert r.status_code == 415, content_type
         assert r.get_json()["error"]["code"] == "unsupported_media_type"
     r = client.post("/api/models/load", data=b"", content_type="application/x-www-form-urlencoded")
     assert r.status_code == 415  # an empty form is still a form
-    for content_type in ("application/json", "application/json; charset=utf-8", "Application/JSON",
-                         "application/vnd.impetus+json"):
+    for content_type in (
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "application/vnd.impetus+json",
+    ):
         assert client.post("/v1/chat/completions", data=b"{}", content_type=content_type).status_code == 200
     assert client.post("/api/models/load").status_code == 200  # no body, no type: nothing to misread
     assert client.get("/api/models", data=b"x", content_type="text/plain").status_code == 200  # reads are safe
@@ -142,8 +167,7 @@ def test_config_masks_passwords_in_urls() -> None:
         "redis://h/0?password=hunter2": f"redis://h/0?password={mask}",
         "redis://h:6379/0?db=1&Password=hunter2&ssl=true": f"redis://h:6379/0?db=1&Password={mask}&ssl=true",
         "rediss://:hunter2@h:6380/0": f"rediss://:{mask}@h:6380/0",
-        "https://hunter2@hub.example/x?sig=hunter2&access_token=hunter2":
-            f"https://{mask}@hub.example/x?sig={mask}&access_token={mask}",
+        "https://hunter2@hub.example/x?sig=hunter2&access_token=hunter2": f"https://{mask}@hub.example/x?sig={mask}&access_token={mask}",
         "redis://user:hunter2@[::1]:6379": f"redis://user:{mask}@[::1]:6379",
         "redis://h:notaport/0?password=hunter2": mask,  # does not parse: masked whole
         "http://host:80/x?q=1": "http://host:80/x?q=1",

@@ -14,7 +14,10 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 def test_chat_request_defaults_and_text_parts() -> None:
     req = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        }
     )
     assert req.messages[0].text() == "ab"
     assert req.temperature == 1.0 and req.stream is False and req.stop_list() == []
@@ -43,7 +46,9 @@ def test_known_but_unsupported_options_are_reported() -> None:
     assert ChatCompletionRequest(model="m", messages=MESSAGES, functions=[{}]).unsupported() == "functions"  # type: ignore[arg-type]
     assert ChatCompletionRequest(model="m", messages=MESSAGES, logprobs=True, top_logprobs=2).logprob_count() == 2  # type: ignore[arg-type]
     assert ChatCompletionRequest(model="m", messages=MESSAGES).logprob_count() is None  # type: ignore[arg-type]
-    assert ChatCompletionRequest(model="m", messages=MESSAGES, response_format={"type": "json_object"}).json_schema() == {"type": "object"}  # type: ignore[arg-type]
+    assert ChatCompletionRequest(
+        model="m", messages=MESSAGES, response_format={"type": "json_object"}
+    ).json_schema() == {"type": "object"}  # type: ignore[arg-type]
     assert ChatCompletionRequest(model="m", messages=MESSAGES, response_format={"type": "text"}).json_schema() is None  # type: ignore[arg-type]
     fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "integer"}}}
     assert ChatCompletionRequest(model="m", messages=MESSAGES, response_format=fmt).json_schema() == {"type": "integer"}  # type: ignore[arg-type]

@@ -17,8 +17,13 @@ def test_every_setting_with_its_variable() -> None:
     body = client(max_batch=3).get("/api/config").json
     entries = {e["name"]: e for e in body["data"]}
     assert set(entries) == set(Settings.model_fields)
-    assert entries["max_batch"] == {"name": "max_batch", "env": "IMPETUS_MAX_BATCH", "value": 3, "secret": False,
-                                    "description": Settings.model_fields["max_batch"].description}
+    assert entries["max_batch"] == {
+        "name": "max_batch",
+        "env": "IMPETUS_MAX_BATCH",
+        "value": 3,
+        "secret": False,
+        "description": Settings.model_fields["max_batch"].description,
+    }
     assert isinstance(entries["models_dir"]["value"], str)
 
 

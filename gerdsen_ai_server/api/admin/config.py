@@ -13,6 +13,7 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from flask import Blueprint, Response, jsonify
 
+from gerdsen_ai_server import __version__
 from gerdsen_ai_server.config import Settings
 from gerdsen_ai_server.schemas.server import ConfigEntry, ConfigList
 from gerdsen_ai_server.services import services
@@ -51,8 +52,10 @@ def without_password(url: str) -> str:
         user = parts.username or ""
         userinfo = f"{user}:{MASK}" if parts.password is not None else MASK
         netloc = f"{userinfo}@{host}" + (f":{port}" if port is not None else "")
-    query = "&".join(f"{name}={MASK}" if secret_param(unquote_plus(name)) and sep else f"{name}{sep}{value}"
-                     for name, sep, value in (pair.partition("=") for pair in parts.query.split("&")))
+    query = "&".join(
+        f"{name}={MASK}" if secret_param(unquote_plus(name)) and sep else f"{name}{sep}{value}"
+        for name, sep, value in (pair.partition("=") for pair in parts.query.split("&"))
+    )
     return urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else ""))
 
 
@@ -72,8 +75,13 @@ def shown(name: str, value: Any) -> Any:
 def entries(settings: Settings) -> list[ConfigEntry]:
     prefix = Settings.model_config.get("env_prefix", "")
     return [
-        ConfigEntry(name=name, env=f"{prefix}{name.upper()}", value=shown(name, getattr(settings, name)),
-                    secret=is_secret(name), description=field.description)
+        ConfigEntry(
+            name=name,
+            env=f"{prefix}{name.upper()}",
+            value=shown(name, getattr(settings, name)),
+            secret=is_secret(name),
+            description=field.description,
+        )
         for name, field in Settings.model_fields.items()
     ]
 
@@ -81,4 +89,4 @@ def entries(settings: Settings) -> list[ConfigEntry]:
 @bp.get("/config")
 def config() -> Response:
     settings: Settings = services().settings
-    return jsonify(ConfigList(data=entries(settings)).model_dump(mode="json"))
+    return jsonify(ConfigList(data=entries(settings), version=__version__).model_dump(mode="json"))

@@ -33,8 +33,11 @@ def list_models() -> Response:
     registry = engine.registry
     residents = {r.loaded.model_id: resident_info(r) for r in engine.residents()}
     local = [m for m in local_models() if m.id not in residents]
-    overview = ModelsOverview(data=[*residents.values(), *local], memory_budget_bytes=registry.budget_bytes,
-                              memory_used_bytes=registry.used_bytes())
+    overview = ModelsOverview(
+        data=[*residents.values(), *local],
+        memory_budget_bytes=registry.budget_bytes,
+        memory_used_bytes=registry.used_bytes(),
+    )
     return jsonify(overview.model_dump())
 
 
@@ -54,8 +57,13 @@ def load_model() -> Response:
     body = parse_body(LoadRequest, request.get_data(cache=False))
     resident = load(body.model, body.keep_alive)
     if body.warmup and resident.loaded.kind == "embedding":
-        raise APIError(400, f"'{resident.loaded.model_id}' is loaded, but it is an embedding model: warm-up runs "
-                       "generation, which it cannot do.", param="warmup", code="model_not_supported")
+        raise APIError(
+            400,
+            f"'{resident.loaded.model_id}' is loaded, but it is an embedding model: warm-up runs "
+            "generation, which it cannot do.",
+            param="warmup",
+            code="model_not_supported",
+        )
     if body.warmup and resident.warmup is None:
         with engine_errors(resident.loaded.model_id):
             resident.warmup = warm_up(services().engine, resident.loaded)  # a new load starts without one
@@ -77,8 +85,12 @@ class engine_errors:  # noqa: N801  (a context manager used like a function)
         if isinstance(exc, ContextLengthExceeded):
             raise APIError(400, str(exc), param="prompt_tokens", code="context_length_exceeded") from None
         if isinstance(exc, (BenchmarkFailed, EngineGone, ModelNotFound)):
-            raise APIError(503, f"The run on '{self.model_id}' failed: {exc}", code="benchmark_failed",
-                           headers={"Retry-After": "1"}) from None
+            raise APIError(
+                503,
+                f"The run on '{self.model_id}' failed: {exc}",
+                code="benchmark_failed",
+                headers={"Retry-After": "1"},
+            ) from None
 
 
 @bp.post("/<path:model_id>/benchmark")
@@ -89,13 +101,21 @@ def run_benchmark(model_id: str) -> Response:
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
     store = require(services().benchmarks, "benchmarks")
     if not store.claim(model_id):
-        raise APIError(409, f"A benchmark of '{model_id}' is already running; wait for it to finish.",
-                       param="model", code="benchmark_running")
+        raise APIError(
+            409,
+            f"A benchmark of '{model_id}' is already running; wait for it to finish.",
+            param="model",
+            code="benchmark_running",
+        )
     try:
         loaded = load(model_id).loaded
         if loaded.kind == "embedding":
-            raise APIError(400, f"'{model_id}' is an embedding model; the benchmark measures generation.",
-                           param="model", code="model_not_supported")
+            raise APIError(
+                400,
+                f"'{model_id}' is an embedding model; the benchmark measures generation.",
+                param="model",
+                code="model_not_supported",
+            )
         with engine_errors(model_id):
             result = benchmark(services().engine, loaded, body.prompt_tokens, body.max_tokens)
     finally:

@@ -58,7 +58,7 @@ def pulls() -> PullManager:
     return require(services().pulls, "pulls")
 
 
-def _status(state: dict) -> dict:  # type: ignore[type-arg]
+def _status(state: dict) -> dict:
     return PullStatus.model_validate(state).model_dump()
 
 
@@ -68,8 +68,7 @@ def start_pull() -> tuple[Response, int]:
     try:
         state = pulls().start(body.model, revision=body.revision, gguf=body.gguf)
     except PullQueueFull as exc:
-        raise APIError(429, str(exc), code="too_many_pulls",
-                       headers={"Retry-After": str(PULL_RETRY_AFTER_S)}) from None
+        raise APIError(429, str(exc), code="too_many_pulls", headers={"Retry-After": str(PULL_RETRY_AFTER_S)}) from None
     except hub.PullError as exc:
         raise APIError(400, str(exc), param="model", code="invalid_value") from None
     response = jsonify(_status(state))
@@ -82,7 +81,7 @@ def list_pulls() -> Response:
     return jsonify(PullList.model_validate({"data": pulls().list()}).model_dump())
 
 
-def _pull_or_404(state: dict | None, pull_id: str) -> dict:  # type: ignore[type-arg]
+def _pull_or_404(state: dict | None, pull_id: str) -> dict:
     if state is None:
         raise APIError(404, f"No pull with id '{pull_id}'.", param="id", code="pull_not_found")
     return state
@@ -104,21 +103,39 @@ def delete_model(model_id: str) -> Response:
     try:
         path = local_models.find(models_dir, model_id)
     except ModelNotFound:
-        raise APIError(404, f"The model '{model_id}' is not in the models dir.", param="model",
-                       code="model_not_found") from None
+        raise APIError(
+            404, f"The model '{model_id}' is not in the models dir.", param="model", code="model_not_found"
+        ) from None
     resolved = path.resolve()
-    loaded = [r for r in services().engine.residents() if r.loaded.model_id == model_id
-              or r.loaded.path.resolve() == resolved or resolved in r.loaded.path.resolve().parents]
+    loaded = [
+        r
+        for r in services().engine.residents()
+        if r.loaded.model_id == model_id
+        or r.loaded.path.resolve() == resolved
+        or resolved in r.loaded.path.resolve().parents
+    ]
     if any(r.pinned for r in loaded) or model_id == services().settings.default_model:
-        raise APIError(409, f"The model '{model_id}' is the server's default model (IMPETUS_DEFAULT_MODEL), pinned "
-                       "so that the server stays ready: it cannot be deleted while the server runs.",
-                       param="model", code="model_pinned")
+        raise APIError(
+            409,
+            f"The model '{model_id}' is the server's default model (IMPETUS_DEFAULT_MODEL), pinned "
+            "so that the server stays ready: it cannot be deleted while the server runs.",
+            param="model",
+            code="model_pinned",
+        )
     if loaded:
-        raise APIError(409, f"The model '{model_id}' is loaded; unload it first (POST /api/models/unload).",
-                       param="model", code="model_loaded")
+        raise APIError(
+            409,
+            f"The model '{model_id}' is loaded; unload it first (POST /api/models/unload).",
+            param="model",
+            code="model_loaded",
+        )
     if local_models.model_id(path) in pulls().active_repos():
-        raise APIError(409, f"The model '{model_id}' is being pulled; cancel the pull first.", param="model",
-                       code="pull_in_progress")
+        raise APIError(
+            409,
+            f"The model '{model_id}' is being pulled; cancel the pull first.",
+            param="model",
+            code="pull_in_progress",
+        )
     local_models.remove(models_dir, model_id)
     services().engine.events.publish("model_event", event="deleted", model=model_id)
     return jsonify(ModelDeleted(id=model_id).model_dump())
@@ -170,15 +187,23 @@ def _hub_entry(info: ModelInfo, dtype: str | None, budget: int, models_dir: Path
     curated = next((m for m in catalogue.CATALOGUE if m.id == repo_id), None)
     memory = catalogue.memory_bytes(parameters, size, dtype)
     return DiscoveredModel(
-        id=repo_id, source="hub", description=curated.description if curated else None,
-        parameters=parameters, quantization=catalogue.quantization_from_name(repo_id), size_bytes=size,
-        memory_bytes=memory, fits=None if memory is None else memory <= budget,
-        downloads=info.downloads, local=(models_dir / hub.folder_name(repo_id)).is_dir(),
+        id=repo_id,
+        source="hub",
+        description=curated.description if curated else None,
+        parameters=parameters,
+        quantization=catalogue.quantization_from_name(repo_id),
+        size_bytes=size,
+        memory_bytes=memory,
+        fits=None if memory is None else memory <= budget,
+        downloads=info.downloads,
+        local=(models_dir / hub.folder_name(repo_id)).is_dir(),
     )
 
 
-def _discovered(source: str, query: str | None, budget: int, data: list[DiscoveredModel],
-                hub_error: str | None) -> Response:
-    body = DiscoverResponse.model_validate({"source": source, "query": query, "memory_budget_bytes": budget,
-                                            "hub_error": hub_error, "data": data})
+def _discovered(
+    source: str, query: str | None, budget: int, data: list[DiscoveredModel], hub_error: str | None
+) -> Response:
+    body = DiscoverResponse.model_validate(
+        {"source": source, "query": query, "memory_budget_bytes": budget, "hub_error": hub_error, "data": data}
+    )
     return jsonify(body.model_dump())

@@ -27,8 +27,12 @@ def list_requests() -> Response:
 @bp.delete("/<request_id>")
 def cancel_request(request_id: str) -> Response:
     if not REQUEST_ID.fullmatch(request_id):
-        raise APIError(400, "A request id is 32 lowercase hex digits, as GET /api/requests lists them.",
-                       param="id", code="invalid_value")
+        raise APIError(
+            400,
+            "A request id is 32 lowercase hex digits, as GET /api/requests lists them.",
+            param="id",
+            code="invalid_value",
+        )
     entry = table().get(request_id)
     if entry is None:
         raise APIError(404, f"No request '{request_id}' is running.", param="id", code="request_not_found")

@@ -25,6 +25,7 @@ def get_model(model_id: str) -> Response:
     engine = services().engine
     resident = engine.registry.get(model_id)
     if resident is None:
-        raise APIError(404, f"The model '{model_id}' does not exist or is not loaded.", param="model",
-                       code="model_not_found")
+        raise APIError(
+            404, f"The model '{model_id}' does not exist or is not loaded.", param="model", code="model_not_found"
+        )
     return jsonify(model_card(resident.loaded, int(engine.started_at)).model_dump())

@@ -21,7 +21,7 @@ from typing import Any
 from apispec import APISpec
 from flask import Blueprint, Response, abort, current_app, jsonify, send_from_directory
 from pydantic import BaseModel
-from pydantic.json_schema import CoreModeRef, DefsRef, GenerateJsonSchema, models_json_schema
+from pydantic.json_schema import CoreModeRef, DefsRef, GenerateJsonSchema, JsonSchemaMode, models_json_schema
 
 from gerdsen_ai_server import __version__
 from gerdsen_ai_server.schemas import anthropic, embeddings, hardware, health, models, openai, pulls, responses, server
@@ -75,120 +75,314 @@ ERROR_STATUSES = {
 RATE_HEADERS = {
     "x-ratelimit-limit-requests": {"description": "Requests allowed per window.", "schema": {"type": "string"}},
     "x-ratelimit-remaining-requests": {"description": "Requests left in this window.", "schema": {"type": "string"}},
-    "x-ratelimit-reset-requests": {"description": "Time until the window resets, e.g. `12s`.",
-                                   "schema": {"type": "string"}},
+    "x-ratelimit-reset-requests": {
+        "description": "Time until the window resets, e.g. `12s`.",
+        "schema": {"type": "string"},
+    },
     "X-Request-ID": {"description": "This request's id (the client's, if valid).", "schema": {"type": "string"}},
 }
 ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["message", "type"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
-    }},
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
 }
 ANTHROPIC_ERROR_SCHEMA = {
     "type": "object",
     "required": ["type", "error"],
-    "properties": {"type": {"const": "error"}, "error": {
-        "type": "object", "required": ["type", "message"],
-        "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
-    }},
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
 }
 # With `stream: true`. The schema describes one event, as OpenAPI 3.2's itemSchema does for SSE.
-SSE = {"text/event-stream": {"schema": {
-    "type": "object",
-    "description": "Server-Sent Events: `data:` JSON chunks (and `event:` names on the Anthropic and Responses "
-                   "APIs); the OpenAI APIs end with `data: [DONE]`.",
-    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}},
-}}}
+SSE = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "description": "Server-Sent Events: `data:` JSON chunks (and `event:` names on the Anthropic and Responses "
+            "APIs); the OpenAI APIs end with `data: [DONE]`.",
+            "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}},
+        }
+    }
+}
 
 # (path, method, tag, summary, request model, response model or JSON schema, streams, secured)
 Operation = tuple[str, str, str, str, type[BaseModel] | None, type[BaseModel] | dict[str, Any], bool, bool]
 OPERATIONS: list[Operation] = [
-    ("/v1/chat/completions", "post", "OpenAI", "Create a chat completion",
-     openai.ChatCompletionRequest, openai.ChatCompletion, True, True),
-    ("/v1/completions", "post", "OpenAI", "Create a text completion",
-     openai.CompletionRequest, openai.Completion, True, True),
-    ("/v1/embeddings", "post", "OpenAI", "Embed text (mean-pooled hidden states of a language model)",
-     embeddings.EmbeddingRequest, embeddings.EmbeddingList, False, True),
+    (
+        "/v1/chat/completions",
+        "post",
+        "OpenAI",
+        "Create a chat completion",
+        openai.ChatCompletionRequest,
+        openai.ChatCompletion,
+        True,
+        True,
+    ),
+    (
+        "/v1/completions",
+        "post",
+        "OpenAI",
+        "Create a text completion",
+        openai.CompletionRequest,
+        openai.Completion,
+        True,
+        True,
+    ),
+    (
+        "/v1/embeddings",
+        "post",
+        "OpenAI",
+        "Embed text (mean-pooled hidden states of a language model)",
+        embeddings.EmbeddingRequest,
+        embeddings.EmbeddingList,
+        False,
+        True,
+    ),
     ("/v1/models", "get", "OpenAI", "List the loaded models", None, openai.ModelList, False, True),
     ("/v1/models/{model_id}", "get", "OpenAI", "Describe a loaded model", None, openai.ModelCard, False, True),
-    ("/v1/responses", "post", "OpenAI", "Create a response (stateless Responses API)",
-     responses.ResponsesRequest, responses.ResponseObject, True, True),
-    ("/v1/messages", "post", "Anthropic", "Create a message (Anthropic Messages API)",
-     anthropic.MessagesRequest, anthropic.MessageResponse, True, True),
-    ("/v1/messages/count_tokens", "post", "Anthropic", "Count a message's input tokens",
-     anthropic.CountTokensRequest, anthropic.CountTokensResponse, False, True),
-    ("/api/models", "get", "Models", "Resident and local models, with the memory budget",
-     None, models.ModelsOverview, False, True),
-    ("/api/models/{model_id}", "get", "Models", "Describe a resident or local model",
-     None, models.ModelInfo, False, True),
-    ("/api/models/load", "post", "Models", "Load a model (or refresh its keep-alive)",
-     models.LoadRequest, models.ModelInfo, False, True),
-    ("/api/models/unload", "post", "Models", "Unload a resident model",
-     models.UnloadRequest, models.ModelUnloaded, False, True),
-    ("/api/models/{model_id}/benchmark", "post", "Models",
-     "Benchmark a model on this machine (prompt and generation tok/s, TTFT, peak memory); 409 while one runs",
-     models.BenchmarkRequest, models.BenchmarkResult, False, True),
-    ("/api/models/{model_id}/benchmark", "get", "Models", "A model's benchmark history, oldest first",
-     None, models.BenchmarkHistory, False, True),
-    ("/api/models/pull", "post", "Models", "Pull a model from the Hugging Face hub, in the background (202)",
-     pulls.PullRequest, pulls.PullStatus, False, True),
+    (
+        "/v1/responses",
+        "post",
+        "OpenAI",
+        "Create a response (stateless Responses API)",
+        responses.ResponsesRequest,
+        responses.ResponseObject,
+        True,
+        True,
+    ),
+    (
+        "/v1/messages",
+        "post",
+        "Anthropic",
+        "Create a message (Anthropic Messages API)",
+        anthropic.MessagesRequest,
+        anthropic.MessageResponse,
+        True,
+        True,
+    ),
+    (
+        "/v1/messages/count_tokens",
+        "post",
+        "Anthropic",
+        "Count a message's input tokens",
+        anthropic.CountTokensRequest,
+        anthropic.CountTokensResponse,
+        False,
+        True,
+    ),
+    (
+        "/api/models",
+        "get",
+        "Models",
+        "Resident and local models, with the memory budget",
+        None,
+        models.ModelsOverview,
+        False,
+        True,
+    ),
+    (
+        "/api/models/{model_id}",
+        "get",
+        "Models",
+        "Describe a resident or local model",
+        None,
+        models.ModelInfo,
+        False,
+        True,
+    ),
+    (
+        "/api/models/load",
+        "post",
+        "Models",
+        "Load a model (or refresh its keep-alive)",
+        models.LoadRequest,
+        models.ModelInfo,
+        False,
+        True,
+    ),
+    (
+        "/api/models/unload",
+        "post",
+        "Models",
+        "Unload a resident model",
+        models.UnloadRequest,
+        models.ModelUnloaded,
+        False,
+        True,
+    ),
+    (
+        "/api/models/{model_id}/benchmark",
+        "post",
+        "Models",
+        "Benchmark a model on this machine (prompt and generation tok/s, TTFT, peak memory); 409 while one runs",
+        models.BenchmarkRequest,
+        models.BenchmarkResult,
+        False,
+        True,
+    ),
+    (
+        "/api/models/{model_id}/benchmark",
+        "get",
+        "Models",
+        "A model's benchmark history, oldest first",
+        None,
+        models.BenchmarkHistory,
+        False,
+        True,
+    ),
+    (
+        "/api/models/pull",
+        "post",
+        "Models",
+        "Pull a model from the Hugging Face hub, in the background (202)",
+        pulls.PullRequest,
+        pulls.PullStatus,
+        False,
+        True,
+    ),
     ("/api/models/pulls", "get", "Models", "Every pull this process knows", None, pulls.PullList, False, True),
     ("/api/models/pulls/{pull_id}", "get", "Models", "One pull's progress", None, pulls.PullStatus, False, True),
-    ("/api/models/pulls/{pull_id}", "delete", "Models", "Cancel a pull (partial files stay, to resume)",
-     None, pulls.PullStatus, False, True),
-    ("/api/models/{model_id}", "delete", "Models", "Delete a local model (409 while loaded or pulled)",
-     None, pulls.ModelDeleted, False, True),
-    ("/api/models/discover", "get", "Models", "Models to pull: the curated catalogue, or a hub search (q)",
-     None, pulls.DiscoverResponse, False, True),
-    ("/api/hardware", "get", "Monitoring",
-     "The machine: platform, CPU, memory, GPUs, MLX, thermal state and throttling (a failed probe is null)",
-     None, hardware.HardwareReport, False, True),
-    ("/api/config", "get", "Monitoring", "The settings in force (secrets masked)", None, server.ConfigList, False, True),
-    ("/api/requests", "get", "Monitoring", "Generations and embeddings running now (admin)", None,
-     running.RunningRequestList, False, True),
-    ("/api/requests/{request_id}", "delete", "Monitoring",
-     "Cancel a running request: its client gets `request_cancelled` (admin)", None, running.RunningRequest, False,
-     True),
+    (
+        "/api/models/pulls/{pull_id}",
+        "delete",
+        "Models",
+        "Cancel a pull (partial files stay, to resume)",
+        None,
+        pulls.PullStatus,
+        False,
+        True,
+    ),
+    (
+        "/api/models/{model_id}",
+        "delete",
+        "Models",
+        "Delete a local model (409 while loaded or pulled)",
+        None,
+        pulls.ModelDeleted,
+        False,
+        True,
+    ),
+    (
+        "/api/models/discover",
+        "get",
+        "Models",
+        "Models to pull: the curated catalogue, or a hub search (q)",
+        None,
+        pulls.DiscoverResponse,
+        False,
+        True,
+    ),
+    (
+        "/api/hardware",
+        "get",
+        "Monitoring",
+        "The machine: platform, CPU, memory, GPUs, MLX, thermal state and throttling (a failed probe is null)",
+        None,
+        hardware.HardwareReport,
+        False,
+        True,
+    ),
+    (
+        "/api/config",
+        "get",
+        "Monitoring",
+        "The settings in force (secrets masked)",
+        None,
+        server.ConfigList,
+        False,
+        True,
+    ),
+    (
+        "/api/requests",
+        "get",
+        "Monitoring",
+        "Generations and embeddings running now (admin)",
+        None,
+        running.RunningRequestList,
+        False,
+        True,
+    ),
+    (
+        "/api/requests/{request_id}",
+        "delete",
+        "Monitoring",
+        "Cancel a running request: its client gets `request_cancelled` (admin)",
+        None,
+        running.RunningRequest,
+        False,
+        True,
+    ),
     ("/health", "get", "Health", "Details: readiness, engine, models", None, health.HealthReport, False, False),
     ("/health/live", "get", "Health", "Liveness probe (always open)", None, health.Liveness, False, False),
 ]
 CROSS_ORIGIN = "A browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`)."
-FORBIDDEN = ("Management needs an admin key (`insufficient_scope`); or a browser's request from an origin outside "
-             "IMPETUS_CORS_ORIGINS (`cross_origin_request`).")
+FORBIDDEN = (
+    "Management needs an admin key (`insufficient_scope`); or a browser's request from an origin outside "
+    "IMPETUS_CORS_ORIGINS (`cross_origin_request`)."
+)
 NOT_JSON = "The body is not sent as `Content-Type: application/json` (`unsupported_media_type`)."
 # Answers other than those every operation may give.
 OK_STATUS = {("/api/models/pull", "post"): "202"}
 BUSY = "The model is busy loading or unloading (`model_busy`)."
-UNLOADABLE = ("The model could not be loaded: unsupported format, over the memory budget or broken "
-              "(`unsupported_model_format`, `insufficient_memory`, `model_load_failed`).")
-GENERATIVE = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
-              "/v1/messages/count_tokens")
+UNLOADABLE = (
+    "The model could not be loaded: unsupported format, over the memory budget or broken "
+    "(`unsupported_model_format`, `insufficient_memory`, `model_load_failed`)."
+)
+GENERATIVE = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+)
 EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
     **{(path, "post"): {"409": BUSY, "422": UNLOADABLE} for path in GENERATIVE},  # a model loaded on demand
     ("/api/models/load", "post"): {"409": BUSY, "422": UNLOADABLE},
     ("/api/models/unload", "post"): {"409": BUSY + " Or it is the pinned default model (`model_pinned`)."},
     ("/api/models/{model_id}/benchmark", "post"): {
         "409": "A benchmark of this model is already running (`benchmark_running`), or it is busy.",
-        "422": UNLOADABLE},
+        "422": UNLOADABLE,
+    },
     ("/api/models/{model_id}", "delete"): {
         "409": "The model is loaded, being pulled, or the pinned default model (`model_loaded`, `pull_in_progress`, "
-               "`model_pinned`)."},
+        "`model_pinned`)."
+    },
 }
-TIMED_OUT = ("Ran past IMPETUS_REQUEST_TIMEOUT and was cancelled (`request_timeout`, with `x-should-retry: false`); "
-             "an operator's cancel is a 503 `request_cancelled`.")
+TIMED_OUT = (
+    "Ran past IMPETUS_REQUEST_TIMEOUT and was cancelled (`request_timeout`, with `x-should-retry: false`); "
+    "an operator's cancel is a 503 `request_cancelled`."
+)
 for _path in GENERATIVE[:-1]:  # all but count_tokens run on the engine, within IMPETUS_REQUEST_TIMEOUT
     EXTRA_ERRORS[(_path, "post")]["504"] = TIMED_OUT
 QUERIES: dict[tuple[str, str], type[BaseModel]] = {("/api/models/discover", "get"): pulls.DiscoverQuery}
 # Open unless IMPETUS_PROTECT_HEALTH: then they need the key like the API.
 MONITORING = ("/health", "/metrics")
-PROMETHEUS = {"text/plain": {"schema": {
-    "type": "string", "description": "Prometheus text exposition format 0.0.4 (OpenMetrics when the Accept header "
-                                     "asks for application/openmetrics-text)."}}}
+PROMETHEUS = {
+    "text/plain": {
+        "schema": {
+            "type": "string",
+            "description": "Prometheus text exposition format 0.0.4 (OpenMetrics when the Accept header "
+            "asks for application/openmetrics-text).",
+        }
+    }
+}
 
 
 # Wire models whose class name another wire model shares: their component names, fixed (the other
@@ -206,25 +400,29 @@ class FixedNames(GenerateJsonSchema):
         name = _FIXED.get(core_mode_ref[0].rsplit(":", 1)[0])
         if name is not None:  # choices: [Name, Name-Mode, module-qualified ...]
             choices = self._prioritized_defsref_choices[defs_ref]
-            choices[:2] = [DefsRef(name), DefsRef(name + choices[1][len(choices[0]):])]
+            choices[:2] = [DefsRef(name), DefsRef(name + choices[1][len(choices[0]) :])]
         return defs_ref
 
 
-def _response_schemas(models: list[tuple[type[BaseModel], str]]) -> tuple[dict[Any, Any], dict[str, Any]]:
-    refs, top = models_json_schema(models, ref_template="#/components/schemas/{model}",
-                                   schema_generator=FixedNames)
+def _response_schemas(models: list[tuple[type[BaseModel], JsonSchemaMode]]) -> tuple[dict[Any, Any], dict[str, Any]]:
+    refs, top = models_json_schema(models, ref_template="#/components/schemas/{model}", schema_generator=FixedNames)
     return refs, top.get("$defs", {})
 
 
 def build_spec(protect_health: bool = False) -> dict[str, Any]:
-    spec = APISpec(title="Impetus", version=__version__, openapi_version="3.1.0",
-                   info={"description": DESCRIPTION, "license": {"name": "See the repository"}})
-    spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer",
-                                                   "description": "One of the server's API keys."})
+    spec = APISpec(
+        title="Impetus",
+        version=__version__,
+        openapi_version="3.1.0",
+        info={"description": DESCRIPTION, "license": {"name": "See the repository"}},
+    )
+    spec.components.security_scheme(
+        "bearerAuth", {"type": "http", "scheme": "bearer", "description": "One of the server's API keys."}
+    )
     spec.components.schema("Error", ERROR_SCHEMA)
     spec.components.schema("AnthropicError", ANTHROPIC_ERROR_SCHEMA)
 
-    wanted: list[tuple[type[BaseModel], str]] = [(health.Readiness, "serialization")]
+    wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [(health.Readiness, "serialization")]
     for _, _, _, _, request_model, response_model, _, _ in OPERATIONS:
         if request_model is not None:
             wanted.append((request_model, "validation"))
@@ -243,59 +441,86 @@ def build_spec(protect_health: bool = False) -> dict[str, Any]:
         if streams:
             content.update(SSE)
         operation: dict[str, Any] = {
-            "tags": [tag], "summary": summary, "operationId": f"{method}_{path.strip('/').replace('/', '_')}",
-            "responses": {OK_STATUS.get((path, method), "200"): {"description": "OK", "content": content,
-                                                                   "headers": RATE_HEADERS}},
+            "tags": [tag],
+            "summary": summary,
+            "operationId": f"{method}_{path.strip('/').replace('/', '_')}",
+            "responses": {
+                OK_STATUS.get((path, method), "200"): {"description": "OK", "content": content, "headers": RATE_HEADERS}
+            },
         }
         for status, text in ERROR_STATUSES.items():
             if status == "401" and not secured:
                 continue
             headers = {"Retry-After": {"schema": {"type": "string"}}} if status in ("429", "503") else {}
-            operation["responses"][status] = {"description": text, "headers": headers,
-                                              "content": {"application/json": {"schema": error_ref}}}
+            operation["responses"][status] = {
+                "description": text,
+                "headers": headers,
+                "content": {"application/json": {"schema": error_ref}},
+            }
         admin = secured and needs_admin(method.upper(), path)
         if admin or method != "get":
-            operation["responses"]["403"] = {"description": FORBIDDEN if admin else CROSS_ORIGIN,
-                                             "content": {"application/json": {"schema": error_ref}}}
+            operation["responses"]["403"] = {
+                "description": FORBIDDEN if admin else CROSS_ORIGIN,
+                "content": {"application/json": {"schema": error_ref}},
+            }
         if method != "get":
-            operation["responses"]["415"] = {"description": NOT_JSON,
-                                             "content": {"application/json": {"schema": error_ref}}}
+            operation["responses"]["415"] = {
+                "description": NOT_JSON,
+                "content": {"application/json": {"schema": error_ref}},
+            }
         for status, text in EXTRA_ERRORS.get((path, method), {}).items():
-            operation["responses"][status] = {"description": text,
-                                              "content": {"application/json": {"schema": error_ref}}}
-        parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                      for name in re.findall(r"{(\w+)}", path)]
+            operation["responses"][status] = {
+                "description": text,
+                "content": {"application/json": {"schema": error_ref}},
+            }
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in re.findall(r"{(\w+)}", path)
+        ]
         if (path, method) in QUERIES:
             query = QUERIES[(path, method)]
-            parameters += [{"name": name, "in": "query", "required": False, "schema": schema}
-                           for name, schema in query.model_json_schema()["properties"].items()]
+            parameters += [
+                {"name": name, "in": "query", "required": False, "schema": schema}
+                for name, schema in query.model_json_schema()["properties"].items()
+            ]
         if parameters:
             operation["parameters"] = parameters
         if request_model is not None:
-            operation["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": refs[(request_model, "validation")]}}}
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": refs[(request_model, "validation")]}},
+            }
         if secured:
             operation["security"] = [{"bearerAuth": []}]
         spec.path(path=path, operations={method: operation})
 
     readiness = {"application/json": {"schema": refs[(health.Readiness, "serialization")]}}
-    spec.path(path="/health/ready", operations={"get": {
-        "tags": ["Health"], "summary": "Readiness probe (always open): 503 while loading or shutting down",
-        "operationId": "get_health_ready",
-        "responses": {
-            "200": {"description": "Ready", "content": readiness},
-            "503": {"description": "Not ready (loading, engine down or shutting down)", "content": readiness},
+    spec.path(
+        path="/health/ready",
+        operations={
+            "get": {
+                "tags": ["Health"],
+                "summary": "Readiness probe (always open): 503 while loading or shutting down",
+                "operationId": "get_health_ready",
+                "responses": {
+                    "200": {"description": "Ready", "content": readiness},
+                    "503": {"description": "Not ready (loading, engine down or shutting down)", "content": readiness},
+                },
+            }
         },
-    }})
+    )
     metrics: dict[str, Any] = {
-        "tags": ["Monitoring"], "summary": "Prometheus metrics: requests, latency, TTFT, tokens, queue, memory, heat",
+        "tags": ["Monitoring"],
+        "summary": "Prometheus metrics: requests, latency, TTFT, tokens, queue, memory, heat",
         "operationId": "get_metrics",
         "responses": {"200": {"description": "OK", "content": PROMETHEUS}},
     }
     if protect_health:
         metrics["security"] = [{"bearerAuth": []}]
-        metrics["responses"]["401"] = {"description": ERROR_STATUSES["401"],
-                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        metrics["responses"]["401"] = {
+            "description": ERROR_STATUSES["401"],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
     spec.path(path="/metrics", operations={"get": metrics})
     return spec.to_dict()
 

@@ -44,28 +44,33 @@ def health() -> Response:
     engine = services().engine
     detail = may_see_details()
     ready, reason = readiness(detail)
-    return jsonify(HealthReport(
-        status="ok" if ready else "degraded",
-        ready=ready,
-        reason=reason,
-        version=__version__,
-        pid=os.getpid() if detail else None,
-        uptime_s=round(time.time() - engine.started_at, 3),
-        engine_alive=engine.is_alive(),
-        requests_in_flight=engine.inflight,
-        compute_dtype=engine.compute_dtype or "as stored",
-        blas=blas_in_use(),
-        allocator=allocator(),
-        prompt_cache_enabled=engine.prompt_cache_enabled,
-        prompt_cache_bytes=engine.stats().prompt_cache_bytes,
-        prompt_cache_limit_bytes=services().settings.prompt_cache_bytes,
-        max_batch=engine.max_batch,
-        batch_limit=engine.batch_limit,  # set while the machine is hot (thermal adaptation)
-        thermal_state=_thermal_state(),
-        models=[ResidentModel(id=m.model_id, path=str(m.path) if detail else None, context_length=m.context_length,
-                              bytes=m.nbytes)
-                for m in engine.models()],
-    ).model_dump())
+    return jsonify(
+        HealthReport(
+            status="ok" if ready else "degraded",
+            ready=ready,
+            reason=reason,
+            version=__version__,
+            pid=os.getpid() if detail else None,
+            uptime_s=round(time.time() - engine.started_at, 3),
+            engine_alive=engine.is_alive(),
+            requests_in_flight=engine.inflight,
+            compute_dtype=engine.compute_dtype or "as stored",
+            blas=blas_in_use(),
+            allocator=allocator(),
+            prompt_cache_enabled=engine.prompt_cache_enabled,
+            prompt_cache_bytes=engine.stats().prompt_cache_bytes,
+            prompt_cache_limit_bytes=services().settings.prompt_cache_bytes,
+            max_batch=engine.max_batch,
+            batch_limit=engine.batch_limit,  # set while the machine is hot (thermal adaptation)
+            thermal_state=_thermal_state(),
+            models=[
+                ResidentModel(
+                    id=m.model_id, path=str(m.path) if detail else None, context_length=m.context_length, bytes=m.nbytes
+                )
+                for m in engine.models()
+            ],
+        ).model_dump()
+    )
 
 
 def _thermal_state() -> str | None:

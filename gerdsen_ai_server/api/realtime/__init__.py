@@ -92,15 +92,22 @@ def init_realtime(app: Flask) -> None:
         # A bounded connect: an unreachable Redis must not hold up the thread that publishes (the
         # engine's, for request and model events) for the kernel's TCP timeout. No read timeout: the
         # listener's subscription waits for messages indefinitely.
-        options["client_manager"] = RedisManager(redis_url, channel="impetus-socketio",
-                                                 redis_options={"socket_connect_timeout": 2})
+        options["client_manager"] = RedisManager(
+            redis_url, channel="impetus-socketio", redis_options={"socket_connect_timeout": 2}
+        )
     settings = services(app).settings
     limit = settings.max_request_bytes
     # Engine.IO checks Origin with the guard's policy (guard.py refuses first, in the API's envelope)
     # and, for an origin it allows, sends the CORS headers a cross-origin polling client needs.
     # (``[]``, as before, switched Engine.IO's Origin check off: any page could connect.)
-    socketio.init_app(app, async_mode="threading", cors_allowed_origins=OriginPolicy(settings).allows,
-                      cors_credentials=False, max_http_buffer_size=limit, **options)
+    socketio.init_app(
+        app,
+        async_mode="threading",
+        cors_allowed_origins=OriginPolicy(settings).allows,
+        cors_credentials=False,
+        max_http_buffer_size=limit,
+        **options,
+    )
     bound_websocket_messages(limit)
     socketio.start_background_task(close_idle_handshakes, socketio.sleep)
     outbox = Outbox() if redis_url else None

@@ -50,7 +50,7 @@ def _invalid(exc: ValidationError | APIError) -> dict[str, Any]:
     return refusal(exc).envelope()
 
 
-class Channel(Namespace):  # type: ignore[misc]
+class Channel(Namespace):
     """The handlers of namespace ``/`` (see the package's doc for the events and their payloads)."""
 
     def __init__(self, namespace: str = "/") -> None:

@@ -22,8 +22,13 @@ from gerdsen_ai_server.api.realtime.transport import socketio
 
 log = logging.getLogger(__name__)
 
-EVENT_ROOMS = {"metrics": "metrics", "hardware": "metrics", "request_event": "requests",
-               "model_event": "models", "pull_progress": "models"}
+EVENT_ROOMS = {
+    "metrics": "metrics",
+    "hardware": "metrics",
+    "request_event": "requests",
+    "model_event": "models",
+    "pull_progress": "models",
+}
 LOCAL_EVENTS = frozenset({"metrics", "hardware"})  # this process's own state: never through the queue
 HOST = socket.gethostname()
 

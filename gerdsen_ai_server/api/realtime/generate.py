@@ -94,13 +94,27 @@ def generate(generations: Generations, key_ids: Mapping[str, str], sid: str, dat
 def _access_line(key: str | None, gen_id: str, status: int, began: float) -> None:
     """One ``impetus.access`` line per generation, with the fields of an HTTP request's (no prompt)."""
     duration_ms = round((time.perf_counter() - began) * 1000, 1)
-    access_log.info("EMIT generate %s %.1fms", status, duration_ms, extra={
-        "request_id": gen_id, "method": "EMIT", "route": ROUTE, "path": request.path, "status": status,
-        "remote": request.remote_addr, "key_id": key, "stream": True, "duration_ms": duration_ms})
+    access_log.info(
+        "EMIT generate %s %.1fms",
+        status,
+        duration_ms,
+        extra={
+            "request_id": gen_id,
+            "method": "EMIT",
+            "route": ROUTE,
+            "path": request.path,
+            "status": status,
+            "remote": request.remote_addr,
+            "key_id": key,
+            "stream": True,
+            "duration_ms": duration_ms,
+        },
+    )
 
 
-def _run_generate(generations: Generations, key_ids: Mapping[str, str], sid: str, gen_id: str,
-                  data: Any) -> dict[str, Any]:
+def _run_generate(
+    generations: Generations, key_ids: Mapping[str, str], sid: str, gen_id: str, data: Any
+) -> dict[str, Any]:
     drain = services().drain
     try:
         if drain is not None and drain.draining.is_set():
@@ -108,11 +122,16 @@ def _run_generate(generations: Generations, key_ids: Mapping[str, str], sid: str
         spend_budget(key_ids.get(sid), request.remote_addr)  # IMPETUS_RATE_LIMIT, shared with the HTTP API
         body = GenerateRequest.model_validate(data)
         if body.n != 1:
-            raise APIError(400, "Over Socket.IO a generation has one choice: n must be 1.", param="n",
-                           code="invalid_value")
+            raise APIError(
+                400, "Over Socket.IO a generation has one choice: n must be 1.", param="n", code="invalid_value"
+            )
         if body.logprobs:  # token events carry text only: say so rather than drop what was asked for
-            raise APIError(400, "The parameter 'logprobs' is not supported over Socket.IO; use "
-                           "/v1/chat/completions.", param="logprobs", code="unsupported_parameter")
+            raise APIError(
+                400,
+                "The parameter 'logprobs' is not supported over Socket.IO; use /v1/chat/completions.",
+                param="logprobs",
+                code="unsupported_parameter",
+            )
         g.impetus_route = ROUTE
         started_at = time.perf_counter()
         started = start_chat(body, "messages")
@@ -124,8 +143,11 @@ def _run_generate(generations: Generations, key_ids: Mapping[str, str], sid: str
     streams = started.streams
     if not generations.add(sid, gen_id, streams):
         cancel_all(streams)
-        return _fail(sid, gen_id, APIError(400, f"A generation with id '{gen_id}' is already running.", param="id",
-                                           code="invalid_value"))
+        return _fail(
+            sid,
+            gen_id,
+            APIError(400, f"A generation with id '{gen_id}' is already running.", param="id", code="invalid_value"),
+        )
     if drain is not None:
         drain.enter()  # SIGTERM lets it finish, as it does an HTTP stream
     try:
@@ -158,18 +180,30 @@ def _stream(sid: str, gen_id: str, started: Started) -> dict[str, Any]:
         calls, last = value
         prompt_tokens = len(started.prompt)
         done = {
-            "id": gen_id, "model": started.loaded.model_id, "text": "".join(text),
+            "id": gen_id,
+            "model": started.loaded.model_id,
+            "text": "".join(text),
             "tool_calls": [c.model_dump() for c in calls],
             "finish_reason": last.finish_reason,  # answer_parts': "tool_calls", or "length" for a cut call
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": last.completion_tokens,
-                      "total_tokens": prompt_tokens + last.completion_tokens},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": last.completion_tokens,
+                "total_tokens": prompt_tokens + last.completion_tokens,
+            },
             "timestamp": time.time(),
         }
         to_client("generate_done", done, sid)
         return done
     # The stream ended without a last event: it was cancelled (disconnect or ``cancel``).
-    done = {"id": gen_id, "model": started.loaded.model_id, "text": "".join(text), "tool_calls": [],
-            "finish_reason": "cancelled", "usage": None, "timestamp": time.time()}
+    done = {
+        "id": gen_id,
+        "model": started.loaded.model_id,
+        "text": "".join(text),
+        "tool_calls": [],
+        "finish_reason": "cancelled",
+        "usage": None,
+        "timestamp": time.time(),
+    }
     to_client("generate_done", done, sid)
     return done
 

@@ -79,7 +79,7 @@ def bound_websocket_messages(limit: int) -> None:
     eio._async = {**eio._async, "websocket": functools.partial(WakefulWebSocket, max_message_size=limit)}
 
 
-class WakefulWebSocket(SimpleWebSocketWSGI):  # type: ignore[misc]
+class WakefulWebSocket(SimpleWebSocketWSGI):
     """Engine.IO's threading WebSocket, whose wait for the next message wakes once a second to see
     whether the connection is gone. simple-websocket 1.1.0, closing a connection whose message is too
     big, wakes the waiting reader *before* it marks the connection closed; a reader woken in between

@@ -111,7 +111,8 @@ class Reports:
 
     @property
     def _host(self) -> Host:
-        assert self._bound is not None, "bind() before admit()"
+        if self._bound is None:
+            raise RuntimeError("bind() before admit()")
         return self._bound
 
 
@@ -119,8 +120,9 @@ class NoGeneration:
     """The backend of a model that only embeds (an encoder): it never has sequences."""
 
     name = "none"
-    capabilities = Capabilities(generation=False, logprobs=False, grammar=False, logits_processors=False,
-                                embeddings=True, prompt_cache=False)
+    capabilities = Capabilities(
+        generation=False, logprobs=False, grammar=False, logits_processors=False, embeddings=True, prompt_cache=False
+    )
     busy = False
     decode_seconds = 0.0
 
@@ -132,9 +134,12 @@ class NoGeneration:
         self._host = host
 
     def admit(self, request: GenerationRequest, stream: TokenStream) -> None:
-        assert self._host is not None
-        self._host.finish(stream, TokenEvent(
-            error=f"Could not start generation: the model '{request.model}' only computes embeddings."))
+        if self._host is None:
+            raise RuntimeError("bind() before admit()")
+        self._host.finish(
+            stream,
+            TokenEvent(error=f"Could not start generation: the model '{request.model}' only computes embeddings."),
+        )
 
     def step(self) -> None:
         pass

@@ -92,8 +92,15 @@ class LlamaCppBackend(Reports):
     capabilities = Capabilities(threaded=True, logits_processors=False)
     decode_seconds = 0.0  # its own thread decodes: the engine's admission never waits on its steps
 
-    def __init__(self, path: Path, tokenizer: Any, n_seq: int, slot_ctx: int, n_threads: int | None = None,
-                 kv_cache_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tokenizer: Any,
+        n_seq: int,
+        slot_ctx: int,
+        n_threads: int | None = None,
+        kv_cache_bytes: int = 0,
+    ) -> None:
         import llama_cpp as lc
 
         global _initialised
@@ -228,8 +235,9 @@ class LlamaCppBackend(Reports):
                 continue
             host.stats.prompt_tokens_total += len(request.prompt_tokens)
             host.touch()
-            self._waiting.append(_Seq(stream, request, sampler, TextStep(self.tokenizer, request),
-                                      list(request.prompt_tokens)))
+            self._waiting.append(
+                _Seq(stream, request, sampler, TextStep(self.tokenizer, request), list(request.prompt_tokens))
+            )
 
     def cancel(self) -> None:
         """Drop the sequences whose client left, waiting or running (the backend's thread)."""
@@ -277,7 +285,8 @@ class LlamaCppBackend(Reports):
         order = sorted((s for s in self._slots if s.seq), key=lambda s: len(s.seq.pending) > 1)  # type: ignore[union-attr]
         for slot in order:
             seq = slot.seq
-            assert seq is not None
+            if seq is None:
+                raise RuntimeError("an active slot without a sequence")
             take = min(len(seq.pending), BATCH_TOKENS - n)
             if take == len(seq.pending) - 1 > 0:  # nor does a long prompt's last token go alone (_assign)
                 take -= 1
@@ -304,11 +313,13 @@ class LlamaCppBackend(Reports):
                 seq, slot.seq = slot.seq, None
                 lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
                 slot.tokens = []
-                self._end(seq, TokenEvent(error=f"Generation failed: llama_decode returned {rc}"))
+                if seq is not None:
+                    self._end(seq, TokenEvent(error=f"Generation failed: llama_decode returned {rc}"))
             return
         for slot, take in fed:
             seq = slot.seq
-            assert seq is not None
+            if seq is None:
+                raise RuntimeError("an active slot without a sequence")
             slot.tokens.extend(seq.pending[:take])
             del seq.pending[:take]
         for slot, index in outputs:
@@ -318,7 +329,8 @@ class LlamaCppBackend(Reports):
 
     def _sample(self, slot: _Slot, raw: np.ndarray) -> None:
         seq = slot.seq
-        assert seq is not None
+        if seq is None:
+            raise RuntimeError("sampling a slot without a sequence")
         try:
             logits = seq.sampler.process(raw)
             logprobs = log_softmax(logits)
@@ -355,10 +367,11 @@ class LlamaCppBackend(Reports):
 def _silence_llama_log(lc: Any) -> None:
     """llama.cpp logs every load to stderr; keep warnings and errors only, through Python's logging."""
 
-    @lc.llama_log_callback
-    def callback(level: int, text: bytes, _user: Any) -> None:
+    def forward(level: int, text: bytes, _user: Any) -> None:
         if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
             log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+    callback = lc.llama_log_callback(forward)  # the ctypes callback type around it
 
     _silence_llama_log.callback = callback  # type: ignore[attr-defined]  # keep it alive
     lc.llama_log_set(callback, ctypes.c_void_p(0))
@@ -369,8 +382,20 @@ def load(path: Path, model_id: str, cache_dir: Path, options: BackendOptions) ->
     meta = read_gguf_header(path).metadata
     tokenizer = load_tokenizer(path, meta, cache_dir)
     ctx = slot_context(meta)
-    backend = LlamaCppBackend(path, tokenizer, n_seq=options.sequences, slot_ctx=ctx,
-                              n_threads=options.llamacpp_threads or None,
-                              kv_cache_bytes=kv_bytes(meta, options.sequences))
-    return LoadedModel(model_id=model_id, path=path, model=backend, tokenizer=tokenizer, context_length=ctx,
-                       nbytes=backend.nbytes, backend="llamacpp")
+    backend = LlamaCppBackend(
+        path,
+        tokenizer,
+        n_seq=options.sequences,
+        slot_ctx=ctx,
+        n_threads=options.llamacpp_threads or None,
+        kv_cache_bytes=kv_bytes(meta, options.sequences),
+    )
+    return LoadedModel(
+        model_id=model_id,
+        path=path,
+        model=backend,
+        tokenizer=tokenizer,
+        context_length=ctx,
+        nbytes=backend.nbytes,
+        backend="llamacpp",
+    )

@@ -18,7 +18,8 @@ from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams,
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     m = x.max()
-    return x - (m + np.log(np.exp(x - m).sum()))
+    out: np.ndarray = x - (m + np.log(np.exp(x - m).sum()))
+    return out
 
 
 class Sampler:

@@ -26,8 +26,9 @@ def serves_gguf(is_default_model: bool, setting: str) -> bool:
     """Whether a GGUF goes to llama.cpp (True) or is converted to MLX (False), by IMPETUS_BACKEND."""
     if setting == "llamacpp":
         if not available():
-            raise ModelLoadError("IMPETUS_BACKEND=llamacpp but llama-cpp-python is not installed "
-                                 "(make setup installs it)")
+            raise ModelLoadError(
+                "IMPETUS_BACKEND=llamacpp but llama-cpp-python is not installed (make setup installs it)"
+            )
         return True
     if setting == "mlx":
         return False

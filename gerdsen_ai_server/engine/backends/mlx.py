@@ -114,7 +114,8 @@ class MLXBackend(Reports):
             (uid,) = self._generator.insert(
                 [rest],
                 max_tokens=[request.max_tokens],
-                caches=[cache],
+                # None: mlx-lm makes a fresh cache (insert_segments); its hint says List[List[Any]]
+                caches=[cache],  # type: ignore[list-item]
                 all_tokens=[prompt[: len(prompt) - len(rest)]],
                 samplers=[build_sampler(request.sampling)],
                 logits_processors=[guarded(processors, errors, len(prompt))],
@@ -164,22 +165,25 @@ class MLXBackend(Reports):
         # one by one in between, the last answer of a wave reached its client ~30 ms after the first.
         finished: list[tuple[list[int], list[Any] | None]] = []
         for response in responses:
-            seq = self._sequences.get(response.uid)
-            if seq is not None and seq.errors:
+            live = self._sequences.get(response.uid)
+            if live is not None and live.errors:
                 self._generator.remove([response.uid])
                 del self._sequences[response.uid]
-                host.finish(seq.stream, TokenEvent(error=f"Generation failed: {seq.errors[0]}"))
+                host.finish(live.stream, TokenEvent(error=f"Generation failed: {live.errors[0]}"))
                 continue
-            if seq is not None:
-                self._emit(response.uid, seq, response, finished)
+            if live is not None:
+                self._emit(response.uid, live, response, finished)
             if response.finish_reason is not None:
                 finished.append((response.all_tokens, response.prompt_cache))
         self._prompt_cache.keep(self.loaded.model_id, finished)
         self._recount()
 
-    def _emit(self, uid: int, seq: _Sequence, response: Any, finished: list[tuple[list[int], list[Any] | None]]) -> None:
-        event = seq.text.event(response.token, response.finish_reason,
-                               lambda token, top: token_logprob(response.logprobs, token, top))
+    def _emit(
+        self, uid: int, seq: _Sequence, response: Any, finished: list[tuple[list[int], list[Any] | None]]
+    ) -> None:
+        event = seq.text.event(
+            response.token, response.finish_reason, lambda token, top: token_logprob(response.logprobs, token, top)
+        )
         if event.stop_sequence:  # a stop string ended it: out of the batch, its cache kept
             for cache, tokens in self._generator.remove([uid], return_prompt_caches=True).values():
                 finished.append((tokens, cache))

@@ -57,7 +57,8 @@ class Embeddings(nn.Module):
 
     def __call__(self, ids: mx.array, positions: mx.array) -> mx.array:
         x = self.word_embeddings(ids) + self.position_embeddings(positions)
-        return self.LayerNorm(x + self.token_type_embeddings(mx.zeros_like(ids)))
+        out: mx.array = self.LayerNorm(x + self.token_type_embeddings(mx.zeros_like(ids)))  # unannotated in mlx.nn
+        return out
 
 
 class SelfAttention(nn.Module):
@@ -84,7 +85,8 @@ class DenseNorm(nn.Module):
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
-        return self.LayerNorm(self.dense(x) + residual)
+        out: mx.array = self.LayerNorm(self.dense(x) + residual)  # unannotated in mlx.nn
+        return out
 
 
 class Attention(nn.Module):
@@ -176,20 +178,28 @@ def read_pooling(path: Path) -> Pooling:
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
     unknown = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
     if unknown:
-        raise UnsupportedModelFormat(f"{path}: sentence-transformers modules {unknown} are not supported "
-                                     "(Impetus runs Transformer, Pooling and Normalize)")
+        raise UnsupportedModelFormat(
+            f"{path}: sentence-transformers modules {unknown} are not supported "
+            "(Impetus runs Transformer, Pooling and Normalize)"
+        )
     if "Pooling" not in kinds:
         return Pooling(normalize="Normalize" in kinds, source="modules.json without Pooling: mean")
     folder = modules[kinds.index("Pooling")].get("path") or "1_Pooling"
     if not (path / folder / "config.json").exists():
-        raise UnsupportedModelFormat(f"{path}: modules.json names a Pooling module, but {folder}/config.json, which "
-                                     "says how to pool, is missing; copy it from the model's repository")
+        raise UnsupportedModelFormat(
+            f"{path}: modules.json names a Pooling module, but {folder}/config.json, which "
+            "says how to pool, is missing; copy it from the model's repository"
+        )
     config = json.loads((path / folder / "config.json").read_text())
-    modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
-             for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+    modes = [
+        k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+        for k, v in config.items()
+        if k.startswith("pooling_mode_") and v is True
+    ]
     if len(modes) != 1 or modes[0] not in POOLING_MODES:
-        raise UnsupportedModelFormat(f"{path}: pooling {modes or 'none'} is not supported; Impetus pools one of "
-                                     f"{', '.join(POOLING_MODES)}")
+        raise UnsupportedModelFormat(
+            f"{path}: pooling {modes or 'none'} is not supported; Impetus pools one of {', '.join(POOLING_MODES)}"
+        )
     return Pooling(mode=modes[0], normalize="Normalize" in kinds, source="sentence-transformers modules.json")
 
 
@@ -235,8 +245,10 @@ def load_encoder(path: Path, compute_dtype: str | None) -> tuple[EncoderModel, E
     raw = json.loads((path / "config.json").read_text())
     kind = str(raw.get("model_type", "")).lower().replace("_", "-")
     if kind not in ENCODER_TYPES:
-        raise UnsupportedModelFormat(f"{path} is a {kind} embedding model, which Impetus cannot run yet; "
-                                     f"it runs {', '.join(ENCODER_TYPES)} encoders")
+        raise UnsupportedModelFormat(
+            f"{path} is a {kind} embedding model, which Impetus cannot run yet; "
+            f"it runs {', '.join(ENCODER_TYPES)} encoders"
+        )
     if not (path / "tokenizer.json").exists():
         raise UnsupportedModelFormat(f"{path} is an embedding model without tokenizer.json")
     try:

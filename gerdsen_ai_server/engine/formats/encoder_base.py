@@ -6,7 +6,7 @@ Runs on the engine thread.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -94,7 +94,7 @@ class EncoderModel(nn.Module):
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
         vectors: list[list[float]] = [[] for _ in inputs]
         for start in range(0, len(order), BATCH):
-            chunk = order[start:start + BATCH]
+            chunk = order[start : start + BATCH]
             for i, row in zip(chunk, self.embed_batch([inputs[i] for i in chunk]), strict=True):
                 vectors[i] = row
         return vectors
@@ -106,4 +106,4 @@ class EncoderModel(nn.Module):
         pad = self.config.pad_token_id
         ids = mx.array([tokens + [pad] * (width - len(tokens)) for tokens in inputs])
         lengths = mx.array([len(tokens) for tokens in inputs])
-        return self.pool(self.hidden_states(ids, lengths), lengths).tolist()  # type: ignore[no-any-return]
+        return cast(list[list[float]], self.pool(self.hidden_states(ids, lengths), lengths).tolist())  # 2-D

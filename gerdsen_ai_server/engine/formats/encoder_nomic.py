@@ -26,22 +26,32 @@ class NomicConfig(EncoderConfig):
 
     @classmethod
     def from_dict(cls, c: dict[str, Any]) -> NomicConfig:
-        refused = {"activation_function": (c.get("activation_function", "swiglu"), "swiglu"),
-                   "rotary_emb_fraction": (c.get("rotary_emb_fraction", 1.0), 1.0),
-                   "prenorm": (c.get("prenorm", False), False), "causal": (c.get("causal", False), False)}
+        refused = {
+            "activation_function": (c.get("activation_function", "swiglu"), "swiglu"),
+            "rotary_emb_fraction": (c.get("rotary_emb_fraction", 1.0), 1.0),
+            "prenorm": (c.get("prenorm", False), False),
+            "causal": (c.get("causal", False), False),
+        }
         for key, (value, supported) in refused.items():
             if value != supported:
                 raise ValueError(f"nomic_bert with {key}={value!r} is not supported (only {supported!r})")
         positions = int(c.get("n_positions") or c.get("max_position_embeddings") or 2048)
         return cls(
-            model_type="nomic-bert", vocab_size=c["vocab_size"], hidden_size=c["n_embd"],
-            num_hidden_layers=c["n_layer"], num_attention_heads=c["n_head"],
-            intermediate_size=c.get("n_inner") or 4 * c["n_embd"], max_position_embeddings=positions,
-            type_vocab_size=c.get("type_vocab_size", 2), layer_norm_eps=c.get("layer_norm_epsilon", 1e-12),
-            hidden_act="swiglu", pad_token_id=c.get("pad_token_id") or 0,
+            model_type="nomic-bert",
+            vocab_size=c["vocab_size"],
+            hidden_size=c["n_embd"],
+            num_hidden_layers=c["n_layer"],
+            num_attention_heads=c["n_head"],
+            intermediate_size=c.get("n_inner") or 4 * c["n_embd"],
+            max_position_embeddings=positions,
+            type_vocab_size=c.get("type_vocab_size", 2),
+            layer_norm_eps=c.get("layer_norm_epsilon", 1e-12),
+            hidden_act="swiglu",
+            pad_token_id=c.get("pad_token_id") or 0,
             rotary_base=float(c.get("rotary_emb_base", 10000.0)),
             rotary_interleaved=bool(c.get("rotary_emb_interleaved", False)),
-            qkv_bias=bool(c.get("qkv_proj_bias", False)), fc1_bias=bool(c.get("mlp_fc1_bias", False)),
+            qkv_bias=bool(c.get("qkv_proj_bias", False)),
+            fc1_bias=bool(c.get("mlp_fc1_bias", False)),
             fc2_bias=bool(c.get("mlp_fc2_bias", False)),
             trained_positions=int(c.get("max_trained_positions") or positions),
         )
@@ -70,8 +80,12 @@ class NomicAttention(nn.Module):
         b, t, d = x.shape
         head = d // self.heads
         q, k, v = self.Wqkv(x).reshape(b, t, 3, self.heads, head).transpose(2, 0, 3, 1, 4)
-        q, k = (mx.fast.rope(a, head, traditional=self.config.rotary_interleaved, base=self.config.rotary_base,
-                             scale=1.0, offset=0) for a in (q, k))
+        q, k = (
+            mx.fast.rope(
+                a, head, traditional=self.config.rotary_interleaved, base=self.config.rotary_base, scale=1.0, offset=0
+            )
+            for a in (q, k)
+        )
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(head), mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
 
@@ -97,7 +111,8 @@ class NomicLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
         x = self.norm1(self.attn(x, mask) + x)
-        return self.norm2(self.mlp(x) + x)
+        out: mx.array = self.norm2(self.mlp(x) + x)  # mlx.nn layers' __call__ are unannotated
+        return out
 
 
 class NomicEncoder(nn.Module):
@@ -117,7 +132,7 @@ class NomicBertModel(EncoderModel):
 
     def hidden_states(self, ids: mx.array, lengths: mx.array) -> mx.array:
         valid = mx.arange(ids.shape[1])[None, :] < lengths[:, None]
-        x = self.embeddings.word_embeddings(ids) + self.embeddings.token_type_embeddings(mx.zeros_like(ids))
+        x: mx.array = self.embeddings.word_embeddings(ids) + self.embeddings.token_type_embeddings(mx.zeros_like(ids))
         x = self.emb_ln(x)
         mask = mx.where(valid, 0.0, -math.inf)[:, None, None, :].astype(x.dtype)
         for layer in self.encoder.layers:

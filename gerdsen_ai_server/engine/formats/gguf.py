@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from gerdsen_ai_server.engine.formats.gguf_header import GGUFHeader, read_gguf_header
 from gerdsen_ai_server.engine.formats.gguf_tokenizer import write_tokenizer
@@ -38,12 +38,17 @@ log = logging.getLogger(__name__)
 _MLX_READABLE = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q4_K", "Q6_K"}
 
 _BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}  # nosec B105  # tensor names
 # rope_freqs holds llama-3.1 rope scaling factors; mlx-lm recomputes rope itself.
 _DROPPED = {"rope_freqs"}
 
@@ -55,16 +60,19 @@ def _check_supported(header: GGUFHeader, path: Path) -> None:
     if arch != "llama":
         raise UnsupportedModelFormat(
             f"{path}: GGUF architecture {arch!r} is not supported (only 'llama'); "
-            "use an MLX conversion of the model instead (python -m mlx_lm.convert --hf-path ...)")
+            "use an MLX conversion of the model instead (python -m mlx_lm.convert --hf-path ...)"
+        )
     bad = sorted({t for t in header.tensor_types.values() if t not in _MLX_READABLE})
     if bad:
         raise UnsupportedModelFormat(
             f"{path}: GGUF tensor type(s) {', '.join(bad)} cannot be read by MLX "
-            f"(supported: {', '.join(sorted(_MLX_READABLE))}); pick a Q4_0, Q4_1 or Q8_0 file")
+            f"(supported: {', '.join(sorted(_MLX_READABLE))}); pick a Q4_0, Q4_1 or Q8_0 file"
+        )
     tok_model = header.metadata.get("tokenizer.ggml.model")
     if tok_model != "gpt2":
         raise UnsupportedModelFormat(
-            f"{path}: tokenizer model {tok_model!r} is not supported (only byte-level BPE 'gpt2')")
+            f"{path}: tokenizer model {tok_model!r} is not supported (only byte-level BPE 'gpt2')"
+        )
 
 
 def _load_tensors(path: Path, scratch: Path) -> dict[str, Any]:
@@ -77,7 +85,8 @@ def _load_tensors(path: Path, scratch: Path) -> dict[str, Any]:
         source = scratch / "source.gguf"
         shutil.copyfile(path, source)
     try:
-        return mx.load(str(source), format="gguf")
+        # format="gguf" without return_metadata: the name -> array dict of mx.load's union
+        return cast(dict[str, Any], mx.load(str(source), format="gguf"))
     except (RuntimeError, ValueError, OSError) as exc:
         raise ModelLoadError(f"MLX could not read GGUF file {path}: {exc}") from exc
     finally:
@@ -201,8 +210,10 @@ def converted_dir(gguf_path: Path, models_dir: Path) -> Path:
     out_dir = Path(models_dir) / CONVERTED_DIR / converted_name(gguf_path)
     root = Path(models_dir).resolve()
     if not out_dir.resolve().is_relative_to(root) or out_dir.resolve() == root:
-        raise ModelLoadError("the converted-models folder (.impetus/converted) leaves the models dir; "
-                             "remove the symlink that sends it elsewhere")
+        raise ModelLoadError(
+            "the converted-models folder (.impetus/converted) leaves the models dir; "
+            "remove the symlink that sends it elsewhere"
+        )
     return out_dir
 
 
@@ -254,8 +265,10 @@ def _ours(folder: Path) -> bool:
 def _refuse_foreign(out_dir: Path) -> None:
     """ModelLoadError if ``out_dir`` exists (a folder, file or link) and no conversion of ours made it."""
     if os.path.lexists(out_dir) and not _ours(out_dir):
-        raise ModelLoadError(f"{out_dir} exists but is not a complete converted model, and Impetus did not "
-                             "make it; move it away (or remove it) and load again")
+        raise ModelLoadError(
+            f"{out_dir} exists but is not a complete converted model, and Impetus did not "
+            "make it; move it away (or remove it) and load again"
+        )
 
 
 def _convert_locked(gguf_path: Path, header: GGUFHeader, out_dir: Path) -> None:

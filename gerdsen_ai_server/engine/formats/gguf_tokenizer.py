@@ -21,8 +21,10 @@ log = logging.getLogger(__name__)
 # llama.cpp pre-tokenizer names that split digits one by one before GPT-2's regex.
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"}
 _LLAMA3_PRE = {"llama-bpe", "llama3", "falcon3", "smaug-bpe"}
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -30,11 +32,19 @@ def _pre_tokenizer(pre: str | None) -> Any:
     from tokenizers import Regex, pre_tokenizers
 
     if pre in _DIGIT_SPLIT_PRE:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     if pre in _LLAMA3_PRE:
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated"),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     if pre not in (None, "default", "gpt2"):
         log.warning("GGUF pre-tokenizer %r unknown; using GPT-2's byte-level split", pre)
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -47,8 +57,9 @@ def write_tokenizer(meta: dict[str, Any], out: Path) -> None:
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                               fuse_unk=False, byte_fallback=False))
+    tok = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+    )
     tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
     tok.decoder = decoders.ByteLevel()
 
@@ -59,19 +70,33 @@ def write_tokenizer(meta: dict[str, Any], out: Path) -> None:
     bos, add_bos = name("bos"), bool(meta.get("tokenizer.ggml.add_bos_token", False))
     if add_bos and bos:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types, strict=True) if ty == _CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types, strict=True) if ty == _USER_DEFINED])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == _CONTROL]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types, strict=True)
+            if ty == _USER_DEFINED
+        ]
+    )
     tok.save(str(out / "tokenizer.json"))
 
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": name("eos"),
-           "pad_token": name("padding") or name("eos"), "unk_token": name("unknown"),
-           "add_bos_token": add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-           "model_max_length": int(meta.get("llama.context_length", 2048))}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": name("eos"),
+        "pad_token": name("padding") or name("eos"),
+        "unk_token": name("unknown"),
+        "add_bos_token": add_bos,
+        "add_eos_token": False,  # nosec B105  # a tokenizer flag, not a password
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(meta.get("llama.context_length", 2048)),
+    }
     if "tokenizer.chat_template" in meta:
         cfg["chat_template"] = meta["tokenizer.chat_template"]
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
@@ -82,8 +107,10 @@ def load_tokenizer(gguf: Path, meta: dict[str, Any], cache_dir: Path) -> Any:
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
     if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise UnsupportedModelFormat(f"{gguf}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not "
-                                     "supported (only byte-level BPE 'gpt2')")
+        raise UnsupportedModelFormat(
+            f"{gguf}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not "
+            "supported (only byte-level BPE 'gpt2')"
+        )
     stat = gguf.stat()
     folder = cache_dir / f"{gguf.stem.lower()}-{stat.st_size:x}-{int(stat.st_mtime):x}"
     if not (folder / "tokenizer.json").is_file():

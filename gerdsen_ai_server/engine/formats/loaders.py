@@ -58,8 +58,7 @@ class LoaderFactory:
         """'mlx' or 'gguf': see store/formats.py ``detect_format``."""
         return detect_format(path)
 
-    def resolve(self, spec: str, models_dir: Path, *, trusted: bool = False,
-                allowed: Sequence[Path] = ()) -> Path:
+    def resolve(self, spec: str, models_dir: Path, *, trusted: bool = False, allowed: Sequence[Path] = ()) -> Path:
         """Turn a model spec into the MLX folder (or, for llama.cpp, the GGUF file) to load.
 
         Untrusted (the default: every spec a request sends) resolves only to an entry of
@@ -97,10 +96,18 @@ class LoaderFactory:
                 return candidate
         raise ModelNotFound(
             f"model {spec!r} not found: not the default id {DEFAULT_MODEL_ID!r}, "
-            f"not an existing path, and no folder {models_dir / spec}")
+            f"not an existing path, and no folder {models_dir / spec}"
+        )
 
-    def load(self, spec: str, models_dir: Path, compute_dtype: str | None = None, *, trusted: bool = False,
-             allowed: Sequence[Path] = ()) -> LoadedModel:
+    def load(
+        self,
+        spec: str,
+        models_dir: Path,
+        compute_dtype: str | None = None,
+        *,
+        trusted: bool = False,
+        allowed: Sequence[Path] = (),
+    ) -> LoadedModel:
         """Resolve ``spec`` (see ``resolve``) and load it with mlx-lm, optionally converting its weights' dtype.
 
         ``compute_dtype="float32"`` dequantizes quantized layers: on CPU with a
@@ -113,17 +120,25 @@ class LoaderFactory:
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
 
-    def load_steps(self, spec: str, models_dir: Path, compute_dtype: str | None = None,
-                   chunk_bytes: int = LOAD_CHUNK_BYTES, *, trusted: bool = False,
-                   allowed: Sequence[Path] = ()) -> Generator[None, None, LoadedModel]:
+    def load_steps(
+        self,
+        spec: str,
+        models_dir: Path,
+        compute_dtype: str | None = None,
+        chunk_bytes: int = LOAD_CHUNK_BYTES,
+        *,
+        trusted: bool = False,
+        allowed: Sequence[Path] = (),
+    ) -> Generator[None, None, LoadedModel]:
         """``load`` in steps: ``resolve`` now, then ``load_path_steps`` of what it resolved to."""
         if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}, not {compute_dtype!r}")
         path = self.resolve(spec, models_dir, trusted=trusted, allowed=allowed)
         return self.load_path_steps(path, models_dir, compute_dtype, chunk_bytes)
 
-    def load_path_steps(self, path: Path, models_dir: Path, compute_dtype: str | None = None,
-                        chunk_bytes: int = LOAD_CHUNK_BYTES) -> Generator[None, None, LoadedModel]:
+    def load_path_steps(
+        self, path: Path, models_dir: Path, compute_dtype: str | None = None, chunk_bytes: int = LOAD_CHUNK_BYTES
+    ) -> Generator[None, None, LoadedModel]:
         """Load what ``resolve`` returned, in steps: a generator that does a bounded piece of the work
         (about ``chunk_bytes`` of weights read or converted) per ``next()`` and returns the ``LoadedModel``.
 
@@ -137,14 +152,22 @@ class LoaderFactory:
             raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}, not {compute_dtype!r}")
         return self._load_path_steps(Path(path), Path(models_dir), compute_dtype, chunk_bytes)
 
-    def _load_path_steps(self, path: Path, models_dir: Path, compute_dtype: str | None,
-                         chunk_bytes: int) -> Generator[None, None, LoadedModel]:
+    def _load_path_steps(
+        self, path: Path, models_dir: Path, compute_dtype: str | None, chunk_bytes: int
+    ) -> Generator[None, None, LoadedModel]:
         if path.suffix.lower() == ".gguf":  # resolved to a GGUF: the llama.cpp backend
             return llamacpp.load(path, path.name, models_dir / ".impetus" / "llamacpp-tokenizers", self.options)
         if is_encoder(path):
             encoder, encoder_tokenizer, max_tokens = load_encoder(path, compute_dtype)
-            return LoadedModel(model_id=path.name, path=path, model=encoder, tokenizer=encoder_tokenizer,
-                               context_length=max_tokens, nbytes=parameter_nbytes(encoder), kind="embedding")
+            return LoadedModel(
+                model_id=path.name,
+                path=path,
+                model=encoder,
+                tokenizer=encoder_tokenizer,
+                context_length=max_tokens,
+                nbytes=parameter_nbytes(encoder),
+                kind="embedding",
+            )
         model, tokenizer = yield from safetensors.load_steps(path, compute_dtype, chunk_bytes)
         return LoadedModel(
             model_id=path.name,
@@ -154,5 +177,3 @@ class LoaderFactory:
             context_length=context_length(path),
             nbytes=parameter_nbytes(model),
         )
-
-

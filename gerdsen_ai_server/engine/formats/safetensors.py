@@ -15,13 +15,25 @@ import struct
 import threading
 from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from gerdsen_ai_server.store.errors import ModelLoadError
 
 DEFAULT_CONTEXT_LENGTH = 2048
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
@@ -97,12 +109,12 @@ def _materialize(model: Any, compute_dtype: str | None, chunk_bytes: int) -> Gen
     """
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx.utils import tree_unflatten
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
     from mlx_lm.utils import dequantize_model
 
     group: list[Any] = []
-    for _, array in tree_flatten(model.parameters()):
+    for _, array in flat_parameters(model):
         group.append(array)
         if sum(a.nbytes for a in group) >= chunk_bytes:
             mx.eval(group)
@@ -115,24 +127,44 @@ def _materialize(model: Any, compute_dtype: str | None, chunk_bytes: int) -> Gen
         return
     dtype = getattr(mx, compute_dtype)
     if compute_dtype == "float32":
-        quantized = {name: (m.weight, m.scales, m.get("biases"), m.group_size, m.bits, m.mode)
-                     for name, m in model.named_modules()
-                     if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear))}
+        quantized = {
+            name: (m.weight, m.scales, m.get("biases"), m.group_size, m.bits, m.mode)
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear))
+        }
         dequantize_model(model)  # new float modules, their weights still lazy (never evaluated)
         modules = dict(model.named_modules())
         for name, (w, scales, biases, group_size, bits, mode) in quantized.items():
-            def dequantized(rows: slice, w: Any = w, scales: Any = scales, biases: Any = biases,
-                            group_size: int = group_size, bits: int = bits, mode: str = mode) -> Any:
-                return mx.dequantize(w[rows], scales[rows], None if biases is None else biases[rows],
-                                     group_size, bits, mode).astype(dtype)
 
-            modules[name].weight = yield from _in_row_blocks(dequantized, modules[name].weight.shape, dtype,
-                                                             chunk_bytes)
+            def dequantized(
+                rows: slice,
+                w: Any = w,
+                scales: Any = scales,
+                biases: Any = biases,
+                group_size: int = group_size,
+                bits: int = bits,
+                mode: str = mode,
+            ) -> Any:
+                return mx.dequantize(
+                    w[rows], scales[rows], None if biases is None else biases[rows], group_size, bits, mode
+                ).astype(dtype)
+
+            modules[name].weight = yield from _in_row_blocks(
+                dequantized, modules[name].weight.shape, dtype, chunk_bytes
+            )
     converted = []
-    for name, array in tree_flatten(model.parameters()):
+    for name, array in flat_parameters(model):
         if mx.issubdtype(array.dtype, mx.floating) and array.dtype != dtype:
-            converted.append((name, (yield from _in_row_blocks(lambda rows, a=array: a[rows].astype(dtype),
-                                                                array.shape, dtype, chunk_bytes))))
+            converted.append(
+                (
+                    name,
+                    (
+                        yield from _in_row_blocks(
+                            lambda rows, a=array: a[rows].astype(dtype), array.shape, dtype, chunk_bytes
+                        )
+                    ),
+                )
+            )
     if converted:
         model.update(tree_unflatten(converted))
 
@@ -154,16 +186,22 @@ def _in_row_blocks(compute: Any, shape: tuple[int, ...], dtype: Any, chunk_bytes
     mx.eval(out)
     yield
     for start in range(0, rows, per_step):
-        out[start:start + per_step] = compute(slice(start, start + per_step))
+        out[start : start + per_step] = compute(slice(start, start + per_step))
         mx.eval(out)
         yield
     return out
 
 
-def parameter_nbytes(model: Any) -> int:
+def flat_parameters(model: Any) -> list[tuple[str, Any]]:
+    """The model's (dotted name, array) pairs: ``tree_flatten``'s list (its hint adds the dict it fills
+    when given a ``destination``, which we never pass)."""
     from mlx.utils import tree_flatten
 
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+
+
+def parameter_nbytes(model: Any) -> int:
+    return sum(v.nbytes for _, v in flat_parameters(model))
 
 
 def context_length(path: Path) -> int:
@@ -174,6 +212,7 @@ def context_length(path: Path) -> int:
         return DEFAULT_CONTEXT_LENGTH
     for source in (config, config.get("text_config") or {}):
         for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            if isinstance(source.get(key), int) and source[key] > 0:
-                return source[key]
+            value = source.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
     return DEFAULT_CONTEXT_LENGTH

@@ -15,8 +15,13 @@ from gerdsen_ai_server.schemas.hardware import CpuInfo, FrequencyInfo, GpuInfo, 
 
 log = logging.getLogger(__name__)
 
-SYSCTL_KEYS = ["machdep.cpu.brand_string", "hw.physicalcpu", "hw.logicalcpu",
-               "hw.perflevel0.physicalcpu", "hw.perflevel1.physicalcpu"]
+SYSCTL_KEYS = [
+    "machdep.cpu.brand_string",
+    "hw.physicalcpu",
+    "hw.logicalcpu",
+    "hw.perflevel0.physicalcpu",
+    "hw.perflevel1.physicalcpu",
+]
 # OSThermalNotification.h pressure levels -> ProcessInfo.ThermalState names.
 PRESSURE_LEVELS: dict[int, ThermalState] = {0: "nominal", 1: "fair", 2: "serious", 3: "critical", 4: "critical"}
 
@@ -37,10 +42,13 @@ def _int(values: dict[str, str], key: str) -> int | None:
 
 
 def apple_cpu(values: dict[str, str]) -> CpuInfo:
-    return CpuInfo(brand=values.get("machdep.cpu.brand_string") or None,
-                   cores_physical=_int(values, "hw.physicalcpu"), cores_logical=_int(values, "hw.logicalcpu"),
-                   performance_cores=_int(values, "hw.perflevel0.physicalcpu"),
-                   efficiency_cores=_int(values, "hw.perflevel1.physicalcpu"))
+    return CpuInfo(
+        brand=values.get("machdep.cpu.brand_string") or None,
+        cores_physical=_int(values, "hw.physicalcpu"),
+        cores_logical=_int(values, "hw.logicalcpu"),
+        performance_cores=_int(values, "hw.perflevel0.physicalcpu"),
+        efficiency_cores=_int(values, "hw.perflevel1.physicalcpu"),
+    )
 
 
 def speed_limit_state(limit: int) -> ThermalState:
@@ -149,7 +157,9 @@ class AppleProbe:
         else:
             info = ThermalInfo(state=PRESSURE_LEVELS.get(level, "critical"), source="notify")
             try:  # pmset adds the CPU speed limit where macOS reports one
-                info.cpu_speed_limit_percent = parse_pmset_therm(run_command(["pmset", "-g", "therm"])).cpu_speed_limit_percent
+                info.cpu_speed_limit_percent = parse_pmset_therm(
+                    run_command(["pmset", "-g", "therm"])
+                ).cpu_speed_limit_percent
             except ProbeUnavailable:
                 pass
             return info

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
-import subprocess
+import subprocess  # nosec B404  # runs fixed hardware probes (nvidia-smi, sysctl...), never user input
 from typing import Any, Protocol
 
 from gerdsen_ai_server.schemas.hardware import (
@@ -65,8 +65,13 @@ def worst(states: list[ThermalState]) -> ThermalState:
 
 
 def platform_info(probe: HardwareProbe) -> PlatformInfo:
-    return PlatformInfo(system=platform.system(), release=platform.release(), machine=platform.machine(),
-                        python=platform.python_version(), probe=probe.name)
+    return PlatformInfo(
+        system=platform.system(),
+        release=platform.release(),
+        machine=platform.machine(),
+        python=platform.python_version(),
+        probe=probe.name,
+    )
 
 
 def run_command(args: list[str], timeout: float = 5.0, require_success: bool = False) -> str:
@@ -75,7 +80,8 @@ def run_command(args: list[str], timeout: float = 5.0, require_success: bool = F
     if exe is None:
         raise ProbeUnavailable(f"{args[0]} is not installed")
     try:
-        result = subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=timeout, check=False)
+        # an argv list without a shell; the probes pass constant commands, resolved by shutil.which
+        result = subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=timeout, check=False)  # nosec B603
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ProbeUnavailable(f"{' '.join(args)} failed: {exc}") from None
     if (require_success and result.returncode != 0) or not result.stdout.strip():

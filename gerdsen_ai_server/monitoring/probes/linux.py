@@ -33,8 +33,15 @@ def reading_state(current: float, high: float | None, critical: float | None) ->
     critical = critical if critical and critical > 0 else None
     if high is None and critical is None:
         limits = FALLBACK_LIMITS_C
-        return ("critical" if current >= limits["critical"] else "serious" if current >= limits["serious"]
-                else "fair" if current >= limits["fair"] else "nominal")
+        return (
+            "critical"
+            if current >= limits["critical"]
+            else "serious"
+            if current >= limits["serious"]
+            else "fair"
+            if current >= limits["fair"]
+            else "nominal"
+        )
     if critical is not None and current >= critical:
         return "critical"
     if high is not None and current >= high:
@@ -47,9 +54,16 @@ def reading_state(current: float, high: float | None, critical: float | None) ->
 def thermal_from_sensors(temperatures: dict[str, list[Any]]) -> ThermalInfo:
     """``psutil.sensors_temperatures()`` (entries of label, current, high, critical) as a state."""
     readings = [
-        SensorReading(sensor=sensor, label=entry[0] or sensor, current_c=float(entry[1]),
-                      high_c=entry[2] or None, critical_c=entry[3] or None)
-        for sensor, entries in temperatures.items() for entry in entries if entry[1] is not None
+        SensorReading(
+            sensor=sensor,
+            label=entry[0] or sensor,
+            current_c=float(entry[1]),
+            high_c=entry[2] or None,
+            critical_c=entry[3] or None,
+        )
+        for sensor, entries in temperatures.items()
+        for entry in entries
+        if entry[1] is not None
     ]
     if not readings:
         raise ProbeUnavailable("no temperature sensors (psutil.sensors_temperatures() is empty)")
@@ -78,10 +92,24 @@ def thermal_from_sysfs(root: Path = Path("/sys/class/thermal")) -> ThermalInfo:
             if trip_temp > 0:
                 trips[name] = min(trip_temp, trips.get(name, trip_temp))
         reached = [name for name, temp in trips.items() if current >= temp]
-        states.append("critical" if {"critical", "hot"} & set(reached) else "serious" if "passive" in reached
-                      else "fair" if "active" in reached else "nominal")
-        readings.append(SensorReading(sensor=zone.name, label=kind, current_c=current,
-                                      high_c=trips.get("passive") or trips.get("hot"), critical_c=trips.get("critical")))
+        states.append(
+            "critical"
+            if {"critical", "hot"} & set(reached)
+            else "serious"
+            if "passive" in reached
+            else "fair"
+            if "active" in reached
+            else "nominal"
+        )
+        readings.append(
+            SensorReading(
+                sensor=zone.name,
+                label=kind,
+                current_c=current,
+                high_c=trips.get("passive") or trips.get("hot"),
+                critical_c=trips.get("critical"),
+            )
+        )
     if not readings:
         raise ProbeUnavailable(f"no thermal zones under {root}")
     return ThermalInfo(state=worst(states), source="sysfs", sensors=readings)

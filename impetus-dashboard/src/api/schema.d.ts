@@ -1100,6 +1100,11 @@ export interface components {
              * @constant
              */
             object: "list";
+            /**
+             * Version
+             * @description The server's version: the package's, as /health and `impetus --version` give it.
+             */
+            version: string;
         };
         /** ContentPart */
         ContentPart: {

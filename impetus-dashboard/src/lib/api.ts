@@ -57,11 +57,16 @@ export function authHeaders(): Record<string, string> {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
+/** The error envelope the server answers with (OpenAI's shape); anything else keeps the status line. */
+export interface ErrorBody {
+  error?: { message?: string | null; code?: string | null } | null;
+}
+
 async function errorOf(response: Response): Promise<ApiError> {
   let message = `${response.status} ${response.statusText}`.trim();
   let code: string | null = null;
   try {
-    const body = await response.json();
+    const body = (await response.json()) as ErrorBody | null;
     if (body?.error?.message) message = body.error.message;
     code = body?.error?.code ?? null;
   } catch {

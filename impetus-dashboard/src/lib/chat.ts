@@ -1,7 +1,13 @@
 // A streamed chat completion through /v1/chat/completions, token by token.
 import { endpoints } from "../api/endpoints";
-import { ApiError, apiFetch } from "./api";
+import { ApiError, apiFetch, type ErrorBody } from "./api";
 import { readSSE } from "./sse";
+
+/** The parts of a streamed chat.completion.chunk (or an in-stream error) the playground reads. */
+interface StreamChunk extends ErrorBody {
+  choices?: { delta?: { content?: string | null }; finish_reason?: string | null }[];
+  usage?: { completion_tokens?: number | null } | null;
+}
 
 export interface ChatMessage {
   role: "system" | "user" | "assistant";
@@ -38,7 +44,7 @@ export async function streamChat(
   if (!response.ok || !response.body) {
     let message = `${response.status} ${response.statusText}`;
     try {
-      message = (await response.json()).error.message ?? message;
+      message = ((await response.json()) as ErrorBody).error?.message ?? message;
     } catch {
       /* keep the status line */
     }
@@ -49,7 +55,7 @@ export async function streamChat(
   let deltas = 0;
   for await (const data of readSSE(response.body)) {
     if (data === "[DONE]") break;
-    const chunk = JSON.parse(data);
+    const chunk = JSON.parse(data) as StreamChunk;
     if (chunk.error) throw new ApiError(500, chunk.error.message ?? "stream failed", chunk.error.code ?? null);
     const delta: string = chunk.choices?.[0]?.delta?.content ?? "";
     if (delta) {

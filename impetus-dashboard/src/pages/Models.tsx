@@ -276,7 +276,7 @@ export function Models() {
             </Table.Thead>
             <Table.Tbody>
               {(overview?.data ?? []).map((m) => (
-                <ModelRow key={m.id} model={m} busy={busy[m.id] ?? null} canDelete={canDelete} onAction={act} />
+                <ModelRow key={m.id} model={m} busy={busy[m.id] ?? null} canDelete={canDelete} onAction={(action, model) => void act(action, model)} />
               ))}
             </Table.Tbody>
           </Table>

@@ -10,8 +10,9 @@ import { useApi } from "../lib/useApi";
 function show(value: unknown): string {
   if (value === null || value === undefined || value === "") return "–";
   if (typeof value === "boolean") return value ? "yes" : "no";
-  if (typeof value === "object") return JSON.stringify(value);
-  return String(value);
+  if (typeof value === "string") return value;
+  if (typeof value === "number" || typeof value === "bigint") return value.toString();
+  return JSON.stringify(value) ?? "–"; // objects and arrays; JSON never holds the rest
 }
 
 function Facts({ rows }: { rows: [string, unknown][] }) {
