@@ -12,20 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "U32": 4,
-    "I16": 2,
-    "U16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
+from gerdsen_ai_server.store.formats import SAFETENSORS_DTYPE_BYTES
 
 
 @dataclass(frozen=True)
@@ -155,7 +142,7 @@ def from_safetensors_info(repo_id: str, parameters_by_dtype: dict[str, int] | No
         return None, None
     quant = quantization_from_name(repo_id) or ""
     bits = int(quant[:-3]) if quant.endswith("bit") else 4
-    stored = sum(count * _DTYPE_BYTES.get(dtype, 4) for dtype, count in parameters_by_dtype.items())
+    stored = sum(count * SAFETENSORS_DTYPE_BYTES.get(dtype, 4) for dtype, count in parameters_by_dtype.items())
     params = sum(count * (32 // bits) if dtype == "U32" else count for dtype, count in parameters_by_dtype.items())
     return params, stored
 

@@ -66,3 +66,20 @@ def _detect_folder(path: Path) -> str:
         if suffix in suffixes:
             raise _foreign(path, kind)
     raise ModelNotFound(f"{path} holds no model files (config.json + *.safetensors, or a .gguf)")
+
+
+# Bytes per element of each safetensors dtype (the header names them), for memory estimates.
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}

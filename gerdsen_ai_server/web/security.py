@@ -43,13 +43,12 @@ the health routes find them.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 
 from flask import Flask, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from gerdsen_ai_server.config import Settings
+from gerdsen_ai_server.config import Settings, is_loopback_host
 from gerdsen_ai_server.services import services
 from gerdsen_ai_server.web.errors import APIError
 from gerdsen_ai_server.web.failed_logins import FailedLogins
@@ -121,15 +120,6 @@ def may_see_details() -> bool:
     return not checker or g.get("api_key_id") is not None
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def trust_proxies(app: Flask, settings: Settings) -> None:
     """Behind a load balancer every request comes from the balancer's address; with
     ``IMPETUS_TRUSTED_PROXIES=N`` the client's own is read from ``X-Forwarded-For``, N hops back
@@ -165,7 +155,7 @@ def init_security(app: Flask, settings: Settings) -> None:
                 "No admin key is configured (IMPETUS_ADMIN_KEYS, or 'KEY admin' in IMPETUS_API_KEY_FILE): "
                 "loading, unloading, pulling and deleting models and /api/config are refused to every key."
             )
-    elif not is_loopback(settings.host):
+    elif not is_loopback_host(settings.host):
         log.warning(
             "\n" + "!" * 78 + "\n"
             "!! Impetus is listening on %s with NO API KEY: anyone who can reach this address can use it.\n"

@@ -11,8 +11,9 @@ import pytest
 from flask import Flask, jsonify, request
 
 from gerdsen_ai_server.config import Settings
+from gerdsen_ai_server.config import is_loopback_host as is_loopback
 from gerdsen_ai_server.web.keys import KeyChecker
-from gerdsen_ai_server.web.security import init_security, is_loopback
+from gerdsen_ai_server.web.security import init_security
 from tests.support.apps import bare_app
 
 

@@ -18,22 +18,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from gerdsen_ai_server.store.errors import ModelLoadError
+from gerdsen_ai_server.store.formats import SAFETENSORS_DTYPE_BYTES
 
 DEFAULT_CONTEXT_LENGTH = 2048
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "U32": 4,
-    "I16": 2,
-    "U16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
 
 
 def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
@@ -54,7 +41,7 @@ def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
                 tensors[name] = (info["dtype"], math.prod(info["shape"]))
     total = 0
     for name, (dtype, count) in tensors.items():
-        stored = count * _DTYPE_BYTES.get(dtype, 4)
+        stored = count * SAFETENSORS_DTYPE_BYTES.get(dtype, 4)
         if compute_dtype != "float32":
             total += stored
         elif name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] + ".weight" in tensors:
