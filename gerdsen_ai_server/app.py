@@ -24,9 +24,12 @@ from gerdsen_ai_server.api import anthropic
 from gerdsen_ai_server.api.admin import config as server_config
 from gerdsen_ai_server.api.admin import hardware, pulls
 from gerdsen_ai_server.api.admin import models as admin_models
+from gerdsen_ai_server.api.admin import presets as admin_presets
 from gerdsen_ai_server.api.admin import requests as admin_requests
 from gerdsen_ai_server.api.openai import chat, completions, embeddings, responses
 from gerdsen_ai_server.api.openai import models as openai_models
+from gerdsen_ai_server.api.openai import rerank as rerank_routes
+from gerdsen_ai_server.api.openai import tokenize as tokenize_routes
 from gerdsen_ai_server.api.ops import health
 from gerdsen_ai_server.api.ops import metrics as metrics_route
 from gerdsen_ai_server.api.ops.dashboard import init_dashboard
@@ -41,6 +44,7 @@ from gerdsen_ai_server.monitoring.monitor import Monitor
 from gerdsen_ai_server.monitoring.probes import probe_for_this_machine
 from gerdsen_ai_server.monitoring.prometheus import Metrics
 from gerdsen_ai_server.services import Services, init_services, services
+from gerdsen_ai_server.serving.response_store import ResponseStore
 from gerdsen_ai_server.serving.running import RequestTable
 from gerdsen_ai_server.web.errors import register_error_handlers
 from gerdsen_ai_server.web.guard import init_guard
@@ -81,6 +85,7 @@ def create_app(config: dict[str, Any] | None = None, *, engine: InferenceEngine 
             engine=engine,
             monitor=monitor,
             running=RequestTable(),
+            responses=ResponseStore(settings.responses_store_bytes),
             benchmarks=BenchmarkStore(Path(engine.registry.models_dir) / ".impetus" / "benchmarks.json"),
         ),
     )
@@ -92,8 +97,11 @@ def create_app(config: dict[str, Any] | None = None, *, engine: InferenceEngine 
     init_security(app, settings)  # size limit, API keys, rate limits
     for bp in (openai_models.bp, completions.bp, chat.bp, embeddings.bp, responses.bp, anthropic.bp):
         app.register_blueprint(bp)  # /v1: OpenAI's API, then Anthropic's Messages
+    app.register_blueprint(tokenize_routes.bp)  # /tokenize, /detokenize, /apply-template: at the root, as vLLM
+    app.register_blueprint(rerank_routes.bp)  # /v1/rerank, /rerank, /v1/reranking (llama-server's alias)
     app.register_blueprint(health.bp)
     app.register_blueprint(admin_models.bp)  # /api/models: list, load, unload, benchmark
+    app.register_blueprint(admin_presets.bp)  # /api/presets (writes: admin scope, web/keys.py)
     app.register_blueprint(server_config.bp)  # /api/config, for the dashboard
     app.register_blueprint(hardware.bp)
     app.register_blueprint(admin_requests.bp)  # GET/DELETE /api/requests (admin scope: web/keys.py)

@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         32, ge=0, description="Requests waiting for the engine beyond the running batch; more get 503."
     )
     max_batch: int = Field(8, ge=1, description="Sequences decoded together in one engine step.")
+    context_length: int = Field(
+        0,
+        ge=0,
+        description="Context length (tokens: prompt + completion) of every model loaded without its own "
+        "(POST /api/models/load's or a preset's context_length); 0 means each model's trained length. Clamped "
+        "to each model's trained length (as Ollama clamps num_ctx); a llama.cpp model's KV cache is sized by it.",
+    )
     admit_window_ms: float = Field(
         50.0,
         ge=0,
@@ -273,6 +280,13 @@ class Settings(BaseSettings):
         description="Seconds a model's chat template may take to render one request's messages; beyond, the request "
         "ends with 500 chat_template_timeout and its thread is free again (a template is code from the model's files: "
         "nested loops once held a thread and a core for hours). Normal templates take about a millisecond.",
+    )
+    responses_store_bytes: int = Field(
+        64 << 20,
+        ge=0,
+        description="Bytes (measured as JSON) of /v1/responses kept for previous_response_id and GET/DELETE "
+        "/v1/responses/{id} when a request sends store: true; the least recently used go first. In memory, per "
+        "process; 0 stores nothing (responses then report store: false).",
     )
     max_tokens_limit: int = Field(
         32768, ge=1, description="Largest max_tokens a request may ask for (the model's context bounds it too)."

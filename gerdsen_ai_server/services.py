@@ -31,6 +31,7 @@ from gerdsen_ai_server.store.pulls import PullManager
 if TYPE_CHECKING:
     from flask_limiter import Limiter
 
+    from gerdsen_ai_server.serving.response_store import ResponseStore
     from gerdsen_ai_server.serving.running import RequestTable
     from gerdsen_ai_server.web.errors import Renderer
     from gerdsen_ai_server.web.failed_logins import FailedLogins
@@ -52,6 +53,7 @@ class Services:
     pulls: PullManager | None = None
     benchmarks: BenchmarkStore | None = None
     running: RequestTable | None = None  # the requests in flight (serving/running.py)
+    responses: ResponseStore | None = None  # stored /v1/responses (serving/response_store.py)
     keys: KeyChecker | None = None
     failed_logins: FailedLogins | None = None
     limiter: Limiter | None = None

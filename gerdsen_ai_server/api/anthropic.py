@@ -32,7 +32,7 @@ def messages() -> Response:
     body = parse_body(MessagesRequest, request.get_data(cache=False))
     msg_id, started = start_message(body)
     if body.stream:
-        return sse_response(message_events(msg_id, started))
+        return sse_response(message_events(msg_id, started, body))
     return jsonify(message(body, msg_id, started).model_dump())
 
 

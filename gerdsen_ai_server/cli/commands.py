@@ -3,6 +3,7 @@
     impetus --version
     impetus serve [--model PATH_OR_ID] [--host H] [--port P] [--threads N] [--log-level L]
     impetus pull ORG/NAME | impetus list | impetus rm ID      (cli/models.py)
+    impetus preset create|list|show|rm                        (cli/presets.py)
     impetus bench [--quick] [--streams 1,4,8,16] [...]        (bench/run.py, from a source checkout)
 
 ``serve`` turns its options into ``IMPETUS_*`` environment variables (the same ones
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from gerdsen_ai_server import __version__
 from gerdsen_ai_server.cli import models as cli_models
+from gerdsen_ai_server.cli import presets as cli_presets
 
 GUNICORN_CONFIG = "python:gerdsen_ai_server.cli.gunicorn_conf"
 WSGI_APP = "gerdsen_ai_server.app:create_app()"
@@ -58,6 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="Gunicorn threads: one per open stream plus headroom (default 64)")
     serve.add_argument("--log-level", help="debug, info, warning, error")
     cli_models.add_parsers(sub)
+    cli_presets.add_parsers(sub)  # impetus preset create|list|show|rm
     # Its options are bench.run's own (main() hands them over unparsed): see `impetus bench --help`.
     sub.add_parser(
         "bench", add_help=False, help="side-by-side benchmark against python -m mlx_lm.server (same as make bench)"
@@ -148,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if (status := cli_models.run(args)) is not None:
+        return status
+    if (status := cli_presets.run(args)) is not None:
         return status
     parser.print_help(sys.stderr)
     return 2

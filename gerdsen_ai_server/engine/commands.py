@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.embeddings import EmbeddingJob
+from gerdsen_ai_server.engine.options import LoadOptions
 from gerdsen_ai_server.engine.protocol import GenerationRequest, TokenStream
 
 
@@ -25,6 +26,7 @@ class Load:
     trusted: bool  # the operator's own spec (may name any path); a request's never is
     allowed: tuple[Path, ...]  # IMPETUS_MODEL_PATHS a request's spec may resolve under
     reply: Future[LoadedModel]
+    options: LoadOptions = LoadOptions()  # context length, template, adapter, backend, alias
 
 
 @dataclass(frozen=True)

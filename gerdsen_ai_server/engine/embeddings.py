@@ -1,5 +1,6 @@
 """Sentence embeddings: from a dedicated embedding model (encoder.py: its own pooling), or from a
-language model as mean-pooled, L2-normalised final hidden states.
+language model as mean-pooled, L2-normalised final hidden states; and a reranker's pair scores
+(a cross-encoder: encoder.py's CrossEncoderModel), which go the same way, one score per pair.
 
 Runs on the engine thread (it is MLX work), as an ``EmbeddingJob`` the engine advances a bounded
 slice at a time between decode steps: computed whole, one ~4k-token input on the default model held
@@ -21,6 +22,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 from gerdsen_ai_server.engine.errors import EmbeddingCancelled as EmbeddingCancelled  # defined with the engine's errors
+from gerdsen_ai_server.engine.formats.encoder import CrossEncoderModel
 from gerdsen_ai_server.engine.formats.encoder_base import BATCH, EncoderModel
 
 
@@ -44,9 +46,12 @@ class EmbeddingJob:
     may ``cancel()`` at any time; the engine drops a cancelled job before its next slice.
     """
 
-    def __init__(self, model_id: str, inputs: list[list[int]]) -> None:
+    def __init__(self, model_id: str, inputs: list[list[int]], segments: list[int] | None = None) -> None:
         self.model_id = model_id
         self.inputs = inputs
+        # A reranker's pairs: where each input's second text begins (CrossEncoderModel.score_batch);
+        # its "vectors" are then one score each.
+        self.segments = segments if segments is not None else [len(tokens) for tokens in inputs]
         self.future: Future[list[list[float]]] = Future()
         self.vectors: list[list[float]] = [[] for _ in inputs]
         self.tokens_total = sum(len(tokens) for tokens in inputs)
@@ -90,7 +95,12 @@ class EmbeddingJob:
             if (len(group) + 1) * len(self.inputs[index]) > tokens:
                 break
             group.append(index)
-        for index, row in zip(group, model.embed_batch([self.inputs[i] for i in group]), strict=True):
+        batch = [self.inputs[i] for i in group]
+        if isinstance(model, CrossEncoderModel):
+            rows = [[score] for score in model.score_batch(batch, [self.segments[i] for i in group])]
+        else:
+            rows = model.embed_batch(batch)
+        for index, row in zip(group, rows, strict=True):
             self.vectors[index] = row
             self.tokens_done += len(self.inputs[index])
         self._next += len(group)

@@ -29,7 +29,7 @@ from gerdsen_ai_server.engine.commands import BatchLimit, Command, Embed, Load, 
 from gerdsen_ai_server.engine.embeddings import EmbeddingJob
 from gerdsen_ai_server.engine.errors import ContextLengthExceeded, EngineGone, EngineOverloaded
 from gerdsen_ai_server.engine.formats.loaders import LoaderFactory
-from gerdsen_ai_server.engine.options import EngineOptions
+from gerdsen_ai_server.engine.options import EngineOptions, LoadOptions
 from gerdsen_ai_server.engine.prompt_cache import PrefixCache
 from gerdsen_ai_server.engine.protocol import GenerationRequest, TokenEvent, TokenStream
 from gerdsen_ai_server.engine.registry import ModelRegistry, Resident
@@ -135,14 +135,16 @@ class InferenceEngine:
         *,
         trusted: bool = False,
         allowed: Sequence[Path] = (),
+        options: LoadOptions | None = None,
     ) -> Future[LoadedModel]:
         """Load on the engine thread (``keep_alive``: idle seconds, None for the server default, inf to keep).
 
         ``spec`` is untrusted unless ``trusted`` (only the operator's own, never a request's): it then
         resolves inside the models dir or under ``allowed`` (IMPETUS_MODEL_PATHS) only (registry.begin_load).
+        ``options``: context length, chat template, adapter, backend and the resident's id (options.py).
         """
         future: Future[LoadedModel] = Future()
-        self._commands.put(Load(spec, keep_alive, pinned, trusted, tuple(allowed), future))
+        self._commands.put(Load(spec, keep_alive, pinned, trusted, tuple(allowed), future, options or LoadOptions()))
         return future
 
     def unload_model(self, model_id: str) -> Future[None]:
@@ -150,13 +152,14 @@ class InferenceEngine:
         self._commands.put(Unload(model_id, future))
         return future
 
-    def embed(self, model_id: str, inputs: list[list[int]]) -> EmbeddingJob:
+    def embed(self, model_id: str, inputs: list[list[int]], segments: list[int] | None = None) -> EmbeddingJob:
         """Pooled, normalised hidden states of each input, computed on the engine thread in slices
         between decode steps; ``job.future`` has them. Counts against the same capacity as a
-        generation (EngineOverloaded beyond it) until it ends or the caller cancels the job."""
+        generation (EngineOverloaded beyond it) until it ends or the caller cancels the job.
+        A reranker's pairs pass ``segments`` (EmbeddingJob) and get one score each."""
         self.get_model(model_id)
         self._reserve()
-        job = EmbeddingJob(model_id, inputs)
+        job = EmbeddingJob(model_id, inputs, segments)
         self._commands.put(Embed(job))
         return job
 
@@ -315,6 +318,7 @@ class InferenceEngine:
                 pinned=command.pinned,
                 trusted=command.trusted,
                 allowed=command.allowed,
+                options=command.options,
             )
         except ModelLoadError as exc:
             future.set_exception(exc)

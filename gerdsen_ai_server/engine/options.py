@@ -11,10 +11,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gerdsen_ai_server.schemas.models import MAX_CHAT_TEMPLATE_CHARS
+from gerdsen_ai_server.store.errors import ModelLoadError
+
 if TYPE_CHECKING:
     from gerdsen_ai_server.config import Settings
 
 BACKENDS = ("auto", "mlx", "llamacpp")
+
+
+class InvalidLoadOption(ModelLoadError):
+    """A load option this model cannot take (a context beyond its bound, RoPE scaling it does not
+    declare): a 400 naming ``param``. Its message names the model's limits, never a host path."""
+
+    def __init__(self, message: str, param: str = "context_length") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -25,10 +37,46 @@ class BackendOptions:
     backend: str = "auto"  # one of BACKENDS; see backends/llamacpp.py serves_gguf
     sequences: int = 8  # KV slots of a llama.cpp model: IMPETUS_MAX_BATCH, as on MLX
     llamacpp_threads: int = 0  # CPU threads of each llama.cpp model (0: all cores)
+    context_length: int = 0  # IMPETUS_CONTEXT_LENGTH: every load's default (0: the model's own)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How one model is loaded beyond where it is: given per load (``POST /api/models/load``), by a
+    preset (store/presets.py), or left at the server's defaults. Two residents of one model with
+    different options are two models to the registry, each under its own id (``alias``).
+
+    Every field's default means "as the server and the model's own files say"; a request's values
+    are checked by whoever receives them (schemas, serving) before they reach the engine.
+    """
+
+    context_length: int = 0  # tokens; 0: IMPETUS_CONTEXT_LENGTH, whose 0 is the model's own trained length
+    rope_scaling: bool = False  # allow a context beyond the trained length where the model declares RoPE scaling
+    chat_template: str | None = None  # Jinja text replacing the model's chat template
+    adapter: str | None = None  # a LoRA adapter's spec: confined to the models dir like a model's
+    backend: str | None = None  # one of BACKENDS for this load; None: IMPETUS_BACKEND
+    alias: str | None = None  # the resident's id (a preset's name); None: the spec's own id
+
+    def __post_init__(self) -> None:
+        if self.context_length < 0:
+            raise ValueError(f"context_length must be >= 0, not {self.context_length}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
+        if self.chat_template is not None and len(self.chat_template) > MAX_CHAT_TEMPLATE_CHARS:
+            raise ValueError(f"chat_template must be at most {MAX_CHAT_TEMPLATE_CHARS} characters")
+
+    @property
+    def is_default(self) -> bool:
+        """Nothing asked beyond the server's defaults (an alias alone changes only the name)."""
+        return self.model_options() == LoadOptions()
+
+    def model_options(self) -> LoadOptions:
+        """These options without the alias: what decides whether two loads make the same model."""
+        return LoadOptions(self.context_length, self.rope_scaling, self.chat_template, self.adapter, self.backend)
 
 
 @dataclass(frozen=True)
@@ -47,6 +95,7 @@ class EngineOptions:
     admit_window: float = 0.0  # seconds (IMPETUS_ADMIT_WINDOW_MS / 1000)
     backend: str = "auto"
     llamacpp_threads: int = 0
+    context_length: int = 0  # IMPETUS_CONTEXT_LENGTH
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_dir", Path(self.models_dir))
@@ -55,7 +104,7 @@ class EngineOptions:
     @property
     def backend_options(self) -> BackendOptions:
         """What the loaders and the llama.cpp backend get."""
-        return BackendOptions(self.backend, self.max_batch, self.llamacpp_threads)
+        return BackendOptions(self.backend, self.max_batch, self.llamacpp_threads, self.context_length)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineOptions:
@@ -73,4 +122,5 @@ class EngineOptions:
             admit_window=settings.admit_window_ms / 1000,
             backend=settings.backend,
             llamacpp_threads=settings.llamacpp_threads,
+            context_length=settings.context_length,
         )

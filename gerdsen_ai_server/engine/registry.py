@@ -22,6 +22,7 @@ import mlx.core as mx
 from gerdsen_ai_server.engine.backends.base import Backend, LoadedModel
 from gerdsen_ai_server.engine.errors import ModelBusy, ModelPinned, OverBudget
 from gerdsen_ai_server.engine.formats.loaders import LoaderFactory
+from gerdsen_ai_server.engine.options import InvalidLoadOption, LoadOptions
 from gerdsen_ai_server.events import EventBus
 from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound, ModelRefused
 from gerdsen_ai_server.store.paths import redact_paths
@@ -40,6 +41,7 @@ class Resident:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     warmup: Any = None  # schemas.models.WarmupResult, once a load with warmup: true has run
+    options: LoadOptions = LoadOptions()  # what it was loaded with (context length, template, adapter...)
 
     @property
     def busy(self) -> bool:
@@ -59,6 +61,7 @@ class PendingLoad:
     waiters: list[Any] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     allowed: tuple[Path, ...] = ()  # IMPETUS_MODEL_PATHS of the request: its folders are redacted from errors
+    options: LoadOptions = LoadOptions()
 
 
 class ModelRegistry:
@@ -111,6 +114,7 @@ class ModelRegistry:
         pinned: bool = False,
         trusted: bool = False,
         allowed: Sequence[Path] = (),
+        options: LoadOptions | None = None,
     ) -> Resident | PendingLoad:
         """The resident model, or its load in progress (started now if none is): finish it with ``advance``.
 
@@ -119,30 +123,55 @@ class ModelRegistry:
         ``allowed`` (IMPETUS_MODEL_PATHS), else one uniform ModelNotFound (``store.paths.confine``).
         Room is made (and the estimate reserved) before loading starts, so two loads at once
         cannot both count on the same free memory; a second load of a model joins the first.
+
+        ``options`` (engine/options.py) load it with a context length, chat template, adapter or
+        backend of its own, under ``options.alias`` when given. A load with default options joins
+        whatever is resident under the id; one with other options than the resident's replaces it
+        once it is idle (Ollama reloads a model whose ``num_ctx`` changed), else ModelBusy.
         """
-        if not trusted:  # a model already in memory is named by its id: no path is looked at
+        options = options or LoadOptions()
+        if not trusted and options.alias is None:  # a model in memory is named by its id: no path is looked at
             known = self.residents.get(spec) or self.loading.get(spec)
-            if known is not None:
+            if known is not None and self._compatible(known, options):
                 return self._join(known, keep_alive, pinned)
         try:
-            path = self.loader.resolve(spec, self.models_dir, trusted=trusted, allowed=allowed)
+            path = self.loader.resolve(spec, self.models_dir, trusted=trusted, allowed=allowed, options=options)
         except Exception as exc:
             raise self._public(exc, spec, allowed) from None
-        model_id = self.canonical_id(spec)
+        model_id = options.alias or self.canonical_id(spec)
         known = self.residents.get(model_id) or self.loading.get(model_id)
-        if known is not None:
+        # An alias that names a resident of another model (an edited preset): replaced like other options.
+        other = options.alias is not None and isinstance(known, Resident) and Path(known.loaded.path) != Path(path)
+        if known is not None and self._compatible(known, options) and not other:
             return self._join(known, keep_alive, pinned)
+        try:  # the options checked (a context beyond the model's bound...) before a resident makes way
+            need = self.loader.estimate_bytes(path, self.compute_dtype, options)
+        except Exception as exc:
+            raise self._public(exc, spec, allowed) from None
+        if known is not None:
+            self._replace(known, model_id)
         keep = self.keep_alive if keep_alive is None else keep_alive
         try:
-            need = self.loader.estimate_bytes(path, self.compute_dtype)
             self._make_room(need, model_id)
         except Exception as exc:
             raise self._public(exc, spec, allowed) from None
         self._events.publish("model_event", event="loading", model=model_id, bytes=need)
-        steps = self.loader.load_path_steps(path, self.models_dir, compute_dtype=self.compute_dtype)
-        pending = PendingLoad(model_id, need, keep, pinned, steps, allowed=tuple(allowed))
+        steps = self.loader.load_path_steps(path, self.models_dir, compute_dtype=self.compute_dtype, options=options)
+        pending = PendingLoad(model_id, need, keep, pinned, steps, allowed=tuple(allowed), options=options)
         self.loading[model_id] = pending
         return pending
+
+    @staticmethod
+    def _compatible(known: Resident | PendingLoad, options: LoadOptions) -> bool:
+        """Whether a load with ``options`` may use ``known``: default options take any resident."""
+        return options.is_default or known.options.model_options() == options.model_options()
+
+    def _replace(self, known: Resident | PendingLoad, model_id: str) -> None:
+        """Make way for a load of ``model_id`` with other options: unload the idle resident (pinned:
+        ModelPinned), refuse while it generates or loads (ModelBusy)."""
+        if isinstance(known, PendingLoad):
+            raise ModelBusy(f"The model '{model_id}' is loading with other options; try again when it is loaded.")
+        self.unload(model_id, reason="reloading")
 
     def _join(self, known: Resident | PendingLoad, keep_alive: float | None, pinned: bool) -> Resident | PendingLoad:
         """A load of a model that is resident or loading already: touch it, or join its load."""
@@ -158,8 +187,8 @@ class ModelRegistry:
     def _public(self, exc: Exception, spec: str, allowed: Sequence[Path]) -> ModelLoadError:
         """``exc`` as the ModelLoadError a client may see: host paths redacted (``store.paths.redact_paths``).
         The log keeps the whole message, for the operator."""
-        if isinstance(exc, ModelRefused):  # already says nothing but the spec as the client sent it
-            log.info("refused model %r", spec)
+        if isinstance(exc, ModelRefused | InvalidLoadOption):  # say nothing but the spec and the model's limits
+            log.info("refused model %r: %s", spec, exc)
             return exc
         if not isinstance(exc, ModelLoadError):
             log.exception("loading %s failed", spec)
@@ -185,7 +214,13 @@ class ModelRegistry:
             raise public from None
         del self.loading[pending.model_id]
         model_id = loaded.model_id = pending.model_id
-        resident = Resident(loaded, self._open_backend(loaded), keep_alive=pending.keep_alive, pinned=pending.pinned)
+        resident = Resident(
+            loaded,
+            self._open_backend(loaded),
+            keep_alive=pending.keep_alive,
+            pinned=pending.pinned,
+            options=pending.options,
+        )
         self.residents[model_id] = resident
         seconds = time.monotonic() - pending.started
         log.info("loaded %s (%.0f MB) in %.1f s", model_id, loaded.nbytes / 1e6, seconds)

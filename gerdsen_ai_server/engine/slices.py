@@ -1,4 +1,5 @@
-"""Work the engine thread does in slices between decode steps: model loads and embedding requests.
+"""Work the engine thread does in slices between decode steps: model loads and embedding requests
+(rerank requests among them: a reranker's pairs are an EmbeddingJob whose vectors are one score each).
 
 Either, done whole, would hold the engine thread (and every stream it decodes, and every request
 waiting to be prefilled) for seconds: so each engine-loop turn gives it a slice of time, as long

@@ -11,6 +11,11 @@ from pydantic import BaseModel, Field
 
 from gerdsen_ai_server.schemas.openai import REQUEST_CONFIG
 
+# A chat template given at load is Jinja text; the largest real ones (Qwen3's, gpt-oss') are ~20 KiB.
+MAX_CHAT_TEMPLATE_CHARS = 256 << 10
+MAX_CONTEXT_LENGTH = 1 << 24  # tokens: beyond any model's, so a typo is a 400 here, not a huge KV cache
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a preset's name, llama-server's --alias
+
 
 class LoadRequest(BaseModel):
     model_config = REQUEST_CONFIG
@@ -19,11 +24,57 @@ class LoadRequest(BaseModel):
     keep_alive: float | None = Field(
         None, description="Seconds to stay loaded when idle; negative keeps it; omitted uses IMPETUS_KEEP_ALIVE."
     )
+    adapter: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="A LoRA adapter to apply: an mlx-lm adapter folder (MLX) or a GGUF LoRA file (llama.cpp) in the "
+        "models dir. The result is its own resident, '<model>+<adapter>'.",
+    )
     warmup: bool = Field(
         False,
         description="After loading, run a short prompt through the engine twice (the first run builds the "
         "sampler's compiled graph and the buffers) so the first real request is fast; reports TTFT cold vs warm.",
     )
+    context_length: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_CONTEXT_LENGTH,
+        description="Context length (tokens: prompt + completion); omitted or 0: IMPETUS_CONTEXT_LENGTH, else the "
+        "model's trained length. Beyond the trained length is a 400 unless rope_scaling is true and the model "
+        "declares RoPE scaling (then up to trained x factor). A llama.cpp model's KV cache is sized by it.",
+    )
+    rope_scaling: bool = Field(
+        False,
+        description="Allow a context_length beyond the trained length, up to what the RoPE scaling the model "
+        "declares (config.json rope_scaling, GGUF rope.scaling.*) allows; omitted context_length then means that "
+        "bound. The scaling is the model's own; a 400 for a model that declares none.",
+    )
+    chat_template: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CHAT_TEMPLATE_CHARS,
+        description="Jinja chat template replacing the model's own (Hugging Face's variables: messages, tools, "
+        "add_generation_prompt, bos_token...); one that does not compile is a 400.",
+    )
+    backend: Literal["auto", "mlx", "llamacpp"] | None = Field(
+        None, description="Which engine runs a GGUF for this load; omitted: IMPETUS_BACKEND."
+    )
+    alias: str | None = Field(
+        None,
+        pattern=ALIAS_PATTERN,
+        description="The resident's id (llama-server's --alias): requests name it as 'model'. Omitted: the model's id.",
+    )
+
+
+class LoadOptionsInfo(BaseModel):
+    """What a resident was loaded with beyond the defaults (the template is not repeated, only whether set)."""
+
+    context_length: int = Field(0, description="As asked at load; 0: the default (see ModelInfo.context_length).")
+    rope_scaling: bool = False
+    chat_template: bool = Field(False, description="Whether the load replaced the model's chat template.")
+    backend: str | None = None
+    alias: str | None = None
 
 
 class WarmupResult(BaseModel):
@@ -49,20 +100,26 @@ class ModelInfo(BaseModel):
     id: str
     state: Literal["resident", "local"]
     format: str | None = None
-    kind: Literal["language", "embedding"] | None = Field(
+    kind: Literal["language", "embedding", "rerank", "adapter"] | None = Field(
         None,
-        description="language: generates (and embeds); embedding: a dedicated embedding model, /v1/embeddings only.",
+        description="language: generates (and embeds); embedding: a dedicated embedding model, /v1/embeddings only; "
+        "rerank: a reranker (cross-encoder), /v1/rerank only; adapter: a LoRA adapter (load a model with it).",
     )
     path: str | None = None
     size_bytes: int | None = Field(None, description="Bytes on disk.")
     memory_bytes: int | None = Field(None, description="Bytes of weights in memory while resident.")
-    context_length: int | None = None
+    context_length: int | None = Field(
+        None, description="A resident's effective context length: as loaded, IMPETUS_CONTEXT_LENGTH or trained."
+    )
+    load_options: LoadOptionsInfo | None = Field(None, description="A resident's load options.")
     busy: bool = False
     pinned: bool = False
     keep_alive: float | None = Field(None, description="Idle seconds before unloading; null: kept loaded.")
     idle_seconds: float | None = None
     warmup: WarmupResult | None = Field(None, description="Set once a load with warmup: true has warmed it.")
     error: str | None = None
+    preset: str | None = Field(None, description="The preset this resident serves under its name (/api/presets).")
+    adapter: str | None = Field(None, description="The LoRA adapter applied to this resident (its name in models dir).")
 
 
 class ModelsOverview(BaseModel):

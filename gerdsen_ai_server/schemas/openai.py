@@ -15,6 +15,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from gerdsen_ai_server.schemas.chat import TemplateControls
+from gerdsen_ai_server.schemas.logprobs import ChatLogprobs as ChatLogprobs  # "as": re-exported
+from gerdsen_ai_server.schemas.logprobs import ChatTokenLogprob as ChatTokenLogprob
+from gerdsen_ai_server.schemas.logprobs import CompletionLogprobs as CompletionLogprobs
+from gerdsen_ai_server.schemas.logprobs import TopLogprob as TopLogprob
+from gerdsen_ai_server.schemas.logprobs import Usage as Usage
 from gerdsen_ai_server.schemas.parts import refuse_unsupported_parts
 
 MAX_STOP_SEQUENCES = 4
@@ -57,6 +63,7 @@ class ChatMessage(_Request):
     content: str | list[TextPart] | None = Field(None, validate_default=True)
     name: str | None = None
     tool_call_id: str | None = Field(None, validate_default=True)
+    reasoning_content: str | None = None  # an answer's thinking sent back (SDKs echo it): to the template
 
     @field_validator("content")
     @classmethod
@@ -156,7 +163,7 @@ class SDKFields(_Request):
     (docs/clients.md, "Fields the SDKs send", says why for each). Shared by chat and Responses."""
 
     metadata: Metadata | None = None
-    store: bool | None = None  # nothing is stored; Responses report ``store: false``
+    store: bool | None = None  # chat: nothing is stored; Responses: true keeps it (serving/response_store.py)
     service_tier: ServiceTier | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
@@ -186,6 +193,13 @@ class _Generation(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0)
     # Ollama's: seconds the model stays loaded after this request (negative: keep it loaded).
     keep_alive: float | None = None
+    # mlx_lm.server's: a LoRA adapter for this request; ours names one in the models dir (serving/adapters.py).
+    adapters: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="A LoRA adapter in the models dir for this request: served by the resident '<model>+<adapter>'.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -213,7 +227,7 @@ class _Generation(_Request):
         return list(self.stop or [])  # the validator has made it a list
 
 
-class ChatCompletionRequest(_Generation, SDKFields):
+class ChatCompletionRequest(_Generation, SDKFields, TemplateControls):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
     # An image_url part is a 400 naming it, not the str branch's "Input should be a valid string".
@@ -244,9 +258,9 @@ class ChatCompletionRequest(_Generation, SDKFields):
     def unsupported(self) -> str | None:
         """A known OpenAI field whose request we cannot meet, where ignoring it would mislead: text
         without the audio asked for, an answer not grounded in the web search asked for, output the
-        moderation asked for never checked, a reasoning effort or verbosity the model has no control
-        for (OpenAI's own 400 for a model without them)."""
-        for name in ("functions", "function_call", "audio", "web_search_options", "moderation", "reasoning_effort"):
+        moderation asked for never checked, a verbosity the model has no control for (OpenAI's own 400
+        for a model without it). ``reasoning_effort`` depends on the model: serving/reasoning.py checks it."""
+        for name in ("functions", "function_call", "audio", "web_search_options", "moderation"):
             if getattr(self, name) is not None:  # functions/function_call: deprecated in favour of tools
                 return name
         if self.modalities is not None and "audio" in self.modalities:
@@ -293,37 +307,12 @@ class CompletionRequest(_Generation):
 # ---- responses ----------------------------------------------------------------------------
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatTokenLogprob] | None
-    refusal: None = None
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
-    text_offset: list[int]
-
-
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # The model's thinking, apart from the answer (vLLM's, llama-server's and mlx_lm.server's name);
+    # absent, not null, for a model that does not think, so those answers stay as they were.
+    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)
     tool_calls: list[ToolCall] | None = None
 
 
@@ -351,6 +340,7 @@ class DeltaToolCall(ToolCall):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 
@@ -395,12 +385,16 @@ class ModelCard(BaseModel):
     owned_by: str = "impetus"
     context_length: int | None = None
     # "language": generates, and embeds through its mean-pooled, normalised hidden states;
-    # "embedding": a dedicated embedding model (BERT-family encoder), /v1/embeddings only.
-    kind: Literal["language", "embedding"] = "language"
+    # "embedding": a dedicated embedding model (BERT-family encoder), /v1/embeddings only;
+    # "rerank": a reranker (cross-encoder), /v1/rerank only.
+    kind: Literal["language", "embedding", "rerank"] = "language"
     capabilities: list[str] = Field(default_factory=lambda: ["chat.completions", "completions", "embeddings"])
     embedding_method: str = "mean-pooled final hidden state, L2-normalised"
     dimensions: int | None = Field(None, description="An embedding model's vector size.")
     matryoshka: bool = Field(False, description="Whether `dimensions` may shorten this model's embeddings.")
+    # A preset (/api/presets): an alias a client may name, served by `base_model`; absent on other models.
+    preset: bool | None = Field(None, exclude_if=lambda v: v is None, description="True for a preset (an alias).")
+    base_model: str | None = Field(None, exclude_if=lambda v: v is None, description="The model a preset serves.")
 
 
 class ModelList(BaseModel):

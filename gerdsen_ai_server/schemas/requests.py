@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 class RunningRequest(BaseModel):
     id: str = Field(description="This request's id here (32 hex digits); the `id` of its request_event too.")
     object: Literal["request"] = "request"
-    kind: str = Field(description="chat, completion, messages, responses, embeddings or generate (Socket.IO).")
+    kind: str = Field(description="chat, completion, messages, responses, embeddings, rerank or generate (Socket.IO).")
     route: str = Field(description="The path (or Socket.IO event) it came in on.")
     model: str
     sequences: int = Field(description="Sequences it runs: its choices (n) times its prompts; 0 for embeddings.")

@@ -1,4 +1,4 @@
-"""Pydantic models of OpenAI's Responses API requests (the stateless subset we serve)."""
+"""Pydantic models of OpenAI's Responses API: the requests we serve, the response object, its deletion."""
 
 from __future__ import annotations
 
@@ -47,6 +47,24 @@ class FunctionCallOutputItem(_Request):
     output: str
 
 
+class ReasoningText(_Request):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(_Request):
+    """A reasoning item of an earlier answer, passed back in ``input`` as OpenAI asks clients to do.
+    Dropped from the prompt: earlier turns' thinking is left out, as the chat templates of thinking
+    models (Qwen3, DeepSeek-R1) leave it out."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    status: str | None = None
+    summary: list[ReasoningText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+
+
 class FunctionTool(_Request):
     type: Literal["function"]
     name: str
@@ -76,8 +94,10 @@ class TextConfig(_Request):
 
 
 class Reasoning(_Request):
-    """OpenAI's reasoning options. Only an empty request is met: no model served here has an effort
-    control or reasoning summaries (serving/responses.py refuses the rest, as OpenAI does for such a model)."""
+    """OpenAI's reasoning options. ``effort`` passes to the chat template (as chat completions'
+    ``reasoning_effort``: a 400 for a model that does not reason); ``summary`` is accepted and the
+    reasoning comes whole as ``reasoning_text`` content with an empty ``summary``, as vLLM returns it
+    (no summariser runs here). The rest is refused (serving/responses.py)."""
 
     effort: ReasoningEffort | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
@@ -108,7 +128,11 @@ LOGPROBS = "message.output_text.logprobs"
 class ResponsesRequest(SDKFields):
     model: str = Field(min_length=1)
     input: (
-        str | Annotated[list[InputMessage | FunctionCallItem | FunctionCallOutputItem], Field(max_length=MAX_MESSAGES)]
+        str
+        | Annotated[
+            list[InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningItem],
+            Field(max_length=MAX_MESSAGES),
+        ]
     )
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
@@ -146,13 +170,13 @@ class ResponsesRequest(SDKFields):
         """A known field we cannot honour where ignoring it would mislead: state kept on OpenAI's side
         (a conversation, a stored prompt, background runs, compaction), moderation, reasoning or
         verbosity controls the models here lack (OpenAI's own 400 for such a model)."""
-        for name in ("previous_response_id", "conversation", "prompt", "context_management", "moderation"):
+        for name in ("conversation", "prompt", "context_management", "moderation"):
             if getattr(self, name) is not None:
                 return name
         if self.background:
             return "background"
         if self.reasoning is not None:
-            for name in ("effort", "summary", "generate_summary", "mode", "context"):
+            for name in ("generate_summary", "mode", "context"):
                 if getattr(self.reasoning, name) is not None:
                     return f"reasoning.{name}"
         if self.text is not None and self.text.verbosity not in (None, "medium"):
@@ -201,6 +225,21 @@ class OutputFunctionCall(BaseModel):
     status: ItemStatus
 
 
+class OutputReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class OutputReasoning(BaseModel):
+    """A thinking model's reasoning, before its message (vLLM's shape: the raw text as content)."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[Any] = Field(default_factory=list, description="Always empty: no summariser runs here.")
+    content: list[OutputReasoningText]
+    status: ItemStatus
+
+
 class IncompleteDetails(BaseModel):
     reason: Literal["max_output_tokens"]
 
@@ -229,7 +268,7 @@ class ResponseObject(BaseModel):
     created_at: int
     status: Literal["completed", "incomplete", "in_progress"]
     model: str
-    output: list[Annotated[OutputMessage | OutputFunctionCall, Field(discriminator="type")]]
+    output: list[Annotated[OutputReasoning | OutputMessage | OutputFunctionCall, Field(discriminator="type")]]
     error: None = Field(None, description="Always null: a failed generation is an error response or event.")
     incomplete_details: IncompleteDetails | None
     instructions: str | None
@@ -240,8 +279,18 @@ class ResponseObject(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice
     tools: list[dict[str, Any]]
     text: dict[str, Any]
-    store: Literal[False] = Field(False, description="Responses are never stored.")
+    store: bool = Field(
+        False, description="Whether it was stored (store: true, IMPETUS_RESPONSES_STORE_BYTES): GET /v1/responses/{id}."
+    )
     metadata: dict[str, str]
-    previous_response_id: None = None
+    previous_response_id: str | None = None
     user: str | None
     usage: ResponseUsage
+
+
+class ResponseDeleted(BaseModel):
+    """DELETE /v1/responses/{id}: OpenAI's answer."""
+
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: Literal[True] = True

@@ -4,6 +4,7 @@ constrained decoding, streams); the answer is rendered in Anthropic's shapes and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, ToolCall
 from gerdsen_ai_server.serving.chat import Started, chat_prompt, collect_answer, start_chat
 from gerdsen_ai_server.serving.generation import cancel_all
 from gerdsen_ai_server.serving.models import resident_model
+from gerdsen_ai_server.serving.presets import apply_preset
+from gerdsen_ai_server.serving.reasoning import ReasoningSplitter
 from gerdsen_ai_server.serving.running import ClientGone
 from gerdsen_ai_server.serving.tools import ToolPlan, answer_parts, partial_arguments, plan_tools
 
@@ -69,8 +72,33 @@ def to_openai_messages(system: str | None, messages: list[Message]) -> list[dict
     return out
 
 
+def thinking_enabled(body: MessagesRequest | CountTokensRequest) -> bool:
+    """Whether the request asks for thinking (``enabled``, or ``adaptive``/``between_tools``: the
+    model decides); ``disabled`` or absent: no thinking, as on Anthropic's side."""
+    return body.thinking is not None and body.thinking.type != "disabled"
+
+
+def thinking_signature(thinking: str) -> str:
+    """A thinking block's ``signature``: the SHA-256 of its text (hex). Anthropic's is an opaque
+    proof that the text is the model's; here it is only a checksum, and replayed blocks are not
+    checked (they are dropped from the prompt)."""
+    return hashlib.sha256(thinking.encode()).hexdigest()
+
+
+def thinking_block(body: MessagesRequest, reasoning: str | None) -> list[dict[str, Any]]:
+    """The ``thinking`` block of an answer, when thinking was asked for and the model thought
+    (``display: omitted``: the block without its text, as Anthropic sends it)."""
+    if not thinking_enabled(body) or not reasoning:
+        return []
+    shown = "" if body.thinking is not None and body.thinking.display == "omitted" else reasoning
+    return [{"type": "thinking", "thinking": shown, "signature": thinking_signature(reasoning)}]
+
+
 def to_openai(body: MessagesRequest | CountTokensRequest) -> ChatCompletionRequest:
     request: dict[str, Any] = {"model": body.model, "messages": to_openai_messages(body.system_text(), body.messages)}
+    # Thinking on or off through the template's switch (Qwen3's ``enable_thinking``); a template
+    # without one ignores it, and a model that thinks anyway has its thinking kept out of the text.
+    request["chat_template_kwargs"] = {"enable_thinking": thinking_enabled(body)}
     if body.tools:
         request["tools"] = [
             {
@@ -138,9 +166,11 @@ def start_message(body: MessagesRequest) -> tuple[str, Started]:
 
 
 def message(body: MessagesRequest, msg_id: str, started: Started) -> MessageResponse:
-    """The answer read to its end, as one message: its text block, then its tool_use blocks."""
-    text, calls, last = collect_answer(started)
-    content = ([{"type": "text", "text": text}] if text else []) + [tool_use_block(c) for c in calls]
+    """The answer read to its end, as one message: its thinking block (when asked for), its text
+    block, then its tool_use blocks."""
+    text, calls, last, reasoning = collect_answer(started)
+    content = thinking_block(body, reasoning)
+    content += ([{"type": "text", "text": text}] if text else []) + [tool_use_block(c) for c in calls]
     return MessageResponse(
         id=msg_id,
         model=started.loaded.model_id,
@@ -151,17 +181,33 @@ def message(body: MessagesRequest, msg_id: str, started: Started) -> MessageResp
     )
 
 
-def message_events(msg_id: str, started: Started) -> Iterator[str]:
-    return stream_events(msg_id, started.loaded.model_id, len(started.prompt), started.plan, started.streams)
+def message_events(msg_id: str, started: Started, body: MessagesRequest | None = None) -> Iterator[str]:
+    splitter = started.reasoning.splitter() if started.reasoning else None
+    return stream_events(
+        msg_id, started.loaded.model_id, len(started.prompt), started.plan, started.streams, splitter, body
+    )
 
 
 def event(kind: str, payload: dict[str, Any]) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload})}\n\n"
 
 
-def stream_events(message_id: str, model: str, prompt_tokens: int, plan: ToolPlan, streams: list[Any]) -> Iterator[str]:
+def stream_events(
+    message_id: str,
+    model: str,
+    prompt_tokens: int,
+    plan: ToolPlan,
+    streams: list[Any],
+    reasoning: ReasoningSplitter | None = None,
+    body: MessagesRequest | None = None,
+) -> Iterator[str]:
     """Anthropic's event sequence: message_start, content blocks (start / deltas / stop),
-    message_delta with the stop reason and usage, message_stop."""
+    message_delta with the stop reason and usage, message_stop. A thinking block comes first, as
+    Anthropic streams it: ``thinking_delta`` events, then one ``signature_delta`` before its stop;
+    only when the request enabled thinking (else the model's thinking is dropped)."""
+    show = body is not None and thinking_enabled(body)
+    omitted = body is not None and body.thinking is not None and body.thinking.display == "omitted"
+    thought: list[str] = []
     try:
         yield event(
             "message_start",
@@ -178,11 +224,32 @@ def stream_events(message_id: str, model: str, prompt_tokens: int, plan: ToolPla
                 }
             },
         )
-        index, text_open = 0, False
-        for kind, value in answer_parts(plan, streams[0]):
+        index, text_open, thinking_open = 0, False, False
+        for kind, value in answer_parts(plan, streams[0], reasoning):
             if kind == "error":
                 yield event("error", {"error": {"type": "api_error", "message": value}})
                 return
+            if kind == "reasoning":
+                if not show:
+                    continue
+                if not thinking_open:
+                    block = {"type": "thinking", "thinking": "", "signature": ""}
+                    yield event("content_block_start", {"index": index, "content_block": block})
+                    thinking_open = True
+                thought.append(value)
+                if not omitted:
+                    yield event(
+                        "content_block_delta", {"index": index, "delta": {"type": "thinking_delta", "thinking": value}}
+                    )
+                continue
+            if thinking_open:  # the thinking is over: its signature, then the block's end
+                signature = thinking_signature("".join(thought))
+                yield event(
+                    "content_block_delta",
+                    {"index": index, "delta": {"type": "signature_delta", "signature": signature}},
+                )
+                yield event("content_block_stop", {"index": index})
+                index, thinking_open = index + 1, False
             if kind == "text":
                 if not text_open:
                     yield event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
@@ -223,6 +290,6 @@ def stream_events(message_id: str, model: str, prompt_tokens: int, plan: ToolPla
 
 def count_tokens(body: CountTokensRequest) -> CountTokensResponse:
     """The prompt's length as this model's chat template renders it, tools included."""
-    chat = to_openai(body)
+    chat = apply_preset(to_openai(body))  # a preset's system message counts, as /v1/messages sends it
     loaded = resident_model(chat.model)
     return CountTokensResponse(input_tokens=len(chat_prompt(chat, loaded, plan_tools(chat, loaded.tokenizer))))

@@ -28,12 +28,14 @@ from gerdsen_ai_server.schemas.openai import (
     ToolCall,
 )
 from gerdsen_ai_server.services import services
+from gerdsen_ai_server.serving.adapters import resident_for
 from gerdsen_ai_server.serving.chat_template import TemplateTimeout, render_chat_template
 from gerdsen_ai_server.serving.envelope import chunk_payload, request_meta, usage
 from gerdsen_ai_server.serving.generation import cancel_all, check_supported, collect, relay, submit_all
 from gerdsen_ai_server.serving.logprobs import chat_logprobs
-from gerdsen_ai_server.serving.models import resident_model
+from gerdsen_ai_server.serving.presets import apply_preset
 from gerdsen_ai_server.serving.prompts import check_text_size
+from gerdsen_ai_server.serving.reasoning import ReasoningPlan, reasoning_plan, split_reasoning, template_kwargs
 from gerdsen_ai_server.serving.sse import sse
 from gerdsen_ai_server.serving.tools import (
     ToolCallSplitter,
@@ -47,8 +49,14 @@ from gerdsen_ai_server.serving.tools import (
 
 
 def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> list[int]:
-    """The prompt's token ids: the model's chat template rendered within its deadline and bounds
-    (serving/chat_template.py), the text's size checked against the context, then tokenized."""
+    """The prompt's token ids: ``chat_text`` tokenized (its special tokens are in the text)."""
+    return list(loaded.tokenizer.encode(chat_text(body, loaded, plan), add_special_tokens=False))
+
+
+def chat_text(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> str:
+    """The prompt as text: the model's chat template rendered within its deadline and bounds
+    (serving/chat_template.py), its size checked against the context. One path for chat and for
+    /tokenize and /apply-template (serving/tokenize.py), so what they show cannot drift."""
     tokenizer = loaded.tokenizer
     if not getattr(tokenizer, "has_chat_template", True):
         raise APIError(
@@ -58,9 +66,18 @@ def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan
             code="invalid_value",
         )
     messages, extra = template_messages(body, plan, tokenizer)
+    constrained = plan.mode == "forced" or body.json_schema() is not None
+    extra = {**template_kwargs(body, tokenizer, constrained), **extra}  # the request's variables, then its tools
     seconds = services().settings.template_timeout
     try:
-        text = render_chat_template(tokenizer, messages, extra, seconds)
+        text = render_chat_template(
+            tokenizer,
+            messages,
+            extra,
+            seconds,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+        )
     except TemplateTimeout:
         raise APIError(
             500,
@@ -85,7 +102,7 @@ def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan
             400, f"The chat template rejected these messages: {exc}", param="messages", code="invalid_value"
         ) from None
     check_text_size(loaded, [text], "messages")
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return text
 
 
 def constraint_factory(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> Callable[[], list[Any]]:
@@ -111,15 +128,21 @@ class Started:
     plan: ToolPlan
     prompt: list[int]
     streams: list[TokenStream]
+    reasoning: ReasoningPlan | None = None  # a thinking model's split (serving/reasoning.py)
 
 
 def start_chat(chat: ChatCompletionRequest, param: str) -> Started:
     """Validate, build the prompt and submit: the one path every chat-shaped API (OpenAI chat,
     Anthropic Messages, Responses) takes into the engine."""
+    chat = apply_preset(chat)  # a preset's defaults under the request's own (serving/presets.py)
     check_supported(chat)
-    loaded = resident_model(chat.model, chat.keep_alive)
+    loaded = resident_for(chat.model, chat.adapters, chat.keep_alive)  # the adapter's own resident, if any
     plan = plan_tools(chat, loaded.tokenizer)
-    prompt = chat_prompt(chat, loaded, plan)
+    text = chat_text(chat, loaded, plan)
+    prompt = list(loaded.tokenizer.encode(text, add_special_tokens=False))  # as chat_prompt
+    # Output held to a grammar (a forced tool call, a JSON schema) has no thinking to split off.
+    constrained = plan.mode == "forced" or chat.json_schema() is not None
+    reasoning = None if constrained else reasoning_plan(loaded.tokenizer, text)
     streams = submit_all(
         chat,
         loaded,
@@ -128,27 +151,32 @@ def start_chat(chat: ChatCompletionRequest, param: str) -> Started:
         param,
         constraint_factory(chat, loaded, plan),
     )
-    return Started(loaded, plan, prompt, streams)
+    return Started(loaded, plan, prompt, streams, reasoning)
 
 
 def collect_answer(
     started: Started, streams: Sequence[EventSource] | None = None
-) -> tuple[str, list[ToolCall], TokenEvent]:
-    """The first choice read to its end: its text, tool calls and final event. ``streams``: what to
-    read instead of ``started.streams`` (the Responses API reads the first through a LogprobTap)."""
+) -> tuple[str, list[ToolCall], TokenEvent, str | None]:
+    """The first choice read to its end: its text, tool calls, final event and reasoning (None for a
+    model that does not think). ``streams``: what to read instead of ``started.streams`` (the
+    Responses API reads the first through a LogprobTap)."""
     choices = started.streams if streams is None else streams
     text: list[str] = []
+    thought: list[str] = []
+    splitter = started.reasoning.splitter() if started.reasoning else None
     try:
-        for kind, value in answer_parts(started.plan, choices[0]):
+        for kind, value in answer_parts(started.plan, choices[0], splitter):
             if kind == "error":
                 raise APIError(500, value, code="generation_failed")
             if kind == "text":
                 text.append(value)
+            elif kind == "reasoning":
+                thought.append(value)
             else:
                 calls, last = value
     finally:
         cancel_all(choices)
-    return "".join(text), calls, last
+    return "".join(text), calls, last, "".join(thought) or None
 
 
 def chat_completion(body: ChatCompletionRequest, started: Started, meta: dict[str, Any]) -> ChatCompletion:
@@ -157,11 +185,12 @@ def chat_completion(body: ChatCompletionRequest, started: Started, meta: dict[st
     choices = []
     results = collect(started.streams)
     for i, r in enumerate(results):
-        content, calls, complete = split_answer(plan, r.text)
+        reasoning, answer = split_reasoning(started.reasoning, r.text)
+        content, calls, complete = split_answer(plan, answer)
         choices.append(
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content=content, tool_calls=calls or None),
+                message=AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None),
                 finish_reason=finish_reason(calls, complete, r.finish_reason),
                 logprobs=chat_logprobs(r.logprobs, loaded.tokenizer) if body.logprobs else None,
             )
@@ -192,23 +221,30 @@ def chat_chunks(body: ChatCompletionRequest, started: Started, meta: dict[str, A
     completion_tokens = 0
     begun: set[int] = set()
     splitter = ToolCallSplitter(plan)
+    thinking = started.reasoning.splitter() if started.reasoning else None
     forced_text: list[str] = []
-    for index, event in relay(streams):
+    for index, event in relay(streams):  # one choice after the other
         if index not in begun:
             begun.add(index)
             splitter = ToolCallSplitter(plan)
+            thinking = started.reasoning.splitter() if started.reasoning else None
             forced_text = []
             yield chunk(index, ChatDelta(role="assistant", content=""))
         if event.error:
             yield sse(error_body(500, event.error, code="generation_failed"))
             return
+        answer = event.text
+        if thinking is not None:
+            thought, answer = thinking.feed(event.text, final=event.done)
+            if thought:
+                yield chunk(index, ChatDelta(reasoning_content=thought))
         if plan.mode == "forced":
-            forced_text.append(event.text)  # one call, sent whole once it is complete
+            forced_text.append(answer)  # one call, sent whole once it is complete
             text = ""
         elif plan.mode == "auto":
-            text = splitter.feed(event.text, final=event.done)
+            text = splitter.feed(answer, final=event.done)
         else:
-            text = event.text
+            text = answer
         if text or (logprobs and event.logprobs):
             lp = chat_logprobs(event.logprobs, loaded.tokenizer) if logprobs else None
             yield chunk(index, ChatDelta(content=text), lp=lp)

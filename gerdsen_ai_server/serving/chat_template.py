@@ -145,15 +145,28 @@ def with_deadline(render: Callable[[], T], seconds: float) -> T:
         sys.settrace(None)
 
 
-def render_chat_template(tokenizer: Any, messages: list[dict[str, Any]], extra: dict[str, Any], seconds: float) -> str:
-    """The prompt text of ``messages`` (not tokenized: the caller checks its size first).
+def render_chat_template(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    extra: dict[str, Any],
+    seconds: float,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> str:
+    """The prompt text of ``messages`` (not tokenized: the caller checks its size first). ``extra``:
+    template variables (tools, ``chat_template_kwargs``); ``add_generation_prompt`` opens the
+    assistant's turn, ``continue_final_message`` leaves the last message open (Hugging Face's).
 
     The deadline covers the Jinja rendering when the bounded sandbox is in place (a template
     written in Python by mlx-lm is trusted code and runs as it is); otherwise the whole call.
     """
+    controls: dict[str, Any] = {"add_generation_prompt": add_generation_prompt}
+    if continue_final_message:  # only when asked: a template written in Python may not take it
+        controls["continue_final_message"] = True
 
     def render() -> Any:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+        return tokenizer.apply_chat_template(messages, tokenize=False, **controls, **extra)
 
     if install_bounded_sandbox():
         token = _budget.set(seconds)

@@ -12,10 +12,11 @@ from gerdsen_ai_server.engine.protocol import TokenStream
 from gerdsen_ai_server.errors import error_body
 from gerdsen_ai_server.schemas.openai import Completion, CompletionChoice, CompletionRequest
 from gerdsen_ai_server.services import services
+from gerdsen_ai_server.serving.adapters import resident_for
 from gerdsen_ai_server.serving.envelope import chunk_payload, request_meta, usage
 from gerdsen_ai_server.serving.generation import check_supported, collect, relay, submit_all
 from gerdsen_ai_server.serving.logprobs import completion_logprobs
-from gerdsen_ai_server.serving.models import resident_model
+from gerdsen_ai_server.serving.presets import apply_preset
 from gerdsen_ai_server.serving.prompts import capacity, completion_prompts
 from gerdsen_ai_server.serving.sse import sse
 
@@ -31,8 +32,9 @@ class CompletionStarted:
 
 def start_completion(body: CompletionRequest) -> CompletionStarted:
     """Validate, tokenize the prompts and submit one engine request per prompt and choice."""
+    body = apply_preset(body)  # a preset's defaults under the request's own (serving/presets.py)
     check_supported(body)
-    loaded = resident_model(body.model, body.keep_alive)
+    loaded = resident_for(body.model, body.adapters, body.keep_alive)  # the adapter's own resident, if any
     prompts = completion_prompts(body, loaded, capacity(services().engine))
     streams = submit_all(body, loaded, prompts, body.max_tokens, "prompt")
     return CompletionStarted(body, loaded, request_meta("cmpl", loaded), sum(len(p) for p in prompts), streams)

@@ -25,7 +25,7 @@ from gerdsen_ai_server.engine.protocol import (
 from gerdsen_ai_server.errors import APIError
 from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, CompletionRequest, _Generation
 from gerdsen_ai_server.services import services
-from gerdsen_ai_server.serving.models import resident_model
+from gerdsen_ai_server.serving.adapters import resident_for
 from gerdsen_ai_server.serving.prompts import capacity, check_sequence_count, prompt_items
 from gerdsen_ai_server.serving.running import watch_streams
 from gerdsen_ai_server.serving.tracking import track
@@ -78,7 +78,7 @@ def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
         )
     vocab = None
     for token in body.logit_bias or {}:
-        vocab = vocab or len(resident_model(body.model).tokenizer)
+        vocab = vocab or len(resident_for(body.model, body.adapters).tokenizer)
         if int(token) >= vocab:
             raise APIError(
                 400,
@@ -89,7 +89,7 @@ def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
     if body.top_k:
         # mlx-lm refuses top_k >= vocabulary inside the engine's batched step (and that failure used to
         # break every later request): refuse it here, as a 400.
-        vocab = vocab or len(resident_model(body.model).tokenizer)
+        vocab = vocab or len(resident_for(body.model, body.adapters).tokenizer)
         if body.top_k >= vocab:
             raise APIError(
                 400,
@@ -167,7 +167,8 @@ def submit_all(
                     sampling=sampling_params(body, choice),
                     stop=body.stop_list(),
                     logprobs=body.logprob_count(),
-                    strip_leading_space=isinstance(body, ChatCompletionRequest),
+                    # A continued message (continue_final_message) keeps its joining space.
+                    strip_leading_space=isinstance(body, ChatCompletionRequest) and not body.continue_final_message,
                     logits_processors=processors(),
                 )
                 streams.append(engine.submit(gen))

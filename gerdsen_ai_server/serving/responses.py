@@ -1,6 +1,6 @@
-"""OpenAI's Responses API (/v1/responses), stateless, as a translation layer over the chat path:
-input items become chat messages, the answer becomes output items and Responses stream events.
-Responses are not stored: ``previous_response_id`` is a clear 400, and ``store`` is reported false.
+"""OpenAI's Responses API (/v1/responses) as a translation layer over the chat path: input items
+become chat messages, the answer becomes output items and Responses stream events. ``store: true``
+keeps a response for ``previous_response_id`` and GET/DELETE (serving/response_store.py).
 Fields the SDKs send are honoured (``include`` logprobs, ``parallel_tool_calls``), accepted where they
 cannot change the answer, or refused where ignoring them would mislead: docs/clients.md, "Fields the
 SDKs send"."""
@@ -20,19 +20,20 @@ from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, ToolCall
 from gerdsen_ai_server.schemas.responses import (
     FunctionCallItem,
     FunctionCallOutputItem,
+    ReasoningItem,
     ResponseObject,
     ResponsesRequest,
 )
 from gerdsen_ai_server.serving.chat import Started, collect_answer, start_chat
 from gerdsen_ai_server.serving.generation import cancel_all
 from gerdsen_ai_server.serving.logprobs import chat_logprobs
+from gerdsen_ai_server.serving.reasoning import ReasoningSplitter
+from gerdsen_ai_server.serving.response_store import Keep, Owner, stateful
 from gerdsen_ai_server.serving.running import ClientGone
 from gerdsen_ai_server.serving.tools import ToolPlan, answer_parts
 
 # Why each known field we cannot honour is refused rather than ignored (docs/clients.md).
 REFUSED = {
-    "previous_response_id": "This server does not store responses; send the whole conversation as input instead "
-    "of previous_response_id.",
     "conversation": "This server keeps no conversations; send the whole conversation as input instead.",
     "prompt": "This server has no stored prompt templates; send the instructions and input instead.",
     "context_management": "This server does not compact conversations; send a shorter input instead.",
@@ -70,9 +71,13 @@ def to_openai(body: ResponsesRequest) -> ChatCompletionRequest:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif isinstance(item, FunctionCallOutputItem):
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        elif isinstance(item, ReasoningItem):
+            continue  # earlier turns' thinking stays out of the prompt (schemas/responses.py)
         else:
             messages.append({"role": item.role, "content": item.text()})
     request: dict[str, Any] = {"model": body.model, "messages": messages, "stream": body.stream}
+    if body.reasoning is not None and body.reasoning.effort is not None:  # to the template, as chat's
+        request["reasoning_effort"] = body.reasoning.effort
     if body.logprob_count() is not None:  # include message.output_text.logprobs, or top_logprobs
         request["logprobs"], request["top_logprobs"] = True, body.logprob_count()
     for ours, theirs in (
@@ -109,11 +114,15 @@ def to_openai(body: ResponsesRequest) -> ChatCompletionRequest:
 class Rendering:
     """Builds the response object and its output items as the answer arrives."""
 
-    def __init__(self, body: ResponsesRequest, model: str, prompt_tokens: int) -> None:
+    def __init__(self, body: ResponsesRequest, model: str, prompt_tokens: int, keep: Keep | None = None) -> None:
         self.body, self.model, self.prompt_tokens = body, model, prompt_tokens
+        self.keep = keep  # stores the final response (store: true, serving/response_store.py)
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
         self.message_id = f"msg_{uuid.uuid4().hex[:24]}"
         self.text: list[str] = []
+        self.reasoning: list[str] = []  # a thinking model's reasoning (serving/reasoning.py)
+        self.reasoning_id = f"rs_{uuid.uuid4().hex[:24]}"
+        self.reasoning_tokens = 0  # set once the answer is complete (``count_reasoning``)
         self.logprobs: list[dict[str, Any]] = []  # the text's, when asked for (include / top_logprobs)
 
     def message_item(self, status: str = "completed") -> dict[str, Any]:
@@ -123,6 +132,16 @@ class Rendering:
             else []
         )
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+
+    def reasoning_item(self, status: str = "completed") -> dict[str, Any]:
+        """The reasoning item (vLLM's shape: the raw text as ``reasoning_text`` content, no summary)."""
+        text = "".join(self.reasoning) if status != "in_progress" else ""
+        content = [{"type": "reasoning_text", "text": text}] if status != "in_progress" else []
+        return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "content": content, "status": status}
+
+    def count_reasoning(self, tokenizer: Any) -> None:
+        """``usage.output_tokens_details.reasoning_tokens``: the reasoning text's tokens."""
+        self.reasoning_tokens = len(tokenizer.encode("".join(self.reasoning), add_special_tokens=False))
 
     @staticmethod
     def call_item(call: ToolCall, arguments: str | None = None, status: str = "completed") -> dict[str, Any]:
@@ -165,25 +184,31 @@ class Rendering:
                 "text": body.text.model_dump(by_alias=True, exclude_none=True)
                 if body.text
                 else {"format": {"type": "text"}},
-                "store": False,
+                "store": self.keep is not None,
                 "metadata": body.metadata or {},
-                "previous_response_id": None,
+                "previous_response_id": body.previous_response_id,
                 "user": body.user,
                 "usage": {
                     "input_tokens": self.prompt_tokens,
                     "input_tokens_details": {"cached_tokens": 0},
                     "output_tokens": completion_tokens,
-                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                     "total_tokens": self.prompt_tokens + completion_tokens,
                 },
             }
         ).model_dump(mode="json")  # through the documented model: the answer cannot drift from /openapi.json
 
+    def reasoning_status(self, calls: list[ToolCall], last: Any) -> str:
+        """ "incomplete" for reasoning cut by max_output_tokens (nothing after it), else "completed"."""
+        return "incomplete" if last.finish_reason == "length" and not self.text and not calls else "completed"
+
     def final(self, calls: list[ToolCall], last: Any) -> dict[str, Any]:
         # "length" with calls: a forced call cut by max_output_tokens (serving/tools.py), an incomplete item.
         status = "incomplete" if last.finish_reason == "length" else "completed"
-        output = ([self.message_item()] if self.text else []) + [self.call_item(c, status=status) for c in calls]
-        return self.response(status, output, last.completion_tokens)
+        output = [self.reasoning_item(self.reasoning_status(calls, last))] if self.reasoning else []
+        output += ([self.message_item()] if self.text else []) + [self.call_item(c, status=status) for c in calls]
+        response = self.response(status, output, last.completion_tokens)
+        return self.keep(response) if self.keep else response
 
 
 class LogprobTap:
@@ -219,9 +244,22 @@ class ResponseRun:
     streams: list[EventSource]  # started's streams, the first read through the tap when there is one
 
 
-def start_response(body: ResponsesRequest) -> ResponseRun:
-    started = start_chat(to_openai(body), "input")
-    rendering = Rendering(body, started.loaded.model_id, len(started.prompt))
+def start_response_chat(body: ResponsesRequest) -> Started:
+    """The chat a response runs as; a reasoning effort the model cannot take is named as
+    Responses spells it (``reasoning.effort``)."""
+    try:
+        return start_chat(to_openai(body), "input")
+    except APIError as exc:
+        if exc.param == "reasoning_effort":
+            exc.param = "reasoning.effort"
+            exc.message = exc.message.replace("'reasoning_effort'", "'reasoning.effort'")
+        raise
+
+
+def start_response(body: ResponsesRequest, owner: Owner) -> ResponseRun:
+    full, keep = stateful(body, owner)  # previous_response_id's conversation first; store: true
+    started = start_response_chat(full)
+    rendering = Rendering(body, started.loaded.model_id, len(started.prompt), keep)
     tap = None
     streams: list[EventSource] = list(started.streams)
     if body.logprob_count() is not None:
@@ -232,7 +270,10 @@ def start_response(body: ResponsesRequest) -> ResponseRun:
 
 def final_response(run: ResponseRun) -> dict[str, Any]:
     """The answer read to its end, as one response object."""
-    text, calls, last = collect_answer(run.started, run.streams)
+    text, calls, last, reasoning = collect_answer(run.started, run.streams)
+    if reasoning:
+        run.rendering.reasoning.append(reasoning)
+        run.rendering.count_reasoning(run.started.loaded.tokenizer)
     if text:
         run.rendering.text.append(text)
         run.rendering.logprobs = run.tap.take() if run.tap else []
@@ -240,10 +281,23 @@ def final_response(run: ResponseRun) -> dict[str, Any]:
 
 
 def response_events(run: ResponseRun) -> Iterator[str]:
-    return stream_events(run.rendering, run.started.plan, run.streams, run.tap)
+    started = run.started
+    splitter = started.reasoning.splitter() if started.reasoning else None
+    return stream_events(run.rendering, started.plan, run.streams, run.tap, splitter, started.loaded.tokenizer)
 
 
-def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any], tap: LogprobTap | None = None) -> Iterator[str]:
+def stream_events(
+    r: Rendering,
+    plan: ToolPlan,
+    streams: list[Any],
+    tap: LogprobTap | None = None,
+    reasoning: ReasoningSplitter | None = None,
+    tokenizer: Any = None,
+) -> Iterator[str]:
+    """The Responses events. A thinking model's reasoning comes first as its own output item:
+    ``output_item.added``, ``content_part.added`` (a ``reasoning_text`` part), ``reasoning_text.delta``
+    events, then ``reasoning_text.done``, ``content_part.done`` and ``output_item.done`` (vLLM's
+    sequence; vLLM names the part events ``reasoning_part.*``, OpenAI's SDK ``content_part.*``)."""
     sequence = 0
 
     def event(kind: str, **payload: Any) -> str:
@@ -255,14 +309,31 @@ def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any], tap: Logprob
         yield event("response.created", response=r.response("in_progress", []))
         yield event("response.in_progress", response=r.response("in_progress", []))
         where = {"item_id": r.message_id, "output_index": 0, "content_index": 0}
-        index = 0
-        for kind, value in answer_parts(plan, streams[0]):
+        thinking = {"item_id": r.reasoning_id, "output_index": 0, "content_index": 0}
+        index, thinking_open = 0, False  # index: the next output item's
+        for kind, value in answer_parts(plan, streams[0], reasoning):
             if kind == "error":
                 yield event("error", code="generation_failed", message=value, param=None)
                 return
+            if kind == "reasoning":
+                if not thinking_open:
+                    thinking_open = True
+                    yield event("response.output_item.added", output_index=0, item=r.reasoning_item("in_progress"))
+                    yield event("response.content_part.added", **thinking, part={"type": "reasoning_text", "text": ""})
+                r.reasoning.append(value)
+                yield event("response.reasoning_text.delta", **thinking, delta=value)
+                continue
+            if thinking_open:  # the reasoning is over (the answer begins, or the output ends)
+                thinking_open, thought = False, "".join(r.reasoning)
+                status = "completed" if kind == "text" else r.reasoning_status(*value)
+                yield event("response.reasoning_text.done", **thinking, text=thought)
+                yield event("response.content_part.done", **thinking, part={"type": "reasoning_text", "text": thought})
+                yield event("response.output_item.done", output_index=0, item=r.reasoning_item(status))
+                index = 1
+                where["output_index"] = 1
             if kind == "text":
                 if not r.text:
-                    yield event("response.output_item.added", output_index=0, item=r.message_item("in_progress"))
+                    yield event("response.output_item.added", output_index=index, item=r.message_item("in_progress"))
                     yield event(
                         "response.content_part.added",
                         **where,
@@ -282,8 +353,8 @@ def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any], tap: Logprob
                     **where,
                     part={"type": "output_text", "text": text, "annotations": [], "logprobs": r.logprobs},
                 )
-                yield event("response.output_item.done", output_index=0, item=r.message_item())
-                index = 1
+                yield event("response.output_item.done", output_index=index, item=r.message_item())
+                index += 1
             for call in calls:
                 item = r.call_item(call, status="incomplete" if last.finish_reason == "length" else "completed")
                 yield event(
@@ -305,6 +376,8 @@ def stream_events(r: Rendering, plan: ToolPlan, streams: list[Any], tap: Logprob
                 )
                 yield event("response.output_item.done", output_index=index, item=item)
                 index += 1
+            if r.reasoning and tokenizer is not None:
+                r.count_reasoning(tokenizer)
             final = r.final(calls, last)
             yield event(
                 "response.completed" if final["status"] == "completed" else "response.incomplete", response=final

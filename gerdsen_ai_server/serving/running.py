@@ -52,6 +52,7 @@ KINDS = {
     "/v1/messages": "messages",
     "/v1/responses": "responses",
     "/v1/embeddings": "embeddings",
+    **dict.fromkeys(("/v1/rerank", "/rerank", "/v1/reranking"), "rerank"),
 }
 
 

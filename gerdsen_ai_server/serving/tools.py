@@ -28,6 +28,7 @@ from gerdsen_ai_server.engine.protocol import TokenEvent
 from gerdsen_ai_server.errors import APIError
 from gerdsen_ai_server.schemas.limits import MAX_JSON_DEPTH, check_json_value, reject_constant
 from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, FunctionCall, NamedToolChoice, ToolCall
+from gerdsen_ai_server.serving.reasoning import ReasoningSplitter
 
 START, END = "<tool_call>", "</tool_call>"
 
@@ -112,6 +113,8 @@ def template_messages(
     for m in body.messages:
         # Templates know "system", not OpenAI's newer "developer" role.
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.reasoning_content is not None and m.role == "assistant":  # Qwen3's template reads it
+            message["reasoning_content"] = m.reasoning_content
         if m.tool_calls:
             calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)} for c in m.tool_calls]
             if native:
@@ -276,22 +279,31 @@ def finish_reason(calls: list[ToolCall], complete: bool, finish: str | None) -> 
     return "tool_calls" if calls and complete else finish
 
 
-def answer_parts(plan: ToolPlan, events: Iterable[TokenEvent]) -> Iterator[tuple[str, Any]]:
+def answer_parts(
+    plan: ToolPlan, events: Iterable[TokenEvent], reasoning: ReasoningSplitter | None = None
+) -> Iterator[tuple[str, Any]]:
     """A choice's events as ``("text", str)`` while it streams, then ``("end", (calls, last_event))``
-    or ``("error", message)``: what every API shape (chat, Anthropic, Responses) renders."""
+    or ``("error", message)``: what every API shape (chat, Anthropic, Responses) renders. With a
+    ``reasoning`` splitter (a thinking model), its thinking comes as ``("reasoning", str)`` parts
+    and only the answer after it is text, where tool calls are looked for."""
     splitter = ToolCallSplitter(plan)
     forced: list[str] = []
     for event in events:
         if event.error:
             yield "error", event.error
             return
+        content = event.text
+        if reasoning is not None:
+            thought, content = reasoning.feed(event.text, final=event.done)
+            if thought:
+                yield "reasoning", thought
         if plan.mode == "forced":
-            forced.append(event.text)  # one call, sent whole once it is complete
+            forced.append(content)  # one call, sent whole once it is complete
         elif plan.mode == "auto":
-            if text := splitter.feed(event.text, final=event.done):
+            if text := splitter.feed(content, final=event.done):
                 yield "text", text
-        elif event.text:
-            yield "text", event.text
+        elif content:
+            yield "text", content
         if event.done:
             calls, complete = (
                 split_answer(plan, "".join(forced))[1:] if plan.mode == "forced" else (splitter.calls, True)

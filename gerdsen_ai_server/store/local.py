@@ -56,7 +56,7 @@ def scan(models_dir: Path, allowed: Sequence[Path] | None = None) -> list[LocalM
     models_dir = Path(models_dir)
     found = []
     for path in sorted(models_dir.iterdir()) if models_dir.is_dir() else []:
-        if path.name.startswith(".") or path.suffix == ".lock":
+        if path.name.startswith(".") or path.suffix == ".lock" or path.name == "presets":  # store/presets.py's
             continue
         if allowed is not None:
             try:

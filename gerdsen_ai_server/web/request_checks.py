@@ -27,7 +27,9 @@ from gerdsen_ai_server.config import Settings
 from gerdsen_ai_server.web.errors import APIError
 from gerdsen_ai_server.web.keys import SAFE_METHODS
 
-API_PREFIXES = ("/v1/", "/api/")
+# /rerank: Cohere's and vLLM's root alias of /v1/rerank; /tokenize, /detokenize, /apply-template: vLLM's and
+# llama-server's root paths
+API_PREFIXES = ("/v1/", "/api/", "/rerank", "/tokenize", "/detokenize", "/apply-template")
 
 
 def has_body() -> bool:

@@ -101,7 +101,7 @@ def test_the_default_model_runs_on_llama_cpp(server: Server) -> None:
     health = requests.get(server.url + "/health", timeout=10).json()
     (model,) = [m for m in health["models"] if m["id"] == DEFAULT_MODEL]
     assert model["path"].endswith(".gguf")  # not the converted MLX folder
-    assert model["context_length"] == 4096
+    assert model["context_length"] == 8192  # its trained length: no longer capped at 4,096 per slot
 
 
 def test_embeddings(client) -> None:  # type: ignore[no-untyped-def]  # replaces the MLX module's

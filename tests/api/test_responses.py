@@ -113,7 +113,9 @@ def test_json_schema_text_format(client) -> None:  # type: ignore[no-untyped-def
     assert set(json.loads(reply.output_text)) == {"city", "country"}
 
 
-def test_previous_response_id_is_refused(client) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(openai.BadRequestError) as info:
+def test_unknown_previous_response_id_is_404(client) -> None:  # type: ignore[no-untyped-def]
+    """Never stored (store: true), deleted or dropped: 404, never another conversation (the store's own
+    tests: tests/api/test_response_store.py)."""
+    with pytest.raises(openai.NotFoundError) as info:
         client.responses.create(model=DEFAULT_MODEL, input="hi", previous_response_id="resp_123")
-    assert info.value.body["param"] == "previous_response_id"
+    assert info.value.body["param"] == "previous_response_id" and info.value.body["code"] == "response_not_found"

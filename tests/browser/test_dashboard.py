@@ -35,6 +35,8 @@ CHROMIUM_ARGS = [
 ]
 DIST = ROOT / "impetus-dashboard" / "dist"
 KEY = "sk-dashboard-test-0123456789"
+ADMIN = {"Authorization": f"Bearer {KEY}"}
+THINKER = "thinker"  # tests/support/thinking_model.py: a fixed script of reasoning, then an answer
 VIEWPORT = {"width": 1200, "height": 800}
 TIMEOUT_MS = 30_000
 
@@ -172,12 +174,14 @@ def test_models_page_lists_the_default_model(page: Any, server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from tests.support.thinking_model import build_thinking_llama
     from tests.support.tiny_models import build_tiny_llama
 
     tmp = tmp_path_factory.mktemp("dashboard")
     models = tmp / "models"
     default = default_model_folder()
     build_tiny_llama(models / "tiny-dash", default)
+    build_thinking_llama(models / THINKER, default)  # thinks, then answers: the Playground's reasoning block
     # No default model: the server starts at once and has only the tiny one to load.
     srv = start_server(
         tmp, wait_ready=False, IMPETUS_MODELS_DIR=str(models), IMPETUS_DEFAULT_MODEL="", IMPETUS_ADMIN_KEYS=KEY
@@ -221,3 +225,133 @@ def test_a_model_loads_and_unloads(page: Any, keyed: Server) -> None:
     page.wait_for_selector("[data-testid=model-row-tiny-dash][data-state=local]", timeout=60_000)
     listed = requests.get(keyed.url + "/api/models", headers=headers, timeout=10).json()["data"]
     assert {m["id"]: m["state"] for m in listed}["tiny-dash"] == "local"
+
+
+def with_key(page: Any, url: str) -> None:
+    page.add_init_script(f"sessionStorage.setItem('impetus.apiKey', {KEY!r})")
+    page.goto(url)
+
+
+def choose(page: Any, select: str, option: str) -> None:
+    """Pick `option` in a Mantine Select (a text input that opens a listbox of role=option; the other
+    selects' listboxes stay in the page, hidden)."""
+    page.click(f"[data-testid={select}]")
+    page.locator("[role=option]:visible", has_text=option).first.click()
+    page.wait_for_function(
+        "([sel, value]) => document.querySelector(`[data-testid=${sel}]`).value.startsWith(value)",
+        arg=[select, option],
+    )
+
+
+@pytest.fixture
+def thinker(keyed: Server) -> Iterator[str]:
+    """The thinking model, resident for the test (the Playground lists resident models)."""
+    load = requests.post(keyed.url + "/api/models/load", json={"model": THINKER}, headers=ADMIN, timeout=120)
+    assert load.status_code == 200, load.text
+    yield THINKER
+    requests.post(keyed.url + "/api/models/unload", json={"model": THINKER}, headers=ADMIN, timeout=60)
+
+
+def test_playground_shows_reasoning_apart_and_collapses_it(page: Any, keyed: Server, thinker: str) -> None:
+    from tests.support.thinking_model import ANSWER, REASONING
+
+    with_key(page, keyed.url + "/playground")
+    page.wait_for_selector("[data-testid=page-playground]")
+    choose(page, "chat-model", thinker)
+    context = requests.get(f"{keyed.url}/v1/models/{thinker}", headers=ADMIN, timeout=10).json()["context_length"]
+    page.wait_for_selector(f"[data-testid=chat-context][data-context='{context}']")
+    page.fill("[data-testid=max-tokens]", "40")
+    page.fill("[data-testid=chat-input]", "What colour is the sky?")
+    page.click("[data-testid=chat-send]")
+    page.wait_for_selector("[data-testid=chat-stats]", timeout=90_000)
+
+    reply = page.locator("[data-testid=message-assistant]").last
+    assert reply.locator("[data-testid=message-content]").inner_text() == ANSWER  # the answer alone
+    block = reply.locator("[data-testid=reasoning]")
+    assert block.get_attribute("data-open") == "false"  # collapsed once the reply is done
+    assert reply.locator("[data-testid=reasoning-text]").count() == 0
+    assert f"{len(REASONING)} characters" in block.inner_text()
+    block.locator("[data-testid=reasoning-toggle]").click()
+    assert reply.locator("[data-testid=reasoning-text]").inner_text() == REASONING
+    shot(page, "playground-reasoning")
+
+    # Thinking off: chat_template_kwargs.enable_thinking=false reaches the template; no reasoning at all.
+    page.locator("[data-testid=thinking] label", has_text="Off").click()
+    page.fill("[data-testid=chat-input]", "And the grass?")
+    page.click("[data-testid=chat-send]")
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=message-assistant]').length === 2")
+    page.wait_for_selector("[data-testid=chat-stats]", timeout=90_000)
+    second = page.locator("[data-testid=message-assistant]").last
+    assert second.locator("[data-testid=message-content]").inner_text() == ANSWER
+    assert second.locator("[data-testid=reasoning]").count() == 0
+
+
+def test_a_preset_is_created_listed_refused_and_deleted_on_the_models_page(page: Any, keyed: Server) -> None:
+    if requests.get(keyed.url + "/api/presets", headers=ADMIN, timeout=10).status_code == 404:
+        pytest.skip("this server has no /api/presets")
+    page.on("dialog", lambda dialog: dialog.accept())  # the delete confirmation
+    with_key(page, keyed.url + "/models")
+    page.wait_for_selector("[data-testid=presets-panel]")
+
+    page.click("[data-testid=preset-new]")
+    page.fill("[data-testid=preset-name]", "dash-coder")
+    choose(page, "preset-model", "tiny-dash")
+    page.fill("[data-testid=preset-temperature]", "0.3")
+    page.fill("[data-testid=preset-chat-template-kwargs]", "{enable_thinking: false}")
+    page.click("[data-testid=preset-save]")
+    page.wait_for_selector("text=not valid JSON")  # checked here, before the server is asked
+    page.fill("[data-testid=preset-chat-template-kwargs]", '{"enable_thinking": false}')
+    page.click("[data-testid=preset-save]")
+    page.wait_for_selector("[data-testid=preset-row-dash-coder]")
+    stored = requests.get(keyed.url + "/api/presets/dash-coder", headers=ADMIN, timeout=10).json()
+    assert (stored["model"], stored["parameters"]["temperature"]) == ("tiny-dash", 0.3)
+    assert stored["chat_template_kwargs"] == {"enable_thinking": False}
+
+    # A name that is a model's: the server refuses (409) and the form shows its message.
+    page.click("[data-testid=preset-new]")
+    page.fill("[data-testid=preset-name]", "tiny-dash")
+    choose(page, "preset-model", "tiny-dash")
+    page.click("[data-testid=preset-save]")
+    refused = requests.post(
+        keyed.url + "/api/presets", json={"name": "tiny-dash", "model": "tiny-dash"}, headers=ADMIN, timeout=10
+    )
+    assert refused.status_code == 409
+    page.wait_for_selector("[data-testid=preset-error]")
+    assert page.text_content("[data-testid=preset-error]") == refused.json()["error"]["message"]
+    page.keyboard.press("Escape")
+
+    page.locator("[data-testid=preset-row-dash-coder] [data-testid=preset-delete]").click()
+    page.wait_for_selector("[data-testid=preset-row-dash-coder]", state="detached")
+    assert requests.get(keyed.url + "/api/presets/dash-coder", headers=ADMIN, timeout=10).status_code == 404
+
+
+def test_playground_chats_through_a_preset(page: Any, keyed: Server, thinker: str) -> None:
+    from tests.support.thinking_model import ANSWER
+
+    preset = {"name": "quiet", "model": thinker, "chat_template_kwargs": {"enable_thinking": False}}
+    preset |= {"parameters": {"max_tokens": 40}, "system": "Answer at once."}
+    created = requests.post(keyed.url + "/api/presets", json=preset, headers=ADMIN, timeout=10)
+    if created.status_code == 404:
+        pytest.skip("this server has no /api/presets")
+    assert created.status_code == 201, created.text
+    try:
+        with_key(page, keyed.url + "/playground")
+        choose(page, "chat-preset", "quiet")
+        assert page.input_value("[data-testid=chat-model]") == "quiet"  # the preset's name is the request's model
+        assert page.get_attribute("[data-testid=max-tokens]", "placeholder") == "preset: 40"
+        assert page.get_attribute("[data-testid=system-prompt]", "placeholder") == "preset: Answer at once."
+        assert page.input_value("[data-testid=system-prompt]") == ""  # the preset's system prompt applies
+        assert "the preset's: off" in page.inner_text("[data-testid=page-playground]")
+        # No context length of its own: its base model's effective one (what /v1/models says of either).
+        cards = requests.get(keyed.url + "/v1/models", headers=ADMIN, timeout=10).json()["data"]
+        context = {c["id"]: c["context_length"] for c in cards}
+        expected = context.get("quiet") or context[thinker]
+        page.wait_for_selector(f"[data-testid=chat-context][data-context='{expected}']")
+        page.fill("[data-testid=chat-input]", "What colour is the sky?")
+        page.click("[data-testid=chat-send]")
+        page.wait_for_selector("[data-testid=chat-stats]", timeout=90_000)
+        reply = page.locator("[data-testid=message-assistant]").last
+        assert reply.locator("[data-testid=message-content]").inner_text() == ANSWER
+        assert reply.locator("[data-testid=reasoning]").count() == 0  # the preset's enable_thinking: false
+    finally:
+        requests.delete(keyed.url + "/api/presets/quiet", headers=ADMIN, timeout=10)

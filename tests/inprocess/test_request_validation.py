@@ -111,8 +111,8 @@ def test_types_are_strict_and_unknown_fields_named(
         ("/v1/completions", {**COMPLETION, "echo": True}, "echo", "unsupported_parameter"),
         (
             "/v1/responses",
-            {**RESPONSES, "previous_response_id": "resp_1"},
-            "previous_response_id",
+            {**RESPONSES, "conversation": "conv_1"},  # previous_response_id is served (store: true)
+            "conversation",
             "unsupported_parameter",
         ),
     ],

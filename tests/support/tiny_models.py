@@ -71,11 +71,17 @@ def build_tiny_bert(
     prefix: str = "",
     seed: int = 0,
     tokenizer_truncation: int | None = 8,
+    classifier: str | None = None,
 ) -> Path:
     """A Hugging Face BERT-family folder of random fp32 weights under Hugging Face's own tensor
     names, a WordPiece tokenizer.json made with ``tokenizers``, and (``pooling`` not None)
     sentence-transformers' modules.json + 1_Pooling/config.json. ``tokenizer_truncation`` saves
-    a truncation setting into tokenizer.json, as exported tokenizers often carry one."""
+    a truncation setting into tokenizer.json, as exported tokenizers often carry one.
+
+    ``classifier`` (bert, roberta, xlm-roberta only) makes it a one-label cross-encoder (a
+    reranker): Hugging Face's ``*ForSequenceClassification`` head, un-prefixed as they save it, and
+    config.json's ``sentence_transformers.activation_fn`` set to ``classifier`` unless it is
+    "default" (none declared: sigmoid)."""
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
@@ -90,7 +96,9 @@ def build_tiny_bert(
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}", special_tokens=[(cls, vocab.index(cls)), (sep, vocab.index(sep))]
+        single=f"{cls} $A {sep}",
+        pair=f"{cls} $A {sep} $B:1 {sep}:1" if family == "bert" else f"{cls} $A {sep} {sep} $B {sep}",
+        special_tokens=[(cls, vocab.index(cls)), (sep, vocab.index(sep))],
     )
     tokenizer.decoder = decoders.WordPiece()
     if tokenizer_truncation:
@@ -177,8 +185,25 @@ def build_tiny_bert(
             }
             for norm in ("norm1", "norm2"):
                 tensors[f"{p}{norm}.weight"], tensors[f"{p}{norm}.bias"] = normal(hidden, mean=1.0), normal(hidden)
+    heads: dict[str, np.ndarray] = {}
+    if classifier is not None:
+        architecture = {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification"}
+        config["architectures"] = [architecture.get(model_type, "XLMRobertaForSequenceClassification")]
+        config |= {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+        if classifier != "default":
+            config["sentence_transformers"] = {"activation_fn": classifier}
+        if family == "bert":
+            heads = {"classifier.weight": normal(1, hidden), "classifier.bias": normal(1)}
+        else:  # no pooler; its own dense + tanh + out_proj
+            del tensors["pooler.dense.weight"], tensors["pooler.dense.bias"]
+            heads = {
+                "classifier.dense.weight": normal(hidden, hidden),
+                "classifier.dense.bias": normal(hidden),
+                "classifier.out_proj.weight": normal(1, hidden),
+                "classifier.out_proj.bias": normal(1),
+            }
     out.mkdir(parents=True, exist_ok=True)
-    save_file({prefix + k: v for k, v in tensors.items()}, str(out / "model.safetensors"))
+    save_file({prefix + k: v for k, v in tensors.items()} | heads, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config))
     tokenizer.save(str(out / "tokenizer.json"))
     if pooling is not None:
@@ -233,8 +258,9 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     return (x - mean) / np.sqrt(var + eps) * w + b
 
 
-def bert_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:
-    """Hugging Face's BertModel / XLMRobertaModel forward for one unpadded input, in float64."""
+def bert_reference_forward(folder: Path, ids: list[int], types: list[int] | None = None) -> np.ndarray:
+    """Hugging Face's BertModel / XLMRobertaModel forward for one unpadded input (token types
+    ``types``, all 0 if None), in float64."""
     config = json.loads((folder / "config.json").read_text())
     if config["model_type"] == "nomic_bert":
         return nomic_reference_forward(folder, ids)
@@ -245,7 +271,7 @@ def bert_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:
     x = (
         w["embeddings.word_embeddings.weight"][ids]
         + w["embeddings.position_embeddings.weight"][start : start + n]
-        + w["embeddings.token_type_embeddings.weight"][0]
+        + w["embeddings.token_type_embeddings.weight"][types or [0] * n]
     )
     x = layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
 
@@ -274,6 +300,29 @@ def bert_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:
             linear(p + "output.dense", inner) + h, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], eps
         )
     return x
+
+
+def cross_encoder_reference_score(folder: Path, first: str, second: str) -> float:
+    """Hugging Face's ``*ForSequenceClassification`` with one label, then sentence-transformers'
+    CrossEncoder activation (sigmoid unless config.json declares Identity), in float64: the pair
+    as the tokenizer encodes it, with its token type ids where the model has two types."""
+    from tokenizers import Tokenizer
+
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.no_truncation()
+    encoding = tokenizer.encode(first, pair=second)
+    types = list(encoding.type_ids) if config["type_vocab_size"] > 1 else None
+    first_state = bert_reference_forward(folder, list(encoding.ids), types)[0]
+    w = {k: v.astype(np.float64) for k, v in bert_weights(folder).items()}
+    if config["model_type"] == "bert":
+        pooled = np.tanh(first_state @ w["pooler.dense.weight"].T + w["pooler.dense.bias"])
+        logit = pooled @ w["classifier.weight"].T + w["classifier.bias"]
+    else:
+        inner = np.tanh(first_state @ w["classifier.dense.weight"].T + w["classifier.dense.bias"])
+        logit = inner @ w["classifier.out_proj.weight"].T + w["classifier.out_proj.bias"]
+    declared = config.get("sentence_transformers", {}).get("activation_fn", "torch.nn.modules.activation.Sigmoid")
+    return float(logit[0] if declared.endswith("Identity") else 1 / (1 + np.exp(-logit[0])))
 
 
 def nomic_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:

@@ -142,3 +142,65 @@ def test_a_sentence_transformers_repo_pulled_from_the_hub_loads_with_its_pooling
     assert loaded.model.pooling.mode == "cls" and not loaded.model.pooling.normalize and loaded.model.matryoshka
     ids = loaded.tokenizer.encode("the cat sat")
     np.testing.assert_allclose(loaded.model.embed([ids])[0], reference(source, ids)[0], rtol=1e-4, atol=1e-5)
+
+
+PAIRS = [
+    ("the cat", "the cat sat on the mat"),
+    ("the cat", "blue sky"),
+    ("a red dog", "the dog was red and the sea was blue"),
+]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "prefix", "classifier"),
+    [
+        ("bert", "bert.", "default"),  # BertForSequenceClassification: pooler + classifier, token types
+        ("xlm-roberta", "roberta.", "default"),  # the bge-reranker shape: classifier.dense/out_proj, no pooler
+        ("bert", "", "torch.nn.modules.linear.Identity"),  # declared raw logits
+        ("roberta", "roberta.", "torch.nn.modules.activation.Sigmoid"),
+    ],
+)
+def test_cross_encoder_scores_match_the_numpy_reference(
+    tmp_path: Path, model_type: str, prefix: str, classifier: str
+) -> None:
+    from gerdsen_ai_server.engine.embeddings import EmbeddingJob
+    from gerdsen_ai_server.engine.formats.encoder import CrossEncoderModel
+    from tests.support.tiny_models import cross_encoder_reference_score
+
+    folder = build_tiny_bert(tmp_path / "m", model_type=model_type, pooling=None, prefix=prefix, classifier=classifier)
+    loaded = LoaderFactory().load(str(folder), tmp_path, compute_dtype="float32", trusted=True)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    assert isinstance(model, CrossEncoderModel) and loaded.kind == "embedding"  # an encoder: no generation
+    pairs = [tokenizer.encode_pair(q, d) for q, d in PAIRS]
+    assert len({len(ids) for ids, _ in pairs}) == 3  # different lengths: the batch is padded
+    if model_type == "bert":
+        ids, segment = pairs[0]
+        assert ids[0] == 2 and ids[segment - 1] == 3 and ids[-1] == 3  # [CLS] the cat [SEP] ... [SEP]
+        assert segment == 4
+    job = EmbeddingJob("m", [ids for ids, _ in pairs], [segment for _, segment in pairs])
+    while not job.advance(model, 1 << 20):
+        pass
+    got = [row[0] for row in job.vectors]
+    want = [cross_encoder_reference_score(folder, q, d) for q, d in PAIRS]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    if not classifier.endswith("Identity"):
+        assert all(0 < score < 1 for score in got)
+    singles = [model.score_batch([ids], [segment])[0] for ids, segment in pairs]
+    np.testing.assert_allclose(got, singles, atol=1e-5)  # padding never leaks into a score
+
+
+def test_only_one_label_classifiers_are_rerankers(tmp_path: Path) -> None:
+    from gerdsen_ai_server.engine.formats.encoder import CrossEncoderModel, is_reranker
+
+    folder = build_tiny_bert(tmp_path / "m", pooling=None, classifier="default")
+    assert is_reranker(folder) and is_encoder(folder)
+    assert not is_reranker(build_tiny_bert(tmp_path / "e"))  # an embedding model
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "id2label": {"0": "NO", "1": "YES"}}))
+    model, _, _ = load_encoder(folder, None)
+    assert not isinstance(model, CrossEncoderModel) and not is_reranker(folder)  # a classifier, loaded as before
+    (folder / "config.json").write_text(
+        json.dumps({**config, "sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Tanh"}})
+    )
+    with pytest.raises(ModelLoadError, match="Tanh"):
+        load_encoder(folder, None)

@@ -20,6 +20,7 @@ from gerdsen_ai_server.schemas.models import (
     UnloadRequest,
 )
 from gerdsen_ai_server.services import require, services
+from gerdsen_ai_server.serving import load_options
 from gerdsen_ai_server.serving.body import parse_body
 from gerdsen_ai_server.serving.models import known_model, load, local_models, model_error, resident_info
 from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound
@@ -55,7 +56,7 @@ def get_model(model_id: str) -> Response:
 @bp.post("/load")
 def load_model() -> Response:
     body = parse_body(LoadRequest, request.get_data(cache=False))
-    resident = load(body.model, body.keep_alive)
+    resident = load(body.model, body.keep_alive, load_options.from_request(body, adapter=body.adapter))
     if body.warmup and resident.loaded.kind == "embedding":
         raise APIError(
             400,

@@ -27,7 +27,10 @@ from gerdsen_ai_server.services import require, services
 from gerdsen_ai_server.web.errors import APIError
 
 # Paths the API owns (first segment): never the dashboard's, even when nothing there matches.
-API_PREFIXES = frozenset({"v1", "api", "health", "metrics", "openapi.json", "docs", "socket.io", "static"})
+API_PREFIXES = frozenset(
+    {"v1", "api", "health", "metrics", "openapi.json", "docs", "socket.io", "static"}
+    | {"tokenize", "detokenize", "apply-template"}  # vLLM's and llama-server's, at the root
+)
 YEAR = 365 * 24 * 3600
 
 

@@ -32,8 +32,10 @@ the 429 envelope (``rate_limit_exceeded``) and the event does nothing:
     generate                  a chat completion request (as POST /v1/chat/completions, plus an optional
                               ``id``), run on the same engine path; streamed to this client only:
                                   token           {"id", "delta", "timestamp"}, as text arrives
+                                  reasoning       {"id", "delta", "timestamp"}, a thinking model's
+                                                  thinking, before its tokens
                                   generate_done   {"id", "model", "text", "tool_calls", "finish_reason",
-                                                   "usage", "timestamp"}, the last event
+                                                   "usage", "timestamp", "reasoning"?}, the last event
                                   generate_error  {"id", "error": {OpenAI envelope}, "timestamp"}, instead
                               the ack is the last event's payload. A disconnect cancels the generation
                               and frees its slot in the engine at its next step.

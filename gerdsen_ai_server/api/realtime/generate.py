@@ -170,12 +170,18 @@ def _run_generate(
 def _stream(sid: str, gen_id: str, started: Started) -> dict[str, Any]:
     stream: TokenStream = started.streams[0]
     text: list[str] = []
-    for kind, value in answer_parts(started.plan, stream):
+    thought: list[str] = []  # a thinking model's reasoning: ``reasoning`` events, apart from ``token``
+    splitter = started.reasoning.splitter() if started.reasoning else None
+    for kind, value in answer_parts(started.plan, stream, splitter):
         if kind == "error":
             return _fail(sid, gen_id, APIError(500, value, code="generation_failed"))
-        if kind == "text":
-            text.append(value)
-            to_client("token", {"id": gen_id, "delta": value, "timestamp": time.time()}, sid)
+        if kind in ("text", "reasoning"):
+            (text if kind == "text" else thought).append(value)
+            to_client(
+                "token" if kind == "text" else "reasoning",
+                {"id": gen_id, "delta": value, "timestamp": time.time()},
+                sid,
+            )
             continue
         calls, last = value
         prompt_tokens = len(started.prompt)
@@ -192,6 +198,8 @@ def _stream(sid: str, gen_id: str, started: Started) -> dict[str, Any]:
             },
             "timestamp": time.time(),
         }
+        if thought:  # only for a model that thought: other answers keep their shape
+            done["reasoning"] = "".join(thought)
         to_client("generate_done", done, sid)
         return done
     # The stream ended without a last event: it was cancelled (disconnect or ``cancel``).

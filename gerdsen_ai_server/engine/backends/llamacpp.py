@@ -7,7 +7,8 @@ installed and converts it to MLX otherwise; the embedded default model stays on 
 GGUF here, the embedded default model's included. MLX / safetensors folders always load on MLX.
 
 One ``LlamaCppBackend`` per resident model: one llama.cpp context with a KV sequence per slot
-(``IMPETUS_MAX_BATCH`` slots, each with the model's context), its own thread, and the engine's
+(``IMPETUS_MAX_BATCH`` slots, each with the effective context length: Ollama's parallel slots;
+docs/llamacpp.md says why not llama-server's ``--kv-unified``), its own thread, and the engine's
 ``Backend`` contract (base.py, ``threaded``): ``admit`` queues a request from the caller's thread
 at once; the backend's thread puts waiting requests into free slots, puts every running
 sequence's next token (and prompt chunks of new ones) into one ``llama_batch``, calls
@@ -42,7 +43,7 @@ import numpy as np
 
 from gerdsen_ai_server.engine.backends.base import Capabilities, LoadedModel, Reports
 from gerdsen_ai_server.engine.backends.llamacpp_sampling import Sampler, grammar_of, log_softmax, token_logprob
-from gerdsen_ai_server.engine.backends.llamacpp_sizing import kv_bytes, slot_context
+from gerdsen_ai_server.engine.backends.llamacpp_sizing import kv_bytes
 from gerdsen_ai_server.engine.formats.gguf_header import read_gguf_header
 from gerdsen_ai_server.engine.formats.gguf_tokenizer import load_tokenizer
 from gerdsen_ai_server.engine.options import BackendOptions
@@ -377,25 +378,25 @@ def _silence_llama_log(lc: Any) -> None:
     lc.llama_log_set(callback, ctypes.c_void_p(0))
 
 
-def load(path: Path, model_id: str, cache_dir: Path, options: BackendOptions) -> LoadedModel:
-    """A ``LoadedModel`` whose ``model`` is a running ``LlamaCppBackend`` (``backend`` 'llamacpp')."""
+def load(path: Path, model_id: str, cache_dir: Path, options: BackendOptions, context: int) -> LoadedModel:
+    """A ``LoadedModel`` whose ``model`` is a running ``LlamaCppBackend`` (``backend`` 'llamacpp'),
+    each slot with ``context`` cells (the effective context length, loaders.py ``context_of``)."""
     meta = read_gguf_header(path).metadata
     tokenizer = load_tokenizer(path, meta, cache_dir)
-    ctx = slot_context(meta)
     backend = LlamaCppBackend(
         path,
         tokenizer,
         n_seq=options.sequences,
-        slot_ctx=ctx,
+        slot_ctx=context,
         n_threads=options.llamacpp_threads or None,
-        kv_cache_bytes=kv_bytes(meta, options.sequences),
+        kv_cache_bytes=kv_bytes(meta, context * options.sequences),
     )
     return LoadedModel(
         model_id=model_id,
         path=path,
         model=backend,
         tokenizer=tokenizer,
-        context_length=ctx,
+        context_length=context,
         nbytes=backend.nbytes,
         backend="llamacpp",
     )

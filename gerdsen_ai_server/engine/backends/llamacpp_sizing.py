@@ -13,10 +13,6 @@ from typing import Any
 from gerdsen_ai_server.engine.formats.gguf_header import read_gguf_header
 from gerdsen_ai_server.store.errors import ModelLoadError
 
-# Context per sequence when the GGUF declares none, and the cap on what one slot reserves.
-DEFAULT_CONTEXT = 2048
-MAX_SLOT_CONTEXT = 4096
-
 
 def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
@@ -35,21 +31,18 @@ def serves_gguf(is_default_model: bool, setting: str) -> bool:
     return not is_default_model and available()
 
 
-def kv_bytes(meta: dict[str, Any], n_seq: int) -> int:
-    """The KV cache of ``n_seq`` sequences of ``slot_context`` tokens each (f16 K and V)."""
+def kv_bytes(meta: dict[str, Any], cells: int) -> int:
+    """The KV cache of ``cells`` tokens in all (f16 K and V): a llama.cpp model reserves one slot's
+    context per sequence, ``IMPETUS_MAX_BATCH`` x the effective context length (llamacpp.py)."""
     arch = meta.get("general.architecture", "llama")
     layers = int(meta.get(f"{arch}.block_count", 0))
     heads = int(meta.get(f"{arch}.attention.head_count", 1))
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
     head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta.get(f"{arch}.embedding_length", 0)) // heads))
-    return 2 * 2 * layers * kv_heads * head_dim * slot_context(meta) * n_seq
+    return 2 * 2 * layers * kv_heads * head_dim * cells
 
 
-def estimate_bytes(path: Path, n_seq: int) -> int:
-    """What the registry reserves for a GGUF: the file (its weights) plus the KV cache."""
-    return path.stat().st_size + kv_bytes(read_gguf_header(path).metadata, n_seq)
-
-
-def slot_context(meta: dict[str, Any]) -> int:
-    arch = meta.get("general.architecture", "llama")
-    return min(int(meta.get(f"{arch}.context_length", DEFAULT_CONTEXT)), MAX_SLOT_CONTEXT)
+def estimate_bytes(path: Path, n_seq: int, context: int) -> int:
+    """What the registry reserves for a GGUF: the file (its weights) plus the KV cache of ``n_seq``
+    slots of ``context`` tokens each."""
+    return path.stat().st_size + kv_bytes(read_gguf_header(path).metadata, n_seq * context)

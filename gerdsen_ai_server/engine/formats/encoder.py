@@ -14,11 +14,18 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from gerdsen_ai_server.engine.formats.cross_encoder import (
+    Pooler,
+    RobertaClassifier,
+    activate,
+    activation,
+    is_cross_encoder,
+)
 from gerdsen_ai_server.engine.formats.encoder_base import EncoderConfig, EncoderModel, Pooling
 from gerdsen_ai_server.engine.formats.encoder_nomic import NomicBertModel, NomicConfig
 from gerdsen_ai_server.store.errors import ModelLoadError, UnsupportedModelFormat
@@ -44,6 +51,15 @@ def is_encoder(path: Path) -> bool:
     return kind is not None and kind in ENCODER_TYPES + OTHER_ENCODER_TYPES
 
 
+def is_reranker(path: Path) -> bool:
+    """A folder holding a cross-encoder (cross_encoder.py): an encoder that scores pairs."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and is_encoder(path) and is_cross_encoder(config)
+
+
 # ---- the network ------------------------------------------------------------------------------
 
 
@@ -55,9 +71,11 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def __call__(self, ids: mx.array, positions: mx.array) -> mx.array:
+    def __call__(self, ids: mx.array, positions: mx.array, types: mx.array | None = None) -> mx.array:
+        # Token types: all 0 for one text; a cross-encoder's pair marks its second text 1 (BERT).
         x = self.word_embeddings(ids) + self.position_embeddings(positions)
-        out: mx.array = self.LayerNorm(x + self.token_type_embeddings(mx.zeros_like(ids)))  # unannotated in mlx.nn
+        types = mx.zeros_like(ids) if types is None else types
+        out: mx.array = self.LayerNorm(x + self.token_type_embeddings(types))  # unannotated in mlx.nn
         return out
 
 
@@ -130,16 +148,74 @@ class BertModel(EncoderModel):
         self.encoder = Encoder(config)
 
     def hidden_states(self, ids: mx.array, lengths: mx.array) -> mx.array:
+        return self.typed_hidden_states(ids, lengths, None)
+
+    def typed_hidden_states(self, ids: mx.array, lengths: mx.array, types: mx.array | None) -> mx.array:
+        """``hidden_states`` with each token's type (segment) id; None: all 0."""
         valid = mx.arange(ids.shape[1])[None, :] < lengths[:, None]
         if self.config.roberta_positions:
             positions = mx.cumsum(valid.astype(mx.int32), axis=1) * valid + self.config.pad_token_id
         else:
             positions = mx.broadcast_to(mx.arange(ids.shape[1]), ids.shape)
-        x = self.embeddings(ids, positions)
+        x = self.embeddings(ids, positions, types)
         mask = mx.where(valid, 0.0, -math.inf)[:, None, None, :].astype(x.dtype)
         for layer in self.encoder.layer:
             x = layer(x, mask)
         return x
+
+
+class CrossEncoderModel(BertModel):
+    """A reranker (cross_encoder.py): a (query, document) pair in, one relevance score out, from
+    the classification head on the first token's state. ``embed_batch`` is not its interface."""
+
+    def __init__(self, config: EncoderConfig, function: str) -> None:
+        super().__init__(config, Pooling(mode="cls", normalize=False, source="sequence-classification head"))
+        self.function = function  # 'sigmoid' or 'identity' (cross_encoder.activation)
+
+    def first_token_logits(self, first: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def score_batch(self, inputs: list[list[int]], segments: list[int]) -> list[float]:
+        """One forward pass over pairs, right-padded to the longest; ``segments[i]``: where the
+        second text's tokens (token type 1) begin in ``inputs[i]`` (BERT's type ids; a model with
+        one token type gives every token type 0, as its tokenizer does)."""
+        width = max(len(ids) for ids in inputs)
+        pad = self.config.pad_token_id
+        ids = mx.array([tokens + [pad] * (width - len(tokens)) for tokens in inputs])
+        lengths = mx.array([len(tokens) for tokens in inputs])
+        types = None
+        if self.config.type_vocab_size > 1:
+            types = (mx.arange(width)[None, :] >= mx.array(segments)[:, None]).astype(mx.int32)
+        first = self.typed_hidden_states(ids, lengths, types)[:, 0].astype(mx.float32)
+        scores = activate(self.first_token_logits(first).astype(mx.float32), self.function)
+        return cast(list[float], scores.tolist())  # 1-D
+
+
+class BertCrossEncoder(CrossEncoderModel):
+    """``BertForSequenceClassification``: pooler (dense + tanh), then ``classifier``."""
+
+    weight_prefixes = ("embeddings.", "encoder.", "pooler.", "classifier.")
+
+    def __init__(self, config: EncoderConfig, function: str) -> None:
+        super().__init__(config, function)
+        self.pooler = Pooler(config.hidden_size)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+
+    def first_token_logits(self, first: mx.array) -> mx.array:
+        return self.classifier(self.pooler(first))[:, 0]
+
+
+class RobertaCrossEncoder(CrossEncoderModel):
+    """``(XLM)RobertaForSequenceClassification``: no pooler; classifier.dense + tanh + out_proj."""
+
+    weight_prefixes = ("embeddings.", "encoder.", "classifier.")
+
+    def __init__(self, config: EncoderConfig, function: str) -> None:
+        super().__init__(config, function)
+        self.classifier = RobertaClassifier(config.hidden_size, 1)
+
+    def first_token_logits(self, first: mx.array) -> mx.array:
+        return self.classifier(first)[:, 0]
 
 
 class EncoderTokenizer:
@@ -158,6 +234,13 @@ class EncoderTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # With special tokens: the model's [CLS] ... [SEP] (or <s> ... </s>) around the text.
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode_pair(self, first: str, second: str) -> tuple[list[int], int]:
+        """A cross-encoder's input: the tokenizer's own pair encoding ([CLS] a [SEP] b [SEP], or
+        <s> a </s></s> b </s>), and where the second text's type-1 tokens begin (its length if none)."""
+        encoding = self._tokenizer.encode(first, pair=second, add_special_tokens=True)
+        types = list(encoding.type_ids)
+        return list(encoding.ids), types.index(1) if 1 in types else len(types)
 
     def decode(self, ids: list[int]) -> str:
         return str(self._tokenizer.decode(ids))
@@ -252,7 +335,7 @@ def load_encoder(path: Path, compute_dtype: str | None) -> tuple[EncoderModel, E
     if not (path / "tokenizer.json").exists():
         raise UnsupportedModelFormat(f"{path} is an embedding model without tokenizer.json")
     try:
-        model = _build(kind, raw, read_pooling(path), supports_matryoshka(path, raw))
+        model = _build(kind, raw, path)
         config = model.config
         model.load_weights(list(_checkpoint_weights(path, model.weight_prefixes).items()), strict=True)
         if compute_dtype is not None:
@@ -266,10 +349,13 @@ def load_encoder(path: Path, compute_dtype: str | None) -> tuple[EncoderModel, E
     return model, tokenizer, max_sequence_length(path, config)
 
 
-def _build(kind: str, raw: dict[str, Any], pooling: Pooling, matryoshka: bool) -> EncoderModel:
+def _build(kind: str, raw: dict[str, Any], path: Path) -> EncoderModel:
     if kind == "nomic-bert":
-        return NomicBertModel(NomicConfig.from_dict(raw), pooling, matryoshka)
+        return NomicBertModel(NomicConfig.from_dict(raw), read_pooling(path), supports_matryoshka(path, raw))
     config = EncoderConfig.from_dict(raw)
     if config.hidden_act not in _ACTIVATIONS:
         raise ValueError(f"activation {config.hidden_act!r} is not supported")
-    return BertModel(config, pooling, matryoshka)
+    if is_cross_encoder(raw):  # a reranker: its head, not sentence-transformers' pooling
+        function = activation(raw)
+        return BertCrossEncoder(config, function) if kind == "bert" else RobertaCrossEncoder(config, function)
+    return BertModel(config, read_pooling(path), supports_matryoshka(path, raw))

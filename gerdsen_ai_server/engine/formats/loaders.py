@@ -14,14 +14,17 @@ import logging
 import os
 from collections.abc import Generator, Sequence
 from pathlib import Path
+from typing import Any
 
-from gerdsen_ai_server.engine.backends import llamacpp, llamacpp_sizing
+from gerdsen_ai_server.engine.backends import llamacpp, llamacpp_lora, llamacpp_sizing
 from gerdsen_ai_server.engine.backends.base import LoadedModel
-from gerdsen_ai_server.engine.formats import safetensors
+from gerdsen_ai_server.engine.formats import adapters, safetensors
+from gerdsen_ai_server.engine.formats import context as model_context
 from gerdsen_ai_server.engine.formats.encoder import is_encoder, load_encoder
 from gerdsen_ai_server.engine.formats.gguf import convert_gguf_to_mlx, converted_dir, ensure_default_model
+from gerdsen_ai_server.engine.formats.gguf_header import read_gguf_header
 from gerdsen_ai_server.engine.formats.safetensors import context_length, parameter_nbytes
-from gerdsen_ai_server.engine.options import BackendOptions
+from gerdsen_ai_server.engine.options import BackendOptions, InvalidLoadOption, LoadOptions
 from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID, default_gguf_path
 from gerdsen_ai_server.store.errors import ModelNotFound
 from gerdsen_ai_server.store.formats import detect_format
@@ -46,38 +49,67 @@ class LoaderFactory:
     def __init__(self, options: BackendOptions | None = None) -> None:
         self.options = options or BackendOptions()
 
-    def estimate_bytes(self, path: Path, compute_dtype: str | None) -> int:
+    def estimate_bytes(self, path: Path, compute_dtype: str | None, options: LoadOptions | None = None) -> int:
         """Memory a resolved model will take once loaded: what the registry reserves while it loads.
-        A GGUF (llama.cpp): the file plus the KV cache of its sequences; a folder: its weights."""
+        A GGUF (llama.cpp): the file plus the KV cache of its slots; a folder: its weights.
+        Checks ``options``' context length first (``context_of``), before any room is made."""
+        context = self.context_of(path, options)
         if path.suffix.lower() == ".gguf":
-            return llamacpp_sizing.estimate_bytes(path, self.options.sequences)
-        return safetensors.estimate_bytes(path, compute_dtype)
+            return llamacpp_sizing.estimate_bytes(path, self.options.sequences, context) + adapters.estimate(options)
+        return safetensors.estimate_bytes(path, compute_dtype) + adapters.estimate(options)
+
+    def context_of(self, path: Path, options: LoadOptions | None = None) -> int:
+        """The context length a load of the resolved ``path`` gets: ``options.context_length``, else
+        IMPETUS_CONTEXT_LENGTH, within the model's bound (formats/context.py, which says the rule);
+        InvalidLoadOption (a 400 naming the option) beyond it."""
+        options = options or LoadOptions()
+        if path.suffix.lower() == ".gguf":
+            declared = model_context.from_gguf(read_gguf_header(path).metadata)
+        else:
+            declared = model_context.from_folder(path)
+        return declared.effective(options.context_length, self.options.context_length, options.rope_scaling)
 
     @staticmethod
     def detect(path: Path) -> str:
         """'mlx' or 'gguf': see store/formats.py ``detect_format``."""
         return detect_format(path)
 
-    def resolve(self, spec: str, models_dir: Path, *, trusted: bool = False, allowed: Sequence[Path] = ()) -> Path:
+    def resolve(
+        self,
+        spec: str,
+        models_dir: Path,
+        *,
+        trusted: bool = False,
+        allowed: Sequence[Path] = (),
+        options: LoadOptions | None = None,
+    ) -> Path:
         """Turn a model spec into the MLX folder (or, for llama.cpp, the GGUF file) to load.
 
         Untrusted (the default: every spec a request sends) resolves only to an entry of
         ``models_dir`` or a path under ``allowed`` (IMPETUS_MODEL_PATHS), see ``confine``;
         ``trusted`` (the operator's --model / IMPETUS_DEFAULT_MODEL, the CLI) may name any path.
+        ``options.backend``, when set, decides for this load what IMPETUS_BACKEND decides otherwise.
         """
         models_dir = Path(models_dir)
+        backend = (options.backend if options else None) or self.options.backend
+        if options is not None and options.adapter is not None:  # confined like the model (adapters.py)
+            adapters.locate(options.adapter, models_dir, trusted=trusted, allowed=allowed, again=True)
         if spec.strip().lower() == DEFAULT_MODEL_ID:
-            if llamacpp_sizing.serves_gguf(True, self.options.backend):  # IMPETUS_BACKEND=llamacpp
+            if llamacpp_sizing.serves_gguf(True, backend):  # IMPETUS_BACKEND=llamacpp
                 return default_gguf_path()
             return ensure_default_model(models_dir)
         path = self._locate(spec, models_dir) if trusted else confine(spec, models_dir, allowed)
         if self.detect(path) == "mlx":
+            if options is not None and options.backend == "llamacpp":  # never silently on MLX instead
+                raise InvalidLoadOption(
+                    "backend is llamacpp, but this model is an MLX folder: llama.cpp runs GGUF files.", "backend"
+                )
             return path
         gguf = path if path.is_file() else next(p for p in path.iterdir() if p.name.lower().endswith(".gguf"))
         if not trusted and not inside_any(gguf, [models_dir, *allowed]):
             log.warning("refused model %r: %s links outside the models dir and IMPETUS_MODEL_PATHS", spec, gguf)
             raise model_not_found(spec)
-        if llamacpp_sizing.serves_gguf(False, self.options.backend):
+        if llamacpp_sizing.serves_gguf(False, backend):
             return gguf  # runs as is on llama.cpp (engine/backends/llamacpp.py)
         # Converted once, into a folder of our own whose name the GGUF's name cannot steer
         # (models_dir/.impetus/converted/<stem>-<hash>); later loads find it there.
@@ -137,7 +169,13 @@ class LoaderFactory:
         return self.load_path_steps(path, models_dir, compute_dtype, chunk_bytes)
 
     def load_path_steps(
-        self, path: Path, models_dir: Path, compute_dtype: str | None = None, chunk_bytes: int = LOAD_CHUNK_BYTES
+        self,
+        path: Path,
+        models_dir: Path,
+        compute_dtype: str | None = None,
+        chunk_bytes: int = LOAD_CHUNK_BYTES,
+        *,
+        options: LoadOptions | None = None,
     ) -> Generator[None, None, LoadedModel]:
         """Load what ``resolve`` returned, in steps: a generator that does a bounded piece of the work
         (about ``chunk_bytes`` of weights read or converted) per ``next()`` and returns the ``LoadedModel``.
@@ -150,13 +188,23 @@ class LoaderFactory:
         """
         if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}, not {compute_dtype!r}")
-        return self._load_path_steps(Path(path), Path(models_dir), compute_dtype, chunk_bytes)
+        options = options or LoadOptions()
+        steps = self._load_path_steps(Path(path), Path(models_dir), compute_dtype, chunk_bytes, options)
+        return with_load_options(steps, self.context_of(Path(path), options), options)
 
     def _load_path_steps(
-        self, path: Path, models_dir: Path, compute_dtype: str | None, chunk_bytes: int
+        self, path: Path, models_dir: Path, compute_dtype: str | None, chunk_bytes: int, options: LoadOptions
     ) -> Generator[None, None, LoadedModel]:
+        adapter = adapters.for_load(options, models_dir, path)  # a LoRA adapter that fits the backend, or None
         if path.suffix.lower() == ".gguf":  # resolved to a GGUF: the llama.cpp backend
-            return llamacpp.load(path, path.name, models_dir / ".impetus" / "llamacpp-tokenizers", self.options)
+            loaded = llamacpp.load(
+                path,
+                path.name,
+                models_dir / ".impetus" / "llamacpp-tokenizers",
+                self.options,
+                self.context_of(path, options),
+            )
+            return llamacpp_lora.apply(loaded, adapter, models_dir) if adapter else loaded  # a GGUF LoRA
         if is_encoder(path):
             encoder, encoder_tokenizer, max_tokens = load_encoder(path, compute_dtype)
             return LoadedModel(
@@ -169,6 +217,7 @@ class LoaderFactory:
                 kind="embedding",
             )
         model, tokenizer = yield from safetensors.load_steps(path, compute_dtype, chunk_bytes)
+        model = adapters.apply_mlx(model, adapter, models_dir) if adapter else model
         return LoadedModel(
             model_id=path.name,
             path=path,
@@ -177,3 +226,27 @@ class LoaderFactory:
             context_length=context_length(path),
             nbytes=parameter_nbytes(model),
         )
+
+
+def with_load_options(
+    steps: Generator[None, None, LoadedModel], context: int, options: LoadOptions
+) -> Generator[None, None, LoadedModel]:
+    """``steps``, then what ``options`` change in the loaded model: its context length (a dedicated
+    embedding model keeps its own input bound when smaller) and its chat template."""
+    loaded = yield from steps
+    loaded.context_length = min(context, loaded.context_length) if loaded.kind == "embedding" else context
+    if options.chat_template is not None:
+        set_chat_template(loaded.tokenizer, options.chat_template)
+    return loaded
+
+
+def set_chat_template(tokenizer: Any, template: str) -> None:
+    """Replace a tokenizer's chat template (checked by serving/load_options.py before the load).
+    mlx-lm's ``TokenizerWrapper`` (both backends' tokenizers, llama.cpp's rebuilt from the GGUF by
+    gguf_tokenizer.py) renders through the Hugging Face tokenizer it wraps, unless mlx-lm gave it a
+    template written in Python, which the override replaces too."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    hf.chat_template = template
+    if hasattr(tokenizer, "_chat_template"):
+        tokenizer._chat_template = None
+    tokenizer.has_chat_template = True

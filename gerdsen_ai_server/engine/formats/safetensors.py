@@ -17,10 +17,9 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any, cast
 
+from gerdsen_ai_server.engine.formats.context import from_folder
 from gerdsen_ai_server.store.errors import ModelLoadError
 from gerdsen_ai_server.store.formats import SAFETENSORS_DTYPE_BYTES
-
-DEFAULT_CONTEXT_LENGTH = 2048
 
 
 def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
@@ -192,14 +191,5 @@ def parameter_nbytes(model: Any) -> int:
 
 
 def context_length(path: Path) -> int:
-    """The model's trained context from config.json, or 2048 when it does not say."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return DEFAULT_CONTEXT_LENGTH
-    for source in (config, config.get("text_config") or {}):
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = source.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    return DEFAULT_CONTEXT_LENGTH
+    """The model's trained context from config.json, or 2048 when it does not say (formats/context.py)."""
+    return from_folder(path).trained

@@ -194,6 +194,43 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/presets": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Every preset, by name */
+        get: operations["get_api_presets"];
+        put?: never;
+        /** Create a preset (201) */
+        post: operations["post_api_presets"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/presets/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** One preset */
+        get: operations["get_api_presets_{name}"];
+        /** Create or replace a preset */
+        put: operations["put_api_presets_{name}"];
+        post?: never;
+        /** Delete a preset */
+        delete: operations["delete_api_presets_{name}"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/requests": {
         parameters: {
             query?: never;
@@ -223,6 +260,40 @@ export interface paths {
         post?: never;
         /** Cancel a running request: its client gets `request_cancelled` (admin) */
         delete: operations["delete_api_requests_{request_id}"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/apply-template": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Messages rendered by the model's chat template, as text (llama-server's) */
+        post: operations["post_apply-template"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/detokenize": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Token ids back to text (vLLM's) */
+        post: operations["post_detokenize"];
+        delete?: never;
         options?: never;
         head?: never;
         patch?: never;
@@ -290,6 +361,40 @@ export interface paths {
         get: operations["get_metrics"];
         put?: never;
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/rerank": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Rank documents by relevance to a query with a reranker: /v1/rerank at the root */
+        post: operations["post_rerank"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/tokenize": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Tokenize a prompt, or messages as the chat template renders them (vLLM's) */
+        post: operations["post_tokenize"];
         delete?: never;
         options?: never;
         head?: never;
@@ -415,6 +520,40 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/rerank": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Rank documents by relevance to a query with a reranker (Cohere's, Jina's, vLLM's and llama-server's shape) */
+        post: operations["post_v1_rerank"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/reranking": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Rank documents by relevance to a query with a reranker: /v1/rerank under llama-server's name */
+        post: operations["post_v1_reranking"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/responses": {
         parameters: {
             query?: never;
@@ -424,9 +563,27 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Create a response (stateless Responses API) */
+        /** Create a response (Responses API; store: true keeps it for previous_response_id) */
         post: operations["post_v1_responses"];
         delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/responses/{response_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A stored response (one created with store: true, by the same API key or an admin's) */
+        get: operations["get_v1_responses_{response_id}"];
+        put?: never;
+        post?: never;
+        /** Delete a stored response */
+        delete: operations["delete_v1_responses_{response_id}"];
         options?: never;
         head?: never;
         patch?: never;
@@ -482,10 +639,59 @@ export interface components {
             /** Output Tokens */
             output_tokens: number;
         };
+        /**
+         * ApplyTemplateRequest
+         * @description llama-server's /apply-template: the chat template's text, not tokenized.
+         */
+        ApplyTemplateRequest: {
+            /**
+             * Add Generation Prompt
+             * @description Open the assistant's turn after the messages.
+             * @default true
+             */
+            add_generation_prompt: boolean;
+            /**
+             * Chat Template Kwargs
+             * @description Extra variables for the model's chat template, e.g. {"enable_thinking": false} (vLLM's, llama-server's and SGLang's name). JSON values; at most 32.
+             * @default null
+             */
+            chat_template_kwargs: {
+                [key: string]: unknown;
+            } | null;
+            /**
+             * Continue Final Message
+             * @description Continue the last (assistant) message instead of starting a new one; needs add_generation_prompt false.
+             * @default false
+             */
+            continue_final_message: boolean;
+            /** Messages */
+            messages: components["schemas"]["ChatMessage"][];
+            /**
+             * Model
+             * @description The model; absent: the server's default model (IMPETUS_DEFAULT_MODEL), as vLLM and llama-server serve one.
+             * @default null
+             */
+            model: string | null;
+            /**
+             * Tools
+             * @default null
+             */
+            tools: components["schemas"]["Tool"][] | null;
+        };
+        /** ApplyTemplateResponse */
+        ApplyTemplateResponse: {
+            /** Prompt */
+            prompt: string;
+        };
         /** AssistantMessage */
         AssistantMessage: {
             /** Content */
             content: string | null;
+            /**
+             * Reasoning Content
+             * @default null
+             */
+            reasoning_content: string | null;
             /**
              * Role
              * @default assistant
@@ -661,12 +867,38 @@ export interface components {
         /** ChatCompletionRequest */
         ChatCompletionRequest: {
             /**
+             * Adapters
+             * @description A LoRA adapter in the models dir for this request: served by the resident '<model>+<adapter>'.
+             * @default null
+             */
+            adapters: string | null;
+            /**
+             * Add Generation Prompt
+             * @description Open the assistant's turn after the messages.
+             * @default true
+             */
+            add_generation_prompt: boolean;
+            /**
              * Audio
              * @default null
              */
             audio: {
                 [key: string]: unknown;
             } | null;
+            /**
+             * Chat Template Kwargs
+             * @description Extra variables for the model's chat template, e.g. {"enable_thinking": false} (vLLM's, llama-server's and SGLang's name). JSON values; at most 32.
+             * @default null
+             */
+            chat_template_kwargs: {
+                [key: string]: unknown;
+            } | null;
+            /**
+             * Continue Final Message
+             * @description Continue the last (assistant) message instead of starting a new one; needs add_generation_prompt false.
+             * @default false
+             */
+            continue_final_message: boolean;
             /**
              * Frequency Penalty
              * @default 0
@@ -885,6 +1117,11 @@ export interface components {
              */
             name: string | null;
             /**
+             * Reasoning Content
+             * @default null
+             */
+            reasoning_content: string | null;
+            /**
              * Role
              * @enum {string}
              */
@@ -958,6 +1195,12 @@ export interface components {
         };
         /** CompletionRequest */
         CompletionRequest: {
+            /**
+             * Adapters
+             * @description A LoRA adapter in the models dir for this request: served by the resident '<model>+<adapter>'.
+             * @default null
+             */
+            adapters: string | null;
             /**
              * Best Of
              * @default null
@@ -1204,6 +1447,22 @@ export interface components {
              * @default null
              */
             performance_cores: number | null;
+        };
+        /** DetokenizeRequest */
+        DetokenizeRequest: {
+            /**
+             * Model
+             * @description The model; absent: the server's default model (IMPETUS_DEFAULT_MODEL), as vLLM and llama-server serve one.
+             * @default null
+             */
+            model: string | null;
+            /** Tokens */
+            tokens: number[];
+        };
+        /** DetokenizeResponse */
+        DetokenizeResponse: {
+            /** Prompt */
+            prompt: string;
         };
         /** DiscoverResponse */
         DiscoverResponse: {
@@ -1694,8 +1953,71 @@ export interface components {
              */
             status: "alive";
         };
+        /**
+         * LoadOptionsInfo
+         * @description What a resident was loaded with beyond the defaults (the template is not repeated, only whether set).
+         */
+        LoadOptionsInfo: {
+            /**
+             * Alias
+             * @default null
+             */
+            alias: string | null;
+            /**
+             * Backend
+             * @default null
+             */
+            backend: string | null;
+            /**
+             * Chat Template
+             * @description Whether the load replaced the model's chat template.
+             * @default false
+             */
+            chat_template: boolean;
+            /**
+             * Context Length
+             * @description As asked at load; 0: the default (see ModelInfo.context_length).
+             * @default 0
+             */
+            context_length: number;
+            /**
+             * Rope Scaling
+             * @default false
+             */
+            rope_scaling: boolean;
+        };
         /** LoadRequest */
         LoadRequest: {
+            /**
+             * Adapter
+             * @description A LoRA adapter to apply: an mlx-lm adapter folder (MLX) or a GGUF LoRA file (llama.cpp) in the models dir. The result is its own resident, '<model>+<adapter>'.
+             * @default null
+             */
+            adapter: string | null;
+            /**
+             * Alias
+             * @description The resident's id (llama-server's --alias): requests name it as 'model'. Omitted: the model's id.
+             * @default null
+             */
+            alias: string | null;
+            /**
+             * Backend
+             * @description Which engine runs a GGUF for this load; omitted: IMPETUS_BACKEND.
+             * @default null
+             */
+            backend: ("auto" | "mlx" | "llamacpp") | null;
+            /**
+             * Chat Template
+             * @description Jinja chat template replacing the model's own (Hugging Face's variables: messages, tools, add_generation_prompt, bos_token...); one that does not compile is a 400.
+             * @default null
+             */
+            chat_template: string | null;
+            /**
+             * Context Length
+             * @description Context length (tokens: prompt + completion); omitted or 0: IMPETUS_CONTEXT_LENGTH, else the model's trained length. Beyond the trained length is a 400 unless rope_scaling is true and the model declares RoPE scaling (then up to trained x factor). A llama.cpp model's KV cache is sized by it.
+             * @default null
+             */
+            context_length: number | null;
             /**
              * Keep Alive
              * @description Seconds to stay loaded when idle; negative keeps it; omitted uses IMPETUS_KEEP_ALIVE.
@@ -1707,6 +2029,12 @@ export interface components {
              * @description Model id, folder name under the models dir, or a path.
              */
             model: string;
+            /**
+             * Rope Scaling
+             * @description Allow a context_length beyond the trained length, up to what the RoPE scaling the model declares (config.json rope_scaling, GGUF rope.scaling.*) allows; omitted context_length then means that bound. The scaling is the model's own; a 400 for a model that declares none.
+             * @default false
+             */
+            rope_scaling: boolean;
             /**
              * Warmup
              * @description After loading, run a short prompt through the engine twice (the first run builds the sampler's compiled graph and the buffers) so the first real request is fast; reports TTFT cold vs warm.
@@ -1922,6 +2250,12 @@ export interface components {
         };
         /** ModelCard */
         ModelCard: {
+            /**
+             * Base Model
+             * @description The model a preset serves.
+             * @default null
+             */
+            base_model: string | null;
             /** Capabilities */
             capabilities?: string[];
             /**
@@ -1949,7 +2283,7 @@ export interface components {
              * @default language
              * @enum {string}
              */
-            kind: "language" | "embedding";
+            kind: "language" | "embedding" | "rerank";
             /**
              * Matryoshka
              * @description Whether `dimensions` may shorten this model's embeddings.
@@ -1967,6 +2301,12 @@ export interface components {
              * @default impetus
              */
             owned_by: string;
+            /**
+             * Preset
+             * @description True for a preset (an alias).
+             * @default null
+             */
+            preset: boolean | null;
         };
         /** ModelDeleted */
         ModelDeleted: {
@@ -1987,12 +2327,19 @@ export interface components {
         /** ModelInfo */
         ModelInfo: {
             /**
+             * Adapter
+             * @description The LoRA adapter applied to this resident (its name in models dir).
+             * @default null
+             */
+            adapter: string | null;
+            /**
              * Busy
              * @default false
              */
             busy: boolean;
             /**
              * Context Length
+             * @description A resident's effective context length: as loaded, IMPETUS_CONTEXT_LENGTH or trained.
              * @default null
              */
             context_length: number | null;
@@ -2021,10 +2368,15 @@ export interface components {
             keep_alive: number | null;
             /**
              * Kind
-             * @description language: generates (and embeds); embedding: a dedicated embedding model, /v1/embeddings only.
+             * @description language: generates (and embeds); embedding: a dedicated embedding model, /v1/embeddings only; rerank: a reranker (cross-encoder), /v1/rerank only; adapter: a LoRA adapter (load a model with it).
              * @default null
              */
-            kind: ("language" | "embedding") | null;
+            kind: ("language" | "embedding" | "rerank" | "adapter") | null;
+            /**
+             * @description A resident's load options.
+             * @default null
+             */
+            load_options: components["schemas"]["LoadOptionsInfo"] | null;
             /**
              * Memory Bytes
              * @description Bytes of weights in memory while resident.
@@ -2041,6 +2393,12 @@ export interface components {
              * @default false
              */
             pinned: boolean;
+            /**
+             * Preset
+             * @description The preset this resident serves under its name (/api/presets).
+             * @default null
+             */
+            preset: string | null;
             /**
              * Size Bytes
              * @description Bytes on disk.
@@ -2177,6 +2535,42 @@ export interface components {
              */
             type: "message";
         };
+        /**
+         * OutputReasoning
+         * @description A thinking model's reasoning, before its message (vLLM's shape: the raw text as content).
+         */
+        OutputReasoning: {
+            /** Content */
+            content: components["schemas"]["OutputReasoningText"][];
+            /** Id */
+            id: string;
+            /**
+             * Status
+             * @enum {string}
+             */
+            status: "in_progress" | "completed" | "incomplete";
+            /**
+             * Summary
+             * @description Always empty: no summariser runs here.
+             */
+            summary?: unknown[];
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            type: "reasoning";
+        };
+        /** OutputReasoningText */
+        OutputReasoningText: {
+            /** Text */
+            text: string;
+            /**
+             * Type
+             * @default reasoning_text
+             * @constant
+             */
+            type: "reasoning_text";
+        };
         /** OutputText */
         OutputText: {
             /** Annotations */
@@ -2237,6 +2631,151 @@ export interface components {
              * @constant
              */
             type: "content";
+        };
+        /**
+         * Preset
+         * @description One preset: what it serves, its request defaults and its load options.
+         */
+        Preset: {
+            /**
+             * Adapter
+             * @description A LoRA adapter in the models dir (a load option).
+             * @default null
+             */
+            adapter: string | null;
+            /**
+             * Backend
+             * @description auto | mlx | llamacpp (a load option); null: IMPETUS_BACKEND.
+             * @default null
+             */
+            backend: ("auto" | "mlx" | "llamacpp") | null;
+            /**
+             * Chat Template
+             * @description Jinja text replacing the model's chat template (a load option).
+             * @default null
+             */
+            chat_template: string | null;
+            /**
+             * Chat Template Kwargs
+             * @description Template variables, merged under a request's own (e.g. {"enable_thinking": false}).
+             * @default null
+             */
+            chat_template_kwargs: {
+                [key: string]: unknown;
+            } | null;
+            /**
+             * Context Length
+             * @description Tokens (a load option); 0 or null: the server's default.
+             * @default null
+             */
+            context_length: number | null;
+            /**
+             * Description
+             * @default
+             */
+            description: string;
+            /**
+             * Keep Alive
+             * @description Idle seconds it stays loaded; negative keeps it; null: IMPETUS_KEEP_ALIVE.
+             * @default null
+             */
+            keep_alive: number | null;
+            /**
+             * Model
+             * @description The model it serves: a model id in the models dir (confined like a request's `model`).
+             */
+            model: string;
+            /**
+             * Name
+             * @description Letters, digits, `.`, `_`, `-`; 1-64; starts with a letter or digit.
+             */
+            name: string;
+            /** @description Request defaults; a request's own values always win. */
+            parameters?: components["schemas"]["PresetParameters"];
+            /**
+             * Rope Scaling
+             * @description Allow a context beyond the trained one by RoPE scaling (load).
+             * @default false
+             */
+            rope_scaling: boolean;
+            /**
+             * System
+             * @description A system message put first when a request has none.
+             * @default null
+             */
+            system: string | null;
+        };
+        /** PresetDeleted */
+        PresetDeleted: {
+            /**
+             * Deleted
+             * @default true
+             * @constant
+             */
+            deleted: true;
+            /** Name */
+            name: string;
+        };
+        /** PresetList */
+        PresetList: {
+            /** Presets */
+            presets: components["schemas"]["Preset"][];
+        };
+        /**
+         * PresetParameters
+         * @description Request defaults (Ollama's ``PARAMETER`` lines), with the bounds of the request fields they fill.
+         */
+        PresetParameters: {
+            /**
+             * Frequency Penalty
+             * @default null
+             */
+            frequency_penalty: number | null;
+            /**
+             * Max Tokens
+             * @default null
+             */
+            max_tokens: number | null;
+            /**
+             * Min P
+             * @default null
+             */
+            min_p: number | null;
+            /**
+             * Presence Penalty
+             * @default null
+             */
+            presence_penalty: number | null;
+            /**
+             * Repetition Penalty
+             * @default null
+             */
+            repetition_penalty: number | null;
+            /**
+             * Seed
+             * @default null
+             */
+            seed: number | null;
+            /**
+             * Stop
+             * @default null
+             */
+            stop: string[] | null;
+            /**
+             * Temperature
+             * @default null
+             */
+            temperature: number | null;
+            /**
+             * Top K
+             * @default null
+             */
+            top_k: number | null;
+            /**
+             * Top P
+             * @default null
+             */
+            top_p: number | null;
         };
         /** PromptCacheOptions */
         PromptCacheOptions: {
@@ -2341,8 +2880,10 @@ export interface components {
         };
         /**
          * Reasoning
-         * @description OpenAI's reasoning options. Only an empty request is met: no model served here has an effort
-         *     control or reasoning summaries (serving/responses.py refuses the rest, as OpenAI does for such a model).
+         * @description OpenAI's reasoning options. ``effort`` passes to the chat template (as chat completions'
+         *     ``reasoning_effort``: a 400 for a model that does not reason); ``summary`` is accepted and the
+         *     reasoning comes whole as ``reasoning_text`` content with an empty ``summary``, as vLLM returns it
+         *     (no summariser runs here). The rest is refused (serving/responses.py).
          */
         Reasoning: {
             /**
@@ -2371,6 +2912,51 @@ export interface components {
              */
             summary: ("auto" | "concise" | "detailed") | null;
         };
+        /**
+         * ReasoningItem
+         * @description A reasoning item of an earlier answer, passed back in ``input`` as OpenAI asks clients to do.
+         *     Dropped from the prompt: earlier turns' thinking is left out, as the chat templates of thinking
+         *     models (Qwen3, DeepSeek-R1) leave it out.
+         */
+        ReasoningItem: {
+            /**
+             * Content
+             * @default null
+             */
+            content: components["schemas"]["ReasoningText"][] | null;
+            /**
+             * Encrypted Content
+             * @default null
+             */
+            encrypted_content: string | null;
+            /**
+             * Id
+             * @default null
+             */
+            id: string | null;
+            /**
+             * Status
+             * @default null
+             */
+            status: string | null;
+            /** Summary */
+            summary?: components["schemas"]["ReasoningText"][];
+            /**
+             * Type
+             * @constant
+             */
+            type: "reasoning";
+        };
+        /** ReasoningText */
+        ReasoningText: {
+            /** Text */
+            text: string;
+            /**
+             * Type
+             * @enum {string}
+             */
+            type: "reasoning_text" | "summary_text";
+        };
         /** RedactedThinkingBlock */
         RedactedThinkingBlock: {
             /** @default null */
@@ -2382,6 +2968,84 @@ export interface components {
              * @enum {string}
              */
             type: "redacted_thinking";
+        };
+        /**
+         * RerankDocument
+         * @description A document as an object (Jina's and Cohere v1's form); only its ``text`` is ranked.
+         */
+        RerankDocument: {
+            /** Text */
+            text: string;
+        };
+        /** RerankRequest */
+        RerankRequest: {
+            /** Documents */
+            documents: (string | components["schemas"]["RerankDocument"])[];
+            /** Model */
+            model: string;
+            /** Query */
+            query: string;
+            /**
+             * Return Documents
+             * @description Each result carries its document's text (Cohere's default: false).
+             * @default false
+             */
+            return_documents: boolean;
+            /**
+             * Top N
+             * @description How many results, the most relevant first; all when null or beyond the documents.
+             * @default null
+             */
+            top_n: number | null;
+        };
+        /** RerankResponse */
+        RerankResponse: {
+            /** Id */
+            id: string;
+            /** Model */
+            model: string;
+            /**
+             * Object
+             * @default list
+             * @constant
+             */
+            object: "list";
+            /** Results */
+            results: components["schemas"]["RerankResult"][];
+            usage: components["schemas"]["RerankUsage"];
+        };
+        /** RerankResult */
+        RerankResult: {
+            /**
+             * @description Only when return_documents is true.
+             * @default null
+             */
+            document: components["schemas"]["RerankResultDocument"] | null;
+            /**
+             * Index
+             * @description The document's position in the request's ``documents``.
+             */
+            index: number;
+            /**
+             * Relevance Score
+             * @description The cross-encoder's logit through its activation: sigmoid (0 to 1) unless the model declares Identity (sentence-transformers' activation_fn), as vLLM and sentence-transformers score.
+             */
+            relevance_score: number;
+        };
+        /** RerankResultDocument */
+        RerankResultDocument: {
+            /** Text */
+            text: string;
+        };
+        /** RerankUsage */
+        RerankUsage: {
+            /**
+             * Prompt Tokens
+             * @description Tokens of every (query, document) pair as the model read them.
+             */
+            prompt_tokens: number;
+            /** Total Tokens */
+            total_tokens: number;
         };
         /** ResidentModel */
         ResidentModel: {
@@ -2399,6 +3063,26 @@ export interface components {
              * @description Where it was loaded from; null for a caller without a key when keys are set.
              */
             path: string | null;
+        };
+        /**
+         * ResponseDeleted
+         * @description DELETE /v1/responses/{id}: OpenAI's answer.
+         */
+        ResponseDeleted: {
+            /**
+             * Deleted
+             * @default true
+             * @constant
+             */
+            deleted: true;
+            /** Id */
+            id: string;
+            /**
+             * Object
+             * @default response.deleted
+             * @constant
+             */
+            object: "response.deleted";
         };
         /** ResponseFormat */
         ResponseFormat: {
@@ -2443,14 +3127,14 @@ export interface components {
              */
             object: "response";
             /** Output */
-            output: (components["schemas"]["OutputMessage"] | components["schemas"]["OutputFunctionCall"])[];
+            output: (components["schemas"]["OutputReasoning"] | components["schemas"]["OutputMessage"] | components["schemas"]["OutputFunctionCall"])[];
             /** Parallel Tool Calls */
             parallel_tool_calls: boolean;
             /**
              * Previous Response Id
              * @default null
              */
-            previous_response_id: null;
+            previous_response_id: string | null;
             /**
              * Status
              * @enum {string}
@@ -2458,11 +3142,10 @@ export interface components {
             status: "completed" | "incomplete" | "in_progress";
             /**
              * Store
-             * @description Responses are never stored.
+             * @description Whether it was stored (store: true, IMPETUS_RESPONSES_STORE_BYTES): GET /v1/responses/{id}.
              * @default false
-             * @constant
              */
-            store: false;
+            store: boolean;
             /** Temperature */
             temperature: number | null;
             /** Text */
@@ -2519,7 +3202,7 @@ export interface components {
              */
             include: ("file_search_call.results" | "web_search_call.results" | "web_search_call.action.sources" | "message.input_image.image_url" | "computer_call_output.output.image_url" | "code_interpreter_call.outputs" | "reasoning.encrypted_content" | "message.output_text.logprobs")[] | null;
             /** Input */
-            input: string | (components["schemas"]["InputMessage"] | components["schemas"]["FunctionCallItem"] | components["schemas"]["FunctionCallOutputItem"])[];
+            input: string | (components["schemas"]["InputMessage"] | components["schemas"]["FunctionCallItem"] | components["schemas"]["FunctionCallOutputItem"] | components["schemas"]["ReasoningItem"])[];
             /**
              * Instructions
              * @default null
@@ -2696,7 +3379,7 @@ export interface components {
             key_id: string | null;
             /**
              * Kind
-             * @description chat, completion, messages, responses, embeddings or generate (Socket.IO).
+             * @description chat, completion, messages, responses, embeddings, rerank or generate (Socket.IO).
              */
             kind: string;
             /** Model */
@@ -2936,6 +3619,86 @@ export interface components {
              * @default null
              */
             tokens_per_second_recent: number | null;
+        };
+        /**
+         * TokenizeRequest
+         * @description vLLM's two shapes in one: ``prompt`` (a text, tokenized as is) or ``messages`` (rendered by
+         *     the model's chat template exactly as chat completions render them, then tokenized). One of the
+         *     two, and the chat fields only with ``messages``: serving/tokenize.py refuses the rest with a 400
+         *     naming the field.
+         */
+        TokenizeRequest: {
+            /**
+             * Add Generation Prompt
+             * @description Open the assistant's turn after the messages.
+             * @default true
+             */
+            add_generation_prompt: boolean;
+            /**
+             * Add Special Tokens
+             * @description Add the tokenizer's special tokens (e.g. BOS). Default: true for prompt, false for messages (the chat template writes them itself), as vLLM.
+             * @default null
+             */
+            add_special_tokens: boolean | null;
+            /**
+             * Chat Template Kwargs
+             * @description Extra variables for the model's chat template, e.g. {"enable_thinking": false} (vLLM's, llama-server's and SGLang's name). JSON values; at most 32.
+             * @default null
+             */
+            chat_template_kwargs: {
+                [key: string]: unknown;
+            } | null;
+            /**
+             * Continue Final Message
+             * @description Continue the last (assistant) message instead of starting a new one; needs add_generation_prompt false.
+             * @default false
+             */
+            continue_final_message: boolean;
+            /**
+             * Messages
+             * @default null
+             */
+            messages: components["schemas"]["ChatMessage"][] | null;
+            /**
+             * Model
+             * @description The model; absent: the server's default model (IMPETUS_DEFAULT_MODEL), as vLLM and llama-server serve one.
+             * @default null
+             */
+            model: string | null;
+            /**
+             * Prompt
+             * @default null
+             */
+            prompt: string | null;
+            /**
+             * Return Token Strs
+             * @description Also return each token as the tokenizer's string.
+             * @default false
+             */
+            return_token_strs: boolean;
+            /**
+             * Tools
+             * @default null
+             */
+            tools: components["schemas"]["Tool"][] | null;
+        };
+        /** TokenizeResponse */
+        TokenizeResponse: {
+            /** Count */
+            count: number;
+            /**
+             * Max Model Len
+             * @description The model's context length in tokens.
+             */
+            max_model_len: number;
+            /**
+             * Token Strs
+             * @description With return_token_strs.
+             * @default null
+             */
+            token_strs: string[] | null;
+            /** Tokens */
+            tokens: number[];
         };
         /** Tool */
         Tool: {
@@ -4595,6 +5358,557 @@ export interface operations {
             };
         };
     };
+    get_api_presets: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PresetList"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    post_api_presets: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["Preset"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            201: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Preset"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Management needs an admin key (`insufficient_scope`); or a browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The name is a model's (`preset_conflict`), or, creating, a preset's already (`preset_exists`). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not sent as `Content-Type: application/json` (`unsupported_media_type`). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    "get_api_presets_{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Preset"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    "put_api_presets_{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["Preset"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Preset"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Management needs an admin key (`insufficient_scope`); or a browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The name is a model's (`preset_conflict`), or, creating, a preset's already (`preset_exists`). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not sent as `Content-Type: application/json` (`unsupported_media_type`). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    "delete_api_presets_{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PresetDeleted"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Management needs an admin key (`insufficient_scope`); or a browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not sent as `Content-Type: application/json` (`unsupported_media_type`). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
     get_api_requests: {
         parameters: {
             query?: never;
@@ -4772,6 +6086,272 @@ export interface operations {
             };
             /** @description The body is not sent as `Content-Type: application/json` (`unsupported_media_type`). */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    "post_apply-template": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ApplyTemplateRequest"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApplyTemplateResponse"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description A browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model is busy loading or unloading (`model_busy`). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not sent as `Content-Type: application/json` (`unsupported_media_type`). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model could not be loaded: unsupported format, over the memory budget or broken (`unsupported_model_format`, `insufficient_memory`, `model_load_failed`). */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    post_detokenize: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DetokenizeRequest"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DetokenizeResponse"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description A browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model is busy loading or unloading (`model_busy`). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not sent as `Content-Type: application/json` (`unsupported_media_type`). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model could not be loaded: unsupported format, over the memory budget or broken (`unsupported_model_format`, `insufficient_memory`, `model_load_failed`). */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5023,6 +6603,281 @@ export interface operations {
                 };
                 content: {
                     "text/plain": string;
+                };
+            };
+        };
+    };
+    post_rerank: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RerankRequest"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RerankResponse"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description A browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model is busy loading or unloading (`model_busy`). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not sent as `Content-Type: application/json` (`unsupported_media_type`). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model could not be loaded: unsupported format, over the memory budget or broken (`unsupported_model_format`, `insufficient_memory`, `model_load_failed`). */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Ran past IMPETUS_REQUEST_TIMEOUT and was cancelled (`request_timeout`, with `x-should-retry: false`); an operator's cancel is a 503 `request_cancelled`. */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    post_tokenize: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["TokenizeRequest"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TokenizeResponse"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description A browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model is busy loading or unloading (`model_busy`). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not sent as `Content-Type: application/json` (`unsupported_media_type`). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model could not be loaded: unsupported format, over the memory budget or broken (`unsupported_model_format`, `insufficient_memory`, `model_load_failed`). */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
                 };
             };
         };
@@ -5741,6 +7596,15 @@ export interface operations {
                     "application/json": components["schemas"]["AnthropicError"];
                 };
             };
+            /** @description Ran past IMPETUS_REQUEST_TIMEOUT and was cancelled (`request_timeout`, with `x-should-retry: false`); an operator's cancel is a 503 `request_cancelled`. */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AnthropicError"];
+                };
+            };
         };
     };
     get_v1_models: {
@@ -5931,6 +7795,281 @@ export interface operations {
             };
         };
     };
+    post_v1_rerank: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RerankRequest"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RerankResponse"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description A browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model is busy loading or unloading (`model_busy`). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not sent as `Content-Type: application/json` (`unsupported_media_type`). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model could not be loaded: unsupported format, over the memory budget or broken (`unsupported_model_format`, `insufficient_memory`, `model_load_failed`). */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Ran past IMPETUS_REQUEST_TIMEOUT and was cancelled (`request_timeout`, with `x-should-retry: false`); an operator's cancel is a 503 `request_cancelled`. */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    post_v1_reranking: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RerankRequest"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RerankResponse"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description A browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model is busy loading or unloading (`model_busy`). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not sent as `Content-Type: application/json` (`unsupported_media_type`). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The model could not be loaded: unsupported format, over the memory budget or broken (`unsupported_model_format`, `insufficient_memory`, `model_load_failed`). */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
     post_v1_responses: {
         parameters: {
             query?: never;
@@ -6070,6 +8209,214 @@ export interface operations {
             /** @description Ran past IMPETUS_REQUEST_TIMEOUT and was cancelled (`request_timeout`, with `x-should-retry: false`); an operator's cancel is a 503 `request_cancelled`. */
             504: {
                 headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    "get_v1_responses_{response_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                response_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ResponseObject"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    "delete_v1_responses_{response_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                response_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    /** @description This request's id (the client's, if valid). */
+                    "X-Request-ID"?: string;
+                    /** @description Requests allowed per window. */
+                    "x-ratelimit-limit-requests"?: string;
+                    /** @description Requests left in this window. */
+                    "x-ratelimit-remaining-requests"?: string;
+                    /** @description Time until the window resets, e.g. `12s`. */
+                    "x-ratelimit-reset-requests"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ResponseDeleted"];
+                };
+            };
+            /** @description Invalid request: a field is wrong (`param` names it) or the prompt does not fit the context. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong API key (`invalid_api_key`). */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description A browser's request from an origin outside IMPETUS_CORS_ORIGINS (`cross_origin_request`). */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Unknown model or route. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Body larger than IMPETUS_MAX_REQUEST_BYTES (`request_too_large`). */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not sent as `Content-Type: application/json` (`unsupported_media_type`). */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Rate limit reached (`rate_limit_exceeded`); see Retry-After. */
+            429: {
+                headers: {
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Server error. */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Queue full, engine unavailable or shutting down; see Retry-After. */
+            503: {
+                headers: {
+                    "Retry-After"?: string;
                     [name: string]: unknown;
                 };
                 content: {

@@ -10,7 +10,7 @@ afterEach(() => vi.unstubAllGlobals());
 const model = (id: string, state: ModelInfo["state"], extra: Partial<ModelInfo> = {}): ModelInfo => ({
   id, state, kind: "language", format: "mlx", path: `/m/${id}`, size_bytes: 1 << 20,
   memory_bytes: state === "resident" ? 2 << 20 : null, context_length: 512, busy: false, pinned: false, keep_alive: 300,
-  idle_seconds: 1, error: null, warmup: null, ...extra,
+  idle_seconds: 1, error: null, warmup: null, adapter: null, preset: null, load_options: null, ...extra,
 });
 
 describe("Models page", () => {

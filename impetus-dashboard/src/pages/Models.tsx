@@ -1,4 +1,4 @@
-// Local and resident models: load, unload, delete; pull from the hub with progress; discovery.
+// Local and resident models: load, unload, delete; presets; pull from the hub with progress; discovery.
 import {
   Alert,
   Badge,
@@ -15,6 +15,7 @@ import {
 } from "@mantine/core";
 import { useEffect, useState } from "react";
 import { endpoints } from "../api/endpoints";
+import { PresetsPanel } from "../components/PresetsPanel";
 import { ApiError, apiJson, postJson } from "../lib/api";
 import { formatBytes } from "../lib/format";
 import { useRealtimeEvent } from "../lib/realtime";
@@ -282,6 +283,8 @@ export function Models() {
           </Table>
         </Table.ScrollContainer>
       </Paper>
+      <PresetsPanel models={(overview?.data ?? []).filter((m) => m.kind === "language").map((m) => m.id)}
+        onChange={models.reload} />
       {pullsApi.missing ? (
         <Tooltip label={`This server has no ${endpoints.pull} endpoint.`}>
           <Text size="sm" c="dimmed" data-testid="pull-unavailable">Pulling models: not available on this server.</Text>

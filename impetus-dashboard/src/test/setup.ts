@@ -27,3 +27,11 @@ class NoResizeObserver {
   disconnect() {}
 }
 globalThis.ResizeObserver ??= NoResizeObserver as unknown as typeof ResizeObserver;
+
+// Mantine's autosizing Textarea listens for web fonts loading (document.fonts), which happy-dom lacks.
+if (!(document as { fonts?: FontFaceSet }).fonts) {
+  Object.defineProperty(document, "fonts", {
+    configurable: true,
+    value: { addEventListener: () => undefined, removeEventListener: () => undefined },
+  });
+}
