@@ -37,6 +37,7 @@ from gerdsen_ai_server.api.ops.docs import bp as docs_bp
 from gerdsen_ai_server.api.realtime import close_websockets, init_realtime, socketio
 from gerdsen_ai_server.config import Settings
 from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.backends.choice import choose
 from gerdsen_ai_server.engine.benchmark import BenchmarkStore
 from gerdsen_ai_server.engine.engine import InferenceEngine
 from gerdsen_ai_server.engine.options import EngineOptions
@@ -144,7 +145,10 @@ def _load_default(app: Flask, engine: InferenceEngine, spec: str) -> None:
             services(app).load_error = str(exc)
             log.error("default model %s failed to load: %s", spec, exc)
         else:
-            log.info("model %s ready", future.result().model_id)
+            loaded = future.result()
+            log.info(
+                "model %s ready on %s (%s)", loaded.model_id, loaded.backend, choose(engine.options.backend).line()
+            )
 
     # trusted: the operator named it (--model, IMPETUS_DEFAULT_MODEL), so any path on the host may load
     engine.load_model(spec, keep_alive=math.inf, pinned=True, trusted=True).add_done_callback(done)

@@ -26,6 +26,8 @@ def _default_models_dir() -> Path:
 
 
 Profile = Literal["development", "production"]
+# KV cache quantization bits (IMPETUS_KV_BITS, a load's kv_bits): 0 off (f16), 8 (q8_0), 4 (q4_0) on llama.cpp.
+KV_BITS = (0, 4, 8)
 
 # What each profile sets, unless the setting is given explicitly. Development is the plain defaults:
 # a loopback server for one user. Production: logs a collector can parse, /health and /metrics behind
@@ -165,11 +167,20 @@ class Settings(BaseSettings):
     )
     backend: Literal["auto", "mlx", "llamacpp"] = Field(
         "auto",
-        description="Which engine runs GGUF files: 'auto' (llama.cpp for your .gguf files when llama-cpp-python is "
-        "installed; the embedded default model stays on MLX), 'mlx' (convert every GGUF to MLX) or 'llamacpp' "
-        "(every GGUF on llama.cpp, the default model's included). MLX folders always run on MLX.",
+        description="Which engine runs GGUF files: 'auto' (the faster one here: where MLX computes on the CPU, every "
+        "GGUF on llama.cpp, the embedded default model included as an f16 GGUF; on Metal or MLX's CUDA build the "
+        "default model on MLX; /health's backend says which and why), 'mlx' (convert every GGUF to MLX) or "
+        "'llamacpp' (every GGUF on llama.cpp, the default model's shipped Q4_1 file included). MLX folders always "
+        "run on MLX.",
     )
     llamacpp_threads: int = Field(0, ge=0, description="CPU threads of each llama.cpp model (0: all cores).")
+    kv_bits: int = Field(
+        0,
+        description="KV cache quantization of every model loaded without its own kv_bits: 0 (off: f16), 8 (q8_0, "
+        "~0.53x the KV memory) or 4 (q4_0, ~0.28x), as llama-server's -ctk/-ctv and Ollama's "
+        "OLLAMA_KV_CACHE_TYPE. llama.cpp models only: an MLX model loads with its unquantized cache and a "
+        "logged warning (a load's explicit kv_bits on MLX is a 400). docs/llamacpp.md has the measured figures.",
+    )
     # ---- monitoring (monitoring/, api/ops/metrics.py, api/realtime/)
     metrics_interval: float = Field(
         1.0,
@@ -360,6 +371,13 @@ class Settings(BaseSettings):
 
     def keep_alive_seconds(self) -> float:
         return math.inf if self.keep_alive < 0 else self.keep_alive
+
+    @field_validator("kv_bits")
+    @classmethod
+    def _kv_bits(cls, value: int) -> int:
+        if value not in KV_BITS:
+            raise ValueError(f"kv_bits must be one of {KV_BITS} (0: off), not {value}")
+        return value
 
     @field_validator("rate_limit", "auth_fail_limit")
     @classmethod

@@ -114,6 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ.clear()
         os.environ.update(saved)
 
+    from gerdsen_ai_server.engine.backends.choice import choose
     from gerdsen_ai_server.runtime.blas import preload_env
     from gerdsen_ai_server.runtime.memory import allocator_env
 
@@ -134,6 +135,10 @@ def _serve(args: argparse.Namespace) -> int:
         f"impetus {__version__}: model {settings.default_model!r}, {settings.threads} threads, BLAS: {blas}, "
         f"allocator: {env['IMPETUS_ALLOCATOR']}"
     )
+    try:  # auto: the faster backend here (engine/backends/choice.py); asks MLX where it computes
+        print(f"impetus: {choose(settings.backend).line()}")
+    except (ImportError, RuntimeError, OSError) as exc:  # the worker reports a broken MLX with its load
+        print(f"impetus: backend (IMPETUS_BACKEND={settings.backend}): undecided, MLX does not start here: {exc}")
     print(f"impetus: serving the OpenAI API at {base_url(settings.host, settings.port)}", flush=True)
 
     argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, WSGI_APP]

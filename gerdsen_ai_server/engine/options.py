@@ -7,15 +7,19 @@ test's own options) reaches every part, the llama.cpp backend and the loaders in
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gerdsen_ai_server.config import KV_BITS
 from gerdsen_ai_server.schemas.models import MAX_CHAT_TEMPLATE_CHARS
 from gerdsen_ai_server.store.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from gerdsen_ai_server.config import Settings
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "mlx", "llamacpp")
 
@@ -38,10 +42,13 @@ class BackendOptions:
     sequences: int = 8  # KV slots of a llama.cpp model: IMPETUS_MAX_BATCH, as on MLX
     llamacpp_threads: int = 0  # CPU threads of each llama.cpp model (0: all cores)
     context_length: int = 0  # IMPETUS_CONTEXT_LENGTH: every load's default (0: the model's own)
+    kv_bits: int = 0  # IMPETUS_KV_BITS: every llama.cpp load's KV cache quantization (0: f16)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
+        if self.kv_bits not in KV_BITS:
+            raise ValueError(f"kv_bits must be one of {KV_BITS}, not {self.kv_bits}")
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,13 @@ class LoadOptions:
     adapter: str | None = None  # a LoRA adapter's spec: confined to the models dir like a model's
     backend: str | None = None  # one of BACKENDS for this load; None: IMPETUS_BACKEND
     alias: str | None = None  # the resident's id (a preset's name); None: the spec's own id
+    kv_bits: int | None = None  # KV cache quantization, one of KV_BITS (0: off); None: IMPETUS_KV_BITS
 
     def __post_init__(self) -> None:
         if self.context_length < 0:
             raise ValueError(f"context_length must be >= 0, not {self.context_length}")
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise ValueError(f"kv_bits must be one of {KV_BITS}, not {self.kv_bits}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
         if self.chat_template is not None and len(self.chat_template) > MAX_CHAT_TEMPLATE_CHARS:
@@ -76,7 +86,30 @@ class LoadOptions:
 
     def model_options(self) -> LoadOptions:
         """These options without the alias: what decides whether two loads make the same model."""
-        return LoadOptions(self.context_length, self.rope_scaling, self.chat_template, self.adapter, self.backend)
+        return LoadOptions(
+            self.context_length, self.rope_scaling, self.chat_template, self.adapter, self.backend, kv_bits=self.kv_bits
+        )
+
+    def kv_bits_for(self, llamacpp: bool, server_default: int) -> int:
+        """The KV cache bits this load gets: its own ``kv_bits``, else IMPETUS_KV_BITS. Only llama.cpp
+        quantizes its cache (``type_k``/``type_v``, backends/llamacpp.py): an MLX load that asks for it
+        is an InvalidLoadOption (a 400 naming ``kv_bits``), never an unquantized cache passed off as one;
+        under IMPETUS_KV_BITS alone an MLX model keeps its f16 cache with a warning (Ollama, likewise,
+        falls back to f16 with a warning where a model cannot take OLLAMA_KV_CACHE_TYPE)."""
+        if llamacpp:
+            return server_default if self.kv_bits is None else self.kv_bits
+        if self.kv_bits:
+            raise InvalidLoadOption(
+                f"kv_bits is {self.kv_bits}, but this model runs on MLX, whose batched KV cache is not "
+                "quantized: KV cache quantization is on llama.cpp (a GGUF with backend llamacpp) only.",
+                "kv_bits",
+            )
+        if self.kv_bits is None and server_default:
+            log.warning(
+                "IMPETUS_KV_BITS=%d applies to llama.cpp models only: an MLX model keeps its f16 KV cache",
+                server_default,
+            )
+        return 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +129,7 @@ class EngineOptions:
     backend: str = "auto"
     llamacpp_threads: int = 0
     context_length: int = 0  # IMPETUS_CONTEXT_LENGTH
+    kv_bits: int = 0  # IMPETUS_KV_BITS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_dir", Path(self.models_dir))
@@ -104,7 +138,7 @@ class EngineOptions:
     @property
     def backend_options(self) -> BackendOptions:
         """What the loaders and the llama.cpp backend get."""
-        return BackendOptions(self.backend, self.max_batch, self.llamacpp_threads, self.context_length)
+        return BackendOptions(self.backend, self.max_batch, self.llamacpp_threads, self.context_length, self.kv_bits)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineOptions:
@@ -123,4 +157,5 @@ class EngineOptions:
             backend=settings.backend,
             llamacpp_threads=settings.llamacpp_threads,
             context_length=settings.context_length,
+            kv_bits=settings.kv_bits,
         )

@@ -14,6 +14,19 @@ class ResidentModel(BaseModel):
     path: str | None = Field(description="Where it was loaded from; null for a caller without a key when keys are set.")
     context_length: int
     bytes: int = Field(description="Bytes of weights in memory.")
+    backend: Literal["mlx", "llamacpp"] = Field(description="The backend that runs it.")
+
+
+class BackendReport(BaseModel):
+    """What IMPETUS_BACKEND means on this machine (engine/backends/choice.py), said once at start too."""
+
+    setting: Literal["auto", "mlx", "llamacpp"] = Field(description="IMPETUS_BACKEND.")
+    default_model: Literal["mlx", "llamacpp"] = Field(description="The backend the embedded default model runs on.")
+    gguf: Literal["mlx", "llamacpp"] = Field(
+        description="The backend any other GGUF file runs on (mlx: converted once); an MLX folder always runs on MLX."
+    )
+    mlx_device: Literal["cpu", "metal", "cuda"] = Field(description="Where MLX computes on this machine.")
+    reason: str = Field(description="Why: the setting, or what auto found on this machine.")
 
 
 class HealthReport(BaseModel):
@@ -26,6 +39,7 @@ class HealthReport(BaseModel):
     engine_alive: bool
     requests_in_flight: int
     compute_dtype: str
+    backend: BackendReport
     blas: str = Field(description="openblas, reference or accelerate.")
     allocator: str = Field(description="The C allocator under MLX: jemalloc, glibc or system.")
     prompt_cache_enabled: bool

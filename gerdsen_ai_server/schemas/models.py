@@ -65,6 +65,11 @@ class LoadRequest(BaseModel):
         pattern=ALIAS_PATTERN,
         description="The resident's id (llama-server's --alias): requests name it as 'model'. Omitted: the model's id.",
     )
+    kv_bits: Literal[0, 4, 8] | None = Field(
+        None,
+        description="KV cache quantization: 0 (off, f16), 8 (q8_0: ~0.53x the KV memory) or 4 (q4_0: ~0.28x), as "
+        "llama-server's -ctk/-ctv; omitted: IMPETUS_KV_BITS. llama.cpp models only: 8 or 4 on an MLX model is a 400.",
+    )
 
 
 class LoadOptionsInfo(BaseModel):
@@ -75,6 +80,7 @@ class LoadOptionsInfo(BaseModel):
     chat_template: bool = Field(False, description="Whether the load replaced the model's chat template.")
     backend: str | None = None
     alias: str | None = None
+    kv_bits: int = Field(0, description="The KV cache's quantization bits in force (0: f16).")
 
 
 class WarmupResult(BaseModel):

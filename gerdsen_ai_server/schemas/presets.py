@@ -81,6 +81,10 @@ class Preset(BaseModel):
     adapter: str | None = Field(
         None, min_length=1, max_length=256, description="A LoRA adapter in the models dir (a load option)."
     )
+    kv_bits: Literal[0, 4, 8] | None = Field(
+        None,
+        description="KV cache quantization bits, 0 | 8 | 4 (a load option, llama.cpp only); null: IMPETUS_KV_BITS.",
+    )
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -96,7 +100,12 @@ class Preset(BaseModel):
     def has_load_options(self) -> bool:
         """Whether it loads the model differently from the server's defaults: then it is its own resident."""
         return bool(
-            self.context_length or self.rope_scaling or self.chat_template is not None or self.backend or self.adapter
+            self.context_length
+            or self.rope_scaling
+            or self.chat_template is not None
+            or self.backend
+            or self.adapter
+            or self.kv_bits is not None
         )
 
 

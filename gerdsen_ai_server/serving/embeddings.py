@@ -51,8 +51,9 @@ def embed(body: EmbeddingRequest) -> EmbeddingList:
     if loaded.backend == "llamacpp":
         raise APIError(
             400,
-            f"The model '{loaded.model_id}' runs on llama.cpp, which serves no embeddings here; "
-            "use an MLX model (IMPETUS_BACKEND=mlx converts GGUF files to MLX).",
+            f"The model '{loaded.model_id}' runs on llama.cpp, which serves no embeddings here. Load it "
+            'on MLX beside it (POST /api/models/load {"model": ..., "backend": "mlx", "alias": ...}) and '
+            "embed with that alias, start with IMPETUS_BACKEND=mlx, or use an embedding model.",
             param="model",
             code="model_not_supported",
         )

@@ -27,6 +27,7 @@ def from_request(body: LoadRequest, adapter: str | None = None) -> LoadOptions:
         adapter=adapter,
         backend=body.backend,
         alias=body.alias,
+        kv_bits=body.kv_bits,
     )
 
 

@@ -209,6 +209,7 @@ def resident_info(resident: Resident) -> ModelInfo:
             chat_template=resident.options.chat_template is not None,
             backend=resident.options.backend,
             alias=resident.options.alias,
+            kv_bits=loaded.kv_bits,  # in force
         ),
         preset=resident.options.alias if resident.options.alias and find_preset(resident.options.alias) else None,
         adapter=adapters.shown(resident.options.adapter, services().engine.registry.models_dir),

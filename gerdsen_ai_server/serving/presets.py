@@ -49,6 +49,7 @@ def load_options(preset: Preset) -> LoadOptions:
         adapter=preset.adapter,
         backend=preset.backend,
         alias=preset.name,
+        kv_bits=preset.kv_bits,
     )
 
 

@@ -8,7 +8,8 @@ Q4_1 file runs too, but llama.cpp's Q4_1 kernels round activations to 8 bits, an
 model's greedy answer to the capital question changes.) Then what is this
 backend's own: continuous batching (greedy alone == greedy beside 7 sampled others, with several
 sequences in one step), cancellation on disconnect, prompt-prefix reuse, and routing: in ``auto``
-mode a user's ``.gguf`` loads on llama.cpp while the default model stays on MLX.
+mode a user's ``.gguf`` loads on llama.cpp beside the default model (on llama.cpp too on a CPU, on
+MLX on a GPU: tests/api/test_backend_choice.py).
 """
 
 from __future__ import annotations
@@ -230,7 +231,10 @@ def test_a_repeated_prompt_reuses_its_prefix(client, server: Server) -> None:  #
     assert first.usage.prompt_tokens > 200 and second.usage.prompt_tokens > 200
 
 
-def test_auto_mode_runs_user_gguf_on_llama_cpp_and_keeps_the_default_on_mlx(tmp_path: Path) -> None:
+def test_auto_mode_runs_user_gguf_on_llama_cpp_beside_the_default_model(tmp_path: Path) -> None:
+    from gerdsen_ai_server.engine.backends.choice import choose
+
+    default_backend = choose("auto").default_model  # llamacpp on a CPU (an f16 GGUF), mlx on a GPU
     user = tmp_path / "models"
     user.mkdir()
     (user / "mine.gguf").symlink_to(f32_gguf())
@@ -242,7 +246,9 @@ def test_auto_mode_runs_user_gguf_on_llama_cpp_and_keeps_the_default_on_mlx(tmp_
         r = requests.post(srv.url + "/api/models/load", json={"model": str(user / "mine.gguf")}, timeout=300)
         assert r.status_code == 200, r.text
         paths = {m["id"]: m["path"] for m in requests.get(srv.url + "/health", timeout=10).json()["models"]}
-        assert paths[DEFAULT_MODEL].endswith(DEFAULT_MODEL)  # the converted MLX folder
+        assert paths[DEFAULT_MODEL].endswith(
+            f"{DEFAULT_MODEL}-f16.gguf" if default_backend == "llamacpp" else DEFAULT_MODEL
+        )
         assert paths["mine.gguf"].endswith(".gguf")
         client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=120)
         answers = [
@@ -256,7 +262,7 @@ def test_auto_mode_runs_user_gguf_on_llama_cpp_and_keeps_the_default_on_mlx(tmp_
         assert info["memory_bytes"] > f32_gguf().stat().st_size  # the weights plus the KV cache of 8 slots
         assert info["format"] == "gguf"  # the backend's real format (every resident model said "mlx" once)
         default = requests.get(srv.url + f"/api/models/{DEFAULT_MODEL}", timeout=10).json()
-        assert default["format"] == "mlx"  # auto mode: the embedded default stays on MLX
+        assert default["format"] == ("gguf" if default_backend == "llamacpp" else "mlx")  # choice.py
         r = requests.post(srv.url + "/api/models/unload", json={"model": "mine.gguf"}, timeout=60)
         assert r.status_code == 200, r.text
         ids = [m["id"] for m in requests.get(srv.url + "/health", timeout=10).json()["models"]]

@@ -62,6 +62,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory, tree: Path) -> Iterator[Server
         tmp_path_factory.mktemp("lora-server"),
         IMPETUS_MODELS_DIR=str(tree / "models"),
         IMPETUS_MODEL_PATHS=str(default_gguf_path()),
+        IMPETUS_BACKEND="auto",  # a user's GGUF on llama.cpp, an MLX folder on MLX (engine/backends/choice.py)
     )
     yield server
     stop_server(server)

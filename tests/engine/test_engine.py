@@ -34,7 +34,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def engine() -> Iterator[InferenceEngine]:
     # One engine (one MLX thread) for the whole module: several MLX threads in a process is what we avoid.
-    eng = InferenceEngine(EngineOptions(TEST_MODELS_DIR, max_batch=8, max_queue=4))
+    eng = InferenceEngine(EngineOptions(TEST_MODELS_DIR, max_batch=8, max_queue=4, backend="mlx"))  # the MLX engine
     eng.start()
     eng.load_model(DEFAULT_MODEL).result(timeout=300)
     yield eng

@@ -31,6 +31,7 @@ from tests.support.tiny_models import build_tiny_bert, build_tiny_llama
 
 BASE: dict[str, Any] = {
     "default_model": "",
+    "backend": "mlx",  # the MLX engine, as the real suite runs it (tests/support/server.py)
     "log_level": "warning",
     "max_batch": 4,
     "max_queue": 4,

@@ -95,9 +95,15 @@ def launch(
 def start_server(tmp: Path, *, wait_ready: bool = True, **env: str) -> Server:
     """``impetus serve`` (``python -m gerdsen_ai_server.cli serve``) on a free loopback port, this process's
     environment plus ``env``, models from TEST_MODELS_DIR; ready (default model loaded) or, with
-    ``wait_ready=False``, only live."""
+    ``wait_ready=False``, only live.
+
+    The suite's servers run the default model on MLX (``IMPETUS_BACKEND=mlx``, unless this process's
+    environment or ``env`` says otherwise): ``auto`` would put it on llama.cpp on a Linux CPU
+    (engine/backends/choice.py), and the suite tests MLX there; tests/api/test_llamacpp.py and
+    tests/api/test_backend_choice.py test llama.cpp and ``auto`` themselves."""
     port = free_port()
     environment = {
+        "IMPETUS_BACKEND": "mlx",
         **os.environ,
         "IMPETUS_HOST": "127.0.0.1",
         "IMPETUS_PORT": str(port),

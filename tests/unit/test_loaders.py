@@ -16,7 +16,7 @@ from gerdsen_ai_server.engine.options import BackendOptions
 from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID
 from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound, UnsupportedModelFormat
 
-factory = LoaderFactory()
+factory = LoaderFactory(BackendOptions(backend="mlx"))  # auto would run the default model on llama.cpp on a CPU
 
 
 def answer(loaded: LoadedModel) -> str:

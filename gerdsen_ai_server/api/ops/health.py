@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 
 from flask import Blueprint, Response, jsonify
 
 from gerdsen_ai_server import __version__
+from gerdsen_ai_server.engine.backends.choice import choose
 from gerdsen_ai_server.runtime.blas import blas_in_use
 from gerdsen_ai_server.runtime.memory import allocator
-from gerdsen_ai_server.schemas.health import HealthReport, Liveness, Readiness, ResidentModel
+from gerdsen_ai_server.schemas.health import BackendReport, HealthReport, Liveness, Readiness, ResidentModel
 from gerdsen_ai_server.services import services
 from gerdsen_ai_server.web.security import may_see_details
 
@@ -55,6 +57,7 @@ def health() -> Response:
             engine_alive=engine.is_alive(),
             requests_in_flight=engine.inflight,
             compute_dtype=engine.compute_dtype or "as stored",
+            backend=BackendReport.model_validate(asdict(choose(services().settings.backend))),
             blas=blas_in_use(),
             allocator=allocator(),
             prompt_cache_enabled=engine.prompt_cache_enabled,
@@ -65,7 +68,11 @@ def health() -> Response:
             thermal_state=_thermal_state(),
             models=[
                 ResidentModel(
-                    id=m.model_id, path=str(m.path) if detail else None, context_length=m.context_length, bytes=m.nbytes
+                    id=m.model_id,
+                    path=str(m.path) if detail else None,
+                    context_length=m.context_length,
+                    bytes=m.nbytes,
+                    backend=m.backend,
                 )
                 for m in engine.models()
             ],

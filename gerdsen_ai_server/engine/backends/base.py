@@ -29,6 +29,7 @@ class LoadedModel:
     nbytes: int
     kind: str = "language"  # or "embedding": a BERT-family encoder that only serves /v1/embeddings
     backend: str = "mlx"  # or "llamacpp": a GGUF run as is by llama.cpp (engine/backends/llamacpp.py)
+    kv_bits: int = 0  # KV cache quantization in force (IMPETUS_KV_BITS, a load's kv_bits); 0: unquantized
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ conversion does, formats/gguf_tokenizer.py) and loaded with mlx-lm's wrapper, so
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import queue
@@ -42,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from gerdsen_ai_server.engine.backends.base import Capabilities, LoadedModel, Reports
+from gerdsen_ai_server.engine.backends.llamacpp_runtime import init_once
 from gerdsen_ai_server.engine.backends.llamacpp_sampling import Sampler, grammar_of, log_softmax, token_logprob
-from gerdsen_ai_server.engine.backends.llamacpp_sizing import kv_bytes
+from gerdsen_ai_server.engine.backends.llamacpp_sizing import KV_TYPE_NAMES, KV_TYPES, kv_bytes
 from gerdsen_ai_server.engine.formats.gguf_header import read_gguf_header
 from gerdsen_ai_server.engine.formats.gguf_tokenizer import load_tokenizer
 from gerdsen_ai_server.engine.options import BackendOptions
@@ -56,9 +56,6 @@ log = logging.getLogger(__name__)
 # Tokens put into one llama_decode call at most (decoding tokens first, then prompt chunks).
 BATCH_TOKENS = 512
 STOPPED = "the llama.cpp engine stopped"
-
-_init_lock = threading.Lock()
-_initialised = False
 
 
 @dataclass
@@ -101,15 +98,11 @@ class LlamaCppBackend(Reports):
         slot_ctx: int,
         n_threads: int | None = None,
         kv_cache_bytes: int = 0,
+        kv_bits: int = 0,
     ) -> None:
         import llama_cpp as lc
 
-        global _initialised
-        with _init_lock:
-            if not _initialised:
-                _silence_llama_log(lc)
-                lc.llama_backend_init()
-                _initialised = True
+        init_once(lc)
         self._lc = lc
         self.path = path
         self.tokenizer = tokenizer
@@ -130,10 +123,20 @@ class LlamaCppBackend(Reports):
         cparams.n_threads_batch = threads
         cparams.kv_unified = False  # each sequence its own slot_ctx cells: one can never starve another
         cparams.no_perf = True
+        # A quantized cache (llama-server's -ctk/-ctv q8_0|q4_0) needs flash attention for V: asked
+        # for explicitly (llama.cpp's own 'auto' also enables it on CPU, f16 included, so 0 bits
+        # differs from 8 and 4 by the cache's type alone).
+        self.kv_bits = kv_bits
+        cparams.type_k = cparams.type_v = KV_TYPES[kv_bits][0]
+        if kv_bits:
+            cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             lc.llama_model_free(self._model)
-            raise ModelLoadError(f"llama.cpp could not create a context for {path} ({n_seq} x {slot_ctx} tokens)")
+            raise ModelLoadError(
+                f"llama.cpp could not create a context for {path} ({n_seq} x {slot_ctx} tokens, "
+                f"{KV_TYPE_NAMES[kv_bits]} KV cache)"
+            )
         self._mem = lc.llama_get_memory(self._ctx)
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
         self.nbytes = int(lc.llama_model_size(self._model)) + kv_cache_bytes
@@ -365,22 +368,12 @@ class LlamaCppBackend(Reports):
         host.finish(seq.stream, event)
 
 
-def _silence_llama_log(lc: Any) -> None:
-    """llama.cpp logs every load to stderr; keep warnings and errors only, through Python's logging."""
-
-    def forward(level: int, text: bytes, _user: Any) -> None:
-        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
-            log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
-
-    callback = lc.llama_log_callback(forward)  # the ctypes callback type around it
-
-    _silence_llama_log.callback = callback  # type: ignore[attr-defined]  # keep it alive
-    lc.llama_log_set(callback, ctypes.c_void_p(0))
-
-
-def load(path: Path, model_id: str, cache_dir: Path, options: BackendOptions, context: int) -> LoadedModel:
+def load(
+    path: Path, model_id: str, cache_dir: Path, options: BackendOptions, context: int, kv_bits: int = 0
+) -> LoadedModel:
     """A ``LoadedModel`` whose ``model`` is a running ``LlamaCppBackend`` (``backend`` 'llamacpp'),
-    each slot with ``context`` cells (the effective context length, loaders.py ``context_of``)."""
+    each slot with ``context`` cells (the effective context length, loaders.py ``context_of``), its
+    KV cache quantized by ``kv_bits`` (0: f16; the load's own or IMPETUS_KV_BITS)."""
     meta = read_gguf_header(path).metadata
     tokenizer = load_tokenizer(path, meta, cache_dir)
     backend = LlamaCppBackend(
@@ -389,7 +382,8 @@ def load(path: Path, model_id: str, cache_dir: Path, options: BackendOptions, co
         n_seq=options.sequences,
         slot_ctx=context,
         n_threads=options.llamacpp_threads or None,
-        kv_cache_bytes=kv_bytes(meta, context * options.sequences),
+        kv_cache_bytes=kv_bytes(meta, context * options.sequences, kv_bits),
+        kv_bits=kv_bits,
     )
     return LoadedModel(
         model_id=model_id,
@@ -399,4 +393,5 @@ def load(path: Path, model_id: str, cache_dir: Path, options: BackendOptions, co
         context_length=context,
         nbytes=backend.nbytes,
         backend="llamacpp",
+        kv_bits=kv_bits,
     )

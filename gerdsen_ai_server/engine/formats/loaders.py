@@ -22,6 +22,7 @@ from gerdsen_ai_server.engine.formats import adapters, safetensors
 from gerdsen_ai_server.engine.formats import context as model_context
 from gerdsen_ai_server.engine.formats.encoder import is_encoder, load_encoder
 from gerdsen_ai_server.engine.formats.gguf import convert_gguf_to_mlx, converted_dir, ensure_default_model
+from gerdsen_ai_server.engine.formats.gguf_f16 import ensure_default_f16
 from gerdsen_ai_server.engine.formats.gguf_header import read_gguf_header
 from gerdsen_ai_server.engine.formats.safetensors import context_length, parameter_nbytes
 from gerdsen_ai_server.engine.options import BackendOptions, InvalidLoadOption, LoadOptions
@@ -54,8 +55,13 @@ class LoaderFactory:
         A GGUF (llama.cpp): the file plus the KV cache of its slots; a folder: its weights.
         Checks ``options``' context length first (``context_of``), before any room is made."""
         context = self.context_of(path, options)
+        load = options or LoadOptions()
         if path.suffix.lower() == ".gguf":
-            return llamacpp_sizing.estimate_bytes(path, self.options.sequences, context) + adapters.estimate(options)
+            need = llamacpp_sizing.estimate_bytes(
+                path, self.options.sequences, context, load.kv_bits_for(True, self.options.kv_bits)
+            )
+            return need + adapters.estimate(options)
+        load.kv_bits_for(False, 0)  # an MLX load's own kv_bits is a 400 now (the load warns of IMPETUS_KV_BITS)
         return safetensors.estimate_bytes(path, compute_dtype) + adapters.estimate(options)
 
     def context_of(self, path: Path, options: LoadOptions | None = None) -> int:
@@ -95,8 +101,9 @@ class LoaderFactory:
         if options is not None and options.adapter is not None:  # confined like the model (adapters.py)
             adapters.locate(options.adapter, models_dir, trusted=trusted, allowed=allowed, again=True)
         if spec.strip().lower() == DEFAULT_MODEL_ID:
-            if llamacpp_sizing.serves_gguf(True, backend):  # IMPETUS_BACKEND=llamacpp
-                return default_gguf_path()
+            if llamacpp_sizing.serves_gguf(True, backend):
+                # IMPETUS_BACKEND=llamacpp: the shipped Q4_1 file as is; auto: f16, MLX's answers (gguf_f16.py)
+                return default_gguf_path() if backend == "llamacpp" else ensure_default_f16(models_dir)
             return ensure_default_model(models_dir)
         path = self._locate(spec, models_dir) if trusted else confine(spec, models_dir, allowed)
         if self.detect(path) == "mlx":
@@ -203,6 +210,7 @@ class LoaderFactory:
                 models_dir / ".impetus" / "llamacpp-tokenizers",
                 self.options,
                 self.context_of(path, options),
+                options.kv_bits_for(True, self.options.kv_bits),
             )
             return llamacpp_lora.apply(loaded, adapter, models_dir) if adapter else loaded  # a GGUF LoRA
         if is_encoder(path):
@@ -216,6 +224,7 @@ class LoaderFactory:
                 nbytes=parameter_nbytes(encoder),
                 kind="embedding",
             )
+        options.kv_bits_for(False, self.options.kv_bits)  # MLX: refused, or a warning under IMPETUS_KV_BITS
         model, tokenizer = yield from safetensors.load_steps(path, compute_dtype, chunk_bytes)
         model = adapters.apply_mlx(model, adapter, models_dir) if adapter else model
         return LoadedModel(

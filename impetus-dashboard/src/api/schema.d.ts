@@ -704,6 +704,41 @@ export interface components {
              */
             tool_calls: components["schemas"]["ToolCall"][] | null;
         };
+        /**
+         * BackendReport
+         * @description What IMPETUS_BACKEND means on this machine (engine/backends/choice.py), said once at start too.
+         */
+        BackendReport: {
+            /**
+             * Default Model
+             * @description The backend the embedded default model runs on.
+             * @enum {string}
+             */
+            default_model: "mlx" | "llamacpp";
+            /**
+             * Gguf
+             * @description The backend any other GGUF file runs on (mlx: converted once); an MLX folder always runs on MLX.
+             * @enum {string}
+             */
+            gguf: "mlx" | "llamacpp";
+            /**
+             * Mlx Device
+             * @description Where MLX computes on this machine.
+             * @enum {string}
+             */
+            mlx_device: "cpu" | "metal" | "cuda";
+            /**
+             * Reason
+             * @description Why: the setting, or what auto found on this machine.
+             */
+            reason: string;
+            /**
+             * Setting
+             * @description IMPETUS_BACKEND.
+             * @enum {string}
+             */
+            setting: "auto" | "mlx" | "llamacpp";
+        };
         /** BatchInfo */
         BatchInfo: {
             /**
@@ -1822,6 +1857,7 @@ export interface components {
              * @description The C allocator under MLX: jemalloc, glibc or system.
              */
             allocator: string;
+            backend: components["schemas"]["BackendReport"];
             /**
              * Batch Limit
              * @description The batch size while the machine is hot (thermal adaptation); null otherwise.
@@ -1981,6 +2017,12 @@ export interface components {
              */
             context_length: number;
             /**
+             * Kv Bits
+             * @description The KV cache's quantization bits in force (0: f16).
+             * @default 0
+             */
+            kv_bits: number;
+            /**
              * Rope Scaling
              * @default false
              */
@@ -2024,6 +2066,12 @@ export interface components {
              * @default null
              */
             keep_alive: number | null;
+            /**
+             * Kv Bits
+             * @description KV cache quantization: 0 (off, f16), 8 (q8_0: ~0.53x the KV memory) or 4 (q4_0: ~0.28x), as llama-server's -ctk/-ctv; omitted: IMPETUS_KV_BITS. llama.cpp models only: 8 or 4 on an MLX model is a 400.
+             * @default null
+             */
+            kv_bits: (0 | 4 | 8) | null;
             /**
              * Model
              * @description Model id, folder name under the models dir, or a path.
@@ -2681,6 +2729,12 @@ export interface components {
              */
             keep_alive: number | null;
             /**
+             * Kv Bits
+             * @description KV cache quantization bits, 0 | 8 | 4 (a load option, llama.cpp only); null: IMPETUS_KV_BITS.
+             * @default null
+             */
+            kv_bits: (0 | 4 | 8) | null;
+            /**
              * Model
              * @description The model it serves: a model id in the models dir (confined like a request's `model`).
              */
@@ -3049,6 +3103,12 @@ export interface components {
         };
         /** ResidentModel */
         ResidentModel: {
+            /**
+             * Backend
+             * @description The backend that runs it.
+             * @enum {string}
+             */
+            backend: "mlx" | "llamacpp";
             /**
              * Bytes
              * @description Bytes of weights in memory.
