@@ -244,6 +244,7 @@ soak: setup
 # Side by side on one bench model: our server, python -m mlx_lm.server (as shipped and with
 # OpenBLAS) and raw in-process mlx-lm; prints the tables and writes docs/performance.md.
 # ARGS='--quick' for a ~2-minute smoke run; each run sets its own LD_PRELOAD (bench/run.py).
+# ARGS='--proxy': the micro-model proxy for per-token host overhead (bench/overhead.py, a few minutes).
 bench: setup
 	IMPETUS_BENCH_COMMAND="make bench$(if $(ARGS), ARGS='$(ARGS)')" $(BIN)/python -m bench.run $(ARGS)
 

@@ -260,9 +260,12 @@ def paired_table(raw: dict[str, dict[str, Any]], servers: dict[str, dict[str, An
     ]
 
 
-def write_doc(path: Path, body: str, gpu: str = "") -> None:
-    """Rewrite the run's block in ``path``: the CPU run's block, or (``gpu``) the GPU run's, each its own markers."""
-    begin, end = (GPU_BEGIN, GPU_END) if gpu else (BEGIN, END)
+def write_doc(
+    path: Path, body: str, gpu: str = "", markers: tuple[str, str] | None = None, title: str | None = None
+) -> None:
+    """Rewrite the run's block in ``path``: the CPU run's block, or (``gpu``) the GPU run's, each its own markers;
+    another run's (``markers``, e.g. bench/overhead.py's proxy) goes under ``title`` when the file lacks it."""
+    begin, end = markers or ((GPU_BEGIN, GPU_END) if gpu else (BEGIN, END))
     block = f"{begin}\n{body}\n{end}"
     text = path.read_text() if path.exists() else ""
     if begin in text and end in text:
@@ -271,7 +274,7 @@ def write_doc(path: Path, body: str, gpu: str = "") -> None:
         path.write_text(head + block + tail)
         return
     if text:  # a file without this block: add it as a section of its own
-        title = "## Latest GPU run" if gpu else "## Latest run"
+        title = title or ("## Latest GPU run" if gpu else "## Latest run")
         path.write_text(text.rstrip("\n") + f"\n\n{title}\n\n{block}\n")
         return
     intro = (
@@ -281,7 +284,7 @@ def write_doc(path: Path, body: str, gpu: str = "") -> None:
         "(`bench/model.py`), in one run on one machine (one server driven at a time, the concurrency levels "
         "interleaved across servers), all driven by one streaming client (`bench/client.py`). The section between the markers is rewritten by each run; absolute "
         "numbers depend on the machine and its load, ratios from one run hold better.\n\n"
-        + ("## Latest GPU run\n\n" if gpu else "## Latest run\n\n")
+        + (f"{title}\n\n" if title else "## Latest GPU run\n\n" if gpu else "## Latest run\n\n")
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(intro + block + "\n")

@@ -4,6 +4,7 @@
     impetus bench [options]                 # the same
     python -m bench.run --quick             # ~2-minute smoke run (still writes docs/performance.md unless --no-write)
     python -m bench.run --tiny --out F.md   # seconds: a 2-layer model, for tests
+    make bench ARGS='--proxy'               # the micro-model proxy for host overhead: bench/overhead.py
 
 One after the other, on one bench model (``bench/model.py``: random-weight llama, hidden 512,
 8 layers, bfloat16 as stored) and one machine:
@@ -225,6 +226,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--proxy" in given:  # its own run and options (python -m bench.overhead --help)
+        from bench.overhead import main as proxy
+
+        return proxy([a for a in given if a != "--proxy"])
     args = parse_args(argv)
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     command = os.environ.get("IMPETUS_BENCH_COMMAND", command.strip())

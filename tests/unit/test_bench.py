@@ -283,3 +283,73 @@ def test_each_stream_keeps_one_connection() -> None:
         server.shutdown()
     assert [r.tokens for r in level.results] == [1] * 6
     assert len(connections) == 2
+
+
+def test_the_proxy_table_shows_each_figures_step_time_and_the_targets_median_ratios(tmp_path: Path) -> None:
+    from bench import overhead
+
+    args = overhead.parse_args(["--streams", "1,8", "--rounds", "2"])
+    assert args.batch_sizes == [8] and args.ours_env[0] == "IMPETUS_BACKEND=mlx"
+    raw = {
+        "single": {"decode_tps": 800.0},
+        "single_batchgen": {"decode_tps": 900.0},
+        "batch": [{"n": 8, "e2e_tps": 3200.0}],
+    }
+    ours1, mlx8 = _level(1, 401.0), _level(8, 2000.0)  # one stream: 400 tokens after the first in 1.0 - 0.1 s
+    assert overhead.level_figure(ours1) == pytest.approx(400 / 0.9) and overhead.level_figure(mlx8) == 2000.0
+    rounds = [
+        {**overhead.raw_figures(raw), ("ours", 1): 400.0, ("ours", 8): 2400.0, ("mlx", 1): 300.0, ("mlx", 8): 2000.0},
+        {("raw", 1): 700.0, ("raw", 8): 3000.0, ("ours", 1): 420.0, ("ours", 8): 2910.0, ("mlx", 8): 2200.0},
+    ]
+    body = overhead.render(rounds, args, ["Run header"])
+    # the best round of each figure; ms/step = streams / tok/s; our overhead = our step - raw's at that size
+    assert "| raw `stream_generate` | 1 | 800.0 | 1.25 | 1.250 |  |" in body
+    assert "| raw `batch_generate`-8 | 8 | 3200.0 | 2.50 | 0.312 |  |" in body
+    assert "| raw `BatchGenerator` alone, one prompt | 1 | 900.0 | 1.11 | 1.111 |  |" in body
+    assert "| ours (impetus serve) | 1 | 420.0 | 2.38 | 2.381 | +1.13 |" in body
+    assert "| ours (impetus serve) | 8 | 2910.0 | 2.75 | 0.344 | +0.25 |" in body
+    assert "| mlx_lm.server (fp32 copy, OpenBLAS) | 8 | 2200.0 |" in body
+    # targets: the median of the rounds' ratios (50 % and 60 %; 75 % and 97 %; 1.2x and ~1.32x)
+    assert "| one stream: ours / raw `stream_generate` | 55% (median of 2 rounds) | >= 90% | not met |" in body
+    assert "| 8 streams: ours / raw `batch_generate`-8 | 86% (median of 2 rounds) | >= 85% | **met** |" in body
+    assert "| 8 streams: ours / `mlx_lm.server` | 1.26x (median of 2 rounds) | >= 1.2x | **met** |" in body
+    assert "16 streams" not in body  # not measured: no row, no target
+
+    path = tmp_path / "performance.md"
+    path.write_text("# Performance\n\n<!-- bench:begin -->\nmain run\n<!-- bench:end -->\n")
+    for text in ("proxy one", "proxy two"):
+        overhead.write_doc(path, text, markers=(overhead.BEGIN, overhead.END), title=overhead.TITLE)
+    doc = path.read_text()
+    assert doc.count(overhead.TITLE) == 1 and "proxy two" in doc and "proxy one" not in doc and "main run" in doc
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.timing
+@pytest.mark.timeout(240)
+def test_the_proxy_runs_raw_ours_and_mlx_lm_server_side_by_side(converted_default: Path, tmp_path: Path) -> None:
+    out = tmp_path / "performance.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--proxy", "--rounds", "1", "--max-tokens", "8", "--streams", "1,8"]
+        + ["--model-dir", str(tmp_path / "tiny"), "--models-dir", str(converted_default.parent), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=230,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc = out.read_text()
+    assert "## Host overhead: the micro-model proxy" in doc and "compute dtype float32" in doc
+    for row in (
+        "| raw `stream_generate` | 1 |",
+        "| raw `batch_generate`-8 | 8 |",
+        "| raw `BatchGenerator` alone, one prompt | 1 |",
+        "| ours (impetus serve) | 1 |",
+        "| ours (impetus serve) | 8 |",
+        "| mlx_lm.server (fp32 copy, OpenBLAS) | 1 |",
+        "| mlx_lm.server (fp32 copy, OpenBLAS) | 8 |",
+    ):
+        assert row in doc, row
+    for target in ("one stream: ours / raw", "8 streams: ours / raw `batch_generate`-8", "8 streams: ours / `mlx"):
+        assert f"| {target}" in doc and "(median of 1 round) |" in doc, target
+    assert "n/a" not in doc  # every figure measured
