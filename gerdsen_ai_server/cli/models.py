@@ -1,6 +1,6 @@
 """``impetus pull``, ``impetus list``, ``impetus rm``: the models dir from the command line, no server needed.
 
-    impetus pull ORG/NAME [--revision R] [--gguf PATTERN] [--models-dir DIR]
+    impetus pull ORG/NAME[:TAG] [--revision R] [--file PATTERN] [--models-dir DIR]
     impetus list [--models-dir DIR]
     impetus rm ID [--models-dir DIR]
 
@@ -22,7 +22,13 @@ def add_parsers(sub: Any) -> None:
     pull.add_argument("model", metavar="ID", help="Hugging Face repo id, e.g. mlx-community/Qwen2.5-0.5B-Instruct-4bit")
     pull.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
     pull.add_argument(
-        "--gguf", metavar="PATTERN", help="fetch the one .gguf file matching PATTERN instead of safetensors"
+        "--file",
+        "--gguf",
+        "--include",
+        dest="gguf",
+        metavar="PATTERN",
+        help="fetch the one .gguf file matching PATTERN (e.g. '*Q4_K_M.gguf') instead of safetensors; "
+        "or name its tag as Ollama does: ORG/NAME:Q4_K_M",
     )
     listing = sub.add_parser("list", help="list the models in the models dir")
     remove = sub.add_parser("rm", help="delete a model from the models dir")
@@ -65,7 +71,8 @@ def _pull(args: argparse.Namespace, models_dir: Path) -> int:
 
     models_dir.mkdir(parents=True, exist_ok=True)
     try:
-        path = download.pull(args.model, models_dir, revision=args.revision, gguf=args.gguf, on_progress=progress)
+        repo_id, pattern = download.parse_ref(args.model, args.gguf)  # hf.co/org/name:Q4_K_M as Ollama takes it
+        path = download.pull(repo_id, models_dir, revision=args.revision, gguf=pattern, on_progress=progress)
     except hub.PullError as exc:
         bar.close()
         print(f"impetus: {exc}", file=sys.stderr)
@@ -75,8 +82,8 @@ def _pull(args: argparse.Namespace, models_dir: Path) -> int:
         print("impetus: interrupted; run the same command again to continue the download", file=sys.stderr)
         return 130
     bar.close()
-    print(f"impetus: pulled {args.model} into {path}")
-    print(f'impetus: use it as "model": "{args.model}", or `impetus serve --model {args.model}`')
+    print(f"impetus: pulled {repo_id} into {path}")
+    print(f'impetus: use it as "model": "{repo_id}", or `impetus serve --model {repo_id}`')
     return 0
 
 

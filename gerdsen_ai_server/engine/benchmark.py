@@ -74,6 +74,13 @@ def warm_up(engine: InferenceEngine, loaded: LoadedModel) -> WarmupResult:
     )
 
 
+def computes_in(engine: InferenceEngine, loaded: LoadedModel) -> str:
+    """The dtype this resident computes in (chosen per model: engine/dtype.py), 'as stored' for its own."""
+    resident = engine.registry.get(loaded.model_id)
+    choice = resident.compute if resident is not None else None
+    return choice.name if choice is not None else engine.compute_dtype or "as stored"
+
+
 def benchmark(engine: InferenceEngine, loaded: LoadedModel, prompt_tokens: int, max_tokens: int) -> BenchmarkResult:
     import mlx.core as mx
 
@@ -98,7 +105,7 @@ def benchmark(engine: InferenceEngine, loaded: LoadedModel, prompt_tokens: int, 
         generation_tokens_per_second=round((generated - 1) / decode, 2) if generated > 1 and decode > 0 else 0.0,
         peak_memory_bytes=int(peak) or None,
         model_memory_bytes=loaded.nbytes,
-        compute_dtype=engine.compute_dtype or "as stored",
+        compute_dtype=computes_in(engine, loaded),
         device=mx.default_device().type.name,
         other_requests=other,
     )

@@ -26,6 +26,7 @@ from gerdsen_ai_server.engine.admission import ADMIT_POLL_S, Admission
 from gerdsen_ai_server.engine.backends.base import Backend, Host, LoadedModel, NoGeneration
 from gerdsen_ai_server.engine.backends.mlx import MLXBackend, prefill_size
 from gerdsen_ai_server.engine.commands import BatchLimit, Command, Embed, Load, Submit, Unload, Wake
+from gerdsen_ai_server.engine.dtype import default_compute_dtype
 from gerdsen_ai_server.engine.embeddings import EmbeddingJob
 from gerdsen_ai_server.engine.errors import ContextLengthExceeded, EngineGone, EngineOverloaded
 from gerdsen_ai_server.engine.formats.loaders import LoaderFactory
@@ -42,13 +43,6 @@ from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound
 __all__ = ["ContextLengthExceeded", "EngineOptions", "EngineOverloaded", "EngineStats", "InferenceEngine"]
 
 log = logging.getLogger(__name__)
-
-
-def default_compute_dtype(setting: str) -> str | None:
-    """'auto' is float32 on CPU, where a real BLAS makes fp32 the fast path; as stored elsewhere."""
-    if setting != "auto":
-        return setting
-    return "float32" if mx.default_device() == mx.cpu else None
 
 
 class InferenceEngine:
@@ -71,6 +65,7 @@ class InferenceEngine:
             loader=loader or LoaderFactory(options.backend_options),
             models_dir=options.models_dir,
             compute_dtype=self.compute_dtype,
+            compute_setting=options.compute_dtype,  # chosen per model: engine/dtype.py
             budget_bytes=options.memory_budget,
             keep_alive=options.keep_alive,
             open_backend=self._open_backend,
@@ -83,7 +78,9 @@ class InferenceEngine:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._running = threading.Event()
-        self.prompt_cache = PrefixCache(options.prompt_cache_bytes, self._stats)
+        self.prompt_cache = PrefixCache(
+            options.prompt_cache_bytes, self._stats, options.models_dir, options.prompt_cache_disk_bytes
+        )
         self._loads = Loads(self.registry)
         self._embeddings = Embeddings(self.registry, self._stats, self._release)
         # Called if the engine thread dies: the app makes the worker exit so Gunicorn replaces it
@@ -105,6 +102,7 @@ class InferenceEngine:
         deadline = time.monotonic() + timeout
         while self._running.is_set() and time.monotonic() < deadline:
             time.sleep(0.01)
+        self.prompt_cache.disk.flush(max(0.0, deadline - time.monotonic()))  # its last files, written
 
     def is_alive(self) -> bool:
         return self._running.is_set() and not self._stopping.is_set()
@@ -355,6 +353,7 @@ class InferenceEngine:
             backend = MLXBackend(loaded, self.prompt_cache, self.max_batch, self._batch_size)
         else:  # started by its loader: llama.cpp batches on its own thread, within the same (thermal) cap
             backend = loaded.model
+            self.prompt_cache.attach_llamacpp(loaded)  # its slots saved to and restored from the disk tier
         backend.bind(self._host(loaded.model_id))
         backend.set_batch_limit(self._batch_size)
         return backend

@@ -7,7 +7,6 @@ test's own options) reaches every part, the llama.cpp backend and the loaders in
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,8 +17,6 @@ from gerdsen_ai_server.store.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from gerdsen_ai_server.config import Settings
-
-log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "mlx", "llamacpp")
 
@@ -42,7 +39,7 @@ class BackendOptions:
     sequences: int = 8  # KV slots of a llama.cpp model: IMPETUS_MAX_BATCH, as on MLX
     llamacpp_threads: int = 0  # CPU threads of each llama.cpp model (0: all cores)
     context_length: int = 0  # IMPETUS_CONTEXT_LENGTH: every load's default (0: the model's own)
-    kv_bits: int = 0  # IMPETUS_KV_BITS: every llama.cpp load's KV cache quantization (0: f16)
+    kv_bits: int = 0  # IMPETUS_KV_BITS: every load's KV cache quantization (0: f16)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -90,26 +87,11 @@ class LoadOptions:
             self.context_length, self.rope_scaling, self.chat_template, self.adapter, self.backend, kv_bits=self.kv_bits
         )
 
-    def kv_bits_for(self, llamacpp: bool, server_default: int) -> int:
-        """The KV cache bits this load gets: its own ``kv_bits``, else IMPETUS_KV_BITS. Only llama.cpp
-        quantizes its cache (``type_k``/``type_v``, backends/llamacpp.py): an MLX load that asks for it
-        is an InvalidLoadOption (a 400 naming ``kv_bits``), never an unquantized cache passed off as one;
-        under IMPETUS_KV_BITS alone an MLX model keeps its f16 cache with a warning (Ollama, likewise,
-        falls back to f16 with a warning where a model cannot take OLLAMA_KV_CACHE_TYPE)."""
-        if llamacpp:
-            return server_default if self.kv_bits is None else self.kv_bits
-        if self.kv_bits:
-            raise InvalidLoadOption(
-                f"kv_bits is {self.kv_bits}, but this model runs on MLX, whose batched KV cache is not "
-                "quantized: KV cache quantization is on llama.cpp (a GGUF with backend llamacpp) only.",
-                "kv_bits",
-            )
-        if self.kv_bits is None and server_default:
-            log.warning(
-                "IMPETUS_KV_BITS=%d applies to llama.cpp models only: an MLX model keeps its f16 KV cache",
-                server_default,
-            )
-        return 0
+    def kv_bits_for(self, server_default: int) -> int:
+        """The KV cache bits this load asks for: its own ``kv_bits``, else IMPETUS_KV_BITS. llama.cpp
+        quantizes its cache by ``type_k``/``type_v`` (backends/llamacpp.py), MLX by the batched
+        quantized cache of quantized_cache.py, which decides (``bits_for``) whether the model takes it."""
+        return server_default if self.kv_bits is None else self.kv_bits
 
 
 @dataclass(frozen=True)
@@ -121,6 +103,7 @@ class EngineOptions:
     max_queue: int = 32
     compute_dtype: str = "auto"
     prompt_cache_bytes: int = 1 << 30
+    prompt_cache_disk_bytes: int = 0  # IMPETUS_PROMPT_CACHE_DISK_BYTES: the disk tier (0: off)
     memory_budget: int = 8 << 30
     keep_alive: float = 300.0
     crash_after_steps: int = 0  # fault injection for the reliability tests
@@ -149,6 +132,7 @@ class EngineOptions:
             max_queue=settings.max_queue,
             compute_dtype=settings.compute_dtype,
             prompt_cache_bytes=settings.prompt_cache_bytes,
+            prompt_cache_disk_bytes=settings.prompt_cache_disk_bytes,
             memory_budget=settings.memory_budget_bytes(),
             keep_alive=settings.keep_alive_seconds(),
             crash_after_steps=settings.fault_engine_crash_after_steps,

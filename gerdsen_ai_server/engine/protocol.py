@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gerdsen_ai_server.engine.errors import EngineGone as EngineGone  # raised here; defined with the engine's errors
+from gerdsen_ai_server.engine.images import ImageInput
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,19 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
     logit_bias: dict[int, float] | None = None
+
+
+@dataclass(frozen=True)
+class SpeculativeParams:
+    """Speculative decoding of one request, named after vLLM's ``speculative_config``: prompt lookup
+    ("ngram") drafts up to ``num_tokens`` tokens by matching the last ``lookup_max``..``lookup_min``
+    tokens earlier in the context (engine/speculative.py). It never changes the answer."""
+
+    method: str = "ngram"  # or "draft_model": a small model of the same vocabulary drafts
+    num_tokens: int = 5
+    lookup_max: int = 3
+    lookup_min: int = 1
+    draft: Any = None  # "draft_model": the draft model's MLX module (a resident's), used on the engine thread
 
 
 @dataclass
@@ -44,6 +58,9 @@ class GenerationRequest:
     logprobs: int | None = None
     # Extra (tokens, logits) -> logits functions, e.g. a grammar for structured output.
     logits_processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
+    # The images of a vision model's prompt, in the order their placeholders appear in it.
+    images: list[ImageInput] = field(default_factory=list)
+    speculative: SpeculativeParams | None = None  # None: plain decoding
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from gerdsen_ai_server.engine import dtype, quantized_cache
 from gerdsen_ai_server.engine.backends.base import Backend, LoadedModel
 from gerdsen_ai_server.engine.errors import ModelBusy, ModelPinned, OverBudget
 from gerdsen_ai_server.engine.formats.loaders import LoaderFactory
@@ -42,6 +43,7 @@ class Resident:
     last_used: float = field(default_factory=time.monotonic)
     warmup: Any = None  # schemas.models.WarmupResult, once a load with warmup: true has run
     options: LoadOptions = LoadOptions()  # what it was loaded with (context length, template, adapter...)
+    compute: dtype.DtypeChoice | None = None  # the dtype it computes in, and why (engine/dtype.py)
 
     @property
     def busy(self) -> bool:
@@ -62,6 +64,7 @@ class PendingLoad:
     started: float = field(default_factory=time.monotonic)
     allowed: tuple[Path, ...] = ()  # IMPETUS_MODEL_PATHS of the request: its folders are redacted from errors
     options: LoadOptions = LoadOptions()
+    compute: dtype.DtypeChoice | None = None
 
 
 class ModelRegistry:
@@ -76,10 +79,12 @@ class ModelRegistry:
         open_backend: Callable[[LoadedModel], Backend],
         events: EventBus,
         on_unload: Callable[[str], None],
+        compute_setting: str = "auto",
     ) -> None:
         self.loader = loader
         self.models_dir = models_dir
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = compute_dtype  # the engine-wide preference (/health); each load chooses its own
+        self.compute_setting = compute_setting  # IMPETUS_COMPUTE_DTYPE
         self.budget_bytes = budget_bytes
         self.keep_alive = keep_alive
         self._open_backend = open_backend
@@ -145,7 +150,8 @@ class ModelRegistry:
         if known is not None and self._compatible(known, options) and not other:
             return self._join(known, keep_alive, pinned)
         try:  # the options checked (a context beyond the model's bound...) before a resident makes way
-            need = self.loader.estimate_bytes(path, self.compute_dtype, options)
+            compute = self.choose_dtype(path, options, model_id)
+            need = self.loader.estimate_bytes(path, compute.dtype, options)
         except Exception as exc:
             raise self._public(exc, spec, allowed) from None
         if known is not None:
@@ -156,10 +162,31 @@ class ModelRegistry:
         except Exception as exc:
             raise self._public(exc, spec, allowed) from None
         self._events.publish("model_event", event="loading", model=model_id, bytes=need)
-        steps = self.loader.load_path_steps(path, self.models_dir, compute_dtype=self.compute_dtype, options=options)
-        pending = PendingLoad(model_id, need, keep, pinned, steps, allowed=tuple(allowed), options=options)
+        steps = self.loader.load_path_steps(path, self.models_dir, compute_dtype=compute.dtype, options=options)
+        pending = PendingLoad(
+            model_id, need, keep, pinned, steps, allowed=tuple(allowed), options=options, compute=compute
+        )
         self.loading[model_id] = pending
         return pending
+
+    def choose_dtype(self, path: Path, options: LoadOptions | None = None, model_id: str = "") -> dtype.DtypeChoice:
+        """The dtype a load of the resolved ``path`` computes in (engine/dtype.py says the rule): float32
+        on CPU under IMPETUS_COMPUTE_DTYPE=auto only where its weights and KV cache fit the budget less
+        what the other pinned models hold; a GGUF on llama.cpp keeps its own types."""
+        if path.suffix.lower() == ".gguf":
+            return dtype.DtypeChoice(None, "llama.cpp computes with the GGUF's own types")
+        fp32 = self.loader.estimate_bytes(path, "float32", options) if self.compute_setting == "auto" else 0
+        pinned = sum(r.loaded.nbytes for i, r in self.residents.items() if r.pinned and i != model_id)
+        context = self.loader.context_of(path, options)
+        kv_bits = (options or LoadOptions()).kv_bits_for(self.loader.options.kv_bits)  # charged quantized
+        return dtype.choose(
+            self.compute_setting,
+            fp32_bytes=fp32,
+            kv_fp32_bytes_per_token=quantized_cache.charged_bytes(dtype.kv_bytes_per_token(path, 4), 4, kv_bits),
+            context=context,
+            room_bytes=self.budget_bytes - pinned,
+            quantized=dtype.is_quantized(path),
+        )
 
     @staticmethod
     def _compatible(known: Resident | PendingLoad, options: LoadOptions) -> bool:
@@ -220,10 +247,20 @@ class ModelRegistry:
             keep_alive=pending.keep_alive,
             pinned=pending.pinned,
             options=pending.options,
+            compute=pending.compute,
         )
         self.residents[model_id] = resident
         seconds = time.monotonic() - pending.started
-        log.info("loaded %s (%.0f MB) in %.1f s", model_id, loaded.nbytes / 1e6, seconds)
+        compute = pending.compute or dtype.DtypeChoice(None, "")
+        log.info(
+            "loaded %s (%.0f MB, estimated %.0f MB) in %.1f s, computing in %s: %s",
+            model_id,
+            loaded.nbytes / 1e6,
+            pending.need / 1e6,
+            seconds,
+            compute.name,
+            compute.reason,
+        )
         self._events.publish(
             "model_event", event="loaded", model=model_id, bytes=loaded.nbytes, seconds=round(seconds, 3)
         )

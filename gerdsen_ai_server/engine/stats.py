@@ -26,3 +26,5 @@ class EngineStats:
     prompt_cache_misses_total: int = 0
     prompt_cache_bytes: int = 0
     steps_total: int = 0
+    speculative_drafted_total: int = 0  # tokens drafted by speculative decoding (engine/speculative.py)
+    speculative_accepted_total: int = 0  # of those, accepted by the model

@@ -2,11 +2,13 @@
 
 Every content block a text model can take is accepted: text, tool_use, tool_result (string or
 text-block content, ``is_error``), thinking and redacted_thinking blocks that clients pass back in
-assistant turns, and ``cache_control`` wherever Anthropic allows it. A block a text model cannot
-read (image, document, search_result, container_upload) or one that belongs to Anthropic's own
-server-side tools is a 400 naming its type and place (``messages.1.content.0``), checked before
-the schema so the error never reads as the misleading first branch of ``str | list``. The fields
-table in docs/clients.md ("Anthropic fields and blocks") says what each top-level field does here.
+assistant turns, and ``cache_control`` wherever Anthropic allows it; ``image`` blocks in user turns
+for a vision model (serving/images.py decodes them, and refuses them for a text model). A block no
+model here can read (document, search_result, container_upload, an image inside a tool result) or
+one that belongs to Anthropic's own server-side tools is a 400 naming its type and place
+(``messages.1.content.0``), checked before the schema so the error never reads as the misleading
+first branch of ``str | list``. The fields table in docs/clients.md ("Anthropic fields and blocks")
+says what each top-level field does here.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from gerdsen_ai_server.errors import APIError
 from gerdsen_ai_server.schemas.openai import MAX_MESSAGES, REQUEST_CONFIG
 
-# Blocks whose content a text model cannot read: refused until the vision issue lands.
+# Blocks whose content no model here reads: refused by name.
 MEDIA_BLOCKS = frozenset({"image", "document", "search_result", "container_upload"})
 MESSAGE_BLOCKS = frozenset({"text", "tool_use", "tool_result", "thinking", "redacted_thinking"})
+USER_BLOCKS = MESSAGE_BLOCKS | {"image"}  # an image is user input, as on Anthropic's side
 TOOL_RESULT_BLOCKS = frozenset({"text"})
 SYSTEM_BLOCKS = frozenset({"text"})
 
@@ -102,8 +105,31 @@ class RedactedThinkingBlock(_Request):
     cache_control: CacheControl | None = None
 
 
+class Base64Source(_Request):
+    type: Literal["base64"]
+    media_type: str  # checked against the bytes when decoded (serving/images.py): PNG, JPEG or WebP
+    data: str
+
+
+class URLSource(_Request):
+    type: Literal["url"]
+    url: str  # fetched only when IMPETUS_ALLOW_IMAGE_URLS is on (serving/images.py)
+
+
+class ImageBlock(_Request):
+    type: Literal["image"]
+    source: Annotated[Base64Source | URLSource, Field(discriminator="type")]
+    cache_control: CacheControl | None = None
+
+    def data_url(self) -> str:
+        """The image as an OpenAI ``image_url`` part's URL: the chat path decodes both alike."""
+        source = self.source
+        return source.url if isinstance(source, URLSource) else f"data:{source.media_type};base64,{source.data}"
+
+
 Block = Annotated[
-    TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock, Field(discriminator="type")
+    TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock | ImageBlock,
+    Field(discriminator="type"),
 ]
 
 
@@ -211,8 +237,12 @@ class ContextManagement(_Request):
 
 
 def _refused_block(kind: str, allowed: frozenset[str]) -> str:
+    if kind == "image" and allowed == MESSAGE_BLOCKS:
+        return "image blocks are only allowed in user messages"
+    if kind == "image":
+        return f"image blocks are not supported here by this server (allowed: {', '.join(sorted(allowed))})"
     if kind in MEDIA_BLOCKS:
-        return f"{kind} blocks are not supported by this text model"
+        return f"{kind} blocks are not supported by this server (it takes text and images)"
     if kind in MESSAGE_BLOCKS:
         return f"{kind} blocks are not allowed here (allowed: {', '.join(sorted(allowed))})"
     return (
@@ -231,9 +261,9 @@ def _block_lists(data: dict[str, Any]) -> list[tuple[str, list[Any], frozenset[s
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, list):
             continue
-        lists.append(
-            (f"messages.{i}.content", content, SYSTEM_BLOCKS if message.get("role") == "system" else MESSAGE_BLOCKS)
-        )
+        role = message.get("role")
+        blocks = SYSTEM_BLOCKS if role == "system" else USER_BLOCKS if role == "user" else MESSAGE_BLOCKS
+        lists.append((f"messages.{i}.content", content, blocks))
         for j, block in enumerate(content):
             if (
                 isinstance(block, dict)

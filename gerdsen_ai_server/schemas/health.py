@@ -29,6 +29,24 @@ class BackendReport(BaseModel):
     reason: str = Field(description="Why: the setting, or what auto found on this machine.")
 
 
+class CacheTier(BaseModel):
+    """One tier of the prompt cache (engine/prompt_cache.py)."""
+
+    hits: int = Field(description="Prompts whose cached prefix came from this tier (0 for live).")
+    misses: int = Field(description="Prompts that found nothing in this tier (0 for live).")
+    bytes: int = Field(description="Bytes of KV cache it holds.")
+    limit_bytes: int = Field(description="Its bound (IMPETUS_PROMPT_CACHE_BYTES or _DISK_BYTES); 0: off.")
+    entries: int = Field(description="Cached prefixes it holds (0 for live).")
+    writes: int = Field(0, description="Disk: files written.")
+    rejected: int = Field(0, description="Disk: files refused and deleted (corrupt, truncated, other weights).")
+
+
+class PromptCacheTiers(BaseModel):
+    live: CacheTier = Field(description="L1: the running batches' KV caches.")
+    ram: CacheTier = Field(description="L2: finished prefixes in memory.")
+    disk: CacheTier = Field(description="L3: finished prefixes on disk, found again after a restart.")
+
+
 class HealthReport(BaseModel):
     status: Literal["ok", "degraded"]
     ready: bool
@@ -45,6 +63,7 @@ class HealthReport(BaseModel):
     prompt_cache_enabled: bool
     prompt_cache_bytes: int
     prompt_cache_limit_bytes: int
+    prompt_cache_tiers: PromptCacheTiers
     max_batch: int
     batch_limit: int | None = Field(
         description="The batch size while the machine is hot (thermal adaptation); null otherwise."

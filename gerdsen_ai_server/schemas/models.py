@@ -68,7 +68,8 @@ class LoadRequest(BaseModel):
     kv_bits: Literal[0, 4, 8] | None = Field(
         None,
         description="KV cache quantization: 0 (off, f16), 8 (q8_0: ~0.53x the KV memory) or 4 (q4_0: ~0.28x), as "
-        "llama-server's -ctk/-ctv; omitted: IMPETUS_KV_BITS. llama.cpp models only: 8 or 4 on an MLX model is a 400.",
+        "llama-server's -ctk/-ctv; on MLX mx.quantize groups of 64, batching on; omitted: IMPETUS_KV_BITS. A model "
+        "whose KV cache cannot be quantized (e.g. head size not a multiple of 64) is a 400.",
     )
 
 
@@ -111,9 +112,18 @@ class ModelInfo(BaseModel):
         description="language: generates (and embeds); embedding: a dedicated embedding model, /v1/embeddings only; "
         "rerank: a reranker (cross-encoder), /v1/rerank only; adapter: a LoRA adapter (load a model with it).",
     )
+    vision: bool = Field(False, description="A vision-language model: its chat takes images (image_url parts).")
     path: str | None = None
     size_bytes: int | None = Field(None, description="Bytes on disk.")
-    memory_bytes: int | None = Field(None, description="Bytes of weights in memory while resident.")
+    memory_bytes: int | None = Field(
+        None,
+        description="Bytes the registry charges for it while resident: its weights and tokenizer (a GGUF on "
+        "llama.cpp: the file and the KV cache of its slots).",
+    )
+    compute_dtype: str | None = Field(
+        None, description="A resident's dtype in memory ('as stored': its own, quantized layers quantized)."
+    )
+    compute_dtype_reason: str | None = Field(None, description="Why that dtype (IMPETUS_COMPUTE_DTYPE, memory).")
     context_length: int | None = Field(
         None, description="A resident's effective context length: as loaded, IMPETUS_CONTEXT_LENGTH or trained."
     )

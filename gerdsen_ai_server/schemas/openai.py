@@ -21,7 +21,8 @@ from gerdsen_ai_server.schemas.logprobs import ChatTokenLogprob as ChatTokenLogp
 from gerdsen_ai_server.schemas.logprobs import CompletionLogprobs as CompletionLogprobs
 from gerdsen_ai_server.schemas.logprobs import TopLogprob as TopLogprob
 from gerdsen_ai_server.schemas.logprobs import Usage as Usage
-from gerdsen_ai_server.schemas.parts import refuse_unsupported_parts
+from gerdsen_ai_server.schemas.parts import ImagePart, refuse_unsupported_parts
+from gerdsen_ai_server.schemas.speculative import SpeculativeConfig
 
 MAX_STOP_SEQUENCES = 4
 MAX_MESSAGES = 2048  # OpenAI's own cap on a chat request's messages
@@ -60,14 +61,16 @@ class ChatMessage(_Request):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     tool_calls: list[ToolCall] | None = None
-    content: str | list[TextPart] | None = Field(None, validate_default=True)
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = Field(
+        None, validate_default=True
+    )
     name: str | None = None
     tool_call_id: str | None = Field(None, validate_default=True)
     reasoning_content: str | None = None  # an answer's thinking sent back (SDKs echo it): to the template
 
     @field_validator("content")
     @classmethod
-    def _content_required(cls, value: str | list[TextPart] | None, info: ValidationInfo) -> str | list[TextPart] | None:
+    def _content_required(cls, value: Any, info: ValidationInfo) -> Any:
         role = info.data.get("role")
         if value is None and role is not None and not (role == "assistant" and info.data.get("tool_calls")):
             needs = "content or tool_calls" if role == "assistant" else "content"
@@ -86,7 +89,7 @@ class ChatMessage(_Request):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))  # images: serving/images.py
 
 
 class JsonSchemaFormat(_Request):
@@ -191,6 +194,8 @@ class _Generation(_Request):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    # vLLM's speculative_config, per request (schemas/speculative.py); null: IMPETUS_SPECULATIVE.
+    speculative_config: SpeculativeConfig | None = None
     # Ollama's: seconds the model stays loaded after this request (negative: keep it loaded).
     keep_alive: float | None = None
     # mlx_lm.server's: a LoRA adapter for this request; ours names one in the models dir (serving/adapters.py).
@@ -230,7 +235,7 @@ class _Generation(_Request):
 class ChatCompletionRequest(_Generation, SDKFields, TemplateControls):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
-    # An image_url part is a 400 naming it, not the str branch's "Input should be a valid string".
+    # An audio part is a 400 naming it, not the str branch's "Input should be a valid string".
     _refuse_parts = model_validator(mode="before")(refuse_unsupported_parts)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

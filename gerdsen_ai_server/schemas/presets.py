@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from gerdsen_ai_server.schemas.chat import ChatTemplateKwargs, TemplateControls
 from gerdsen_ai_server.schemas.openai import MAX_STOP_SEQUENCES, REQUEST_CONFIG
+from gerdsen_ai_server.schemas.speculative import SpeculativeConfig
 
 PRESET_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_TEMPLATE_CHARS = 256 * 1024  # a chat template (Jinja) or a system prompt: larger is not a template
@@ -42,6 +43,7 @@ class PresetParameters(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    speculative_config: SpeculativeConfig | None = None  # speculative decoding for the preset's model
 
 
 class Preset(BaseModel):
@@ -83,7 +85,7 @@ class Preset(BaseModel):
     )
     kv_bits: Literal[0, 4, 8] | None = Field(
         None,
-        description="KV cache quantization bits, 0 | 8 | 4 (a load option, llama.cpp only); null: IMPETUS_KV_BITS.",
+        description="KV cache quantization bits, 0 | 8 | 4 (a load option); null: IMPETUS_KV_BITS.",
     )
 
     @field_validator("chat_template_kwargs")

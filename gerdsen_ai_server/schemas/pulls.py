@@ -17,8 +17,9 @@ class PullRequest(BaseModel):
     model_config = REQUEST_CONFIG  # strict types, as every JSON body (schemas/openai.py)
 
     model: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$",
-        description="Hugging Face repo id, 'org/name'.",
+        pattern=r"^(?:hf\.co/|huggingface\.co/)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)?$",
+        description="Hugging Face repo id, 'org/name'; 'org/name:Q4_K_M' (or Ollama's 'hf.co/org/name:Q4_K_M') "
+        "pulls the one .gguf file whose name ends in that tag.",
         examples=["mlx-community/Qwen2.5-0.5B-Instruct-4bit"],
     )
     revision: str = Field("main", min_length=1, description="Branch, tag or commit.")
@@ -63,11 +64,20 @@ class DiscoveredModel(BaseModel):
     quantization: str | None = None
     size_bytes: int | None = Field(None, description="Approximate bytes on disk.")
     memory_bytes: int | None = Field(
-        None, description="Approximate bytes it takes resident, with this server's compute dtype."
+        None, description="Approximate bytes the registry charges for it here, in the dtype it would compute in."
     )
     fits: bool | None = Field(None, description="Whether memory_bytes is within the memory budget; null if unknown.")
     downloads: int | None = None
     local: bool = Field(False, description="Already in the models dir.")
+    format: Literal["mlx", "gguf"] = Field("mlx", description="mlx: a safetensors folder; gguf: one .gguf file.")
+    file: str | None = Field(None, description="The GGUF file to pull (POST /api/models/pull's gguf, `--file`).")
+    backend: Literal["mlx", "llamacpp"] | None = Field(None, description="The backend that will run it here.")
+    compute_dtype: str | None = Field(
+        None, description="The dtype it will compute in here ('as stored': its own quantization)."
+    )
+    context_length: int | None = Field(None, description="The context memory_bytes counts its KV cache for.")
+    faster: bool = Field(False, description="The faster build of this model on this machine (a GGUF on a CPU).")
+    memory_note: str | None = Field(None, description="What memory_bytes counts, and why that dtype.")
 
 
 class DiscoverQuery(BaseModel):

@@ -19,15 +19,28 @@ class ContentPart(_Request):
     annotations: list[Any] | None = None
 
 
+class InputImage(_Request):
+    """An image in a user message: ``image_url`` a data: URL (or http(s), when the operator allows
+    fetching), decoded as a chat ``image_url`` part is (serving/images.py). ``file_id`` names OpenAI's
+    Files API, which this server does not have: a 400 (serving/responses.py)."""
+
+    type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high"] = "auto"  # accepted, as chat's ``detail`` (schemas/parts.py)
+
+
 class InputMessage(_Request):
     type: Literal["message"] | None = None
     id: str | None = None
     status: str | None = None
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[ContentPart]
+    content: str | list[Annotated[ContentPart | InputImage, Field(discriminator="type")]]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, ContentPart))
 
 
 class FunctionCallItem(_Request):
@@ -111,7 +124,8 @@ class ResponsesStreamOptions(_Request):
 
 
 # What ``include`` may ask for. Only the logprobs add anything here: the others add data to output items
-# of built-in tools, images or reasoning, which never occur (those tools and inputs are refused).
+# of built-in tools or reasoning, which never occur (those tools are refused), or echo an input image's URL,
+# which the response does not carry back.
 Includable = Literal[
     "file_search_call.results",
     "web_search_call.results",

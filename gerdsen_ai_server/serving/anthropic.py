@@ -14,14 +14,17 @@ from gerdsen_ai_server.errors import APIError
 from gerdsen_ai_server.schemas.anthropic import (
     CountTokensRequest,
     CountTokensResponse,
+    ImageBlock,
     Message,
     MessageResponse,
     MessagesRequest,
+    TextBlock,
     Usage,
 )
 from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, ToolCall
 from gerdsen_ai_server.serving.chat import Started, chat_prompt, collect_answer, start_chat
 from gerdsen_ai_server.serving.generation import cancel_all
+from gerdsen_ai_server.serving.images import check_images, label_images, require_vision
 from gerdsen_ai_server.serving.models import resident_model
 from gerdsen_ai_server.serving.presets import apply_preset
 from gerdsen_ai_server.serving.reasoning import ReasoningSplitter
@@ -49,13 +52,22 @@ def error_type(status: int) -> str:
 def to_openai_messages(system: str | None, messages: list[Message]) -> list[dict[str, Any]]:
     """The conversation as OpenAI chat messages. Thinking and redacted_thinking blocks replayed in
     assistant turns are dropped (Anthropic drops earlier turns' thinking too, and this model did not
-    write them); cache_control and citations have no place in a prompt."""
+    write them); cache_control and citations have no place in a prompt. Image blocks become
+    ``image_url`` parts (a data: URL), in their place among the text."""
     out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     for message in messages:
         if isinstance(message.content, str):
             out.append({"role": message.role, "content": message.content})
             continue
-        text = "".join(b.text for b in message.content if b.type == "text")
+        text: str | list[dict[str, Any]] = "".join(b.text for b in message.content if b.type == "text")
+        if any(b.type == "image" for b in message.content):  # text and images in their order, as OpenAI parts
+            text = [
+                {"type": "image_url", "image_url": {"url": b.data_url()}}
+                if isinstance(b, ImageBlock)
+                else {"type": "text", "text": b.text}
+                for b in message.content
+                if isinstance(b, ImageBlock | TextBlock)
+            ]
         calls = [
             {"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
             for b in message.content
@@ -136,7 +148,14 @@ def to_openai(body: MessagesRequest | CountTokensRequest) -> ChatCompletionReque
             request["top_k"] = body.top_k
         if body.stop_sequences:
             request["stop"] = body.stop_sequences
-    return ChatCompletionRequest.model_validate(request)
+    places = [  # each image block's place, for errors about it (serving/images.py)
+        f"messages.{i}.content.{j}"
+        for i, m in enumerate(body.messages)
+        if not isinstance(m.content, str)
+        for j, b in enumerate(m.content)
+        if isinstance(b, ImageBlock)
+    ]
+    return label_images(ChatCompletionRequest.model_validate(request), places)
 
 
 def stop_reason(calls: list[ToolCall], finish: str | None, stop_sequence: str | None) -> str:
@@ -291,5 +310,7 @@ def stream_events(
 def count_tokens(body: CountTokensRequest) -> CountTokensResponse:
     """The prompt's length as this model's chat template renders it, tools included."""
     chat = apply_preset(to_openai(body))  # a preset's system message counts, as /v1/messages sends it
+    check_images(chat)  # the bounds, then the answer for a text model given an image, as /v1/messages
     loaded = resident_model(chat.model)
+    require_vision(chat, loaded)
     return CountTokensResponse(input_tokens=len(chat_prompt(chat, loaded, plan_tools(chat, loaded.tokenizer))))

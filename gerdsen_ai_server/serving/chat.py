@@ -12,7 +12,9 @@ from typing import Any
 from jinja2.exceptions import SecurityError
 
 from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.backends.vision import VisionBackend
 from gerdsen_ai_server.engine.grammar import GrammarError, GrammarProcessor, compile_json_schema, strict_schema
+from gerdsen_ai_server.engine.images import ImageInput
 from gerdsen_ai_server.engine.protocol import EventSource, TokenEvent, TokenStream
 from gerdsen_ai_server.errors import APIError, error_body
 from gerdsen_ai_server.schemas.openai import (
@@ -32,6 +34,7 @@ from gerdsen_ai_server.serving.adapters import resident_for
 from gerdsen_ai_server.serving.chat_template import TemplateTimeout, render_chat_template
 from gerdsen_ai_server.serving.envelope import chunk_payload, request_meta, usage
 from gerdsen_ai_server.serving.generation import cancel_all, check_supported, collect, relay, submit_all
+from gerdsen_ai_server.serving.images import check_images, image_parts, images_for, template_content
 from gerdsen_ai_server.serving.logprobs import chat_logprobs
 from gerdsen_ai_server.serving.presets import apply_preset
 from gerdsen_ai_server.serving.prompts import check_text_size
@@ -53,10 +56,12 @@ def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan
     return list(loaded.tokenizer.encode(chat_text(body, loaded, plan), add_special_tokens=False))
 
 
-def chat_text(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> str:
+def chat_text(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan, images: bool = False) -> str:
     """The prompt as text: the model's chat template rendered within its deadline and bounds
     (serving/chat_template.py), its size checked against the context. One path for chat and for
-    /tokenize and /apply-template (serving/tokenize.py), so what they show cannot drift."""
+    /tokenize and /apply-template (serving/tokenize.py), so what they show cannot drift.
+    ``images``: messages with images keep their parts, each image as HF's ``{"type": "image"}``,
+    where a vision model's template writes its placeholder."""
     tokenizer = loaded.tokenizer
     if not getattr(tokenizer, "has_chat_template", True):
         raise APIError(
@@ -66,6 +71,7 @@ def chat_text(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) 
             code="invalid_value",
         )
     messages, extra = template_messages(body, plan, tokenizer)
+    messages = with_image_parts(body, messages) if images else messages
     constrained = plan.mode == "forced" or body.json_schema() is not None
     extra = {**template_kwargs(body, tokenizer, constrained), **extra}  # the request's variables, then its tools
     seconds = services().settings.template_timeout
@@ -105,6 +111,33 @@ def chat_text(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) 
     return text
 
 
+def with_image_parts(body: ChatCompletionRequest, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``template_messages``' messages with each message that has images given its parts back
+    (serving/images.py ``template_content``). They map one to one from the end: tools described in
+    the prompt may have put a system message first."""
+    offset = len(messages) - len(body.messages)
+    out = list(messages)
+    for i, message in enumerate(body.messages):
+        content = template_content(message)
+        if not isinstance(content, str) and i + offset >= 0:
+            out[i + offset] = {**out[i + offset], "content": content}
+    return out
+
+
+def vision_prompt(loaded: LoadedModel, text: str, images: list[ImageInput]) -> list[int]:
+    """The prompt's ids with each image placeholder expanded into the image's tokens by the model's
+    own processor (engine/backends/vision.py), so the context check and usage count them."""
+    backend = loaded.model
+    if not isinstance(backend, VisionBackend):  # require_vision has refused a text model already
+        raise APIError(400, f"The model '{loaded.model_id}' cannot take images.", code="model_not_supported")
+    try:
+        return backend.prompt_ids(text, images)
+    except Exception as exc:  # the processor refused them (a size or count its family cannot take)
+        raise APIError(
+            400, f"The model's processor could not take these images: {str(exc)[:200]}", code="invalid_image"
+        ) from None
+
+
 def constraint_factory(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> Callable[[], list[Any]]:
     """A new grammar processor per choice when the output must be a tool call or follow a schema.
     A ``json_schema`` is held to OpenAI's strict semantics whatever its ``strict`` flag (as the tools'
@@ -136,10 +169,15 @@ def start_chat(chat: ChatCompletionRequest, param: str) -> Started:
     Anthropic Messages, Responses) takes into the engine."""
     chat = apply_preset(chat)  # a preset's defaults under the request's own (serving/presets.py)
     check_supported(chat)
+    check_images(chat)  # what needs no model: the count, the schemes, the sizes (serving/images.py)
     loaded = resident_for(chat.model, chat.adapters, chat.keep_alive)  # the adapter's own resident, if any
     plan = plan_tools(chat, loaded.tokenizer)
-    text = chat_text(chat, loaded, plan)
-    prompt = list(loaded.tokenizer.encode(text, add_special_tokens=False))  # as chat_prompt
+    images = images_for(chat, loaded)[1] if image_parts(chat) else []  # decoded and bounded
+    text = chat_text(chat, loaded, plan, images=bool(images))
+    if images:  # the image placeholders expanded; the images go with the request (GenerationRequest.images)
+        prompt = vision_prompt(loaded, text, images)
+    else:
+        prompt = list(loaded.tokenizer.encode(text, add_special_tokens=False))  # as chat_prompt
     # Output held to a grammar (a forced tool call, a JSON schema) has no thinking to split off.
     constrained = plan.mode == "forced" or chat.json_schema() is not None
     reasoning = None if constrained else reasoning_plan(loaded.tokenizer, text)
@@ -150,6 +188,7 @@ def start_chat(chat: ChatCompletionRequest, param: str) -> Started:
         chat.max_completion_tokens or chat.max_tokens,
         param,
         constraint_factory(chat, loaded, plan),
+        images,
     )
     return Started(loaded, plan, prompt, streams, reasoning)
 

@@ -57,6 +57,14 @@ def embed(body: EmbeddingRequest) -> EmbeddingList:
             param="model",
             code="model_not_supported",
         )
+    if loaded.backend == "mlx-vlm":  # engine/backends/vision.py: generation only
+        raise APIError(
+            400,
+            f"The model '{loaded.model_id}' is a vision-language model, which serves no embeddings here; "
+            "use an embedding model.",
+            param="model",
+            code="model_not_supported",
+        )
     size = hidden_size(loaded.model)
     matryoshka = isinstance(loaded.model, EncoderModel) and loaded.model.matryoshka
     if body.dimensions is not None and body.dimensions > size:

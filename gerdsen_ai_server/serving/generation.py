@@ -13,19 +13,24 @@ from typing import Any
 from gerdsen_ai_server.config import Settings
 from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.errors import ContextLengthExceeded, EngineOverloaded
+from gerdsen_ai_server.engine.images import ImageInput
 from gerdsen_ai_server.engine.protocol import (
     EngineGone,
     EventSource,
     GenerationRequest,
     SamplingParams,
+    SpeculativeParams,
     TokenEvent,
     TokenLogprob,
     TokenStream,
 )
 from gerdsen_ai_server.errors import APIError
 from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, CompletionRequest, _Generation
+from gerdsen_ai_server.schemas.speculative import parse_setting
 from gerdsen_ai_server.services import services
 from gerdsen_ai_server.serving.adapters import resident_for
+from gerdsen_ai_server.serving.images import check_images, image_parts, require_vision
+from gerdsen_ai_server.serving.models import resident_model
 from gerdsen_ai_server.serving.prompts import capacity, check_sequence_count, prompt_items
 from gerdsen_ai_server.serving.running import watch_streams
 from gerdsen_ai_server.serving.tracking import track
@@ -43,6 +48,53 @@ def sampling_params(body: _Generation, choice: int = 0) -> SamplingParams:
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
         logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
+    )
+
+
+def speculative_params(body: _Generation, loaded: LoadedModel, settings: Settings) -> SpeculativeParams | None:
+    """The request's speculative_config, else the server's IMPETUS_SPECULATIVE (vLLM's names). MLX models
+    only (engine/speculative.py): asked for explicitly on a llama.cpp model it is a 400 naming it. A
+    draft model (the config's ``model``, else IMPETUS_DRAFT_MODEL) is loaded like a request's model and
+    must be an MLX model of the same vocabulary."""
+    config = body.speculative_config or parse_setting(settings.speculative)
+    if config is None or config.method == "none":
+        return None
+    if loaded.backend != "mlx":
+        if body.speculative_config is None:
+            return None  # the server default applies where it can
+        raise APIError(
+            400,
+            f"speculative_config is supported for MLX models only; '{body.model}' runs on {loaded.backend}.",
+            param="speculative_config",
+            code="unsupported_parameter",
+        )
+    draft = None
+    if config.method == "draft_model":
+        draft_id = config.model or settings.draft_model
+        if not draft_id:
+            raise APIError(
+                400,
+                'speculative_config method "draft_model" needs a draft model: its "model", or the server\'s '
+                "IMPETUS_DRAFT_MODEL.",
+                param="speculative_config.model",
+                code="invalid_value",
+            )
+        found = resident_model(draft_id)
+        if found.backend != "mlx" or len(found.tokenizer) != len(loaded.tokenizer):
+            raise APIError(
+                400,
+                f"The draft model '{draft_id}' must be an MLX model with the vocabulary of '{body.model}' "
+                f"({len(loaded.tokenizer)} tokens).",
+                param="speculative_config.model",
+                code="invalid_value",
+            )
+        draft = found.model
+    return SpeculativeParams(
+        method=config.method,
+        num_tokens=config.num_speculative_tokens,
+        lookup_max=config.prompt_lookup_max,
+        lookup_min=config.prompt_lookup_min,
+        draft=draft,
     )
 
 
@@ -76,6 +128,9 @@ def check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
         raise APIError(
             400, "stream_options is only allowed when stream is true.", param="stream_options", code="invalid_value"
         )
+    if isinstance(body, ChatCompletionRequest) and image_parts(body):  # before the model: the cheap bounds
+        check_images(body)
+        require_vision(body, resident_for(body.model, body.adapters))  # a text model: 400 model_not_supported
     vocab = None
     for token in body.logit_bias or {}:
         vocab = vocab or len(resident_for(body.model, body.adapters).tokenizer)
@@ -130,6 +185,7 @@ def submit_all(
     requested: int | None,
     param: str,
     processors: Callable[[], list[Any]] = list,
+    images: Sequence[ImageInput] = (),
 ) -> list[TokenStream]:
     """One engine request per prompt and choice (``n``), in choice-index order, registered with
     the running requests (serving/running.py): their readers end them when the client leaves, the
@@ -157,6 +213,7 @@ def submit_all(
             code="invalid_value",
         )
     streams: list[TokenStream] = []
+    speculative = speculative_params(body, loaded, settings)
     try:
         for tokens, max_tokens in zip(prompts, budgets, strict=True):
             for choice in range(body.n):
@@ -170,6 +227,8 @@ def submit_all(
                     # A continued message (continue_final_message) keeps its joining space.
                     strip_leading_space=isinstance(body, ChatCompletionRequest) and not body.continue_final_message,
                     logits_processors=processors(),
+                    speculative=speculative,
+                    images=list(images),  # a vision model's images, for its placeholders (serving/chat.py)
                 )
                 streams.append(engine.submit(gen))
     except ContextLengthExceeded as exc:

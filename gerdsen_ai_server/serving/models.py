@@ -17,6 +17,7 @@ from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.errors import ModelBusy, ModelPinned, OverBudget
 from gerdsen_ai_server.engine.formats import adapters
 from gerdsen_ai_server.engine.formats.encoder import CrossEncoderModel, is_encoder, is_reranker
+from gerdsen_ai_server.engine.formats.vision import is_vision_folder
 from gerdsen_ai_server.engine.options import InvalidLoadOption, LoadOptions
 from gerdsen_ai_server.engine.registry import Resident
 from gerdsen_ai_server.errors import APIError
@@ -24,6 +25,7 @@ from gerdsen_ai_server.schemas.models import LoadOptionsInfo, ModelInfo
 from gerdsen_ai_server.schemas.openai import ModelCard
 from gerdsen_ai_server.schemas.presets import Preset
 from gerdsen_ai_server.services import services
+from gerdsen_ai_server.serving.images import has_vision
 from gerdsen_ai_server.serving.load_options import check_chat_template
 from gerdsen_ai_server.serving.presets import find_preset, load_options, resident_id
 from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID
@@ -184,6 +186,8 @@ def model_card(loaded: LoadedModel, created: int) -> ModelCard:
         card.embedding_method = loaded.model.pooling.describe()
         card.dimensions = loaded.model.dimensions
         card.matryoshka = loaded.model.matryoshka
+    if has_vision(loaded):  # its chat takes images (serving/images.py)
+        card.capabilities = [*card.capabilities, "vision"]
     return card
 
 
@@ -195,8 +199,11 @@ def resident_info(resident: Resident) -> ModelInfo:
         format="gguf" if loaded.backend == "llamacpp" else "mlx",
         path=str(loaded.path),
         kind="rerank" if model_kind(loaded) == "rerank" else "embedding" if loaded.kind == "embedding" else "language",
+        vision=resident.backend.capabilities.vision,
         size_bytes=folder_bytes(loaded.path),
         memory_bytes=loaded.nbytes,
+        compute_dtype=resident.compute.name if resident.compute else None,
+        compute_dtype_reason=resident.compute.reason if resident.compute else None,
         context_length=loaded.context_length,
         busy=resident.busy,
         pinned=resident.pinned,
@@ -236,6 +243,7 @@ def local_models() -> list[ModelInfo]:
                 format=entry.format,
                 path=str(entry.path),
                 kind="rerank" if is_reranker(entry.path) else "embedding" if is_encoder(entry.path) else "language",
+                vision=is_vision_folder(entry.path),  # loads as a vision model (mlx-vlm installed)
                 size_bytes=entry.size_bytes,
             )
     found.setdefault(DEFAULT_MODEL_ID, ModelInfo(id=DEFAULT_MODEL_ID, state="local", format="gguf"))

@@ -20,12 +20,15 @@ from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, ToolCall
 from gerdsen_ai_server.schemas.responses import (
     FunctionCallItem,
     FunctionCallOutputItem,
+    InputImage,
+    InputMessage,
     ReasoningItem,
     ResponseObject,
     ResponsesRequest,
 )
 from gerdsen_ai_server.serving.chat import Started, collect_answer, start_chat
 from gerdsen_ai_server.serving.generation import cancel_all
+from gerdsen_ai_server.serving.images import input_content, label_images
 from gerdsen_ai_server.serving.logprobs import chat_logprobs
 from gerdsen_ai_server.serving.reasoning import ReasoningSplitter
 from gerdsen_ai_server.serving.response_store import Keep, Owner, stateful
@@ -56,7 +59,7 @@ def to_openai(body: ResponsesRequest) -> ChatCompletionRequest:
         )
     messages: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
-    for item in items:
+    for k, item in enumerate(items):
         if isinstance(item, dict):
             messages.append(item)
         elif isinstance(item, FunctionCallItem):
@@ -74,7 +77,7 @@ def to_openai(body: ResponsesRequest) -> ChatCompletionRequest:
         elif isinstance(item, ReasoningItem):
             continue  # earlier turns' thinking stays out of the prompt (schemas/responses.py)
         else:
-            messages.append({"role": item.role, "content": item.text()})
+            messages.append({"role": item.role, "content": input_content(item, f"input.{k}")})  # images as parts
     request: dict[str, Any] = {"model": body.model, "messages": messages, "stream": body.stream}
     if body.reasoning is not None and body.reasoning.effort is not None:  # to the template, as chat's
         request["reasoning_effort"] = body.reasoning.effort
@@ -108,7 +111,14 @@ def to_openai(body: ResponsesRequest) -> ChatCompletionRequest:
         }
     elif fmt is not None and fmt.type == "json_object":
         request["response_format"] = {"type": "json_object"}
-    return ChatCompletionRequest.model_validate(request)
+    places = [  # each input_image's place, for errors about it (serving/images.py)
+        f"input.{k}.content.{j}"
+        for k, item in enumerate(items)
+        if isinstance(item, InputMessage) and not isinstance(item.content, str)
+        for j, part in enumerate(item.content)
+        if isinstance(part, InputImage)
+    ]
+    return label_images(ChatCompletionRequest.model_validate(request), places)
 
 
 class Rendering:

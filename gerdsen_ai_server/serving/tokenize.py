@@ -27,6 +27,7 @@ from gerdsen_ai_server.schemas.tokenize import (
 )
 from gerdsen_ai_server.services import services
 from gerdsen_ai_server.serving.chat import chat_text
+from gerdsen_ai_server.serving.images import check_images, require_vision
 from gerdsen_ai_server.serving.models import resident_model
 from gerdsen_ai_server.serving.prompts import check_text_size
 from gerdsen_ai_server.serving.tools import plan_tools
@@ -60,6 +61,8 @@ def template_text(body: TemplateFields, loaded: LoadedModel) -> str:
         )
     fields = {name: getattr(body, name) for name in (*CHAT_ONLY, "messages") if name in body.model_fields_set}
     chat = ChatCompletionRequest(model=loaded.model_id, **fields)
+    check_images(chat)
+    require_vision(chat, loaded)  # a text model given an image: 400, as chat answers it
     return chat_text(chat, loaded, plan_tools(chat, loaded.tokenizer))
 
 

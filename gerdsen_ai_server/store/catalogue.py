@@ -1,18 +1,31 @@
-"""Models worth pulling: a curated catalogue of real mlx-community repos, and memory estimates.
+"""Models worth pulling: a curated catalogue of real mlx-community repos (and each one's GGUF), and memory estimates.
 
-The catalogue is what ``/api/models/discover`` offers when the hub cannot be searched. Sizes are
-approximate bytes on disk; ``memory_bytes`` is what the registry will charge against the memory
-budget, which depends on the compute dtype: quantized weights dequantized to float32 on CPU take
-4 bytes per parameter, on a GPU they stay as stored.
+The catalogue is what ``/api/models/discover`` offers when the hub cannot be searched. Each entry is an
+MLX repo (mlx-community's conversion) and, where llama.cpp publishes one, the GGUF build of the same
+model at Q4_K_M (bartowski's or the vendor's repo, with its file name): on a CPU (Linux) llama.cpp
+keeps those weights quantized and decodes faster than MLX (engine/backends/choice.py), so the
+discover answer puts the GGUF beside the MLX repo there, marked as the faster choice. Sizes are
+approximate bytes on disk; ``kv_elements`` (K and V elements per token over all layers, from each
+model's config) and ``context`` (its trained context) let the server say what the KV cache takes.
+What a model will take resident depends on the dtype it computes in here (engine/dtype.py), which
+serving/discover.py works out per entry.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from gerdsen_ai_server.store.formats import SAFETENSORS_DTYPE_BYTES
+
+
+@dataclass(frozen=True)
+class GgufBuild:
+    """The GGUF of a catalogue model: the repo, the file to pull (``impetus pull REPO --file FILE``), its size."""
+
+    repo: str
+    file: str
+    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,13 @@ class CatalogueModel:
     quantization: str  # "4bit", "8bit", "bf16"
     size_bytes: int  # approximate, on disk
     description: str
+    context: int = 32768  # trained context, tokens
+    kv_elements: int = 0  # K + V elements one token takes over all layers (2 x layers x kv heads x head dim)
+    gguf: GgufBuild | None = None
+
+
+def _kv(layers: int, kv_heads: int, head_dim: int) -> int:
+    return 2 * layers * kv_heads * head_dim
 
 
 CATALOGUE: tuple[CatalogueModel, ...] = (
@@ -31,9 +51,8 @@ CATALOGUE: tuple[CatalogueModel, ...] = (
         "bf16",
         270_000_000,
         "SmolLM2 135M: tiny and fast; quick tasks and testing",
-    ),
-    CatalogueModel(
-        "mlx-community/SmolLM2-360M-Instruct", 362_000_000, "bf16", 725_000_000, "SmolLM2 360M: small general chat"
+        8192,
+        _kv(30, 3, 64),
     ),
     CatalogueModel(
         "mlx-community/SmolLM2-1.7B-Instruct-4bit",
@@ -41,6 +60,59 @@ CATALOGUE: tuple[CatalogueModel, ...] = (
         "4bit",
         960_000_000,
         "SmolLM2 1.7B: the strongest SmolLM2",
+        8192,
+        _kv(24, 32, 64),
+        GgufBuild("bartowski/SmolLM2-1.7B-Instruct-GGUF", "SmolLM2-1.7B-Instruct-Q4_K_M.gguf", 1_060_000_000),
+    ),
+    CatalogueModel(
+        "mlx-community/SmolLM3-3B-4bit",
+        3_080_000_000,
+        "4bit",
+        1_730_000_000,
+        "SmolLM3 3B: reasoning (think / no_think), multilingual, 64k context",
+        65536,
+        _kv(36, 4, 128),
+        GgufBuild("bartowski/HuggingFaceTB_SmolLM3-3B-GGUF", "HuggingFaceTB_SmolLM3-3B-Q4_K_M.gguf", 1_920_000_000),
+    ),
+    CatalogueModel(
+        "mlx-community/Qwen3-0.6B-4bit",
+        596_000_000,
+        "4bit",
+        340_000_000,
+        "Qwen3 0.6B: thinking and tool use in a small model",
+        40960,
+        _kv(28, 8, 128),
+        GgufBuild("bartowski/Qwen_Qwen3-0.6B-GGUF", "Qwen_Qwen3-0.6B-Q4_K_M.gguf", 484_000_000),
+    ),
+    CatalogueModel(
+        "mlx-community/Qwen3-1.7B-4bit",
+        1_720_000_000,
+        "4bit",
+        970_000_000,
+        "Qwen3 1.7B: thinking, tool use, multilingual",
+        40960,
+        _kv(28, 8, 128),
+        GgufBuild("bartowski/Qwen_Qwen3-1.7B-GGUF", "Qwen_Qwen3-1.7B-Q4_K_M.gguf", 1_280_000_000),
+    ),
+    CatalogueModel(
+        "mlx-community/Qwen3-4B-4bit",
+        4_020_000_000,
+        "4bit",
+        2_260_000_000,
+        "Qwen3 4B: strong reasoning and agent use for its size",
+        40960,
+        _kv(36, 8, 128),
+        GgufBuild("bartowski/Qwen_Qwen3-4B-GGUF", "Qwen_Qwen3-4B-Q4_K_M.gguf", 2_500_000_000),
+    ),
+    CatalogueModel(
+        "mlx-community/Qwen3-8B-4bit",
+        8_190_000_000,
+        "4bit",
+        4_620_000_000,
+        "Qwen3 8B: the strongest Qwen3 that fits a 16 GB machine",
+        40960,
+        _kv(36, 8, 128),
+        GgufBuild("bartowski/Qwen_Qwen3-8B-GGUF", "Qwen_Qwen3-8B-Q4_K_M.gguf", 5_030_000_000),
     ),
     CatalogueModel(
         "mlx-community/Qwen2.5-0.5B-Instruct-4bit",
@@ -48,55 +120,9 @@ CATALOGUE: tuple[CatalogueModel, ...] = (
         "4bit",
         278_000_000,
         "Qwen2.5 0.5B: multilingual, small",
-    ),
-    CatalogueModel(
-        "mlx-community/Qwen2.5-1.5B-Instruct-4bit",
-        1_540_000_000,
-        "4bit",
-        870_000_000,
-        "Qwen2.5 1.5B: multilingual, good tool use for its size",
-    ),
-    CatalogueModel(
-        "mlx-community/Qwen2.5-3B-Instruct-4bit",
-        3_090_000_000,
-        "4bit",
-        1_740_000_000,
-        "Qwen2.5 3B: balanced quality and speed",
-    ),
-    CatalogueModel(
-        "mlx-community/Llama-3.2-1B-Instruct-4bit",
-        1_240_000_000,
-        "4bit",
-        700_000_000,
-        "Llama 3.2 1B: small, 128k context",
-    ),
-    CatalogueModel(
-        "mlx-community/Llama-3.2-3B-Instruct-4bit",
-        3_210_000_000,
-        "4bit",
-        1_810_000_000,
-        "Llama 3.2 3B: general chat, 128k context",
-    ),
-    CatalogueModel(
-        "mlx-community/gemma-2-2b-it-4bit",
-        2_610_000_000,
-        "4bit",
-        1_490_000_000,
-        "Gemma 2 2B: Google's small instruction model",
-    ),
-    CatalogueModel(
-        "mlx-community/Phi-3.5-mini-instruct-4bit",
-        3_820_000_000,
-        "4bit",
-        2_150_000_000,
-        "Phi-3.5 mini: reasoning and code, 128k context",
-    ),
-    CatalogueModel(
-        "mlx-community/Mistral-7B-Instruct-v0.3-4bit",
-        7_250_000_000,
-        "4bit",
-        4_080_000_000,
-        "Mistral 7B v0.3: strong general 7B, function calling",
+        32768,
+        _kv(24, 2, 64),
+        GgufBuild("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf", 491_000_000),
     ),
     CatalogueModel(
         "mlx-community/Qwen2.5-7B-Instruct-4bit",
@@ -104,6 +130,29 @@ CATALOGUE: tuple[CatalogueModel, ...] = (
         "4bit",
         4_280_000_000,
         "Qwen2.5 7B: strong multilingual 7B",
+        32768,
+        _kv(28, 4, 128),
+        GgufBuild("bartowski/Qwen2.5-7B-Instruct-GGUF", "Qwen2.5-7B-Instruct-Q4_K_M.gguf", 4_680_000_000),
+    ),
+    CatalogueModel(
+        "mlx-community/Llama-3.2-1B-Instruct-4bit",
+        1_240_000_000,
+        "4bit",
+        700_000_000,
+        "Llama 3.2 1B: small, 128k context",
+        131072,
+        _kv(16, 8, 64),
+        GgufBuild("bartowski/Llama-3.2-1B-Instruct-GGUF", "Llama-3.2-1B-Instruct-Q4_K_M.gguf", 808_000_000),
+    ),
+    CatalogueModel(
+        "mlx-community/Llama-3.2-3B-Instruct-4bit",
+        3_210_000_000,
+        "4bit",
+        1_810_000_000,
+        "Llama 3.2 3B: general chat, 128k context",
+        131072,
+        _kv(28, 8, 128),
+        GgufBuild("bartowski/Llama-3.2-3B-Instruct-GGUF", "Llama-3.2-3B-Instruct-Q4_K_M.gguf", 2_020_000_000),
     ),
     CatalogueModel(
         "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit",
@@ -111,6 +160,41 @@ CATALOGUE: tuple[CatalogueModel, ...] = (
         "4bit",
         4_520_000_000,
         "Llama 3.1 8B: strong general 8B, 128k context",
+        131072,
+        _kv(32, 8, 128),
+        GgufBuild("bartowski/Meta-Llama-3.1-8B-Instruct-GGUF", "Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf", 4_920_000_000),
+    ),
+    CatalogueModel(
+        "mlx-community/gemma-3-1b-it-4bit",
+        1_000_000_000,
+        "4bit",
+        730_000_000,
+        "Gemma 3 1B: Google's small instruction model, 32k context",
+        32768,
+        _kv(26, 1, 256),
+        GgufBuild("bartowski/google_gemma-3-1b-it-GGUF", "google_gemma-3-1b-it-Q4_K_M.gguf", 806_000_000),
+    ),
+    CatalogueModel(
+        "mlx-community/Phi-4-mini-instruct-4bit",
+        3_840_000_000,
+        "4bit",
+        2_160_000_000,
+        "Phi-4 mini: reasoning, math and code, function calling, 128k context",
+        131072,
+        _kv(32, 8, 128),
+        GgufBuild(
+            "bartowski/microsoft_Phi-4-mini-instruct-GGUF", "microsoft_Phi-4-mini-instruct-Q4_K_M.gguf", 2_490_000_000
+        ),
+    ),
+    CatalogueModel(
+        "mlx-community/Mistral-7B-Instruct-v0.3-4bit",
+        7_250_000_000,
+        "4bit",
+        4_080_000_000,
+        "Mistral 7B v0.3: strong general 7B, function calling",
+        32768,
+        _kv(32, 8, 128),
+        GgufBuild("bartowski/Mistral-7B-Instruct-v0.3-GGUF", "Mistral-7B-Instruct-v0.3-Q4_K_M.gguf", 4_370_000_000),
     ),
 )
 
@@ -127,9 +211,13 @@ def quantization_from_name(repo_id: str) -> str | None:
 
 def memory_bytes(parameters: int | None, size_bytes: int | None, compute_dtype: str | None) -> int | None:
     """Bytes the registry will count for the model (as ``LoaderFactory.estimate_bytes`` in engine/formats/loaders.py does):
-    4 per parameter when dequantized to float32, otherwise as stored."""
+    4 per parameter when dequantized to float32; quantized weights kept with float32 scales and biases
+    ('quantized-float32', engine/dtype.py) add 2 x 2 bytes per group of 64 (1/16 byte a parameter) to
+    the stored size; otherwise as stored."""
     if compute_dtype == "float32" and parameters:
         return parameters * 4
+    if compute_dtype == "quantized-float32" and parameters and size_bytes:
+        return size_bytes + parameters // 16
     return size_bytes
 
 
@@ -147,20 +235,10 @@ def from_safetensors_info(repo_id: str, parameters_by_dtype: dict[str, int] | No
     return params, stored
 
 
-def describe(model: CatalogueModel, compute_dtype: str | None, budget_bytes: int) -> dict[str, Any]:
-    memory = memory_bytes(model.parameters, model.size_bytes, compute_dtype)
-    return {
-        "id": model.id,
-        "source": "catalogue",
-        "description": model.description,
-        "parameters": model.parameters,
-        "quantization": model.quantization,
-        "size_bytes": model.size_bytes,
-        "memory_bytes": memory,
-        "fits": memory is not None and memory <= budget_bytes,
-    }
-
-
 def search_catalogue(query: str | None) -> list[CatalogueModel]:
     words = (query or "").lower().split()
-    return [m for m in CATALOGUE if all(w in f"{m.id} {m.description}".lower() for w in words)]
+    return [
+        m
+        for m in CATALOGUE
+        if all(w in f"{m.id} {m.description} {m.gguf.repo if m.gguf else ''}".lower() for w in words)
+    ]

@@ -50,6 +50,29 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]  # (bytes_done, bytes_total)
 
 
+_HUB_HOSTS = ("hf.co/", "huggingface.co/", "https://hf.co/", "https://huggingface.co/")
+
+
+def parse_ref(ref: str, gguf: str | None = None) -> tuple[str, str | None]:
+    """(repo id, GGUF file pattern) from what a user typed: ``org/name`` with ``gguf`` (a file name or
+    pattern, huggingface-cli's ``--include``), or Ollama's ``hf.co/org/name:Q4_K_M``, whose tag picks
+    the one ``.gguf`` file whose name ends in it, in any case (``*[Qq]4_[Kk]_[Mm].gguf``). A tag and a
+    pattern together are a PullError: one way to choose the file."""
+    for host in _HUB_HOSTS:
+        if ref.lower().startswith(host):
+            ref = ref[len(host) :]
+            break
+    repo_id, colon, tag = ref.partition(":")
+    if not colon:
+        return ref, gguf
+    if gguf is not None:
+        raise PullError(f"{ref!r} names a GGUF tag ({tag!r}) and a file pattern ({gguf!r}); give one of them")
+    if not tag or not all(c.isalnum() or c in "_.-" for c in tag):
+        raise PullError(f"{tag!r} is not a GGUF quantization tag (e.g. Q4_K_M)")
+    either = "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in tag)
+    return repo_id, f"*{either}.gguf"
+
+
 def pull(
     repo_id: str,
     models_dir: Path,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gerdsen_ai_server.events import EventBus
-from gerdsen_ai_server.store.download import pull
+from gerdsen_ai_server.store.download import parse_ref, pull
 from gerdsen_ai_server.store.hub import PullCancelled, PullError, check_repo_id
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,10 @@ class PullManager:
     def start(self, repo_id: str, *, revision: str = "main", gguf: str | None = None) -> dict[str, Any]:
         """Queue (or join: the same repo already being pulled) a pull; returns its state.
 
-        Raises PullQueueFull when ``max_pulls`` pulls are already queued or downloading.
+        Raises PullQueueFull when ``max_pulls`` pulls are already queued or downloading. ``repo_id``
+        may carry a GGUF tag (``org/name:Q4_K_M``, download.parse_ref) instead of ``gguf``.
         """
+        repo_id, gguf = parse_ref(repo_id, gguf)
         check_repo_id(repo_id)
         with self._lock:
             active = 0

@@ -211,7 +211,7 @@ def test_output_config_format_is_honoured(claude: anthropic.Anthropic) -> None:
                 }
             ],
             "messages.0.content.1",
-            "image blocks are not supported by this text model",
+            f"the model '{DEFAULT_MODEL}' is a text model and cannot take images",  # serving/images.py
         ),
         (
             [
@@ -226,7 +226,7 @@ def test_output_config_format_is_honoured(claude: anthropic.Anthropic) -> None:
                 }
             ],
             "messages.0.content.0",
-            "document blocks are not supported by this text model",
+            "document blocks are not supported by this server",
         ),
         (
             conversation(
@@ -236,7 +236,7 @@ def test_output_config_format_is_honoured(claude: anthropic.Anthropic) -> None:
                 ]
             ),
             "messages.2.content.0.content.1",
-            "image blocks are not supported by this text model",
+            "image blocks are not supported here",  # in a tool result
         ),
         (
             [
@@ -309,6 +309,7 @@ def test_openai_image_part_is_named(client: openai.OpenAI) -> None:
     assert isinstance(error, dict)
     assert (
         error["message"]
-        == ("messages.0.content.1: content parts of type 'image_url' are not supported by this text model")
+        == f"messages.0.content.1: the model '{DEFAULT_MODEL}' is a text model and cannot take images; use a vision model"
         and error["param"] == "messages.0.content.1"
+        and error["code"] == "model_not_supported"
     )

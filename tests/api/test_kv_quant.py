@@ -6,12 +6,12 @@ and 4 (q4_0), and by a preset. Each answers; /api/models shows each one's memory
 the KV bytes the quantization saves (what llama.cpp allocates: 23,040 bytes a token at f16, 12,240
 at q8_0, 6,480 at q4_0 for this model); greedy answers agree with the f16 cache's as far as measured
 (docs/llamacpp.md); a seeded request repeats; the prompt prefix is reused; eight streams run in one
-batch. An MLX model refuses ``kv_bits`` with a 400 naming it, as does a value other than 0, 4 or 8.
+batch. An MLX model whose cache cannot be quantized refuses ``kv_bits`` with a 400 naming it, as does
+a value other than 0, 4 or 8 (MLX's quantized cache: tests/api/test_kv_quant_mlx.py).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +25,7 @@ import requests
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup installs it)")
 
 from gerdsen_ai_server.config import Settings  # noqa: E402
-from gerdsen_ai_server.engine.options import EngineOptions, InvalidLoadOption, LoadOptions  # noqa: E402
+from gerdsen_ai_server.engine.options import EngineOptions, LoadOptions  # noqa: E402
 from tests.support import DEFAULT_MODEL  # noqa: E402
 from tests.support.models import default_model_folder  # noqa: E402
 from tests.support.server import Server, start_server, stop_server  # noqa: E402
@@ -176,27 +176,23 @@ def test_bits_other_than_0_4_8_are_a_400_naming_kv_bits(server: Server, where: s
     assert r.status_code == 400 and r.json()["error"]["param"] == "kv_bits", r.text
 
 
-def test_kv_bits_on_an_mlx_model_is_a_400_naming_it(server: Server) -> None:
-    """An MLX folder (a GGUF converted to MLX, ``backend: mlx``, likewise): refused before it loads."""
+def test_kv_bits_on_an_mlx_model_that_cannot_take_it_is_a_400_naming_it(server: Server) -> None:
+    """MLX quantizes its batched KV cache too (tests/api/test_kv_quant_mlx.py), in groups of 64 along
+    the head: the tiny MLX llama's heads are 16 wide, so ``kv_bits`` on it is refused, never ignored."""
     model = "tiny"
     r = load(server, model=model, backend="mlx", kv_bits=8, alias="mlx8")
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == "kv_bits" and "MLX" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "kv_bits" and "head size 16" in r.json()["error"]["message"]
     assert "mlx8" not in residents(server)
     assert load(server, model=model, backend="mlx", kv_bits=0, alias="mlx0").status_code == 200  # 0: off, fine
     requests.post(server.url + "/api/models/unload", json={"model": "mlx0"}, timeout=60)
 
 
-def test_impetus_kv_bits_reaches_the_loaders_and_an_mlx_load_warns(caplog: pytest.LogCaptureFixture) -> None:
+def test_impetus_kv_bits_reaches_the_loaders() -> None:
     options = EngineOptions.from_settings(Settings.from_mapping({"kv_bits": 8})).backend_options
     assert options.kv_bits == 8
-    assert LoadOptions().kv_bits_for(True, options.kv_bits) == 8  # llama.cpp: the server's default
-    assert LoadOptions(kv_bits=0).kv_bits_for(True, options.kv_bits) == 0  # a load may turn it off
-    with caplog.at_level(logging.WARNING):
-        assert LoadOptions().kv_bits_for(False, options.kv_bits) == 0  # MLX: f16, said in the log
-    assert "IMPETUS_KV_BITS=8 applies to llama.cpp models only" in caplog.text
-    with pytest.raises(InvalidLoadOption) as info:
-        LoadOptions(kv_bits=4).kv_bits_for(False, 0)
-    assert info.value.param == "kv_bits"
+    assert LoadOptions().kv_bits_for(options.kv_bits) == 8  # the server's default
+    assert LoadOptions(kv_bits=0).kv_bits_for(options.kv_bits) == 0  # a load may turn it off
+    assert LoadOptions(kv_bits=4).kv_bits_for(0) == 4
     with pytest.raises(ValueError, match="kv_bits"):
         Settings.from_mapping({"kv_bits": 3})

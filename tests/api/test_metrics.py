@@ -29,6 +29,8 @@ FAMILIES = {
     "impetus_batch_size_limit": "gauge",
     "impetus_prompt_cache_hits": "counter",
     "impetus_prompt_cache_misses": "counter",
+    "impetus_prompt_cache_tier_hits": "counter",  # by tier: ram, disk (engine/prompt_cache.py)
+    "impetus_prompt_cache_tier_bytes": "gauge",  # by tier: live, ram, disk
     "impetus_model_resident_bytes": "gauge",
     "impetus_process_resident_memory_bytes": "gauge",
     "impetus_tokens_per_second": "gauge",

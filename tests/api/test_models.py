@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from gerdsen_ai_server.engine.formats.safetensors import tokenizer_bytes
 from tests.support import DEFAULT_MODEL
 from tests.support.http import chat
 from tests.support.models import default_model_folder
@@ -20,6 +21,11 @@ from tests.support.tiny_models import build_tiny_llama, weights_bytes
 pytestmark = pytest.mark.server
 
 DEFAULT_FP32_BYTES = 538_060_032  # SmolLM2-135M dequantized to float32 (its parameters' nbytes)
+
+
+def default_bytes() -> int:
+    """What the registry charges for it: its float32 weights and its tokenizer (safetensors.tokenizer_bytes)."""
+    return DEFAULT_FP32_BYTES + tokenizer_bytes(default_model_folder())
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +51,16 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Server]:
     # Room for the default model and exactly one tiny model, not two; the big one never fits.
-    budget = DEFAULT_FP32_BYTES + int(weights_bytes(models_dir / "tiny-a") * 1.5)
+    tiny = weights_bytes(models_dir / "tiny-a") + tokenizer_bytes(models_dir / "tiny-a")
+    budget = default_bytes() + int(tiny * 1.5)
     server = start_server(
         tmp_path_factory.mktemp("registry"),
         IMPETUS_MODELS_DIR=str(models_dir),
         IMPETUS_MEMORY_BUDGET=str(budget),
         IMPETUS_KEEP_ALIVE="300",
+        # Forced: under auto the default's float32 weights and KV cache would not fit this budget, so it
+        # would stay 4-bit (engine/dtype.py; tests/engine/test_compute_dtype.py tests that choice).
+        IMPETUS_COMPUTE_DTYPE="float32",
     )
     yield server
     stop_server(server)
@@ -73,12 +83,14 @@ def unload_all_tiny(srv: Server) -> None:
 def test_listing_shows_resident_and_local_models(srv: Server) -> None:
     models = listing(srv)
     assert models[DEFAULT_MODEL]["state"] == "resident" and models[DEFAULT_MODEL]["pinned"] is True
-    assert models[DEFAULT_MODEL]["memory_bytes"] == DEFAULT_FP32_BYTES
+    assert models[DEFAULT_MODEL]["memory_bytes"] == default_bytes()
+    assert models[DEFAULT_MODEL]["compute_dtype"] == "float32"
+    assert models[DEFAULT_MODEL]["compute_dtype_reason"] == "IMPETUS_COMPUTE_DTYPE=float32"
     assert models["tiny-a"]["state"] == "local" and models["tiny-a"]["format"] == "mlx"
     assert models["org/tiny-c"]["state"] == "local"
     assert "ONNX" in models["exported-onnx"]["error"]
     body = requests.get(f"{srv.url}/api/models", timeout=30).json()
-    assert body["memory_used_bytes"] == DEFAULT_FP32_BYTES
+    assert body["memory_used_bytes"] == default_bytes()
     assert requests.get(f"{srv.url}/api/models/tiny-a", timeout=30).json()["state"] == "local"
     assert requests.get(f"{srv.url}/api/models/nope", timeout=30).status_code == 404
 

@@ -193,6 +193,7 @@ def test_discover_lists_the_catalogue_and_searches_the_hub(srv: Server) -> None:
     for model in body["data"]:
         assert model["fits"] == (model["memory_bytes"] <= body["memory_budget_bytes"])
         assert model["quantization"] and model["size_bytes"] > 0
+        assert model["format"] == "mlx" and model["compute_dtype"]  # IMPETUS_BACKEND=mlx: no GGUF beside
 
     found = requests.get(f"{srv.url}/api/models/discover", params={"q": "tiny"}, timeout=30).json()
     assert found["source"] == "hub" and [m["id"] for m in found["data"]] == [REPO]

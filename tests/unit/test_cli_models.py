@@ -86,6 +86,36 @@ def test_pull_gguf_by_pattern(hub_env: HubStub, tmp_path: Path, capsys: pytest.C
     assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["test-org/ggufs", "gguf"]
 
 
+def test_pull_gguf_by_file_or_ollama_tag_fetches_only_that_file(
+    hub_env: HubStub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gerdsen_ai_server.schemas.pulls import PullRequest
+    from gerdsen_ai_server.store.pulls import PullManager
+
+    repo = "test-org/tagged"
+    hub_env.add_repo(repo, {f"m-{q}.gguf": b"GGUF" + bytes(n) for q, n in (("Q4_K_M", 100), ("Q8_0", 200))})
+    # Ollama's hf.co/org/name:TAG, the tag in any case: only the one file is requested, let alone written.
+    assert cli.main(["pull", f"hf.co/{repo}:q4_k_m", "--models-dir", str(tmp_path / "a")]) == 0
+    assert f"pulled {repo} into" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "a" / "test-org--tagged").iterdir()) == [
+        ".impetus-pull.json",
+        "m-Q4_K_M.gguf",
+    ]
+    assert hub_env.requests_for(repo, "m-Q8_0.gguf") == []
+    assert cli.main(["pull", repo, "--file", "*Q8_0.gguf", "--models-dir", str(tmp_path / "b")]) == 0
+    assert [p.name for p in (tmp_path / "b" / "test-org--tagged").glob("*.gguf")] == ["m-Q8_0.gguf"]
+    assert cli.main(["pull", f"{repo}:Q8_0", "--file", "*.gguf", "--models-dir", str(tmp_path / "c")]) == 1
+    assert "give one of them" in capsys.readouterr().err
+    # The pull API: the same tag in "model", which the schema lets through.
+    assert PullRequest.model_validate({"model": f"hf.co/{repo}:Q8_0"}).model == f"hf.co/{repo}:Q8_0"
+    with pytest.raises(ValueError, match="model"):
+        PullRequest.model_validate({"model": f"{repo}:Q8 0"})
+    manager = PullManager(tmp_path / "d", endpoint=hub_env.url)
+    state = manager.join(manager.start(f"{repo}:Q8_0")["id"], timeout=30)
+    assert state is not None and state["status"] == "done" and state["model"] == repo, state
+    assert [p.name for p in (tmp_path / "d" / "test-org--tagged").glob("*.gguf")] == ["m-Q8_0.gguf"]
+
+
 @pytest.mark.timing
 def test_pull_without_a_hub_fails_fast(tmp_path: Path) -> None:
     with socket.socket() as s:

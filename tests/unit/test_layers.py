@@ -12,6 +12,7 @@ Ranks (high imports low, never the other way; packages of one rank do not import
     2  store                          models on disk; no MLX, no Flask
     1  schemas, runtime               wire models; process set-up before MLX
     0  config, events, errors         the base every layer may use
+   -1  profiles                       what IMPETUS_PROFILE sets and requires (read by config)
 
 Imports under ``if TYPE_CHECKING:`` are annotations, not dependencies, and are not counted.
 Run it alone to see the graph it checks: ``pytest tests/unit/test_layers.py -q -s``.
@@ -39,12 +40,13 @@ RANKS: dict[str, float] = {
     "schemas": 1,
     "runtime": 1,
     "config": 0,
+    "profiles": -1,
     "events": 0,
     "errors": 0,
     "": 0,
 }
 NO_FLASK = ("engine", "store", "schemas", "runtime", "monitoring")  # below the web: no Flask, no Werkzeug
-NO_MLX = ("store", "schemas", "runtime", "config", "events", "errors")
+NO_MLX = ("store", "schemas", "runtime", "config", "profiles", "events", "errors")
 
 
 def module_name(path: Path) -> str:

@@ -31,6 +31,7 @@ from gerdsen_ai_server.schemas.pulls import (
     PullStatus,
 )
 from gerdsen_ai_server.services import require, services
+from gerdsen_ai_server.serving import discover as cards
 from gerdsen_ai_server.serving.body import parse_body
 from gerdsen_ai_server.store import catalogue, hub
 from gerdsen_ai_server.store import local as local_models
@@ -146,7 +147,7 @@ def discover() -> Response:
     params = DiscoverQuery.model_validate(request.args.to_dict())  # a bad one: 400 naming it
     query, author, limit = params.q.strip() or None, params.author or None, params.limit
     registry = services().engine.registry
-    budget, dtype = registry.budget_bytes, registry.compute_dtype
+    budget = registry.budget_bytes
     settings = services().settings
     models_dir = Path(settings.models_dir)
     hub_error = None
@@ -161,14 +162,9 @@ def discover() -> Response:
         finally:
             slots.release()
         if hub_error is None:
-            data = [_hub_entry(info, dtype, budget, models_dir) for info in found if _valid_repo_id(info.id)]
+            data = [_hub_entry(info, budget, models_dir) for info in found if _valid_repo_id(info.id)]
             return _discovered("hub", query, budget, data, None)
-    data = []
-    for model in catalogue.search_catalogue(query)[:limit]:
-        entry = DiscoveredModel.model_validate(catalogue.describe(model, dtype, budget))
-        entry.local = (models_dir / hub.folder_name(model.id)).is_dir()
-        data.append(entry)
-    return _discovered("catalogue", query, budget, data, hub_error)
+    return _discovered("catalogue", query, budget, cards.catalogue_cards(query, limit, models_dir), hub_error)
 
 
 def _valid_repo_id(repo_id: str) -> bool:
@@ -180,12 +176,14 @@ def _valid_repo_id(repo_id: str) -> bool:
     return True
 
 
-def _hub_entry(info: ModelInfo, dtype: str | None, budget: int, models_dir: Path) -> DiscoveredModel:
+def _hub_entry(info: ModelInfo, budget: int, models_dir: Path) -> DiscoveredModel:
     repo_id = info.id
     summary = info.safetensors
     parameters, size = catalogue.from_safetensors_info(repo_id, summary.parameters if summary else None)
     curated = next((m for m in catalogue.CATALOGUE if m.id == repo_id), None)
-    memory = catalogue.memory_bytes(parameters, size, dtype)
+    kv, trained = (curated.kv_elements, curated.context) if curated else (0, 0)  # a hub card: no KV known
+    quantized = (catalogue.quantization_from_name(repo_id) or "").endswith("bit")
+    memory, choice = cards.mlx_memory(parameters, size, kv, trained, quantized)
     return DiscoveredModel(
         id=repo_id,
         source="hub",
@@ -197,6 +195,9 @@ def _hub_entry(info: ModelInfo, dtype: str | None, budget: int, models_dir: Path
         fits=None if memory is None else memory <= budget,
         downloads=info.downloads,
         local=(models_dir / hub.folder_name(repo_id)).is_dir(),
+        backend="mlx",
+        compute_dtype=choice.name,
+        memory_note=f"the weights, computing in {choice.name} ({choice.reason})",
     )
 
 

@@ -17,7 +17,14 @@ from gerdsen_ai_server import __version__
 from gerdsen_ai_server.engine.backends.choice import choose
 from gerdsen_ai_server.runtime.blas import blas_in_use
 from gerdsen_ai_server.runtime.memory import allocator
-from gerdsen_ai_server.schemas.health import BackendReport, HealthReport, Liveness, Readiness, ResidentModel
+from gerdsen_ai_server.schemas.health import (
+    BackendReport,
+    HealthReport,
+    Liveness,
+    PromptCacheTiers,
+    Readiness,
+    ResidentModel,
+)
 from gerdsen_ai_server.services import services
 from gerdsen_ai_server.web.security import may_see_details
 
@@ -63,6 +70,9 @@ def health() -> Response:
             prompt_cache_enabled=engine.prompt_cache_enabled,
             prompt_cache_bytes=engine.stats().prompt_cache_bytes,
             prompt_cache_limit_bytes=services().settings.prompt_cache_bytes,
+            prompt_cache_tiers=PromptCacheTiers.model_validate(
+                {name: asdict(tier) for name, tier in engine.prompt_cache.tiers().items()}
+            ),
             max_batch=engine.max_batch,
             batch_limit=engine.batch_limit,  # set while the machine is hot (thermal adaptation)
             thermal_state=_thermal_state(),

@@ -43,6 +43,7 @@ class Capabilities:
     logits_processors: bool = True  # any (tokens, logits) -> logits function, not only a grammar
     embeddings: bool = False  # /v1/embeddings from the model's hidden states
     prompt_cache: bool = True  # a prompt that starts like an earlier one reuses its KV cache
+    vision: bool = False  # takes images (GenerationRequest.images): a vision-language model
 
 
 @dataclass

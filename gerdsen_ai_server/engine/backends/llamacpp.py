@@ -89,6 +89,7 @@ class LlamaCppBackend(Reports):
     # Grammars only (their llguidance matcher, driven in numpy), no other logits processor; no embeddings.
     capabilities = Capabilities(threaded=True, logits_processors=False)
     decode_seconds = 0.0  # its own thread decodes: the engine's admission never waits on its steps
+    slot_files: Any = None  # llamacpp_state.SlotFiles: the prompt cache's disk tier (prompt_cache.py)
 
     def __init__(
         self,
@@ -263,6 +264,8 @@ class LlamaCppBackend(Reports):
             seq = self._waiting.pop(0)
             prompt = seq.pending
             slot = max(free, key=lambda s: _common_prefix(s.tokens, prompt))
+            if self.slot_files is not None:  # a file that shares more of the prompt: loaded into the slot
+                slot.tokens = self.slot_files.restore(slot.seq_id, prompt, slot.tokens)
             # Feed at least the prompt's last two tokens: llama.cpp's CPU products for a one-token
             # chunk differ from a longer chunk's in the last bits (logits ~3e-3 apart on the default
             # model), and a repeated seeded request then sampled another answer than the first.
@@ -358,6 +361,8 @@ class LlamaCppBackend(Reports):
         else:
             slot.seq = None
             self._end(seq, event)
+            if self.slot_files is not None:  # after its answer went out: its cells, to the disk tier
+                self.slot_files.save(slot.seq_id, slot.tokens)
 
     def _end(self, seq: _Seq, event: TokenEvent | None) -> None:
         host = self._host

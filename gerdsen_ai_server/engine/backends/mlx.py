@@ -5,7 +5,8 @@ earlier one, prompt_cache.py) and steps the batch (``step``): mlx-lm prefills th
 samples one token for every active sequence; each token goes through the shared text step
 (text.py) into its stream. A sequence whose stream was cancelled leaves at the next turn
 (``cancel``). The batch's decode batch is mlxlm.py's ``DecodeBatch`` (no forward pass for a token
-nobody reads). Everything here runs on the engine thread: it is all MLX work.
+nobody reads) as speculative.py's ``SpeculativeBatch`` (prompt-lookup or draft-model drafts while
+it decodes one sequence). Everything here runs on the engine thread: it is all MLX work.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
+from gerdsen_ai_server.engine import quantized_cache
 from gerdsen_ai_server.engine.backends.base import Capabilities, LoadedModel, Reports
-from gerdsen_ai_server.engine.mlxlm import DecodeBatch
 from gerdsen_ai_server.engine.prompt_cache import PrefixCache
 from gerdsen_ai_server.engine.protocol import GenerationRequest, TokenEvent, TokenStream
 from gerdsen_ai_server.engine.sampling import build_logits_processors, build_sampler, guarded, token_logprob
+from gerdsen_ai_server.engine.speculative import SpeculativeBatch
 from gerdsen_ai_server.engine.text import TextStep
 
 log = logging.getLogger(__name__)
@@ -58,10 +60,16 @@ class MLXBackend(Reports):
         self._counts = (0, 0)
         self.decode_seconds = 0.0
         self._generator = self._new_generator()
+        prompt_cache.attach(loaded, self)  # its live KV is the prompt cache's L1; its disk-tier key
 
     @property
     def nbytes(self) -> int:
         return self.loaded.nbytes
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the running batch's KV cache (the prompt cache's L1), read from any thread."""
+        return sum(c.nbytes for c in self._generator._generation_batch.prompt_cache or [])  # noqa: SLF001
 
     @property
     def busy(self) -> bool:
@@ -84,9 +92,16 @@ class MLXBackend(Reports):
             prefill_batch_size=prefill_size(self._batch_size),
         )
         # Its decode batch is made once, here, and extended by every prefilled prompt after.
-        generator._generation_batch = DecodeBatch.empty(loaded.model, generator.sampler)  # noqa: SLF001
+        generator._generation_batch = SpeculativeBatch.create(  # noqa: SLF001
+            loaded.model, generator.sampler, self._request_of, lambda: self._bound.stats if self._bound else None
+        )
         self._apply_batch_limit(generator)
         return generator
+
+    def _request_of(self, uid: int) -> GenerationRequest | None:
+        """A sequence's request, for its decode batch to read its speculative decoding (speculative.py)."""
+        live = self._sequences.get(uid)
+        return live.stream.request if live is not None else None
 
     def _apply_batch_limit(self, generator: BatchGenerator) -> None:
         # BatchGenerator admits a new sequence only while its generation batch is below
@@ -110,6 +125,11 @@ class MLXBackend(Reports):
         processors = build_logits_processors(request.sampling, request.max_tokens) + request.logits_processors
         self._prompt_cache.store(None)  # a request finds the cache of every request answered before it
         cache, rest = self._prompt_cache.lookup(request.model, prompt)
+        bits = self.loaded.kv_bits
+        if not quantized_cache.fits(cache, bits):  # never a cache of another kind in the batch
+            cache, rest = None, prompt
+        if cache is None and bits:  # mlx-lm would make plain KVCaches: a quantized batch needs its own
+            cache = quantized_cache.new_caches(self.loaded.model, bits)
         try:
             (uid,) = self._generator.insert(
                 [rest],
@@ -171,8 +191,9 @@ class MLXBackend(Reports):
                 del self._sequences[response.uid]
                 host.finish(live.stream, TokenEvent(error=f"Generation failed: {live.errors[0]}"))
                 continue
-            if live is not None:
-                self._emit(response.uid, live, response, finished)
+            if live is None:  # a stop string ended it earlier in this step's run (speculative.py)
+                continue
+            self._emit(response.uid, live, response, finished)
             if response.finish_reason is not None:
                 finished.append((response.all_tokens, response.prompt_cache))
         self._prompt_cache.keep(self.loaded.model_id, finished)

@@ -16,9 +16,10 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
+from gerdsen_ai_server.engine import quantized_cache
 from gerdsen_ai_server.engine.backends import llamacpp, llamacpp_lora, llamacpp_sizing
 from gerdsen_ai_server.engine.backends.base import LoadedModel
-from gerdsen_ai_server.engine.formats import adapters, safetensors
+from gerdsen_ai_server.engine.formats import adapters, safetensors, vision
 from gerdsen_ai_server.engine.formats import context as model_context
 from gerdsen_ai_server.engine.formats.encoder import is_encoder, load_encoder
 from gerdsen_ai_server.engine.formats.gguf import convert_gguf_to_mlx, converted_dir, ensure_default_model
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["COMPUTE_DTYPES", "LOAD_CHUNK_BYTES", "LoaderFactory", "context_length", "parameter_nbytes"]
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", safetensors.QUANTIZED_FLOAT32)  # engine/dtype.py chooses
 # Bytes of weights read or converted per load step (see LoaderFactory.load_steps): tens of ms on a CPU.
 LOAD_CHUNK_BYTES = 16 << 20
 
@@ -52,17 +53,17 @@ class LoaderFactory:
 
     def estimate_bytes(self, path: Path, compute_dtype: str | None, options: LoadOptions | None = None) -> int:
         """Memory a resolved model will take once loaded: what the registry reserves while it loads.
-        A GGUF (llama.cpp): the file plus the KV cache of its slots; a folder: its weights.
+        A GGUF (llama.cpp): the file plus the KV cache of its slots; a folder: its weights and tokenizer.
         Checks ``options``' context length first (``context_of``), before any room is made."""
         context = self.context_of(path, options)
         load = options or LoadOptions()
         if path.suffix.lower() == ".gguf":
             need = llamacpp_sizing.estimate_bytes(
-                path, self.options.sequences, context, load.kv_bits_for(True, self.options.kv_bits)
+                path, self.options.sequences, context, load.kv_bits_for(self.options.kv_bits)
             )
             return need + adapters.estimate(options)
-        load.kv_bits_for(False, 0)  # an MLX load's own kv_bits is a 400 now (the load warns of IMPETUS_KV_BITS)
-        return safetensors.estimate_bytes(path, compute_dtype) + adapters.estimate(options)
+        weights = safetensors.estimate_bytes(path, compute_dtype)  # exactly what MLX will hold for them
+        return weights + safetensors.tokenizer_bytes(path) + adapters.estimate(options)
 
     def context_of(self, path: Path, options: LoadOptions | None = None) -> int:
         """The context length a load of the resolved ``path`` gets: ``options.context_length``, else
@@ -210,21 +211,26 @@ class LoaderFactory:
                 models_dir / ".impetus" / "llamacpp-tokenizers",
                 self.options,
                 self.context_of(path, options),
-                options.kv_bits_for(True, self.options.kv_bits),
+                options.kv_bits_for(self.options.kv_bits),
             )
             return llamacpp_lora.apply(loaded, adapter, models_dir) if adapter else loaded  # a GGUF LoRA
+        # These two cast floating tensors only (a quantized model's packed weights stay): float32 there is
+        # what quantized-float32 asks (engine/dtype.py).
+        cast = "float32" if compute_dtype == safetensors.QUANTIZED_FLOAT32 else compute_dtype
+        if vision.is_vision_folder(path):  # a vision-language model: mlx-vlm (formats/vision.py)
+            vision.refuse_options(adapter is not None, options.kv_bits)
+            return vision.load_vision(path, cast)
         if is_encoder(path):
-            encoder, encoder_tokenizer, max_tokens = load_encoder(path, compute_dtype)
+            encoder, encoder_tokenizer, max_tokens = load_encoder(path, cast)
             return LoadedModel(
                 model_id=path.name,
                 path=path,
                 model=encoder,
                 tokenizer=encoder_tokenizer,
                 context_length=max_tokens,
-                nbytes=parameter_nbytes(encoder),
+                nbytes=parameter_nbytes(encoder) + safetensors.tokenizer_bytes(path),
                 kind="embedding",
             )
-        options.kv_bits_for(False, self.options.kv_bits)  # MLX: refused, or a warning under IMPETUS_KV_BITS
         model, tokenizer = yield from safetensors.load_steps(path, compute_dtype, chunk_bytes)
         model = adapters.apply_mlx(model, adapter, models_dir) if adapter else model
         return LoadedModel(
@@ -233,7 +239,8 @@ class LoaderFactory:
             model=model,
             tokenizer=tokenizer,
             context_length=context_length(path),
-            nbytes=parameter_nbytes(model),
+            nbytes=parameter_nbytes(model) + safetensors.tokenizer_bytes(path),  # what estimate_bytes charges
+            kv_bits=quantized_cache.bits_for(model, options.kv_bits, self.options.kv_bits),  # a 400 if it can't
         )
 
 

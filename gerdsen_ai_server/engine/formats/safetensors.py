@@ -21,12 +21,19 @@ from gerdsen_ai_server.engine.formats.context import from_folder
 from gerdsen_ai_server.store.errors import ModelLoadError
 from gerdsen_ai_server.store.formats import SAFETENSORS_DTYPE_BYTES
 
+# Quantized layers kept, every float tensor (scales, biases, norms) in float32: MLX's CPU quantized
+# matmul is ~7x slower with bfloat16 scales (0.41 vs 2.2-2.8 tok/s, bench/quant_dtype.py).
+QUANTIZED_FLOAT32 = "quantized-float32"
+_FLOATS = ("F16", "BF16", "F32")
+
 
 def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
-    """Memory the weights will take once loaded, from the safetensors headers alone.
+    """Memory the weights will take once loaded, from the safetensors headers alone (exactly what
+    MLX holds for them after the load: bench/quant_dtype.py compares the two).
 
     Quantized weights that will be dequantized to float32 count at 4 bytes per parameter
-    (each scale stands for ``group_size`` parameters, whatever the layer's bit width).
+    (each scale stands for ``group_size`` parameters, whatever the layer's bit width); under
+    ``quantized-float32`` they stay as stored and every float tensor counts at 4 bytes.
     """
     config = json.loads((path / "config.json").read_text())
     group_size = (config.get("quantization") or {}).get("group_size", 64)
@@ -41,7 +48,9 @@ def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
     total = 0
     for name, (dtype, count) in tensors.items():
         stored = count * SAFETENSORS_DTYPE_BYTES.get(dtype, 4)
-        if compute_dtype != "float32":
+        if compute_dtype == QUANTIZED_FLOAT32:
+            total += count * 4 if dtype in _FLOATS else stored
+        elif compute_dtype != "float32":
             total += stored
         elif name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] + ".weight" in tensors:
             continue  # folded into the weights when dequantized
@@ -50,6 +59,22 @@ def estimate_bytes(path: Path, compute_dtype: str | None) -> int:
         else:
             total += count * 4
     return total
+
+
+# A loaded tokenizer's memory (the Hugging Face fast tokenizer and mlx-lm's wrapper), measured as the RSS a
+# load adds beyond the weights (bench/quant_dtype.py): about 8 MB plus 8x its files' size (25-45 MB for
+# SmolLM2's 49k vocabulary, 8-10 MB for the bench model's 2k). Charged with the weights, so the registry's
+# estimate is within 10 % of the RSS a load adds for small models too (docs/performance.md).
+TOKENIZER_BASE_BYTES = 8 << 20
+TOKENIZER_FILE_FACTOR = 8
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
+def tokenizer_bytes(path: Path) -> int:
+    """Memory the folder's tokenizer takes once loaded: ``TOKENIZER_BASE_BYTES`` plus
+    ``TOKENIZER_FILE_FACTOR`` times the size of its files."""
+    files = sum((path / name).stat().st_size for name in TOKENIZER_FILES if (path / name).is_file())
+    return TOKENIZER_BASE_BYTES + TOKENIZER_FILE_FACTOR * files
 
 
 def _load_error(path: Path, exc: Exception) -> ModelLoadError:
@@ -111,7 +136,7 @@ def _materialize(model: Any, compute_dtype: str | None, chunk_bytes: int) -> Gen
         yield
     if compute_dtype is None:
         return
-    dtype = getattr(mx, compute_dtype)
+    dtype = mx.float32 if compute_dtype == QUANTIZED_FLOAT32 else getattr(mx, compute_dtype)
     if compute_dtype == "float32":
         quantized = {
             name: (m.weight, m.scales, m.get("biases"), m.group_size, m.bits, m.mode)

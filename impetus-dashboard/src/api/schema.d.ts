@@ -739,6 +739,18 @@ export interface components {
              */
             setting: "auto" | "mlx" | "llamacpp";
         };
+        /** Base64Source */
+        Base64Source: {
+            /** Data */
+            data: string;
+            /** Media Type */
+            media_type: string;
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            type: "base64";
+        };
         /** BatchInfo */
         BatchInfo: {
             /**
@@ -868,6 +880,49 @@ export interface components {
              * @constant
              */
             type: "ephemeral";
+        };
+        /**
+         * CacheTier
+         * @description One tier of the prompt cache (engine/prompt_cache.py).
+         */
+        CacheTier: {
+            /**
+             * Bytes
+             * @description Bytes of KV cache it holds.
+             */
+            bytes: number;
+            /**
+             * Entries
+             * @description Cached prefixes it holds (0 for live).
+             */
+            entries: number;
+            /**
+             * Hits
+             * @description Prompts whose cached prefix came from this tier (0 for live).
+             */
+            hits: number;
+            /**
+             * Limit Bytes
+             * @description Its bound (IMPETUS_PROMPT_CACHE_BYTES or _DISK_BYTES); 0: off.
+             */
+            limit_bytes: number;
+            /**
+             * Misses
+             * @description Prompts that found nothing in this tier (0 for live).
+             */
+            misses: number;
+            /**
+             * Rejected
+             * @description Disk: files refused and deleted (corrupt, truncated, other weights).
+             * @default 0
+             */
+            rejected: number;
+            /**
+             * Writes
+             * @description Disk: files written.
+             * @default 0
+             */
+            writes: number;
         };
         /** ChatChoice */
         ChatChoice: {
@@ -1060,6 +1115,8 @@ export interface components {
              * @default null
              */
             service_tier: ("auto" | "default" | "flex" | "scale" | "priority" | "fast") | null;
+            /** @default null */
+            speculative_config: components["schemas"]["SpeculativeConfig"] | null;
             /**
              * Stop
              * @default null
@@ -1145,7 +1202,7 @@ export interface components {
              * Content
              * @default null
              */
-            content: string | components["schemas"]["TextPart"][] | null;
+            content: string | (components["schemas"]["TextPart"] | components["schemas"]["ImagePart"])[] | null;
             /**
              * Name
              * @default null
@@ -1302,6 +1359,8 @@ export interface components {
              * @default null
              */
             seed: number | null;
+            /** @default null */
+            speculative_config: components["schemas"]["SpeculativeConfig"] | null;
             /**
              * Stop
              * @default null
@@ -1394,7 +1453,7 @@ export interface components {
             /** Text */
             text: string;
             /**
-             * Type
+             * @description discriminator enum property added by openapi-typescript
              * @enum {string}
              */
             type: "input_text" | "output_text";
@@ -1531,6 +1590,24 @@ export interface components {
         /** DiscoveredModel */
         DiscoveredModel: {
             /**
+             * Backend
+             * @description The backend that will run it here.
+             * @default null
+             */
+            backend: ("mlx" | "llamacpp") | null;
+            /**
+             * Compute Dtype
+             * @description The dtype it will compute in here ('as stored': its own quantization).
+             * @default null
+             */
+            compute_dtype: string | null;
+            /**
+             * Context Length
+             * @description The context memory_bytes counts its KV cache for.
+             * @default null
+             */
+            context_length: number | null;
+            /**
              * Description
              * @default null
              */
@@ -1541,11 +1618,30 @@ export interface components {
              */
             downloads: number | null;
             /**
+             * Faster
+             * @description The faster build of this model on this machine (a GGUF on a CPU).
+             * @default false
+             */
+            faster: boolean;
+            /**
+             * File
+             * @description The GGUF file to pull (POST /api/models/pull's gguf, `--file`).
+             * @default null
+             */
+            file: string | null;
+            /**
              * Fits
              * @description Whether memory_bytes is within the memory budget; null if unknown.
              * @default null
              */
             fits: boolean | null;
+            /**
+             * Format
+             * @description mlx: a safetensors folder; gguf: one .gguf file.
+             * @default mlx
+             * @enum {string}
+             */
+            format: "mlx" | "gguf";
             /** Id */
             id: string;
             /**
@@ -1556,10 +1652,16 @@ export interface components {
             local: boolean;
             /**
              * Memory Bytes
-             * @description Approximate bytes it takes resident, with this server's compute dtype.
+             * @description Approximate bytes the registry charges for it here, in the dtype it would compute in.
              * @default null
              */
             memory_bytes: number | null;
+            /**
+             * Memory Note
+             * @description What memory_bytes counts, and why that dtype.
+             * @default null
+             */
+            memory_note: string | null;
             /**
              * Parameters
              * @default null
@@ -1887,6 +1989,7 @@ export interface components {
             prompt_cache_enabled: boolean;
             /** Prompt Cache Limit Bytes */
             prompt_cache_limit_bytes: number;
+            prompt_cache_tiers: components["schemas"]["PromptCacheTiers"];
             /** Ready */
             ready: boolean;
             /**
@@ -1908,6 +2011,40 @@ export interface components {
             /** Version */
             version: string;
         };
+        /** ImageBlock */
+        ImageBlock: {
+            /** @default null */
+            cache_control: components["schemas"]["CacheControl"] | null;
+            /** Source */
+            source: components["schemas"]["Base64Source"] | components["schemas"]["URLSource"];
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            type: "image";
+        };
+        /**
+         * ImagePart
+         * @description OpenAI's ``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}``.
+         */
+        ImagePart: {
+            image_url: components["schemas"]["ImageURL"];
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            type: "image_url";
+        };
+        /** ImageURL */
+        ImageURL: {
+            /**
+             * Detail
+             * @default null
+             */
+            detail: ("auto" | "low" | "high") | null;
+            /** Url */
+            url: string;
+        };
         /** IncompleteDetails */
         IncompleteDetails: {
             /**
@@ -1916,10 +2053,39 @@ export interface components {
              */
             reason: "max_output_tokens";
         };
+        /**
+         * InputImage
+         * @description An image in a user message: ``image_url`` a data: URL (or http(s), when the operator allows
+         *     fetching), decoded as a chat ``image_url`` part is (serving/images.py). ``file_id`` names OpenAI's
+         *     Files API, which this server does not have: a 400 (serving/responses.py).
+         */
+        InputImage: {
+            /**
+             * Detail
+             * @default auto
+             * @enum {string}
+             */
+            detail: "auto" | "low" | "high";
+            /**
+             * File Id
+             * @default null
+             */
+            file_id: string | null;
+            /**
+             * Image Url
+             * @default null
+             */
+            image_url: string | null;
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            type: "input_image";
+        };
         /** InputMessage */
         InputMessage: {
             /** Content */
-            content: string | components["schemas"]["ContentPart"][];
+            content: string | (components["schemas"]["ContentPart"] | components["schemas"]["InputImage"])[];
             /**
              * Id
              * @default null
@@ -2068,7 +2234,7 @@ export interface components {
             keep_alive: number | null;
             /**
              * Kv Bits
-             * @description KV cache quantization: 0 (off, f16), 8 (q8_0: ~0.53x the KV memory) or 4 (q4_0: ~0.28x), as llama-server's -ctk/-ctv; omitted: IMPETUS_KV_BITS. llama.cpp models only: 8 or 4 on an MLX model is a 400.
+             * @description KV cache quantization: 0 (off, f16), 8 (q8_0: ~0.53x the KV memory) or 4 (q4_0: ~0.28x), as llama-server's -ctk/-ctv; on MLX mx.quantize groups of 64, batching on; omitted: IMPETUS_KV_BITS. A model whose KV cache cannot be quantized (e.g. head size not a multiple of 64) is a 400.
              * @default null
              */
             kv_bits: (0 | 4 | 8) | null;
@@ -2119,7 +2285,7 @@ export interface components {
          */
         Message: {
             /** Content */
-            content: string | (components["schemas"]["TextBlock"] | components["schemas"]["ToolUseBlock"] | components["schemas"]["ToolResultBlock"] | components["schemas"]["ThinkingBlock"] | components["schemas"]["RedactedThinkingBlock"])[];
+            content: string | (components["schemas"]["TextBlock"] | components["schemas"]["ToolUseBlock"] | components["schemas"]["ToolResultBlock"] | components["schemas"]["ThinkingBlock"] | components["schemas"]["RedactedThinkingBlock"] | components["schemas"]["ImageBlock"])[];
             /**
              * Role
              * @enum {string}
@@ -2386,6 +2552,18 @@ export interface components {
              */
             busy: boolean;
             /**
+             * Compute Dtype
+             * @description A resident's dtype in memory ('as stored': its own, quantized layers quantized).
+             * @default null
+             */
+            compute_dtype: string | null;
+            /**
+             * Compute Dtype Reason
+             * @description Why that dtype (IMPETUS_COMPUTE_DTYPE, memory).
+             * @default null
+             */
+            compute_dtype_reason: string | null;
+            /**
              * Context Length
              * @description A resident's effective context length: as loaded, IMPETUS_CONTEXT_LENGTH or trained.
              * @default null
@@ -2427,7 +2605,7 @@ export interface components {
             load_options: components["schemas"]["LoadOptionsInfo"] | null;
             /**
              * Memory Bytes
-             * @description Bytes of weights in memory while resident.
+             * @description Bytes the registry charges for it while resident: its weights and tokenizer (a GGUF on llama.cpp: the file and the KV cache of its slots).
              * @default null
              */
             memory_bytes: number | null;
@@ -2458,6 +2636,12 @@ export interface components {
              * @enum {string}
              */
             state: "resident" | "local";
+            /**
+             * Vision
+             * @description A vision-language model: its chat takes images (image_url parts).
+             * @default false
+             */
+            vision: boolean;
             /**
              * @description Set once a load with warmup: true has warmed it.
              * @default null
@@ -2730,7 +2914,7 @@ export interface components {
             keep_alive: number | null;
             /**
              * Kv Bits
-             * @description KV cache quantization bits, 0 | 8 | 4 (a load option, llama.cpp only); null: IMPETUS_KV_BITS.
+             * @description KV cache quantization bits, 0 | 8 | 4 (a load option); null: IMPETUS_KV_BITS.
              * @default null
              */
             kv_bits: (0 | 4 | 8) | null;
@@ -2810,6 +2994,8 @@ export interface components {
              * @default null
              */
             seed: number | null;
+            /** @default null */
+            speculative_config: components["schemas"]["SpeculativeConfig"] | null;
             /**
              * Stop
              * @default null
@@ -2844,6 +3030,15 @@ export interface components {
              */
             ttl: ("30m" | "12h") | null;
         };
+        /** PromptCacheTiers */
+        PromptCacheTiers: {
+            /** @description L3: finished prefixes on disk, found again after a restart. */
+            disk: components["schemas"]["CacheTier"];
+            /** @description L1: the running batches' KV caches. */
+            live: components["schemas"]["CacheTier"];
+            /** @description L2: finished prefixes in memory. */
+            ram: components["schemas"]["CacheTier"];
+        };
         /** PullList */
         PullList: {
             /** Data */
@@ -2865,7 +3060,7 @@ export interface components {
             gguf: string | null;
             /**
              * Model
-             * @description Hugging Face repo id, 'org/name'.
+             * @description Hugging Face repo id, 'org/name'; 'org/name:Q4_K_M' (or Ollama's 'hf.co/org/name:Q4_K_M') pulls the one .gguf file whose name ends in that tag.
              * @example mlx-community/Qwen2.5-0.5B-Instruct-4bit
              */
             model: string;
@@ -3498,6 +3693,46 @@ export interface components {
             /** Sensor */
             sensor: string;
         };
+        /**
+         * SpeculativeConfig
+         * @description vLLM's ``speculative_config`` (``method``, ``model``, ``num_speculative_tokens``, ``prompt_lookup_max``,
+         *     ``prompt_lookup_min``), taken per request here (vLLM sets it per server; our server default is
+         *     IMPETUS_SPECULATIVE, and IMPETUS_DRAFT_MODEL the draft model). ``method: "none"`` turns the server
+         *     default off for one request. It never changes the answer: greedy output is the plain decoding's,
+         *     sampled output keeps its distribution.
+         */
+        SpeculativeConfig: {
+            /**
+             * Method
+             * @description "ngram": prompt lookup drafts; "draft_model": a small model drafts; "none": plain decoding.
+             * @enum {string}
+             */
+            method: "ngram" | "draft_model" | "none";
+            /**
+             * Model
+             * @description draft_model: the draft model (null: IMPETUS_DRAFT_MODEL).
+             * @default null
+             */
+            model: string | null;
+            /**
+             * Num Speculative Tokens
+             * @description Tokens drafted a step.
+             * @default 5
+             */
+            num_speculative_tokens: number;
+            /**
+             * Prompt Lookup Max
+             * @description The longest context tail looked up earlier.
+             * @default 3
+             */
+            prompt_lookup_max: number;
+            /**
+             * Prompt Lookup Min
+             * @description The shortest context tail looked up earlier.
+             * @default 2
+             */
+            prompt_lookup_min: number;
+        };
         /** StreamOptions */
         StreamOptions: {
             /**
@@ -3575,8 +3810,8 @@ export interface components {
             /** Text */
             text: string;
             /**
-             * Type
-             * @constant
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
              */
             type: "text";
         };
@@ -3864,6 +4099,16 @@ export interface components {
             logprob: number;
             /** Token */
             token: string;
+        };
+        /** URLSource */
+        URLSource: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            type: "url";
+            /** Url */
+            url: string;
         };
         /** UnloadRequest */
         UnloadRequest: {

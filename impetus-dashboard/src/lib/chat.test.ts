@@ -89,4 +89,12 @@ describe("chatRequestBody", () => {
     expect(body).not.toHaveProperty("top_p");
     expect(body.messages).toEqual([{ role: "user", content: "q" }, { role: "assistant", content: "a" }]);
   });
+
+  it("sends an attached image as an image_url part before the text", () => {
+    const image = "data:image/png;base64,iVBORw0KGgo=";
+    const body = chatRequestBody("m", [{ role: "user", content: "What is this?", image }], { params: {}, thinking: null });
+    expect(body.messages).toEqual([
+      { role: "user", content: [{ type: "image_url", image_url: { url: image } }, { type: "text", text: "What is this?" }] },
+    ]);
+  });
 });

@@ -20,6 +20,8 @@ interface StreamChunk extends ErrorBody {
 export interface ChatMessage {
   role: "system" | "user" | "assistant";
   content: string;
+  /** A user message's attached image, a data: URL, sent as an OpenAI `image_url` part (vision models only). */
+  image?: string;
   /** An assistant reply's thinking: shown apart, never sent back (templates drop it from history anyway). */
   reasoning?: string;
 }
@@ -56,7 +58,11 @@ export interface StreamResult {
 export function chatRequestBody(model: string, messages: ChatMessage[], options: ChatOptions): Record<string, unknown> {
   const body: Record<string, unknown> = {
     model,
-    messages: messages.map(({ role, content }) => ({ role, content })),
+    messages: messages.map(({ role, content, image }) =>
+      image
+        ? { role, content: [{ type: "image_url", image_url: { url: image } }, { type: "text", text: content }] }
+        : { role, content },
+    ),
     stream: true,
     stream_options: { include_usage: true },
   };

@@ -49,12 +49,20 @@ function ModelRow({ model, busy, canDelete, onAction }: {
             {model.state}
           </Badge>
           {model.pinned && <Badge variant="outline">default</Badge>}
+          {model.vision && <Badge color="grape" variant="light" data-testid="vision">vision</Badge>}
           {model.busy && <Badge color="blue">generating</Badge>}
         </Group>
       </Table.Td>
       <Table.Td>{model.format ?? "–"}</Table.Td>
       <Table.Td>{formatBytes(model.size_bytes)}</Table.Td>
-      <Table.Td>{resident ? formatBytes(model.memory_bytes) : "–"}</Table.Td>
+      <Table.Td>
+        {resident ? formatBytes(model.memory_bytes) : "–"}
+        {resident && model.compute_dtype && (
+          <Tooltip label={model.compute_dtype_reason ?? ""} multiline w={320} disabled={!model.compute_dtype_reason}>
+            <Text size="xs" c="dimmed" data-testid="compute-dtype">{model.compute_dtype}</Text>
+          </Tooltip>
+        )}
+      </Table.Td>
       <Table.Td>{model.context_length ?? "–"}</Table.Td>
       <Table.Td>
         <Group gap="xs" justify="flex-end" wrap="nowrap">
@@ -136,7 +144,7 @@ function PullPanel({ list, onStart, onCancel }: {
   );
 }
 
-function DiscoverPanel({ onPull }: { onPull: (id: string) => void }) {
+function DiscoverPanel({ onPull }: { onPull: (id: string, file: string | null) => void }) {
   const [query, setQuery] = useState("");
   const [submitted, setSubmitted] = useState("");
   const discover = useApi<DiscoverResponse>(endpoints.discover(submitted));
@@ -167,14 +175,26 @@ function DiscoverPanel({ onPull }: { onPull: (id: string) => void }) {
           </Table.Thead>
           <Table.Tbody>
             {(body?.data ?? []).map((m) => (
-              <Table.Tr key={m.id}>
+              <Table.Tr key={`${m.id}/${m.file ?? ""}`} data-testid={`discover-row-${m.id}`}>
                 <Table.Td>
-                  <Text size="sm" fw={500}>{m.id}</Text>
+                  <Group gap={6}>
+                    <Text size="sm" fw={500}>{m.id}</Text>
+                    {m.format === "gguf" && <Badge size="xs" variant="outline">GGUF · llama.cpp</Badge>}
+                    {m.faster && <Badge size="xs" color="teal" data-testid="faster">faster here</Badge>}
+                  </Group>
+                  {m.file && <Text size="xs" ff="monospace">{m.file}</Text>}
                   {m.description && <Text size="xs" c="dimmed">{m.description}</Text>}
                 </Table.Td>
                 <Table.Td>{m.quantization ?? "–"}</Table.Td>
                 <Table.Td>{formatBytes(m.size_bytes)}</Table.Td>
-                <Table.Td>{formatBytes(m.memory_bytes)}</Table.Td>
+                <Table.Td>
+                  <Tooltip label={m.memory_note ?? "approximate"} multiline w={320} disabled={!m.memory_note}>
+                    <div>
+                      <Text size="sm">{formatBytes(m.memory_bytes)}</Text>
+                      {m.compute_dtype && <Text size="xs" c="dimmed">{m.compute_dtype}</Text>}
+                    </div>
+                  </Tooltip>
+                </Table.Td>
                 <Table.Td>
                   <Badge color={m.fits === null ? "gray" : m.fits ? "teal" : "red"} variant="light">
                     {m.fits === null ? "unknown" : m.fits ? "fits" : "too big"}
@@ -182,7 +202,7 @@ function DiscoverPanel({ onPull }: { onPull: (id: string) => void }) {
                 </Table.Td>
                 <Table.Td>
                   {m.local ? <Badge variant="outline">local</Badge> : (
-                    <Button size="compact-xs" variant="light" onClick={() => onPull(m.id)}>Pull</Button>
+                    <Button size="compact-xs" variant="light" onClick={() => onPull(m.id, m.file)}>Pull</Button>
                   )}
                 </Table.Td>
               </Table.Tr>
@@ -229,10 +249,10 @@ export function Models() {
     }
   };
 
-  const pull = async (id: string): Promise<boolean> => {
+  const pull = async (id: string, file: string | null = null): Promise<boolean> => {
     setError(null);
     try {
-      await postJson(endpoints.pull, { model: id } satisfies PullRequest);
+      await postJson(endpoints.pull, (file ? { model: id, gguf: file } : { model: id }) satisfies PullRequest);
       setPulling(true);
       pullsApi.reload();
       return true;
@@ -292,7 +312,7 @@ export function Models() {
       ) : (
         <PullPanel list={pullList} onStart={pull} onCancel={cancelPull} />
       )}
-      <DiscoverPanel onPull={(id) => void pull(id)} />
+      <DiscoverPanel onPull={(id, file) => void pull(id, file)} />
     </Stack>
   );
 }

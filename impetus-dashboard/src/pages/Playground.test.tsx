@@ -19,7 +19,7 @@ const coder: Preset = {
 };
 
 /** JSON for the GETs; for the chat, an SSE stream held open until `release()` so the test sees it mid-stream. */
-function fakeServer(presets: Preset[] = []) {
+function fakeServer(presets: Preset[] = [], list: ModelList = models) {
   const chats: Record<string, unknown>[] = [];
   let release = () => undefined as void;
   const encoder = new TextEncoder();
@@ -29,7 +29,7 @@ function fakeServer(presets: Preset[] = []) {
     const path = input instanceof Request ? input.url : input.toString();
     const json = (body: unknown) =>
       Promise.resolve(new Response(JSON.stringify(body), { status: 200, headers: { "Content-Type": "application/json" } }));
-    if (path === "/v1/models") return json(models);
+    if (path === "/v1/models") return json(list);
     if (path === "/api/presets") return json({ presets } satisfies PresetList);
     chats.push(JSON.parse(init.body as string) as Record<string, unknown>);
     const body = new ReadableStream<Uint8Array>({
@@ -104,5 +104,32 @@ describe("Playground", () => {
     expect(body).toMatchObject({ model: "coder", max_tokens: 12, chat_template_kwargs: { enable_thinking: true } });
     expect(body).not.toHaveProperty("temperature"); // the preset's applies on the server
     expect(body.messages).toEqual([{ role: "user", content: "hi" }]); // no system message: the preset's is used
+  });
+
+  it("offers an image only for a vision model, and sends it as an image_url part", async () => {
+    const eye = { ...card("eye", 4096), capabilities: ["chat.completions", "vision"] };
+    const server = fakeServer([], { object: "list", data: [card("tiny", 2048), eye] });
+    vi.stubGlobal("fetch", server.fn);
+    renderWithMantine(<Playground />);
+    await waitFor(() => expect(screen.getByTestId<HTMLInputElement>("chat-model").value).toBe("tiny"));
+    expect(screen.queryByTestId("chat-attach")).toBeNull(); // a text model: no image
+
+    fireEvent.click(screen.getByTestId("chat-model"));
+    fireEvent.click(await screen.findByRole("option", { name: "eye", hidden: true }));
+    await screen.findByTestId("chat-attach");
+    const png = new File([new Uint8Array([137, 80, 78, 71])], "cat.png", { type: "image/png" });
+    fireEvent.change(document.querySelector('input[type="file"]')!, { target: { files: [png] } });
+    expect((await screen.findByTestId("chat-image")).textContent).toContain("cat.png");
+
+    send("What is this?");
+    await waitFor(() => expect(server.chats).toHaveLength(1));
+    expect(server.chats[0].messages).toEqual([
+      { role: "system", content: "You are a helpful assistant." },
+      { role: "user", content: [{ type: "image_url", image_url: { url: "data:image/png;base64,iVBORw==" } }, { type: "text", text: "What is this?" }] },
+    ]);
+    expect(screen.queryByTestId("chat-image")).toBeNull(); // sent with the message, shown in its bubble
+    expect(screen.getByTestId("message-image").getAttribute("src")).toBe("data:image/png;base64,iVBORw==");
+    server.release();
+    await screen.findByTestId("chat-stats");
   });
 });

@@ -1,11 +1,14 @@
 // Chat with a model, tokens streamed through /v1/chat/completions (SSE over fetch): the model's thinking
 // apart from its answer, a thinking switch (chat_template_kwargs.enable_thinking), a preset's defaults,
-// and the chosen model's effective context length.
+// and the chosen model's effective context length; a vision model (`capabilities` has "vision") takes an image.
 import {
   Alert,
   Button,
+  CloseButton,
+  FileButton,
   Grid,
   Group,
+  Image,
   NumberInput,
   Paper,
   ScrollArea,
@@ -41,6 +44,7 @@ function Bubble({ message, streaming }: { message: ChatMessage; streaming?: bool
         data-testid={user ? "message-user" : "message-assistant"}
         data-streaming={streaming ? "true" : "false"}
       >
+        {message.image ? <Image src={message.image} alt="attached image" mah={160} w="auto" fit="contain" radius="sm" mb="xs" data-testid="message-image" /> : null}
         {message.reasoning ? <Reasoning text={message.reasoning} streaming={streaming && !message.content} /> : null}
         <Text size="sm" style={{ whiteSpace: "pre-wrap" }} data-testid="message-content">
           {message.content || (streaming ? "…" : "")}
@@ -48,6 +52,16 @@ function Bubble({ message, streaming }: { message: ChatMessage; streaming?: bool
       </Paper>
     </Group>
   );
+}
+
+/** A picked file as a data: URL, the form an `image_url` part carries it in. */
+function readDataUrl(file: File): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => (typeof reader.result === "string" ? resolve(reader.result) : reject(new Error("could not read the file")));
+    reader.onerror = () => reject(reader.error ?? new Error("could not read the file"));
+    reader.readAsDataURL(file);
+  });
 }
 
 /** A sampling field left blank shows what applies instead: the preset's value, or the server's default. */
@@ -64,6 +78,7 @@ export function Playground() {
   const [thinking, setThinking] = useState<Thinking>("default");
   const [messages, setMessages] = useState<ChatMessage[]>([]);
   const [draft, setDraft] = useState("");
+  const [image, setImage] = useState<{ name: string; url: string } | null>(null);
   const [streaming, setStreaming] = useState<ChatMessage | null>(null);
   const [stats, setStats] = useState<StreamResult | null>(null);
   const [error, setError] = useState<string | null>(null);
@@ -89,6 +104,16 @@ export function Playground() {
   // else its base model's card.
   const contextOf = (id: string | null) => cards.find((c) => c.id === id)?.context_length ?? null;
   const context = contextOf(model) ?? (preset ? (preset.context_length || contextOf(preset.model)) ?? null : null);
+  // Images only for a vision model (the card's capabilities; a preset's own card, else its base model's).
+  const capabilities = (cards.find((c) => c.id === model) ?? cards.find((c) => c.id === preset?.model))?.capabilities;
+  const vision = capabilities?.includes("vision") ?? false;
+  useEffect(() => {
+    if (!vision) setImage(null);
+  }, [vision]);
+  const attach = (file: File | null) => {
+    if (!file) return;
+    readDataUrl(file).then((url) => setImage({ name: file.name, url }), (e: Error) => setError(e.message));
+  };
 
   const choose = (id: string | null) => {
     const next = presets.find((p) => p.name === id) ?? null;
@@ -106,9 +131,11 @@ export function Playground() {
   const send = async () => {
     const text = draft.trim();
     if (!text || !model || streaming !== null) return;
-    const history: ChatMessage[] = [...messages, { role: "user", content: text }];
+    const sent: ChatMessage = image ? { role: "user", content: text, image: image.url } : { role: "user", content: text };
+    const history: ChatMessage[] = [...messages, sent];
     setMessages(history);
     setDraft("");
+    setImage(null);
     setError(null);
     setStats(null);
     setStreaming({ role: "assistant", content: "" });
@@ -173,6 +200,11 @@ export function Playground() {
                   }}
                   data-testid="chat-input"
                 />
+                {vision && (
+                  <FileButton onChange={attach} accept="image/png,image/jpeg,image/webp">
+                    {(props) => <Button variant="light" {...props} disabled={streaming !== null} data-testid="chat-attach">Image</Button>}
+                  </FileButton>
+                )}
                 {streaming !== null ? (
                   <Button color="red" variant="light" onClick={() => abort.current?.abort()} data-testid="chat-stop">Stop</Button>
                 ) : (
@@ -183,6 +215,13 @@ export function Playground() {
                 </Button>
               </Group>
             </form>
+            {image && (
+              <Group gap="xs" mt="xs" data-testid="chat-image">
+                <Image src={image.url} alt={image.name} h={40} w={40} fit="cover" radius="sm" />
+                <Text size="xs" c="dimmed">{image.name}</Text>
+                <CloseButton size="sm" aria-label="Remove the image" onClick={() => setImage(null)} data-testid="chat-image-remove" />
+              </Group>
+            )}
             {stats && (
               <Text size="xs" c="dimmed" mt="xs" data-testid="chat-stats">
                 TTFT {formatNumber(stats.ttftMs, 0)} ms · {formatNumber(stats.tokensPerSecond, 1)} tok/s

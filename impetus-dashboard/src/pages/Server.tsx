@@ -75,6 +75,11 @@ export function Server() {
               ["C allocator", h.allocator],
               ["prompt cache", h.prompt_cache_enabled === undefined ? undefined
                 : h.prompt_cache_enabled ? `${formatBytes(h.prompt_cache_bytes)} of ${formatBytes(h.prompt_cache_limit_bytes)}` : "off"],
+              ["prompt cache tiers", h.prompt_cache_tiers === undefined ? undefined
+                : `live KV ${formatBytes(h.prompt_cache_tiers.live.bytes)}; RAM ${h.prompt_cache_tiers.ram.hits} hits, `
+                  + `${h.prompt_cache_tiers.ram.misses} misses; disk ${h.prompt_cache_tiers.disk.limit_bytes
+                    ? `${formatBytes(h.prompt_cache_tiers.disk.bytes)} of ${formatBytes(h.prompt_cache_tiers.disk.limit_bytes)}, `
+                      + `${h.prompt_cache_tiers.disk.hits} hits, ${h.prompt_cache_tiers.disk.misses} misses` : "off"}`],
               ["batch size", h.max_batch === undefined ? undefined
                 : `${h.max_batch}${h.batch_limit != null ? ` (capped at ${h.batch_limit}: thermal)` : ""}`],
               ["resident models", h.models.map((m) => `${m.id} (${formatBytes(m.bytes)})`).join(", ")],

@@ -1,0 +1,209 @@
+"""A vision-language model on the real server (mlx-vlm, engine/backends/vision.py): a tiny random
+Qwen2-VL built here, asked through the OpenAI and Anthropic SDKs with base64 images.
+
+Its answers are checked against mlx-vlm itself (``mlx_vlm.generate`` in this process, same folder,
+same image, greedy and seeded), its usage against the image tokens mlx-vlm counts; two images give
+two answers (no KV shared: the backend keeps no prompt cache); a text-only request to it works; a
+text request to the default model finishes while a long image request is still decoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.support import DEFAULT_MODEL
+from tests.support.models import default_model_folder
+from tests.support.server import Server, start_server, stop_server
+
+pytest.importorskip("mlx_vlm", reason="mlx-vlm is not installed (make setup installs it: requirements-vision.txt)")
+
+pytestmark = pytest.mark.server
+
+VLM = "tiny-qwen2-vl"
+QUESTION = "What is in this picture?"
+
+
+def png(seed: int, size: int = 512) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8")
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_url(image: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(image).decode()
+
+
+def image_message(image: bytes, text: str = QUESTION) -> list[dict[str, Any]]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": text}],
+        }
+    ]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.support.tiny_vlm import build_tiny_qwen2_vl
+
+    folder = tmp_path_factory.mktemp("vision-models")
+    build_tiny_qwen2_vl(folder / VLM, default_model_folder())
+    (folder / DEFAULT_MODEL).symlink_to(default_model_folder(), target_is_directory=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("vision-server"), IMPETUS_MODELS_DIR=str(models))
+    try:
+        loaded = requests.post(srv.url + "/api/models/load", json={"model": VLM}, timeout=300)
+        assert loaded.status_code == 200, loaded.text
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def client(server: Server):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=120)
+
+
+def reference(models: Path, image: bytes, tmp: Path, **sampling: Any) -> Any:
+    """mlx-vlm's own answer: its loader, its chat template, its generate, the same image file."""
+    import mlx_vlm
+
+    path = tmp / "image.png"
+    path.write_bytes(image)
+    model, processor = mlx_vlm.load(str(models / VLM))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return mlx_vlm.generate(model, processor, prompt, image=[str(path)], max_tokens=8, verbose=False, **sampling)
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.9, "seed": 3}], ids=["greedy", "seeded"])
+def test_image_answer_is_mlx_vlms(client, models: Path, tmp_path: Path, sampling: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    image = png(0)
+    ours = client.chat.completions.create(model=VLM, messages=image_message(image), max_tokens=8, **sampling)
+    theirs = reference(models, image, tmp_path, **sampling)
+    # mlx-vlm keeps the first token's leading space; a chat answer drops it (as mlx_lm.server does)
+    assert ours.choices[0].message.content == theirs.text.lstrip(" ")
+    assert ours.choices[0].finish_reason == "length"
+    # usage counts the image's tokens: 16 for this model's 112x112 cap, where the template wrote one
+    assert ours.usage.prompt_tokens == theirs.prompt_tokens
+    assert ours.usage.completion_tokens == 8
+
+
+def test_two_images_two_answers(client) -> None:  # type: ignore[no-untyped-def]
+    """The same prompt text with another image: other log-probabilities (random weights may still pick
+    the same tokens); the same image again: the very same ones (nothing carried over between them)."""
+
+    def logprobs(image: bytes) -> list[float]:
+        reply = client.chat.completions.create(
+            model=VLM, messages=image_message(image), max_tokens=3, temperature=0, logprobs=True
+        )
+        return [t.logprob for t in reply.choices[0].logprobs.content]
+
+    first = logprobs(png(1))
+    assert logprobs(png(2, 256)) != first
+    assert logprobs(png(1)) == first
+
+
+def test_text_only_request_to_the_vision_model(client, server: Server) -> None:  # type: ignore[no-untyped-def]
+    messages = [{"role": "user", "content": "Hello there"}]
+    reply = client.chat.completions.create(model=VLM, messages=messages, max_tokens=5, temperature=0)
+    assert reply.choices[0].message.content
+    counted = requests.post(server.url + "/tokenize", json={"model": VLM, "messages": messages}, timeout=30).json()
+    assert reply.usage.prompt_tokens == counted["count"]
+
+
+def test_image_beside_tools_described_in_the_prompt(client) -> None:  # type: ignore[no-untyped-def]
+    """This template has no tools: their description goes first as a system message, and the image
+    parts must still land in the user's message (serving/chat.py ``with_image_parts``)."""
+    tool = {"type": "function", "function": {"name": "look", "parameters": {"type": "object", "properties": {}}}}
+    with_image = client.chat.completions.create(model=VLM, messages=image_message(png(0)), tools=[tool], max_tokens=2)
+    text_only = client.chat.completions.create(
+        model=VLM, messages=[{"role": "user", "content": QUESTION}], tools=[tool], max_tokens=2
+    )
+    assert with_image.usage.prompt_tokens == text_only.usage.prompt_tokens + 18
+
+
+def test_anthropic_image_block(server: Server) -> None:
+    from anthropic import Anthropic
+
+    client = Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+    image = base64.b64encode(png(0)).decode()
+    content: Any = [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}},
+        {"type": "text", "text": QUESTION},
+    ]
+    reply = client.messages.create(model=VLM, max_tokens=4, messages=[{"role": "user", "content": content}])
+    text_only = client.messages.create(model=VLM, max_tokens=4, messages=[{"role": "user", "content": QUESTION}])
+    # the image's 16 tokens (a 112x112 cap, 2x2-merged 14-pixel patches) between <|vision_start|> and <|vision_end|>
+    assert reply.usage.input_tokens == text_only.usage.input_tokens + 18
+
+
+def test_responses_input_image(client) -> None:  # type: ignore[no-untyped-def]
+    def tokens(content: list[dict[str, Any]]) -> int:
+        reply = client.responses.create(model=VLM, input=[{"role": "user", "content": content}], max_output_tokens=3)
+        assert reply.status in ("completed", "incomplete")
+        return int(reply.usage.input_tokens)
+
+    question = {"type": "input_text", "text": QUESTION}
+    assert tokens([{"type": "input_image", "image_url": data_url(png(0))}, question]) == tokens([question]) + 18
+
+
+def test_text_model_runs_while_an_image_request_decodes(client) -> None:  # type: ignore[no-untyped-def]
+    """The vision model runs one request at a time, but the engine steps it like any backend: the
+    default model's batch decodes between its tokens."""
+    done: dict[str, float] = {}
+    started = threading.Event()
+
+    def long_image_request() -> None:
+        stream = client.chat.completions.create(
+            model=VLM, messages=image_message(png(3)), max_tokens=300, temperature=0, stream=True
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                started.set()
+        done["image"] = time.monotonic()
+
+    worker = threading.Thread(target=long_image_request)
+    worker.start()
+    assert started.wait(60)
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
+    done["text"] = time.monotonic()
+    worker.join(120)
+    assert reply.choices[0].message.content
+    assert done["text"] < done["image"], "the text request waited for the image request to end"
+
+
+def test_no_embeddings_from_the_vision_model(client) -> None:  # type: ignore[no-untyped-def]
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model=VLM, input="hello")
+    assert refused.value.code == "model_not_supported"
+
+
+def test_a_load_option_it_cannot_take_is_a_400(server: Server) -> None:
+    load = {"model": VLM, "alias": "vlm-kv4", "kv_bits": 4}
+    reply = requests.post(server.url + "/api/models/load", json=load, timeout=120)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "kv_bits"

@@ -1,0 +1,250 @@
+"""Speculative decoding (engine/speculative.py) in-process: the rejection rule keeps the target
+distribution (statistically, on a small vocabulary), prompt lookup finds its drafts, and on the real
+embedded model greedy output with speculation (prompt lookup, or a draft model) is the plain
+decoding's, token for token, with max_tokens, stop strings, log-probabilities, cancellation and a
+batch of several kept as they were."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.engine import InferenceEngine
+from gerdsen_ai_server.engine.options import EngineOptions
+from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams, SpeculativeParams
+from gerdsen_ai_server.engine.sampling import build_sampler
+from gerdsen_ai_server.engine.speculative import NgramIndex, accept_sampled
+from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+from tests.support.models import default_model_folder
+from tests.support.tiny_models import build_tiny_llama
+
+GREEDY = SamplingParams(temperature=0)
+NGRAM = SpeculativeParams(method="ngram", num_tokens=6, lookup_max=3, lookup_min=2)
+# An "edit this text" prompt: the answer copies the input, so prompt lookup drafts well.
+EDIT = (
+    "Repeat this text exactly, fixing the spelling mistakes:\n\nThe quick brown fox jumps over the lazzy dog. "
+    "It was a sunny day in the park, and the children were playing footbal near the old oak tree while their "
+    "parents watched from the benches."
+)
+OTHER = "Tell me about the sea."  # an answer that copies little
+
+
+def lookup_draft(context: list[int], count: int, lookup_min: int, lookup_max: int) -> list[int]:
+    """The reference: a scan back from the end for the longest, most recent earlier match of the tail."""
+    size = len(context)
+    for n in range(min(lookup_max, size - 1), lookup_min - 1, -1):
+        for end in range(size - 2, n - 2, -1):
+            if context[end - n + 1 : end + 1] == context[size - n :]:
+                return context[end + 1 : end + 1 + count]
+    return []
+
+
+def test_ngram_index_drafts_the_longest_most_recent_match() -> None:
+    index = NgramIndex(1, 3)
+    index.extend([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3])
+    assert index.draft(2) == [7, 8]  # "2 3" last seen before "7 8" (no "5 2 3" earlier)
+    index = NgramIndex(2, 2)
+    index.extend([1, 2, 1, 2])
+    assert index.draft(5) == [1, 2]  # a match may run into the tail itself
+    rng = np.random.default_rng(3)  # grown a few tokens at a time, as a sequence decodes: the scan's drafts
+    index, context = NgramIndex(2, 3), []
+    for _ in range(300):
+        new = [int(t) for t in rng.integers(0, 6, size=rng.integers(1, 4))]
+        index.extend(new)
+        context += new
+        assert index.draft(4) == lookup_draft(context, 4, 2, 3)
+
+
+def _chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token of probability 0 was produced"
+    return float((((counts - expected) ** 2)[keep] / expected[keep]).sum())
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=4)],
+    ids=["temperature-1", "temperature-0.7-top-k-4"],
+)
+def test_rejection_rule_keeps_the_target_distribution(sampling: SamplingParams) -> None:
+    """Over many verifications of a fixed two-token draft, the first token is distributed as the
+    target's first row, and the second (given the first was the draft's) as its second row: a
+    chi-square test on 6 tokens (5 degrees of freedom; 30 is p < 1e-5). A rule that accepted a
+    likely draft more often, or resampled without removing the draft, fails it."""
+    mx.random.seed(7)
+    logits = mx.array([[2.0, 1.5, 1.0, 0.3, -0.5, 0.0], [0.2, 1.0, 1.8, -1.0, 0.5, 0.9], [0.0] * 6])
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    request = GenerationRequest(model="m", prompt_tokens=[0], max_tokens=8, sampling=sampling)
+    sampler = build_sampler(sampling)
+    scaled = np.array(logprobs) / sampling.temperature
+    if sampling.top_k:
+        cut = np.sort(scaled, axis=-1)[:, -sampling.top_k][:, None]
+        scaled = np.where(scaled >= cut, scaled, -np.inf)
+    target = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    target /= target.sum(axis=-1, keepdims=True)
+    draft = [1, 2]  # neither row's most likely token
+    first, second = np.zeros(6), np.zeros(6)
+    for _ in range(4000):
+        accepted, following = accept_sampled(request, logprobs, draft, sampler)
+        tokens = [*draft[:accepted], following]
+        first[tokens[0]] += 1
+        if accepted:  # the first drafted token was kept
+            second[tokens[1]] += 1
+    assert _chi_square(first, target[0]) < 30, (first, target[0])
+    assert _chi_square(second, target[1]) < 30, (second, target[1])
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[InferenceEngine]:
+    eng = InferenceEngine(EngineOptions(TEST_MODELS_DIR, max_batch=8, max_queue=4, backend="mlx"))
+    eng.start()
+    eng.load_model(DEFAULT_MODEL).result(timeout=300)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(engine: InferenceEngine) -> LoadedModel:
+    return engine.get_model(DEFAULT_MODEL)
+
+
+def prompt_of(model: LoadedModel, text: str) -> list[int]:
+    return list(model.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+
+
+@pytest.fixture(scope="module")
+def plain(engine: InferenceEngine, model: LoadedModel) -> dict[str, tuple[list[int], str, str | None, list[float]]]:
+    """Each prompt's plain greedy answer (32 tokens), computed once for the module."""
+    return {text: run(engine, model, text, None) for text in (EDIT, OTHER)}
+
+
+def run(
+    engine: InferenceEngine,
+    model: LoadedModel,
+    text: str,
+    speculative: SpeculativeParams | None,
+    max_tokens: int = 32,
+    stop: list[str] | None = None,
+    logprobs: int | None = None,
+) -> tuple[list[int], str, str | None, list[float]]:
+    """(tokens, text, finish reason, chosen tokens' logprobs) of one greedy request read to its end."""
+    request = GenerationRequest(
+        model=model.model_id,
+        prompt_tokens=prompt_of(model, text),
+        max_tokens=max_tokens,
+        sampling=GREEDY,
+        stop=stop or [],
+        logprobs=logprobs,
+        speculative=speculative,
+    )
+    ids: list[int] = []
+    parts: list[str] = []
+    chosen: list[float] = []
+    finish = None
+    for event in engine.submit(request):
+        assert event.error is None, event.error
+        ids += event.token_ids
+        parts.append(event.text)
+        chosen += [lp.logprob for lp in event.logprobs]
+        finish = event.finish_reason or finish
+    return ids, "".join(parts), finish, chosen
+
+
+def test_greedy_output_is_the_plain_decodings(
+    engine: InferenceEngine, model: LoadedModel, plain: dict[str, tuple[list[int], str, str | None, list[float]]]
+) -> None:
+    for text in (EDIT, OTHER):
+        before = engine.stats()
+        fast = run(engine, model, text, NGRAM)
+        after = engine.stats()
+        assert fast[:3] == plain[text][:3], text
+        if text == EDIT:  # the edit copies its input: most drafts are accepted
+            drafted = after.speculative_drafted_total - before.speculative_drafted_total
+            accepted = after.speculative_accepted_total - before.speculative_accepted_total
+            assert drafted > 0 and accepted / drafted > 0.5, (drafted, accepted)
+
+
+def test_stops_end_a_run_exactly_where_plain_decoding_ends(
+    engine: InferenceEngine, model: LoadedModel, plain: dict[str, tuple[list[int], str, str | None, list[float]]]
+) -> None:
+    """max_tokens and a stop string reached inside an accepted run end it at the same token and text;
+    log-probabilities of the accepted tokens are the plain steps' (to float noise)."""
+    fast = run(engine, model, EDIT, NGRAM, max_tokens=13, logprobs=0)
+    short = run(engine, model, EDIT, None, max_tokens=13, logprobs=0)
+    assert fast[:3] == short[:3] and fast[0] == plain[EDIT][0][:13] and fast[2] == "length"
+    assert np.allclose(fast[3], short[3], atol=1e-3)
+    reference = plain[EDIT][1]
+    assert "lazy dog" in reference
+    fast = run(engine, model, EDIT, NGRAM, stop=["lazy dog"])
+    assert fast[2] == "stop" and fast[1] == reference[: reference.index("lazy dog")]
+
+
+def test_a_speculating_request_keeps_the_batch(
+    engine: InferenceEngine, model: LoadedModel, plain: dict[str, tuple[list[int], str, str | None, list[float]]]
+) -> None:
+    """Two requests together, one of them speculating: both decode in one batch, each with its plain
+    answer; the other's ends first (16 tokens), and the speculating one then goes on alone, drafting."""
+    results: dict[str, list[int]] = {}
+
+    def one(text: str) -> None:
+        results[text] = run(
+            engine, model, text, NGRAM if text == EDIT else None, max_tokens=32 if text == EDIT else 16
+        )[0]
+
+    before = engine.stats().speculative_drafted_total
+    threads = [threading.Thread(target=one, args=(text,)) for text in (EDIT, OTHER)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert results == {EDIT: plain[EDIT][0], OTHER: plain[OTHER][0][:16]}
+    assert engine.stats().speculative_drafted_total > before
+
+
+def test_cancelling_a_speculating_request(
+    engine: InferenceEngine, model: LoadedModel, plain: dict[str, tuple[list[int], str, str | None, list[float]]]
+) -> None:
+    """A client leaving mid-answer frees its place; the next request decodes as before."""
+    request = GenerationRequest(
+        model=model.model_id, prompt_tokens=prompt_of(model, EDIT), max_tokens=64, sampling=GREEDY, speculative=NGRAM
+    )
+    stream = engine.submit(request)
+    next(iter(stream))
+    stream.cancel()
+    deadline = time.monotonic() + 60
+    while engine.inflight:
+        assert time.monotonic() < deadline, "the cancelled request kept its place"
+        time.sleep(0.05)
+    assert run(engine, model, OTHER, NGRAM)[0] == plain[OTHER][0]
+
+
+@pytest.mark.slow
+def test_draft_model_output_is_the_plain_decodings(
+    engine: InferenceEngine,
+    model: LoadedModel,
+    plain: dict[str, tuple[list[int], str, str | None, list[float]]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The target as its own draft (every draft accepted) and a random tiny llama of the same
+    vocabulary (next to none accepted): both give the plain answer."""
+    from mlx_lm import load
+
+    tiny, _ = load(str(build_tiny_llama(tmp_path_factory.mktemp("draft") / "tiny", default_model_folder())))
+    for text, draft in ((EDIT, model.model), (OTHER, tiny)):
+        before = engine.stats()
+        plan = SpeculativeParams(method="draft_model", num_tokens=4, draft=draft)
+        assert run(engine, model, text, plan)[:3] == plain[text][:3], text
+        after = engine.stats()
+        drafted = after.speculative_drafted_total - before.speculative_drafted_total
+        accepted = after.speculative_accepted_total - before.speculative_accepted_total
+        assert drafted > 0 and (accepted == drafted if draft is model.model else accepted < drafted), (
+            drafted,
+            accepted,
+        )
