@@ -308,7 +308,8 @@ def stream_events(
 
 
 def count_tokens(body: CountTokensRequest) -> CountTokensResponse:
-    """The prompt's length as this model's chat template renders it, tools included."""
+    """The prompt's length as this model's chat template renders it, tools and each image's tokens
+    included (serving/chat.py ``chat_prompt``): the ``usage.input_tokens`` of the same /v1/messages."""
     chat = apply_preset(to_openai(body))  # a preset's system message counts, as /v1/messages sends it
     check_images(chat)  # the bounds, then the answer for a text model given an image, as /v1/messages
     loaded = resident_model(chat.model)

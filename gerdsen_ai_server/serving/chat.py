@@ -52,8 +52,22 @@ from gerdsen_ai_server.serving.tools import (
 
 
 def chat_prompt(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan) -> list[int]:
-    """The prompt's token ids: ``chat_text`` tokenized (its special tokens are in the text)."""
-    return list(loaded.tokenizer.encode(chat_text(body, loaded, plan), add_special_tokens=False))
+    """The prompt's token ids, each image's tokens included (``built_prompt``): what /tokenize and
+    Anthropic's count_tokens count, so their count is the chat's ``usage.prompt_tokens``."""
+    return built_prompt(body, loaded, plan)[1]
+
+
+def built_prompt(
+    body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan
+) -> tuple[str, list[int], list[ImageInput]]:
+    """The prompt as the engine gets it: its text, its ids and its images. Without images,
+    ``chat_text`` tokenized (its special tokens are in the text); with images (a vision model: a text
+    model is a 400 here), each placeholder expanded into the image's tokens by the model's processor."""
+    images = images_for(body, loaded)[1] if image_parts(body) else []  # decoded and bounded
+    text = chat_text(body, loaded, plan, images=bool(images))
+    if images:  # the images go with the request (GenerationRequest.images)
+        return text, vision_prompt(loaded, text, images), images
+    return text, list(loaded.tokenizer.encode(text, add_special_tokens=False)), images
 
 
 def chat_text(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan, images: bool = False) -> str:
@@ -172,12 +186,7 @@ def start_chat(chat: ChatCompletionRequest, param: str) -> Started:
     check_images(chat)  # what needs no model: the count, the schemes, the sizes (serving/images.py)
     loaded = resident_for(chat.model, chat.adapters, chat.keep_alive)  # the adapter's own resident, if any
     plan = plan_tools(chat, loaded.tokenizer)
-    images = images_for(chat, loaded)[1] if image_parts(chat) else []  # decoded and bounded
-    text = chat_text(chat, loaded, plan, images=bool(images))
-    if images:  # the image placeholders expanded; the images go with the request (GenerationRequest.images)
-        prompt = vision_prompt(loaded, text, images)
-    else:
-        prompt = list(loaded.tokenizer.encode(text, add_special_tokens=False))  # as chat_prompt
+    text, prompt, images = built_prompt(chat, loaded, plan)  # as /tokenize and count_tokens count it
     # Output held to a grammar (a forced tool call, a JSON schema) has no thinking to split off.
     constrained = plan.mode == "forced" or chat.json_schema() is not None
     reasoning = None if constrained else reasoning_plan(loaded.tokenizer, text)

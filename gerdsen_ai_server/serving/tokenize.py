@@ -3,7 +3,8 @@
 
 Messages are rendered by serving/chat.py's ``chat_text``, the one path chat completions take, so
 ``/tokenize`` with messages returns exactly the token ids of a chat completion's prompt (its
-``count`` is that completion's ``usage.prompt_tokens``) and ``/apply-template`` exactly its text.
+``count`` is that completion's ``usage.prompt_tokens``; on a vision model each image's tokens
+included, as its processor expands them: ``chat_prompt``) and ``/apply-template`` exactly its text.
 Both backends tokenize alike: a llama.cpp model's vocabulary is a Hugging Face tokenizer rebuilt from
 its GGUF (engine/formats/gguf_tokenizer.py); an embedding model tokenizes text too.
 """
@@ -26,8 +27,8 @@ from gerdsen_ai_server.schemas.tokenize import (
     TokenizeResponse,
 )
 from gerdsen_ai_server.services import services
-from gerdsen_ai_server.serving.chat import chat_text
-from gerdsen_ai_server.serving.images import check_images, require_vision
+from gerdsen_ai_server.serving.chat import chat_prompt, chat_text
+from gerdsen_ai_server.serving.images import check_images, image_parts, require_vision
 from gerdsen_ai_server.serving.models import resident_model
 from gerdsen_ai_server.serving.prompts import check_text_size
 from gerdsen_ai_server.serving.tools import plan_tools
@@ -50,8 +51,8 @@ def model_for(model: str | None) -> LoadedModel:
     return resident_model(model, embedding=True)
 
 
-def template_text(body: TemplateFields, loaded: LoadedModel) -> str:
-    """The messages rendered as a chat completion's prompt is (serving/chat.py ``chat_text``)."""
+def template_chat(body: TemplateFields, loaded: LoadedModel) -> ChatCompletionRequest:
+    """The messages (and the template's fields) as the chat request they would be, images checked."""
     if loaded.kind == "embedding":
         raise APIError(
             400,
@@ -63,7 +64,14 @@ def template_text(body: TemplateFields, loaded: LoadedModel) -> str:
     chat = ChatCompletionRequest(model=loaded.model_id, **fields)
     check_images(chat)
     require_vision(chat, loaded)  # a text model given an image: 400, as chat answers it
-    return chat_text(chat, loaded, plan_tools(chat, loaded.tokenizer))
+    return chat
+
+
+def template_text(body: TemplateFields, loaded: LoadedModel) -> str:
+    """The messages rendered as a chat completion's prompt is (serving/chat.py ``chat_text``), with
+    a vision template's image placeholder where each image was."""
+    chat = template_chat(body, loaded)
+    return chat_text(chat, loaded, plan_tools(chat, loaded.tokenizer), images=bool(image_parts(chat)))
 
 
 def token_strings(tokenizer: Any, tokens: list[int]) -> list[str]:
@@ -73,6 +81,25 @@ def token_strings(tokenizer: Any, tokens: list[int]) -> list[str]:
         return [str(s) for s in convert(tokens)]
     inner = tokenizer._tokenizer  # an embedding model's tokenizer.json (engine/formats/encoder.py)
     return [str(inner.id_to_token(t)) for t in tokens]
+
+
+def message_tokens(body: TokenizeRequest, loaded: LoadedModel) -> list[int]:
+    """The messages' ids as the chat's prompt holds them (serving/chat.py ``chat_prompt``: on a vision
+    model each image expanded into its tokens by the model's processor), or, with ``add_special_tokens``,
+    the rendered text tokenized with them added (text only: the processor decides for images)."""
+    chat = template_chat(body, loaded)
+    plan = plan_tools(chat, loaded.tokenizer)
+    if body.add_special_tokens is not True:
+        return [int(t) for t in chat_prompt(chat, loaded, plan)]
+    if image_parts(chat):
+        raise APIError(
+            400,
+            "'add_special_tokens' cannot be true for messages with images: the model's processor adds "
+            "the special tokens the model needs, as for the chat.",
+            param="add_special_tokens",
+            code="invalid_value",
+        )
+    return [int(t) for t in loaded.tokenizer.encode(chat_text(chat, loaded, plan), add_special_tokens=True)]
 
 
 def tokenize(body: TokenizeRequest) -> TokenizeResponse:
@@ -94,10 +121,12 @@ def tokenize(body: TokenizeRequest) -> TokenizeResponse:
                     400, f"'{name}' applies to 'messages', not to 'prompt'.", param=name, code="invalid_value"
                 )
         check_text_size(loaded, [body.prompt], "prompt")
-        text, special = body.prompt, body.add_special_tokens is not False
+        tokens = [
+            int(t)
+            for t in loaded.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        ]
     else:
-        text, special = template_text(body, loaded), body.add_special_tokens is True
-    tokens = [int(t) for t in loaded.tokenizer.encode(text, add_special_tokens=special)]
+        tokens = message_tokens(body, loaded)
     return TokenizeResponse(
         count=len(tokens),
         max_model_len=loaded.context_length,

@@ -157,6 +157,34 @@ def test_anthropic_image_block(server: Server) -> None:
     assert reply.usage.input_tokens == text_only.usage.input_tokens + 18
 
 
+def test_tokenize_counts_the_image_as_the_chat_does(client, server: Server) -> None:  # type: ignore[no-untyped-def]
+    """/tokenize's ids are the chat's prompt, each image expanded into its tokens (serving/chat.py
+    ``chat_prompt``), and /apply-template's text holds the template's placeholder for it."""
+    messages = image_message(png(4))
+    reply = client.chat.completions.create(model=VLM, messages=messages, max_tokens=1)
+    body = {"model": VLM, "messages": messages, "add_generation_prompt": True}
+    counted = requests.post(server.url + "/tokenize", json={**body, "return_token_strs": True}, timeout=60).json()
+    assert counted["count"] == reply.usage.prompt_tokens == len(counted["tokens"])
+    assert counted["token_strs"].count("<|image_pad|>") == 16  # a 112x112 cap: 2x2-merged 14-pixel patches
+    text = requests.post(server.url + "/apply-template", json=body, timeout=60).json()["prompt"]
+    assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1  # the placeholder, as chat renders it
+
+
+def test_count_tokens_counts_the_image_as_messages_does(server: Server) -> None:
+    from anthropic import Anthropic
+
+    claude = Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+    image = base64.b64encode(png(5)).decode()
+    content: Any = [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}},
+        {"type": "text", "text": QUESTION},
+    ]
+    messages: Any = [{"role": "user", "content": content}]
+    reply = claude.messages.create(model=VLM, max_tokens=1, messages=messages)
+    counted = claude.messages.count_tokens(model=VLM, messages=messages)
+    assert counted.input_tokens == reply.usage.input_tokens
+
+
 def test_responses_input_image(client) -> None:  # type: ignore[no-untyped-def]
     def tokens(content: list[dict[str, Any]]) -> int:
         reply = client.responses.create(model=VLM, input=[{"role": "user", "content": content}], max_output_tokens=3)
