@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gerdsen_ai_server.engine.backends.base import LoadedModel
-from gerdsen_ai_server.engine.formats.safetensors import context_length, parameter_nbytes
+from gerdsen_ai_server.engine.formats.safetensors import context_length, parameter_nbytes, tokenizer_bytes
 from gerdsen_ai_server.engine.options import InvalidLoadOption
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,6 @@ def load_vision(path: Path, compute_dtype: str | None = None) -> LoadedModel:
         model=backend,
         tokenizer=tokenizer,
         context_length=context_length(path),
-        nbytes=parameter_nbytes(model),
+        nbytes=parameter_nbytes(model) + tokenizer_bytes(path),  # what estimate_bytes charges (loaders.py)
         backend=BACKEND,
     )
