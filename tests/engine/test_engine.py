@@ -4,7 +4,6 @@ batch invariance, the prompt-prefix cache, backpressure, cancellation and fault 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from gerdsen_ai_server.engine.admission import ADMIT_QUIET_S
 from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.engine import InferenceEngine
 from gerdsen_ai_server.engine.errors import ContextLengthExceeded, EngineOverloaded
-from gerdsen_ai_server.engine.options import EngineOptions
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams
 from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
 from tests.support.tiny_models import build_tiny_llama
@@ -29,21 +27,6 @@ PROMPTS = [
     "What is the capital of Spain?",
     "Give me a recipe for tea.",
 ]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[InferenceEngine]:
-    # One engine (one MLX thread) for the whole module: several MLX threads in a process is what we avoid.
-    eng = InferenceEngine(EngineOptions(TEST_MODELS_DIR, max_batch=8, max_queue=4, backend="mlx"))  # the MLX engine
-    eng.start()
-    eng.load_model(DEFAULT_MODEL).result(timeout=300)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model(engine: InferenceEngine) -> LoadedModel:
-    return engine.get_model(DEFAULT_MODEL)
 
 
 def chat(model: LoadedModel, text: str) -> list[int]:

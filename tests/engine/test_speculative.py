@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -16,11 +15,9 @@ import pytest
 
 from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.engine import InferenceEngine
-from gerdsen_ai_server.engine.options import EngineOptions
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams, SpeculativeParams
 from gerdsen_ai_server.engine.sampling import build_sampler
 from gerdsen_ai_server.engine.speculative import NgramIndex, accept_sampled
-from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
 from tests.support.models import default_model_folder
 from tests.support.tiny_models import build_tiny_llama
 
@@ -99,20 +96,6 @@ def test_rejection_rule_keeps_the_target_distribution(sampling: SamplingParams) 
             second[tokens[1]] += 1
     assert _chi_square(first, target[0]) < 30, (first, target[0])
     assert _chi_square(second, target[1]) < 30, (second, target[1])
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[InferenceEngine]:
-    eng = InferenceEngine(EngineOptions(TEST_MODELS_DIR, max_batch=8, max_queue=4, backend="mlx"))
-    eng.start()
-    eng.load_model(DEFAULT_MODEL).result(timeout=300)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model(engine: InferenceEngine) -> LoadedModel:
-    return engine.get_model(DEFAULT_MODEL)
 
 
 def prompt_of(model: LoadedModel, text: str) -> list[int]:
