@@ -164,7 +164,7 @@ run: setup dashboard-if-node
 # The in-process engine tests run MLX in the pytest process itself: preload OpenBLAS there too.
 test: setup dashboard chromium node-clients
 	$(PNPM) --dir $(DASH) exec vitest run
-	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # The fast tier (markers in pyproject.toml): tests/unit and tests/inprocess (Flask's test client, no Gunicorn)
 # without the tests marked server, slow or timing; `make test` runs those too.
@@ -254,6 +254,12 @@ bench: setup
 .PHONY: bench-agent
 bench-agent: setup
 	IMPETUS_BENCH_COMMAND="make bench-agent$(if $(ARGS), ARGS='$(ARGS)')" $(BIN)/python -m bench.agent $(ARGS)
+
+# One shot on a fresh NVIDIA machine (issue 28): MLX's CUDA build into build/gpu-venv, the bench at 1/8/16 streams and
+# the prefill-bucket A/B, the bench-gpu block under $OUT or build/gpu-bench (bench/gpu.sh; GPU_BENCH_CPU=1: a dry run).
+.PHONY: bench-gpu
+bench-gpu:
+	bash bench/gpu.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .tools $(DASH)/node_modules $(DASH)/dist \

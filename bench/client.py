@@ -15,6 +15,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,25 @@ class Result:
         return (self.tokens - 1) / (self.total - self.ttft)
 
 
+def sse_lines(response: requests.Response) -> Iterator[bytes]:
+    """The response's lines. A chunked body (ours, under Gunicorn) is read a chunk as it arrives
+    (``iter_content(None)``) and split here: ``iter_lines()`` reads 512-byte pieces through more layers,
+    and at 16 streams on 2 cores the client's CPU a token took cores the server needed (bench/overhead.py
+    reports the client's share). A body without chunks (``mlx_lm.server``: HTTP/1.0, read to the close)
+    goes through ``iter_lines()`` as before: ``iter_content(None)`` would read it whole before its first line."""
+    if not getattr(response.raw, "chunked", False):
+        yield from response.iter_lines()
+        return
+    pending = b""
+    for data in response.iter_content(chunk_size=None):
+        chunk = pending + data
+        lines = chunk.splitlines()  # \n, \r\n (a \r\n split across reads adds an empty line)
+        pending = lines.pop() if lines and not chunk.endswith((b"\n", b"\r")) else b""
+        yield from lines
+    if pending:
+        yield pending
+
+
 def stream_request(session: requests.Session, url: str, body: dict[str, Any], timeout: float = 600) -> Result:
     body = {**body, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
     chat = "messages" in body
@@ -52,7 +72,7 @@ def stream_request(session: requests.Session, url: str, body: dict[str, Any], ti
         with session.post(url, json=body, stream=True, timeout=timeout) as r:
             if r.status_code != 200:
                 return Result(ok=False, error=f"HTTP {r.status_code}: {r.text[:200]}")
-            for line in r.iter_lines():
+            for line in sse_lines(r):
                 # Read on after [DONE] to the body's end: left unread, the connection is closed
                 # and the stream's next request opens a new one.
                 if done or not line.startswith(b"data: "):

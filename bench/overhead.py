@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 from bench import client  # noqa: E402
 from bench.measure import measure_level, run_raw, warm_up  # noqa: E402
 from bench.model import TINY, default_models_dir, default_out, is_built  # noqa: E402
+from bench.profiling import CPU_GROUPS, thread_cpu  # noqa: E402
 from bench.report import DOC, device_label, machine, say, versions, write_doc  # noqa: E402
 from bench.servers import accelerator, base_env, openblas_env, start  # noqa: E402
 from bench.targets import fmt  # noqa: E402
@@ -61,6 +62,14 @@ TARGETS = (
 )
 
 Figures = dict[tuple[str, int], float]  # (who, streams) -> tok/s: "raw", "ours", "mlx"
+Split = dict[int, dict[str, float]]  # streams -> CPU microseconds a token: ours by thread group, and the client
+SPLIT_LABELS = {
+    "engine": "engine thread",
+    "http": "HTTP threads (SSE, hand-off)",
+    "native": "native threads (MLX compute, OpenBLAS)",
+    "other": "other Python threads",
+    "client": "the bench's client (same cores)",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -125,7 +134,40 @@ def median_ratios(rounds: list[Figures]) -> dict[str, tuple[float, float, int]]:
     return out
 
 
-def render(rounds: list[Figures], args: argparse.Namespace, header: list[str]) -> str:
+def measure_split(level: client.LevelResult, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU microseconds a token of one level: ours by thread group, and the client process's."""
+    tokens = max(1, level.tokens)
+    split = {group: (after[group] - before[group]) / tokens * 1e6 for group in CPU_GROUPS}
+    split["client"] = level.client_cores * level.wall / tokens * 1e6
+    return split
+
+
+def render_split(splits: list[Split], levels: list[int]) -> list[str]:
+    """Where the host time sits: ours, each thread group's CPU a token, the median of the rounds."""
+    if not splits:
+        return []
+    shown = [n for n in levels if any(n in s for s in splits)]
+    lines = [
+        "",
+        "Where the host time sits: CPU microseconds a token (median of the rounds), our server by thread "
+        "group (psutil, each OS thread; threads named by py-spy) and the bench's client beside it:",
+        "",
+        "| CPU µs / token | " + " | ".join(f"{n} stream{'s' * (n > 1)}" for n in shown) + " |",
+        "|---|" + "---|" * len(shown),
+    ]
+    for key, label in SPLIT_LABELS.items():
+        cells = []
+        for n in shown:
+            values = [s[n][key] for s in splits if n in s]
+            cells.append(f"{statistics.median(values):.0f}" if values else "")
+        if any(c not in ("", "0") for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(
+    rounds: list[Figures], args: argparse.Namespace, header: list[str], splits: list[Split] | None = None
+) -> str:
     """The proxy's section: the run, the table of tok/s and per-step host time, the targets, how to read it."""
     top = best(rounds)
     labels = {"raw": "raw `stream_generate`", "batchgen": "raw `BatchGenerator` alone, one prompt", **SERVERS}
@@ -151,6 +193,7 @@ def render(rounds: list[Figures], args: argparse.Namespace, header: list[str]) -
         want = f">= {threshold:.1f}x" if threshold > 1 else f">= {threshold:.0%}"
         verdict = "**met**" if value >= threshold else "not met"
         lines.append(f"| {name} | {shown} (median of {n} round{'s' * (n > 1)}) | {want} | {verdict} |")
+    lines += render_split(splits or [], args.stream_levels)
     lines += [
         "",
         "How to read it: on a GPU a decode step of a small model takes about a millisecond, so the host's "
@@ -188,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     live: dict[str, Server] = {}
     rounds: list[Figures] = []
+    splits: list[Split] = []
     info: dict[str, Any] = {}
     try:
         live["ours"] = start("ours", SERVERS["ours"], {}, env, model_dir, models_dir, args, logs)
@@ -197,13 +241,21 @@ def main(argv: list[str] | None = None) -> int:
             live["mlx"] = start("mlx+openblas fp32", SERVERS["mlx"], spec, env, model_dir, models_dir, args, logs)
         for server in live.values():
             warm_up(server, args)
+        cpu = thread_cpu(live["ours"])  # None without py-spy: no split
         for round_ in range(args.rounds):
             say(f"round {round_ + 1} of {args.rounds}")
             figures = raw_figures(run_raw("fp32, OpenBLAS", model_dir, openblas_env(env), "float32", args))
+            split: Split = {}
             for n in args.stream_levels:
                 for key, server in live.items():
-                    figures[(key, n)] = level_figure(measure_level(server, args, n, round_))
+                    before = cpu() if cpu is not None and key == "ours" else None
+                    level = measure_level(server, args, n, round_)
+                    figures[(key, n)] = level_figure(level)
+                    if before is not None:
+                        split[n] = measure_split(level, before, cpu())
             rounds.append(figures)
+            if split:
+                splits.append(split)
     finally:
         for server in live.values():
             stop_server(server)
@@ -220,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Our server: IMPETUS_BACKEND=mlx, compute dtype {info.get('compute_dtype', '?')}, "
         f"BLAS {info.get('blas', '?')}, IMPETUS_MAX_BATCH=16.",
     ]
-    body = render(rounds, args, header)
+    body = render(rounds, args, header, splits)
     print()
     print(body)
     if not args.no_write:

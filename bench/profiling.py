@@ -1,5 +1,6 @@
 """Where the engine thread's time goes while 8 streams decode: py-spy samples of the Gunicorn worker,
-bucketed by what the engine thread was doing, beside each OS thread's CPU time (``--profile``).
+bucketed by what the engine thread was doing, beside each OS thread's CPU time (``--profile``); and the
+worker's CPU by thread group (``thread_cpu``), which the micro-model proxy reports per token (bench/overhead.py).
 """
 
 from __future__ import annotations
@@ -105,6 +106,48 @@ def run_profile(server: Server, args: argparse.Namespace, expected_wall: float) 
     summary["tps"] = result["level"].aggregate_tps if "level" in result else float("nan")
     summary["duration"] = duration
     return summary
+
+
+# The groups a worker's OS threads are charged to (thread_cpu): by py-spy's names of its Python threads.
+CPU_GROUPS = ("engine", "http", "native", "other")
+
+
+def _group(name: str) -> str:
+    if name == "impetus-engine":
+        return "engine"  # the engine thread: Python, and the MLX calls made on it (graph building, eval)
+    if name.startswith("ThreadPoolExecutor"):
+        return "http"  # Gunicorn's gthread request threads: the HTTP work, SSE and the hand-off from the engine
+    return "other" if name else "native"  # no Python name: MLX's CPU stream, OpenBLAS workers
+
+
+def thread_cpu(server: Server) -> Any:
+    """A reader of the Gunicorn worker's CPU seconds so far by ``CPU_GROUPS`` (psutil, each OS thread),
+    or None without py-spy, which names the threads (a 1-second recording, once, here). Threads started
+    later (a request thread the pool adds) count under their name when py-spy saw one, else as native."""
+    import psutil
+
+    spy = py_spy()
+    children = psutil.Process(server.process.pid).children()
+    if spy is None or not children:
+        return None
+    worker = children[0]
+    out = Path(tempfile.mkdtemp(prefix="bench-names-")) / "names.txt"
+    cmd = [spy, "record", "--pid", str(worker.pid), "--threads", "--idle", "--nonblocking", "--rate", "50"]
+    cmd += ["--duration", "1", "--format", "raw", "--output", str(out)]
+    if subprocess.run(cmd, capture_output=True, text=True).returncode != 0 or not out.exists():
+        return None
+    names = thread_names(out.read_text())
+
+    def read() -> dict[str, float]:
+        groups = dict.fromkeys(CPU_GROUPS, 0.0)
+        try:
+            for t in worker.threads():
+                groups[_group(names.get(t.id, ""))] += t.user_time + t.system_time
+        except psutil.Error:
+            pass
+        return groups
+
+    return read
 
 
 def thread_names(raw: str) -> dict[int, str]:

@@ -3,24 +3,28 @@
     LD_PRELOAD=$(ls /usr/lib/*/openblas-pthread/libopenblas.so.0) .venv/bin/python -m bench.speculative
     ... -m bench.speculative --rounds 1 --max-tokens 96      # shorter
     ... -m bench.speculative --draft smollm2-135m-instruct  # and draft_model, drafting with that model
+    ... -m bench.speculative --num-tokens 3,6               # ngram with 3 and with 6 drafted tokens
 
 One real server (``impetus serve``, IMPETUS_BACKEND=mlx) on the embedded default model. Each prompt
 asks the model to repeat a paragraph with its spelling fixed, so the answer copies its input: what
 prompt lookup drafts from. Greedy requests, streamed (bench/client.py), each prompt once to warm up
 (its prefix is then cached for every mode alike). Single stream: every prompt plain, then with
 ``speculative_config: {"method": "ngram"}`` (then ``draft_model`` with ``--draft``), order reversed
-every other round; decode tok/s is a stream's
-tokens after the first over the time after the first (the median over requests), acceptance the
-/metrics counters' accepted / drafted. 8 streams: the prompts, cycled, sent together in each mode
-(aggregate tok/s); speculation runs only while a sequence decodes alone in its batch (engine/speculative.py).
-Prints one table, with whether each mode's greedy answers were the plain ones. No model smaller than
-the default one is at hand offline: ``--draft`` with the default model itself shows the mechanism
-(every draft accepted), not a gain (its draft steps cost what the target's do).
+every other round; decode tok/s is a stream's tokens after the first over the time after the first
+(the median over requests). N streams (8): the prompts, cycled, sent together, one wave a mode a
+round in the same alternating order (aggregate tok/s, the median over rounds); every sequence of the
+batch drafts and is verified in the same pass (engine/speculative.py). Acceptance is the /metrics
+counters' accepted / drafted, tokens a step the tokens over the engine's steps, rows a pass the
+sequences that drafted per verification pass. Prints one table, with whether each mode's greedy
+answers were the plain ones. No model smaller than the default one is at hand offline: ``--draft``
+with the default model itself shows the mechanism (every draft accepted), not a gain (its draft
+steps cost what the target's do).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import tempfile
@@ -61,8 +65,8 @@ def body(paragraph: str, max_tokens: int, config: dict[str, Any] | None) -> dict
     return request
 
 
-def counters(server: Server) -> tuple[int, int, int]:
-    """(drafted, accepted, engine steps) from /metrics."""
+def counters(server: Server) -> tuple[int, int, int, int, int]:
+    """(drafted, accepted, engine steps, verification passes, rows that drafted) from /metrics."""
     text = requests.get(f"{server.url}/metrics", timeout=10).text
 
     def value(name: str) -> int:
@@ -73,6 +77,8 @@ def counters(server: Server) -> tuple[int, int, int]:
         value("impetus_speculative_drafted_tokens"),
         value("impetus_speculative_accepted_tokens"),
         value("impetus_engine_steps"),
+        value("impetus_speculative_passes"),
+        value("impetus_speculative_rows"),
     )
 
 
@@ -104,6 +110,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--draft", default="", help="also a draft_model mode, drafting with this model id")
+    parser.add_argument(
+        "--num-tokens", default="6", help="ngram's num_speculative_tokens; several (3,6): one ngram mode each"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(Path(tmp), IMPETUS_BACKEND="mlx", IMPETUS_SPECULATIVE="off")
@@ -113,53 +122,76 @@ def main() -> None:
             stop_server(server)
 
 
-def run(server: Server, args: argparse.Namespace) -> None:
-    modes: dict[str, dict[str, Any] | None] = {"plain": None, "ngram": NGRAM}
-    if args.draft:
-        modes["draft_model"] = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": 4}
-    wave(server, [body(p, args.max_tokens, None) for p in PARAGRAPHS])  # warm-up: prefixes cached for all
-    rates: dict[str, list[float]] = {mode: [] for mode in modes}
-    answers: dict[str, dict[int, str]] = {mode: {} for mode in modes}
-    moved: dict[str, list[int]] = {mode: [0, 0, 0, 0] for mode in modes}  # drafted, accepted, steps, tokens
-    for round_ in range(args.rounds):
-        for i, paragraph in enumerate(PARAGRAPHS):
-            for mode in list(modes) if round_ % 2 == 0 else list(reversed(modes)):
-                before = counters(server)
-                (result,), _ = wave(server, [body(paragraph, args.max_tokens, modes[mode])])
-                after = counters(server)
-                for k in range(3):
-                    moved[mode][k] += after[k] - before[k]
-                moved[mode][3] += result.tokens
-                rates[mode].append(result.decode_tps)
-                answers[mode][i] = result.text
-    many: dict[str, float] = {}
-    many_drafted: dict[str, tuple[int, int]] = {}
-    for mode, config in modes.items():
-        bodies = [body(PARAGRAPHS[i % len(PARAGRAPHS)], args.max_tokens, config) for i in range(args.streams)]
+class Tally:
+    """One mode's counters and answers, summed over its waves."""
+
+    def __init__(self) -> None:
+        self.moved = [0, 0, 0, 0, 0]  # drafted, accepted, steps, passes, rows (counters' order)
+        self.tokens = 0
+        self.rates: list[float] = []
+        self.answers: dict[int, str] = {}
+
+    def add(self, server: Server, bodies: list[dict[str, Any]], key: int) -> list[Result]:
         before = counters(server)
         results, wall = wave(server, bodies)
         after = counters(server)
-        many[mode] = sum(r.tokens for r in results) / wall
-        many_drafted[mode] = (after[0] - before[0], after[1] - before[1])
+        self.moved = [m + a - b for m, a, b in zip(self.moved, after, before, strict=True)]
+        self.tokens += sum(r.tokens for r in results)
+        self.rates.append(results[0].decode_tps if len(results) == 1 else self.tokens_of(results) / wall)
+        for i, result in enumerate(results):
+            self.answers[key + i] = result.text
+        return results
+
+    @staticmethod
+    def tokens_of(results: list[Result]) -> int:
+        return sum(r.tokens for r in results)
+
+    def columns(self) -> str:
+        drafted, accepted, steps, passes, rows = self.moved
+        acceptance = f"{accepted / drafted:.0%} of {drafted}" if drafted else "-"
+        return f"{self.tokens / max(steps, 1):6.2f} {acceptance:>14} {rows / passes if passes else 0:5.2f}"
+
+
+def run(server: Server, args: argparse.Namespace) -> None:
+    counts = [int(n) for n in args.num_tokens.split(",")]
+    modes: dict[str, dict[str, Any] | None] = {"plain": None}
+    for n in counts:
+        modes["ngram" if len(counts) == 1 else f"ngram K={n}"] = {**NGRAM, "num_speculative_tokens": n}
+    if args.draft:
+        modes["draft_model"] = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": 4}
+    wave(server, [body(p, args.max_tokens, None) for p in PARAGRAPHS])  # warm-up: prefixes cached for all
+    one = {mode: Tally() for mode in modes}
+    many = {mode: Tally() for mode in modes}
+    for round_ in range(args.rounds):
+        order = list(modes) if round_ % 2 == 0 else list(reversed(modes))
+        for i, paragraph in enumerate(PARAGRAPHS):
+            for mode in order:
+                one[mode].add(server, [body(paragraph, args.max_tokens, modes[mode])], i)
+        for mode in order:
+            bodies = [body(PARAGRAPHS[i % len(PARAGRAPHS)], args.max_tokens, modes[mode]) for i in range(args.streams)]
+            many[mode].add(server, bodies, 0)
+    load = os.getloadavg()
     print(
         f"\nSpeculative decoding, {DEFAULT_MODEL} on MLX, 'edit this text' x {len(PARAGRAPHS)}, greedy, "
-        f"max_tokens {args.max_tokens}, {args.rounds} round(s); ratios against plain"
+        f"max_tokens {args.max_tokens}, {args.rounds} round(s); ratios against plain; load average "
+        f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
+    n = args.streams
     print(
-        f"{'mode':12} {'1-stream tok/s':>15} {'ratio':>7} {'tokens/step':>12} {'accepted':>16} "
-        f"{f'{args.streams}-stream tok/s':>15} {'ratio':>7} {'drafted':>8}"
+        f"{'mode':12} {'1-stream tok/s':>15} {'ratio':>7} {'tok/st':>6} {'accepted':>14} {'rows':>5}"
+        f" {f'{n}-stream tok/s':>15} {'ratio':>7} {'tok/st':>6} {'accepted':>14} {'rows':>5}"
     )
-    base, base_many = statistics.median(rates["plain"]), many["plain"]
+    base, base_many = statistics.median(one["plain"].rates), statistics.median(many["plain"].rates)
     for mode in modes:
-        drafted, accepted, steps, tokens = moved[mode]
-        rate = statistics.median(rates[mode])
-        acceptance = f"{accepted / drafted:.0%} of {drafted}" if drafted else "-"
-        same = sum(answers[mode][i] == answers["plain"][i] for i in answers["plain"])
+        rate, rate_many = statistics.median(one[mode].rates), statistics.median(many[mode].rates)
+        same = sum(one[mode].answers[i] == one["plain"].answers[i] for i in one["plain"].answers)
+        same_many = sum(many[mode].answers[i] == many["plain"].answers[i] for i in many["plain"].answers)
         print(
-            f"{mode:12} {rate:15.1f} {rate / base:6.2f}x {tokens / max(steps, 1):12.2f} {acceptance:>16} "
-            f"{many[mode]:15.1f} {many[mode] / base_many:6.2f}x {many_drafted[mode][0]:8d}"
-            f"   (greedy answers as plain: {same} of {len(PARAGRAPHS)})"
+            f"{mode:12} {rate:15.1f} {rate / base:6.2f}x {one[mode].columns()}"
+            f" {rate_many:15.1f} {rate_many / base_many:6.2f}x {many[mode].columns()}"
+            f"   (greedy answers as plain: {same} of {len(PARAGRAPHS)}, {same_many} of {n} at {n})"
         )
+    print("tok/st: tokens a step (engine steps); rows: sequences that drafted, per verification pass")
 
 
 if __name__ == "__main__":

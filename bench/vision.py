@@ -8,7 +8,7 @@ mlx-vlm in process: ``stream_generate`` one request after the other (1 stream), 
 ``batch_generate`` of 4 prompts at once (4 streams: its batched path; its TTFT is the whole batch's
 time to its first token, which batch_generate does not report, so it shows as "-"). Ours: streaming
 chat requests with the image as a data: URL through the OpenAI SDK; 4 streams are 4 client threads.
-Prints one table (Markdown).
+Prints one table (Markdown), with the date and the machine's load average before and after the run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import os
 import statistics
 import tempfile
 import threading
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per configuration")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
     args = parser.parse_args()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-vision-") as tmp:
         models = Path(tmp) / "models"
         build_tiny_qwen2_vl(models / VLM, default_model_folder())
@@ -131,7 +134,9 @@ def main() -> None:
             stop_server(server)
         for row in mlx_vlm_in_process(models / VLM, Path(tmp) / "image.png", args.requests, args.max_tokens):
             rows.append(("mlx-vlm (in process)", *row))
-    print(f"\none 512x512 PNG per request, {args.max_tokens} tokens each, {args.requests} requests per row\n")
+    before, after = (" ".join(f"{x:.2f}" for x in load) for load in (load_before, os.getloadavg()))
+    print(f"\n{started}, load average {before} before and {after} after")
+    print(f"one 512x512 PNG per request, {args.max_tokens} tokens each, {args.requests} requests per row\n")
     print("| runner | streams | images/s | median TTFT (ms) |")
     print("| --- | ---: | ---: | ---: |")
     for name, streams, rate, ttft in rows:

@@ -350,7 +350,9 @@ class InferenceEngine:
         if loaded.kind == "embedding":
             backend = NoGeneration(loaded.nbytes)
         elif loaded.backend == "mlx":
-            backend = MLXBackend(loaded, self.prompt_cache, self.max_batch, self._batch_size)
+            backend = MLXBackend(
+                loaded, self.prompt_cache, self.max_batch, self._batch_size, self.options.prefill_bucket
+            )
         else:  # started by its loader: llama.cpp batches on its own thread, within the same (thermal) cap
             backend = loaded.model
             self.prompt_cache.attach_llamacpp(loaded)  # its slots saved to and restored from the disk tier

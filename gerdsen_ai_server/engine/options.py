@@ -65,6 +65,7 @@ class LoadOptions:
     backend: str | None = None  # one of BACKENDS for this load; None: IMPETUS_BACKEND
     alias: str | None = None  # the resident's id (a preset's name); None: the spec's own id
     kv_bits: int | None = None  # KV cache quantization, one of KV_BITS (0: off); None: IMPETUS_KV_BITS
+    mmproj: str | None = None  # a GGUF's projector (llamacpp_vision.py), located: None, the one beside it if any
 
     def __post_init__(self) -> None:
         if self.context_length < 0:
@@ -84,7 +85,13 @@ class LoadOptions:
     def model_options(self) -> LoadOptions:
         """These options without the alias: what decides whether two loads make the same model."""
         return LoadOptions(
-            self.context_length, self.rope_scaling, self.chat_template, self.adapter, self.backend, kv_bits=self.kv_bits
+            self.context_length,
+            self.rope_scaling,
+            self.chat_template,
+            self.adapter,
+            self.backend,
+            kv_bits=self.kv_bits,
+            mmproj=self.mmproj,
         )
 
     def kv_bits_for(self, server_default: int) -> int:
@@ -113,6 +120,7 @@ class EngineOptions:
     llamacpp_threads: int = 0
     context_length: int = 0  # IMPETUS_CONTEXT_LENGTH
     kv_bits: int = 0  # IMPETUS_KV_BITS
+    prefill_bucket: int = -1  # IMPETUS_PREFILL_BUCKET (-1: 64 on a GPU, off on a CPU; engine/prefill_buckets.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_dir", Path(self.models_dir))
@@ -131,7 +139,7 @@ class EngineOptions:
             max_batch=settings.max_batch,
             max_queue=settings.max_queue,
             compute_dtype=settings.compute_dtype,
-            prompt_cache_bytes=settings.prompt_cache_bytes,
+            prompt_cache_bytes=settings.prompt_cache_bytes_value(),
             prompt_cache_disk_bytes=settings.prompt_cache_disk_bytes,
             memory_budget=settings.memory_budget_bytes(),
             keep_alive=settings.keep_alive_seconds(),
@@ -142,4 +150,5 @@ class EngineOptions:
             llamacpp_threads=settings.llamacpp_threads,
             context_length=settings.context_length,
             kv_bits=settings.kv_bits,
+            prefill_bucket=settings.prefill_bucket,
         )

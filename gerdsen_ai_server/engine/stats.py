@@ -28,3 +28,5 @@ class EngineStats:
     steps_total: int = 0
     speculative_drafted_total: int = 0  # tokens drafted by speculative decoding (engine/speculative.py)
     speculative_accepted_total: int = 0  # of those, accepted by the model
+    speculative_passes_total: int = 0  # verification passes (one per speculating batch step)
+    speculative_rows_total: int = 0  # sequences that drafted, summed over those passes

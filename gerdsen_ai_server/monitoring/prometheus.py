@@ -161,6 +161,16 @@ class EngineCollector(Collector):
             stats.speculative_accepted_total,
         )
         yield counter(
+            "impetus_speculative_passes",
+            "Verification passes of speculative decoding (one a batch step, for every row that drafted).",
+            stats.speculative_passes_total,
+        )
+        yield counter(
+            "impetus_speculative_rows",
+            "Sequences that drafted, summed over the verification passes (rows a pass: rows / passes).",
+            stats.speculative_rows_total,
+        )
+        yield counter(
             "impetus_prompt_cache_hits", "Prompts that reused a cached KV prefix.", stats.prompt_cache_hits_total
         )
         yield counter("impetus_prompt_cache_misses", "Prompts with no cached prefix.", stats.prompt_cache_misses_total)

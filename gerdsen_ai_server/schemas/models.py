@@ -31,6 +31,13 @@ class LoadRequest(BaseModel):
         description="A LoRA adapter to apply: an mlx-lm adapter folder (MLX) or a GGUF LoRA file (llama.cpp) in the "
         "models dir. The result is its own resident, '<model>+<adapter>'.",
     )
+    mmproj: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="A GGUF model's multimodal projector (llama-server's --mmproj): an mmproj GGUF file in the "
+        "models dir; the model then takes images. Omitted: an mmproj*.gguf beside the model in its folder.",
+    )
     warmup: bool = Field(
         False,
         description="After loading, run a short prompt through the engine twice (the first run builds the "

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from jinja2.exceptions import SecurityError
 
 from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.backends.llamacpp import LlamaCppBackend
 from gerdsen_ai_server.engine.backends.vision import VisionBackend
 from gerdsen_ai_server.engine.grammar import GrammarError, GrammarProcessor, compile_json_schema, strict_schema
 from gerdsen_ai_server.engine.images import ImageInput
-from gerdsen_ai_server.engine.protocol import EventSource, TokenEvent, TokenStream
+from gerdsen_ai_server.engine.protocol import EngineGone, EventSource, TokenEvent, TokenStream
 from gerdsen_ai_server.errors import APIError, error_body
 from gerdsen_ai_server.schemas.openai import (
     AssistantMessage,
@@ -33,13 +35,14 @@ from gerdsen_ai_server.services import services
 from gerdsen_ai_server.serving.adapters import resident_for
 from gerdsen_ai_server.serving.chat_template import TemplateTimeout, render_chat_template
 from gerdsen_ai_server.serving.envelope import chunk_payload, request_meta, usage
-from gerdsen_ai_server.serving.generation import cancel_all, check_supported, collect, relay, submit_all
+from gerdsen_ai_server.serving.generation import cancel_all, check_supported, collect, relay, submit_all, waiting
 from gerdsen_ai_server.serving.images import check_images, image_parts, images_for, template_content
 from gerdsen_ai_server.serving.logprobs import chat_logprobs
 from gerdsen_ai_server.serving.presets import apply_preset
 from gerdsen_ai_server.serving.prompts import check_text_size
 from gerdsen_ai_server.serving.reasoning import ReasoningPlan, reasoning_plan, split_reasoning, template_kwargs
-from gerdsen_ai_server.serving.sse import sse
+from gerdsen_ai_server.serving.running import ClientGone
+from gerdsen_ai_server.serving.sse import TextChunk, sse
 from gerdsen_ai_server.serving.tools import (
     ToolCallSplitter,
     ToolPlan,
@@ -85,7 +88,7 @@ def chat_text(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan, 
             code="invalid_value",
         )
     messages, extra = template_messages(body, plan, tokenizer)
-    messages = with_image_parts(body, messages) if images else messages
+    messages = with_image_parts(body, messages, media_marker(loaded)) if images else messages
     constrained = plan.mode == "forced" or body.json_schema() is not None
     extra = {**template_kwargs(body, tokenizer, constrained), **extra}  # the request's variables, then its tools
     seconds = services().settings.template_timeout
@@ -125,15 +128,27 @@ def chat_text(body: ChatCompletionRequest, loaded: LoadedModel, plan: ToolPlan, 
     return text
 
 
-def with_image_parts(body: ChatCompletionRequest, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def media_marker(loaded: LoadedModel) -> str | None:
+    """libmtmd's media marker for a llama.cpp vision model (engine/backends/llamacpp_vision.py); None
+    for mlx-vlm, whose templates write the image placeholder themselves."""
+    backend = loaded.model
+    return backend.vision.marker if isinstance(backend, LlamaCppBackend) and backend.vision else None
+
+
+def with_image_parts(
+    body: ChatCompletionRequest, messages: list[dict[str, Any]], marker: str | None = None
+) -> list[dict[str, Any]]:
     """``template_messages``' messages with each message that has images given its parts back
     (serving/images.py ``template_content``). They map one to one from the end: tools described in
-    the prompt may have put a system message first."""
+    the prompt may have put a system message first. ``marker``: as llama-server does for llama.cpp,
+    each image is the media marker and the parts are one text, joined by newlines."""
     offset = len(messages) - len(body.messages)
     out = list(messages)
     for i, message in enumerate(body.messages):
         content = template_content(message)
         if not isinstance(content, str) and i + offset >= 0:
+            if marker is not None:
+                content = "\n".join(p["text"] if p["type"] == "text" else marker for p in content)
             out[i + offset] = {**out[i + offset], "content": content}
     return out
 
@@ -142,7 +157,7 @@ def vision_prompt(loaded: LoadedModel, text: str, images: list[ImageInput]) -> l
     """The prompt's ids with each image placeholder expanded into the image's tokens by the model's
     own processor (engine/backends/vision.py), so the context check and usage count them."""
     backend = loaded.model
-    if not isinstance(backend, VisionBackend):  # require_vision has refused a text model already
+    if not isinstance(backend, VisionBackend | LlamaCppBackend) or not backend.capabilities.vision:  # refused already
         raise APIError(400, f"The model '{loaded.model_id}' cannot take images.", code="model_not_supported")
     try:
         return backend.prompt_ids(text, images)
@@ -254,7 +269,9 @@ def chat_meta(started: Started) -> dict[str, Any]:
 
 def chat_chunks(body: ChatCompletionRequest, started: Started, meta: dict[str, Any]) -> Iterator[str]:
     """The chat completion's chunks: a role delta per choice, its text (or tool calls, sent whole
-    once complete), its finish reason, and the usage when ``stream_options`` asks for it."""
+    once complete), its finish reason, and the usage when ``stream_options`` asks for it. The events
+    of tokens that reached the reader together go out as one write (generation.waiting), and a
+    plain text delta is rendered from its choice's template (sse.TextChunk)."""
     streams, prompt_tokens, loaded, plan = started.streams, len(started.prompt), started.loaded, started.plan
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     logprobs = body.logprobs
@@ -266,43 +283,64 @@ def chat_chunks(body: ChatCompletionRequest, started: Started, meta: dict[str, A
     def call_deltas(calls: list[ToolCall]) -> ChatDelta:
         return ChatDelta(tool_calls=[DeltaToolCall(index=n, **c.model_dump()) for n, c in enumerate(calls)])
 
+    def text_chunk(index: int, text: str) -> str:
+        return chunk(index, ChatDelta(content=text))
+
+    texts = [TextChunk(partial(text_chunk, index)) for index in range(len(streams))]
+    out: list[str] = []
     completion_tokens = 0
     begun: set[int] = set()
     splitter = ToolCallSplitter(plan)
     thinking = started.reasoning.splitter() if started.reasoning else None
     forced_text: list[str] = []
-    for index, event in relay(streams):  # one choice after the other
-        if index not in begun:
-            begun.add(index)
-            splitter = ToolCallSplitter(plan)
-            thinking = started.reasoning.splitter() if started.reasoning else None
-            forced_text = []
-            yield chunk(index, ChatDelta(role="assistant", content=""))
-        if event.error:
-            yield sse(error_body(500, event.error, code="generation_failed"))
-            return
-        answer = event.text
-        if thinking is not None:
-            thought, answer = thinking.feed(event.text, final=event.done)
-            if thought:
-                yield chunk(index, ChatDelta(reasoning_content=thought))
-        if plan.mode == "forced":
-            forced_text.append(answer)  # one call, sent whole once it is complete
-            text = ""
-        elif plan.mode == "auto":
-            text = splitter.feed(answer, final=event.done)
-        else:
-            text = answer
-        if text or (logprobs and event.logprobs):
-            lp = chat_logprobs(event.logprobs, loaded.tokenizer) if logprobs else None
-            yield chunk(index, ChatDelta(content=text), lp=lp)
-        if event.finish_reason:
-            completion_tokens += event.completion_tokens
-            calls, complete = (
-                split_answer(plan, "".join(forced_text))[1:] if plan.mode == "forced" else (splitter.calls, True)
-            )
-            if calls:
-                yield chunk(index, call_deltas(calls))
-            yield chunk(index, ChatDelta(), finish_reason(calls, complete, event.finish_reason))
+    try:
+        for index, event in relay(streams):  # one choice after the other
+            if index not in begun:
+                begun.add(index)
+                splitter = ToolCallSplitter(plan)
+                thinking = started.reasoning.splitter() if started.reasoning else None
+                forced_text = []
+                out.append(chunk(index, ChatDelta(role="assistant", content="")))
+            if event.error:
+                yield "".join([*out, sse(error_body(500, event.error, code="generation_failed"))])
+                return
+            answer = event.text
+            if thinking is not None:
+                thought, answer = thinking.feed(event.text, final=event.done)
+                if thought:
+                    out.append(chunk(index, ChatDelta(reasoning_content=thought)))
+            if plan.mode == "forced":
+                forced_text.append(answer)  # one call, sent whole once it is complete
+                text = ""
+            elif plan.mode == "auto":
+                text = splitter.feed(answer, final=event.done)
+            else:
+                text = answer
+            if text or (logprobs and event.logprobs):
+                if logprobs:
+                    out.append(
+                        chunk(index, ChatDelta(content=text), lp=chat_logprobs(event.logprobs, loaded.tokenizer))
+                    )
+                else:
+                    out.append(texts[index](text))
+            if event.finish_reason:
+                completion_tokens += event.completion_tokens
+                calls, complete = (
+                    split_answer(plan, "".join(forced_text))[1:] if plan.mode == "forced" else (splitter.calls, True)
+                )
+                if calls:
+                    out.append(chunk(index, call_deltas(calls)))
+                out.append(chunk(index, ChatDelta(), finish_reason(calls, complete, event.finish_reason)))
+            if out and not waiting(streams[index]) and not (event.done and index == len(streams) - 1):
+                yield "".join(out)  # else it goes with what follows: the next events, or the usage at the end
+                out.clear()
+    except (APIError, EngineGone) as exc:  # the request ends here: its deadline, a cancel, the engine gone
+        if out and not isinstance(exc, ClientGone):
+            yield "".join(out)  # what was rendered before goes out first, as it did a chunk at a time
+        raise
     if include_usage:
-        yield sse(ChatCompletionChunk(**meta, choices=[], usage=usage(prompt_tokens, completion_tokens)).model_dump())
+        out.append(
+            sse(ChatCompletionChunk(**meta, choices=[], usage=usage(prompt_tokens, completion_tokens)).model_dump())
+        )
+    if out:
+        yield "".join(out)

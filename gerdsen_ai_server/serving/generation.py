@@ -289,3 +289,12 @@ def relay(streams: Sequence[EventSource]) -> Iterator[tuple[int, TokenEvent]]:
     for index, stream in enumerate(streams):
         for event in stream:
             yield index, event
+
+
+def waiting(stream: EventSource) -> bool:
+    """Whether ``stream``'s next event is already there (``TokenStream.ready``): a streaming
+    response then keeps what it has rendered and sends it with what follows, in one write. The
+    events of one engine step reach a reader together when it fell behind (a busy machine, speculative
+    decoding's several tokens a step, a later choice read from its buffer): one write and one wake-up
+    of the client for all of them, where each token was one before."""
+    return isinstance(stream, TokenStream) and stream.ready

@@ -28,6 +28,7 @@ def from_request(body: LoadRequest, adapter: str | None = None) -> LoadOptions:
         backend=body.backend,
         alias=body.alias,
         kv_bits=body.kv_bits,
+        mmproj=body.mmproj,
     )
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.backends.llamacpp_vision import has_projector, located_mmproj
 from gerdsen_ai_server.engine.errors import ModelBusy, ModelPinned, OverBudget
 from gerdsen_ai_server.engine.formats import adapters
 from gerdsen_ai_server.engine.formats.encoder import CrossEncoderModel, is_encoder, is_reranker
@@ -74,6 +75,7 @@ def load(spec: str, keep_alive: float | None = None, options: LoadOptions | None
     check_chat_template(options.chat_template if options else None)  # a 400 now, not at every chat
     try:
         options = adapters.located(spec, options, engine.registry.models_dir, allowed_paths())  # LoRA: confined
+        options = located_mmproj(options, engine.registry.models_dir, allowed_paths())  # a projector: confined
         loaded = engine.load_model(
             spec, keep_alive=keep_alive, trusted=False, allowed=allowed_paths(), options=options
         ).result(timeout=LOAD_TIMEOUT_S)
@@ -243,7 +245,8 @@ def local_models() -> list[ModelInfo]:
                 format=entry.format,
                 path=str(entry.path),
                 kind="rerank" if is_reranker(entry.path) else "embedding" if is_encoder(entry.path) else "language",
-                vision=is_vision_folder(entry.path),  # loads as a vision model (mlx-vlm installed)
+                # loads as a vision model: mlx-vlm installed, or a GGUF with its projector (llamacpp_vision.py)
+                vision=is_vision_folder(entry.path) or has_projector(entry.path, services().settings.backend),
                 size_bytes=entry.size_bytes,
             )
     found.setdefault(DEFAULT_MODEL_ID, ModelInfo(id=DEFAULT_MODEL_ID, state="local", format="gguf"))

@@ -74,8 +74,13 @@ def template_text(body: TemplateFields, loaded: LoadedModel) -> str:
     return chat_text(chat, loaded, plan_tools(chat, loaded.tokenizer), images=bool(image_parts(chat)))
 
 
+MEDIA_MARKER = "<__media__>"  # engine/backends/llamacpp_vision.py: what an image position (-1) shows
+
+
 def token_strings(tokenizer: Any, tokens: list[int]) -> list[str]:
     """Each id as the tokenizer's own string for it (``Ġthe``, ``▁the``), as vLLM's ``token_strs``."""
+    if any(t < 0 for t in tokens):  # a llama.cpp vision prompt's image positions: libmtmd's marker stood there
+        return [MEDIA_MARKER if t < 0 else token_strings(tokenizer, [t])[0] for t in tokens]
     convert = getattr(tokenizer, "convert_ids_to_tokens", None)
     if convert is not None:
         return [str(s) for s in convert(tokens)]

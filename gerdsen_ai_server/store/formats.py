@@ -28,6 +28,14 @@ def _foreign(path: Path, kind: str) -> UnsupportedModelFormat:
     return UnsupportedModelFormat(f"{path} is a {kind} model, which Impetus cannot run; {_CONVERT_HINT}")
 
 
+def is_mmproj(name: str) -> bool:
+    """A GGUF file named as a multimodal projector (``mmproj-model-f16.gguf``, ``llava-mmproj-f16.gguf``):
+    the vision half of the model beside it (engine/backends/llamacpp_vision.py), never a model of
+    its own. LM Studio tells them apart by the same word in the name."""
+    lower = name.lower()
+    return lower.endswith(".gguf") and "mmproj" in lower
+
+
 def detect_format(path: Path) -> str:
     """'mlx' for a config.json + *.safetensors folder; 'gguf' for a .gguf file or a folder holding one."""
     path = Path(path)
@@ -41,6 +49,11 @@ def detect_format(path: Path) -> str:
 
 
 def _detect_file(path: Path) -> str:
+    if is_mmproj(path.name):
+        raise UnsupportedModelFormat(
+            f"{path.name} is a multimodal projector (mmproj), not a model: put it in the folder of the "
+            "model it belongs to, or name it in that model's load option 'mmproj'"
+        )
     if path.suffix.lower() == ".gguf":
         return "gguf"
     if path.suffix.lower() == ".safetensors":
@@ -57,7 +70,7 @@ def _detect_folder(path: Path) -> str:
         if "config.json" not in names:
             raise UnsupportedModelFormat(f"{path} holds .safetensors weights but no config.json")
         return "mlx"
-    ggufs = [n for n in names if n.lower().endswith(".gguf")]
+    ggufs = [n for n in names if n.lower().endswith(".gguf") and not is_mmproj(n)]  # a projector goes with it
     if len(ggufs) == 1:
         return "gguf"
     if len(ggufs) > 1:

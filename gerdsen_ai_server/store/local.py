@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gerdsen_ai_server.store.download import read_manifest
 from gerdsen_ai_server.store.errors import ModelLoadError, ModelNotFound
-from gerdsen_ai_server.store.formats import detect_format
+from gerdsen_ai_server.store.formats import detect_format, is_mmproj
 from gerdsen_ai_server.store.hub import STAGING, folder_name
 from gerdsen_ai_server.store.paths import confine, plain_name
 
@@ -57,6 +57,8 @@ def scan(models_dir: Path, allowed: Sequence[Path] | None = None) -> list[LocalM
     found = []
     for path in sorted(models_dir.iterdir()) if models_dir.is_dir() else []:
         if path.name.startswith(".") or path.suffix == ".lock" or path.name == "presets":  # store/presets.py's
+            continue
+        if is_mmproj(path.name):  # a vision model's projector (llamacpp_vision.py), never a model of its own
             continue
         if allowed is not None:
             try:

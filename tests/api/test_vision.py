@@ -4,7 +4,9 @@ Qwen2-VL built here, asked through the OpenAI and Anthropic SDKs with base64 ima
 Its answers are checked against mlx-vlm itself (``mlx_vlm.generate`` in this process, same folder,
 same image, greedy and seeded), its usage against the image tokens mlx-vlm counts; two images give
 two answers (no KV shared: the backend keeps no prompt cache); a text-only request to it works; a
-text request to the default model finishes while a long image request is still decoding.
+text request to the default model finishes while a long image request is still decoding. Requests to
+the VLM batch (vision_batch.py): four images and a text-only request sent together decode in one batch,
+each with its alone-answer and its own sampling; a client that leaves frees its row.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ pytest.importorskip("mlx_vlm", reason="mlx-vlm is not installed (make setup inst
 pytestmark = pytest.mark.server
 
 VLM = "tiny-qwen2-vl"
+EOS = "2"  # <|im_end|> in the tiny model's (SmolLM2's) tokenizer: biased away, answers run their full length
 QUESTION = "What is in this picture?"
 
 
@@ -196,8 +199,8 @@ def test_responses_input_image(client) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_text_model_runs_while_an_image_request_decodes(client) -> None:  # type: ignore[no-untyped-def]
-    """The vision model runs one request at a time, but the engine steps it like any backend: the
-    default model's batch decodes between its tokens."""
+    """The engine steps the vision model like any backend: the default model's batch decodes between
+    its steps."""
     done: dict[str, float] = {}
     started = threading.Event()
 
@@ -222,6 +225,117 @@ def test_text_model_runs_while_an_image_request_decodes(client) -> None:  # type
     assert done["text"] < done["image"], "the text request waited for the image request to end"
 
 
+def metric(server: Server, name: str) -> float:
+    for line in requests.get(server.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_images_and_text_decode_in_one_batch(client, server: Server) -> None:  # type: ignore[no-untyped-def]
+    """Four image requests (two greedy, two seeded at their own temperatures) and a text-only request,
+    sent together: each gets the answer it gets alone, in far fewer engine steps than tokens (one
+    request at a time takes a step per token: 5 x 24; they may still reach the engine some steps apart)."""
+    tokens = 24
+    asks: list[dict[str, Any]] = [
+        {"messages": image_message(png(10)), "temperature": 0},
+        {"messages": image_message(png(11, 256)), "temperature": 0, "logprobs": True},
+        {"messages": image_message(png(12)), "temperature": 0.9, "seed": 5},
+        {"messages": image_message(png(13)), "temperature": 0.7, "top_p": 0.9, "seed": 8},
+        {"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0},
+    ]
+
+    def answer(ask: dict[str, Any]) -> tuple[str | None, Any]:
+        # a logit bias on the end token keeps every answer the full length (a random model may end early)
+        reply = client.chat.completions.create(model=VLM, max_tokens=tokens, logit_bias={EOS: -100}, **ask)
+        assert reply.usage.completion_tokens == tokens
+        logprobs = reply.choices[0].logprobs
+        return reply.choices[0].message.content, logprobs and [t.logprob for t in logprobs.content]
+
+    alone = [answer(ask) for ask in asks]
+    together: dict[int, tuple[str | None, Any]] = {}
+    steps = metric(server, "impetus_engine_steps_total")
+    threads = [threading.Thread(target=lambda i=i: together.update({i: answer(asks[i])})) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    steps = metric(server, "impetus_engine_steps_total") - steps
+    assert [together[i][0] for i in range(len(asks))] == [text for text, _ in alone]
+    assert max(abs(a - b) for a, b in zip(together[1][1], alone[1][1], strict=True)) < 1e-4
+    assert steps < 3 * tokens, f"{steps} steps for {len(asks)} x {tokens} tokens: not batched"
+
+
+def settled(server: Server, name: str, value: float) -> float:
+    """The metric once it reaches ``value`` (the engine recounts at the end of its step), or after 10 s."""
+    deadline = time.monotonic() + 10
+    while (seen := metric(server, name)) != value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seen
+
+
+def test_a_request_joins_the_running_batch(client, server: Server) -> None:  # type: ignore[no-untyped-def]
+    """A request sent while a long one decodes joins its batch mid-way (continuous batching): it ends
+    while the long one still decodes (one at a time, it would wait for its 1,500 tokens), and both
+    answers are what each gets alone (the long one's first 40 tokens)."""
+
+    def ask(image: bytes, tokens: int, stream: bool = False) -> Any:
+        return client.chat.completions.create(
+            model=VLM,
+            messages=image_message(image),
+            max_tokens=tokens,
+            temperature=0,
+            logit_bias={EOS: -100},
+            stream=stream,
+        )
+
+    long_start, short_alone = ask(png(30), 40).choices[0].message.content, ask(png(31), 6).choices[0].message.content
+    text = ""
+    stream = ask(png(30), 1500, stream=True)
+    try:
+        for n, chunk in enumerate(stream):
+            text += (chunk.choices and chunk.choices[0].delta.content) or ""
+            if n == 4:
+                assert ask(png(31), 6).choices[0].message.content == short_alone
+                assert settled(server, "impetus_active_sequences", 1) == 1, "the short request waited for the long one"
+            if len(text) >= len(long_start) or n > 400:
+                break
+    finally:
+        stream.close()
+    assert text.startswith(long_start)
+    assert settled(server, "impetus_requests_in_flight", 0) == 0
+
+
+def test_a_closed_stream_frees_its_row(client, server: Server) -> None:  # type: ignore[no-untyped-def]
+    """Two long image streams decode together; one client leaves: its row goes (the other keeps
+    decoding), and the engine counts it cancelled."""
+    cancelled = 'impetus_engine_requests_total{outcome="cancelled"}'
+    before = metric(server, cancelled)
+    streams = [
+        client.chat.completions.create(
+            model=VLM, messages=image_message(png(seed)), max_tokens=1500, stream=True, logit_bias={EOS: -100}
+        )
+        for seed in (20, 21)
+    ]
+    try:
+        readers = [iter(s) for s in streams]
+        for reader in readers:
+            for _ in range(3):
+                next(reader)
+        assert settled(server, "impetus_active_sequences", 2) == 2
+        streams[0].close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and metric(server, cancelled) < before + 1:
+            next(readers[1])
+        assert metric(server, cancelled) == before + 1
+        assert metric(server, "impetus_active_sequences") == 1
+        next(readers[1])  # still decoding
+    finally:
+        for stream in streams:
+            stream.close()
+    assert settled(server, "impetus_active_sequences", 0) == 0
+
+
 def test_no_embeddings_from_the_vision_model(client) -> None:  # type: ignore[no-untyped-def]
     import openai
 
@@ -235,3 +349,14 @@ def test_a_load_option_it_cannot_take_is_a_400(server: Server) -> None:
     reply = requests.post(server.url + "/api/models/load", json=load, timeout=120)
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == "kv_bits"
+
+
+def test_a_cross_attention_family_is_refused_at_load(tmp_path: Path) -> None:
+    """Llama 3.2 Vision (mllama) needs its cross-attention states at every decode step, which the
+    batch does not carry: refused with its reason, never answered wrongly."""
+    from gerdsen_ai_server.engine.errors import ModelLoadError
+    from gerdsen_ai_server.engine.formats.vision import load_vision
+
+    (tmp_path / "config.json").write_text('{"model_type": "mllama", "vision_config": {}}')
+    with pytest.raises(ModelLoadError, match="mllama"):
+        load_vision(tmp_path)

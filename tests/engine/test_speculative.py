@@ -1,13 +1,15 @@
 """Speculative decoding (engine/speculative.py) in-process: the rejection rule keeps the target
 distribution (statistically, on a small vocabulary), prompt lookup finds its drafts, and on the real
 embedded model greedy output with speculation (prompt lookup, or a draft model) is the plain
-decoding's, token for token, with max_tokens, stop strings, log-probabilities, cancellation and a
-batch of several kept as they were."""
+decoding's, token for token, with max_tokens, stop strings, log-probabilities and cancellation, alone
+and in a batch of eight where several sequences draft in the same verification pass (per-row
+acceptance, the KV cache re-padded) beside sequences that never speculate."""
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -17,7 +19,7 @@ from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.engine import InferenceEngine
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams, SpeculativeParams
 from gerdsen_ai_server.engine.sampling import build_sampler
-from gerdsen_ai_server.engine.speculative import NgramIndex, accept_sampled
+from gerdsen_ai_server.engine.speculative_draft import NgramIndex, accept_sampled
 from tests.support.models import default_model_folder
 from tests.support.tiny_models import build_tiny_llama
 
@@ -116,13 +118,14 @@ def run(
     max_tokens: int = 32,
     stop: list[str] | None = None,
     logprobs: int | None = None,
+    sampling: SamplingParams = GREEDY,
 ) -> tuple[list[int], str, str | None, list[float]]:
-    """(tokens, text, finish reason, chosen tokens' logprobs) of one greedy request read to its end."""
+    """(tokens, text, finish reason, chosen tokens' logprobs) of one (greedy) request read to its end."""
     request = GenerationRequest(
         model=model.model_id,
         prompt_tokens=prompt_of(model, text),
         max_tokens=max_tokens,
-        sampling=GREEDY,
+        sampling=sampling,
         stop=stop or [],
         logprobs=logprobs,
         speculative=speculative,
@@ -191,6 +194,101 @@ def test_a_speculating_request_keeps_the_batch(
     assert engine.stats().speculative_drafted_total > before
 
 
+EDITS = [EDIT] + [
+    f"Repeat this text exactly, fixing the spelling mistakes:\n\n{paragraph}"
+    for paragraph in (
+        "Our team will meet on Tuesday to discus the new budget. Please bring the reports from last quarter, "
+        "including the sales figures and the list of open isues.",
+        "To make the bread, mix the flour, water, salt and yeast in a large bowl. Knead the dough for ten minutes "
+        "until it is smoth, then leave it to rise for an hour.",
+        "The library opens at nine in the morning and closes at six in the evenning. Books may be borowed for "
+        "two weeks and renewed once online.",
+    )
+]
+# One batch of eight: four edits speculating to 40 tokens, one ending by max_tokens and one by a stop
+# string inside accepted runs, one with a penalty (logits processors: never speculates), a seeded
+# sampled one (never speculates) and one that did not ask; each job's keyword arguments for ``run``.
+WAVE: list[dict[str, Any]] = [
+    *({"text": text, "max_tokens": 40} for text in EDITS),
+    {"text": EDITS[1], "max_tokens": 13},
+    {"text": EDIT, "max_tokens": 40, "stop": ["lazy dog"]},
+    {"text": EDITS[2], "max_tokens": 24, "sampling": SamplingParams(temperature=0, frequency_penalty=0.5)},
+    {"text": OTHER, "max_tokens": 24, "sampling": SamplingParams(temperature=0.8, seed=11)},
+]
+Result = tuple[list[int], str, str | None, list[float]]
+
+
+def together(engine: InferenceEngine, model: LoadedModel, jobs: list[dict[str, Any]]) -> list[Result]:
+    """The jobs sent at once (one engine batch), each read to its end on its own thread."""
+    results: list[Result | None] = [None] * len(jobs)
+
+    def one(i: int) -> None:
+        results[i] = run(engine, model, **jobs[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert all(r is not None for r in results), "a request did not finish"
+    return cast(list[Result], results)
+
+
+@pytest.fixture(scope="module")
+def plain_wave(engine: InferenceEngine, model: LoadedModel) -> list[Result]:
+    """WAVE's answers without speculation, decoded together."""
+    return together(engine, model, [{**job, "speculative": None} for job in WAVE])
+
+
+def test_eight_streams_each_keep_their_plain_answer_while_several_draft(
+    engine: InferenceEngine, model: LoadedModel, plain_wave: list[Result]
+) -> None:
+    """WAVE with speculation asked by every job: each answer (tokens, text, finish reason) is the plain
+    one, and the verification passes drafted for several sequences at once (more than 1.5 rows a
+    pass on average: a batch that speculated only while one sequence was left has exactly 1)."""
+    assert [r[2] for r in plain_wave[4:6]] == ["length", "stop"]
+    before = engine.stats()
+    fast = together(engine, model, [{**job, "speculative": NGRAM} for job in WAVE])
+    after = engine.stats()
+    for job, got, want in zip(WAVE, fast, plain_wave, strict=True):
+        assert got[:3] == want[:3], job
+    passes = after.speculative_passes_total - before.speculative_passes_total
+    rows = after.speculative_rows_total - before.speculative_rows_total
+    drafted = after.speculative_drafted_total - before.speculative_drafted_total
+    accepted = after.speculative_accepted_total - before.speculative_accepted_total
+    assert passes > 0 and rows / passes > 1.5, (passes, rows)
+    assert accepted / drafted > 0.4, (drafted, accepted)
+
+
+def test_cancelling_one_of_several_speculating_requests(
+    engine: InferenceEngine, model: LoadedModel, plain_wave: list[Result]
+) -> None:
+    """A speculating request cancelled mid-answer while three others speculate beside it, and a sampled
+    one (the rejection rule's path, often with nothing drafted): it leaves, the greedy ones keep their
+    plain answers, the sampled one ends normally, and nothing stays in flight."""
+    request = GenerationRequest(
+        model=model.model_id, prompt_tokens=prompt_of(model, EDIT), max_tokens=64, sampling=GREEDY, speculative=NGRAM
+    )
+    stream = engine.submit(request)
+    jobs = [*WAVE[1:4], {"text": OTHER, "max_tokens": 24, "sampling": SamplingParams(temperature=0.8)}]
+    results: list[Result] = []
+    others = threading.Thread(
+        target=lambda: results.extend(together(engine, model, [{**job, "speculative": NGRAM} for job in jobs]))
+    )
+    others.start()
+    for count, _ in enumerate(stream):
+        if count == 3:  # a few events in: the others have joined its batch by now
+            break
+    stream.cancel()
+    others.join(180)
+    assert [r[:3] for r in results[:3]] == [r[:3] for r in plain_wave[1:4]]
+    assert results[3][2] in ("length", "stop") and results[3][0]
+    deadline = time.monotonic() + 60
+    while engine.inflight:
+        assert time.monotonic() < deadline, "the cancelled request kept its place"
+        time.sleep(0.05)
+
+
 def test_cancelling_a_speculating_request(
     engine: InferenceEngine, model: LoadedModel, plain: dict[str, tuple[list[int], str, str | None, list[float]]]
 ) -> None:
@@ -216,7 +314,8 @@ def test_draft_model_output_is_the_plain_decodings(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """The target as its own draft (every draft accepted) and a random tiny llama of the same
-    vocabulary (next to none accepted): both give the plain answer."""
+    vocabulary (next to none accepted): both give the plain answer, alone and then together in one
+    batch, where both draft in the same verification passes (each sequence has its own draft cache)."""
     from mlx_lm import load
 
     tiny, _ = load(str(build_tiny_llama(tmp_path_factory.mktemp("draft") / "tiny", default_model_folder())))
@@ -231,3 +330,16 @@ def test_draft_model_output_is_the_plain_decodings(
             drafted,
             accepted,
         )
+    before = engine.stats()
+    jobs = [
+        {
+            "text": text,
+            "max_tokens": 16,
+            "speculative": SpeculativeParams(method="draft_model", num_tokens=4, draft=draft),
+        }
+        for text, draft in ((EDIT, model.model), (OTHER, tiny))
+    ]
+    assert [r[0] for r in together(engine, model, jobs)] == [plain[EDIT][0][:16], plain[OTHER][0][:16]]
+    after = engine.stats()
+    passes = after.speculative_passes_total - before.speculative_passes_total
+    assert passes > 0 and after.speculative_rows_total - before.speculative_rows_total > passes  # 2 rows in some

@@ -1,5 +1,5 @@
 """The vision backend in-process (engine/backends/vision.py), on a tiny random Qwen2-VL: requests
-queue and run one at a time with the answers each gets alone, a cancelled one leaves at once, stop
+sent together get the answers each gets alone, a cancelled one leaves at once, stop
 strings and max_tokens end them as on MLX, and a request whose images do not match its prompt fails
 alone."""
 

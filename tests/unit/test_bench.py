@@ -314,6 +314,19 @@ def test_the_proxy_table_shows_each_figures_step_time_and_the_targets_median_rat
     assert "| 8 streams: ours / raw `batch_generate`-8 | 86% (median of 2 rounds) | >= 85% | **met** |" in body
     assert "| 8 streams: ours / `mlx_lm.server` | 1.26x (median of 2 rounds) | >= 1.2x | **met** |" in body
     assert "16 streams" not in body  # not measured: no row, no target
+    assert "Where the host time sits" not in body  # no py-spy, no split
+
+    # the CPU split: each group's microseconds a token, the median of the rounds; a group never charged has no row
+    level = _level(8, 2000.0)
+    level.client_cores = 0.5  # half a core over the level's wall time
+    before = dict.fromkeys(overhead.CPU_GROUPS, 1.0)
+    split = overhead.measure_split(level, before, {**before, "engine": 1.2, "http": 1.1})
+    per_token = 1e6 / level.tokens
+    assert split["engine"] == pytest.approx(0.2 * per_token) and split["client"] == pytest.approx(0.5 * per_token)
+    splits = [{8: split}, {8: {**split, "engine": split["engine"] + 2, "http": split["http"] + 2}}]
+    body = overhead.render(rounds, args, ["Run header"], splits)
+    assert f"| engine thread | {split['engine'] + 1:.0f} |" in body and "| CPU µs / token | 8 streams |" in body
+    assert "other Python threads" not in body
 
     path = tmp_path / "performance.md"
     path.write_text("# Performance\n\n<!-- bench:begin -->\nmain run\n<!-- bench:end -->\n")

@@ -173,6 +173,38 @@ def test_batch_generator_with_staggered_joins_answers_as_alone(bits: int) -> Non
     assert tokens[len(prompts[2]) :] == alone[2]
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prompt_chunks_take_the_fused_attention_and_decode_steps_the_quantized_one(
+    bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slow path a 2,048-token prompt took (mlx-lm's unfused quantized attention over the whole
+    chunk) must not come back: a multi-token step hands the attention dense keys and hides ``bits``,
+    so only one-token steps reach ``quantized_scaled_dot_product_attention``; the cache still holds
+    the quantized triples, and the answer is the same as mlx-lm's one-sequence QuantizedKVCache
+    (the staggered-joins test above)."""
+    from mlx_lm.models import base
+
+    seen: list[int] = []
+    quantized_attention = base.quantized_scaled_dot_product_attention
+
+    def spy(queries: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        seen.append(int(queries.shape[2]))
+        return quantized_attention(queries, *args, **kwargs)
+
+    monkeypatch.setattr(base, "quantized_scaled_dot_product_attention", spy)
+    model = small_llama()
+    assert len(generate(model, [list(range(1, 40)), [7, 8, 9]], bits, {0: 0, 1: 0})[0]) == 12
+    assert seen and set(seen) == {1}  # decode steps only: no prompt chunk went the quantized way
+
+    cache = QuantizedCache.merge([QuantizedCache(64, bits)])
+    keys, values = cache.update_and_fetch(*kv(1, 5))
+    assert not hasattr(cache, "bits") and keys.shape == values.shape == (1, HEADS, 5, DIM)
+    assert isinstance(cache.keys, tuple) and cache.keys[0].dtype == mx.uint32  # stored quantized
+    assert mx.array_equal(keys, mx.dequantize(*cache.keys_and_values()[0], group_size=64, bits=bits))
+    keys, _ = cache.update_and_fetch(*kv(1, 1))
+    assert cache.bits == bits and isinstance(keys, tuple)  # a decode step: the quantized triples
+
+
 def test_which_models_and_caches_fit(caplog: pytest.LogCaptureFixture) -> None:
     assert unsupported(small_llama()) is None
     narrow = small_llama(hidden=64, heads=2)  # head size 32

@@ -49,3 +49,14 @@ def test_masking_rules() -> None:
     assert not server_config.is_secret("api_key_file") and not server_config.is_secret("keep_alive")
     assert server_config.without_password("http://host:80/x") == "http://host:80/x"
     assert server_config.shown("api_keys", "") is None
+
+
+def test_the_prompt_cache_bound_is_auto_by_default() -> None:
+    """-1 (auto): an eighth of the RAM between 256 MiB and 8 GiB (llama-server's --cache-ram); a set value stays."""
+    import psutil
+
+    ram = psutil.virtual_memory().total
+    assert Settings().prompt_cache_bytes == -1
+    assert Settings().prompt_cache_bytes_value() == max(256 << 20, min(8 << 30, ram // 8))
+    assert Settings(prompt_cache_bytes=0).prompt_cache_bytes_value() == 0
+    assert Settings(prompt_cache_bytes=5 << 20).prompt_cache_bytes_value() == 5 << 20

@@ -69,7 +69,7 @@ def health() -> Response:
             allocator=allocator(),
             prompt_cache_enabled=engine.prompt_cache_enabled,
             prompt_cache_bytes=engine.stats().prompt_cache_bytes,
-            prompt_cache_limit_bytes=services().settings.prompt_cache_bytes,
+            prompt_cache_limit_bytes=services().settings.prompt_cache_bytes_value(),
             prompt_cache_tiers=PromptCacheTiers.model_validate(
                 {name: asdict(tier) for name, tier in engine.prompt_cache.tiers().items()}
             ),

@@ -34,19 +34,18 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gerdsen_ai_server.engine.backends.base import Capabilities, LoadedModel, Reports
+from gerdsen_ai_server.engine.backends.base import Capabilities, Reports
 from gerdsen_ai_server.engine.backends.llamacpp_runtime import init_once
 from gerdsen_ai_server.engine.backends.llamacpp_sampling import Sampler, grammar_of, log_softmax, token_logprob
-from gerdsen_ai_server.engine.backends.llamacpp_sizing import KV_TYPE_NAMES, KV_TYPES, kv_bytes
-from gerdsen_ai_server.engine.formats.gguf_header import read_gguf_header
-from gerdsen_ai_server.engine.formats.gguf_tokenizer import load_tokenizer
-from gerdsen_ai_server.engine.options import BackendOptions
+from gerdsen_ai_server.engine.backends.llamacpp_sizing import KV_TYPE_NAMES, KV_TYPES
+from gerdsen_ai_server.engine.backends.llamacpp_vision import Projector, image_start, text_before_image
+from gerdsen_ai_server.engine.images import ImageInput
 from gerdsen_ai_server.engine.protocol import GenerationRequest, TokenEvent, TokenStream
 from gerdsen_ai_server.engine.text import TextStep
 from gerdsen_ai_server.store.errors import ModelLoadError
@@ -65,6 +64,7 @@ class _Seq:
     sampler: Sampler
     text: TextStep
     pending: list[int]  # tokens to feed next (prompt rest, then the last sampled token)
+    media: dict[int, Any] = field(default_factory=dict)  # prompt index -> its image chunk (llamacpp_vision.py)
 
 
 @dataclass
@@ -100,6 +100,7 @@ class LlamaCppBackend(Reports):
         n_threads: int | None = None,
         kv_cache_bytes: int = 0,
         kv_bits: int = 0,
+        mmproj: Path | None = None,
     ) -> None:
         import llama_cpp as lc
 
@@ -139,8 +140,12 @@ class LlamaCppBackend(Reports):
                 f"{KV_TYPE_NAMES[kv_bits]} KV cache)"
             )
         self._mem = lc.llama_get_memory(self._ctx)
+        self.vision = Projector(lc, self._model, mmproj, threads) if mmproj else None  # a vision model's projector
+        if self.vision:
+            self.capabilities = replace(self.capabilities, vision=True)
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
         self.nbytes = int(lc.llama_model_size(self._model)) + kv_cache_bytes
+        self.nbytes += self.vision.nbytes if self.vision else 0
         self._batch = lc.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(i) for i in range(n_seq)]
         self._waiting: list[_Seq] = []
@@ -174,6 +179,12 @@ class LlamaCppBackend(Reports):
     def set_batch_limit(self, size: int) -> None:
         self._batch_limit = size
 
+    def prompt_ids(self, text: str, images: list[ImageInput]) -> list[int]:
+        """The rendered prompt with its images tokenized by the projector (the caller's thread)."""
+        if self.vision is None:
+            raise ValueError("this model has no multimodal projector")
+        return self.vision.prompt_ids(text, images)
+
     def abort(self, message: str) -> None:
         """Fail every request held, at the thread's next turn (it owns the slots)."""
         self._abort = message
@@ -188,6 +199,8 @@ class LlamaCppBackend(Reports):
         self._thread.join(timeout=30)
         lc = self._lc
         lc.llama_batch_free(self._batch)
+        if self.vision:
+            self.vision.close()
         lc.llama_free(self._ctx)
         lc.llama_model_free(self._model)
 
@@ -235,14 +248,19 @@ class LlamaCppBackend(Reports):
                 if bad:
                     raise ValueError(f"logit_bias names tokens outside the vocabulary: {bad}")
                 sampler = Sampler(request.sampling, grammar_of(request))
+                cells, media = self._cells(request) if request.images else ([], {})
             except Exception as exc:
                 host.finish(stream, TokenEvent(error=str(exc)))
                 continue
             host.stats.prompt_tokens_total += len(request.prompt_tokens)
             host.touch()
-            self._waiting.append(
-                _Seq(stream, request, sampler, TextStep(self.tokenizer, request), list(request.prompt_tokens))
-            )
+            text = TextStep(self.tokenizer, request)
+            self._waiting.append(_Seq(stream, request, sampler, text, cells or list(request.prompt_tokens), media))
+
+    def _cells(self, request: GenerationRequest) -> tuple[list[int], dict[int, Any]]:
+        if self.vision is None:
+            raise ValueError("this model cannot take images")
+        return self.vision.cells(request.prompt_tokens, request.images)  # llamacpp_vision.py
 
     def cancel(self) -> None:
         """Drop the sequences whose client left, waiting or running (the backend's thread)."""
@@ -269,7 +287,7 @@ class LlamaCppBackend(Reports):
             # Feed at least the prompt's last two tokens: llama.cpp's CPU products for a one-token
             # chunk differ from a longer chunk's in the last bits (logits ~3e-3 apart on the default
             # model), and a repeated seeded request then sampled another answer than the first.
-            keep = max(0, min(_common_prefix(slot.tokens, prompt), len(prompt) - 2))
+            keep = image_start(prompt, max(0, min(_common_prefix(slot.tokens, prompt), len(prompt) - 2)))
             if not self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
                 keep = 0
                 self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
@@ -294,11 +312,16 @@ class LlamaCppBackend(Reports):
             seq = slot.seq
             if seq is None:
                 raise RuntimeError("an active slot without a sequence")
-            take = min(len(seq.pending), BATCH_TOKENS - n)
+            if seq.media and self.vision and (error := self.vision.feed(self._ctx, slot, seq, BATCH_TOKENS)):
+                slot.seq, slot.tokens = None, []  # its image first, on its own (llamacpp_vision.py): it failed
+                lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                self._end(seq, TokenEvent(error=f"Generation failed: {error}"))
+                continue
+            take = min(text_before_image(seq.pending) if seq.media else len(seq.pending), BATCH_TOKENS - n)
             if take == len(seq.pending) - 1 > 0:  # nor does a long prompt's last token go alone (_assign)
                 take -= 1
             if take <= 0:
-                break
+                continue
             pos = len(slot.tokens)
             for j in range(take):
                 batch.token[n] = seq.pending[j]
@@ -312,6 +335,8 @@ class LlamaCppBackend(Reports):
                 outputs.append((slot, n - 1))
             fed.append((slot, take))
         batch.n_tokens = n
+        if not n:  # only images this step
+            return
         rc = lc.llama_decode(self._ctx, batch)
         self._host.stats.steps_total += 1
         if rc != 0:
@@ -361,42 +386,15 @@ class LlamaCppBackend(Reports):
         else:
             slot.seq = None
             self._end(seq, event)
-            if self.slot_files is not None:  # after its answer went out: its cells, to the disk tier
+            if self.slot_files is not None and not seq.request.images:  # after its answer: its cells to disk
                 self.slot_files.save(slot.seq_id, slot.tokens)
 
     def _end(self, seq: _Seq, event: TokenEvent | None) -> None:
+        if seq.media and self.vision:
+            self.vision.free(seq.media)
         host = self._host
         if event is None:
             host.stats.requests_cancelled_total += 1
         else:
             host.touch()  # keep-alive counts from the last answer
         host.finish(seq.stream, event)
-
-
-def load(
-    path: Path, model_id: str, cache_dir: Path, options: BackendOptions, context: int, kv_bits: int = 0
-) -> LoadedModel:
-    """A ``LoadedModel`` whose ``model`` is a running ``LlamaCppBackend`` (``backend`` 'llamacpp'),
-    each slot with ``context`` cells (the effective context length, loaders.py ``context_of``), its
-    KV cache quantized by ``kv_bits`` (0: f16; the load's own or IMPETUS_KV_BITS)."""
-    meta = read_gguf_header(path).metadata
-    tokenizer = load_tokenizer(path, meta, cache_dir)
-    backend = LlamaCppBackend(
-        path,
-        tokenizer,
-        n_seq=options.sequences,
-        slot_ctx=context,
-        n_threads=options.llamacpp_threads or None,
-        kv_cache_bytes=kv_bytes(meta, context * options.sequences, kv_bits),
-        kv_bits=kv_bits,
-    )
-    return LoadedModel(
-        model_id=model_id,
-        path=path,
-        model=backend,
-        tokenizer=tokenizer,
-        context_length=context,
-        nbytes=backend.nbytes,
-        backend="llamacpp",
-        kv_bits=kv_bits,
-    )

@@ -5,8 +5,8 @@ earlier one, prompt_cache.py) and steps the batch (``step``): mlx-lm prefills th
 samples one token for every active sequence; each token goes through the shared text step
 (text.py) into its stream. A sequence whose stream was cancelled leaves at the next turn
 (``cancel``). The batch's decode batch is mlxlm.py's ``DecodeBatch`` (no forward pass for a token
-nobody reads) as speculative.py's ``SpeculativeBatch`` (prompt-lookup or draft-model drafts while
-it decodes one sequence). Everything here runs on the engine thread: it is all MLX work.
+nobody reads) as speculative.py's ``SpeculativeBatch`` (prompt-lookup or draft-model drafts for
+every speculating sequence, verified in one pass). Everything here runs on the engine thread: it is all MLX work.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
-from gerdsen_ai_server.engine import quantized_cache
+from gerdsen_ai_server.engine import prefill_buckets, quantized_cache
 from gerdsen_ai_server.engine.backends.base import Capabilities, LoadedModel, Reports
 from gerdsen_ai_server.engine.prompt_cache import PrefixCache
 from gerdsen_ai_server.engine.protocol import GenerationRequest, TokenEvent, TokenStream
@@ -51,7 +51,9 @@ class MLXBackend(Reports):
     name = "mlx"
     capabilities = Capabilities(embeddings=True)
 
-    def __init__(self, loaded: LoadedModel, prompt_cache: PrefixCache, max_batch: int, batch_size: int) -> None:
+    def __init__(
+        self, loaded: LoadedModel, prompt_cache: PrefixCache, max_batch: int, batch_size: int, prefill_bucket: int = 0
+    ) -> None:
         self.loaded = loaded
         self._prompt_cache = prompt_cache
         self._max_batch = max_batch
@@ -59,6 +61,7 @@ class MLXBackend(Reports):
         self._sequences: dict[int, _Sequence] = {}
         self._counts = (0, 0)
         self.decode_seconds = 0.0
+        self.prefill_bucket = prefill_buckets.resolve(prefill_bucket)  # IMPETUS_PREFILL_BUCKET
         self._generator = self._new_generator()
         prompt_cache.attach(loaded, self)  # its live KV is the prompt cache's L1; its disk-tier key
 
@@ -95,6 +98,7 @@ class MLXBackend(Reports):
         generator._generation_batch = SpeculativeBatch.create(  # noqa: SLF001
             loaded.model, generator.sampler, self._request_of, lambda: self._bound.stats if self._bound else None
         )
+        prefill_buckets.install(generator, self.prefill_bucket)  # prompts prefilled at bucketed lengths
         self._apply_batch_limit(generator)
         return generator
 

@@ -1,21 +1,22 @@
-"""A vision-language model on mlx-vlm: its requests (with images or text only) one at a time, one
-token per engine step.
+"""A vision-language model on mlx-vlm: its requests (with images or text only) decoded together in
+one batch, continuously (vision_batch.py: each prompt prefilled alone, then its row decodes beside the
+others; its sampling stays its own).
 
-Why one at a time: mlx-vlm 0.7.10 does have a ``BatchGenerator``, but its sampler is one per batch
-(its server builds it from the first request's arguments), and Qwen-VL language models keep their
-mRoPE state (``_rope_deltas``) on the model object, so two prompts prefilled in turn share it.
-mlx_lm.server likewise turns batching off for images. Serial is safe; it never stalls the other
-models: the engine steps this backend like any other, one token per loop turn, so a text model's
-batch decodes between this model's tokens (a prompt's prefill, vision tower included, is one step).
+mlx_lm.server turns batching off for images, and mlx-vlm's own ``BatchGenerator`` samples its whole
+batch with one sampler; here a request joins the running batch whenever it comes, image or not, and
+keeps its temperature, top-p, seed, processors, log-probabilities, stops and max_tokens. Other models
+are not held up: the engine steps this backend like any other, one step per loop turn, so a text
+model's batch decodes between this model's steps (a prompt's prefill, vision tower included, is part
+of one step).
 
 A request's token ids and pixel inputs come from mlx-vlm's own ``prepare_inputs`` run by the
 serving layer on its request thread (``prompt_ids``: each image placeholder expanded into the
 image's tokens, so the prompt's length, the context check and usage count them), as mlx_vlm.server
 preprocesses on the caller's thread: it only builds arrays from numpy, no MLX operation runs there.
 The engine thread takes the pixel arrays kept for the request, or prepares them again from the
-images (a prompt of placeholders alone) when they are gone. Decoding is mlx-vlm's
-``generate_step`` (sampling with its seeded sampler, so a seed gives what ``mlx_vlm.generate``
-gives); the tokens go through the shared text step (text.py: stop strings, end tokens, logprobs).
+images (a prompt of placeholders alone) when they are gone. The prompt is prefilled by mlx-vlm's
+``generate_step`` (so greedy or seeded answers are what ``mlx_vlm.generate`` gives); the tokens go
+through the shared text step (text.py: stop strings, end tokens, logprobs).
 No prompt cache: no KV is kept between requests, so two images can never share any.
 """
 
@@ -26,15 +27,16 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 
 from gerdsen_ai_server.engine.backends.base import Capabilities, Reports
+from gerdsen_ai_server.engine.backends.mlx import prefill_size
+from gerdsen_ai_server.engine.backends.vision_batch import Row, RowSampler, VisionBatch, prefill
 from gerdsen_ai_server.engine.images import ImageInput
-from gerdsen_ai_server.engine.protocol import GenerationRequest, TokenEvent, TokenStream
+from gerdsen_ai_server.engine.protocol import GenerationRequest, TokenEvent, TokenLogprob, TokenStream
 from gerdsen_ai_server.engine.sampling import LogitsProcessor, build_logits_processors, guarded, token_logprob
 from gerdsen_ai_server.engine.text import TextStep
 
@@ -43,13 +45,12 @@ log = logging.getLogger(__name__)
 PREPARED_KEPT = 8  # prepared image inputs waiting for the engine thread (one per image request in flight)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes a job as an object
 class _Job:
     request: GenerationRequest
     stream: TokenStream
     text: TextStep
-    errors: list[Exception] = field(default_factory=list)
-    steps: Iterator[tuple[Any, mx.array]] | None = None  # mlx-vlm's generate_step, once started
+    errors: list[Exception] = field(default_factory=list)  # what its logits processors raised
 
 
 def _pil(image: ImageInput) -> Any:
@@ -96,8 +97,9 @@ class VisionBackend(Reports):
         self.tokenizer = tokenizer  # mlx-lm's wrapper: the text step's detokenizer and end tokens
         self.model_id = model_id
         self._nbytes = parameter_nbytes(model)
-        self._queue: deque[_Job] = deque()
-        self._active: _Job | None = None
+        self._queue: deque[_Job] = deque()  # admitted, waiting for room in the batch
+        self._batch = VisionBatch(model)
+        self._batch_size = 8  # the engine sets it (set_batch_limit) before any admit
         self._counts = (0, 0)
         self.decode_seconds = 0.0
         self._processor_lock = threading.Lock()  # the fast tokenizer is not safe across request threads
@@ -117,7 +119,7 @@ class VisionBackend(Reports):
 
     @property
     def busy(self) -> bool:
-        return self._active is not None or bool(self._queue)
+        return bool(self._batch.rows) or bool(self._queue)
 
     def counts(self) -> tuple[int, int]:
         return self._counts
@@ -147,10 +149,10 @@ class VisionBackend(Reports):
 
     # ---- engine thread -----------------------------------------------------------------
     def set_batch_limit(self, size: int) -> None:
-        pass  # one sequence at a time whatever the cap
+        self._batch_size = size  # rows decoded together (max_batch, or the thermal cap): new ones wait
 
     def _recount(self) -> None:
-        self._counts = (int(self._active is not None), len(self._queue))
+        self._counts = (len(self._batch), len(self._queue))
 
     def admit(self, request: GenerationRequest, stream: TokenStream) -> None:
         host = self._host
@@ -168,89 +170,92 @@ class VisionBackend(Reports):
         gone = [job for job in self._queue if job.stream.cancelled]
         for job in gone:
             self._queue.remove(job)
-        if self._active is not None and self._active.stream.cancelled:
-            gone.append(self._active)
-            self._drop_active()
+        leaving = [row for row in self._batch.rows if row.owner.stream.cancelled]
+        if leaving:  # out of the batch now: its KV cache row goes with it
+            self._batch.keep([row for row in self._batch.rows if row not in leaving])
+            gone += [row.owner for row in leaving]
+        self._recount()  # before the counters say it was cancelled
         for job in gone:
             self._host.finish(job.stream, None)
         self._host.stats.requests_cancelled_total += len(gone)
-        self._recount()
-
-    def _drop_active(self) -> None:
-        job, self._active = self._active, None
-        if job is not None and job.steps is not None:
-            close = getattr(job.steps, "close", None)
-            if close is not None:
-                close()  # the generator's KV cache and lookahead token go with it
 
     def step(self) -> None:
-        if self._active is None:
-            if not self._queue:
-                return
-            self._active = self._queue.popleft()
-            self._recount()
-        job = self._active
-        started = time.monotonic()
-        prefill = job.steps is None
-        try:
-            if job.steps is None:
-                job.steps = self._start(job)
-            token, logprobs = next(job.steps)
-        except StopIteration:  # max_tokens reached inside mlx-vlm (the text step ends it first)
-            self._end(job, TokenEvent(error="Generation ended without a final token"))
-            return
-        except Exception as exc:
-            log.exception("vision generation step failed")
-            self._end(job, TokenEvent(error=f"Generation failed: {exc}"))
-            return
-        if not prefill:
-            self.decode_seconds = time.monotonic() - started
+        """A decode step of the running rows, then the prefill of waiting requests while the batch has
+        room (at most one prefill pass's worth, as the MLX text path admits): each joins the batch
+        with its first token (mlx-vlm's BatchGenerator likewise decodes first, then prefills)."""
         host = self._host
+        started = time.monotonic()
+        emitted = 0
+        if self._batch.rows:
+            try:
+                decoded = self._batch.decode()
+            except Exception as exc:
+                # The batch's state is unknown after a failed step: fail its requests, start afresh.
+                log.exception("vision decode step failed")
+                for row in self._batch.rows:
+                    host.finish(row.owner.stream, TokenEvent(error=f"Generation failed: {exc}"))
+                self._batch = VisionBatch(self.model)
+                self._recount()
+                return
+            emitted += len(decoded)
+            ended = [row for row, token in decoded if not self._emit(row.owner, token, row.logprobs)]
+            if ended:
+                self._batch.keep([row for row in self._batch.rows if row not in ended])
+        prefilled = 0
+        while self._queue and len(self._batch) < self._batch_size and prefilled < prefill_size(self._batch_size):
+            job = self._queue.popleft()
+            prefilled += 1
+            try:
+                row, cache, delta = self._prefill(job)
+            except Exception as exc:
+                log.exception("vision prefill failed")
+                host.finish(job.stream, TokenEvent(error=f"Generation failed: {exc}"))
+                continue
+            emitted += 1
+            if self._emit(job, row.generated[-1], row.logprobs):
+                self._batch.add(row, cache, delta)
+        if emitted and not prefilled:
+            self.decode_seconds = time.monotonic() - started
         host.stats.steps_total += 1
-        host.stats.generated_tokens_total += 1
+        host.stats.generated_tokens_total += emitted
+        self._recount()
+
+    def _emit(self, job: _Job, token: int, logprobs: mx.array | None) -> bool:
+        """The token through the job's text step into its stream; False when the job ended."""
+        host = self._host
         if job.errors:
-            self._end(job, TokenEvent(error=f"Generation failed: {job.errors[0]}"))
-            return
-        token = int(token)
+            host.finish(job.stream, TokenEvent(error=f"Generation failed: {job.errors[0]}"))
+            return False
         finish = None
         if token in job.text.eos_ids:
             finish = "stop"
         elif job.text.completion_tokens + 1 >= job.request.max_tokens:
             finish = "length"
-        event = job.text.event(token, finish, lambda t, top: token_logprob(logprobs, t, top))
+
+        def logprob_of(chosen: int, top: int) -> TokenLogprob:
+            if logprobs is None:  # asked for only when the request wants log-probabilities
+                raise RuntimeError("log-probabilities were not computed for this step")
+            return token_logprob(logprobs, chosen, top)
+
+        event = job.text.event(token, finish, logprob_of)
         if event.finish_reason is None:
             job.stream.put(event)
-        else:
-            host.touch()  # keep-alive counts from the last answer
-            self._end(job, event)
+            return True
+        host.touch()  # keep-alive counts from the last answer
+        host.finish(job.stream, event)
+        return False
 
-    def _end(self, job: _Job, event: TokenEvent) -> None:
-        self._drop_active()
-        self._host.finish(job.stream, event)
-        self._recount()
-
-    def _start(self, job: _Job) -> Iterator[tuple[Any, mx.array]]:
-        """mlx-vlm's token generator for the job: its pixel inputs made now, its sampling as asked."""
-        from mlx_vlm.generate import generate_step
-
+    def _prefill(self, job: _Job) -> tuple[Row, list[Any], mx.array | None]:
+        """The job's prompt prefilled alone (vision_batch.prefill), its pixel inputs made now, its
+        sampling and processors as asked: the row that joins the batch, its KV cache, its rope delta."""
         request = job.request
-        params = request.sampling
         pixel_values, extra = self._pixels(request) if request.images else (None, {})
-        processors = build_logits_processors(params, request.max_tokens) + request.logits_processors
-        return generate_step(
-            mx.array([request.prompt_tokens]),
-            self.model,
-            pixel_values,
-            None,
-            max_tokens=request.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            min_p=params.min_p,
-            seed=params.seed,
-            logits_processors=guarded(from_generated(processors), job.errors, 0),
-            **extra,
-        )
+        processors = build_logits_processors(request.sampling, request.max_tokens) + request.logits_processors
+        sampler = RowSampler(request.sampling)
+        first = guarded(from_generated(processors), job.errors, 0)
+        token, logprobs, cache, delta = prefill(self.model, request.prompt_tokens, pixel_values, extra, sampler, first)
+        row = Row(job, sampler, guarded(processors, job.errors, 0), [token], logprobs)
+        return row, cache, delta
 
     def _pixels(self, request: GenerationRequest) -> tuple[mx.array, dict[str, Any]]:
         """The images' pixel inputs (and whatever else the processor gives for them: Qwen's
@@ -285,13 +290,13 @@ class VisionBackend(Reports):
         return self._placeholders[images]
 
     def abort(self, message: str) -> None:
-        jobs = list(self._queue) + ([self._active] if self._active is not None else [])
+        jobs = list(self._queue) + [row.owner for row in self._batch.rows]
         self._queue.clear()
-        self._drop_active()
+        self._batch = VisionBatch(self.model)
         for job in jobs:
             self._host.finish(job.stream, TokenEvent(error=message))
         self._counts = (0, 0)
 
     def close(self) -> None:
         self._queue.clear()
-        self._drop_active()
+        self._batch = VisionBatch(self.model)

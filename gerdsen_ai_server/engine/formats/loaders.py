@@ -17,19 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from gerdsen_ai_server.engine import quantized_cache
-from gerdsen_ai_server.engine.backends import llamacpp, llamacpp_lora, llamacpp_sizing
+from gerdsen_ai_server.engine.backends import llamacpp_lora, llamacpp_sizing, llamacpp_vision
 from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.backends.llamacpp import LlamaCppBackend
+from gerdsen_ai_server.engine.backends.llamacpp_sizing import kv_bytes
 from gerdsen_ai_server.engine.formats import adapters, safetensors, vision
 from gerdsen_ai_server.engine.formats import context as model_context
 from gerdsen_ai_server.engine.formats.encoder import is_encoder, load_encoder
 from gerdsen_ai_server.engine.formats.gguf import convert_gguf_to_mlx, converted_dir, ensure_default_model
 from gerdsen_ai_server.engine.formats.gguf_f16 import ensure_default_f16
 from gerdsen_ai_server.engine.formats.gguf_header import read_gguf_header
+from gerdsen_ai_server.engine.formats.gguf_tokenizer import load_tokenizer
 from gerdsen_ai_server.engine.formats.safetensors import context_length, parameter_nbytes
 from gerdsen_ai_server.engine.options import BackendOptions, InvalidLoadOption, LoadOptions
 from gerdsen_ai_server.store.default_model import DEFAULT_MODEL_ID, default_gguf_path
-from gerdsen_ai_server.store.errors import ModelNotFound
-from gerdsen_ai_server.store.formats import detect_format
+from gerdsen_ai_server.store.errors import ModelNotFound, UnsupportedModelFormat
+from gerdsen_ai_server.store.formats import detect_format, is_mmproj
 from gerdsen_ai_server.store.paths import confine, inside_any, model_not_found
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,8 @@ class LoaderFactory:
             need = llamacpp_sizing.estimate_bytes(
                 path, self.options.sequences, context, load.kv_bits_for(self.options.kv_bits)
             )
-            return need + adapters.estimate(options)
+            mmproj = Path(load.mmproj) if load.mmproj else llamacpp_vision.find_mmproj(path)
+            return need + adapters.estimate(options) + (mmproj.stat().st_size if mmproj else 0)
         weights = safetensors.estimate_bytes(path, compute_dtype)  # exactly what MLX will hold for them
         return weights + safetensors.tokenizer_bytes(path) + adapters.estimate(options)
 
@@ -113,7 +117,8 @@ class LoaderFactory:
                     "backend is llamacpp, but this model is an MLX folder: llama.cpp runs GGUF files.", "backend"
                 )
             return path
-        gguf = path if path.is_file() else next(p for p in path.iterdir() if p.name.lower().endswith(".gguf"))
+        models = (p for p in (path.iterdir() if path.is_dir() else ()) if p.suffix.lower() == ".gguf")
+        gguf = path if path.is_file() else next(p for p in models if not is_mmproj(p.name))  # never the projector
         if not trusted and not inside_any(gguf, [models_dir, *allowed]):
             log.warning("refused model %r: %s links outside the models dir and IMPETUS_MODEL_PATHS", spec, gguf)
             raise model_not_found(spec)
@@ -205,18 +210,21 @@ class LoaderFactory:
     ) -> Generator[None, None, LoadedModel]:
         adapter = adapters.for_load(options, models_dir, path)  # a LoRA adapter that fits the backend, or None
         if path.suffix.lower() == ".gguf":  # resolved to a GGUF: the llama.cpp backend
-            loaded = llamacpp.load(
+            loaded = load_gguf(  # with its projector, when it has one (an mmproj beside it)
                 path,
                 path.name,
                 models_dir / ".impetus" / "llamacpp-tokenizers",
                 self.options,
                 self.context_of(path, options),
                 options.kv_bits_for(self.options.kv_bits),
+                Path(options.mmproj) if options.mmproj else llamacpp_vision.find_mmproj(path),  # located already
             )
             return llamacpp_lora.apply(loaded, adapter, models_dir) if adapter else loaded  # a GGUF LoRA
         # These two cast floating tensors only (a quantized model's packed weights stay): float32 there is
         # what quantized-float32 asks (engine/dtype.py).
         cast = "float32" if compute_dtype == safetensors.QUANTIZED_FLOAT32 else compute_dtype
+        if options.mmproj:  # never silently without the projector it asked for
+            raise InvalidLoadOption("mmproj: a projector goes with a GGUF model run by llama.cpp.", "mmproj")
         if vision.is_vision_folder(path):  # a vision-language model: mlx-vlm (formats/vision.py)
             vision.refuse_options(adapter is not None, options.kv_bits)
             return vision.load_vision(path, cast)
@@ -242,6 +250,46 @@ class LoaderFactory:
             nbytes=parameter_nbytes(model) + safetensors.tokenizer_bytes(path),  # what estimate_bytes charges
             kv_bits=quantized_cache.bits_for(model, options.kv_bits, self.options.kv_bits),  # a 400 if it can't
         )
+
+
+def load_gguf(
+    path: Path,
+    model_id: str,
+    cache_dir: Path,
+    options: BackendOptions,
+    context: int,
+    kv_bits: int = 0,
+    mmproj: Path | None = None,
+) -> LoadedModel:
+    """A ``LoadedModel`` whose ``model`` is a running ``LlamaCppBackend`` (``backend`` 'llamacpp'),
+    each slot with ``context`` cells (the effective context length, ``context_of``), its KV cache
+    quantized by ``kv_bits`` (0: f16; the load's own or IMPETUS_KV_BITS), and the projector
+    ``mmproj`` when it has one (llamacpp_vision.py ``find_mmproj``, or the load option): then it
+    takes images."""
+    meta = read_gguf_header(path).metadata
+    if meta.get("general.architecture") == "clip":  # a projector named as a model: never loaded as one
+        raise UnsupportedModelFormat(f"{path.name} is a multimodal projector (mmproj), not a model")
+    tokenizer = load_tokenizer(path, meta, cache_dir)
+    backend = LlamaCppBackend(
+        path,
+        tokenizer,
+        n_seq=options.sequences,
+        slot_ctx=context,
+        n_threads=options.llamacpp_threads or None,
+        kv_cache_bytes=kv_bytes(meta, context * options.sequences, kv_bits),
+        kv_bits=kv_bits,
+        mmproj=mmproj,
+    )
+    return LoadedModel(
+        model_id=model_id,
+        path=path,
+        model=backend,
+        tokenizer=tokenizer,
+        context_length=context,
+        nbytes=backend.nbytes,
+        backend="llamacpp",
+        kv_bits=kv_bits,
+    )
 
 
 def with_load_options(

@@ -15,12 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from gerdsen_ai_server.engine.backends.base import LoadedModel
+from gerdsen_ai_server.engine.errors import ModelLoadError
 from gerdsen_ai_server.engine.formats.safetensors import context_length, parameter_nbytes, tokenizer_bytes
 from gerdsen_ai_server.engine.options import InvalidLoadOption
 
 log = logging.getLogger(__name__)
 
 BACKEND = "mlx-vlm"  # LoadedModel.backend of a vision model
+
+# Families whose every decode step needs more than the KV cache and the rope offsets (cross-attention
+# states, an encoder's outputs): the batch (backends/vision_batch.py) does not carry those, as
+# mlx-vlm's own BatchGenerator does not, so they are refused at load rather than answered wrongly.
+UNBATCHABLE = {"mllama", "florence2", "nemotron_parse"}
 
 
 def available() -> bool:
@@ -73,6 +79,12 @@ def load_vision(path: Path, compute_dtype: str | None = None) -> LoadedModel:
 
     from gerdsen_ai_server.engine.backends.vision import VisionBackend
 
+    family = _config(path).get("model_type")
+    if family in UNBATCHABLE:
+        raise ModelLoadError(
+            f"'{path.name}' is a {family} model: its decoding needs cross-attention or encoder states at every "
+            "step, which this server's vision batch does not carry yet."
+        )
     model, processor = load_vlm(str(path))
     if compute_dtype is not None:
         dtype = getattr(mx, compute_dtype)

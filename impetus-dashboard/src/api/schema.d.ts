@@ -2239,6 +2239,12 @@ export interface components {
              */
             kv_bits: (0 | 4 | 8) | null;
             /**
+             * Mmproj
+             * @description A GGUF model's multimodal projector (llama-server's --mmproj): an mmproj GGUF file in the models dir; the model then takes images. Omitted: an mmproj*.gguf beside the model in its folder.
+             * @default null
+             */
+            mmproj: string | null;
+            /**
              * Model
              * @description Model id, folder name under the models dir, or a path.
              */
