@@ -77,6 +77,7 @@ class DiscoveredModel(BaseModel):
     )
     context_length: int | None = Field(None, description="The context memory_bytes counts its KV cache for.")
     faster: bool = Field(False, description="The faster build of this model on this machine (a GGUF on a CPU).")
+    vision: bool = Field(False, description="A vision-language model: its chat takes images (a GGUF with its mmproj).")
     memory_note: str | None = Field(None, description="What memory_bytes counts, and why that dtype.")
 
 

@@ -68,6 +68,7 @@ def _mlx_card(model: CatalogueModel, models_dir: Path, budget: int) -> Discovere
         compute_dtype=choice.name,
         context_length=context,
         memory_note=f"the weights, computing in {choice.name} ({choice.reason})",
+        vision=model.vision,
     )
 
 
@@ -80,7 +81,7 @@ def _gguf_card(model: CatalogueModel, models_dir: Path, budget: int, faster: boo
     _, block_bytes, block = KV_TYPES.get(settings.kv_bits, KV_TYPES[0])
     slots = settings.max_batch
     kv = model.kv_elements * slots * context * block_bytes // block
-    memory = build.size_bytes + kv
+    memory = build.size_bytes + build.projector_bytes + kv
     return DiscoveredModel(
         id=build.repo,
         source="catalogue",
@@ -97,8 +98,9 @@ def _gguf_card(model: CatalogueModel, models_dir: Path, budget: int, faster: boo
         compute_dtype="as stored",
         context_length=context,
         faster=faster,
+        vision=model.vision,
         memory_note=(
-            f"the file plus llama.cpp's {KV_TYPE_NAMES.get(settings.kv_bits, 'f16')} KV cache of {slots} slots "
+            f"the file{' and its projector (mmproj)' if build.projector_bytes else ''} plus llama.cpp's {KV_TYPE_NAMES.get(settings.kv_bits, 'f16')} KV cache of {slots} slots "
             f"of {context} tokens (IMPETUS_MAX_BATCH, IMPETUS_CONTEXT_LENGTH)"
         ),
     )

@@ -26,6 +26,7 @@ class GgufBuild:
     repo: str
     file: str
     size_bytes: int
+    projector_bytes: int = 0  # a vision model's mmproj file, pulled beside it (store/hub.py)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class CatalogueModel:
     context: int = 32768  # trained context, tokens
     kv_elements: int = 0  # K + V elements one token takes over all layers (2 x layers x kv heads x head dim)
     gguf: GgufBuild | None = None
+    vision: bool = False  # a vision-language model: its chat takes images (issue 30)
 
 
 def _kv(layers: int, kv_heads: int, head_dim: int) -> int:
@@ -195,6 +197,30 @@ CATALOGUE: tuple[CatalogueModel, ...] = (
         32768,
         _kv(32, 8, 128),
         GgufBuild("bartowski/Mistral-7B-Instruct-v0.3-GGUF", "Mistral-7B-Instruct-v0.3-Q4_K_M.gguf", 4_370_000_000),
+    ),
+    # Vision-language models (mlx-vlm on MLX; a GGUF with its mmproj projector on llama.cpp: docs/vision.md).
+    CatalogueModel(
+        "mlx-community/Qwen2-VL-2B-Instruct-4bit",
+        2_210_000_000,
+        "4bit",
+        1_250_000_000,
+        "Qwen2-VL 2B: images in (vision), the family Impetus tests against mlx-vlm",
+        32768,
+        _kv(28, 2, 128),
+        vision=True,
+    ),
+    CatalogueModel(
+        "mlx-community/gemma-3-4b-it-4bit",
+        4_300_000_000,
+        "4bit",
+        3_000_000_000,
+        "Gemma 3 4B: images in (vision), 128k context",
+        131072,
+        _kv(34, 4, 256),
+        GgufBuild(
+            "bartowski/google_gemma-3-4b-it-GGUF", "google_gemma-3-4b-it-Q4_K_M.gguf", 2_490_000_000, 851_000_000
+        ),
+        vision=True,
     ),
 )
 

@@ -45,6 +45,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import build_hf_headers, get_session
 
+from gerdsen_ai_server.store.formats import is_mmproj
+
 log = logging.getLogger(__name__)
 
 HUB_TIMEOUT_S = 10.0
@@ -255,15 +257,23 @@ def plan(
     return PullPlan(repo_id, revision, info.sha or revision, tuple(chosen))
 
 
+def _projector_rank(file: RemoteFile) -> tuple[int, str]:
+    """The projector pulled with a GGUF model (LM Studio fetches one beside it): f16 first, as llama.cpp's
+    converter writes it by default and ggml-org's repos ship it, then the name."""
+    return (0 if "f16" in file.name.lower() else 1, file.name)
+
+
 def _select(repo_id: str, files: list[RemoteFile], gguf: str | None) -> list[RemoteFile]:
     names = [f.name for f in files]
-    ggufs = [f for f in files if f.name.lower().endswith(".gguf")]
+    # A vision GGUF repo (ggml-org's, say) ships its projector beside the model files: never the model.
+    projectors = sorted((f for f in files if is_mmproj(f.name)), key=_projector_rank)
+    ggufs = [f for f in files if f.name.lower().endswith(".gguf") and not is_mmproj(f.name)]
     if gguf is not None:
         chosen = [f for f in ggufs if fnmatch.fnmatch(f.name, gguf) or f.name == gguf]
         if len(chosen) != 1:
             found = ", ".join(f.name for f in ggufs) or "none"
             raise PullError(f"{gguf!r} must match exactly one .gguf file of {repo_id}; it has: {found}")
-        return chosen
+        return chosen + projectors[:1]
     wanted = [f for f in files if any(fnmatch.fnmatch(f.name, p) for p in _MODEL_FILES)]
     if "modules.json" in names:  # sentence-transformers: its card says whether it is Matryoshka-trained
         wanted += [f for f in files if f.name == "README.md"]
@@ -273,7 +283,7 @@ def _select(repo_id: str, files: list[RemoteFile], gguf: str | None) -> list[Rem
     if weights:
         return wanted
     if len(ggufs) == 1:
-        return ggufs
+        return ggufs + projectors[:1]
     if ggufs:
         raise PullError(
             f"{repo_id} holds several GGUF files ({', '.join(f.name for f in ggufs)}); "
@@ -315,7 +325,7 @@ def search(
         "search": query,
         "limit": limit,
         "sort": "downloads",
-        "expand": ["safetensors", "downloads", "tags"],
+        "expand": ["safetensors", "downloads", "tags", "pipeline_tag"],
     }
     if author:
         params["author"] = author

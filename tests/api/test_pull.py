@@ -185,11 +185,14 @@ def test_pull_errors_and_unknown_ids(srv: Server) -> None:
     assert requests.delete(f"{srv.url}/api/models/..%2Fetc", timeout=30).status_code == 404
 
 
-def test_discover_lists_the_catalogue_and_searches_the_hub(srv: Server) -> None:
+def test_discover_lists_the_catalogue_and_searches_the_hub(srv: Server, stub: HubStub) -> None:
     body = requests.get(f"{srv.url}/api/models/discover", timeout=30).json()
     assert body["source"] == "catalogue" and body["hub_error"] is None
     ids = {m["id"] for m in body["data"]}
     assert {"mlx-community/Qwen2.5-0.5B-Instruct-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit"} <= ids
+    # Vision-language models are marked (issue 30), and only they.
+    vision = {m["id"] for m in body["data"] if m["vision"]}
+    assert vision == {"mlx-community/Qwen2-VL-2B-Instruct-4bit", "mlx-community/gemma-3-4b-it-4bit"}
     for model in body["data"]:
         assert model["fits"] == (model["memory_bytes"] <= body["memory_budget_bytes"])
         assert model["quantization"] and model["size_bytes"] > 0
@@ -199,6 +202,10 @@ def test_discover_lists_the_catalogue_and_searches_the_hub(srv: Server) -> None:
     assert found["source"] == "hub" and [m["id"] for m in found["data"]] == [REPO]
     tiny = found["data"][0]
     assert tiny["parameters"] > 3_000_000 and tiny["size_bytes"] > 12_000_000 and tiny["fits"] is True
+    assert tiny["vision"] is False
+    stub.add_repo("mlx-community/seeing-stub", {"config.json": b"{}"}).pipeline_tag = "image-text-to-text"
+    seen = requests.get(f"{srv.url}/api/models/discover", params={"q": "seeing"}, timeout=30).json()
+    assert [(m["id"], m["vision"]) for m in seen["data"]] == [("mlx-community/seeing-stub", True)]
 
 
 @pytest.mark.parametrize(

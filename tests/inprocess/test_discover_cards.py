@@ -22,6 +22,7 @@ def test_catalogue_cards_say_what_each_build_takes_here(tmp_path: Path, monkeypa
     app = create_app({**settings, "context_length": 4096, "max_batch": 2, "log_level": "warning"})
     try:
         body = app.test_client().get("/api/models/discover?q=qwen3").get_json()
+        seeing = app.test_client().get("/api/models/discover?q=gemma-3-4b").get_json()
     finally:
         services(app).engine.shutdown()
     cards = {(m["id"], m["format"]): m for m in body["data"]}
@@ -40,3 +41,9 @@ def test_catalogue_cards_say_what_each_build_takes_here(tmp_path: Path, monkeypa
     assert (gguf["backend"], gguf["faster"], gguf["file"]) == ("llamacpp", True, "Qwen_Qwen3-8B-Q4_K_M.gguf")
     assert gguf["quantization"] == "Q4_K_M" and gguf["context_length"] == 4096
     assert not any(m["faster"] for m in body["data"] if m["format"] == "mlx")
+    # A vision GGUF (issue 30): its projector is pulled beside it, so its memory counts the mmproj file too.
+    gemma = {m["format"]: m for m in seeing["data"]}
+    assert gemma["gguf"]["vision"] and gemma["mlx"]["vision"]
+    kv = 2 * 34 * 4 * 256 * 2 * 4096 * 2  # 34 layers of 4 KV heads of 256, 2 slots of 4,096 tokens, f16
+    assert gemma["gguf"]["memory_bytes"] == 2_490_000_000 + 851_000_000 + kv
+    assert "projector (mmproj)" in gemma["gguf"]["memory_note"]

@@ -38,6 +38,7 @@ class StubRepo:
     files: dict[str, bytes]
     commit: str = ""
     downloads: int = 0
+    pipeline_tag: str | None = None  # the hub's task ("image-text-to-text" for a vision-language model)
 
     def __post_init__(self) -> None:
         digest = hashlib.sha1(self.repo_id.encode())
@@ -186,6 +187,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "downloads": repo.downloads,
                 "tags": ["mlx", "safetensors"],
             }
+            if repo.pipeline_tag:
+                entry["pipeline_tag"] = repo.pipeline_tag
             if params:
                 entry["safetensors"] = {"parameters": params, "total": sum(params.values())}
             data.append(entry)

@@ -116,6 +116,27 @@ def test_pull_gguf_by_file_or_ollama_tag_fetches_only_that_file(
     assert [p.name for p in (tmp_path / "d" / "test-org--tagged").glob("*.gguf")] == ["m-Q8_0.gguf"]
 
 
+def test_a_vision_gguf_pull_brings_its_projector(hub_env: HubStub, tmp_path: Path) -> None:
+    """ggml-org's vision GGUF repos ship mmproj files beside the model files: the projector (f16 first) comes
+    with the chosen model file, as LM Studio fetches it, and is never the model itself (issue 30)."""
+    repo = "test-org/vision"
+    files = {f"m-{q}.gguf": b"GGUF" + bytes(n) for q, n in (("Q4_K_M", 100), ("Q8_0", 200))}
+    files |= {"mmproj-m-f32.gguf": b"GGUF" + bytes(40), "mmproj-m-f16.gguf": b"GGUF" + bytes(20)}
+    hub_env.add_repo(repo, files)
+    assert cli.main(["pull", f"hf.co/{repo}:Q4_K_M", "--models-dir", str(tmp_path / "a")]) == 0
+    pulled = sorted(p.name for p in (tmp_path / "a" / "test-org--vision").glob("*.gguf"))
+    assert pulled == ["m-Q4_K_M.gguf", "mmproj-m-f16.gguf"]
+    assert hub_env.requests_for(repo, "mmproj-m-f32.gguf") == []
+    one = "test-org/vision-one"
+    hub_env.add_repo(one, {"v.gguf": b"GGUF" + bytes(100), "mmproj-v-f16.gguf": b"GGUF" + bytes(20)})
+    # One model file and its projector: no pattern needed (before, "several GGUF files").
+    assert cli.main(["pull", one, "--models-dir", str(tmp_path / "b")]) == 0
+    assert sorted(p.name for p in (tmp_path / "b" / "test-org--vision-one").glob("*.gguf")) == [
+        "mmproj-v-f16.gguf",
+        "v.gguf",
+    ]
+
+
 @pytest.mark.timing
 def test_pull_without_a_hub_fails_fast(tmp_path: Path) -> None:
     with socket.socket() as s:

@@ -198,6 +198,8 @@ def _hub_entry(info: ModelInfo, budget: int, models_dir: Path) -> DiscoveredMode
         backend="mlx",
         compute_dtype=choice.name,
         memory_note=f"the weights, computing in {choice.name} ({choice.reason})",
+        # The hub's task tag for vision-language models (mlx-vlm's conversions carry it)
+        vision=info.pipeline_tag == "image-text-to-text" or "image-text-to-text" in (info.tags or []),
     )
 
 

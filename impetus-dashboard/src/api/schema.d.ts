@@ -1683,6 +1683,12 @@ export interface components {
              * @enum {string}
              */
             source: "catalogue" | "hub";
+            /**
+             * Vision
+             * @description A vision-language model: its chat takes images (a GGUF with its mmproj).
+             * @default false
+             */
+            vision: boolean;
         };
         /** Embedding */
         Embedding: {

@@ -47,14 +47,15 @@ describe("Models page", () => {
     const card = (id: string, extra: Partial<DiscoveredModel>): DiscoveredModel => ({
       id, source: "catalogue", description: null, parameters: 4e9, quantization: "4bit", size_bytes: 2 * 2 ** 30,
       memory_bytes: 2 * 2 ** 30, fits: true, downloads: null, local: false, format: "mlx", file: null, backend: "mlx",
-      compute_dtype: "as stored", context_length: 4096, faster: false, memory_note: "the weights", ...extra,
+      compute_dtype: "as stored", context_length: 4096, faster: false, memory_note: "the weights", vision: false,
+      ...extra,
     });
     const fake = fakeFetch({
       "GET /api/models": [200, { object: "list", memory_budget_bytes: 8 * 2 ** 30, memory_used_bytes: 0, data: [] }],
       "GET /api/models/pulls": [200, { object: "list", data: [] }],
       "GET /api/models/discover": [200, {
         object: "list", source: "catalogue", query: null, memory_budget_bytes: 8 * 2 ** 30, hub_error: null, data: [
-          card("org/Q-GGUF", { format: "gguf", file: "Q-Q4_K_M.gguf", backend: "llamacpp", faster: true }),
+          card("org/Q-GGUF", { format: "gguf", file: "Q-Q4_K_M.gguf", backend: "llamacpp", faster: true, vision: true }),
           card("mlx-community/Q-4bit", { memory_bytes: 3 * 2 ** 30 }),
         ],
       } satisfies DiscoverResponse],
@@ -70,6 +71,8 @@ describe("Models page", () => {
     expect(mlx.textContent).toContain("3.0 GiB");
     expect(mlx.textContent).toContain("as stored");
     expect(mlx.querySelector('[data-testid="faster"]')).toBeNull();
+    expect(gguf.querySelector('[data-testid="discover-vision"]')).not.toBeNull();  // a vision build (issue 30)
+    expect(mlx.querySelector('[data-testid="discover-vision"]')).toBeNull();
 
     fireEvent.click(gguf.querySelector("button")!);
     await waitFor(() => expect(fake.calls.some((c) => c.path === "/api/models/pull")).toBe(true));

@@ -181,6 +181,7 @@ function DiscoverPanel({ onPull }: { onPull: (id: string, file: string | null) =
                     <Text size="sm" fw={500}>{m.id}</Text>
                     {m.format === "gguf" && <Badge size="xs" variant="outline">GGUF · llama.cpp</Badge>}
                     {m.faster && <Badge size="xs" color="teal" data-testid="faster">faster here</Badge>}
+                    {m.vision && <Badge size="xs" color="grape" variant="light" data-testid="discover-vision">vision</Badge>}
                   </Group>
                   {m.file && <Text size="xs" ff="monospace">{m.file}</Text>}
                   {m.description && <Text size="xs" c="dimmed">{m.description}</Text>}
