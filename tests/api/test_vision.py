@@ -12,7 +12,6 @@ each with its alone-answer and its own sampling; a client that leaves frees its 
 from __future__ import annotations
 
 import base64
-import io
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import pytest
 import requests
 
 from tests.support import DEFAULT_MODEL
+from tests.support.images import QUESTION, data_url, image_message, png
 from tests.support.models import default_model_folder
 from tests.support.server import Server, start_server, stop_server
 
@@ -32,30 +32,6 @@ pytestmark = pytest.mark.server
 
 VLM = "tiny-qwen2-vl"
 EOS = "2"  # <|im_end|> in the tiny model's (SmolLM2's) tokenizer: biased away, answers run their full length
-QUESTION = "What is in this picture?"
-
-
-def png(seed: int, size: int = 512) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    pixels = (np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8")
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def data_url(image: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(image).decode()
-
-
-def image_message(image: bytes, text: str = QUESTION) -> list[dict[str, Any]]:
-    return [
-        {
-            "role": "user",
-            "content": [{"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": text}],
-        }
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import pytest
 import requests
 
 from tests.support.gguf_mmproj import IMAGE_SIZE, IMAGE_TOKENS, build_tiny_llava
+from tests.support.images import QUESTION, data_url, image_message, png
 from tests.support.models import default_model_folder
 from tests.support.server import Server, start_server, stop_server
 
@@ -38,26 +39,6 @@ VLM = "tiny-llava"
 UNLOADED = "tiny-llava-unloaded"  # the same pair, never loaded: listed as a vision model from its files
 TEXT = "tiny-text"  # the same text model without its projector
 EOS = "2"  # <|im_end|> in SmolLM2's tokenizer: biased away where an answer must run its full length
-QUESTION = "What is in this picture?"
-
-
-def png(seed: int, size: int = IMAGE_SIZE) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    pixels = (np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8")
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def data_url(image: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(image).decode()
-
-
-def image_message(image: bytes, text: str = QUESTION) -> list[dict[str, Any]]:
-    parts = [{"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": text}]
-    return [{"role": "user", "content": parts}]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +128,10 @@ def reference(models: Path, prompt: str, image: bytes, max_tokens: int) -> tuple
 
 
 def test_greedy_answer_is_libmtmds_own(client: openai.OpenAI, server: Server, models: Path) -> None:
-    image, body = png(0), {"model": VLM, "messages": image_message(png(0)), "add_generation_prompt": True}
+    image, body = (
+        png(0, IMAGE_SIZE),
+        {"model": VLM, "messages": image_message(png(0, IMAGE_SIZE)), "add_generation_prompt": True},
+    )
     prompt = requests.post(server.url + "/apply-template", json=body, timeout=60).json()["prompt"]
     assert prompt.count("<__media__>") == 1  # libmtmd's marker where the image was, as llama-server writes it
     ours = client.chat.completions.create(
@@ -175,16 +159,16 @@ def test_another_image_another_answer(client: openai.OpenAI) -> None:
         assert reply.choices[0].logprobs and reply.choices[0].logprobs.content
         return [t.logprob for t in reply.choices[0].logprobs.content]
 
-    first, second = logprobs(png(1)), logprobs(png(2))
+    first, second = logprobs(png(1, IMAGE_SIZE)), logprobs(png(2, IMAGE_SIZE))
     assert first != second
-    assert logprobs(png(1)) == pytest.approx(first, abs=1e-4)
+    assert logprobs(png(1, IMAGE_SIZE)) == pytest.approx(first, abs=1e-4)
 
 
 def test_anthropic_image_block(server: Server) -> None:
     from anthropic import Anthropic
 
     claude = Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
-    image = base64.b64encode(png(3)).decode()
+    image = base64.b64encode(png(3, IMAGE_SIZE)).decode()
     content: Any = [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}},
         {"type": "text", "text": QUESTION},
@@ -210,7 +194,7 @@ def test_a_text_request_decodes_beside_an_image_request(client: openai.OpenAI, s
     batch), so the server takes fewer steps than the 800 they would take one after the other."""
     steps = "impetus_engine_steps_total"
     before = metric(server, steps)
-    image = [{"role": "user", "content": image_message(png(4))[0]["content"]}]
+    image = [{"role": "user", "content": image_message(png(4, IMAGE_SIZE))[0]["content"]}]
     bodies = {"image": image, "text": [{"role": "user", "content": "Tell me a story."}]}
     replies: dict[str, Any] = {}
     start = threading.Barrier(2)
@@ -236,7 +220,7 @@ def test_a_client_leaving_an_image_answer_leaves_the_model_serving(client: opena
     """Its sequence (cancelled, or finished first) ends and frees its image chunks once: the slot
     empties and the next image request is answered (a double free would take the worker down)."""
     stream = client.chat.completions.create(
-        model=VLM, messages=image_message(png(8)), max_tokens=400, logit_bias={EOS: -100}, stream=True
+        model=VLM, messages=image_message(png(8, IMAGE_SIZE)), max_tokens=400, logit_bias={EOS: -100}, stream=True
     )
     next(iter(stream))
     stream.close()
@@ -244,22 +228,24 @@ def test_a_client_leaving_an_image_answer_leaves_the_model_serving(client: opena
     while metric(server, "impetus_active_sequences") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert metric(server, "impetus_active_sequences") == 0
-    again = client.chat.completions.create(model=VLM, messages=image_message(png(8)), max_tokens=2)
+    again = client.chat.completions.create(model=VLM, messages=image_message(png(8, IMAGE_SIZE)), max_tokens=2)
     assert again.choices[0].finish_reason == "length"
 
 
 def test_corrupt_image_is_a_400_and_the_server_goes_on(client: openai.OpenAI) -> None:
-    broken = png(5)[:60]  # the PNG header, then nothing
+    broken = png(5, IMAGE_SIZE)[:60]  # the PNG header, then nothing
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=VLM, messages=image_message(broken), max_tokens=2)
     assert info.value.body["code"] == "invalid_image"
-    ok = client.chat.completions.create(model=VLM, messages=image_message(png(5)), max_tokens=2)
+    ok = client.chat.completions.create(model=VLM, messages=image_message(png(5, IMAGE_SIZE)), max_tokens=2)
     assert ok.choices[0].finish_reason == "length"
 
 
 def test_the_marker_in_a_message_text_is_a_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=VLM, messages=image_message(png(6), "<__media__> twice"), max_tokens=2)
+        client.chat.completions.create(
+            model=VLM, messages=image_message(png(6, IMAGE_SIZE), "<__media__> twice"), max_tokens=2
+        )
     assert info.value.body["code"] == "invalid_image" and "marker" in info.value.body["message"]
 
 
@@ -279,7 +265,7 @@ def test_a_text_gguf_given_an_image_is_a_400(server: Server, client: openai.Open
     loaded = requests.post(server.url + "/api/models/load", json={"model": TEXT}, timeout=120)
     assert loaded.status_code == 200 and loaded.json()["vision"] is False, loaded.text
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=TEXT, messages=image_message(png(0)), max_tokens=2)
+        client.chat.completions.create(model=TEXT, messages=image_message(png(0, IMAGE_SIZE)), max_tokens=2)
     assert info.value.body["code"] == "model_not_supported"
     reply = client.chat.completions.create(model=TEXT, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert reply.choices[0].message.content is not None
@@ -298,7 +284,7 @@ def test_the_mmproj_load_option(server: Server, client: openai.OpenAI) -> None:
     body = {"model": TEXT, "mmproj": "mmproj-tiny-llava-f32.gguf"}
     loaded = requests.post(server.url + "/api/models/load", json=body, timeout=120)
     assert loaded.status_code == 200 and loaded.json()["vision"] is True, loaded.text
-    reply = client.chat.completions.create(model=TEXT, messages=image_message(png(0)), max_tokens=2)
+    reply = client.chat.completions.create(model=TEXT, messages=image_message(png(0, IMAGE_SIZE)), max_tokens=2)
     text_only = client.chat.completions.create(
         model=TEXT, messages=[{"role": "user", "content": QUESTION}], max_tokens=2
     )
@@ -345,5 +331,5 @@ def test_responses_input_image(client: openai.OpenAI) -> None:
         return int(reply.usage.input_tokens)
 
     question = {"type": "input_text", "text": QUESTION}
-    image = {"type": "input_image", "image_url": data_url(png(7))}
+    image = {"type": "input_image", "image_url": data_url(png(7, IMAGE_SIZE))}
     assert tokens([image, question]) == tokens([question]) + IMAGE_TOKENS + 1
