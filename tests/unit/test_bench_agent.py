@@ -45,23 +45,41 @@ def test_tools_are_valid_openai_tools() -> None:
 
 
 def test_rss_sampler_sees_memory_taken_during_a_turn() -> None:
-    import os
+    """Sampled on a child of its own: pytest's process has servers as children whose memory comes and goes."""
+    import subprocess
+    import sys
 
-    sampler = RssSampler(os.getpid(), interval=0.02)
+    code = (
+        "import sys\n"
+        "sys.stdin.readline()\n"
+        "block = bytearray(200 * 2**20)\n"
+        "for i in range(0, len(block), 4096): block[i] = 1\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    sampler = RssSampler(child.pid, interval=0.02)
     sampler.start()
-    deadline = time.monotonic() + 20  # a loaded machine may starve the sampler's thread for a while
-    while 0 not in sampler.peaks and time.monotonic() < deadline:
-        time.sleep(0.02)
-    sampler.turn = 1
-    block = bytearray(200 * 2**20)  # touched: resident
-    for i in range(0, len(block), 4096):
-        block[i] = 1
-    while sampler.peaks.get(1, 0) < sampler.peaks[0] + 150 * 2**20 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    sampler.stop()  # before the block goes: a later sample of turn 0 would hold it too
-    assert sampler.peaks[1] >= sampler.peaks[0] + 150 * 2**20
-    assert sampler.peak == max(sampler.peaks.values())
-    del block
+    try:
+        deadline = time.monotonic() + 20  # a loaded machine may starve the sampler's thread for a while
+        while 0 not in sampler.peaks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sampler.turn = 1
+        time.sleep(0.1)  # a sample begun while turn was 0 is counted as turn 1's: let it pass first
+        child.stdin.write("allocate\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "held"
+        while sampler.peaks.get(1, 0) < sampler.peaks[0] + 150 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sampler.stop()  # before the block goes
+        assert sampler.peaks[1] >= sampler.peaks[0] + 150 * 2**20
+        assert sampler.peaks[0] < 100 * 2**20  # an interpreter, no block yet
+        assert sampler.peak == max(sampler.peaks.values())
+    finally:
+        sampler.stop()
+        child.kill()
+        child.wait()
 
 
 def _run(turn_ttfts: list[float], ref: float) -> dict[str, Any]:
