@@ -1,7 +1,9 @@
 """Shared fixtures: a real Gunicorn server (through `impetus serve`) on a free loopback port.
 
-The helpers behind them (the launcher, the Socket.IO recorder, chat(), wait_idle(), the tiny models and the
-stand-in hub) are in tests/support/, which the benchmark imports too; this file keeps only fixtures.
+Fixtures stop their servers without waiting for the exit (it drains while the next test runs); the
+session's end waits for them. The helpers behind them (the launcher, the Socket.IO recorder, chat(),
+wait_idle(), the tiny models and the stand-in hub) are in tests/support/, which the benchmark imports
+too; this file keeps only fixtures.
 """
 
 from __future__ import annotations
@@ -11,17 +13,22 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support.server import Server, start_server, stop_server
+from tests.support.server import Server, reap_stopped, start_server, stop_server
 
 if TYPE_CHECKING:
     from openai import OpenAI
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The servers the fixtures stopped without waiting (``stop_server(..., wait=False)``) have exited."""
+    reap_stopped()
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tmp_path_factory.mktemp("server"))
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 @pytest.fixture(scope="session")
@@ -43,4 +50,4 @@ def hot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         IMPETUS_METRICS_INTERVAL="0.1",
     )
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)

@@ -127,7 +127,7 @@ def test_x_api_key_auth(tmp_path) -> None:  # type: ignore[no-untyped-def]
             bad.messages.create(model=DEFAULT_MODEL, max_tokens=3, messages=CAPITAL)
         assert info.value.status_code == 401
     finally:
-        stop_server(srv)
+        stop_server(srv, wait=False)
 
 
 def test_size_and_method_errors_use_anthropic_shape(claude: anthropic.Anthropic, server: Server) -> None:

@@ -66,7 +66,7 @@ def auto(tmp_path_factory: pytest.TempPathFactory, tiny_mlx: Path) -> Iterator[S
         IMPETUS_MODEL_PATHS=str(tiny_mlx),
     )
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 def residents(srv: Server) -> dict[str, dict[str, object]]:

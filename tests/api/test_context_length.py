@@ -21,6 +21,7 @@ import requests
 from tokenizers import Tokenizer
 
 from tests.support import DEFAULT_MODEL
+from tests.support.gguf import build_tiny_gguf
 from tests.support.models import default_model_folder
 from tests.support.server import Server, start_server, stop_server
 from tests.support.tiny_models import build_tiny_llama
@@ -53,7 +54,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[
         tmp_path_factory.mktemp("context"), IMPETUS_MODELS_DIR=str(models_dir), IMPETUS_CONTEXT_LENGTH="4096"
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 @pytest.fixture(scope="module")
@@ -187,41 +188,50 @@ def test_a_chat_template_given_at_load_replaces_the_models(
 
 
 # ---- llama.cpp: no 4,096-token cap per slot, and the memory budget counts the context
+# A tiny random llama GGUF trained (says its header) for 8,192 tokens, like SmolLM2: what is tested is
+# the slot's context and the KV cache it reserves, not the weights, and it prefills 4,300 tokens in a
+# fraction of the second per thousand that the default model takes.
+
+TINY_GGUF = "tiny-8k.gguf"
 
 
 @pytest.fixture(scope="module")
 def llama_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup installs it)")
-    models = tmp_path_factory.mktemp("llama-models")
+    models = tmp_path_factory.mktemp("llama-root") / "models"
+    models.mkdir()
+    build_tiny_gguf(models / TINY_GGUF, default_model_folder(), seed=4, context_length=8192)
     server = start_server(
         tmp_path_factory.mktemp("llamacpp-context"),
+        wait_ready=False,
         IMPETUS_MODELS_DIR=str(models),
+        IMPETUS_DEFAULT_MODEL="",
         IMPETUS_BACKEND="llamacpp",
         IMPETUS_MAX_BATCH="2",
-        IMPETUS_LLAMACPP_THREADS="2",
+        IMPETUS_LLAMACPP_THREADS="1",
     )
+    server.info["gguf"] = str(models / TINY_GGUF)
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 def test_llama_cpp_serves_a_prompt_beyond_4096_tokens(llama_srv: Server) -> None:
     from gerdsen_ai_server.engine.backends.llamacpp_sizing import kv_bytes
     from gerdsen_ai_server.engine.formats.gguf_header import read_gguf_header
-    from gerdsen_ai_server.store.default_model import default_gguf_path
 
     client = openai.OpenAI(base_url=llama_srv.base_url, api_key="not-needed", max_retries=0, timeout=300)
-    default = listing(llama_srv)[DEFAULT_MODEL]
-    assert default["format"] == "gguf" and default["context_length"] == 8192  # its trained length, not 4096
-    assert client.models.retrieve(DEFAULT_MODEL).model_extra["context_length"] == 8192  # type: ignore[index]
-    reply = client.completions.create(model=DEFAULT_MODEL, prompt="hello " * 4300, max_tokens=2)
+    full = loaded(llama_srv, {"model": TINY_GGUF})
+    assert full["format"] == "gguf" and full["context_length"] == 8192  # its trained length, not 4096
+    assert client.models.retrieve(TINY_GGUF).model_extra["context_length"] == 8192  # type: ignore[index]
+    reply = client.completions.create(model=TINY_GGUF, prompt="hello " * 4300, max_tokens=2)
     assert reply.usage is not None and reply.usage.prompt_tokens > 4096 and reply.choices[0].finish_reason
 
     # A smaller context is a smaller KV cache: each of the 2 slots holds its whole context (f16 K and V).
-    small = loaded(llama_srv, {"model": DEFAULT_MODEL, "context_length": 1024, "alias": "smol-1k"})
-    meta = read_gguf_header(default_gguf_path()).metadata
-    assert default["memory_bytes"] - small["memory_bytes"] == kv_bytes(meta, 2 * (8192 - 1024))
+    small = loaded(llama_srv, {"model": TINY_GGUF, "context_length": 1024, "alias": "tiny-1k"})
+    meta = read_gguf_header(Path(llama_srv.info["gguf"])).metadata
+    assert full["memory_bytes"] - small["memory_bytes"] == kv_bytes(meta, 2 * (8192 - 1024))
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="smol-1k", prompt="hello " * 1100, max_tokens=2)
+        client.completions.create(model="tiny-1k", prompt="hello " * 1100, max_tokens=2)
     assert info.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
-    assert client.completions.create(model="smol-1k", prompt="hello " * 900, max_tokens=2).choices
-    refused(load(llama_srv, {"model": DEFAULT_MODEL, "context_length": 8193, "alias": "smol-big"}), "context_length")
+    assert client.completions.create(model="tiny-1k", prompt="hello " * 900, max_tokens=2).choices
+    refused(load(llama_srv, {"model": TINY_GGUF, "context_length": 8193, "alias": "tiny-big"}), "context_length")

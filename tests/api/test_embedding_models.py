@@ -44,7 +44,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def srv(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Server]:
     server = start_server(tmp_path_factory.mktemp("embeddings"), IMPETUS_MODELS_DIR=str(models_dir))
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 @pytest.fixture(scope="module")

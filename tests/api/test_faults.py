@@ -34,7 +34,7 @@ def small_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # The operator's allow-list (IMPETUS_MODEL_PATHS) lets a request name the broken model outside the models dir.
     srv = start_server(tmp, IMPETUS_MAX_BATCH="4", IMPETUS_MAX_QUEUE="4", IMPETUS_MODEL_PATHS=str(tmp / "outside"))
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 def rss(srv: Server) -> int:
@@ -170,4 +170,4 @@ def test_engine_death_restarts_the_worker(tmp_path: Path) -> None:
         assert "inference engine died" in srv.log()
         assert srv.process.poll() is None  # the master lives on
     finally:
-        stop_server(srv)
+        stop_server(srv, wait=False)

@@ -246,7 +246,7 @@ def test_websockets_never_take_every_thread(tmp_path_factory: pytest.TempPathFac
     finally:
         for client in clients:
             client.disconnect()
-        stop_server(srv)
+        stop_server(srv, wait=False)
 
 
 @pytest.mark.slow

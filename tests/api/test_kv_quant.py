@@ -63,7 +63,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, models: Path) -> Iterator[S
         r = load(srv, alias=alias, kv_bits=bits)
         assert r.status_code == 200, r.text
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 @pytest.fixture(scope="module")

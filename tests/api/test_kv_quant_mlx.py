@@ -43,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         )
         assert r.status_code == 200, r.text
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         tmp_path_factory.mktemp("no-stall"), IMPETUS_MODELS_DIR=str(root), IMPETUS_MEMORY_BUDGET=str(3 << 30)
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 def stream_times(srv: Server, stop: threading.Event, arrivals: list[float]) -> None:

@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from gerdsen_ai_server.engine.formats.adapters import adapter_not_found
-from gerdsen_ai_server.store.default_model import default_gguf_path
 from tests.support import DEFAULT_MODEL
+from tests.support.gguf import build_tiny_gguf
 from tests.support.lora import build_tiny_adapter, reference_logprobs, write_gguf_lora
 from tests.support.models import default_model_folder
 from tests.support.server import Server, start_server, stop_server
@@ -46,26 +46,29 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (models / "presets").mkdir()
     preset = {"name": "lora-preset", "model": "tiny", "adapter": "tiny-lora", "description": "tiny with tiny-lora"}
     (models / "presets" / "lora-preset.json").write_text(json.dumps(preset))
-    # llama.cpp: the default model's GGUF (listed in IMPETUS_MODEL_PATHS) and GGUF LoRAs for it. Same
-    # seed, so the same A and B: twice B at alpha = rank is once B at alpha = 2 x rank.
-    (models / "smol.gguf").symlink_to(default_gguf_path())
-    write_gguf_lora(models / "smol-zero.gguf", b_scale=0.0)
-    write_gguf_lora(models / "smol-2b.gguf", b_scale=0.1, alpha=4.0)
-    write_gguf_lora(models / "smol-alpha.gguf", b_scale=0.05, alpha=8.0)
-    write_gguf_lora(models / "smol-narrow.gguf", n_embd=64, layers=2)
+    # llama.cpp: a tiny random llama GGUF (64 wide, 2 blocks: loads and answers in milliseconds, where the
+    # default model takes seconds a load) and GGUF LoRAs for it. Same seed, so the same A and B: twice B
+    # at alpha = rank is once B at alpha = 2 x rank.
+    build_tiny_gguf(models / "llama.gguf", default, seed=5)
+    fits = {"n_embd": 64, "layers": 2}
+    write_gguf_lora(models / "llama-zero.gguf", b_scale=0.0, **fits)
+    write_gguf_lora(models / "llama-2b.gguf", b_scale=0.1, alpha=4.0, **fits)
+    write_gguf_lora(models / "llama-alpha.gguf", b_scale=0.05, alpha=8.0, **fits)
+    write_gguf_lora(models / "llama-narrow.gguf", n_embd=32, layers=2)
     return root
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, tree: Path) -> Iterator[Server]:
-    server = start_server(
+    server = start_server(  # no default model: every test here loads what it serves
         tmp_path_factory.mktemp("lora-server"),
+        wait_ready=False,
+        IMPETUS_DEFAULT_MODEL="",
         IMPETUS_MODELS_DIR=str(tree / "models"),
-        IMPETUS_MODEL_PATHS=str(default_gguf_path()),
         IMPETUS_BACKEND="auto",  # a user's GGUF on llama.cpp, an MLX folder on MLX (engine/backends/choice.py)
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +109,9 @@ def test_a_model_loaded_with_an_adapter_is_its_own_resident_and_matches_mlx_lm(
     assert {"tiny", "tiny+tiny-lora"} <= {m.id for m in client.models.list().data}
     listing = models_listing(srv)
     assert listing["tiny+tiny-lora"]["adapter"] == "tiny-lora"
-    for name, fmt in (("tiny-lora", "mlx"), ("smol-2b.gguf", "gguf")):  # the models dir's adapters, as such
+    for name, fmt in (("tiny-lora", "mlx"), ("llama-2b.gguf", "gguf")):  # the models dir's adapters, as such
         assert (listing[name]["kind"], listing[name]["format"], listing[name]["error"]) == ("adapter", fmt, None)
-    assert listing["smol.gguf"]["kind"] == "language"
+    assert listing["llama.gguf"]["kind"] == "language"
 
     for prompt in PROMPTS:
         adapted = top_logprobs(client, "tiny+tiny-lora", prompt)
@@ -194,25 +197,25 @@ def test_an_adapter_that_does_not_fit_is_a_clear_4xx_and_the_server_carries_on(
 def test_a_gguf_lora_on_llama_cpp_changes_the_logits_and_its_alpha_scales_it(
     srv: Server, client: openai.OpenAI
 ) -> None:
-    base = top_logprobs(client, "smol.gguf", PROMPTS[0])
-    zero = top_logprobs(client, "smol.gguf", PROMPTS[0], adapters="smol-zero.gguf")
-    double_b = top_logprobs(client, "smol.gguf", PROMPTS[0], adapters="smol-2b.gguf")
-    double_alpha = top_logprobs(client, "smol.gguf", PROMPTS[0], adapters="smol-alpha.gguf")
+    base = top_logprobs(client, "llama.gguf", PROMPTS[0])
+    zero = top_logprobs(client, "llama.gguf", PROMPTS[0], adapters="llama-zero.gguf")
+    double_b = top_logprobs(client, "llama.gguf", PROMPTS[0], adapters="llama-2b.gguf")
+    double_alpha = top_logprobs(client, "llama.gguf", PROMPTS[0], adapters="llama-alpha.gguf")
     np.testing.assert_allclose(zero, base, atol=1e-4)  # B = 0: the adapter path adds nothing
     assert np.abs(np.array(double_b) - np.array(base)).max() > 0.05
     np.testing.assert_allclose(double_b, double_alpha, atol=2e-3)  # llama.cpp scales by alpha / rank
-    info = models_listing(srv)["smol.gguf+smol-2b.gguf"]
-    assert (info["format"], info["adapter"]) == ("gguf", "smol-2b.gguf")
+    info = models_listing(srv)["llama.gguf+llama-2b.gguf"]
+    assert (info["format"], info["adapter"]) == ("gguf", "llama-2b.gguf")
     for model, adapter, words in (
-        ("smol.gguf", "smol-narrow.gguf", "llama.cpp refused it"),
-        ("smol.gguf", "tiny-lora", "needs a GGUF LoRA file"),
-        ("tiny", "smol-2b.gguf", "needs an mlx-lm adapter folder"),
+        ("llama.gguf", "llama-narrow.gguf", "llama.cpp refused it"),
+        ("llama.gguf", "tiny-lora", "needs a GGUF LoRA file"),
+        ("tiny", "llama-2b.gguf", "needs an mlx-lm adapter folder"),
     ):
         r = requests.post(f"{srv.url}/api/models/load", json={"model": model, "adapter": adapter}, timeout=300)
         assert r.status_code == 422 and words in r.json()["error"]["message"], (adapter, r.text)
         assert f"The adapter '{adapter}' does not fit this model" in r.json()["error"]["message"]
-    assert "smol.gguf+smol-narrow.gguf" not in models_listing(srv)
-    np.testing.assert_allclose(top_logprobs(client, "smol.gguf", PROMPTS[0]), base, atol=1e-4)
+    assert "llama.gguf+llama-narrow.gguf" not in models_listing(srv)
+    np.testing.assert_allclose(top_logprobs(client, "llama.gguf", PROMPTS[0]), base, atol=1e-4)
 
 
 def test_a_preset_with_an_adapter_serves_it_under_the_presets_name(

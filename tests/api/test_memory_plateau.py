@@ -49,7 +49,7 @@ def small_cache_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
         env["IMPETUS_MALLOC_MMAP_THRESHOLD"] = os.environ["IMPETUS_MALLOC_MMAP_THRESHOLD"]
     srv = start_server(Path(tmp_path_factory.mktemp("memory")), **env)
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 def settled_free_bytes(url: str, bound: int = 100 << 20, wait: float = 15.0) -> float:

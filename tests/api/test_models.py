@@ -63,7 +63,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[
         IMPETUS_COMPUTE_DTYPE="float32",
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 def listing(srv: Server) -> dict[str, dict]:  # type: ignore[type-arg]
@@ -269,7 +269,8 @@ def test_benchmark_errors(srv: Server) -> None:
 def test_a_second_benchmark_of_a_model_while_one_runs_is_a_409(srv: Server) -> None:
     url = f"{srv.url}/api/models/{DEFAULT_MODEL}/benchmark"
     first: list[requests.Response] = []
-    thread = threading.Thread(target=lambda: first.append(requests.post(url, json={"max_tokens": 150}, timeout=300)))
+    # 64 tokens of the default model: seconds of decoding, long enough to be caught running
+    thread = threading.Thread(target=lambda: first.append(requests.post(url, json={"max_tokens": 64}, timeout=300)))
     thread.start()
     try:
         deadline = time.monotonic() + 30
@@ -280,7 +281,7 @@ def test_a_second_benchmark_of_a_model_while_one_runs_is_a_409(srv: Server) -> N
         assert (r.status_code, r.json()["error"]["code"]) == (409, "benchmark_running")
     finally:
         thread.join()
-    assert first[0].status_code == 200 and first[0].json()["generated_tokens"] == 150
+    assert first[0].status_code == 200 and first[0].json()["generated_tokens"] == 64
 
 
 def test_benchmark_store_is_bounded(tmp_path: Path) -> None:

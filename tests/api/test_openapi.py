@@ -41,7 +41,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         tmp_path_factory.mktemp("openapi"), IMPETUS_ADMIN_KEYS=KEY, IMPETUS_MAX_TOKENS_DEFAULT="4", HF_HUB_OFFLINE="1"
     )
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 def test_openapi_document_describes_the_api(keyed: Server) -> None:

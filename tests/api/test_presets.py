@@ -46,7 +46,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory, tree: Path) -> Iterator[Server
         IMPETUS_ADMIN_KEYS=ADMIN,
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 @pytest.fixture(scope="module")

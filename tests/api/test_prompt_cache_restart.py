@@ -57,7 +57,7 @@ def test_a_prompt_is_found_on_disk_after_a_restart(tmp_path: Path) -> None:
         assert before["disk"]["writes"] == 1 and before["disk"]["hits"] == 0 and before["ram"]["hits"] == 0
         assert 0 < before["disk"]["bytes"] <= before["disk"]["limit_bytes"]
     finally:
-        stop_server(first)
+        stop_server(first)  # waits for the exit: the second server starts on the same disk tier
     assert len(list((models / ".prompt-cache").glob("*.safetensors"))) == 1
 
     second = start_server(tmp_path, **env)
@@ -72,4 +72,4 @@ def test_a_prompt_is_found_on_disk_after_a_restart(tmp_path: Path) -> None:
         assert 'impetus_prompt_cache_tier_hits_total{tier="disk"} 1.0' in metrics
         assert 'impetus_prompt_cache_tier_bytes{tier="disk"}' in metrics
     finally:
-        stop_server(second)
+        stop_server(second, wait=False)

@@ -64,7 +64,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory, stub: HubStub, models_dir: Pat
         HF_HUB_DISABLE_XET="1",
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 def start(srv: Server, repo: str, **body: Any) -> dict[str, Any]:

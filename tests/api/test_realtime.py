@@ -147,7 +147,7 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         IMPETUS_METRICS_INTERVAL="0.1",
     )
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 def test_api_key_required_on_connect(keyed_server: Server) -> None:

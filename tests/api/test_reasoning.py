@@ -44,7 +44,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory, thinker: Path) -> Iterator[Ser
         IMPETUS_BACKEND="mlx",
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +357,7 @@ def llamacpp_srv(tmp_path_factory: pytest.TempPathFactory, thinker: Path) -> Ite
         IMPETUS_LLAMACPP_THREADS="1",
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 def test_llamacpp_reasoning_apart(llamacpp_srv: Server) -> None:

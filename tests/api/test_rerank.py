@@ -50,7 +50,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[
         IMPETUS_MAX_REQUEST_TOKENS="3000",
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 def rerank(srv: Server, body: dict[str, Any], path: str = "/v1/rerank") -> requests.Response:

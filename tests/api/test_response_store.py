@@ -98,7 +98,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         IMPETUS_RESPONSES_STORE_BYTES=str(BOUND),
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 def sdk(server: Server, key: str) -> openai.OpenAI:
@@ -201,9 +201,10 @@ def test_a_streamed_response_is_stored_too(srv: Server) -> None:
 @pytest.mark.server
 def test_the_least_recently_used_go_first_within_the_bound(srv: Server) -> None:
     alice = sdk(srv, ALICE)
+    pad = "-" * 1500  # 1.5 KB of the stored JSON in ~25 tokens: a few short requests fill the bound
     ids = [
-        alice.responses.create(model=DEFAULT_MODEL, input=f"Count to {n}.", store=True, max_output_tokens=8).id
-        for n in range(12)
+        alice.responses.create(model=DEFAULT_MODEL, input=f"Count to {n}. {pad}", store=True, max_output_tokens=2).id
+        for n in range(6)
     ]
     kept = []
     for rid in ids:
@@ -215,7 +216,7 @@ def test_the_least_recently_used_go_first_within_the_bound(srv: Server) -> None:
     assert ids[0] not in kept and ids[-1] in kept and 0 < len(kept) < len(ids)
     assert kept == ids[-len(kept) :]  # the newest survive, oldest first out
     # one larger than the whole bound is answered, not stored, and says so
-    big = alice.responses.create(model=DEFAULT_MODEL, input="word " * 1800, store=True, max_output_tokens=1)
+    big = alice.responses.create(model=DEFAULT_MODEL, input="-" * BOUND, store=True, max_output_tokens=1)
     assert big.store is False
     with pytest.raises(openai.NotFoundError):
         alice.responses.retrieve(big.id)

@@ -44,7 +44,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         IMPETUS_REQUEST_TIMEOUT=str(TIMEOUT_S),
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 def in_flight(srv: Server) -> int:

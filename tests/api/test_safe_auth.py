@@ -51,7 +51,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         IMPETUS_LOG_FORMAT="text",
     )
     yield srv
-    stop_server(srv)
+    stop_server(srv)  # waits: its models folder goes next
     shutil.rmtree(models, ignore_errors=True)
 
 

@@ -322,7 +322,7 @@ def template_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         IMPETUS_TEMPLATE_TIMEOUT="0.5",
     )
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 def cpu_seconds(server: Server) -> float:

@@ -59,7 +59,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory, tree: Path) -> Iterator[Server
         IMPETUS_MODEL_PATHS=str(tree / "outside" / "allowed-tiny"),
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 def refused_specs(tree: Path) -> list[str]:

@@ -49,7 +49,7 @@ def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         IMPETUS_MAX_REQUEST_BYTES=str(64 << 10),
     )
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         IMPETUS_CORS_ORIGINS=CORS_ORIGIN,
     )
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 def port(server: Server) -> int:

@@ -73,7 +73,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory, stub: HubStub, models_dir: Pat
         HF_HUB_DISABLE_XET="1",
     )
     yield server
-    stop_server(server)
+    stop_server(server, wait=False)
 
 
 def post_pull(srv: Server, repo: str) -> requests.Response:

@@ -39,7 +39,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         IMPETUS_LOG_FORMAT="json",
     )
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 def test_requests_without_a_valid_key_get_401(secured: Server) -> None:
@@ -186,14 +186,14 @@ def limited_server(tmp_path_factory: pytest.TempPathFactory, name: str, **env: s
 def behind_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = limited_server(tmp_path_factory, "proxied", IMPETUS_TRUSTED_PROXIES="1")
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 @pytest.fixture(scope="module")
 def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = limited_server(tmp_path_factory, "direct")
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 def spend(server: Server, forwarded_for: str, times: int) -> list[requests.Response]:
@@ -299,7 +299,7 @@ def test_protect_health_puts_health_and_metrics_behind_the_key(tmp_path_factory:
         spec = requests.get(srv.url + "/openapi.json", timeout=10).json()  # and the document says so
         assert spec["paths"]["/metrics"]["get"]["security"] == [{"bearerAuth": []}]
     finally:
-        stop_server(srv)
+        stop_server(srv, wait=False)
 
 
 def test_failed_socketio_logins_spend_the_address_budget(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -338,4 +338,4 @@ def test_failed_socketio_logins_spend_the_address_budget(tmp_path_factory: pytes
         assert good.connected
         good.disconnect()
     finally:
-        stop_server(srv)
+        stop_server(srv, wait=False)

@@ -132,7 +132,7 @@ def test_probes_before_the_model_is_ready(tmp_path: Path) -> None:
         )
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     finally:
-        stop_server(srv)
+        stop_server(srv, wait=False)
 
 
 def test_health_reports_version_uptime_and_models(server: Server) -> None:
@@ -170,4 +170,4 @@ def test_full_server_answers_503_with_retry_after_at_once(tmp_path: Path) -> Non
             == 200
         )
     finally:
-        stop_server(srv)
+        stop_server(srv, wait=False)

@@ -171,7 +171,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         IMPETUS_LLAMACPP_THREADS="1",
     )
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)
 
 
 def test_llamacpp_tokenizes_as_mlx(server, llama) -> None:  # type: ignore[no-untyped-def]

@@ -52,7 +52,7 @@ def server(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         assert loaded.status_code == 200, loaded.text
         yield srv
     finally:
-        stop_server(srv)
+        stop_server(srv, wait=False)
 
 
 @pytest.fixture(scope="module")

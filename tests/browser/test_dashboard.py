@@ -187,7 +187,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         tmp, wait_ready=False, IMPETUS_MODELS_DIR=str(models), IMPETUS_DEFAULT_MODEL="", IMPETUS_ADMIN_KEYS=KEY
     )  # an admin key: the page loads and unloads models
     yield srv
-    stop_server(srv)
+    stop_server(srv)  # waits: its models folder goes next
     shutil.rmtree(models, ignore_errors=True)
 
 

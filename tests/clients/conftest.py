@@ -84,4 +84,4 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         tmp_path_factory.mktemp("clients-server"), IMPETUS_BACKEND="llamacpp", IMPETUS_MODELS_DIR=str(models)
     )
     yield srv
-    stop_server(srv)
+    stop_server(srv, wait=False)

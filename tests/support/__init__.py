@@ -2,7 +2,8 @@
 one ``chat()`` and one ``wait_idle()``, and the small models and stand-in hub the tests build.
 
     tests.support            ROOT, TEST_MODELS_DIR, DEFAULT_MODEL
-    tests.support.server     free_port, Server, launch (any server command), start_server / stop_server (ours)
+    tests.support.server     free_port, Server, launch (any server command), start_server / stop_server (ours),
+                             reap_stopped (servers stopped without waiting, at the session's end)
     tests.support.recorder   Recorder (Socket.IO events, stamped on arrival), listen (a client wired to one)
     tests.support.http       chat() (POST /v1/chat/completions), wait_idle(), health()
     tests.support.tiny_models, tests.support.hub_stub, tests.support.gguf   models, hub and files built here

@@ -97,21 +97,15 @@ def build_tiny_llava(folder: Path, tokenizer_from: Path, *, seed: int = 0) -> tu
     """``folder`` holding ``tiny-llava-f32.gguf`` (a random 2-layer llama, 64 wide, with SmolLM2's
     tokenizer and chat template) and ``mmproj-tiny-llava-f32.gguf`` beside it, as LM Studio and
     Ollama-style folders pair them; built once (a stamp), returns (model, mmproj)."""
-    from bench.gguf_model import write_gguf
-    from tests.support.tiny_models import build_tiny_llama
+    from tests.support.gguf import build_tiny_gguf
 
     model, mmproj = folder / "tiny-llava-f32.gguf", folder / "mmproj-tiny-llava-f32.gguf"
     stamp = folder.parent / f".{folder.name}.json"
     want = json.dumps({"seed": seed, "image": IMAGE_SIZE, "patch": PATCH, "v": 1})
     if model.is_file() and mmproj.is_file() and stamp.is_file() and stamp.read_text() == want:
         return model, mmproj
-    source = build_tiny_llama(folder.parent / f".{folder.name}-mlx", tokenizer_from, seed=seed)
-    config = json.loads((source / "config.json").read_text())
-    own = json.loads((tokenizer_from / "config.json").read_text())  # the end and start tokens it names
-    config.update({k: own[k] for k in ("bos_token_id", "eos_token_id") if k in own})
-    (source / "config.json").write_text(json.dumps(config))
     folder.mkdir(parents=True, exist_ok=True)
-    write_gguf(source, model)
-    write_mmproj(mmproj, config["hidden_size"], seed=seed)
+    build_tiny_gguf(model, tokenizer_from, seed=seed)
+    write_mmproj(mmproj, 64, seed=seed)  # build_tiny_gguf's width
     stamp.write_text(want)
     return model, mmproj
