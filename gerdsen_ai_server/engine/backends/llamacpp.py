@@ -18,10 +18,8 @@ it); each token then goes through the text step both backends share (text.py). A
 sequence's KV cells stay in its slot: a later prompt that starts with the same tokens takes that
 slot and decodes only the rest (prompt-prefix reuse).
 
-Reproducibility: a repeated seeded request gives the same tokens and log-probabilities (tested).
-Beside other sequences its logits can differ in the last bits (~1e-3 measured: llama.cpp's CPU
-kernels are not the same for every batch shape), so a seeded answer beside others can, rarely,
-take another token than alone; greedy answers were the same in our tests.
+Reproducibility: a seeded request samples the same tokens again whatever runs beside it (its logits
+within ~1e-5): no row of it runs in a one-token micro-batch (llamacpp_ubatch.py says why and the cost).
 
 Tokens and text: the GGUF's vocabulary is rebuilt as a Hugging Face tokenizer (as the MLX
 conversion does, formats/gguf_tokenizer.py) and loaded with mlx-lm's wrapper, so chat templates
@@ -44,6 +42,7 @@ from gerdsen_ai_server.engine.backends.base import Capabilities, Reports
 from gerdsen_ai_server.engine.backends.llamacpp_runtime import init_once
 from gerdsen_ai_server.engine.backends.llamacpp_sampling import Sampler, grammar_of, log_softmax, token_logprob
 from gerdsen_ai_server.engine.backends.llamacpp_sizing import KV_TYPE_NAMES, KV_TYPES
+from gerdsen_ai_server.engine.backends.llamacpp_ubatch import refeeds, seeded
 from gerdsen_ai_server.engine.backends.llamacpp_vision import Projector, image_start, text_before_image
 from gerdsen_ai_server.engine.images import ImageInput
 from gerdsen_ai_server.engine.protocol import GenerationRequest, TokenEvent, TokenStream
@@ -305,7 +304,7 @@ class LlamaCppBackend(Reports):
         lc, batch = self._lc, self._batch
         n = 0
         outputs: list[tuple[_Slot, int]] = []
-        fed: list[tuple[_Slot, int]] = []
+        fed: list[tuple[_Slot, _Seq, int]] = []
         # Running sequences' next tokens first (one each), then prompt chunks in the room left.
         order = sorted((s for s in self._slots if s.seq), key=lambda s: len(s.seq.pending) > 1)  # type: ignore[union-attr]
         for slot in order:
@@ -317,23 +316,29 @@ class LlamaCppBackend(Reports):
                 lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
                 self._end(seq, TokenEvent(error=f"Generation failed: {error}"))
                 continue
-            take = min(text_before_image(seq.pending) if seq.media else len(seq.pending), BATCH_TOKENS - n)
+            room = BATCH_TOKENS - len(order) - n  # one re-fed token each at most (below)
+            take = min(text_before_image(seq.pending) if seq.media else len(seq.pending), room)
             if take == len(seq.pending) - 1 > 0:  # nor does a long prompt's last token go alone (_assign)
                 take -= 1
-            if take <= 0:
-                continue
-            pos = len(slot.tokens)
-            for j in range(take):
-                batch.token[n] = seq.pending[j]
-                batch.pos[n] = pos + j
-                batch.n_seq_id[n] = 1
+            if take > 0:
+                fed.append((slot, seq, take))
+                n += take
+        # A seeded sequence never in a one-token ubatch (other kernels): its last token again (llamacpp_ubatch.py).
+        able = {slot.seq_id for slot, seq, _ in fed if slot.tokens and seeded(seq.request)}
+        again = refeeds([(slot.seq_id, take) for slot, _, take in fed], able, BATCH_TOKENS)
+        n = 0
+        for slot, seq, take in fed:
+            back = int(slot.seq_id in again)
+            if back:
+                lc.llama_memory_seq_rm(self._mem, slot.seq_id, len(slot.tokens) - 1, -1)
+            start = len(slot.tokens) - back
+            for j, token in enumerate(slot.tokens[start:] + seq.pending[:take]):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, start + j, 1, 0
                 batch.seq_id[n][0] = slot.seq_id
-                batch.logits[n] = 0
                 n += 1
             if take == len(seq.pending):
                 batch.logits[n - 1] = 1
                 outputs.append((slot, n - 1))
-            fed.append((slot, take))
         batch.n_tokens = n
         if not n:  # only images this step
             return
@@ -341,23 +346,16 @@ class LlamaCppBackend(Reports):
         self._host.stats.steps_total += 1
         if rc != 0:
             log.error("llama_decode returned %d", rc)
-            for slot, _ in fed:
-                seq, slot.seq = slot.seq, None
+            for slot, seq, _ in fed:
+                slot.seq, slot.tokens = None, []
                 lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-                slot.tokens = []
-                if seq is not None:
-                    self._end(seq, TokenEvent(error=f"Generation failed: llama_decode returned {rc}"))
+                self._end(seq, TokenEvent(error=f"Generation failed: llama_decode returned {rc}"))
             return
-        for slot, take in fed:
-            seq = slot.seq
-            if seq is None:
-                raise RuntimeError("an active slot without a sequence")
+        for slot, seq, take in fed:
             slot.tokens.extend(seq.pending[:take])
             del seq.pending[:take]
         for slot, index in outputs:
-            ptr = lc.llama_get_logits_ith(self._ctx, index)
-            logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-            self._sample(slot, logits)
+            self._sample(slot, np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,)))
 
     def _sample(self, slot: _Slot, raw: np.ndarray) -> None:
         seq = slot.seq
