@@ -4,6 +4,7 @@
     ... -m bench.speculative --rounds 1 --max-tokens 96      # shorter
     ... -m bench.speculative --draft smollm2-135m-instruct  # and draft_model, drafting with that model
     ... -m bench.speculative --num-tokens 3,6               # ngram with 3 and with 6 drafted tokens
+    ... -m bench.speculative --kv-bits 8                    # on the 8-bit KV cache (IMPETUS_KV_BITS)
 
 One real server (``impetus serve``, IMPETUS_BACKEND=mlx) on the embedded default model. Each prompt
 asks the model to repeat a paragraph with its spelling fixed, so the answer copies its input: what
@@ -113,9 +114,11 @@ def main() -> None:
     parser.add_argument(
         "--num-tokens", default="6", help="ngram's num_speculative_tokens; several (3,6): one ngram mode each"
     )
+    parser.add_argument("--kv-bits", type=int, default=0, help="IMPETUS_KV_BITS: 8 or 4, a quantized KV cache")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(Path(tmp), IMPETUS_BACKEND="mlx", IMPETUS_SPECULATIVE="off")
+        env = {"IMPETUS_KV_BITS": str(args.kv_bits)} if args.kv_bits else {}
+        server = start_server(Path(tmp), IMPETUS_BACKEND="mlx", IMPETUS_SPECULATIVE="off", **env)
         try:
             run(server, args)
         finally:
@@ -173,7 +176,7 @@ def run(server: Server, args: argparse.Namespace) -> None:
     load = os.getloadavg()
     print(
         f"\nSpeculative decoding, {DEFAULT_MODEL} on MLX, 'edit this text' x {len(PARAGRAPHS)}, greedy, "
-        f"max_tokens {args.max_tokens}, {args.rounds} round(s); ratios against plain; load average "
+        f"max_tokens {args.max_tokens}, kv_bits {args.kv_bits}, {args.rounds} round(s); ratios against plain; load "
         f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
     n = args.streams

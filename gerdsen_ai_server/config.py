@@ -185,8 +185,8 @@ class Settings(BaseSettings):
         pattern=r"^(off|(ngram|draft_model)(:([1-9]|1[0-6]))?)$",
         description="Speculative decoding of every MLX request without its own speculative_config: 'off', "
         "'ngram[:K]' (prompt lookup, K tokens drafted a step, 5 by default) or 'draft_model[:K]' (drafts by "
-        "IMPETUS_DRAFT_MODEL); vLLM's methods. Used while a request decodes alone in its batch; it never "
-        "changes the answer (docs/performance.md).",
+        "IMPETUS_DRAFT_MODEL); vLLM's methods. The batch keeps its width (every speculating row drafts, one "
+        "pass verifies them all); it never changes the answer (docs/performance.md).",
     )
     draft_model: str = Field(
         "",

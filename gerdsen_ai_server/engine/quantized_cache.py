@@ -33,6 +33,10 @@ quarter (8 bits) or an eighth (4 bits) of the bytes and was 3x faster than dequa
 mlx-lm's own lever is different: ``mlx_lm.generate --quantized-kv-start`` keeps a plain cache for
 the prompt and quantizes it once it passes a length, so its prefill holds the whole unquantized KV
 (the memory this cache is for) and its later chunks take the slow path again.
+
+Speculative decoding keeps the batch at full width on this cache too: its verification pass is a
+multi-token step (the fused attention above), and speculative.py's ``repad`` moves the rows of all
+six arrays (keys' and values' data, scales and biases) as it moves a plain cache's keys and values.
 """
 
 from __future__ import annotations

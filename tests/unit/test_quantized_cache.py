@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
@@ -30,6 +31,7 @@ from gerdsen_ai_server.engine.quantized_cache import (
     new_caches,
     unsupported,
 )
+from gerdsen_ai_server.engine.speculative import repad
 
 HEADS, DIM = 3, 64
 # |x - dequantize(quantize(x))| <= half a step of the group's range; N(0, 1) rows span < 9.
@@ -255,3 +257,42 @@ def test_the_registry_charges_the_quantized_kv_bytes_when_it_chooses_the_dtype()
     registry.budget_bytes = (need[0] + need[4]) // 2
     assert registry.choose_dtype(path, LoadOptions(kv_bits=4)).dtype == "float32"
     assert registry.choose_dtype(path, LoadOptions(kv_bits=0)).dtype != "float32"
+
+
+def rows_of(cache: Any) -> list[list[Any]]:
+    """Each row's cached tokens as numpy arrays (its span past its left padding), one per KV array."""
+    arrays = [*cache.keys, *cache.values] if isinstance(cache.keys, tuple) else [cache.keys, cache.values]
+    pads = cache.left_padding.tolist()
+    return [[np.array(a[row, :, pad : cache._idx]) for a in arrays] for row, pad in enumerate(pads)]  # noqa: SLF001
+
+
+@pytest.mark.parametrize("bits", [0, 8])
+def test_repad_keeps_each_rows_accepted_prefix(bits: int) -> None:
+    """Speculation's ``repad`` (engine/speculative.py) on the plain batch cache and the quantized one
+    (whose (data, scales, biases) triples it did not know, so a quantized batch speculated only
+    with one sequence): after verification passes that fed every row 4 tokens and kept 1-4 of them,
+    each row holds exactly its earlier tokens and its kept ones, its RoPE offset is its length, and
+    the padding all rows share is dropped (the second pass leaves every row padded: a row that kept
+    the longest run moves left, one whose shift cancels that drop stays where it is)."""
+    mx.random.seed(3)
+    singles: list[Any] = []
+    for length in (6, 9, 3, 9):
+        single = QuantizedCache(64, bits) if bits else KVCache()
+        single.update_and_fetch(*kv(1, length))
+        singles.append(single)
+    cache = QuantizedCache.merge(singles) if bits else BatchKVCache.merge(singles)
+    assert isinstance(cache, BatchQuantizedKVCache if bits else BatchKVCache)
+    for kept, common in (([1, 4, 2, 4], 0), ([4, 1, 1, 2], 2)):
+        before, offsets = rows_of(cache), cache.offset.tolist()
+        cache.update_and_fetch(*kv(4, 4))
+        fed = rows_of(cache)
+        idx = cache._idx  # noqa: SLF001
+        repad([cache], 4, kept)
+        assert cache._idx == idx - 4 + max(kept) - common  # noqa: SLF001
+        for row, (old, new) in enumerate(zip(before, rows_of(cache), strict=True)):
+            length = old[0].shape[1] + kept[row]
+            assert cache.offset.tolist()[row] == offsets[row] + kept[row]
+            assert cache.left_padding.tolist()[row] + length == cache._idx  # noqa: SLF001
+            for grown, now in zip(fed[row], new, strict=True):
+                assert np.array_equal(now, grown[:, :length]), (kept, row)
+    assert cache.left_padding.tolist() == [4, 1, 9, 0]  # moved -2, +1, +1 and 0 by the second pass
