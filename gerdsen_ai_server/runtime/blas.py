@@ -22,6 +22,9 @@ OPENBLAS_GLOBS = (
     "/usr/lib/openblas-pthread/libopenblas.so.0",
 )
 
+# OpenBLAS's idle worker threads spin 2^N cycles before they sleep (preload_env): N, as its env var takes it.
+OPENBLAS_IDLE_SPIN = "16"
+
 
 def find_system_library(patterns: tuple[str, ...]) -> Path | None:
     """The first file matching one of ``patterns`` (globs, in order), or None (always None off Linux)."""
@@ -45,11 +48,19 @@ def preload_env(env: dict[str, str]) -> dict[str, str]:
 
     Sets ``IMPETUS_BLAS`` to ``openblas`` (preloaded, or already in ``LD_PRELOAD``) or
     ``reference``. ``IMPETUS_NO_OPENBLAS=1`` turns the preload off.
+
+    With OpenBLAS, ``OPENBLAS_THREAD_TIMEOUT`` defaults to ``OPENBLAS_IDLE_SPIN`` (an operator's own
+    value stays): its worker threads spin-wait ~2^28 cycles (~0.1 s) after each call by default, so
+    between decode steps one of them held a core the server's HTTP threads needed. 2^16 cycles
+    (~25 µs) keeps them awake across a step's back-to-back matmuls. Measured on 2 CPU cores, tiny
+    bench model (issue 28 proxy): the server's CPU a token at 16 streams 309 -> 239 µs; raw
+    ``batch_generate``-8 of the 8-layer bench model no slower (docs/performance.md).
     """
     env = dict(env)
     preload = env.get("LD_PRELOAD", "")
     if "openblas" in preload:
         env["IMPETUS_BLAS"] = "openblas"
+        env.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_IDLE_SPIN)
         return env
     lib = None if env.get("IMPETUS_NO_OPENBLAS", "") not in ("", "0") else find_openblas()
     if lib is None:
@@ -57,6 +68,7 @@ def preload_env(env: dict[str, str]) -> dict[str, str]:
         return env
     env["LD_PRELOAD"] = f"{lib}:{preload}" if preload else str(lib)
     env["IMPETUS_BLAS"] = "openblas"
+    env.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_IDLE_SPIN)
     return env
 
 

@@ -17,8 +17,8 @@ from gerdsen_ai_server.engine.backends.llamacpp import LlamaCppBackend
 from gerdsen_ai_server.engine.backends.vision import VisionBackend
 from gerdsen_ai_server.engine.grammar import GrammarError, GrammarProcessor, compile_json_schema, strict_schema
 from gerdsen_ai_server.engine.images import ImageInput
-from gerdsen_ai_server.engine.protocol import EngineGone, EventSource, TokenEvent, TokenStream
-from gerdsen_ai_server.errors import APIError, error_body
+from gerdsen_ai_server.engine.protocol import EventSource, TokenEvent, TokenStream
+from gerdsen_ai_server.errors import APIError
 from gerdsen_ai_server.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -35,14 +35,13 @@ from gerdsen_ai_server.services import services
 from gerdsen_ai_server.serving.adapters import resident_for
 from gerdsen_ai_server.serving.chat_template import TemplateTimeout, render_chat_template
 from gerdsen_ai_server.serving.envelope import chunk_payload, request_meta, usage
-from gerdsen_ai_server.serving.generation import cancel_all, check_supported, collect, relay, submit_all, waiting
+from gerdsen_ai_server.serving.generation import cancel_all, check_supported, collect, submit_all
 from gerdsen_ai_server.serving.images import check_images, image_parts, images_for, template_content
 from gerdsen_ai_server.serving.logprobs import chat_logprobs
 from gerdsen_ai_server.serving.presets import apply_preset
 from gerdsen_ai_server.serving.prompts import check_text_size
 from gerdsen_ai_server.serving.reasoning import ReasoningPlan, reasoning_plan, split_reasoning, template_kwargs
-from gerdsen_ai_server.serving.running import ClientGone
-from gerdsen_ai_server.serving.sse import TextChunk, sse
+from gerdsen_ai_server.serving.sse import TextChunk, sse, writes
 from gerdsen_ai_server.serving.tools import (
     ToolCallSplitter,
     ToolPlan,
@@ -287,60 +286,55 @@ def chat_chunks(body: ChatCompletionRequest, started: Started, meta: dict[str, A
         return chunk(index, ChatDelta(content=text))
 
     texts = [TextChunk(partial(text_chunk, index)) for index in range(len(streams))]
-    out: list[str] = []
     completion_tokens = 0
     begun: set[int] = set()
     splitter = ToolCallSplitter(plan)
     thinking = started.reasoning.splitter() if started.reasoning else None
     forced_text: list[str] = []
-    try:
-        for index, event in relay(streams):  # one choice after the other
-            if index not in begun:
-                begun.add(index)
-                splitter = ToolCallSplitter(plan)
-                thinking = started.reasoning.splitter() if started.reasoning else None
-                forced_text = []
-                out.append(chunk(index, ChatDelta(role="assistant", content="")))
-            if event.error:
-                yield "".join([*out, sse(error_body(500, event.error, code="generation_failed"))])
-                return
-            answer = event.text
-            if thinking is not None:
-                thought, answer = thinking.feed(event.text, final=event.done)
-                if thought:
-                    out.append(chunk(index, ChatDelta(reasoning_content=thought)))
-            if plan.mode == "forced":
-                forced_text.append(answer)  # one call, sent whole once it is complete
-                text = ""
-            elif plan.mode == "auto":
-                text = splitter.feed(answer, final=event.done)
+
+    def render(index: int, event: TokenEvent) -> list[str]:  # one choice after the other
+        nonlocal completion_tokens, splitter, thinking, forced_text
+        out: list[str] = []
+        if index not in begun:
+            begun.add(index)
+            splitter = ToolCallSplitter(plan)
+            thinking = started.reasoning.splitter() if started.reasoning else None
+            forced_text = []
+            out.append(chunk(index, ChatDelta(role="assistant", content="")))
+        if event.error:
+            return out
+        answer = event.text
+        if thinking is not None:
+            thought, answer = thinking.feed(event.text, final=event.done)
+            if thought:
+                out.append(chunk(index, ChatDelta(reasoning_content=thought)))
+        if plan.mode == "forced":
+            forced_text.append(answer)  # one call, sent whole once it is complete
+            text = ""
+        elif plan.mode == "auto":
+            text = splitter.feed(answer, final=event.done)
+        else:
+            text = answer
+        if text or (logprobs and event.logprobs):
+            if logprobs:
+                out.append(chunk(index, ChatDelta(content=text), lp=chat_logprobs(event.logprobs, loaded.tokenizer)))
             else:
-                text = answer
-            if text or (logprobs and event.logprobs):
-                if logprobs:
-                    out.append(
-                        chunk(index, ChatDelta(content=text), lp=chat_logprobs(event.logprobs, loaded.tokenizer))
-                    )
-                else:
-                    out.append(texts[index](text))
-            if event.finish_reason:
-                completion_tokens += event.completion_tokens
-                calls, complete = (
-                    split_answer(plan, "".join(forced_text))[1:] if plan.mode == "forced" else (splitter.calls, True)
-                )
-                if calls:
-                    out.append(chunk(index, call_deltas(calls)))
-                out.append(chunk(index, ChatDelta(), finish_reason(calls, complete, event.finish_reason)))
-            if out and not waiting(streams[index]) and not (event.done and index == len(streams) - 1):
-                yield "".join(out)  # else it goes with what follows: the next events, or the usage at the end
-                out.clear()
-    except (APIError, EngineGone) as exc:  # the request ends here: its deadline, a cancel, the engine gone
-        if out and not isinstance(exc, ClientGone):
-            yield "".join(out)  # what was rendered before goes out first, as it did a chunk at a time
-        raise
-    if include_usage:
-        out.append(
+                out.append(texts[index](text))
+        if event.finish_reason:
+            completion_tokens += event.completion_tokens
+            calls, complete = (
+                split_answer(plan, "".join(forced_text))[1:] if plan.mode == "forced" else (splitter.calls, True)
+            )
+            if calls:
+                out.append(chunk(index, call_deltas(calls)))
+            out.append(chunk(index, ChatDelta(), finish_reason(calls, complete, event.finish_reason)))
+        return out
+
+    def tail() -> list[str]:
+        if not include_usage:
+            return []
+        return [
             sse(ChatCompletionChunk(**meta, choices=[], usage=usage(prompt_tokens, completion_tokens)).model_dump())
-        )
-    if out:
-        yield "".join(out)
+        ]
+
+    yield from writes(streams, render, tail)

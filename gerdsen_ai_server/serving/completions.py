@@ -9,18 +9,16 @@ from functools import partial
 from typing import Any
 
 from gerdsen_ai_server.engine.backends.base import LoadedModel
-from gerdsen_ai_server.engine.protocol import EngineGone, TokenStream
-from gerdsen_ai_server.errors import APIError, error_body
+from gerdsen_ai_server.engine.protocol import TokenEvent, TokenStream
 from gerdsen_ai_server.schemas.openai import Completion, CompletionChoice, CompletionRequest
 from gerdsen_ai_server.services import services
 from gerdsen_ai_server.serving.adapters import resident_for
 from gerdsen_ai_server.serving.envelope import chunk_payload, request_meta, usage
-from gerdsen_ai_server.serving.generation import check_supported, collect, relay, submit_all, waiting
+from gerdsen_ai_server.serving.generation import check_supported, collect, submit_all
 from gerdsen_ai_server.serving.logprobs import completion_logprobs
 from gerdsen_ai_server.serving.presets import apply_preset
 from gerdsen_ai_server.serving.prompts import capacity, completion_prompts
-from gerdsen_ai_server.serving.running import ClientGone
-from gerdsen_ai_server.serving.sse import TextChunk, sse
+from gerdsen_ai_server.serving.sse import TextChunk, sse, writes
 
 
 @dataclass
@@ -73,33 +71,28 @@ def completion_chunks(started: CompletionStarted) -> Iterator[str]:
     texts = [TextChunk(partial(chunk, index)) for index in range(len(streams))]
     completion_tokens = 0
     offsets = [0] * len(streams)
-    out: list[str] = []
-    try:
-        for index, event in relay(streams):
-            if event.error:
-                yield "".join([*out, sse(error_body(500, event.error, code="generation_failed"))])
-                return
-            if event.text or event.finish_reason or (body.logprobs is not None and event.logprobs):
-                if body.logprobs is None and event.finish_reason is None:
-                    out.append(texts[index](event.text))
-                else:
-                    lp = None
-                    if body.logprobs is not None:
-                        lp = completion_logprobs(event.logprobs, loaded.tokenizer, offsets[index], bool(body.logprobs))
-                    out.append(chunk(index, event.text, event.finish_reason, lp))
-                offsets[index] += len(event.text)
-            if event.done:
-                completion_tokens += event.completion_tokens
-            if out and not waiting(streams[index]) and not (event.done and index == len(streams) - 1):
-                yield "".join(out)  # else it goes with what follows: the next events, or the usage at the end
-                out.clear()
-    except (APIError, EngineGone) as exc:  # the request ends here: its deadline, a cancel, the engine gone
-        if out and not isinstance(exc, ClientGone):
-            yield "".join(out)  # what was rendered before goes out first, as it did a chunk at a time
-        raise
-    if include_usage:
-        out.append(
-            sse(Completion(**meta, choices=[], usage=usage(started.prompt_tokens, completion_tokens)).model_dump())
-        )
-    if out:
-        yield "".join(out)
+
+    def render(index: int, event: TokenEvent) -> list[str]:
+        nonlocal completion_tokens
+        out: list[str] = []
+        if event.error:
+            return out
+        if event.text or event.finish_reason or (body.logprobs is not None and event.logprobs):
+            if body.logprobs is None and event.finish_reason is None:
+                out.append(texts[index](event.text))
+            else:
+                lp = None
+                if body.logprobs is not None:
+                    lp = completion_logprobs(event.logprobs, loaded.tokenizer, offsets[index], bool(body.logprobs))
+                out.append(chunk(index, event.text, event.finish_reason, lp))
+            offsets[index] += len(event.text)
+        if event.done:
+            completion_tokens += event.completion_tokens
+        return out
+
+    def tail() -> list[str]:
+        if not include_usage:
+            return []
+        return [sse(Completion(**meta, choices=[], usage=usage(started.prompt_tokens, completion_tokens)).model_dump())]
+
+    yield from writes(streams, render, tail)

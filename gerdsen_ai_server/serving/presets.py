@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
+from flask import g, has_app_context
+
 from gerdsen_ai_server.engine.options import LoadOptions
 from gerdsen_ai_server.schemas.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelCard
 from gerdsen_ai_server.schemas.presets import Preset
@@ -33,8 +35,14 @@ def models_dir() -> Path:
 
 def find_preset(name: str) -> Preset | None:
     """The preset a request's ``model`` names, or None (most requests: a model id is not looked up on disk
-    unless it could be a preset's name)."""
-    return store.find(models_dir(), name)
+    unless it could be a preset's name). Looked up once a request (``g``): a generation asked twice
+    (apply_preset, then resident_model), each a few file-system calls that wait for the GIL on a busy server."""
+    if not has_app_context():
+        return store.find(models_dir(), name)
+    found: dict[str, Preset | None] = g.setdefault("impetus_presets", {})
+    if name not in found:
+        found[name] = store.find(models_dir(), name)
+    return found[name]
 
 
 def load_options(preset: Preset) -> LoadOptions:

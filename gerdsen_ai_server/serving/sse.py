@@ -5,14 +5,15 @@ went away frees its slot at the engine's next step)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from flask import Response
 
 from gerdsen_ai_server.engine.errors import EngineGone
+from gerdsen_ai_server.engine.protocol import EventSource, TokenEvent
 from gerdsen_ai_server.errors import APIError, error_body
-from gerdsen_ai_server.serving.generation import cancel_all
+from gerdsen_ai_server.serving.generation import cancel_all, relay, waiting
 from gerdsen_ai_server.serving.running import ClientGone
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of streams
@@ -42,6 +43,39 @@ class TextChunk:
         return self._head + json.dumps(text) + self._tail
 
 
+class Last(str):
+    """The last write of a stream that ended well (its final events and usage): ``openai_events``
+    sends ``data: [DONE]`` in the same write, so the client gets the end of its answer at once."""
+
+
+def writes(
+    streams: Sequence[EventSource], render: Callable[[int, TokenEvent], list[str]], tail: Callable[[], list[str]]
+) -> Iterator[str]:
+    """The SSE writes of a streamed answer: each event of ``streams`` (one choice after the other,
+    ``relay``) rendered by ``render``, the events that reached the reader together in one write
+    (``waiting``), and the last choice's last events with ``tail`` (the usage, when asked for; the
+    tail is called once every event was rendered). An error event ends the stream with its error
+    after what ``render`` made of it. Chat and text completions share it (serving/chat.py,
+    serving/completions.py)."""
+    out: list[str] = []
+    last = len(streams) - 1
+    try:
+        for index, event in relay(streams):
+            out += render(index, event)
+            if event.error:
+                yield "".join([*out, sse(error_body(500, event.error, code="generation_failed"))])
+                return
+            if out and not waiting(streams[index]) and not (event.done and index == last):
+                yield "".join(out)  # else it goes with what follows: the next events, or the tail at the end
+                out.clear()
+    except (APIError, EngineGone) as exc:  # the request ends here: its deadline, a cancel, the engine gone
+        if out and not isinstance(exc, ClientGone):
+            yield "".join(out)  # what was rendered before goes out first, as it did a chunk at a time
+        raise
+    out += tail()
+    yield Last("".join(out))
+
+
 def sse_response(body: Iterator[str]) -> Response:
     """``body`` as a text/event-stream response, unbuffered by proxies."""
     return Response(body, mimetype="text/event-stream", headers=SSE_HEADERS)
@@ -51,7 +85,11 @@ def openai_events(chunks: Iterator[str], streams: list[Any]) -> Iterator[str]:
     """OpenAI's stream: the chunks, an error event if the engine stopped or the request was
     ended (its deadline, an operator's cancel), then ``data: [DONE]``; the streams cancelled at the end."""
     try:
-        yield from chunks
+        for chunk in chunks:
+            if isinstance(chunk, Last):  # the answer is complete: the end goes with it, in one write
+                yield chunk + sse("[DONE]")
+                return
+            yield chunk
     except EngineGone as exc:
         yield sse(error_body(503, str(exc), code="engine_unavailable"))
     except ClientGone:
