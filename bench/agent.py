@@ -3,6 +3,7 @@
     make bench-agent                      # 4 sessions x 6 turns; writes its section of docs/performance.md
     make bench-agent ARGS='--quick'       # a smoke run: 2 sessions x 2 turns on a 2,000-token prompt
     python -m bench.agent --no-write      # printed only
+    python -m bench.agent --shape qwen2.5-0.5b --skip-mlx-server --skip-llamacpp  # at a real model's shape
 
 ``--sessions`` (4) agent sessions share a ``--system-tokens`` (~4,000) system prompt that holds a coding
 agent's tool definitions (bench/agent_workload.py). Each runs ``--turns`` (6) turns: a ~``--turn-tokens``
@@ -24,6 +25,11 @@ workload's concurrency, which the goal's ratio uses). Peak RSS is the sum over t
 tree (Gunicorn's master and worker), sampled every 100 ms. Then our MLX server is restarted on the same
 models folder: a cold prompt of the same length (no shared prefix) against session 0's first turn again,
 which the disk tier, where there is one, holds.
+
+``--shape`` runs it on the bench model built at a named real model's shape (bench/model.py ``SHAPES``:
+``qwen2.5-0.5b``), into ``build/bench-model-SHAPE-8k``; its figures go between markers of their own in
+the same section (``bench-agent-SHAPE``), beside the bench model's. On a loaded 2-core CPU its first turn
+can pass our server's 600 s request timeout: add ``--ours-env IMPETUS_REQUEST_TIMEOUT=0`` (mlx_lm.server has none).
 """
 
 from __future__ import annotations
@@ -48,10 +54,10 @@ if str(ROOT) not in sys.path:
 import requests  # noqa: E402
 
 from bench import client  # noqa: E402
-from bench.agent_report import BEGIN, END, TITLE, render  # noqa: E402
+from bench.agent_report import TITLE, markers, render  # noqa: E402
 from bench.agent_workload import Workload, counter, fresh_prompt, system_prompt, turn_message, workload  # noqa: E402
 from bench.measure import warm_up  # noqa: E402
-from bench.model import BENCH, default_models_dir, is_built  # noqa: E402
+from bench.model import BENCH, SHAPES, Spec, default_models_dir, is_built  # noqa: E402
 from bench.report import DOC, say, write_doc  # noqa: E402
 from bench.servers import base_env, gguf_file, openblas_env, start  # noqa: E402
 from tests.support.server import Server, stop_server  # noqa: E402
@@ -59,6 +65,15 @@ from tests.support.server import Server, stop_server  # noqa: E402
 CONTEXT = 8192
 SPEC = replace(BENCH, context=CONTEXT)
 DISK_SETTING = "IMPETUS_PROMPT_CACHE_DISK_BYTES"
+
+
+def shape_spec(shape: str) -> Spec:
+    """The named shape (bench/model.py ``SHAPES``) with the workload's context bound."""
+    return replace(SHAPES[shape], context=CONTEXT)
+
+
+def default_model_dir(shape: str) -> Path:
+    return ROOT / "build" / ("bench-model-8k" if shape == "bench" else f"bench-model-{shape}-8k")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,7 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-llamacpp", action="store_true", help="no llama.cpp rows (ours on it, llama-cpp-python)")
     p.add_argument("--skip-restart", action="store_true", help="no restart of our server")
     p.add_argument("--ours-env", action="append", default=[], metavar="IMPETUS_X=VALUE", help="a setting for ours")
-    p.add_argument("--model-dir", type=Path, help="bench model folder (default build/bench-model-8k)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="bench", help="the bench model's shape (default bench)")
+    p.add_argument("--model-dir", type=Path, help="bench model folder (default build/bench-model[-SHAPE]-8k)")
     p.add_argument("--models-dir", type=Path, help="where the default model (the tokenizer's source) lives")
     p.add_argument("--out", type=Path, help=f"markdown file to write (default {DOC.relative_to(ROOT)})")
     p.add_argument("--no-write", action="store_true", help="print only")
@@ -92,6 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, small if quick else full)
     args.n_ctx = CONTEXT  # llama-cpp-python's server (bench/servers.py)
+    args.spec = shape_spec(args.shape)  # the report's model line and FLOP floor
     args.prompt_words = 12  # bench.measure.warm_up's prompts
     return args
 
@@ -180,10 +197,16 @@ def reference(server: Server, args: argparse.Namespace, count: Any, nonce: str) 
 
 
 def sessions(server: Server, args: argparse.Namespace, work: Workload, count: Any, rss: RssSampler) -> dict[str, Any]:
-    """The workload: every session's turn k sent together, then turn k+1 with the answers appended."""
+    """The workload: every session's turn k sent together, then turn k+1 with the answers appended.
+
+    After each later turn, ``--sessions`` fresh prompts of its new tokens' size go at once (``paired``, not
+    in the total time): on a shared machine the load moves between the reference at the start and turn 6,
+    and a reference taken right after the turn divides out most of it (paired rounds)."""
     histories = [[{"role": "system", "content": work.system}] for _ in range(args.sessions)]
     turns: list[list[client.Result]] = []
-    start = time.perf_counter()
+    paired: dict[int, float] = {}
+    start, aside = time.perf_counter(), 0.0
+    size = args.turn_tokens + args.max_tokens
     for turn in range(1, args.turns + 1):
         for s, history in enumerate(histories):
             history.append({"role": "user", "content": turn_message(s, turn, args.turn_tokens, count)})
@@ -193,13 +216,22 @@ def sessions(server: Server, args: argparse.Namespace, work: Workload, count: An
         for history, result in zip(histories, results, strict=True):
             history.append({"role": "assistant", "content": result.text})
         turns.append(results)
+        if turn > 1:
+            t0 = time.perf_counter()
+            fresh = [
+                [{"role": "user", "content": fresh_prompt(size, count, f"paired-{turn}-{i}")}]
+                for i in range(args.sessions)
+            ]
+            paired[turn] = client.percentile([r.ttft for r in wave(server, fresh, 4) if r.ok], 0.5)
+            aside += time.perf_counter() - t0
         ok = [r for r in results if r.ok]
         say(
             f"  turn {turn}: TTFT p50 {client.percentile([r.ttft for r in ok], 0.5) * 1000:7.0f} ms, "
             f"{sum(r.tokens for r in ok)} tokens, {len(ok)}/{len(results)} ok, RSS peak "
             f"{rss.peaks.get(turn, 0) / 2**20:.0f} MiB{'  errors: ' + results[0].error if not results[0].ok else ''}"
+            + (f"; fresh right after {paired[turn] * 1000:.0f} ms" if turn in paired else "")
         )
-    return {"turns": turns, "wall": time.perf_counter() - start}
+    return {"turns": turns, "wall": time.perf_counter() - start - aside, "paired": paired}
 
 
 def cache_metrics(server: Server) -> dict[str, float]:
@@ -250,15 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     command = os.environ.get("IMPETUS_BENCH_COMMAND") or "python -m bench.agent " + shlex.join(given)
     t0, started = time.monotonic(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     env = base_env()
-    model_dir = (args.model_dir or ROOT / "build" / "bench-model-8k").resolve()
-    if not is_built(model_dir, SPEC):
-        say(f"building the bench model (context {CONTEXT}) into {model_dir} ...")
+    model_dir = (args.model_dir or default_model_dir(args.shape)).resolve()
+    if not is_built(model_dir, args.spec):
+        say(f"building the bench model ({args.shape} shape, context {CONTEXT}) into {model_dir} ...")
         code = (
-            "import sys; from pathlib import Path; from bench.agent import SPEC; from bench.model import build; "
-            "build(Path(sys.argv[1]), SPEC, Path(sys.argv[2]))"
+            "import sys; from pathlib import Path; from bench.agent import shape_spec; from bench.model import build; "
+            "build(Path(sys.argv[1]), shape_spec(sys.argv[3]), Path(sys.argv[2]))"
         )
         models = str(args.models_dir or default_models_dir())
-        subprocess.run([sys.executable, "-c", code, str(model_dir), models], cwd=ROOT, env=env, check=True)
+        cmd = [sys.executable, "-c", code, str(model_dir), models, args.shape]
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     count = counter(model_dir / "tokenizer.json")
     work = workload(model_dir / "tokenizer.json", args.system_tokens, args.turn_tokens)
     logs = Path(tempfile.mkdtemp(prefix="impetus-agent-"))
@@ -323,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             write_doc(
                 args.out or DOC,
                 render(args, command, started, time.monotonic() - t0, work, results, restarted),
-                markers=(BEGIN, END),
+                markers=markers(args.shape),
                 title=TITLE,
             )
 
@@ -331,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(body)
     if not args.no_write:
-        write_doc(args.out or DOC, body, markers=(BEGIN, END), title=TITLE)
+        write_doc(args.out or DOC, body, markers=markers(args.shape), title=TITLE)
         say(f"\nwrote {args.out or DOC}")
     return 0
 

@@ -15,6 +15,36 @@ TITLE = "## Agent workload"
 MIB = 2**20
 
 
+def markers(shape: str) -> tuple[str, str]:
+    """The block of a run: the bench model's (``bench``) or a named shape's, each between markers of its own."""
+    if shape == "bench":
+        return BEGIN, END
+    return f"<!-- bench-agent-{shape}:begin -->", f"<!-- bench-agent-{shape}:end -->"
+
+
+def model_line(spec: Any, shape: str) -> str:
+    name = "the bench model" if shape == "bench" else f"the bench model at {shape}'s shape (`--shape {shape}`)"
+    return (
+        f"{name} (random llama, hidden {spec.hidden}, {spec.layers} layers, {spec.heads} heads, {spec.kv_heads} KV "
+        f"heads, intermediate {spec.intermediate}, vocab {spec.vocab})"
+    )
+
+
+def flop_floor(spec: Any, cached: float, new: float, fresh: float) -> float:
+    """The FLOP of prefilling ``new`` tokens after ``cached`` ones over those of a fresh ``fresh``-token prompt:
+    the least a later turn's TTFT can be over the fresh prompt's when compute is the bound, whatever the cache.
+
+    A token costs 2 FLOP a weight of its projections and MLP, and 4 x hidden a key it attends to (scores and
+    values over all heads; grouped KV heads do not reduce it). The output projection runs for one token only."""
+    kv = spec.hidden * spec.kv_heads // spec.heads
+    weights = 2 * spec.hidden * spec.hidden + 2 * spec.hidden * kv + 3 * spec.hidden * spec.intermediate
+
+    def cost(c: float, n: float) -> float:
+        return n * 2 * weights + 4 * spec.hidden * (c * n + n * (n + 1) / 2)
+
+    return ratio(cost(cached, new), cost(0, fresh)) if new > 0 and fresh > 0 else float("nan")
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}" if seconds == seconds else "n/a"
 
@@ -28,9 +58,20 @@ def times(x: float) -> str:
 
 
 def later_ratio(run: dict[str, Any]) -> float:
-    """The worst later turn's TTFT p50 over the fresh new-token prefill at the same concurrency."""
-    later = [client.percentile([r.ttft for r in turn if r.ok], 0.5) for turn in run["turns"][1:]]
-    return max((ratio(t, run["ref"]["together"]) for t in later), default=float("nan"))
+    """The worst later turn's TTFT p50 over the fresh new-token prefill at the same concurrency: the one taken
+    right after the turn where there is one (bench/agent.py ``paired``), else the one before the turns."""
+    paired = run.get("paired", {})
+    later = [
+        ratio(client.percentile([r.ttft for r in turn if r.ok], 0.5), paired.get(i, run["ref"]["together"]))
+        for i, turn in enumerate(run["turns"][1:], start=2)
+    ]
+    return max(later, default=float("nan"))
+
+
+def paired_cell(run: dict[str, Any], turn: int, p50: float) -> str:
+    """The fresh prompts' TTFT taken right after ``turn`` and the turn's p50 over it (bench/agent.py ``paired``)."""
+    fresh = run.get("paired", {}).get(turn)
+    return f"{ms(fresh)} ({times(ratio(p50, fresh))})" if fresh is not None else ""
 
 
 def render(
@@ -46,13 +87,15 @@ def render(
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     new = args.turn_tokens + args.max_tokens
     dtype = next((r["info"].get("compute_dtype") for r in results.values() if r.get("info")), None) or "?"
+    spec, shape = getattr(args, "spec", None), getattr(args, "shape", "bench")
+    model = model_line(spec, shape) if spec else "the bench model"
     lines = [
         f"Run {started} on {m['platform']}, {m['cpu']}, {m['cores']} cores, {m['memory']}; mlx {v['mlx']}, "
         f"mlx-lm {v['mlx-lm']}, impetus {v['impetus']}. The cores were shared with other work during the run "
         f"(load average at its end {load}): absolute figures are noisy, the ratios within a server hold better.",
         "",
-        f"Command: `{command}` ({elapsed / 60:.1f} min). Model: the bench model (random llama, hidden 512, 8 "
-        f"layers, vocab 2048) with its context bound raised to {args.n_ctx} tokens; the peers in fp32 "
+        f"Command: `{command}` ({elapsed / 60:.1f} min). Model: {model} with its context bound raised to "
+        f"{args.n_ctx} tokens; the peers in fp32 "
         "(mlx_lm.server: the fp32 copy with OpenBLAS; llama.cpp: the f32 GGUF). "
         f"Workload: {args.sessions} sessions share a {work.system_tokens}-token system prompt (a coding agent's "
         f"instructions and 9 OpenAI-style tool definitions); each runs {args.turns} turns, each adding "
@@ -63,26 +106,31 @@ def render(
         "each server counted them (n/a: none in its stream).",
         "",
         "| server | turn | prompt tokens | TTFT p50 ms | TTFT p99 ms | p50 / fresh new-token prefill | tokens | "
-        "peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "peak RSS MiB | FLOP floor | fresh right after ms (p50 / it) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results.values():
+        previous = float("nan")
         for i, turn in enumerate(run["turns"], start=1):
             ok = [r for r in turn if r.ok]
             p50 = client.percentile([r.ttft for r in ok], 0.5)
             counted = [r.prompt_tokens for r in ok if r.prompt_tokens]  # llama-cpp-python streams no usage
             prompt = f"{statistics.median(counted):.0f}" if counted else "n/a"
             rel = times(ratio(p50, run["ref"]["together"])) if i > 1 else "(cold)"
+            tokens = statistics.median(counted) if counted else float("nan")
+            fresh = run["ref"].get("prompt_tokens") or 0
+            floor = flop_floor(spec, previous, tokens - previous, fresh) if spec and i > 1 else float("nan")
+            previous = tokens
             lines.append(
                 f"| {run['label']} | {i} | {prompt} | {ms(p50)} | "
                 f"{ms(client.percentile([r.ttft for r in ok], 0.99))} | {rel} | "
                 f"{sum(r.tokens for r in ok)}/{args.sessions * args.max_tokens} | "
-                f"{run['rss_turns'].get(i, 0) / MIB:.0f} |"
+                f"{run['rss_turns'].get(i, 0) / MIB:.0f} | {times(floor) if i > 1 else ''} | {paired_cell(run, i, p50)} |"
             )
     lines += [
         "",
         f"| server | total time s | fresh {new}-token prompt TTFT ms: alone / {args.sessions} at once | worst "
-        f"later turn / fresh (goal ≤ 2x) | RSS after load MiB | peak RSS MiB | peak RSS turn 2 → {args.turns} | "
+        f"later turn / fresh, paired where measured (goal ≤ 2x) | RSS after load MiB | peak RSS MiB | peak RSS turn 2 → {args.turns} | "
         "load |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -102,7 +150,12 @@ def render(
         "(the workload's concurrency: the goal compares each later turn's p50 with this, since the turn's "
         f"{args.sessions} sessions prefill together). Total time: the {args.turns} turns. RSS: the server's "
         "process tree (Gunicorn's master and worker for ours), summed, sampled every 100 ms. Load: the machine's "
-        "5-minute load average as that server's turns ended (other work shares the cores).",
+        "5-minute load average as that server's turns ended (other work shares the cores). FLOP floor: the "
+        "FLOP of prefilling the turn's new tokens (its prompt tokens less the previous turn's) after the cached "
+        "ones over those of the fresh prompt (its counted tokens): projections and MLP at 2 FLOP a weight, "
+        "attention at 4 x hidden a cached key; the ratio a compute-bound server cannot beat whatever its cache. "
+        f"Fresh right after: {args.sessions} fresh prompts of the same size sent at once right after the turn "
+        "(not in the total time), so that the ratio beside it saw about the same load.",
     ]
     for run in results.values():
         cache = run.get("info", {}).get("cache") or {}

@@ -1,6 +1,7 @@
 """The benchmark model: a random-weight mlx-lm llama, built once into a cache folder.
 
-    python -m bench.model [--tiny] [--out build/bench-model]
+    python -m bench.model [--tiny | --shape qwen2.5-0.5b] [--out build/bench-model]
+    python -m bench.model --shape qwen2.5-0.5b --probe 4330,6000   # prefill after a cache vs fresh, paired
 
 Hidden 512, 8 layers, 8 heads, intermediate 1408 (the model of ``shared/FACTS.md`` and issue 3),
 stored in **bfloat16** like real checkpoints, as a standard MLX folder (config.json,
@@ -21,6 +22,13 @@ never picks them. Every request runs to ``max_tokens``. The same goes for the ot
 and for byte tokens that are not whole UTF-8 characters: a streaming detokenizer holds those back,
 so a stream that began with them would show its first text (and its time to first token) several
 tokens late (``silent_token_ids``).
+
+``--shape qwen2.5-0.5b`` (``SHAPES``) builds the same recipe at a real model's shape: Qwen2.5-0.5B's
+hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864, rope theta 1e6, norm eps 1e-6, tied
+embeddings (as a llama: no q/k/v biases, 0.1 % of its FLOPs), for benches whose ratios depend on where
+a forward pass spends its time; the cost of a pass does not depend on the weights' values, and no
+model hub is needed. Its vocabulary stays the cut 2,048 (the tokenizer recipe above), so its output
+projection is not Qwen's 136 M parameters: 358 M parameters in all, 0.72 GB in bfloat16.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_VERSION = 3  # bump when the recipe changes: cached folders of an older recipe are rebuilt
@@ -51,10 +60,21 @@ class Spec:
     context: int = 4096
     dtype: str = "bfloat16"
     seed: int = 0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
 
 
 BENCH = Spec()
 TINY = Spec(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, vocab=1024, context=2048)
+# Qwen2.5-0.5B's config.json: hidden_size 896, num_hidden_layers 24, num_attention_heads 14,
+# num_key_value_heads 2, intermediate_size 4864, rope_theta 1000000.0, rms_norm_eps 1e-06, tied embeddings.
+QWEN25_05B = Spec(
+    hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, context=32768, rope_theta=1e6, norm_eps=1e-6
+)
+SHAPES = {"bench": BENCH, "qwen2.5-0.5b": QWEN25_05B}
+# Fields added after the first recipe enter the stamp only when they differ from their default, so folders
+# built before they existed (the bench model in CI caches) stay valid.
+_LATER_FIELDS = {"rope_theta": 10000.0, "norm_eps": 1e-5}
 
 
 def default_models_dir() -> Path:
@@ -63,13 +83,49 @@ def default_models_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "impetus" / "models"
 
 
+def shape_name(spec: Spec) -> str | None:
+    """The ``SHAPES`` name of ``spec``'s shape whatever its context bound (None: not a named shape)."""
+    return next((name for name, s in SHAPES.items() if replace(s, context=spec.context) == spec), None)
+
+
 def default_out(spec: Spec) -> Path:
-    name = "bench-model" if spec == BENCH else "bench-model-tiny" if spec == TINY else "bench-model-custom"
+    shape = shape_name(spec)
+    name = (
+        "bench-model-tiny"
+        if spec == TINY
+        else "bench-model"
+        if spec == BENCH
+        else f"bench-model-{shape}"
+        if shape and spec == SHAPES[shape]
+        else "bench-model-custom"
+    )
     return ROOT / "build" / name
 
 
 def _stamp(spec: Spec) -> dict[str, object]:
-    return {"version": BUILD_VERSION, **asdict(spec)}
+    fields = {k: v for k, v in asdict(spec).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+    return {"version": BUILD_VERSION, **fields}
+
+
+def config_for(spec: Spec) -> dict[str, object]:
+    """The folder's config.json: an mlx-lm (and transformers) llama of ``spec``'s shape."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": spec.hidden,
+        "num_hidden_layers": spec.layers,
+        "intermediate_size": spec.intermediate,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "rms_norm_eps": spec.norm_eps,
+        "vocab_size": spec.vocab,
+        "max_position_embeddings": spec.context,
+        "rope_theta": spec.rope_theta,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": spec.dtype,
+    }
 
 
 def is_built(folder: Path, spec: Spec) -> bool:
@@ -164,23 +220,7 @@ def build(
     tokenizer = cut_tokenizer(json.loads((source / "tokenizer.json").read_text()), spec.vocab)
     never = silent_token_ids(tokenizer)
 
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": spec.hidden,
-        "num_hidden_layers": spec.layers,
-        "intermediate_size": spec.intermediate,
-        "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads,
-        "rms_norm_eps": 1e-5,
-        "vocab_size": spec.vocab,
-        "max_position_embeddings": spec.context,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": spec.dtype,
-    }
+    config = config_for(spec)
     mx.random.seed(spec.seed)
     model = Model(ModelArgs.from_dict(config))
     embed = model.model.embed_tokens
@@ -247,15 +287,69 @@ def fp32_copy(folder: Path, out: Path | None = None) -> Path:
     return out
 
 
+def probe(folder: Path, contexts: list[int], new: int = 420, rounds: int = 3) -> list[tuple[int, float, float, float]]:
+    """Prefill time of ``new`` tokens after each of ``contexts`` cached tokens against a fresh ``new``-token prompt,
+    in paired rounds (fresh, then after the cache; the cache trimmed back between rounds), in this process with
+    mlx-lm in float32 (what our server computes in on a CPU): the floor a later agent turn's TTFT has on this
+    machine whatever the server's cache does. Returns (cached, fresh s, after the cache s, median paired ratio)."""
+    import statistics
+    import time
+
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = load(str(folder))
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+
+    def tokens(n: int, offset: int) -> mx.array:
+        return mx.array([[(i * 7 + offset) % 1900 + 40 for i in range(n)]])
+
+    def prefill(cache: list[Any], x: mx.array, step: int = 512) -> None:
+        for i in range(0, x.shape[1], step):
+            model(x[:, i : i + step], cache=cache)
+            mx.eval([c.state for c in cache])
+
+    cache, have, out = make_prompt_cache(model), 0, []
+    for cached in contexts:
+        prefill(cache, tokens(cached - have, have))
+        have = cached
+        fresh, after = [], []
+        for r in range(rounds):
+            t = time.perf_counter()
+            prefill(make_prompt_cache(model), tokens(new, 1000 + r))
+            fresh.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            prefill(cache, tokens(new, 2000 + r))
+            after.append(time.perf_counter() - t)
+            for layer in cache:
+                layer.trim(new)
+        paired = statistics.median(a / f for a, f in zip(after, fresh, strict=True))
+        out.append((cached, statistics.median(fresh), statistics.median(after), paired))
+        print(
+            f"cached {cached}: fresh {new} tokens {out[-1][1]:.2f} s, after the cache {out[-1][2]:.2f} s, "
+            f"paired ratios {[round(a / f, 2) for a, f in zip(after, fresh, strict=True)]}, median {paired:.2f}"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer hidden-64 model for tests")
-    parser.add_argument("--out", type=Path, help="folder to build into (default build/bench-model[-tiny])")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench", help="a named shape (default bench)")
+    parser.add_argument("--out", type=Path, help="folder to build into (default build/bench-model[-tiny|-SHAPE])")
     parser.add_argument("--models-dir", type=Path, help="where the default model (the tokenizer's source) lives")
     parser.add_argument("--tokenizer-from", type=Path, help="a folder with SmolLM2's tokenizer files instead")
+    parser.add_argument(
+        "--probe", metavar="CACHED,...", help="then time 420 new tokens after these cached ones vs fresh (probe)"
+    )
     args = parser.parse_args(argv)
-    spec = TINY if args.tiny else BENCH
-    print(build(args.out or default_out(spec), spec, args.models_dir, tokenizer_from=args.tokenizer_from))
+    spec = TINY if args.tiny else SHAPES[args.shape]
+    folder = build(args.out or default_out(spec), spec, args.models_dir, tokenizer_from=args.tokenizer_from)
+    print(folder)
+    if args.probe:
+        probe(folder, [int(x) for x in args.probe.split(",")])
     return 0
 
 

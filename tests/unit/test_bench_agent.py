@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from bench import client
-from bench.agent import RssSampler
-from bench.agent_report import render
+from bench.agent import RssSampler, default_model_dir, shape_spec
+from bench.agent_report import BEGIN, END, flop_floor, markers, render
 from bench.agent_workload import TOOLS, counter, fresh_prompt, system_prompt, turn_message, workload
 from gerdsen_ai_server.schemas.openai import Tool
 
@@ -82,7 +82,7 @@ def test_rss_sampler_sees_memory_taken_during_a_turn() -> None:
         child.wait()
 
 
-def _run(turn_ttfts: list[float], ref: float) -> dict[str, Any]:
+def _run(turn_ttfts: list[float], ref: float, paired: dict[int, float] | None = None) -> dict[str, Any]:
     turns = [[client.Result(ok=True, ttft=t, tokens=100, prompt_tokens=4000)] * 4 for t in turn_ttfts]
     return {
         "label": "ours, MLX",
@@ -94,6 +94,7 @@ def _run(turn_ttfts: list[float], ref: float) -> dict[str, Any]:
         "rss_turns": {1: 800 * 2**20, 2: 850 * 2**20, 3: 900 * 2**20},
         "info": {"compute_dtype": "float32"},
         "load": 3.25,
+        "paired": paired or {},  # fresh prompts right after these turns
     }
 
 
@@ -105,10 +106,47 @@ def test_report_verdicts() -> None:
     cold = client.Result(ok=True, ttft=5.0, prompt_tokens=4300)
     hit = client.Result(ok=True, ttft=0.5, prompt_tokens=4300)
     restart = {"cold": cold, "disk": hit, "disk_tier": True, "metrics_before": {}, "metrics_after": {}}
-    text = render(args, "make bench-agent", "now", 60, work, {"ours": _run([9.0, 0.9, 1.1], 0.5)}, restart)
+    text = render(args, "make bench-agent", "now", 60, work, {"ours": _run([9.0, 0.9, 1.1], 0.5, {2: 0.45})}, restart)
     assert "| ours, MLX | 2 | 4000 | 900 | 900 | 1.8x |" in text
+    # The paired reference where there is one (turn 2), none at turn 3.
+    assert "| 850 | n/a | 450 (2.0x) |" in text and "| 900 | n/a |  |" in text
     assert "2.2x not met" in text  # the worst later turn decides
+    paired = _run([9.0, 0.9, 1.1], 0.5, {2: 0.45, 3: 0.6})  # turn 2 is now the worst: 2.0x
+    assert "2.0x **met**" in render(args, "c", "now", 60, work, {"ours": paired}, restart)
     assert "| 800 → 900 |" not in text and "| 850 → 900 | 3.2 |" in text
     assert "10.0x **met**" in text
     text = render(args, "c", "now", 60, work, {"ours": _run([9.0, 0.9, 0.9], 0.5)}, {**restart, "disk_tier": False})
     assert "1.8x **met**" in text and "not met (no disk tier yet)" in text
+
+
+def test_qwen_shape_config_and_stamp() -> None:
+    """The realistic shape is Qwen2.5-0.5B's config, built into its own folder under its own stamp; the bench
+    model's stamp is the one of folders built before the shape fields existed (no rebuild)."""
+    from bench.model import _LATER_FIELDS, BENCH, QWEN25_05B, _stamp, config_for, default_out, shape_name
+
+    config = config_for(shape_spec("qwen2.5-0.5b"))
+    assert {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")} == {
+        "hidden_size": 896,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+    }
+    assert (config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"]) == (2, 4864, 2048)
+    assert (config["rope_theta"], config["rms_norm_eps"], config["tie_word_embeddings"]) == (1e6, 1e-6, True)
+    assert config["max_position_embeddings"] == 8192
+    assert config_for(BENCH)["rope_theta"] == 10000.0 and config_for(BENCH)["rms_norm_eps"] == 1e-5
+    assert not set(_LATER_FIELDS) & set(_stamp(BENCH)) and _stamp(QWEN25_05B)["rope_theta"] == 1e6
+    assert shape_name(shape_spec("qwen2.5-0.5b")) == "qwen2.5-0.5b" and shape_name(shape_spec("bench")) == "bench"
+    assert default_out(QWEN25_05B).name == "bench-model-qwen2.5-0.5b" and default_out(BENCH).name == "bench-model"
+    assert default_model_dir("qwen2.5-0.5b").name == "bench-model-qwen2.5-0.5b-8k"
+    assert markers("bench") == (BEGIN, END) and markers("qwen2.5-0.5b")[0] == "<!-- bench-agent-qwen2.5-0.5b:begin -->"
+
+
+def test_flop_floor() -> None:
+    """The note's arithmetic: ~2.5x on the bench model at 4,800 cached tokens; ~1.6x on Qwen2.5-0.5B's shape,
+    whose projections and MLP weigh 4.6x more per unit of hidden size; 1x with nothing cached."""
+    bench, qwen = shape_spec("bench"), shape_spec("qwen2.5-0.5b")
+    assert 2.4 <= flop_floor(bench, 4800, 420, 400) <= 2.7
+    assert 1.5 <= flop_floor(qwen, 4330, 420, 400) <= 1.7
+    assert flop_floor(qwen, 6000, 420, 400) > flop_floor(qwen, 4330, 420, 400)
+    assert flop_floor(qwen, 0, 400, 400) == 1.0
+    assert flop_floor(qwen, 4000, 0, 400) != flop_floor(qwen, 4000, 0, 400)  # nan: nothing new
