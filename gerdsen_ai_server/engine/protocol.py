@@ -30,6 +30,11 @@ class SamplingParams:
     repetition_penalty: float | None = None
     logit_bias: dict[int, float] | None = None
 
+    @property
+    def seeded(self) -> bool:
+        """A seed and a temperature above 0: draws we promise to reproduce whatever else is in the batch."""
+        return self.seed is not None and self.temperature > 0
+
 
 @dataclass(frozen=True)
 class SpeculativeParams:

@@ -138,9 +138,7 @@ class SpeculativeBatch(DecodeBatch):
             request = self.request_of(uid)
             plan = None
             if request is not None and request.speculative is not None:
-                sampling = request.sampling
-                seeded = sampling.temperature > 0 and sampling.seed is not None
-                if not seeded and not (self.logits_processors and self.logits_processors[row]):
+                if not request.sampling.seeded and not (self.logits_processors and self.logits_processors[row]):
                     plan = _Plan(request, request.speculative)
             self._plans[uid] = plan
         return self._plans[uid]

@@ -61,6 +61,8 @@ def refeeds(rows: Sequence[tuple[int, int]], able: Collection[int], n_ubatch: in
     """The sequences (of those ``able`` to: a previous text token in their KV cells) to feed one more
     token in front, so that no ubatch is a single token; one that cannot is left as it is."""
     extra: set[int] = set()
+    if not able:  # no seeded sequence in this step (most steps): nothing to simulate
+        return extra
     for _ in range(len(rows) + 1):  # each round settles at least one sequence for good
         grown = [(seq, n + (seq in extra)) for seq, n in rows]
         lone = {seq for seq in lone_tokens(grown, n_ubatch) if seq in able and seq not in extra}
@@ -73,4 +75,4 @@ def refeeds(rows: Sequence[tuple[int, int]], able: Collection[int], n_ubatch: in
 def seeded(request: GenerationRequest) -> bool:
     """A request whose sampled tokens we promise to reproduce: a seed, a temperature above 0, and no
     images (an image's cells are the projector's embeddings: there is no token to feed again)."""
-    return request.sampling.seed is not None and request.sampling.temperature > 0 and not request.images
+    return request.sampling.seeded and not request.images
