@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, cast
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -21,6 +21,7 @@ from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams,
 from gerdsen_ai_server.engine.sampling import build_sampler
 from gerdsen_ai_server.engine.speculative_draft import NgramIndex, accept_sampled
 from tests.support.models import default_model_folder
+from tests.support.threads import at_once
 from tests.support.tiny_models import build_tiny_llama
 
 GREEDY = SamplingParams(temperature=0)
@@ -220,18 +221,7 @@ Result = tuple[list[int], str, str | None, list[float]]
 
 def together(engine: InferenceEngine, model: LoadedModel, jobs: list[dict[str, Any]]) -> list[Result]:
     """The jobs sent at once (one engine batch), each read to its end on its own thread."""
-    results: list[Result | None] = [None] * len(jobs)
-
-    def one(i: int) -> None:
-        results[i] = run(engine, model, **jobs[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
-    assert all(r is not None for r in results), "a request did not finish"
-    return cast(list[Result], results)
+    return at_once(lambda i: run(engine, model, **jobs[i]), len(jobs), 180)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from gerdsen_ai_server.engine.engine import InferenceEngine
 from gerdsen_ai_server.engine.options import EngineOptions
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams, SpeculativeParams
 from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+from tests.support.threads import at_once
 from tests.support.tiny_models import TOKENIZER_FILES
 
 # Repetitive prompts (a phrase twice, then its start): each row accepts its own share of its drafts.
@@ -75,9 +75,8 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceEngine
 
 def wave(engine: InferenceEngine, speculate: bool) -> list[tuple[list[int], str | None]]:
     """PROMPTS sent at once (one batch), greedy; each row's tokens and finish reason."""
-    results: list[Any] = [None] * len(PROMPTS)
 
-    def one(row: int) -> None:
+    def one(row: int) -> tuple[list[int], str | None]:
         plan = PLANS[row]
         request = GenerationRequest(
             model="tiny-specq",
@@ -92,15 +91,9 @@ def wave(engine: InferenceEngine, speculate: bool) -> list[tuple[list[int], str 
             assert event.error is None, event.error
             tokens += event.token_ids
             finish = event.finish_reason or finish
-        results[row] = (tokens, finish)
+        return tokens, finish
 
-    threads = [threading.Thread(target=one, args=(row,)) for row in range(len(PROMPTS))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert all(r is not None for r in results), "a request did not finish"
-    return results
+    return at_once(one, len(PROMPTS), 120)
 
 
 def test_a_quantized_batch_speculates_at_full_width_with_the_plain_answers(

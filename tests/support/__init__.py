@@ -7,6 +7,7 @@ one ``chat()`` and one ``wait_idle()``, and the small models and stand-in hub th
     tests.support.recorder   Recorder (Socket.IO events, stamped on arrival), listen (a client wired to one)
     tests.support.http       chat() (POST /v1/chat/completions), wait_idle(), health()
     tests.support.tiny_models, tests.support.hub_stub, tests.support.gguf   models, hub and files built here
+    tests.support.threads    at_once (work on n threads started together, answers in order)
     tests.support.node       require_node (Node.js found and new enough, or the module skips)
     tests.support.models     default_model_folder (the default model converted once for the tests)
     tests.support.apps       bare_app (a Flask app with services and the error envelope, no engine)
