@@ -296,6 +296,13 @@ class Settings(BaseSettings):
         "beyond gets 503. Whatever their transport, Socket.IO requests hold at most half the threads "
         "(IMPETUS_THREADS // 2) at once, and a session one long-poll at a time.",
     )
+    socket_connect_grace: float = Field(
+        10.0,
+        ge=0.5,
+        le=300,
+        description="Seconds an Engine.IO session may stay open without connecting to Socket.IO (so without showing "
+        "a key) before it is closed: it holds a WebSocket thread meanwhile. A Socket.IO client connects at once.",
+    )
     max_request_bytes: int = Field(8 << 20, ge=1024, description="Largest request body accepted; larger gets 413.")
     # Images in chat requests, for a vision model (serving/images.py; docs/security.md has the attacks refused).
     allow_image_urls: bool = Field(

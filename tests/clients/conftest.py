@@ -81,7 +81,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     models = tmp_path_factory.mktemp("clients-models")
     build_tiny_bert(models / TINY_EMBEDDER)
     srv = start_server(
-        tmp_path_factory.mktemp("clients-server"), IMPETUS_BACKEND="llamacpp", IMPETUS_MODELS_DIR=str(models)
+        tmp_path_factory.mktemp("clients-server"),
+        IMPETUS_BACKEND="llamacpp",
+        IMPETUS_MODELS_DIR=str(models),
+        # One thread, as every llama.cpp server of the suite: llama.cpp's threads spin-wait, and two of
+        # them on a 2-core machine that also runs the clients collapse to a few tokens/s.
+        IMPETUS_LLAMACPP_THREADS="1",
     )
     yield srv
     stop_server(srv, wait=False)

@@ -111,7 +111,7 @@ def init_realtime(app: Flask) -> None:
         **options,
     )
     bound_websocket_messages(limit)
-    socketio.start_background_task(close_idle_handshakes, socketio.sleep)
+    socketio.start_background_task(close_idle_handshakes, socketio.sleep, settings.socket_connect_grace)
     outbox = Outbox() if redis_url else None
     if outbox is not None:
         socketio.start_background_task(outbox.run)

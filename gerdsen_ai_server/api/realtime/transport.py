@@ -23,13 +23,12 @@ log = logging.getLogger(__name__)
 
 socketio = SocketIO()
 
-CONNECT_GRACE_S = 10.0
 
-
-def close_idle_handshakes(sleep: Any, grace: float = CONNECT_GRACE_S) -> None:
+def close_idle_handshakes(sleep: Any, grace: float) -> None:
     """An Engine.IO session that never connects to the namespace never shows a key, yet it holds a
-    WebSocket slot (a thread) for as long as it answers pings: close it after ``grace`` seconds.
-    (A Socket.IO client connects in the same breath as the Engine.IO handshake.)"""
+    WebSocket slot (a thread) for as long as it answers pings: close it after ``grace`` seconds
+    (IMPETUS_SOCKET_CONNECT_GRACE). (A Socket.IO client connects in the same breath as the Engine.IO
+    handshake.)"""
     first_seen: dict[str, float] = {}
     while True:
         sleep(grace / 4)
@@ -41,7 +40,7 @@ def close_idle_handshakes(sleep: Any, grace: float = CONNECT_GRACE_S) -> None:
                     first_seen.pop(eio_sid, None)
                 elif now - first_seen.setdefault(eio_sid, now) >= grace:
                     first_seen.pop(eio_sid, None)
-                    log.info("closing Engine.IO session %s: no Socket.IO connect within %.0f s", eio_sid, grace)
+                    log.info("closing Engine.IO session %s: no Socket.IO connect within %g s", eio_sid, grace)
                     close_session(eio_sid)
             for gone in set(first_seen) - current:
                 del first_seen[gone]

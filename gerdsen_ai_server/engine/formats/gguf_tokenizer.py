@@ -8,9 +8,12 @@ tool calls, grammars (llguidance) and logprobs work exactly as on MLX.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,14 @@ _LLAMA3_REGEX = (
     r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+# The wrappers mlx-lm built, per process, by the GGUF file's identity and the end tokens: building one
+# takes ~1 s for a 49k vocabulary (parsing tokenizer.json twice, a token map of every id), about a
+# third of a llama.cpp load of the 135M model, paid again by every load of the same file (under
+# another id, with other load options, after an unload). A few entries: each holds ~11 MB (49k vocabulary).
+_BUILT: OrderedDict[tuple[str, int, int, tuple[int, ...]], Any] = OrderedDict()
+_BUILT_MAX = 4
+_built_lock = threading.Lock()
 
 
 def _pre_tokenizer(pre: str | None) -> Any:
@@ -104,14 +115,41 @@ def write_tokenizer(meta: dict[str, Any], out: Path) -> None:
 
 def load_tokenizer(gguf: Path, meta: dict[str, Any], cache_dir: Path) -> Any:
     """mlx-lm's TokenizerWrapper over the GGUF's vocabulary, merges and chat template (no MLX)."""
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
-
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise UnsupportedModelFormat(
             f"{gguf}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not "
             "supported (only byte-level BPE 'gpt2')"
         )
     stat = gguf.stat()
+    eos = tuple(
+        sorted({int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta})
+    )
+    key = (str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, eos)
+    with _built_lock:
+        built = _BUILT.get(key)
+        if built is not None:
+            _BUILT.move_to_end(key)
+    if built is None:
+        built = _build(gguf, meta, cache_dir, stat, eos)
+        with _built_lock:
+            _BUILT[key] = built
+            while len(_BUILT) > _BUILT_MAX:
+                _BUILT.popitem(last=False)
+    return _own_copy(built)
+
+
+def _own_copy(wrapper: Any) -> Any:
+    """A wrapper of its own over the same vocabulary: a load's chat template (loaders.py
+    ``set_chat_template``) is set on the wrapper and the Hugging Face tokenizer it wraps, so each
+    load gets shallow copies of both; the parsed vocabulary and token map stay shared, read-only."""
+    mine = copy.copy(wrapper)
+    mine._tokenizer = copy.copy(wrapper._tokenizer)
+    return mine
+
+
+def _build(gguf: Path, meta: dict[str, Any], cache_dir: Path, stat: os.stat_result, eos: tuple[int, ...]) -> Any:
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
     folder = cache_dir / f"{gguf.stem.lower()}-{stat.st_size:x}-{int(stat.st_mtime):x}"
     if not (folder / "tokenizer.json").is_file():
         staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
@@ -123,5 +161,4 @@ def load_tokenizer(gguf: Path, meta: dict[str, Any], cache_dir: Path) -> Any:
             for f in staging.iterdir():
                 f.unlink()
             staging.rmdir()
-    eos = sorted({int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta})
-    return mlx_load_tokenizer(folder, eos_token_ids=eos or None)
+    return mlx_load_tokenizer(folder, eos_token_ids=list(eos) or None)
