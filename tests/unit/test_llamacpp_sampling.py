@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gerdsen_ai_server.engine.backends.llamacpp import _common_prefix
 from gerdsen_ai_server.engine.backends.llamacpp_sampling import Sampler
 from gerdsen_ai_server.engine.backends.llamacpp_sampling import log_softmax as _log_softmax
 from gerdsen_ai_server.engine.backends.llamacpp_sampling import token_logprob as _token_logprob
+from gerdsen_ai_server.engine.backends.llamacpp_slots import common_prefix
 from gerdsen_ai_server.engine.protocol import SamplingParams
 
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], dtype=np.float32)
@@ -73,7 +73,7 @@ def test_logprobs_are_normalised_and_the_top_ones_sorted() -> None:
     assert [t for t, _ in entry.top] == [0, 1, 2]
 
 
-def test_common_prefix() -> None:
-    assert _common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
-    assert _common_prefix([], [1]) == 0
-    assert _common_prefix([1, 2], [1, 2]) == 2
+def testcommon_prefix() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([1, 2], [1, 2]) == 2

@@ -42,6 +42,7 @@ from gerdsen_ai_server.engine.backends.base import Capabilities, Reports
 from gerdsen_ai_server.engine.backends.llamacpp_runtime import init_once
 from gerdsen_ai_server.engine.backends.llamacpp_sampling import Sampler, grammar_of, log_softmax, token_logprob
 from gerdsen_ai_server.engine.backends.llamacpp_sizing import KV_TYPE_NAMES, KV_TYPES
+from gerdsen_ai_server.engine.backends.llamacpp_slots import choose_slot, common_prefix
 from gerdsen_ai_server.engine.backends.llamacpp_ubatch import refeeds, seeded
 from gerdsen_ai_server.engine.backends.llamacpp_vision import Projector, image_start, text_before_image
 from gerdsen_ai_server.engine.images import ImageInput
@@ -71,14 +72,6 @@ class _Slot:
     seq_id: int
     tokens: list[int] = field(default_factory=list)  # what this sequence's KV cells hold
     seq: _Seq | None = None
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class LlamaCppBackend(Reports):
@@ -272,7 +265,7 @@ class LlamaCppBackend(Reports):
                 self._end(seq, None)
 
     def _assign(self) -> None:
-        """Waiting requests into free slots, each into the slot whose cached tokens share the longest prefix."""
+        """Waiting requests into free slots: the longest cached prefix, kept beside the busy slots (llamacpp_slots.py)."""
         cap = min(self.n_seq, self._batch_limit or self.n_seq)
         while self._waiting:
             free = [s for s in self._slots if s.seq is None]
@@ -280,13 +273,14 @@ class LlamaCppBackend(Reports):
                 return
             seq = self._waiting.pop(0)
             prompt = seq.pending
-            slot = max(free, key=lambda s: _common_prefix(s.tokens, prompt))
+            busy = [s.seq_id for s in self._slots if s.seq is not None]
+            slot = self._slots[choose_slot(prompt, {s.seq_id: s.tokens for s in free}, busy)]
             if self.slot_files is not None:  # a file that shares more of the prompt: loaded into the slot
                 slot.tokens = self.slot_files.restore(slot.seq_id, prompt, slot.tokens)
             # Feed at least the prompt's last two tokens: llama.cpp's CPU products for a one-token
             # chunk differ from a longer chunk's in the last bits (logits ~3e-3 apart on the default
             # model), and a repeated seeded request then sampled another answer than the first.
-            keep = image_start(prompt, max(0, min(_common_prefix(slot.tokens, prompt), len(prompt) - 2)))
+            keep = image_start(prompt, max(0, min(common_prefix(slot.tokens, prompt), len(prompt) - 2)))
             if not self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
                 keep = 0
                 self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)

@@ -21,6 +21,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from gerdsen_ai_server.engine.backends.llamacpp_slots import common_prefix
 from gerdsen_ai_server.engine.prompt_cache_disk import DISK_MIN_GAIN, DiskTier
 from gerdsen_ai_server.engine.prompt_cache_format import TierKey, metadata
 
@@ -98,7 +99,7 @@ class SlotFiles:
         self.disk.submit(self.key, tokens, written, lambda path: write_state(path, blob, header), True)
 
     def _restore(self, seq_id: int, prompt: list[int], held: list[int]) -> list[int]:
-        have = _common_prefix(held, prompt)
+        have = common_prefix(held, prompt)
         found = self.disk.best(self.key, prompt)
         if found is None or found[1] - have < DISK_MIN_GAIN:
             if have == 0:
@@ -116,12 +117,3 @@ class SlotFiles:
             return []
         self.disk.hits += 1
         return tokens
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
