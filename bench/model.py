@@ -2,6 +2,7 @@
 
     python -m bench.model [--tiny | --shape qwen2.5-0.5b] [--out build/bench-model]
     python -m bench.model --shape qwen2.5-0.5b --probe 4330,6000   # prefill after a cache vs fresh, paired
+    python -m bench.model --shape qwen2.5-0.5b --probe 4330 --rounds 1 --attention ab   # our CPU attention vs mlx-lm's
 
 Hidden 512, 8 layers, 8 heads, intermediate 1408 (the model of ``shared/FACTS.md`` and issue 3),
 stored in **bfloat16** like real checkpoints, as a standard MLX folder (config.json,
@@ -287,11 +288,18 @@ def fp32_copy(folder: Path, out: Path | None = None) -> Path:
     return out
 
 
-def probe(folder: Path, contexts: list[int], new: int = 420, rounds: int = 3) -> list[tuple[int, float, float, float]]:
+PROBE_ATTENTION = {"ours": ("ours",), "mlx": ("mlx",), "ab": ("ours", "mlx")}
+
+
+def probe(
+    folder: Path, contexts: list[int], new: int = 420, rounds: int = 3, attention: str = "ours"
+) -> list[tuple[str, int, float, float, float]]:
     """Prefill time of ``new`` tokens after each of ``contexts`` cached tokens against a fresh ``new``-token prompt,
     in paired rounds (fresh, then after the cache; the cache trimmed back between rounds), in this process with
     mlx-lm in float32 (what our server computes in on a CPU): the floor a later agent turn's TTFT has on this
-    machine whatever the server's cache does. Returns (cached, fresh s, after the cache s, median paired ratio)."""
+    machine whatever the server's cache does. ``attention`` (``PROBE_ATTENTION``): our CPU prompt attention as
+    the server installs it (engine/attention.py), mlx-lm's own, or both alternately in each round ("ab").
+    Returns (attention, cached, fresh s, after the cache s, median paired ratio) for each attention and context."""
     import statistics
     import time
 
@@ -299,9 +307,14 @@ def probe(folder: Path, contexts: list[int], new: int = 420, rounds: int = 3) ->
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
+    sys.path.insert(0, str(ROOT))
+    from gerdsen_ai_server.engine import attention as cpu_attention
+
+    modes = PROBE_ATTENTION[attention]
     model, _ = load(str(folder))
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
+    cpu_attention.install(model)
 
     def tokens(n: int, offset: int) -> mx.array:
         return mx.array([[(i * 7 + offset) % 1900 + 40 for i in range(n)]])
@@ -312,25 +325,33 @@ def probe(folder: Path, contexts: list[int], new: int = 420, rounds: int = 3) ->
             mx.eval([c.state for c in cache])
 
     cache, have, out = make_prompt_cache(model), 0, []
-    for cached in contexts:
-        prefill(cache, tokens(cached - have, have))
-        have = cached
-        fresh, after = [], []
-        for r in range(rounds):
-            t = time.perf_counter()
-            prefill(make_prompt_cache(model), tokens(new, 1000 + r))
-            fresh.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            prefill(cache, tokens(new, 2000 + r))
-            after.append(time.perf_counter() - t)
-            for layer in cache:
-                layer.trim(new)
-        paired = statistics.median(a / f for a, f in zip(after, fresh, strict=True))
-        out.append((cached, statistics.median(fresh), statistics.median(after), paired))
-        print(
-            f"cached {cached}: fresh {new} tokens {out[-1][1]:.2f} s, after the cache {out[-1][2]:.2f} s, "
-            f"paired ratios {[round(a / f, 2) for a, f in zip(after, fresh, strict=True)]}, median {paired:.2f}"
-        )
+    try:
+        for cached in contexts:
+            prefill(cache, tokens(cached - have, have))
+            have = cached
+            fresh: dict[str, list[float]] = {m: [] for m in modes}
+            after: dict[str, list[float]] = {m: [] for m in modes}
+            for r in range(rounds):
+                for mode in modes:
+                    cpu_attention.enabled = mode == "ours"
+                    t = time.perf_counter()
+                    prefill(make_prompt_cache(model), tokens(new, 1000 + r))
+                    fresh[mode].append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    prefill(cache, tokens(new, 2000 + r))
+                    after[mode].append(time.perf_counter() - t)
+                    for layer in cache:
+                        layer.trim(new)
+            for mode in modes:
+                ratios = [a / f for a, f in zip(after[mode], fresh[mode], strict=True)]
+                paired = statistics.median(ratios)
+                out.append((mode, cached, statistics.median(fresh[mode]), statistics.median(after[mode]), paired))
+                print(
+                    f"cached {cached}, attention {mode}: fresh {new} tokens {out[-1][2]:.2f} s, after the cache "
+                    f"{out[-1][3]:.2f} s, paired ratios {[round(x, 2) for x in ratios]}, median {paired:.2f}"
+                )
+    finally:
+        cpu_attention.enabled = True
     return out
 
 
@@ -344,12 +365,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--probe", metavar="CACHED,...", help="then time 420 new tokens after these cached ones vs fresh (probe)"
     )
+    parser.add_argument("--rounds", type=int, default=3, help="paired rounds of --probe (default 3)")
+    parser.add_argument(
+        "--attention",
+        choices=sorted(PROBE_ATTENTION),
+        default="ours",
+        help="--probe's CPU prompt attention: ours (the server's), mlx (mlx-lm's), ab (both, alternating)",
+    )
     args = parser.parse_args(argv)
     spec = TINY if args.tiny else SHAPES[args.shape]
     folder = build(args.out or default_out(spec), spec, args.models_dir, tokenizer_from=args.tokenizer_from)
     print(folder)
     if args.probe:
-        probe(folder, [int(x) for x in args.probe.split(",")])
+        probe(folder, [int(x) for x in args.probe.split(",")], rounds=args.rounds, attention=args.attention)
     return 0
 
 
