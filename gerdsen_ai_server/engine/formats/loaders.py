@@ -16,7 +16,7 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
-from gerdsen_ai_server.engine import attention, quantized_cache
+from gerdsen_ai_server.engine import attention, compiled, quantized_cache
 from gerdsen_ai_server.engine.backends import llamacpp_lora, llamacpp_sizing, llamacpp_vision
 from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.backends.llamacpp import LlamaCppBackend
@@ -242,6 +242,7 @@ class LoaderFactory:
         model, tokenizer = yield from safetensors.load_steps(path, compute_dtype, chunk_bytes)
         model = adapters.apply_mlx(model, adapter, models_dir) if adapter else model
         attention.install(model)  # a CPU prompt chunk's attention in NumPy (engine/attention.py)
+        compiled.compile_decode(model)  # a CPU float32 llama's one-token steps compiled (engine/compiled.py)
         return LoadedModel(
             model_id=path.name,
             path=path,
