@@ -1,4 +1,4 @@
-"""Slot choice on the llama.cpp backend, before and after the adjacency rule (engine/backends/llamacpp_slots.py).
+"""Slot choice on the llama.cpp backend: the shipped rule (engine/backends/llamacpp_slots.py) against adjacency rules.
 
     .venv/bin/python -m bench.llamacpp_slots --simulate            # the rules on a step clock, no model (seconds)
     .venv/bin/python -m bench.llamacpp_slots [--rounds 3]          # in process, the default model on llama.cpp
@@ -34,20 +34,36 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
 from bench.prompts import WORDS, sentence
-from gerdsen_ai_server.engine.backends.llamacpp_slots import SPARE, choose_slot, common_prefix, runs
+from gerdsen_ai_server.engine.backends.llamacpp_slots import choose_slot, common_prefix
 
 Rule = Callable[[list[int], Mapping[int, list[int]], list[int]], int]
 
 
-def longest_prefix(prompt: list[int], free: Mapping[int, list[int]], busy: object) -> int:
-    """The rule before: the longest common prefix, ties to the lowest slot."""
-    return max(free, key=lambda slot: common_prefix(free[slot], prompt))
+SPARE = 8  # prefix tokens the adjacency rule lets a request give up for a slot beside the busy ones
+
+
+def runs(busy: Collection[int]) -> int:
+    """How many runs of consecutive ids ``busy`` falls into: the micro-batches of a decode step."""
+    ids = sorted(set(busy))
+    return sum(1 for i, slot in enumerate(ids) if i == 0 or slot != ids[i - 1] + 1)
+
+
+def adjacent(
+    prompt: Sequence[int], free: Mapping[int, Sequence[int]], busy: Collection[int], spare: int = SPARE
+) -> int:
+    """The rule measured and not shipped: among the free slots whose usable prefix (two tokens short of the
+    prompt's end: llamacpp.py ``_assign`` feeds those again) is within ``spare`` of the longest, the one that
+    leaves the busy slots in the fewest runs, then the longest prefix, then the lowest id."""
+    shared = {slot: min(common_prefix(tokens, prompt), max(0, len(prompt) - 2)) for slot, tokens in free.items()}
+    best = max(shared.values())
+    near = [slot for slot in free if shared[slot] >= best - spare]
+    return min(near, key=lambda s: (runs([*busy, s]), -shared[s], s))
 
 
 def least_evicted(prompt: list[int], free: Mapping[int, list[int]], busy: list[int]) -> int:
@@ -60,10 +76,10 @@ def least_evicted(prompt: list[int], free: Mapping[int, list[int]], busy: list[i
 
 
 RULES: dict[str, Rule] = {
-    "before": longest_prefix,
-    "after": choose_slot,  # as shipped: may give up SPARE prefix tokens for adjacency
-    "ties": functools.partial(choose_slot, spare=0),  # adjacency among the longest prefixes only
-    "spare16": functools.partial(choose_slot, spare=16),
+    "before": choose_slot,  # as shipped: the longest prefix, ties to the lowest id
+    "after": adjacent,  # may give up SPARE prefix tokens for adjacency
+    "ties": functools.partial(adjacent, spare=0),  # adjacency among the longest prefixes only
+    "spare16": functools.partial(adjacent, spare=16),
     "least-evicted": least_evicted,
 }
 

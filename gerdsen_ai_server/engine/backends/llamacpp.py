@@ -265,7 +265,7 @@ class LlamaCppBackend(Reports):
                 self._end(seq, None)
 
     def _assign(self) -> None:
-        """Waiting requests into free slots: the longest cached prefix, kept beside the busy slots (llamacpp_slots.py)."""
+        """Waiting requests into free slots, each into the slot whose cached tokens share the longest prefix (llamacpp_slots.py)."""
         cap = min(self.n_seq, self._batch_limit or self.n_seq)
         while self._waiting:
             free = [s for s in self._slots if s.seq is None]
