@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -18,11 +17,9 @@ from mlx_lm.models import base
 from gerdsen_ai_server.engine import attention
 from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.engine import InferenceEngine
-from gerdsen_ai_server.engine.options import EngineOptions
 from gerdsen_ai_server.engine.prefill_buckets import prompt_batch
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams
-from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
-from tests.support.tiny_models import build_tiny_llama
+from tests.support.tiny_models import tiny_llama_engine
 
 Answer = tuple[list[int], list[float]]
 
@@ -94,12 +91,7 @@ def test_mlx_lm_keeps_what_it_does_not_take(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceEngine]:
-    folder = build_tiny_llama(tmp_path_factory.mktemp("attention") / "tiny-attention", TEST_MODELS_DIR / DEFAULT_MODEL)
-    eng = InferenceEngine(EngineOptions(Path(folder).parent, max_batch=8, max_queue=8, backend="mlx"))
-    eng.start()
-    eng.load_model(str(folder), trusted=True).result(timeout=120)
-    yield eng
-    eng.shutdown()
+    yield from tiny_llama_engine(tmp_path_factory, "tiny-attention")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ the context), so the module costs seconds."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from gerdsen_ai_server.engine.options import EngineOptions, LoadOptions
 from gerdsen_ai_server.engine.prefill_buckets import padded_length, prompt_batch, resolve
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams
 from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
-from tests.support.tiny_models import build_tiny_llama
+from tests.support.tiny_models import build_tiny_llama, tiny_llama_engine
 
 GREEDY = SamplingParams(temperature=0)
 SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=7)
@@ -69,12 +68,7 @@ def submit(engine: InferenceEngine, model: LoadedModel, prompt: list[int], sampl
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceEngine]:
-    folder = build_tiny_llama(tmp_path_factory.mktemp("buckets") / "tiny-buckets", TEST_MODELS_DIR / DEFAULT_MODEL)
-    eng = InferenceEngine(EngineOptions(Path(folder).parent, max_batch=8, max_queue=8, backend="mlx"))
-    eng.start()
-    eng.load_model(str(folder), trusted=True).result(timeout=120)
-    yield eng
-    eng.shutdown()
+    yield from tiny_llama_engine(tmp_path_factory, "tiny-buckets")
 
 
 @pytest.fixture(scope="module")

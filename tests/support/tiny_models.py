@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -355,3 +357,18 @@ def nomic_reference_forward(folder: Path, ids: list[int]) -> np.ndarray:
         mlp = ((x @ w[p + "mlp.fc11.weight"].T) * gate / (1 + np.exp(-gate))) @ w[p + "mlp.fc2.weight"].T
         x = layer_norm(mlp + x, w[p + "norm2.weight"], w[p + "norm2.bias"], eps)
     return x
+
+
+def tiny_llama_engine(tmp_path_factory: Any, name: str) -> Iterator[Any]:
+    """An in-process engine (one MLX thread) with a tiny random llama called ``name`` loaded: a test module's
+    own ``engine`` fixture yields from it."""
+    from gerdsen_ai_server.engine.engine import InferenceEngine
+    from gerdsen_ai_server.engine.options import EngineOptions
+    from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp(name) / name, TEST_MODELS_DIR / DEFAULT_MODEL)
+    eng = InferenceEngine(EngineOptions(folder.parent, max_batch=8, max_queue=8, backend="mlx"))
+    eng.start()
+    eng.load_model(str(folder), trusted=True).result(timeout=120)
+    yield eng
+    eng.shutdown()
