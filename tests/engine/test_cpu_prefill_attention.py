@@ -19,9 +19,8 @@ from gerdsen_ai_server.engine.backends.base import LoadedModel
 from gerdsen_ai_server.engine.engine import InferenceEngine
 from gerdsen_ai_server.engine.prefill_buckets import prompt_batch
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams
+from tests.support.answers import Answer, answer_of, chat
 from tests.support.tiny_models import tiny_llama_engine
-
-Answer = tuple[list[int], list[float]]
 
 
 def qkv(batch: int, heads: int, kv_heads: int, length: int, keys: int, seed: int = 0) -> tuple[mx.array, ...]:
@@ -97,20 +96,6 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceEngine
 @pytest.fixture(scope="module")
 def model(engine: InferenceEngine) -> LoadedModel:
     return engine.get_model("tiny-attention")
-
-
-def answer_of(stream: Any) -> Answer:
-    ids: list[int] = []
-    logprobs: list[float] = []
-    for event in stream:
-        assert event.error is None, event.error
-        ids += event.token_ids
-        logprobs += [lp.logprob for lp in event.logprobs]
-    return ids, logprobs
-
-
-def chat(model: LoadedModel, text: str) -> list[int]:
-    return list(model.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
 
 
 TEXTS = [

@@ -14,6 +14,7 @@ from gerdsen_ai_server.engine.engine import InferenceEngine
 from gerdsen_ai_server.engine.errors import ContextLengthExceeded, EngineOverloaded
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams
 from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+from tests.support.answers import chat
 from tests.support.tiny_models import build_tiny_llama
 
 GREEDY = SamplingParams(temperature=0)
@@ -27,10 +28,6 @@ PROMPTS = [
     "What is the capital of Spain?",
     "Give me a recipe for tea.",
 ]
-
-
-def chat(model: LoadedModel, text: str) -> list[int]:
-    return list(model.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
 
 
 def request(

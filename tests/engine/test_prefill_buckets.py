@@ -19,6 +19,7 @@ from gerdsen_ai_server.engine.options import EngineOptions, LoadOptions
 from gerdsen_ai_server.engine.prefill_buckets import padded_length, prompt_batch, resolve
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams
 from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+from tests.support.answers import Answer, answer_of, chat
 from tests.support.tiny_models import build_tiny_llama, tiny_llama_engine
 
 GREEDY = SamplingParams(temperature=0)
@@ -30,7 +31,6 @@ TEXTS = [
     "Write a short poem about the moon, the tides, the fishermen who go out at night, and the lighthouse that "
     "guides them home through fog and storm, in four lines with a rhyme.",
 ]
-Answer = tuple[list[int], list[float]]
 
 
 class ShapeRecorder:
@@ -44,20 +44,6 @@ class ShapeRecorder:
         if tokens.shape[1] > 1:
             self.lengths.append(int(tokens.shape[1]))
         return self.model(tokens, **kwargs)
-
-
-def chat(model: LoadedModel, text: str) -> list[int]:
-    return list(model.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
-
-
-def answer_of(stream: Any) -> Answer:
-    ids: list[int] = []
-    logprobs: list[float] = []
-    for event in stream:
-        assert event.error is None, event.error
-        ids += event.token_ids
-        logprobs += [lp.logprob for lp in event.logprobs]
-    return ids, logprobs
 
 
 def submit(engine: InferenceEngine, model: LoadedModel, prompt: list[int], sampling: SamplingParams) -> Any:
