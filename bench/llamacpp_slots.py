@@ -76,7 +76,7 @@ def least_evicted(prompt: list[int], free: Mapping[int, list[int]], busy: list[i
 
 
 RULES: dict[str, Rule] = {
-    "before": choose_slot,  # as shipped: the longest prefix, ties to the lowest id
+    "before": lambda prompt, free, busy: choose_slot(prompt, free),  # as shipped: longest prefix, lowest id
     "after": adjacent,  # may give up SPARE prefix tokens for adjacency
     "ties": functools.partial(adjacent, spare=0),  # adjacency among the longest prefixes only
     "spare16": functools.partial(adjacent, spare=16),
@@ -265,7 +265,12 @@ def run(rule: str, chats: list[Chat], shots: list[Shot], args: argparse.Namespac
 
         threads = [threading.Thread(target=worker, args=(3 * w * step_s,)) for w in range(args.live)]
         threads += [threading.Thread(target=shoot, args=(j, shot)) for j, shot in enumerate(shots)]
-        with mock.patch.object(llamacpp, "choose_slot", RULES[rule]):
+
+        def choose(prompt: list[int], free: Mapping[int, list[int]]) -> int:
+            """The backend's call (the free slots only): the busy ones are the rest."""
+            return RULES[rule](prompt, free, [i for i in range(backend.n_seq) if i not in free])
+
+        with mock.patch.object(llamacpp, "choose_slot", choose):
             start = time.perf_counter()
             for thread in threads:
                 thread.start()

@@ -11,10 +11,10 @@ from gerdsen_ai_server.engine.backends.llamacpp_slots import choose_slot, common
 
 def test_the_shipped_rule_takes_the_longest_prefix_then_the_lowest_id() -> None:
     prompt = list(range(100, 120))
-    assert choose_slot(prompt, {0: [], 1: [], 3: []}, [2]) == 0  # no prefix anywhere: the lowest
-    assert choose_slot(prompt, {0: prompt[:3], 3: prompt[:10], 5: []}, [2]) == 3
-    assert choose_slot(prompt, {1: prompt[:10] + [7], 4: prompt[:10]}, [0]) == 1  # a tie: the lowest
-    assert choose_slot(prompt, {2: prompt, 6: prompt[:19]}, []) == 2  # the whole prompt cached
+    assert choose_slot(prompt, {0: [], 1: [], 3: []}) == 0  # no prefix anywhere: the lowest
+    assert choose_slot(prompt, {0: prompt[:3], 3: prompt[:10], 5: []}) == 3
+    assert choose_slot(prompt, {1: prompt[:10] + [7], 4: prompt[:10]}) == 1  # a tie: the lowest
+    assert choose_slot(prompt, {2: prompt, 6: prompt[:19]}) == 2  # the whole prompt cached
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
 
 

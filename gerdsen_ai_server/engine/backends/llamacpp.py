@@ -273,8 +273,7 @@ class LlamaCppBackend(Reports):
                 return
             seq = self._waiting.pop(0)
             prompt = seq.pending
-            busy = [s.seq_id for s in self._slots if s.seq is not None]
-            slot = self._slots[choose_slot(prompt, {s.seq_id: s.tokens for s in free}, busy)]
+            slot = self._slots[choose_slot(prompt, {s.seq_id: s.tokens for s in free})]
             if self.slot_files is not None:  # a file that shares more of the prompt: loaded into the slot
                 slot.tokens = self.slot_files.restore(slot.seq_id, prompt, slot.tokens)
             # Feed at least the prompt's last two tokens: llama.cpp's CPU products for a one-token

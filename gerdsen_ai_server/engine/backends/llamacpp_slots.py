@@ -15,7 +15,7 @@ change (moving its KV, ``llama_memory_seq_cp`` across streams, could).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -26,7 +26,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def choose_slot(prompt: Sequence[int], free: Mapping[int, Sequence[int]], busy: Collection[int]) -> int:
-    """The id of the slot (of ``free``: id -> the tokens its cells hold, in id order) that ``prompt``
-    takes. ``busy`` (the running slots' ids) is not used by this rule: the bench's rules use it."""
+def choose_slot(prompt: Sequence[int], free: Mapping[int, Sequence[int]]) -> int:
+    """The id of the slot (of ``free``: id -> the tokens its cells hold, in id order) that ``prompt`` takes."""
     return max(free, key=lambda slot: common_prefix(free[slot], prompt))
