@@ -162,7 +162,7 @@ def wave(server: Server, conversations: list[list[dict[str, str]]], max_tokens: 
     results: list[client.Result] = [client.Result(ok=False, error="not run")] * len(conversations)
 
     def one(i: int) -> None:
-        with requests.Session() as session:
+        with client.Session() as session:
             body = {"model": server.model, "messages": conversations[i], "max_tokens": max_tokens}
             results[i] = client.stream_request(session, chat_url(server), body)
 

@@ -1,6 +1,6 @@
 """The one streaming client every server in the benchmark is driven with.
 
-OpenAI streaming over plain HTTP (``requests``, one thread per stream): ``/v1/completions`` for
+OpenAI streaming over plain HTTP (``Session``: one keep-alive connection and thread per stream): ``/v1/completions`` for
 throughput, ``/v1/chat/completions`` for the multi-turn chat. Every request is greedy
 (``temperature: 0``) with a fixed ``max_tokens`` and asks for ``usage`` in the last chunk
 (``stream_options.include_usage``); when a server sends no usage, tokens are counted from chunks.
@@ -12,14 +12,14 @@ OpenAI SDK, a stream is read to its end after ``[DONE]``, so each stream keeps o
 from __future__ import annotations
 
 import json
+import socket
 import statistics
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-
-import requests
+from urllib.parse import urlsplit
 
 
 @dataclass
@@ -40,26 +40,147 @@ class Result:
         return (self.tokens - 1) / (self.total - self.ttft)
 
 
-def sse_lines(response: requests.Response) -> Iterator[bytes]:
-    """The response's lines. A chunked body (ours, under Gunicorn) is read a chunk as it arrives
-    (``iter_content(None)``) and split here: ``iter_lines()`` reads 512-byte pieces through more layers,
-    and at 16 streams on 2 cores the client's CPU a token took cores the server needed (bench/overhead.py
-    reports the client's share). A body without chunks (``mlx_lm.server``: HTTP/1.0, read to the close)
-    goes through ``iter_lines()`` as before: ``iter_content(None)`` would read it whole before its first line."""
-    if not getattr(response.raw, "chunked", False):
-        yield from response.iter_lines()
-        return
-    pending = b""
-    for data in response.iter_content(chunk_size=None):
-        chunk = pending + data
-        lines = chunk.splitlines()  # \n, \r\n (a \r\n split across reads adds an empty line)
-        pending = lines.pop() if lines and not chunk.endswith((b"\n", b"\r")) else b""
-        yield from lines
-    if pending:
-        yield pending
+class ProtocolError(Exception):
+    """The server's answer is not HTTP/1.x as this client reads it."""
 
 
-def stream_request(session: requests.Session, url: str, body: dict[str, Any], timeout: float = 600) -> Result:
+class Session:
+    """One keep-alive HTTP/1.1 connection to one server, as ``requests.Session`` keeps one per stream, read
+    with as little Python a token as this client can: the benchmark's client shares the machine's cores with
+    the server it measures (bench/overhead.py reports its CPU a token), and requests/urllib3 took ~35 µs of
+    CPU a token at 16 streams on 2 cores, where raw mlx-lm, which has no client, took ~210 in all. A read
+    takes whatever has arrived (several tokens' chunks when the client fell behind) and splits it at once.
+
+    Bodies: chunked (ours under Gunicorn, llama-cpp-python's uvicorn), ``Content-Length``, or to the close
+    (``mlx_lm.server``: HTTP/1.0). A kept connection the server closed meanwhile is opened again, once."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._where: tuple[str, int] | None = None
+        self._buf = b""
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock, self._buf = None, b""
+
+    def post(self, url: str, body: dict[str, Any], timeout: float) -> tuple[int, Iterator[bytes]]:
+        """POST ``body`` as JSON: the status and the body's lines as they arrive (read them to the end
+        to keep the connection)."""
+        parts = urlsplit(url)
+        where = (parts.hostname or "127.0.0.1", parts.port or 80)
+        payload = json.dumps(body).encode()
+        head = (
+            f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {where[0]}:{where[1]}\r\n"
+            f"Content-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        for attempt in (0, 1):
+            reused = self._sock is not None and self._where == where
+            if not reused:
+                self.close()
+                self._sock, self._where = socket.create_connection(where, timeout=timeout), where
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assert self._sock is not None
+            self._sock.settimeout(timeout)
+            try:
+                self._sock.sendall(head + payload)
+                status, headers = self._head()
+            except (ConnectionError, ProtocolError):
+                self.close()
+                if reused and attempt == 0:  # the server closed a kept connection: open a new one
+                    continue
+                raise
+            return status, self._lines(headers)
+        raise ProtocolError("unreachable")
+
+    def _recv(self) -> bytes:
+        assert self._sock is not None
+        data = self._sock.recv(1 << 16)
+        if not data:
+            raise ConnectionResetError("the server closed the connection")
+        return data
+
+    def _head(self) -> tuple[int, dict[bytes, bytes]]:
+        while (end := self._buf.find(b"\r\n\r\n")) < 0:
+            self._buf += self._recv()
+        lines = self._buf[:end].split(b"\r\n")
+        self._buf = self._buf[end + 4 :]
+        version, _, rest = lines[0].partition(b" ")
+        if not version.startswith(b"HTTP/1."):
+            raise ProtocolError(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip().lower()
+        if version == b"HTTP/1.0" and headers.get(b"connection") != b"keep-alive":
+            headers[b"connection"] = b"close"
+        return int(rest[:3]), headers
+
+    def _body(self, headers: dict[bytes, bytes]) -> Iterator[bytes]:
+        """The body's bytes as they arrive, de-chunked."""
+        if headers.get(b"transfer-encoding") == b"chunked":
+            yield from self._chunks()
+        elif b"content-length" in headers:
+            left = int(headers[b"content-length"])
+            while left > 0:
+                if not self._buf:
+                    self._buf = self._recv()
+                piece, self._buf = self._buf[:left], self._buf[left:]
+                left -= len(piece)
+                yield piece
+        else:  # to the close
+            headers[b"connection"] = b"close"
+            if self._buf:
+                yield self._buf
+            self._buf = b""
+            while data := self._sock.recv(1 << 16) if self._sock else b"":
+                yield data
+
+    def _chunks(self) -> Iterator[bytes]:
+        buf, pos = self._buf, 0
+        while True:
+            out: list[bytes] = []
+            while True:  # every whole chunk in the buffer
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                size = int(buf[pos:eol].split(b";")[0], 16)
+                if size == 0:  # the last chunk (no trailers expected): the body ends at its empty line
+                    end = buf.find(b"\r\n\r\n", pos)
+                    if end < 0:
+                        break
+                    if out:
+                        yield b"".join(out)
+                    self._buf = buf[end + 4 :]
+                    return
+                if len(buf) < eol + 2 + size + 2:
+                    break
+                out.append(buf[eol + 2 : eol + 2 + size])
+                pos = eol + 2 + size + 2
+            if out:
+                yield b"".join(out)
+            buf, pos = buf[pos:] + self._recv(), 0
+
+    def _lines(self, headers: dict[bytes, bytes]) -> Iterator[bytes]:
+        pending = b""
+        for data in self._body(headers):
+            lines = (pending + data).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                yield line[:-1] if line.endswith(b"\r") else line
+        if pending:
+            yield pending
+        if headers.get(b"connection") == b"close":
+            self.close()
+
+
+def stream_request(session: Session, url: str, body: dict[str, Any], timeout: float = 600) -> Result:
     body = {**body, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
     chat = "messages" in body
     start = time.perf_counter()
@@ -69,31 +190,34 @@ def stream_request(session: requests.Session, url: str, body: dict[str, Any], ti
     parts: list[str] = []
     done = False
     try:
-        with session.post(url, json=body, stream=True, timeout=timeout) as r:
-            if r.status_code != 200:
-                return Result(ok=False, error=f"HTTP {r.status_code}: {r.text[:200]}")
-            for line in sse_lines(r):
-                # Read on after [DONE] to the body's end: left unread, the connection is closed
-                # and the stream's next request opens a new one.
-                if done or not line.startswith(b"data: "):
-                    continue
-                data = line[6:]
-                if data == b"[DONE]":
-                    done = True
-                    continue
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    return Result(ok=False, error=str(chunk["error"])[:200])
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                    if text:
-                        if first is None:
-                            first = time.perf_counter() - start
-                        chunks += 1
-                        parts.append(text)
-    except requests.RequestException as exc:
+        status, lines = session.post(url, body, timeout)
+        if status != 200:
+            answer = b"\n".join(lines).decode(errors="replace")
+            return Result(ok=False, error=f"HTTP {status}: {answer[:200]}")
+        for line in lines:
+            # Read on after [DONE] to the body's end: left unread, the connection is closed
+            # and the stream's next request opens a new one.
+            if done or not line.startswith(b"data: "):
+                continue
+            data = line[6:]
+            if data == b"[DONE]":
+                done = True
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                session.close()  # the rest of this body is not read
+                return Result(ok=False, error=str(chunk["error"])[:200])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                if text:
+                    if first is None:
+                        first = time.perf_counter() - start
+                    chunks += 1
+                    parts.append(text)
+    except (OSError, ValueError, ProtocolError) as exc:
+        session.close()
         return Result(ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
     total = time.perf_counter() - start
     if first is None:
@@ -165,7 +289,7 @@ def run_level(
     ready = threading.Barrier(streams + 1)
 
     def worker() -> None:
-        with requests.Session() as session:
+        with Session() as session:
             ready.wait()
             while True:
                 with lock:
@@ -193,7 +317,7 @@ def run_level(
 
 
 def chat(base_url: str, model: str, messages: list[dict[str, str]], max_tokens: int, timeout: float = 600) -> Result:
-    with requests.Session() as session:
+    with Session() as session:
         return stream_request(
             session,
             base_url.rstrip("/") + "/v1/chat/completions",

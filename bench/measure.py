@@ -27,19 +27,23 @@ from tests.support.server import Server
 
 def raw_cmd(model_dir: Path, dtype: str, args: argparse.Namespace) -> list[str]:
     """``bench.raw`` on the bench model, as a full pass and as the resident process (``--serve``) alike."""
-    return [
-        sys.executable,
-        "-m",
-        "bench.raw",
-        "--single-reps",
-        "1" if args.tiny else "3",
-        "--model",
-        str(model_dir),
-        "--max-tokens",
-        str(args.max_tokens),
-        "--prompt-words",
-        str(args.prompt_words),
-    ] + (["--dtype", dtype] if dtype else [])
+    return (
+        [
+            sys.executable,
+            "-m",
+            "bench.raw",
+            "--single-reps",
+            "1" if args.tiny else "3",
+            "--model",
+            str(model_dir),
+            "--max-tokens",
+            str(args.max_tokens),
+            "--prompt-words",
+            str(args.prompt_words),
+        ]
+        + (["--dtype", dtype] if dtype else [])
+        + (["--compiled"] if getattr(args, "raw_compiled", False) else [])
+    )
 
 
 def run_raw(label: str, model_dir: Path, env: dict[str, str], dtype: str, args: argparse.Namespace) -> dict[str, Any]:

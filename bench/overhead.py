@@ -46,7 +46,7 @@ from bench.profiling import CPU_GROUPS, thread_cpu  # noqa: E402
 from bench.report import DOC, device_label, machine, say, versions, write_doc  # noqa: E402
 from bench.servers import accelerator, base_env, openblas_env, start  # noqa: E402
 from bench.targets import fmt  # noqa: E402
-from gerdsen_ai_server.runtime.blas import find_openblas  # noqa: E402
+from gerdsen_ai_server.runtime.blas import OPENBLAS_IDLE_SPIN, find_openblas  # noqa: E402
 from tests.support.server import Server, stop_server  # noqa: E402
 
 BEGIN, END = "<!-- bench-proxy:begin -->", "<!-- bench-proxy:end -->"
@@ -68,6 +68,10 @@ SPLIT_LABELS = {
     "http": "HTTP threads (SSE, hand-off)",
     "native": "native threads (MLX compute, OpenBLAS)",
     "other": "other Python threads",
+    "ours": "**our server, all its threads**",
+    "raw_main": "raw mlx-lm: its Python thread",
+    "raw_native": "raw mlx-lm: native threads (MLX compute, OpenBLAS)",
+    "raw": "**raw mlx-lm, all its threads**",
     "client": "the bench's client (same cores)",
 }
 
@@ -83,6 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-requests", type=int, default=4, help="at least this many requests a level (default 4)")
     p.add_argument("--prompt-words", type=int, default=12, help="words per completion prompt (~2.7 tokens each)")
     p.add_argument("--skip-mlx-server", action="store_true", help="do not run python -m mlx_lm.server")
+    p.add_argument(
+        "--raw-as-shipped",
+        action="store_true",
+        help="raw mlx-lm without our server's compiled decode step and OpenBLAS thread timeout (default: with both)",
+    )
     p.add_argument("--ours-env", action="append", default=[], metavar="IMPETUS_X=VALUE", help="a setting for ours")
     p.add_argument("--model-dir", type=Path, help="tiny bench model folder (default build/bench-model-tiny)")
     p.add_argument("--models-dir", type=Path, help="where the default model is converted (the tokenizer source)")
@@ -93,6 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.batch_sizes = [n for n in args.stream_levels if n > 1] or [8]
     args.ours_env = ["IMPETUS_BACKEND=mlx", *args.ours_env]  # the proxy measures the MLX engine's host path
     args.tiny = False  # bench.measure's raw runs: three one-stream runs, the median
+    args.raw_compiled = not args.raw_as_shipped  # bench.measure.raw_cmd: bench.raw --compiled
     return args
 
 
@@ -103,6 +113,21 @@ def raw_figures(raw: dict[str, Any]) -> Figures:
         out[("batchgen", 1)] = float(raw["single_batchgen"]["decode_tps"])
     out.update({("raw", int(b["n"])): float(b["e2e_tps"]) for b in raw["batch"]})
     return out
+
+
+def raw_split(raw: dict[str, Any]) -> Split:
+    """One raw pass's CPU microseconds a token by thread (``bench.raw``): one stream (``stream_generate``)
+    and each ``batch_generate`` size."""
+    runs = {1: raw["single"], **{int(b["n"]): b for b in raw["batch"]}}
+    return {
+        n: {
+            "raw_main": r["cpu_main_us"],
+            "raw_native": r["cpu_native_us"],
+            "raw": r["cpu_main_us"] + r["cpu_native_us"],
+        }
+        for n, r in runs.items()
+        if "cpu_main_us" in r
+    }
 
 
 def level_figure(level: client.LevelResult) -> float:
@@ -138,6 +163,7 @@ def measure_split(level: client.LevelResult, before: dict[str, float], after: di
     """CPU microseconds a token of one level: ours by thread group, and the client process's."""
     tokens = max(1, level.tokens)
     split = {group: (after[group] - before[group]) / tokens * 1e6 for group in CPU_GROUPS}
+    split["ours"] = sum(split.values())
     split["client"] = level.client_cores * level.wall / tokens * 1e6
     return split
 
@@ -150,7 +176,8 @@ def render_split(splits: list[Split], levels: list[int]) -> list[str]:
     lines = [
         "",
         "Where the host time sits: CPU microseconds a token (median of the rounds), our server by thread "
-        "group (psutil, each OS thread; threads named by py-spy) and the bench's client beside it:",
+        "group (psutil, each OS thread; threads named by py-spy), raw mlx-lm in the same rounds (its calling "
+        "thread and the rest of its process; one stream: `stream_generate`) and the bench's client:",
         "",
         "| CPU µs / token | " + " | ".join(f"{n} stream{'s' * (n > 1)}" for n in shown) + " |",
         "|---|" + "---|" * len(shown),
@@ -158,7 +185,7 @@ def render_split(splits: list[Split], levels: list[int]) -> list[str]:
     for key, label in SPLIT_LABELS.items():
         cells = []
         for n in shown:
-            values = [s[n][key] for s in splits if n in s]
+            values = [s[n][key] for s in splits if key in s.get(n, {})]
             cells.append(f"{statistics.median(values):.0f}" if values else "")
         if any(c not in ("", "0") for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -233,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[Figures] = []
     splits: list[Split] = []
     info: dict[str, Any] = {}
+    raw_compiled = False
     try:
         live["ours"] = start("ours", SERVERS["ours"], {}, env, model_dir, models_dir, args, logs)
         info = dict(live["ours"].info)
@@ -241,18 +269,23 @@ def main(argv: list[str] | None = None) -> int:
             live["mlx"] = start("mlx+openblas fp32", SERVERS["mlx"], spec, env, model_dir, models_dir, args, logs)
         for server in live.values():
             warm_up(server, args)
+        raw_env = openblas_env(env)
+        if args.raw_compiled:  # the OpenBLAS setting our server starts with (runtime/blas.py)
+            raw_env.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_IDLE_SPIN)
         cpu = thread_cpu(live["ours"])  # None without py-spy: no split
         for round_ in range(args.rounds):
             say(f"round {round_ + 1} of {args.rounds}")
-            figures = raw_figures(run_raw("fp32, OpenBLAS", model_dir, openblas_env(env), "float32", args))
-            split: Split = {}
+            raw = run_raw("fp32, OpenBLAS", model_dir, raw_env, "float32", args)
+            figures = raw_figures(raw)
+            raw_compiled = bool(raw.get("compiled"))
+            split: Split = raw_split(raw)
             for n in args.stream_levels:
                 for key, server in live.items():
                     before = cpu() if cpu is not None and key == "ours" else None
                     level = measure_level(server, args, n, round_)
                     figures[(key, n)] = level_figure(level)
                     if before is not None:
-                        split[n] = measure_split(level, before, cpu())
+                        split.setdefault(n, {}).update(measure_split(level, before, cpu()))
             rounds.append(figures)
             if split:
                 splits.append(split)
@@ -270,7 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{config['hidden_size']}, {config['num_hidden_layers']} layers, vocab {config['vocab_size']}), float32 "
         f"everywhere; {args.max_tokens} tokens a request, greedy; {args.rounds} round(s), each figure its best round. "
         f"Our server: IMPETUS_BACKEND=mlx, compute dtype {info.get('compute_dtype', '?')}, "
-        f"BLAS {info.get('blas', '?')}, IMPETUS_MAX_BATCH=16.",
+        f"BLAS {info.get('blas', '?')}, IMPETUS_MAX_BATCH=16. Raw mlx-lm: "
+        + (
+            "the forward pass our server runs (its compiled one-token step, engine/compiled.py, and the "
+            f"OPENBLAS_THREAD_TIMEOUT={OPENBLAS_IDLE_SPIN} it starts with), so what differs is the server around "
+            "the step."
+            if raw_compiled
+            else "as shipped (mlx-lm's own decode step; our server may compile its step where raw does not)."
+        ),
     ]
     body = render(rounds, args, header, splits)
     print()

@@ -36,7 +36,7 @@ from typing import Any
 
 import requests
 
-from bench.client import Result, stream_request
+from bench.client import Result, Session, stream_request
 from tests.support import DEFAULT_MODEL
 from tests.support.server import Server, start_server, stop_server
 
@@ -89,7 +89,7 @@ def wave(server: Server, bodies: list[dict[str, Any]]) -> tuple[list[Result], fl
     results: list[Result | None] = [None] * len(bodies)
 
     def one(i: int) -> None:
-        with requests.Session() as session:
+        with Session() as session:
             results[i] = stream_request(session, url, bodies[i])
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]

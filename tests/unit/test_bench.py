@@ -327,6 +327,18 @@ def test_the_proxy_table_shows_each_figures_step_time_and_the_targets_median_rat
     body = overhead.render(rounds, args, ["Run header"], splits)
     assert f"| engine thread | {split['engine'] + 1:.0f} |" in body and "| CPU µs / token | 8 streams |" in body
     assert "other Python threads" not in body
+    assert split["ours"] == pytest.approx(sum(split[g] for g in overhead.CPU_GROUPS))
+    # raw mlx-lm's CPU a token in the same round (bench.raw): its calling thread, the rest, and the sum
+    raw_cpu = overhead.raw_split(
+        {
+            "single": {"cpu_main_us": 300.0, "cpu_native_us": 200.0},
+            "batch": [{"n": 8, "cpu_main_us": 50.0, "cpu_native_us": 100.0}],
+        }
+    )
+    assert raw_cpu[1]["raw"] == 500.0 and raw_cpu[8] == {"raw_main": 50.0, "raw_native": 100.0, "raw": 150.0}
+    body = overhead.render(rounds, args, ["Run header"], [{8: {**split, **raw_cpu[8]}, 1: raw_cpu[1]}])
+    assert "| **raw mlx-lm, all its threads** | 500 | 150 |" in body
+    assert f"| **our server, all its threads** |  | {split['ours']:.0f} |" in body
 
     path = tmp_path / "performance.md"
     path.write_text("# Performance\n\n<!-- bench:begin -->\nmain run\n<!-- bench:end -->\n")
@@ -366,3 +378,5 @@ def test_the_proxy_runs_raw_ours_and_mlx_lm_server_side_by_side(converted_defaul
     for target in ("one stream: ours / raw", "8 streams: ours / raw `batch_generate`-8", "8 streams: ours / `mlx"):
         assert f"| {target}" in doc and "(median of 1 round) |" in doc, target
     assert "n/a" not in doc  # every figure measured
+    # raw mlx-lm decodes with the step our server compiles on a CPU: the comparison is of host overhead only
+    assert "Raw mlx-lm: the forward pass our server runs" in doc
