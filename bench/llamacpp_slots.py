@@ -40,18 +40,12 @@ from typing import Any
 from unittest import mock
 
 from bench.prompts import WORDS, sentence
-from gerdsen_ai_server.engine.backends.llamacpp_slots import choose_slot, common_prefix
+from gerdsen_ai_server.engine.backends.llamacpp_slots import choose_slot, common_prefix, runs
 
-Rule = Callable[[list[int], Mapping[int, list[int]], list[int]], int]
+Rule = Callable[[list[int], Mapping[int, list[int]], list[int], Mapping[int, int]], int]  # prompt, free, busy, used
 
 
 SPARE = 8  # prefix tokens the adjacency rule lets a request give up for a slot beside the busy ones
-
-
-def runs(busy: Collection[int]) -> int:
-    """How many runs of consecutive ids ``busy`` falls into: the micro-batches of a decode step."""
-    ids = sorted(set(busy))
-    return sum(1 for i, slot in enumerate(ids) if i == 0 or slot != ids[i - 1] + 1)
 
 
 def adjacent(
@@ -75,12 +69,22 @@ def least_evicted(prompt: list[int], free: Mapping[int, list[int]], busy: list[i
     return min(near, key=lambda s: (runs([*busy, s]), len(free[s]) - common[s], -common[s], s))
 
 
+def longest(prompt: list[int], free: Mapping[int, list[int]], busy: list[int]) -> int:
+    """The rule shipped before: the longest prefix, ties to the lowest id, whatever the slot holds."""
+    return max(free, key=lambda slot: common_prefix(free[slot], prompt))
+
+
+def _busy_only(rule: Callable[[list[int], Mapping[int, list[int]], list[int]], int]) -> Rule:
+    return lambda prompt, free, busy, used: rule(prompt, free, busy)
+
+
 RULES: dict[str, Rule] = {
-    "before": lambda prompt, free, busy: choose_slot(prompt, free),  # as shipped: longest prefix, lowest id
-    "after": adjacent,  # may give up SPARE prefix tokens for adjacency
-    "ties": functools.partial(adjacent, spare=0),  # adjacency among the longest prefixes only
-    "spare16": functools.partial(adjacent, spare=16),
-    "least-evicted": least_evicted,
+    "before": choose_slot,  # as shipped (llamacpp_slots.py)
+    "after": _busy_only(adjacent),  # may give up SPARE prefix tokens for adjacency
+    "ties": _busy_only(functools.partial(adjacent, spare=0)),  # adjacency among the longest prefixes only
+    "spare16": _busy_only(functools.partial(adjacent, spare=16)),
+    "least-evicted": _busy_only(least_evicted),
+    "longest": _busy_only(longest),
 }
 
 
@@ -125,6 +129,7 @@ def simulate(rule: Rule, chats: list[Chat], shots: list[Shot], slots: int, live:
         return [ids.get(w.strip(".:").lower()) or next(fresh) for w in text.split()]
 
     cells: list[list[int]] = [[] for _ in range(slots)]
+    used = dict.fromkeys(range(slots), 0)  # when each slot was last taken (the backend's LRU order)
     running: dict[int, list[Any]] = {}  # slot -> [owner, tokens left, prompt step done]
     waiting: list[tuple[Any, list[int], int]] = []
     todo, shots = list(range(len(chats))), list(shots)
@@ -148,7 +153,8 @@ def simulate(rule: Rule, chats: list[Chat], shots: list[Shot], slots: int, live:
             w["at"] = None
         while waiting and len(running) < slots:
             owner, prompt, length = waiting.pop(0)
-            slot = rule(prompt, {i: cells[i] for i in range(slots) if i not in running}, list(running))
+            slot = rule(prompt, {i: cells[i] for i in range(slots) if i not in running}, list(running), used)
+            used[slot] = max(used.values()) + 1
             reused += min(common_prefix(cells[slot], prompt), max(0, len(prompt) - 2))
             cells[slot] = prompt
             running[slot] = [owner, length, False]
@@ -266,9 +272,8 @@ def run(rule: str, chats: list[Chat], shots: list[Shot], args: argparse.Namespac
         threads = [threading.Thread(target=worker, args=(3 * w * step_s,)) for w in range(args.live)]
         threads += [threading.Thread(target=shoot, args=(j, shot)) for j, shot in enumerate(shots)]
 
-        def choose(prompt: list[int], free: Mapping[int, list[int]]) -> int:
-            """The backend's call (the free slots only): the busy ones are the rest."""
-            return RULES[rule](prompt, free, [i for i in range(backend.n_seq) if i not in free])
+        def choose(prompt: list[int], free: Mapping[int, list[int]], busy: list[int], used: Mapping[int, int]) -> int:
+            return RULES[rule](prompt, free, busy, used)
 
         with mock.patch.object(llamacpp, "choose_slot", choose):
             start = time.perf_counter()

@@ -1,21 +1,90 @@
-"""Slot choice on the llama.cpp backend: the shipped rule (engine/backends/llamacpp_slots.py: the longest
-cached prefix, ties to the lowest id) and the adjacency rule bench/llamacpp_slots.py measures against it."""
+"""Slot choice on the llama.cpp backend: the shipped rule (engine/backends/llamacpp_slots.py: a cached prefix
+worth its slot, else beside the running slots, empty before a history), proved on the real backend too, and
+the adjacency rule bench/llamacpp_slots.py measures against it."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from bench.llamacpp_slots import SPARE, adjacent, runs
 from gerdsen_ai_server.engine.backends.llamacpp_slots import choose_slot, common_prefix
+from gerdsen_ai_server.engine.engine import InferenceEngine
+from gerdsen_ai_server.engine.options import EngineOptions
+from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams
 
 
-def test_the_shipped_rule_takes_the_longest_prefix_then_the_lowest_id() -> None:
+def test_the_shipped_rule_reuses_a_prefix_worth_it_else_packs_and_spares_histories() -> None:
     prompt = list(range(100, 120))
-    assert choose_slot(prompt, {0: [], 1: [], 3: []}) == 0  # no prefix anywhere: the lowest
-    assert choose_slot(prompt, {0: prompt[:3], 3: prompt[:10], 5: []}) == 3
-    assert choose_slot(prompt, {1: prompt[:10] + [7], 4: prompt[:10]}) == 1  # a tie: the lowest
+    assert choose_slot(prompt, {0: [], 1: [], 3: []}) == 0  # nothing cached anywhere: the lowest
+    assert choose_slot(prompt, {0: prompt[:3], 3: prompt[:10], 5: []}) == 3  # the longest prefix, all of it kept
     assert choose_slot(prompt, {2: prompt, 6: prompt[:19]}) == 2  # the whole prompt cached
+    assert choose_slot(prompt, {1: prompt[:10] + [7], 4: prompt[:10]}) == 1  # a tie: the lowest id ...
+    assert choose_slot(prompt, {1: prompt[:10] + [7], 4: prompt[:10]}, (), {1: 5, 4: 2}) == 4  # ... or the least recent
+    assert choose_slot(prompt, {0: prompt[:12] + [7] * 100, 2: []}) == 0  # keeps a tenth of what it holds: reused
+    # A history sharing only a chat template's first tokens is spared while an empty slot will do (the rule
+    # before took slot 0 for 3 tokens, and that conversation was prefilled again when it came back) ...
+    history = prompt[:3] + list(range(500, 540))
+    assert choose_slot(prompt, {0: history, 2: []}) == 2
+    assert choose_slot(prompt, {0: prompt[:12] + [7] * 120, 2: []}) == 2
+    # ... and beside the running slots before that: a scattered slot is a micro-batch of its own
+    assert choose_slot(prompt, {0: [], 1: history, 5: []}, busy=[2, 3]) == 1
+    assert choose_slot(prompt, {0: [], 1: [], 5: []}, busy=[2, 3]) == 1
+    assert choose_slot(prompt, {0: [], 4: [], 5: []}, busy=[2, 3]) == 4
+    # Histories only: beside the running ones, then the least recently used.
+    assert choose_slot(prompt, {0: [1, 2], 1: [3, 4], 2: [5]}, (), {0: 3, 1: 1, 2: 2}) == 1
+    assert choose_slot(prompt, {0: [1, 2], 1: [3, 4], 4: [5]}, [3], {0: 3, 1: 1, 4: 2}) == 4
+    assert runs([]) == 0 and runs([0, 1, 2]) == 1 and runs([0, 2, 4]) == 3
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceEngine]:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup installs it)")
+    from bench.gguf_model import write_gguf
+    from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
+    from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+
+    gguf = write_gguf(  # built once and cached, as tests/api/test_llamacpp.py builds it
+        ensure_default_model(TEST_MODELS_DIR),
+        TEST_MODELS_DIR / "llamacpp" / DEFAULT_MODEL / f"{DEFAULT_MODEL}-f32.gguf",
+    )
+    options = EngineOptions(
+        Path(tmp_path_factory.mktemp("slots")), backend="llamacpp", llamacpp_threads=1, max_batch=4, context_length=256
+    )
+    eng = InferenceEngine(options)
+    eng.start()
+    eng.load_model(str(gguf.parent), trusted=True).result(timeout=120)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.mark.slow  # ~5 s with the model's load
+def test_a_conversation_keeps_its_slot_when_an_unrelated_prompt_comes_between(engine: InferenceEngine) -> None:
+    (model,) = engine.models()
+    (resident,) = engine.residents()
+    tokenizer = model.tokenizer
+
+    def run(prompt: list[int]) -> list[int]:
+        request = GenerationRequest(
+            model=model.model_id, prompt_tokens=prompt, max_tokens=4, sampling=SamplingParams(temperature=0.0)
+        )
+        return [t for event in engine.submit(request) for t in event.token_ids]
+
+    def reused() -> int:
+        return int(resident.backend.prefix_tokens_reused)  # type: ignore[attr-defined]
+
+    first = list(tokenizer.encode("A long conversation about the history of the river towns of the north, " * 3))
+    answer = run(first)
+    unrelated = list(tokenizer.encode("Write a haiku about bread."))
+    assert common_prefix(first, unrelated) == 0
+    run(unrelated)  # the rule before this put it in slot 0, over the conversation
+    before = reused()
+    run(first + answer + list(tokenizer.encode(" And what came after?")))  # the conversation comes back
+    assert reused() - before >= len(first) - 2  # found in its slot (at most its last two tokens fed again)
 
 
 def test_runs_count_consecutive_ids() -> None:

@@ -72,6 +72,7 @@ class _Slot:
     seq_id: int
     tokens: list[int] = field(default_factory=list)  # what this sequence's KV cells hold
     seq: _Seq | None = None
+    used: int = 0  # when a request last took it (the backend's count of assignments): the LRU order
 
 
 class LlamaCppBackend(Reports):
@@ -146,6 +147,7 @@ class LlamaCppBackend(Reports):
         self._closed = False  # the thread stops (set by close(), or by the thread itself on a crash)
         self._freed = False  # context and model freed (close())
         self.prefix_tokens_reused = 0
+        self._assigned = 0  # requests put into slots so far (each slot's ``used``)
         self._batch_limit = 0  # set_batch_limit: the thermal cap; 0: no cap, all slots
         self._abort: str | None = None  # abort(): fail everything held, on the backend's thread
         self._thread = threading.Thread(target=self._run, name=f"impetus-llamacpp-{path.stem}", daemon=True)
@@ -265,7 +267,8 @@ class LlamaCppBackend(Reports):
                 self._end(seq, None)
 
     def _assign(self) -> None:
-        """Waiting requests into free slots, each into the slot whose cached tokens share the longest prefix (llamacpp_slots.py)."""
+        """Waiting requests into free slots: the one whose cached prefix it can use, else one beside the running
+        slots, empty before one holding a history (llamacpp_slots.py)."""
         cap = min(self.n_seq, self._batch_limit or self.n_seq)
         while self._waiting:
             free = [s for s in self._slots if s.seq is None]
@@ -273,7 +276,11 @@ class LlamaCppBackend(Reports):
                 return
             seq = self._waiting.pop(0)
             prompt = seq.pending
-            slot = self._slots[choose_slot(prompt, {s.seq_id: s.tokens for s in free})]
+            busy = [s.seq_id for s in self._slots if s.seq is not None]
+            tokens, used = {s.seq_id: s.tokens for s in free}, {s.seq_id: s.used for s in free}
+            slot = self._slots[choose_slot(prompt, tokens, busy, used)]
+            self._assigned += 1
+            slot.used = self._assigned
             if self.slot_files is not None:  # a file that shares more of the prompt: loaded into the slot
                 slot.tokens = self.slot_files.restore(slot.seq_id, prompt, slot.tokens)
             # Feed at least the prompt's last two tokens: llama.cpp's CPU products for a one-token
