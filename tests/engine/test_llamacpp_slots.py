@@ -5,8 +5,10 @@ the adjacency rule bench/llamacpp_slots.py measures against it."""
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -41,8 +43,7 @@ def test_the_shipped_rule_reuses_a_prefix_worth_it_else_packs_and_spares_histori
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceEngine]:
+def start_engine(folder: Path) -> InferenceEngine:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup installs it)")
     from bench.gguf_model import write_gguf
     from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
@@ -52,12 +53,16 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceEngine
         ensure_default_model(TEST_MODELS_DIR),
         TEST_MODELS_DIR / "llamacpp" / DEFAULT_MODEL / f"{DEFAULT_MODEL}-f32.gguf",
     )
-    options = EngineOptions(
-        Path(tmp_path_factory.mktemp("slots")), backend="llamacpp", llamacpp_threads=1, max_batch=4, context_length=256
-    )
+    options = EngineOptions(folder, backend="llamacpp", llamacpp_threads=1, max_batch=4, context_length=256)
     eng = InferenceEngine(options)
     eng.start()
     eng.load_model(str(gguf.parent), trusted=True).result(timeout=120)
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceEngine]:
+    eng = start_engine(tmp_path_factory.mktemp("slots"))
     yield eng
     eng.shutdown()
 
@@ -127,3 +132,29 @@ def test_no_more_than_spare_prefix_tokens_are_given_up() -> None:
             assert runs([*busy, chosen]) == min(
                 runs([*busy, s]) for s in free if min(common_prefix(free[s], prompt), usable) >= best - spare
             )
+
+
+@pytest.mark.slow  # ~3 s with the model's load
+def test_a_failure_choosing_its_slot_fails_the_request_instead_of_losing_it(tmp_path: Path) -> None:
+    """The backend's thread ends on an unexpected error and fails what it holds: a request it had taken off
+    the queue but not yet put in a slot was in neither, and its reader waited forever."""
+    from gerdsen_ai_server.engine.backends import llamacpp
+
+    eng = start_engine(tmp_path)
+    try:
+        (model,) = eng.models()
+
+        def broken(*args: object) -> int:
+            raise RuntimeError("slot choice failed")
+
+        request = GenerationRequest(model=model.model_id, prompt_tokens=[1, 2, 3], max_tokens=4)
+        with mock.patch.object(llamacpp, "choose_slot", broken):
+            stream = eng.submit(request)
+            events = []
+            reader = threading.Thread(target=lambda: events.extend(stream), daemon=True)
+            reader.start()
+            reader.join(timeout=20)
+        assert not reader.is_alive(), "the request was lost: its reader still waits"
+        assert events and events[-1].error
+    finally:
+        eng.shutdown()

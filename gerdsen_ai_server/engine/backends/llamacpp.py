@@ -274,7 +274,7 @@ class LlamaCppBackend(Reports):
             free = [s for s in self._slots if s.seq is None]
             if not free or self.n_seq - len(free) >= cap:
                 return
-            seq = self._waiting.pop(0)
+            seq = self._waiting[0]  # taken off the queue once in its slot: a failure here leaves it to _fail_all
             prompt = seq.pending
             busy = [s.seq_id for s in self._slots if s.seq is not None]
             tokens, used = {s.seq_id: s.tokens for s in free}, {s.seq_id: s.used for s in free}
@@ -297,7 +297,7 @@ class LlamaCppBackend(Reports):
                 self._host.stats.prompt_cache_misses_total += 1
             slot.tokens = prompt[:keep]
             seq.pending = prompt[keep:]
-            slot.seq = seq
+            slot.seq = self._waiting.pop(0)
 
     def step(self) -> None:
         """One ``llama_decode``: every running sequence's next token, then prompt chunks in the room left."""
