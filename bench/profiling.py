@@ -122,8 +122,9 @@ def _group(name: str) -> str:
 
 def thread_cpu(server: Server) -> Any:
     """A reader of the Gunicorn worker's CPU seconds so far by ``CPU_GROUPS`` (psutil, each OS thread),
-    or None without py-spy, which names the threads (a 1-second recording, once, here). Threads started
-    later (a request thread the pool adds) count under their name when py-spy saw one, else as native."""
+    or None without py-spy, which names the threads (a 1-second recording). A reading that finds a thread
+    the last recording did not see (a request thread Gunicorn's pool added for more streams) records again
+    first, so that its CPU counts under its name, not as native."""
     import psutil
 
     spy = py_spy()
@@ -131,16 +132,28 @@ def thread_cpu(server: Server) -> Any:
     if spy is None or not children:
         return None
     worker = children[0]
-    out = Path(tempfile.mkdtemp(prefix="bench-names-")) / "names.txt"
-    cmd = [spy, "record", "--pid", str(worker.pid), "--threads", "--idle", "--nonblocking", "--rate", "50"]
-    cmd += ["--duration", "1", "--format", "raw", "--output", str(out)]
-    if subprocess.run(cmd, capture_output=True, text=True).returncode != 0 or not out.exists():
+    names: dict[int, str] = {}
+    seen: set[int] = set()  # the threads a recording saw (native ones have no name)
+
+    def name_threads() -> bool:
+        out = Path(tempfile.mkdtemp(prefix="bench-names-")) / "names.txt"
+        cmd = [spy, "record", "--pid", str(worker.pid), "--threads", "--idle", "--nonblocking", "--rate", "50"]
+        cmd += ["--duration", "1", "--format", "raw", "--output", str(out)]
+        alive = {t.id for t in worker.threads()}
+        if subprocess.run(cmd, capture_output=True, text=True).returncode != 0 or not out.exists():
+            return False
+        names.update(thread_names(out.read_text()))
+        seen.update(alive)
+        return True
+
+    if not name_threads():
         return None
-    names = thread_names(out.read_text())
 
     def read() -> dict[str, float]:
         groups = dict.fromkeys(CPU_GROUPS, 0.0)
         try:
+            if any(t.id not in seen for t in worker.threads()):
+                name_threads()
             for t in worker.threads():
                 groups[_group(names.get(t.id, ""))] += t.user_time + t.system_time
         except psutil.Error:

@@ -126,6 +126,7 @@ class TokenStream:
         self._cancelled = threading.Event()
         self._engine_alive = engine_alive
         self.watch: Callable[[], None] | None = None
+        self.coalesce = 0.0  # seconds its streamed response waits after each write (IMPETUS_STREAM_COALESCE_MS)
         self.created = time.monotonic()
         self.first_token_at: float | None = None
         self.finished = False

@@ -240,6 +240,8 @@ def submit_all(
     except BaseException:
         cancel_all(streams)
         raise
+    for stream in streams:
+        stream.coalesce = settings.stream_coalesce_ms / 1000  # serving/sse.py writes
     track(streams)  # TTFT, tokens and request_event when the response closes (serving/tracking.py)
     watch_streams(streams)  # GET/DELETE /api/requests; client gone, deadline
     return streams

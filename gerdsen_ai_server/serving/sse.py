@@ -5,6 +5,7 @@ went away frees its slot at the engine's next step)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -56,7 +57,11 @@ def writes(
     (``waiting``), and the last choice's last events with ``tail`` (the usage, when asked for; the
     tail is called once every event was rendered). An error event ends the stream with its error
     after what ``render`` made of it. Chat and text completions share it (serving/chat.py,
-    serving/completions.py)."""
+    serving/completions.py).
+
+    With IMPETUS_STREAM_COALESCE_MS (a stream's ``coalesce``), the writer waits that long after each write
+    but the last, so the tokens that come meanwhile join the next write: one wake-up and one socket write
+    an interval instead of a token (the hand-off's cost at many fast streams: docs/performance.md)."""
     out: list[str] = []
     last = len(streams) - 1
     try:
@@ -68,6 +73,9 @@ def writes(
             if out and not waiting(streams[index]) and not (event.done and index == last):
                 yield "".join(out)  # else it goes with what follows: the next events, or the tail at the end
                 out.clear()
+                pause = getattr(streams[index], "coalesce", 0.0)
+                if pause and not event.done:
+                    time.sleep(pause)
     except (APIError, EngineGone) as exc:  # the request ends here: its deadline, a cancel, the engine gone
         if out and not isinstance(exc, ClientGone):
             yield "".join(out)  # what was rendered before goes out first, as it did a chunk at a time
