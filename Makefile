@@ -162,9 +162,15 @@ run: setup dashboard-if-node
 	$(BIN)/impetus serve $(ARGS)
 
 # The in-process engine tests run MLX in the pytest process itself: preload OpenBLAS there too.
+# Two pytest-xdist workers: a serial run keeps about one of a 2-core machine's cores busy (the tests
+# wait on servers starting, streams and sockets). --dist loadfile keeps each module on one worker, so
+# a module's server starts once; every worker starts its own session servers. PYTEST_ARGS="-n 0" runs
+# serially (a later -n wins).
+XDIST := -n 2 --dist loadfile
+
 test: setup dashboard chromium node-clients
 	$(PNPM) --dir $(DASH) exec vitest run
-	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+	LD_PRELOAD="$$(ls $(OPENBLAS) 2>/dev/null | head -n 1)" $(BIN)/python -m pytest -q --durations=25 $(XDIST) $(PYTEST_ARGS)
 
 # The fast tier (markers in pyproject.toml): tests/unit and tests/inprocess (Flask's test client, no Gunicorn)
 # without the tests marked server, slow or timing; `make test` runs those too.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.support.models import default_model_folder
 from tests.support.server import Server, reap_stopped, start_server, stop_server
 
 if TYPE_CHECKING:
@@ -22,6 +23,14 @@ if TYPE_CHECKING:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The servers the fixtures stopped without waiting (``stop_server(..., wait=False)``) have exited."""
     reap_stopped()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def converted_default_model() -> None:
+    """The default model converted into TEST_MODELS_DIR before any test: several modules read its folder
+    there directly, and under pytest-xdist on a fresh clone the first test of one worker may not be the
+    one that converts it (the conversion's file lock lets one worker convert while the other waits)."""
+    default_model_folder()
 
 
 @pytest.fixture(scope="session")

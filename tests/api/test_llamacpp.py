@@ -35,13 +35,9 @@ pytestmark = pytest.mark.server
 
 def f32_gguf() -> Path:
     """The default model as an f32 GGUF in a folder of its own id (built once, ~540 MB, cached)."""
-    from bench.gguf_model import write_gguf
-    from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
+    from tests.support.gguf import default_f32_gguf
 
-    return write_gguf(
-        ensure_default_model(TEST_MODELS_DIR),
-        TEST_MODELS_DIR / "llamacpp" / DEFAULT_MODEL / f"{DEFAULT_MODEL}-f32.gguf",
-    )
+    return default_f32_gguf()
 
 
 # One llama.cpp thread: on a shared 2-core machine, two spinning threads stall whenever a core is busy.

@@ -45,14 +45,9 @@ def test_the_shipped_rule_reuses_a_prefix_worth_it_else_packs_and_spares_histori
 
 def start_engine(folder: Path) -> InferenceEngine:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup installs it)")
-    from bench.gguf_model import write_gguf
-    from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
-    from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
+    from tests.support.gguf import default_f32_gguf
 
-    gguf = write_gguf(  # built once and cached, as tests/api/test_llamacpp.py builds it
-        ensure_default_model(TEST_MODELS_DIR),
-        TEST_MODELS_DIR / "llamacpp" / DEFAULT_MODEL / f"{DEFAULT_MODEL}-f32.gguf",
-    )
+    gguf = default_f32_gguf()  # built once and cached, shared with tests/api/test_llamacpp.py
     options = EngineOptions(folder, backend="llamacpp", llamacpp_threads=1, max_batch=4, context_length=256)
     eng = InferenceEngine(options)
     eng.start()

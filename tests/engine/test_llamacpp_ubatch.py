@@ -18,7 +18,6 @@ from gerdsen_ai_server.engine.backends.llamacpp_ubatch import lone_tokens, micro
 from gerdsen_ai_server.engine.engine import InferenceEngine
 from gerdsen_ai_server.engine.options import EngineOptions
 from gerdsen_ai_server.engine.protocol import GenerationRequest, SamplingParams, TokenStream
-from tests.support import DEFAULT_MODEL, TEST_MODELS_DIR
 
 Answer = list[tuple[int, float]]
 
@@ -47,13 +46,9 @@ def test_refeeds_leave_no_one_token_micro_batch() -> None:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceEngine]:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup installs it)")
-    from bench.gguf_model import write_gguf
-    from gerdsen_ai_server.engine.formats.gguf import ensure_default_model
+    from tests.support.gguf import default_f32_gguf
 
-    gguf = write_gguf(  # built once and cached, as tests/api/test_llamacpp.py builds it
-        ensure_default_model(TEST_MODELS_DIR),
-        TEST_MODELS_DIR / "llamacpp" / DEFAULT_MODEL / f"{DEFAULT_MODEL}-f32.gguf",
-    )
+    gguf = default_f32_gguf()  # built once and cached, shared with tests/api/test_llamacpp.py
     options = EngineOptions(
         Path(tmp_path_factory.mktemp("ubatch")), backend="llamacpp", llamacpp_threads=1, max_batch=4, context_length=256
     )

@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 from tests.support import TEST_MODELS_DIR
+from tests.support.models import cache_lock
 
 Tensors = dict[str, tuple[int, int, bytes]]
 
@@ -50,15 +51,29 @@ def build_tiny_gguf(out: Path, tokenizer_from: Path, *, seed: int = 0, context_l
     built = cache / f"tiny-s{seed}-c{context_length}.gguf"
     stamp = built.with_name(f".{built.name}.json")
     want = json.dumps({"seed": seed, "context_length": context_length, "tokenizer": str(tokenizer_from), "v": 1})
-    if not (built.is_file() and stamp.is_file() and stamp.read_text() == want):
-        source = build_tiny_llama(cache / f".{built.stem}-mlx", tokenizer_from, seed=seed)
-        config = json.loads((source / "config.json").read_text())
-        own = json.loads((tokenizer_from / "config.json").read_text())  # the end and start tokens it names
-        config.update({k: own[k] for k in ("bos_token_id", "eos_token_id") if k in own})
-        config["max_position_embeddings"] = context_length
-        (source / "config.json").write_text(json.dumps(config))
-        write_gguf(source, built)
-        stamp.write_text(want)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(built, out)
+    with cache_lock("tiny-gguf"):
+        if not (built.is_file() and stamp.is_file() and stamp.read_text() == want):
+            source = build_tiny_llama(cache / f".{built.stem}-mlx", tokenizer_from, seed=seed)
+            config = json.loads((source / "config.json").read_text())
+            own = json.loads((tokenizer_from / "config.json").read_text())  # the end and start tokens it names
+            config.update({k: own[k] for k in ("bos_token_id", "eos_token_id") if k in own})
+            config["max_position_embeddings"] = context_length
+            (source / "config.json").write_text(json.dumps(config))
+            write_gguf(source, built)
+            stamp.write_text(want)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built, out)
     return out
+
+
+def default_f32_gguf() -> Path:
+    """The default model as an f32 GGUF in a folder of its own id (built once, ~540 MB, cached): what the
+    llama.cpp tests of tests/api and tests/engine load."""
+    from bench.gguf_model import write_gguf
+    from tests.support import DEFAULT_MODEL
+    from tests.support.models import default_model_folder
+
+    with cache_lock("llamacpp"):
+        return write_gguf(
+            default_model_folder(), TEST_MODELS_DIR / "llamacpp" / DEFAULT_MODEL / f"{DEFAULT_MODEL}-f32.gguf"
+        )

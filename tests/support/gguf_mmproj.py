@@ -98,14 +98,16 @@ def build_tiny_llava(folder: Path, tokenizer_from: Path, *, seed: int = 0) -> tu
     tokenizer and chat template) and ``mmproj-tiny-llava-f32.gguf`` beside it, as LM Studio and
     Ollama-style folders pair them; built once (a stamp), returns (model, mmproj)."""
     from tests.support.gguf import build_tiny_gguf
+    from tests.support.models import cache_lock
 
     model, mmproj = folder / "tiny-llava-f32.gguf", folder / "mmproj-tiny-llava-f32.gguf"
     stamp = folder.parent / f".{folder.name}.json"
     want = json.dumps({"seed": seed, "image": IMAGE_SIZE, "patch": PATCH, "v": 1})
-    if model.is_file() and mmproj.is_file() and stamp.is_file() and stamp.read_text() == want:
-        return model, mmproj
-    folder.mkdir(parents=True, exist_ok=True)
-    build_tiny_gguf(model, tokenizer_from, seed=seed)
-    write_mmproj(mmproj, 64, seed=seed)  # build_tiny_gguf's width
-    stamp.write_text(want)
+    with cache_lock(f"llava-{folder.name}"):  # another xdist worker may be building it
+        if model.is_file() and mmproj.is_file() and stamp.is_file() and stamp.read_text() == want:
+            return model, mmproj
+        folder.mkdir(parents=True, exist_ok=True)
+        build_tiny_gguf(model, tokenizer_from, seed=seed)
+        write_mmproj(mmproj, 64, seed=seed)  # build_tiny_gguf's width
+        stamp.write_text(want)
     return model, mmproj

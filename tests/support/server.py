@@ -9,13 +9,16 @@ waiting for the exit: ``reap_stopped`` at the session's end).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +75,13 @@ def launch(
     log_path = logs / f"{name.replace(' ', '_').replace('/', '_')}-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            list(cmd), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            list(cmd),
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
     server = Server(f"http://127.0.0.1:{port}", process, log_path, name)
     deadline = time.monotonic() + timeout
@@ -91,6 +100,40 @@ def launch(
         time.sleep(0.2)
     stop_server(server)
     raise RuntimeError(f"{name} not ready in {timeout:.0f} s:\n{server.log_tail(200)}")
+
+
+# Linux's prctl option: the signal this process gets when the thread that started it ends.
+PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """The server's pre-exec step: SIGTERM to it when this process dies (Linux's ``PR_SET_PDEATHSIG``),
+    so a pytest (or xdist worker) killed by a timeout or ^C takes its servers down rather than leaving
+    them to init: its ``pytest_sessionfinish`` never runs. Nothing where prctl is missing (macOS).
+
+    Only from the main thread: the signal comes when the starting *thread* ends, and a server started
+    from a pool thread (tests/api/test_cluster.py) would be stopped as soon as the pool closed."""
+    prctl = _prctl()
+    if prctl is None or threading.current_thread() is not threading.main_thread():
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:  # in the child between fork and exec: a system call, nothing that may lock
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died before the prctl: no signal would come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def start_server(tmp: Path, *, wait_ready: bool = True, **env: str) -> Server:
