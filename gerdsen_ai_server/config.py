@@ -94,13 +94,14 @@ class Settings(BaseSettings):
         "prefilled in one pass instead of one stall of every stream each. 0: never wait.",
     )
     stream_coalesce_ms: float = Field(
-        0.0,
+        10.0,
         ge=0,
         le=1000,
         description="A streamed OpenAI chat or text completion's writer waits this long after each write, so a fast "
         "stream's tokens leave in one write an interval (each still its own event) instead of one wake-up and one "
-        "socket write a token: the request thread's CPU a token halves at 16 fast streams. The first token is never "
-        "held; a stream slower than the interval is not delayed. 0: a write as each token comes (vLLM's default).",
+        "socket write a token: at 16 fast streams the request threads' CPU a token halves and the throughput rises "
+        "by a quarter (docs/performance.md). The first token and the answer's end are never held, and a stream "
+        "slower than one token an interval is not delayed. 0: a write as each token comes (vLLM's default).",
     )
     prefill_bucket: int = Field(
         -1,

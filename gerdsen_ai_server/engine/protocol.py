@@ -124,6 +124,7 @@ class TokenStream:
         # streams on the micro-model proxy (bench/overhead.py): see docs/performance.md.
         self._events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self._ended = threading.Event()  # its last event was put (wait_end)
         self._engine_alive = engine_alive
         self.watch: Callable[[], None] | None = None
         self.coalesce = 0.0  # seconds its streamed response waits after each write (IMPETUS_STREAM_COALESCE_MS)
@@ -143,6 +144,8 @@ class TokenStream:
         if event.done:
             self.finished_at, self.error = time.monotonic(), event.error
         self._events.put(event)
+        if event.done:
+            self._ended.set()
 
     # caller side
     @property
@@ -150,6 +153,10 @@ class TokenStream:
         """Whether another event is already waiting: its reader can go on without blocking, so a
         streaming response joins what it has into one write instead of one write a token."""
         return not self._events.empty()
+
+    def wait_end(self, seconds: float) -> None:
+        """Wait up to ``seconds``, less if the engine puts the last event meanwhile."""
+        self._ended.wait(seconds)
 
     def cancel(self) -> None:
         self._cancelled.set()

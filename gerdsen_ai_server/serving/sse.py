@@ -74,8 +74,8 @@ def writes(
                 yield "".join(out)  # else it goes with what follows: the next events, or the tail at the end
                 out.clear()
                 pause = getattr(streams[index], "coalesce", 0.0)
-                if pause and not event.done:
-                    time.sleep(pause)
+                if pause and not event.done:  # the answer's end is never held: its last event ends the wait
+                    getattr(streams[index], "wait_end", time.sleep)(pause)
     except (APIError, EngineGone) as exc:  # the request ends here: its deadline, a cancel, the engine gone
         if out and not isinstance(exc, ClientGone):
             yield "".join(out)  # what was rendered before goes out first, as it did a chunk at a time
