@@ -90,6 +90,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-mlx-server", action="store_true", help="no python -m mlx_lm.server")
     p.add_argument("--skip-llamacpp", action="store_true", help="no llama.cpp rows (ours on it, llama-cpp-python)")
     p.add_argument("--skip-restart", action="store_true", help="no restart of our server")
+    p.add_argument(
+        "--only",
+        default="",
+        metavar="KEY[,KEY]",
+        help="only these servers: ours, mlx+openblas fp32, llama-cpp-python server, ours llama.cpp",
+    )
     p.add_argument("--ours-env", action="append", default=[], metavar="IMPETUS_X=VALUE", help="a setting for ours")
     p.add_argument("--shape", choices=sorted(SHAPES), default="bench", help="the bench model's shape (default bench)")
     p.add_argument("--model-dir", type=Path, help="bench model folder (default build/bench-model[-SHAPE]-8k)")
@@ -315,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("llama-cpp-python server", "llama-cpp-python server (f32 GGUF)", gguf))
             runs.append(("ours llama.cpp", "ours, llama.cpp (f32 GGUF)", gguf))
 
+    if args.only:
+        runs = [run for run in runs if run[0] in {key.strip() for key in args.only.split(",")}]
     results: dict[str, dict[str, Any]] = {}
     restarted: dict[str, Any] | None = None
     for key, label, spec in runs:
