@@ -97,7 +97,8 @@ class Settings(BaseSettings):
         10.0,
         ge=0,
         le=1000,
-        description="A streamed OpenAI chat or text completion's writer waits this long after each write, so a fast "
+        description="A streamed answer's writer (chat and text completions, Messages, Responses) waits this long "
+        "after each write, so a fast "
         "stream's tokens leave in one write an interval (each still its own event) instead of one wake-up and one "
         "socket write a token: at 16 fast streams the request threads' CPU a token halves and the throughput rises "
         "by a quarter (docs/performance.md). The first token and the answer's end are never held, and a stream "

@@ -29,6 +29,7 @@ from gerdsen_ai_server.serving.models import resident_model
 from gerdsen_ai_server.serving.presets import apply_preset
 from gerdsen_ai_server.serving.reasoning import ReasoningSplitter
 from gerdsen_ai_server.serving.running import ClientGone
+from gerdsen_ai_server.serving.sse import coalesced
 from gerdsen_ai_server.serving.tools import ToolPlan, answer_parts, partial_arguments, plan_tools
 
 ERROR_TYPES = {
@@ -202,9 +203,10 @@ def message(body: MessagesRequest, msg_id: str, started: Started) -> MessageResp
 
 def message_events(msg_id: str, started: Started, body: MessagesRequest | None = None) -> Iterator[str]:
     splitter = started.reasoning.splitter() if started.reasoning else None
-    return stream_events(
+    events = stream_events(
         msg_id, started.loaded.model_id, len(started.prompt), started.plan, started.streams, splitter, body
     )
+    return coalesced(events, started.streams[0])  # fewer writes (IMPETUS_STREAM_COALESCE_MS)
 
 
 def event(kind: str, payload: dict[str, Any]) -> str:

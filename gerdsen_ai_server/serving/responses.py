@@ -33,6 +33,7 @@ from gerdsen_ai_server.serving.logprobs import chat_logprobs
 from gerdsen_ai_server.serving.reasoning import ReasoningSplitter
 from gerdsen_ai_server.serving.response_store import Keep, Owner, stateful
 from gerdsen_ai_server.serving.running import ClientGone
+from gerdsen_ai_server.serving.sse import coalesced
 from gerdsen_ai_server.serving.tools import ToolPlan, answer_parts
 
 # Why each known field we cannot honour is refused rather than ignored (docs/clients.md).
@@ -293,7 +294,8 @@ def final_response(run: ResponseRun) -> dict[str, Any]:
 def response_events(run: ResponseRun) -> Iterator[str]:
     started = run.started
     splitter = started.reasoning.splitter() if started.reasoning else None
-    return stream_events(run.rendering, started.plan, run.streams, run.tap, splitter, started.loaded.tokenizer)
+    events = stream_events(run.rendering, started.plan, run.streams, run.tap, splitter, started.loaded.tokenizer)
+    return coalesced(events, started.streams[0])  # fewer writes (IMPETUS_STREAM_COALESCE_MS)
 
 
 def stream_events(

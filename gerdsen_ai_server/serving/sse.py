@@ -84,6 +84,30 @@ def writes(
     yield Last("".join(out))
 
 
+def coalesced(chunks: Iterator[str], stream: EventSource) -> Iterator[str]:
+    """``chunks`` (an answer's events as rendered from ``stream``, one at a time: Anthropic's Messages and the
+    Responses API) in the writes ``writes`` makes: what was rendered goes out once nothing more is queued, and
+    once its first token is out the writer waits the stream's ``coalesce`` after each write, less if the
+    answer ends."""
+    out: list[str] = []
+    pause = getattr(stream, "coalesce", 0.0)
+    try:
+        for chunk in chunks:
+            out.append(chunk)
+            if waiting(stream):
+                continue
+            yield "".join(out)
+            out.clear()
+            if pause and getattr(stream, "first_token_at", None) is not None and not getattr(stream, "finished", True):
+                getattr(stream, "wait_end", time.sleep)(pause)
+        if out:
+            yield "".join(out)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # its own cleanup (the engine streams cancelled) runs now, not when it is collected
+
+
 def sse_response(body: Iterator[str]) -> Response:
     """``body`` as a text/event-stream response, unbuffered by proxies."""
     return Response(body, mimetype="text/event-stream", headers=SSE_HEADERS)

@@ -1,6 +1,7 @@
 """IMPETUS_STREAM_COALESCE_MS: a streamed answer's writer waits after each write, so the tokens that come
 meanwhile leave together: fewer socket writes (HTTP chunks under Gunicorn), every token still its own SSE
-event, the same text, and the first token never held (serving/sse.py ``writes``)."""
+event, the same text, and the first token never held (serving/sse.py ``writes``, and ``coalesced`` for
+Anthropic's Messages and the Responses API)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     stop_server(srv)
 
 
-def chunks(server: Server, body: dict[str, object]) -> tuple[list[bytes], float]:
+def chunks(server: Server, body: dict[str, object], path: str = "/v1/completions") -> tuple[list[bytes], float]:
     """The HTTP chunks of a streamed completion (one a write of the server's), and the seconds it took."""
     where = urlsplit(server.url)
     payload = json.dumps(body).encode()
     head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: {where.hostname}:{where.port}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {where.hostname}:{where.port}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
     ).encode()
     start = time.perf_counter()
@@ -74,3 +75,24 @@ def test_the_first_token_is_not_held(server: Server) -> None:
     writes, took = chunks(server, body)
     assert took < INTERVAL_S * 3  # a one-token answer ends without waiting out intervals
     assert b"[DONE]" in writes[-1]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "delta"),
+    [
+        (
+            "/v1/messages",
+            {"max_tokens": 24, "messages": [{"role": "user", "content": "Tell me a story."}]},
+            "text_delta",
+        ),
+        ("/v1/responses", {"max_output_tokens": 24, "input": "Tell me a story."}, "response.output_text.delta"),
+    ],
+)
+def test_messages_and_responses_streams_coalesce_too(
+    server: Server, path: str, body: dict[str, object], delta: str
+) -> None:
+    writes, took = chunks(server, {"model": DEFAULT_MODEL, "stream": True, "temperature": 0, **body}, path)
+    deltas = sum(c.count(delta.encode()) for c in writes)
+    assert deltas >= 8  # a token an event
+    # the events before the first token (message_start, response.created ...) go as they come: a few more
+    assert len(writes) <= took / INTERVAL_S + 8, (len(writes), deltas, took)
