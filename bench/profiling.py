@@ -152,9 +152,10 @@ def thread_cpu(server: Server) -> Any:
     def read() -> dict[str, float]:
         groups = dict.fromkeys(CPU_GROUPS, 0.0)
         try:
-            if any(t.id not in seen for t in worker.threads()):
-                name_threads()
-            for t in worker.threads():
+            threads = worker.threads()
+            if any(t.id not in seen for t in threads) and name_threads():
+                threads = worker.threads()
+            for t in threads:
                 groups[_group(names.get(t.id, ""))] += t.user_time + t.system_time
         except psutil.Error:
             pass

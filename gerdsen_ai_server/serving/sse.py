@@ -73,9 +73,7 @@ def writes(
             if out and not waiting(streams[index]) and not (event.done and index == last):
                 yield "".join(out)  # else it goes with what follows: the next events, or the tail at the end
                 out.clear()
-                pause = getattr(streams[index], "coalesce", 0.0)
-                if pause and not event.done:  # the answer's end is never held: its last event ends the wait
-                    getattr(streams[index], "wait_end", time.sleep)(pause)
+                linger(streams[index])
     except (APIError, EngineGone) as exc:  # the request ends here: its deadline, a cancel, the engine gone
         if out and not isinstance(exc, ClientGone):
             yield "".join(out)  # what was rendered before goes out first, as it did a chunk at a time
@@ -84,13 +82,21 @@ def writes(
     yield Last("".join(out))
 
 
+def linger(stream: EventSource) -> None:
+    """After a write of ``stream``'s answer: wait its ``coalesce`` (IMPETUS_STREAM_COALESCE_MS), so that the
+    tokens coming meanwhile join the next write; less if the answer ends meanwhile; not at all before its first
+    token is out nor once its last event was read."""
+    pause = getattr(stream, "coalesce", 0.0)
+    if pause and getattr(stream, "first_token_at", None) is not None and not getattr(stream, "finished", True):
+        getattr(stream, "wait_end", time.sleep)(pause)
+
+
 def coalesced(chunks: Iterator[str], stream: EventSource) -> Iterator[str]:
     """``chunks`` (an answer's events as rendered from ``stream``, one at a time: Anthropic's Messages and the
     Responses API) in the writes ``writes`` makes: what was rendered goes out once nothing more is queued, and
     once its first token is out the writer waits the stream's ``coalesce`` after each write, less if the
     answer ends."""
     out: list[str] = []
-    pause = getattr(stream, "coalesce", 0.0)
     try:
         for chunk in chunks:
             out.append(chunk)
@@ -98,8 +104,7 @@ def coalesced(chunks: Iterator[str], stream: EventSource) -> Iterator[str]:
                 continue
             yield "".join(out)
             out.clear()
-            if pause and getattr(stream, "first_token_at", None) is not None and not getattr(stream, "finished", True):
-                getattr(stream, "wait_end", time.sleep)(pause)
+            linger(stream)
         if out:
             yield "".join(out)
     finally:
